@@ -1,0 +1,27 @@
+"""The ``cloudmodal`` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from cloudmodal.cli import offers as _offers
+from cloudmodal.cli import pricing as _pricing
+
+app = typer.Typer(
+    name="cloudmodal",
+    help="Run Modal-style apps on your own cloud accounts (or this machine).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+app.command("offers")(_offers.offers_command)
+app.add_typer(_pricing.app, name="pricing")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

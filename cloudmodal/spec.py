@@ -1,0 +1,140 @@
+"""Immutable, validated descriptions of what the user declared. Pure: no I/O.
+
+The decorators in :mod:`cloudmodal.app` build these; the client sends :meth:`FunctionSpec.to_wire` to the
+control plane, whose autoscaler and placement read it back with :meth:`FunctionSpec.from_wire`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from cloudmodal.gpu import GpuTier
+
+SpotPolicy = Literal["allow", "require", "never"]
+Kind = Literal["function", "cls"]
+WebKind = Literal["fastapi_endpoint", "asgi_app", "wsgi_app", "web_server"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Wire form of :class:`cloudmodal.Retries`."""
+
+    max_retries: int = 0
+    backoff_coefficient: float = 2.0
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+
+    def delay_for(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        d = self.initial_delay * self.backoff_coefficient ** max(attempt - 1, 0)
+        return min(d, self.max_delay)
+
+
+@dataclass(frozen=True)
+class ConcurrencyConfig:
+    max_inputs: int
+    target_inputs: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch_size: int
+    wait_ms: int
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    kind: WebKind
+    method: str = "GET"
+    label: str | None = None
+    port: int | None = None
+    docs: bool = False
+    requires_proxy_auth: bool = False
+    startup_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class AutoscalerSettings:
+    min_containers: int = 0
+    max_containers: int | None = None
+    buffer_containers: int = 0
+    scaledown_window: int = 60
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """Everything a function (or a class's service function) declared, validated."""
+
+    name: str  # function name, or the class name for @app.cls
+    module: str  # module the function was defined in ("__main__" replaced by the file stem)
+    qualname: str
+    kind: Kind = "function"
+    source_file: str | None = None
+    gpu: tuple[GpuTier, ...] = ()
+    cpu: float | None = None
+    cpu_limit: float | None = None
+    memory: int | None = None  # MiB
+    memory_limit: int | None = None
+    ephemeral_disk: int | None = None
+    timeout: int = 300
+    startup_timeout: int | None = None
+    retries: RetryPolicy | None = None
+    autoscaler: AutoscalerSettings = field(default_factory=AutoscalerSettings)
+    concurrency: ConcurrencyConfig | None = None
+    batching: BatchConfig | None = None
+    is_generator: bool = False
+    is_async: bool = False
+    schedule: dict[str, Any] | None = None  # wire form of Cron/Period
+    image: dict[str, Any] | None = None  # wire form of Image
+    image_hash: str | None = None
+    secrets: tuple[str, ...] = ()  # secret names (values never travel in a spec)
+    env: tuple[tuple[str, str], ...] = ()
+    volumes: tuple[tuple[str, str], ...] = ()  # (mount path, volume name)
+    cloud: str | None = None
+    region: tuple[str, ...] = ()
+    spot: SpotPolicy = "allow"
+    max_price_per_hour: float | None = None
+    nonpreemptible: bool = False
+    serialized: bool = False
+    web: WebConfig | None = None
+    methods: tuple[str, ...] = ()  # @app.cls: names of @method (and batched/web) methods
+    generator_methods: tuple[str, ...] = ()
+    async_methods: tuple[str, ...] = ()
+    parameters: tuple[tuple[str, str, Any], ...] = ()  # @app.cls: (name, type name, default or NO_DEFAULT marker)
+    single_use_containers: bool = False
+    enable_memory_snapshot: bool = False
+    block_network: bool = False
+    include_source: bool = True
+    experimental_options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def uses_gpu(self) -> bool:
+        return bool(self.gpu)
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gpu"] = [t.to_wire() for t in self.gpu]
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> FunctionSpec:
+        from cloudmodal.gpu import parse_gpu
+
+        d = dict(d)
+        d["gpu"] = parse_gpu(d.get("gpu") or None)
+        for key, sub in (
+            ("retries", RetryPolicy),
+            ("concurrency", ConcurrencyConfig),
+            ("batching", BatchConfig),
+            ("web", WebConfig),
+        ):
+            if d.get(key) is not None:
+                d[key] = sub(**d[key])
+        d["autoscaler"] = AutoscalerSettings(**(d.get("autoscaler") or {}))
+        for key in ("secrets", "region", "methods", "generator_methods", "async_methods"):
+            d[key] = tuple(d.get(key) or ())
+        for key in ("env", "volumes", "experimental_options", "parameters"):
+            d[key] = tuple(tuple(x) for x in (d.get(key) or ()))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,1 @@
+"""Cloud GPU offers: GPU name normalization, the offer table and its catalog loaders."""
