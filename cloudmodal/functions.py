@@ -1,43 +1,488 @@
-"""Handles for functions, classes and calls. (Runtime methods are filled in by the runtime work.)"""
+"""Handles for functions, classes and calls: ``.remote``, ``.map``, ``.spawn`` and friends."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hashlib
+import inspect
+import os
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+from cloudmodal.exception import ExecutionError, InvalidError, NotFoundError
 from cloudmodal.spec import FunctionSpec
 
 
-class Function:
+class _Dual:
+    """A blocking method with an ``.aio`` twin, as in Modal (``f.remote(...)`` / ``await f.remote.aio(...)``)."""
+
+    def __init__(self, sync: Any, aio: Any) -> None:
+        self._sync = sync
+        self.aio = aio
+        self.__doc__ = getattr(sync, "__doc__", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._sync(*args, **kwargs)
+
+
+def _to_thread(fn: Any) -> Any:
+    async def aio(*args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    return aio
+
+
+class _Invocable:
+    """Everything that can be called remotely: a function, or a method of a class instance."""
+
+    _display_name: str = "function"
+
+    def __init__(self) -> None:
+        from cloudmodal.client import calls
+
+        self._calls = calls
+        self.remote = _Dual(self._remote, _to_thread(self._remote))
+        self.remote_gen = _Dual(self._remote_gen, self._remote_gen_aio)
+        self.spawn = _Dual(self._spawn, _to_thread(self._spawn))
+        self.map = _Dual(self._map, self._map_aio)
+        self.starmap = _Dual(self._starmap, self._starmap_aio)
+        self.for_each = _Dual(self._for_each, _to_thread(self._for_each))
+        self.spawn_map = _Dual(self._spawn_map, _to_thread(self._spawn_map))
+
+    # subclasses: (session, function_id, method name, is_generator)
+    def _target(self) -> tuple[Any, str, str | None, bool]:
+        raise NotImplementedError
+
+    def _remote(self, *args: Any, **kwargs: Any) -> Any:
+        session, fid, method, is_gen = self._target()
+        self._calls.check_not_generator(is_gen, self._display_name, "remote")
+        call_id, first = self._calls.call_one(session, fid, method, args, kwargs)
+        return self._calls.wait_final(session, call_id, first)
+
+    def _remote_gen(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        session, fid, method, is_gen = self._target()
+        self._calls.check_not_generator(is_gen, self._display_name, "remote_gen")
+        call_id, first = self._calls.call_one(session, fid, method, args, kwargs, wait=0.0)
+        return self._calls.iter_generator(session, call_id, first)
+
+    def _remote_gen_aio(self, *args: Any, **kwargs: Any) -> Any:
+        return self._calls.async_iter(lambda: self._remote_gen(*args, **kwargs))
+
+    def _spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
+        session, fid, method, is_gen = self._target()
+        self._calls.check_not_generator(is_gen, self._display_name, "spawn")
+        call_id, _ = self._calls.call_one(session, fid, method, args, kwargs, kind="spawn", wait=0.0)
+        return FunctionCall(call_id, _session=session)
+
+    def _map(self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None, order_outputs: bool = True, return_exceptions: bool = False, wrap_returned_exceptions: bool | None = None) -> Iterator[Any]:
+        if not iterables:
+            raise InvalidError(f"{self._display_name}.map() needs at least one iterable of inputs.")
+        return self._map_tuples(zip(*iterables, strict=False), kwargs or {}, order_outputs, return_exceptions, _len_hint(iterables))
+
+    def _starmap(self, input_iterator: Iterable[Iterable[Any]], *, kwargs: dict[str, Any] | None = None, order_outputs: bool = True, return_exceptions: bool = False, wrap_returned_exceptions: bool | None = None) -> Iterator[Any]:
+        return self._map_tuples((tuple(a) for a in input_iterator), kwargs or {}, order_outputs, return_exceptions, _len_hint((input_iterator,)))
+
+    def _map_tuples(self, tuples: Iterable[tuple[Any, ...]], kwargs: dict[str, Any], order_outputs: bool, return_exceptions: bool, total_hint: int | None) -> Iterator[Any]:
+        session, fid, method, is_gen = self._target()
+        self._calls.check_not_generator(is_gen, self._display_name, "map")
+        from cloudmodal.client.progress import map_progress
+
+        progress = map_progress(self._display_name, total_hint)
+        try:
+            yield from self._calls.run_map(session, fid, method, tuples, kwargs, order_outputs=order_outputs, return_exceptions=return_exceptions, progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _map_aio(self, *iterables: Any, **kw: Any) -> Any:
+        return self._calls.async_iter(lambda: self._map(*iterables, **kw))
+
+    def _starmap_aio(self, input_iterator: Any, **kw: Any) -> Any:
+        return self._calls.async_iter(lambda: self._starmap(input_iterator, **kw))
+
+    def _for_each(self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None, ignore_exceptions: bool = False) -> None:
+        for _ in self._map(*iterables, kwargs=kwargs, return_exceptions=ignore_exceptions):
+            pass
+
+    def _spawn_map(self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None) -> None:
+        session, fid, method, is_gen = self._target()
+        self._calls.check_not_generator(is_gen, self._display_name, "spawn_map")
+        self._calls.spawn_many(session, fid, method, zip(*iterables, strict=False), kwargs or {})
+
+
+def _len_hint(iterables: tuple[Any, ...]) -> int | None:
+    try:
+        return min(len(it) for it in iterables)
+    except TypeError:
+        return None
+
+
+def _source_of(spec: FunctionSpec) -> dict[str, Any]:
+    return {"module": spec.module, "source_file": spec.source_file}
+
+
+class Function(_Invocable):
     """A handle to a decorated function: call it with ``.remote``, ``.map``, ``.spawn``…"""
 
-    def __init__(self, *, spec: FunctionSpec, app: Any = None, raw_f: Any = None) -> None:
+    def __init__(self, *, spec: FunctionSpec | None, app: Any = None, raw_f: Any = None, from_name: tuple[str, str] | None = None) -> None:
+        super().__init__()
         self.spec = spec
         self.app = app
         self.raw_f = raw_f
+        self._function_id: str | None = None
+        self._session: Any = None
+        self._from_name = from_name
+        self._display_name = spec.name if spec else (from_name[1] if from_name else "function")
+        self._variant_of: Function | None = None
 
     @classmethod
     def _from_local(cls, app: Any, spec: FunctionSpec, raw_f: Any) -> Function:
         return cls(spec=spec, app=app, raw_f=raw_f)
 
+    def __repr__(self) -> str:
+        return f"<cloudmodal.Function {self._display_name}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ExecutionError(
+            f"Calling {self._display_name}() directly is not supported: use `.remote()` to run it on a worker or `.local()` to run it here."
+        )
+
     def local(self, *args: Any, **kwargs: Any) -> Any:
+        if self.raw_f is None:
+            raise ExecutionError(f"{self._display_name} was looked up by name; its code is not available here to run locally.")
         return self.raw_f(*args, **kwargs)
 
     def get_raw_f(self) -> Any:
         return self.raw_f
 
+    @property
+    def object_id(self) -> str | None:
+        return self._function_id
+
+    # -- registration ------------------------------------------------------------------------------------
+    def _register(self, session: Any, app_id: str, *, allow_cpu_fallback: bool = False) -> str:
+        assert self.spec is not None
+        body = _definition(session, self.app, self.spec, self.raw_f, app_id, self.spec.name, allow_cpu_fallback)
+        self._function_id = session.transport.post("/v1/functions", body)["function_id"]
+        self._session = session
+        return self._function_id
+
+    def _unregister(self) -> None:
+        self._function_id = None
+        self._session = None
+
+    def _target(self) -> tuple[Any, str, str | None, bool]:
+        if self._function_id is None:
+            self._hydrate()
+        assert self._function_id is not None
+        is_gen = bool(self.spec.is_generator) if self.spec else False
+        return self._session, self._function_id, None, is_gen
+
+    def _hydrate(self) -> None:
+        from cloudmodal.client.session import current_session, in_worker
+
+        session = current_session()
+        if self._from_name is not None:
+            row = session.transport.get("/v1/functions/lookup", app_name=self._from_name[0], name=self._from_name[1])
+        elif in_worker() and self.spec is not None:
+            row = session.transport.get("/v1/functions/lookup", app_id=os.environ.get("CLOUDMODAL_APP_ID"), name=self.spec.name)
+        else:
+            raise ExecutionError(
+                f"{self._display_name} is not part of a running app. Call it inside `with app.run():`, from a "
+                "`@app.local_entrypoint` under `cloudmodal run`, or look up a deployed one with `Function.from_name`."
+            )
+        spec = FunctionSpec.from_wire(row["spec"])
+        if spec.kind == "cls":
+            raise NotFoundError(f"{self._display_name} is a class: use `cloudmodal.Cls.from_name(...)`.")
+        self.spec = self.spec or spec
+        self._function_id = row["id"]
+        self._session = session
+
+    @staticmethod
+    def from_name(app_name: str, name: str, *, environment_name: str | None = None, version: int | None = None) -> Function:
+        """A lazy handle to a function of a deployed app (looked up on first use)."""
+        return Function(spec=None, from_name=(app_name, name))
+
+    def hydrate(self) -> Function:
+        if self._function_id is None:
+            self._hydrate()
+        return self
+
+    def with_options(self, **options: Any) -> Function:
+        """A variant of this function with other resources/settings; it gets its own pool of workers."""
+        if self.spec is None or self.app is None:
+            raise InvalidError("with_options needs a function defined in this program.")
+        allowed = {"cpu", "memory", "gpu", "env", "secrets", "volumes", "retries", "max_containers", "buffer_containers", "scaledown_window", "timeout", "region", "cloud", "min_containers"}
+        bad = set(options) - allowed
+        if bad:
+            raise InvalidError(f"with_options() got unknown option(s) {sorted(bad)}; allowed: {sorted(allowed)}.")
+        from cloudmodal.app import apply_options
+
+        spec = apply_options(self.spec, options)
+        suffix = hashlib.sha256(repr(sorted(options.items(), key=lambda kv: kv[0])).encode()).hexdigest()[:8]
+        spec = dataclasses.replace(spec, name=f"{self.spec.name}[{suffix}]")
+        variant = Function(spec=spec, app=self.app, raw_f=self.raw_f)
+        variant._variant_of = self
+        if self._session is not None and self.app is not None and getattr(self.app, "_running", None) is not None:
+            variant._register(self._session, self.app._running.app_id)
+        return variant
+
+
+def _definition(session: Any, app: Any, spec: FunctionSpec, raw_f: Any, app_id: str, name: str, allow_cpu_fallback: bool) -> dict[str, Any]:
+    from cloudmodal.serialization import serialize
+
+    source_blob = source_name = source_dir = None
+    if spec.source_file and os.path.exists(spec.source_file) and spec.include_source:
+        source_blob = session.upload_file(spec.source_file)
+        source_name = os.path.basename(spec.source_file)
+        source_dir = os.path.dirname(os.path.abspath(spec.source_file))
+    pickled = None
+    if spec.serialized and raw_f is not None:
+        pickled = session.upload_blob(serialize(raw_f))
+    inline_env: dict[str, str] = dict(spec.env)
+    getter = getattr(app, "inline_secret_env", None)
+    if getter is not None:
+        inline_env.update(getter(spec) or {})
+    note = None
+    if allow_cpu_fallback and spec.gpu:
+        inline_env["CLOUDMODAL_CPU_FALLBACK"] = "1"
+        note = f"gpu={','.join(str(t) for t in spec.gpu)} will run on CPU (--gpu-fallback cpu)"
+    return {
+        "app_id": app_id,
+        "name": name,
+        "spec": spec.to_wire(),
+        "module": spec.module,
+        "source_name": source_name,
+        "source_blob": source_blob,
+        "source_dir": source_dir,
+        "pickled_blob": pickled,
+        "inline_env": inline_env,
+        "allow_cpu_fallback": allow_cpu_fallback,
+        "cpu_fallback_note": note,
+    }
+
 
 class Cls:
-    """A handle to a class decorated with ``@app.cls``."""
+    """A handle to a class decorated with ``@app.cls``. Instantiate it with parameters, then call methods:
+    ``Model(size=2).predict.remote(x)``."""
 
-    def __init__(self, *, spec: FunctionSpec, app: Any = None, user_cls: Any = None) -> None:
+    def __init__(self, *, spec: FunctionSpec | None, app: Any = None, user_cls: Any = None, from_name: tuple[str, str] | None = None) -> None:
         self.spec = spec
         self.app = app
         self.user_cls = user_cls
+        self._from_name = from_name
+        self._function_id: str | None = None
+        self._session: Any = None
+        self._app_id: str | None = None
+        self._allow_cpu_fallback = False
+        self._instances: dict[str, str] = {}  # params hash -> function id
+        self._options: dict[str, Any] = {}
 
     @classmethod
     def _from_local(cls, app: Any, spec: FunctionSpec, user_cls: Any) -> Cls:
         return cls(spec=spec, app=app, user_cls=user_cls)
 
+    def __repr__(self) -> str:
+        return f"<cloudmodal.Cls {self.spec.name if self.spec else self._from_name}>"
+
+    @staticmethod
+    def from_name(app_name: str, name: str, *, environment_name: str | None = None, version: int | None = None) -> Cls:
+        return Cls(spec=None, from_name=(app_name, name))
+
+    def _register(self, session: Any, app_id: str, *, allow_cpu_fallback: bool = False) -> str:
+        assert self.spec is not None
+        body = _definition(session, self.app, self.spec, None, app_id, self.spec.name, allow_cpu_fallback)
+        self._function_id = session.transport.post("/v1/functions", body)["function_id"]
+        self._session = session
+        self._app_id = app_id
+        self._allow_cpu_fallback = allow_cpu_fallback
+        self._instances.clear()
+        return self._function_id
+
+    def _unregister(self) -> None:
+        self._function_id = None
+        self._session = None
+        self._instances.clear()
+
+    def _hydrate(self) -> None:
+        from cloudmodal.client.session import current_session, in_worker
+
+        session = current_session()
+        if self._from_name is not None:
+            row = session.transport.get("/v1/functions/lookup", app_name=self._from_name[0], name=self._from_name[1])
+        elif in_worker() and self.spec is not None:
+            row = session.transport.get("/v1/functions/lookup", app_id=os.environ.get("CLOUDMODAL_APP_ID"), name=self.spec.name)
+        else:
+            raise ExecutionError(f"{self!r} is not part of a running app. Use it inside `with app.run():` or `cloudmodal run`.")
+        spec = FunctionSpec.from_wire(row["spec"])
+        if spec.kind != "cls":
+            raise NotFoundError(f"{row['name']} is a function, not a class: use `cloudmodal.Function.from_name(...)`.")
+        self.spec = spec
+        self._function_id = row["id"]
+        self._app_id = row["app_id"]
+        self._session = session
+
+    def __call__(self, **params: Any) -> Obj:
+        if self._function_id is None:
+            self._hydrate()
+        assert self.spec is not None
+        params = _check_params(self.spec, params)
+        return Obj(self, params)
+
+    def with_options(self, **options: Any) -> Cls:
+        raise InvalidError("Cls.with_options is not supported yet: declare the options on @app.cls.")
+
+    def _instance_function(self, params: dict[str, Any]) -> str:
+        from cloudmodal.serialization import serialize
+
+        assert self.spec is not None and self._function_id is not None
+        key = hashlib.sha256(repr(sorted(params.items())).encode()).hexdigest()[:16]
+        fid = self._instances.get(key)
+        if fid is None:
+            session = self._session
+            if self._from_name is not None or self.user_cls is None:
+                parent = session.transport.get(f"/v1/functions/{self._function_id}")
+                body = {k: parent[k] for k in ("spec", "module", "source_name", "source_blob", "source_dir", "inline_env")}
+                body |= {"app_id": parent["app_id"]}
+            else:
+                body = _definition(session, self.app, self.spec, None, self._app_id or "", self.spec.name, self._allow_cpu_fallback)
+            body |= {"name": f"{self.spec.name}({key})", "parent_id": self._function_id, "pickled_blob": session.upload_blob(serialize(params))}
+            fid = session.transport.post("/v1/functions", body)["function_id"]
+            self._instances[key] = fid
+        return fid
+
+
+def _check_params(spec: FunctionSpec, params: dict[str, Any]) -> dict[str, Any]:
+    declared = {name: (tname, default) for name, tname, default in spec.parameters}
+    unknown = set(params) - set(declared)
+    if unknown:
+        raise InvalidError(f"{spec.name} has no parameter(s) {sorted(unknown)}; its parameters are {sorted(declared) or 'none'}.")
+    types = {"int": int, "str": str, "bytes": bytes, "bool": bool}
+    out = {}
+    for name, (tname, default) in declared.items():
+        if name in params:
+            value = params[name]
+            t = types.get(tname)
+            if t is not None and (not isinstance(value, t) or (t is int and isinstance(value, bool))):
+                raise InvalidError(f"Parameter {name!r} of {spec.name} must be {tname}, got {type(value).__name__} {value!r}.")
+            out[name] = value
+        elif _is_no_default(default):
+            raise InvalidError(f"{spec.name}() is missing required parameter {name!r} ({tname}).")
+        else:
+            out[name] = default
+    return out
+
+
+def _is_no_default(default: Any) -> bool:
+    return default is None or (isinstance(default, str) and default == "<NO_DEFAULT>") or repr(default).startswith("<NO_DEFAULT")
+
+
+class Obj:
+    """An instance of a remote class with its parameters bound; its methods run on that instance's pool."""
+
+    def __init__(self, cls: Cls, params: dict[str, Any]) -> None:
+        self._cls = cls
+        self._params = params
+        self._fid: str | None = None
+        self._local: Any = None
+
+    def _function_id(self) -> str:
+        if self._fid is None:
+            self._fid = self._cls._instance_function(self._params)
+        return self._fid
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        spec = self._cls.spec
+        assert spec is not None
+        if name not in spec.methods:
+            raise AttributeError(f"{spec.name} has no method {name!r}; its methods are {list(spec.methods)}. Decorate methods with @cloudmodal.method().")
+        return _BoundMethod(self, name, name in spec.generator_methods)
+
+    def _local_instance(self) -> Any:
+        if self._local is None:
+            from cloudmodal.partial_function import instantiate, run_lifecycle_hooks
+
+            self._local = instantiate(self._cls.user_cls, **self._params)
+            run_lifecycle_hooks(self._local, "enter")
+        return self._local
+
+
+class _BoundMethod(_Invocable):
+    def __init__(self, obj: Obj, name: str, is_generator: bool) -> None:
+        super().__init__()
+        self._obj = obj
+        self._name = name
+        self._is_gen = is_generator
+        self._display_name = f"{obj._cls.spec.name}.{name}" if obj._cls.spec else name
+
+    def _target(self) -> tuple[Any, str, str | None, bool]:
+        fid = self._obj._function_id()
+        return self._obj._cls._session, fid, self._name, self._is_gen
+
+    def local(self, *args: Any, **kwargs: Any) -> Any:
+        if self._obj._cls.user_cls is None:
+            raise ExecutionError(f"{self._display_name} was looked up by name; its code is not available here.")
+        inst = self._obj._local_instance()
+        return getattr(inst, self._name)(*args, **kwargs)
+
 
 class FunctionCall:
-    """A handle to one spawned call (``fc-…``)."""
+    """A handle to a spawned call (``fc-…``): ``get(timeout)``, ``cancel()``, ``FunctionCall.from_id(id)``."""
+
+    def __init__(self, call_id: str, *, _session: Any = None) -> None:
+        self.object_id = call_id
+        self._session = _session
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.get = _Dual(self._get, _to_thread(self._get))
+        self.cancel = _Dual(self._cancel, _to_thread(self._cancel))
+
+    def __repr__(self) -> str:
+        return f"<cloudmodal.FunctionCall {self.object_id}>"
+
+    def _sess(self) -> Any:
+        if self._session is None:
+            from cloudmodal.client.session import current_session
+
+            self._session = current_session()
+        return self._session
+
+    def _get(self, timeout: float | None = None) -> Any:
+        """The call's result; raises the builtin ``TimeoutError`` if it is not ready within ``timeout`` s."""
+        if not self._done:
+            from cloudmodal.client.calls import wait_final
+
+            try:
+                self._value = wait_final(self._sess(), self.object_id, [], timeout=timeout)
+            except TimeoutError:
+                raise
+            except BaseException as e:
+                self._error = e
+            self._done = True
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def _cancel(self, terminate_containers: bool = False) -> None:
+        self._sess().transport.post(f"/v1/calls/{self.object_id}/cancel")
+
+    def num_inputs(self) -> int:
+        return int(self._sess().transport.get(f"/v1/calls/{self.object_id}")["total"])
+
+    @staticmethod
+    def from_id(function_call_id: str) -> FunctionCall:
+        return FunctionCall(function_call_id)
+
+    @staticmethod
+    def gather(*calls: FunctionCall) -> list[Any]:
+        """Wait for every call; returns results in order, raising the first error."""
+        return [c.get() for c in calls]
+
+
+def _unused() -> None:  # keep linters calm about helpers used by type checkers only
+    _ = (inspect, time)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cloudmodal.exception import InvalidError
 from cloudmodal.pricing.gpus import ANY, canonical_name, lookup
+
+from cloudmodal.exception import InvalidError
 
 MAX_GPU_COUNT = 8
 

@@ -101,12 +101,22 @@ class FunctionSpec:
     methods: tuple[str, ...] = ()  # @app.cls: names of @method (and batched/web) methods
     generator_methods: tuple[str, ...] = ()
     async_methods: tuple[str, ...] = ()
-    parameters: tuple[tuple[str, str, Any], ...] = ()  # @app.cls: (name, type name, default or NO_DEFAULT marker)
+    parameters: tuple[
+        tuple[str, str, Any], ...
+    ] = ()  # @app.cls: (name, type name, default; None if required)
     single_use_containers: bool = False
     enable_memory_snapshot: bool = False
     block_network: bool = False
     include_source: bool = True
     experimental_options: tuple[tuple[str, str], ...] = ()
+    # Added by the spec layer (issue 2): accepted Modal options the runtime may honour later, and
+    # per-method web configs for @app.cls classes (each web method is its own endpoint).
+    web_methods: tuple[tuple[str, WebConfig], ...] = ()
+    create_volumes: tuple[str, ...] = ()  # volume names declared with create_if_missing=True
+    routing_region: str | None = None
+    restrict_modal_access: bool = False
+    restrict_output: bool = False  # Modal's _experimental_restrict_output
+    i6pn: bool | None = None
 
     @property
     def uses_gpu(self) -> bool:
@@ -132,7 +142,11 @@ class FunctionSpec:
             if d.get(key) is not None:
                 d[key] = sub(**d[key])
         d["autoscaler"] = AutoscalerSettings(**(d.get("autoscaler") or {}))
-        for key in ("secrets", "region", "methods", "generator_methods", "async_methods"):
+        d["web_methods"] = tuple(
+            (name, w if isinstance(w, WebConfig) else WebConfig(**w))
+            for name, w in (d.get("web_methods") or ())
+        )
+        for key in ("secrets", "region", "methods", "generator_methods", "async_methods", "create_volumes"):
             d[key] = tuple(d.get(key) or ())
         for key in ("env", "volumes", "experimental_options", "parameters"):
             d[key] = tuple(tuple(x) for x in (d.get(key) or ()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from cloudmodal.cli import app_cmd, run, server_cmd
 from cloudmodal.cli import offers as _offers
 from cloudmodal.cli import pricing as _pricing
 
@@ -15,6 +16,11 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(run.run_command)
+app.command("deploy")(run.deploy_command)
+app.command("shell")(run.shell_command)
+app.add_typer(server_cmd.app, name="server")
+app.add_typer(app_cmd.app, name="app")
 app.command("offers")(_offers.offers_command)
 app.add_typer(_pricing.app, name="pricing")
 

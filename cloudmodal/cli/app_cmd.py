@@ -1,0 +1,110 @@
+"""`cloudmodal app list|logs|stop|history|events`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cloudmodal.cli.errors import user_errors
+
+app = typer.Typer(help="Inspect and manage apps.", no_args_is_help=True)
+
+
+def _session() -> Any:
+    from cloudmodal.client.session import current_session
+
+    return current_session()
+
+
+def _ts(t: float | None) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _pool_line(p: dict[str, Any]) -> str:
+    w = p["workers"]
+    parts = [f"{p['name']} [{p['gpu']}]"]
+    live = w.get("ready", 0) + w.get("starting", 0) + w.get("draining", 0)
+    detail = ", ".join(f"{k} {w[k]}" for k in ("ready", "starting", "draining") if w.get(k))
+    market = ", ".join(f"{k} {w[k]}" for k in ("spot", "on-demand") if w.get(k))
+    parts.append(f"{live} workers" + (f" ({detail}; {market})" if detail else ""))
+    parts.append(f"{p['pending']} pending, {p['running']} running")
+    return " · ".join(parts)
+
+
+@app.command("list")
+def list_apps(as_json: bool = typer.Option(False, "--json"), all: bool = typer.Option(True, "--all/--running", help="Include stopped apps.")) -> None:
+    """Apps with their state and a status line per function pool."""
+    with user_errors():
+        apps = _session().transport.get("/v1/apps", all=all)
+    if as_json:
+        typer.echo(json.dumps(apps, indent=2, default=str))
+        return
+    t = Table("App ID", "Name", "State", "Created", "Pools")
+    for a in apps:
+        pools = "\n".join(_pool_line(p) for p in a.get("pools", []) if "(" not in p["name"] or p["workers"] or p["pending"])
+        t.add_row(a["id"], a["name"], a["state"] + (f" v{a['version']}" if not a["ephemeral"] else ""), _ts(a["created_at"]), pools or "-")
+    Console().print(t)
+
+
+@app.command("logs")
+def logs(app_ref: str = typer.Argument(..., help="App name or id."), follow: bool = typer.Option(False, "--follow", "-f"), timestamps: bool = typer.Option(False, "--timestamps")) -> None:
+    """Print an app's logs (and keep following with -f)."""
+    with user_errors():
+        s = _session()
+        a = s.transport.get(f"/v1/apps/{app_ref}")
+        cursor = 0
+        while True:
+            rows = s.transport.get(f"/v1/apps/{a['id']}/logs", after=cursor, timeout=10.0 if follow else 0.0)
+            for r in rows:
+                cursor = r["id"]
+                prefix = f"{_ts(r['ts'])} " if timestamps else ""
+                typer.echo(prefix + r["text"], err=r["stream"] == "stderr")
+            if not follow and not rows:
+                return
+
+
+@app.command("stop")
+def stop(app_ref: str = typer.Argument(...), yes: bool = typer.Option(False, "--yes", "-y")) -> None:
+    """Stop an app: its pending inputs are cancelled and its workers drain."""
+    with user_errors():
+        r = _session().transport.post(f"/v1/apps/{app_ref}/stop")
+    typer.echo(f"Stopped {r['stopped']}.")
+
+
+@app.command("history")
+def history(app_ref: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Deployments of an app, newest first."""
+    with user_errors():
+        rows = _session().transport.get(f"/v1/apps/{app_ref}/history")
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    t = Table("Version", "Deployed", "Functions")
+    for r in rows:
+        t.add_row(str(r["version"]), _ts(r["created_at"]), ", ".join(r["functions"] or []))
+    Console().print(t)
+
+
+@app.command("events")
+def events(app_ref: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json"), follow: bool = typer.Option(False, "--follow", "-f")) -> None:
+    """Placement decisions, launches, failures, preemptions and scaling of an app."""
+    with user_errors():
+        s = _session()
+        cursor = 0
+        while True:
+            rows = s.transport.get(f"/v1/apps/{app_ref}/events", after=cursor)
+            for r in rows:
+                cursor = r["id"]
+                if as_json:
+                    typer.echo(json.dumps(r, default=str))
+                else:
+                    typer.echo(f"{_ts(r['ts'])}  {r['kind']:<18} {r['message']}")
+            if not follow:
+                return
+            time.sleep(1.0)

@@ -1,0 +1,127 @@
+"""`cloudmodal run`, `cloudmodal deploy`, `cloudmodal shell`."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from typing import Any
+
+import typer
+
+from cloudmodal.cli.errors import user_errors
+
+
+def run_command(
+    ctx: typer.Context,
+    func_ref: str = typer.Argument(..., help="FILE.py or FILE.py::NAME (an entrypoint, function, or Cls.method)."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Leave the app's spawned work running after exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Don't stream logs or show progress."),
+    gpu_fallback: str = typer.Option(None, "--gpu-fallback", help="'cpu': run GPU functions on CPU when no provider has the GPU (development)."),
+    name: str = typer.Option(None, "--name", "-n", help="Name of the ephemeral app (default: the App's name)."),
+) -> None:
+    """Run a function or local entrypoint of FILE on an ephemeral app; extra --options are its arguments."""
+    from cloudmodal.cli.entrypoint_args import parse_args
+    from cloudmodal.cli.imports import find_app, import_file, parse_ref, resolve_target
+    from cloudmodal.client.session import enable_output, run_app
+
+    with user_errors():
+        path, target_name = parse_ref(func_ref)
+        module = import_file(path)
+        app = find_app(module, path)
+        kind, target = resolve_target(app, target_name, path)
+        prog = f"cloudmodal run {func_ref}"
+        if kind == "entrypoint":
+            fn = target.raw_f if hasattr(target, "raw_f") else target
+            kwargs = parse_args(fn, list(ctx.args), prog)
+        elif kind == "function":
+            kwargs = parse_args(target.raw_f, list(ctx.args), prog) if target.raw_f else {}
+        else:
+            cls, method = target
+            kwargs = parse_args(getattr(cls.user_cls, method), list(ctx.args), prog) if ctx.args else {}
+        output = enable_output() if not quiet else _null()
+        with output, run_app(app, detach=detach, gpu_fallback=gpu_fallback, name=name, show_logs=not quiet):
+            if kind == "entrypoint":
+                fn = target.raw_f if hasattr(target, "raw_f") else target
+                result = fn(**kwargs)
+                if inspect.iscoroutine(result):
+                    import asyncio
+
+                    result = asyncio.run(result)
+            elif kind == "function":
+                if target.spec.is_generator:
+                    for item in target.remote_gen(**kwargs):
+                        print(item)
+                    result = None
+                else:
+                    result = target.remote(**kwargs)
+            else:
+                cls, method = target
+                result = getattr(cls(), method).remote(**kwargs)
+            if result is not None and kind != "entrypoint":
+                print(result)
+        sys.stdout.flush()
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def deploy_command(
+    app_ref: str = typer.Argument(..., help="FILE.py defining a cloudmodal.App with a name."),
+    name: str = typer.Option(None, "--name", help="Deploy under this name instead of the App's."),
+    gpu_fallback: str = typer.Option(None, "--gpu-fallback", help="'cpu': run GPU functions on CPU when no provider has the GPU."),
+) -> None:
+    """Deploy an app to the control plane: its functions stay up and callable with Function.from_name."""
+    from rich.console import Console
+
+    from cloudmodal.cli.imports import find_app, import_file, parse_ref
+    from cloudmodal.cli.server_cmd import ensure_server
+    from cloudmodal.client.session import deploy
+
+    with user_errors():
+        path, _ = parse_ref(app_ref)
+        ensure_server()
+        module = import_file(path)
+        app = find_app(module, path)
+        info = deploy(app, name=name, allow_cpu_fallback=gpu_fallback == "cpu")
+        c = Console()
+        c.print(f"[green]✓[/] Deployed app [bold]{info['name']}[/] ({info['app_id']}), version {info['version']}")
+        for f in info["functions"]:
+            c.print(f"  • {f}")
+
+
+def shell_command(
+    func_ref: str = typer.Argument(None, help="FILE.py::NAME: open the shell in that function's environment."),
+    cmd: str = typer.Option(None, "--cmd", "-c", help="Run this command instead of an interactive shell."),
+) -> None:
+    """A shell in a worker's environment (the image's Python, the function's env and GPUs) on this machine."""
+    from cloudmodal.cli.imports import find_app, import_file, parse_ref, resolve_target
+
+    with user_errors():
+        env = dict(os.environ)
+        python = sys.executable
+        cwd = os.getcwd()
+        if func_ref:
+            from cloudmodal.providers.envs import resolve_python
+
+            path, target_name = parse_ref(func_ref)
+            module = import_file(path)
+            app = find_app(module, path)
+            _, target = resolve_target(app, target_name, path)
+            handle = target[0] if isinstance(target, tuple) else target
+            spec = handle.spec
+            image = spec.image or {}
+            python = resolve_python(tuple(image.get("pip_packages") or ()), spec.image_hash)
+            env.update(dict(spec.env))
+            cwd = str(path.resolve().parent)
+        env["CLOUDMODAL_IS_REMOTE"] = "1"
+        env["PATH"] = os.path.dirname(python) + os.pathsep + env.get("PATH", "")
+        shell = os.environ.get("SHELL", "/bin/bash")
+        argv = [shell, "-c", cmd] if cmd else [shell]
+        os.chdir(cwd)
+        os.execvpe(argv[0], argv, env)

@@ -1,0 +1,1 @@
+"""The client side: HTTP transport to a control plane, app sessions, call mechanics."""

@@ -1,0 +1,273 @@
+"""Call mechanics shared by functions and class methods: one input, many inputs, results, generators."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from cloudmodal.exception import InvalidError
+from cloudmodal.ids import new_id
+from cloudmodal.serialization import deserialize, load_failure, serialize_args
+
+INLINE_LIMIT = 2 * 1024 * 1024  # larger arguments go to the blob store
+MAX_ARG_SIZE = 1024 * 1024 * 1024
+MAP_WINDOW = 50_000  # inputs in flight per map: the client's memory stays flat however long the map is
+MAP_BATCH_MAX = 2000
+MAP_BATCH_BYTES = 8 * 1024 * 1024
+LONG_POLL_S = 50.0
+
+
+def encode_input(session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    data = serialize_args(args, kwargs)
+    if len(data) > MAX_ARG_SIZE:
+        from cloudmodal.exception import RequestSizeError
+
+        raise RequestSizeError(f"Arguments are {len(data)} bytes pickled; the limit is {MAX_ARG_SIZE} bytes. Put large data in a Volume or object store and pass its path.")
+    if len(data) > INLINE_LIMIT:
+        return None, session.upload_blob(data)
+    return data, None
+
+
+def decode_output(session: Any, status: str, data: bytes | None, blob: str | None) -> tuple[bool, Any]:
+    """(ok, value-or-exception) of one output row."""
+    if blob is not None:
+        data = session.download_blob(blob)
+    if status in ("success", "gen_item"):
+        return True, deserialize(data, "result") if data is not None else None
+    return False, load_failure(data) if data is not None else RuntimeError(f"input ended with status {status}")
+
+
+class OutputStream:
+    """Reads a call's outputs with a cursor and long polls."""
+
+    def __init__(self, session: Any, call_id: str, after: int = 0) -> None:
+        self.session = session
+        self.call_id = call_id
+        self.cursor = after
+
+    def poll(self, timeout: float, limit: int = 10000) -> list[list[Any]]:
+        rows = self.session.transport.post(
+            f"/v1/calls/{self.call_id}/outputs", {"after": self.cursor, "limit": limit, "timeout": timeout}
+        )["outputs"]
+        if rows:
+            self.cursor = rows[-1][0]
+        return rows
+
+
+def call_one(session: Any, function_id: str, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any], kind: str = "remote", wait: float = LONG_POLL_S) -> tuple[str, list[list[Any]]]:
+    payload, blob = encode_input(session, args, kwargs)
+    call_id = new_id("fc")
+    resp = session.transport.post(
+        "/v1/calls",
+        {"call_id": call_id, "function_id": function_id, "kind": kind, "inputs": [[0, method, payload, blob]], "wait": wait},
+    )
+    return call_id, resp.get("outputs") or []
+
+
+def wait_final(session: Any, call_id: str, first: list[list[Any]], timeout: float | None = None, after: int = 0) -> Any:
+    """Wait for the final output of a single-input call and return its value (or raise its error)."""
+    stream = OutputStream(session, call_id, after)
+    rows = first
+    if rows:
+        stream.cursor = rows[-1][0]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        for _id, _idx, gen_index, status, data, blob in rows:
+            if gen_index == -1:
+                ok, value = decode_output(session, status, data, blob)
+                if ok:
+                    return value
+                raise value
+        remaining = LONG_POLL_S if deadline is None else deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"Function call {call_id} did not finish within {timeout} s.")
+        rows = stream.poll(min(remaining, LONG_POLL_S))
+
+
+def iter_generator(session: Any, call_id: str, first: list[list[Any]]) -> Iterator[Any]:
+    stream = OutputStream(session, call_id)
+    rows = first
+    if rows:
+        stream.cursor = rows[-1][0]
+    buffered: dict[int, Any] = {}
+    next_index = 0
+    final: tuple[bool, Any] | None = None
+    while True:
+        for _id, _idx, gen_index, status, data, blob in rows:
+            if gen_index >= 0:
+                if gen_index >= next_index:
+                    buffered[gen_index] = (status, data, blob)
+            else:
+                final = decode_output(session, status, data, blob)
+        while next_index in buffered:
+            status, data, blob = buffered.pop(next_index)
+            next_index += 1
+            ok, value = decode_output(session, status, data, blob)
+            yield value
+        if final is not None and not buffered:
+            if not final[0]:
+                raise final[1]
+            return
+        rows = stream.poll(LONG_POLL_S)
+
+
+def run_map(
+    session: Any,
+    function_id: str,
+    method: str | None,
+    arg_tuples: Iterable[tuple[Any, ...]],
+    kwargs: dict[str, Any],
+    *,
+    order_outputs: bool = True,
+    return_exceptions: bool = False,
+    kind: str = "map",
+    progress: Any = None,
+) -> Iterator[Any]:
+    """Stream inputs in batches from a feeder thread, results back with long polls, in bounded memory."""
+    call_id = new_id("fc")
+    session.transport.post("/v1/calls", {"call_id": call_id, "function_id": function_id, "kind": kind})
+    state = _FeedState()
+    feeder = threading.Thread(target=_feed, args=(session, call_id, function_id, method, arg_tuples, kwargs, state), name="map-feeder", daemon=True)
+    feeder.start()
+    stream = OutputStream(session, call_id)
+    received = 0
+    next_idx = 0
+    buffered: dict[int, tuple[bool, Any]] = {}
+    try:
+        while True:
+            if state.error is not None:
+                raise state.error
+            if state.total is not None and received >= state.total:
+                return
+            rows = stream.poll(1.0 if state.total is None else LONG_POLL_S)
+            for _id, idx, gen_index, status, data, blob in rows:
+                if gen_index != -1:
+                    continue
+                received += 1
+                with state.cond:
+                    state.received = received
+                    state.cond.notify_all()
+                if progress is not None:
+                    progress(received, state.total)
+                result = decode_output(session, status, data, blob)
+                if order_outputs:
+                    buffered[idx] = result
+                    while next_idx in buffered:
+                        ok, value = buffered.pop(next_idx)
+                        next_idx += 1
+                        yield _result(ok, value, return_exceptions)
+                else:
+                    yield _result(result[0], result[1], return_exceptions)
+    except GeneratorExit:
+        state.abort = True
+        try:
+            session.transport.post(f"/v1/calls/{call_id}/cancel", reconnect_timeout=5.0)
+        except Exception:
+            pass
+        raise
+    except BaseException:
+        state.abort = True
+        try:
+            session.transport.post(f"/v1/calls/{call_id}/cancel", reconnect_timeout=5.0)
+        except Exception:
+            pass
+        raise
+    finally:
+        with state.cond:
+            state.abort = state.abort or False
+            state.cond.notify_all()
+
+
+def _result(ok: bool, value: Any, return_exceptions: bool) -> Any:
+    if ok or return_exceptions:
+        return value
+    raise value
+
+
+class _FeedState:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.sent = 0
+        self.received = 0
+        self.total: int | None = None
+        self.error: BaseException | None = None
+        self.abort = False
+
+
+def _feed(session: Any, call_id: str, function_id: str, method: str | None, arg_tuples: Iterable[tuple[Any, ...]], kwargs: dict[str, Any], state: _FeedState) -> None:
+    batch: list[list[Any]] = []
+    batch_bytes = 0
+    batch_limit = 64  # small first batch: workers start on it while the rest is pickled
+    idx = -1
+    try:
+        for idx, args in enumerate(arg_tuples):
+            if state.abort:
+                return
+            payload, blob = encode_input(session, tuple(args), kwargs)
+            batch.append([idx, method, payload, blob])
+            batch_bytes += len(payload) if payload else 64
+            if len(batch) >= batch_limit or batch_bytes >= MAP_BATCH_BYTES:
+                with state.cond:
+                    while state.sent - state.received >= MAP_WINDOW and not state.abort:
+                        state.cond.wait(0.5)
+                session.transport.post(f"/v1/calls/{call_id}/inputs", {"function_id": function_id, "inputs": batch})
+                state.sent += len(batch)
+                batch, batch_bytes = [], 0
+                batch_limit = min(batch_limit * 2, MAP_BATCH_MAX)
+        if batch:
+            session.transport.post(f"/v1/calls/{call_id}/inputs", {"function_id": function_id, "inputs": batch})
+            state.sent += len(batch)
+        state.total = idx + 1
+    except BaseException as e:  # surfaces in the consumer
+        state.error = e
+
+
+def spawn_many(session: Any, function_id: str, method: str | None, arg_tuples: Iterable[tuple[Any, ...]], kwargs: dict[str, Any]) -> str:
+    call_id = new_id("fc")
+    session.transport.post("/v1/calls", {"call_id": call_id, "function_id": function_id, "kind": "spawn_map"})
+    state = _FeedState()
+    state.received = -(10**12)  # no flow control: nobody reads these results here
+    _feed(session, call_id, function_id, method, arg_tuples, kwargs, state)
+    if state.error is not None:
+        raise state.error
+    return call_id
+
+
+def check_not_generator(is_generator: bool, name: str, api: str) -> None:
+    if is_generator and api != "remote_gen":
+        raise InvalidError(f"{name} is a generator function: call it with `.remote_gen(...)`, not `.{api}(...)`.")
+    if not is_generator and api == "remote_gen":
+        raise InvalidError(f"{name} is not a generator function: call it with `.remote(...)`.")
+
+
+def async_iter(sync_iter_factory: Any) -> Any:
+    """Run a blocking iterator in a thread and expose it as an async iterator (for ``.map.aio``)."""
+    import asyncio
+
+    async def agen() -> Any:
+        q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1024)
+        done = object()
+
+        def pump() -> None:
+            try:
+                for item in sync_iter_factory():
+                    q.put(("item", item))
+                q.put(("done", done))
+            except BaseException as e:
+                q.put(("error", e))
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        while True:
+            kind, value = await asyncio.to_thread(q.get)
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+
+    return agen()

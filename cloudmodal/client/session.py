@@ -1,0 +1,243 @@
+"""Which control plane this process talks to, and the lifetime of a running app."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cloudmodal import config
+from cloudmodal.client.transport import Transport
+from cloudmodal.exception import ExecutionError, InvalidError
+from cloudmodal.ids import new_id
+
+_lock = threading.RLock()
+_current: Session | None = None
+
+
+class Session:
+    """A connection to one control plane (and the embedded one it started, if any)."""
+
+    def __init__(self, transport: Transport, embedded: Any = None, tmpdir: str | None = None) -> None:
+        self.transport = transport
+        self.embedded = embedded
+        self._tmpdir = tmpdir
+        self._uploaded: dict[str, str] = {}
+
+    def upload_blob(self, data: bytes) -> str:
+        return self.transport.request("POST", "/v1/blobs", raw_body=data)["blob_id"]
+
+    def download_blob(self, blob_id: str) -> bytes:
+        return self.transport.request("GET", f"/v1/blobs/{blob_id}", raw_response=True)
+
+    def upload_file(self, path: str) -> str:
+        data = Path(path).read_bytes()
+        key = f"{path}:{len(data)}:{hash(data)}"
+        if key not in self._uploaded:
+            self._uploaded[key] = self.upload_blob(data)
+        return self._uploaded[key]
+
+    def close(self) -> None:
+        self.transport.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def in_worker() -> bool:
+    return bool(os.environ.get("CLOUDMODAL_WORKER_ID"))
+
+
+def current_session(required: bool = True) -> Session | None:
+    """The session of the running app; inside a worker, one to the worker's own control plane."""
+    global _current
+    with _lock:
+        if _current is not None:
+            return _current
+        if in_worker() and os.environ.get("CLOUDMODAL_SERVER_URL"):
+            _current = Session(Transport(os.environ["CLOUDMODAL_SERVER_URL"], os.environ.get("CLOUDMODAL_TOKEN")))
+            return _current
+        ref = config.configured_server()
+        if ref is not None:
+            _current = Session(Transport(ref.url, ref.token))
+            return _current
+    if required:
+        raise ExecutionError(
+            "No control plane is configured and no app is running. Run your code with `cloudmodal run FILE`, "
+            "inside `with app.run():`, or start one with `cloudmodal server start`."
+        )
+    return None
+
+
+def connect(embedded_ok: bool = True) -> Session:
+    """Use the configured control plane, or start an embedded one in this process."""
+    global _current
+    with _lock:
+        existing = current_session(required=False)
+        if existing is not None:
+            return existing
+        if not embedded_ok:
+            raise ExecutionError("No control plane configured: start one with `cloudmodal server start`.")
+        from cloudmodal.server.app import ServerHandle, default_settings
+
+        tmp = tempfile.mkdtemp(prefix="cloudmodal-embedded-")
+        handle = ServerHandle(default_settings(Path(tmp), database_url=f"sqlite:///{tmp}/cloudmodal.db")).start_in_thread()
+        _current = Session(Transport(handle.url), embedded=handle, tmpdir=tmp)
+        return _current
+
+
+def disconnect() -> None:
+    global _current
+    with _lock:
+        if _current is not None:
+            _current.close()
+            _current = None
+
+
+class RunningApp:
+    def __init__(self, session: Session, app_id: str, name: str) -> None:
+        self.session = session
+        self.app_id = app_id
+        self.name = name
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.log_cursor = 0
+
+    def start_heartbeat(self, interval: float = 5.0) -> None:
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.session.transport.post(f"/v1/apps/{self.app_id}/heartbeat", reconnect_timeout=interval)
+                except Exception:
+                    pass
+
+        t = threading.Thread(target=beat, name="app-heartbeat", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def start_log_stream(self, out: Any = None) -> None:
+        def stream() -> None:
+            while not self._stop.is_set():
+                try:
+                    rows = self.session.transport.get(f"/v1/apps/{self.app_id}/logs", after=self.log_cursor, timeout=1.0)
+                except Exception:
+                    if self._stop.wait(0.5):
+                        return
+                    continue
+                self._print_logs(rows, out)
+
+        t = threading.Thread(target=stream, name="app-logs", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _print_logs(self, rows: list[dict[str, Any]], out: Any) -> None:
+        for r in rows:
+            self.log_cursor = max(self.log_cursor, r["id"])
+            stream = (out or sys.stdout) if r["stream"] == "stdout" else (out or sys.stderr)
+            stream.write(r["text"] if r["text"].endswith("\n") else r["text"] + "\n")
+        if rows:
+            (out or sys.stdout).flush()
+
+    def flush_logs(self, out: Any = None, wait: float = 0.3) -> None:
+        deadline = time.time() + wait
+        while True:
+            try:
+                rows = self.session.transport.get(f"/v1/apps/{self.app_id}/logs", after=self.log_cursor, timeout=0.0)
+            except Exception:
+                return
+            self._print_logs(rows, out)
+            if not rows and time.time() >= deadline:
+                return
+            if not rows:
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _app_name(app: Any) -> str:
+    return app.name or "ephemeral-app"
+
+
+def register_app_functions(session: Session, app: Any, app_id: str, *, allow_cpu_fallback: bool = False) -> list[str]:
+    names = []
+    for handle in list(app.registered_functions.values()) + list(app.registered_classes.values()):
+        handle._register(session, app_id, allow_cpu_fallback=allow_cpu_fallback)
+        names.append(handle.spec.name)
+    return names
+
+
+@contextlib.contextmanager
+def run_app(app: Any, *, detach: bool = False, show_logs: bool | None = None, gpu_fallback: str | None = None, name: str | None = None) -> Iterator[RunningApp]:
+    """Run an app ephemerally: register its functions, keep it alive, stop it (and its workers) at exit."""
+    if gpu_fallback not in (None, "cpu"):
+        raise InvalidError(f"gpu_fallback must be None or 'cpu', not {gpu_fallback!r}.")
+    allow_cpu = gpu_fallback == "cpu" or os.environ.get("CLOUDMODAL_GPU_FALLBACK") == "cpu"
+    session = connect()
+    app_id = new_id("ap")
+    session.transport.post("/v1/apps", {"app_id": app_id, "name": name or _app_name(app), "ephemeral": True})
+    running = RunningApp(session, app_id, name or _app_name(app))
+    app._running = running
+    try:
+        register_app_functions(session, app, app_id, allow_cpu_fallback=allow_cpu)
+        running.start_heartbeat()
+        if show_logs if show_logs is not None else _output_enabled():
+            running.start_log_stream()
+        yield running
+    finally:
+        running.stop()
+        if show_logs if show_logs is not None else _output_enabled():
+            running.flush_logs()
+        if not detach:
+            with contextlib.suppress(Exception):
+                session.transport.post(f"/v1/apps/{app_id}/stop", reconnect_timeout=5.0)
+        app._running = None
+        for h in list(app.registered_functions.values()) + list(app.registered_classes.values()):
+            h._unregister()
+        if session.embedded is not None:
+            disconnect()
+
+
+def deploy(app: Any, *, name: str | None = None, allow_cpu_fallback: bool = False) -> dict[str, Any]:
+    """Deploy an app to the configured control plane; its functions stay callable by name."""
+    name = name or app.name
+    if not name:
+        raise InvalidError("A deployed app needs a name: `cloudmodal.App(\"my-app\")` or `cloudmodal deploy --name NAME`.")
+    session = current_session()
+    assert session is not None
+    info = session.transport.post("/v1/apps", {"app_id": new_id("ap"), "name": name, "ephemeral": False})
+    app_id = info["id"]
+    names = register_app_functions(session, app, app_id, allow_cpu_fallback=allow_cpu_fallback)
+    version = session.transport.post(f"/v1/apps/{app_id}/deployments", {"functions": names})["version"]
+    for h in list(app.registered_functions.values()) + list(app.registered_classes.values()):
+        h._unregister()
+    return {"app_id": app_id, "name": name, "version": version, "functions": names}
+
+
+_output = threading.local()
+_OUTPUT_ENABLED = False
+
+
+def _output_enabled() -> bool:
+    return _OUTPUT_ENABLED
+
+
+@contextlib.contextmanager
+def enable_output() -> Iterator[None]:
+    """Show worker logs and map progress (``cloudmodal run`` does this for you)."""
+    global _OUTPUT_ENABLED
+    prev = _OUTPUT_ENABLED
+    _OUTPUT_ENABLED = True
+    try:
+        yield
+    finally:
+        _OUTPUT_ENABLED = prev

@@ -1,0 +1,100 @@
+"""HTTP to the control plane: msgpack bodies, bearer auth, and patient reconnects.
+
+Every request the client makes is idempotent (ids are made client-side, inputs are keyed by index), so a
+request that failed because the control plane restarted is simply sent again until it answers or
+``reconnect_timeout`` passes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import msgpack
+
+from cloudmodal import exception as exc
+
+_ERRORS: dict[str, type[exc.Error]] = {
+    name: getattr(exc, name)
+    for name in dir(exc)
+    if isinstance(getattr(exc, name), type) and issubclass(getattr(exc, name), exc.Error)
+}
+_STATUS_ERRORS = {400: exc.InvalidError, 401: exc.AuthError, 403: exc.AuthError, 404: exc.NotFoundError, 413: exc.RequestSizeError, 422: exc.NoProviderError}
+
+
+class Transport:
+    def __init__(self, url: str, token: str | None = None, *, reconnect_timeout: float = 120.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"user-agent": "cloudmodal-client"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self.reconnect_timeout = reconnect_timeout
+        self._local = threading.local()
+        self._headers = headers
+        self.http = self._new_client()
+
+    def _new_client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers=self._headers,
+            timeout=httpx.Timeout(connect=5.0, read=75.0, write=60.0, pool=75.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, body: Any = None, *, params: dict[str, Any] | None = None, raw_body: bytes | None = None, raw_response: bool = False, reconnect_timeout: float | None = None) -> Any:
+        content = raw_body if raw_body is not None else (msgpack.packb(body, use_bin_type=True) if body is not None else None)
+        headers = {"content-type": "application/octet-stream" if raw_body is not None else "application/msgpack"}
+        deadline = time.monotonic() + (self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout)
+        delay = 0.05
+        while True:
+            try:
+                resp = self.http.request(method, path, content=content, params=params, headers=headers)
+            except (httpx.TransportError, RuntimeError) as e:
+                # RuntimeError: "Cannot send a request, as the client has been closed" after a fork
+                if time.monotonic() > deadline:
+                    raise exc.ConnectionError(
+                        f"Could not reach the control plane at {self.url}: {e}. Is it running? "
+                        "`cloudmodal server status` tells; `cloudmodal server start` starts one."
+                    ) from e
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if resp.status_code == 503 and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if resp.status_code >= 400:
+                raise _error_from(resp)
+            if raw_response:
+                return resp.content
+            if not resp.content:
+                return None
+            return msgpack.unpackb(resp.content, raw=False)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Any:
+        return self.request("POST", path, body if body is not None else {}, **kw)
+
+
+def _error_from(resp: httpx.Response) -> exc.Error:
+    try:
+        data = resp.json()
+    except (ValueError, json.JSONDecodeError):
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        err = data["error"]
+        cls = _ERRORS.get(err.get("type", ""), exc.Error)
+        return cls(err.get("message", ""))
+    if isinstance(data, dict) and "detail" in data:
+        cls = _STATUS_ERRORS.get(resp.status_code, exc.Error)
+        return cls(str(data["detail"]))
+    cls = _STATUS_ERRORS.get(resp.status_code, exc.Error)
+    return cls(f"Control plane answered HTTP {resp.status_code}: {resp.text[:500]}")

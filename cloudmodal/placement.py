@@ -1,0 +1,432 @@
+"""Placement: rank the offers that can run a GPU request. Pure: no I/O, no clock.
+
+``rank(tiers, offers, ...)`` walks the user's GPU tiers in order and returns every launchable
+(offer, market) pair as a ranked :class:`Candidate`; with ``explain=True`` it also returns a
+:class:`Rejection` with a reason for each offer of a requested GPU type that was dropped.
+
+Matching follows SkyPilot: ``H100:2`` matches offers with exactly 2 H100s; ``ANY:2`` any GPU type, 2 of them.
+Order: tiers in the user's order, cheapest first within a tier, spot and on-demand as separate candidates
+competing on price (``across_tiers=True``: all tiers together by price). Ties: more vCPUs, then more RAM,
+on-demand before spot, then cloud, region, zone and instance type names.
+
+>>> from cloudmodal.gpu import parse_gpu
+>>> from cloudmodal.pricing.offers import Offer
+>>> o = Offer("aws", "us-east-1", "use1-az1", "p5.4xlarge", "H100", 1, 80, 16, 256, 6.88, 2.5, "t", "2026-01-01")
+>>> [(c.offer.instance_type, c.market, c.price) for c in rank(parse_gpu("H100"), [o]).candidates]
+[('p5.4xlarge', 'spot', 2.5), ('p5.4xlarge', 'on-demand', 6.88)]
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+
+from cloudmodal.pricing.gpus import ANY
+from cloudmodal.pricing.offers import ON_DEMAND, SPOT, Market, Offer, OfferKey, OfferTable, RankEntry
+
+from cloudmodal.exception import InvalidError
+from cloudmodal.gpu import GpuTier
+
+if TYPE_CHECKING:
+    from cloudmodal.spec import FunctionSpec
+
+SpotPolicy = Literal["allow", "require", "never"]
+_SPOT_CHOICES = ("allow", "require", "never")
+
+__all__ = [
+    "Candidate",
+    "Market",
+    "OfferKey",
+    "Placement",
+    "PlacementPolicy",
+    "Rejection",
+    "rank",
+]
+
+
+class SignalLike(Protocol):
+    """A live observation (``cloudmodal.providers.base.Signal``): ``None`` fields widen its scope."""
+
+    cloud: str
+    region: str
+    zone: str | None
+    instance_type: str | None
+    gpu: str | None
+    available: bool | None
+    quota_left_gpus: int | None
+
+
+def _names(value: str | Iterable[str] | None, what: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    out = frozenset(s.strip().lower() for s in items if s and s.strip())
+    if not out:
+        raise InvalidError(f"Empty {what} list. Leave it unset to allow any {what}.")
+    return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlacementPolicy:
+    """Which offers a request may use.
+
+    ``spot``: "allow" (spot and on-demand compete on price), "require" (spot only) or "never".
+    ``clouds`` / ``regions``: allowed names (case-insensitive); None allows all.
+    ``max_price_per_hour``: cap on the candidate's $/h in its market. ``across_tiers``: rank all tiers
+    together by price instead of tier by tier.
+
+    >>> PlacementPolicy(spot="never", clouds=["AWS", "gcp"]).clouds == frozenset({"aws", "gcp"})
+    True
+    """
+
+    spot: SpotPolicy = "allow"
+    clouds: frozenset[str] | None = None
+    regions: frozenset[str] | None = None
+    max_price_per_hour: float | None = None
+    across_tiers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.spot not in _SPOT_CHOICES:
+            raise InvalidError(
+                f"Invalid spot policy {self.spot!r}: use one of {', '.join(map(repr, _SPOT_CHOICES))}."
+            )
+        object.__setattr__(self, "clouds", _names(self.clouds, "cloud"))
+        object.__setattr__(self, "regions", _names(self.regions, "region"))
+        m = self.max_price_per_hour
+        if m is not None and not (isinstance(m, int | float) and m > 0):
+            raise InvalidError(f"Invalid max_price_per_hour {m!r}: give a positive number of USD per hour.")
+
+    @property
+    def markets(self) -> tuple[Market, ...]:
+        return {"allow": (ON_DEMAND, SPOT), "require": (SPOT,), "never": (ON_DEMAND,)}[self.spot]
+
+    @classmethod
+    def from_spec(cls, spec: FunctionSpec, *, across_tiers: bool = False) -> PlacementPolicy:
+        """The policy a function declared (``cloud``, ``region``, ``spot``, ``nonpreemptible``, max $/h)."""
+        spot: SpotPolicy = "never" if spec.nonpreemptible else spec.spot
+        return cls(
+            spot=spot,
+            clouds=frozenset({spec.cloud}) if spec.cloud else None,
+            regions=frozenset(spec.region) if spec.region else None,
+            max_price_per_hour=spec.max_price_per_hour,
+            across_tiers=across_tiers,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spot": self.spot,
+            "clouds": sorted(self.clouds) if self.clouds is not None else None,
+            "regions": sorted(self.regions) if self.regions is not None else None,
+            "max_price_per_hour": self.max_price_per_hour,
+            "across_tiers": self.across_tiers,
+        }
+
+
+class Candidate(NamedTuple):
+    """One launchable option: an offer in a market at a price, for the tier at ``tier_index``."""
+
+    offer: Offer
+    tier_index: int
+    tier: GpuTier
+    market: Market
+    price: float
+    key: OfferKey  # the offer in this market: what a failed launch blocks
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.offer.to_dict()
+        d.update(tier=str(self.tier), tier_index=self.tier_index, market=self.market, price=self.price)
+        return d
+
+
+# Reason codes of a Rejection; the message says the specifics.
+COUNT = "count"
+CLOUD = "cloud"
+REGION = "region"
+MIN_VCPUS = "min_vcpus"
+MIN_MEMORY = "min_memory"
+NO_PRICE = "no_price"
+BLOCKED = "blocked"
+MAX_PRICE = "max_price"
+DUPLICATE = "duplicate"
+UNAVAILABLE = "unavailable"
+QUOTA = "quota"
+
+_SignalIndex = Mapping[tuple[str, str], Sequence[SignalLike]]
+
+
+def _index_signals(signals: Iterable[SignalLike]) -> _SignalIndex | None:
+    """Signals that can rule an offer out (no capacity, too little quota), by (cloud, region)."""
+    out: dict[tuple[str, str], list[SignalLike]] = {}
+    for s in signals:
+        if s.available is False or s.quota_left_gpus is not None:
+            out.setdefault((s.cloud, s.region), []).append(s)
+    return out or None
+
+
+def _signal_reason(o: Offer, signals: Sequence[SignalLike]) -> tuple[str, str] | None:
+    for s in signals:
+        if s.zone is not None and s.zone != o.zone:
+            continue
+        if s.instance_type is not None and s.instance_type != o.instance_type:
+            continue
+        if s.gpu is not None and s.gpu != o.gpu:
+            continue
+        if s.available is False:
+            return UNAVAILABLE, f"no capacity now in {s.zone or s.region} (live signal)"
+        if s.quota_left_gpus is not None and s.quota_left_gpus < o.gpu_count:
+            return (
+                QUOTA,
+                f"quota allows {s.quota_left_gpus} more GPU(s) in {s.region}, the offer has {o.gpu_count}",
+            )
+    return None
+
+
+class Rejection(NamedTuple):
+    """An offer of a requested GPU type that is not a candidate, and why (``market`` None: both markets)."""
+
+    offer: Offer
+    tier_index: int
+    market: Market | None
+    code: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        o = self.offer
+        return {
+            "cloud": o.cloud,
+            "region": o.region,
+            "zone": o.zone,
+            "instance_type": o.instance_type,
+            "gpu": o.gpu,
+            "gpu_count": o.gpu_count,
+            "tier_index": self.tier_index,
+            "market": self.market,
+            "code": self.code,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Ranked candidates (best first) and, when explained, the rejections."""
+
+    tiers: tuple[GpuTier, ...]
+    policy: PlacementPolicy
+    candidates: tuple[Candidate, ...]
+    rejections: tuple[Rejection, ...] = field(default=())
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+    def __bool__(self) -> bool:
+        return bool(self.candidates)
+
+    def _truncated(self, limit: int) -> Placement:
+        return Placement(self.tiers, self.policy, self.candidates[:limit], self.rejections)
+
+    def rejection_counts(self) -> dict[str, int]:
+        """How many rejections per reason code."""
+        return dict(Counter(r.code for r in self.rejections).most_common())
+
+
+_by_price_then_tier = itemgetter(4, 1)  # Candidate.price, Candidate.tier_index
+
+
+def _table(offers: OfferTable | Iterable[Offer]) -> OfferTable:
+    return offers if isinstance(offers, OfferTable) else OfferTable(offers)
+
+
+def _rank_tier(
+    entries: Sequence[RankEntry],
+    ti: int,
+    tier: GpuTier,
+    policy: PlacementPolicy,
+    markets: tuple[Market, ...],
+    min_vcpus: float,
+    min_memory_gb: float,
+    blocked: Collection[OfferKey],
+    signals: _SignalIndex | None,
+    taken: set[OfferKey] | None,
+    limit: int | None,
+    rejections: list[Rejection] | None,
+) -> list[Candidate]:
+    """Candidates of one tier in order; ``entries`` is the table's pre-sorted list for the tier."""
+    clouds, regions, max_price = policy.clouds, policy.regions, policy.max_price_per_hour
+    both = len(markets) == 2
+    only = markets[0]
+    out: list[Candidate] = []
+    append = out.append
+    explain = rejections is not None
+    dropped: set[int] = set()  # offers already rejected for a reason that covers both markets
+    for e in entries:
+        market = e.market
+        if not both and market != only:
+            continue
+        o = e.offer
+        why: str | None = None
+        code = ""
+        if clouds is not None and o.cloud not in clouds:
+            code, why = CLOUD, f"cloud {o.cloud} not allowed (allowed: {', '.join(sorted(clouds))})"
+        elif (
+            regions is not None and o.region.lower() not in regions and (o.zone or "").lower() not in regions
+        ):
+            code, why = REGION, f"region {o.location} not allowed (allowed: {', '.join(sorted(regions))})"
+        elif (o.vcpus or 0.0) < min_vcpus:
+            code, why = MIN_VCPUS, f"{o.vcpus or 0:g} vCPUs, below the minimum {min_vcpus:g}"
+        elif (o.memory_gb or 0.0) < min_memory_gb:
+            code, why = MIN_MEMORY, f"{o.memory_gb or 0:g} GB RAM, below the minimum {min_memory_gb:g} GB"
+        elif signals is not None and (sig := signals.get((o.cloud, o.region))) is not None:
+            got = _signal_reason(o, sig)
+            if got is not None:
+                code, why = got
+        if why is not None:
+            if explain and id(o) not in dropped:
+                dropped.add(id(o))
+                rejections.append(Rejection(o, ti, None, code, why))  # type: ignore[union-attr]
+            continue
+        key = e.key
+        if blocked and key in blocked:
+            if explain:
+                rejections.append(Rejection(o, ti, market, BLOCKED, f"blocked ({market})"))  # type: ignore[union-attr]
+            continue
+        price = e.price
+        if max_price is not None and price > max_price:
+            if explain:
+                rejections.append(  # type: ignore[union-attr]
+                    Rejection(
+                        o, ti, market, MAX_PRICE, f"${price:g}/h {market}, over the cap ${max_price:g}/h"
+                    )
+                )
+            continue
+        if taken is not None:
+            if key in taken:
+                if explain:
+                    rejections.append(  # type: ignore[union-attr]
+                        Rejection(o, ti, market, DUPLICATE, "already a candidate for an earlier tier")
+                    )
+                continue
+            taken.add(key)
+        append(Candidate(o, ti, tier, market, price, key))
+        if limit is not None and not explain and len(out) >= limit:
+            break
+    return out
+
+
+def _explain_unpriced_and_counts(
+    table: OfferTable, ti: int, tier: GpuTier, policy: PlacementPolicy, rejections: list[Rejection]
+) -> None:
+    """Rejections the sorted entries cannot show: other GPU counts, and no price in the only allowed market."""
+    gpu = None if tier.type == ANY else tier.type
+    pool = table.for_gpu(gpu) if gpu is not None else table.offers
+    for o in pool:
+        if o.gpu_count != tier.count:
+            if gpu is not None:  # for ANY, every other-count offer would be listed: noise
+                rejections.append(
+                    Rejection(o, ti, None, COUNT, f"{o.gpu_count} × {o.gpu}, the tier asks for {tier.count}")
+                )
+            continue
+        if policy.spot == "require" and o.price_spot is None:
+            rejections.append(Rejection(o, ti, SPOT, NO_PRICE, "no spot price (spot is required)"))
+        elif policy.spot == "never" and o.price_ondemand is None:
+            rejections.append(Rejection(o, ti, ON_DEMAND, NO_PRICE, "no on-demand price (spot-only offer)"))
+
+
+def rank(
+    tiers: Sequence[GpuTier],
+    offers: OfferTable | Iterable[Offer],
+    *,
+    min_vcpus: float = 0.0,
+    min_memory_gb: float = 0.0,
+    blocked: Collection[OfferKey] = frozenset(),
+    signals: Iterable[SignalLike] = (),
+    policy: PlacementPolicy | None = None,
+    limit: int | None = None,
+    explain: bool = False,
+) -> Placement:
+    """Rank the offers that can run ``tiers`` (an ordered GPU fallback list).
+
+    ``blocked``: offer keys not to use now (e.g. a launch there just failed). ``signals``: live observations;
+    one with ``available=False`` or too little ``quota_left_gpus`` rules out the offers in its scope.
+    ``limit``: stop after that many candidates (ignored with ``explain``, which walks everything to give
+    each rejection). ``offers`` may be any iterable of offers; pass the :class:`OfferTable` to reuse its
+    indexes (that is what makes repeated ranking fast).
+    """
+    policy = policy or PlacementPolicy()
+    if limit is not None and limit < 1:
+        raise InvalidError(f"Invalid limit {limit!r}: give a positive number of candidates, or None for all.")
+    table = _table(offers)
+    markets = policy.markets
+    blocked = blocked if isinstance(blocked, set | frozenset | dict) else frozenset(blocked)
+    signals = signals if isinstance(signals, tuple | list) else tuple(signals)
+    sig_index = _index_signals(signals)
+    rejections: list[Rejection] | None = [] if explain else None
+    # Only an ANY tier can offer what another tier offers too (tiers are distinct type:count pairs).
+    dedupe = any(t.type == ANY for t in tiers)
+    taken: set[OfferKey] | None = set() if dedupe else None
+    across = policy.across_tiers
+    per_tier: list[list[Candidate]] = []
+    found = 0
+    for ti, tier in enumerate(tiers):
+        entries = table.ranked(None if tier.type == ANY else tier.type, tier.count)
+        # Across tiers, each tier keeps its own order (up to `limit`) and duplicates are settled at the merge.
+        got = _rank_tier(
+            entries,
+            ti,
+            tier,
+            policy,
+            markets,
+            min_vcpus,
+            min_memory_gb,
+            blocked,
+            sig_index,
+            None if across else taken,
+            limit if across or limit is None else limit - found,
+            rejections,
+        )
+        if rejections is not None:
+            _explain_unpriced_and_counts(table, ti, tier, policy, rejections)
+        per_tier.append(got)
+        found += len(got)
+        if not across and limit is not None and rejections is None and found >= limit:
+            break
+    ranked = [c for tier_candidates in per_tier for c in tier_candidates]
+    if across:
+        # Each tier's list is sorted, so this stable sort is a merge of runs; ties go to the earlier tier.
+        ranked.sort(key=_by_price_then_tier)
+        if taken is not None:
+            unique: list[Candidate] = []
+            for c in ranked:
+                if c.key in taken:
+                    if rejections is not None:
+                        rejections.append(
+                            Rejection(
+                                c.offer,
+                                c.tier_index,
+                                c.market,
+                                DUPLICATE,
+                                "already a candidate for another tier",
+                            )
+                        )
+                    continue
+                taken.add(c.key)
+                unique.append(c)
+            if limit is not None and len(unique) < limit and any(len(t) >= limit for t in per_tier):
+                # Duplicates used up room that a truncated tier could have filled: rank in full.
+                return rank(
+                    tiers,
+                    table,
+                    min_vcpus=min_vcpus,
+                    min_memory_gb=min_memory_gb,
+                    blocked=blocked,
+                    signals=signals,
+                    policy=policy,
+                    explain=explain,
+                )._truncated(limit)
+            ranked = unique
+    if limit is not None:
+        ranked = ranked[:limit]
+    return Placement(tuple(tiers), policy, tuple(ranked), tuple(rejections or ()))

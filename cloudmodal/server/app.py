@@ -1,0 +1,97 @@
+"""Assemble and run a control plane: embedded (a thread in the CLI process) or long-lived (`server start`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from cloudmodal.server.api import build_app
+from cloudmodal.server.service import ControlPlane, Settings
+
+
+def default_settings(state_dir: Path, database_url: str | None = None, **overrides: Any) -> Settings:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    url = database_url or os.environ.get("CLOUDMODAL_DATABASE_URL") or f"sqlite:///{state_dir / 'cloudmodal.db'}"
+    env_overrides: dict[str, Any] = {}
+    for key, env in (("lease_s", "CLOUDMODAL_LEASE_S"), ("worker_timeout_s", "CLOUDMODAL_WORKER_TIMEOUT_S"), ("heartbeat_s", "CLOUDMODAL_HEARTBEAT_S")):
+        if os.environ.get(env):
+            env_overrides[key] = float(os.environ[env])
+    return Settings(database_url=url, state_dir=state_dir, **(env_overrides | overrides))
+
+
+def make_provider(settings: Settings) -> Any:
+    from cloudmodal.providers.local import LocalProvider
+
+    return LocalProvider(state_dir=settings.state_dir / "workers")
+
+
+class ServerHandle:
+    """A control plane serving HTTP on a bound socket, with its reconciler."""
+
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.settings = settings
+        self.cp = ControlPlane(settings)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(1024)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.url = f"http://{connect_host}:{self.port}"
+        from cloudmodal.server.reconciler import Reconciler
+
+        self.reconciler = Reconciler(self.cp, make_provider(settings), self.url)
+        self.cp.reconciler = self.reconciler
+        self.api = build_app(self.cp)
+        config = uvicorn.Config(self.api, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=65)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+        self.cp.hub.notify = _chain_wake(self.cp.hub.notify, self.reconciler)  # type: ignore[method-assign]
+
+    def start_in_thread(self) -> ServerHandle:
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="control-plane", daemon=True)
+        self._thread.start()
+        deadline = time.time() + 15
+        while not self.server.started:
+            if time.time() > deadline or not self._thread.is_alive():
+                raise RuntimeError("The embedded control plane did not start.")
+            time.sleep(0.005)
+        self.reconciler.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.reconciler.start()
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.reconciler.stop()
+
+    def stop(self) -> None:
+        self.reconciler.stop()
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.sock.close()
+        self.cp.db.dispose()
+
+
+def _chain_wake(notify: Any, reconciler: Any) -> Any:
+    def wrapped(*keys: str) -> None:
+        notify(*keys)
+        if "reconcile" in keys:
+            reconciler.wake()
+
+    return wrapped
+
+
+def quiet_logs() -> None:
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)

@@ -1,0 +1,163 @@
+"""How many workers a pool should have: a pure decision, table-tested.
+
+:meth:`Autoscaler.decide` reads a :class:`PoolSnapshot` and the time ``now`` (passed in; this module never
+reads the clock) and returns a :class:`ScaleDecision`. The reconciler applies it through a provider.
+
+Rules, in order:
+
+1. ``needed = ceil((backlog + in_flight) / per_worker_target)``. In-flight inputs on draining workers count
+   (their replacement starts before they are gone), but draining workers do not count as capacity.
+2. The pool is *active* while there is work, and for ``scaledown_window`` seconds after the last work
+   (``last_active_at``). While active, ``desired = needed + buffer_containers``; otherwise 0.
+3. ``desired`` is clamped to ``[min_containers, max_containers]``; when ``min > max``, ``max`` wins (it is
+   the spending cap).
+4. Capacity = starting + ready workers. Starting workers count, so nothing is launched twice while workers
+   boot. ``launch = desired - capacity`` (at most ``max_launch_per_step``, when set).
+5. Scale-down: when capacity exceeds ``desired``, stop only *ready* workers that are idle (no in-flight
+   inputs) and have been idle for at least ``scaledown_window`` seconds — never below ``desired``, so never
+   below ``min_containers``, nor below ``needed + buffer`` while active. Starting workers are never stopped
+   by this rule (they become idle workers, and the window applies to them then).
+   Above ``max_containers`` (settings lowered under a running pool) idle and starting workers are stopped at
+   once, without waiting for the window; busy ones are left to finish.
+6. Which idle workers go first: the most expensive (``price_per_hour``; on-demand before spot when a pool
+   mixes them), then the **most recently started**. Kubernetes' ReplicaSet makes the same choice: long-lived
+   workers have paid their cold start (``@enter`` hooks, model weights, compiled kernels, page cache) and have
+   proven healthy, so the pool's stable core stays warm while the newest, least-invested workers absorb the
+   churn of a bursty load. Ties break on ``worker_id`` so decisions are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from cloudmodal.spec import AutoscalerSettings, BatchConfig, ConcurrencyConfig
+
+WorkerPoolState = Literal["starting", "ready", "draining"]
+
+
+def per_worker_target(concurrency: ConcurrencyConfig | None, batching: BatchConfig | None) -> int:
+    """Inputs one worker should hold at once, which the autoscaler divides the load by.
+
+    ``@concurrent``: ``target_inputs`` when given (the worker may burst to ``max_inputs``, but scaling aims at
+    the target, as Modal does), else ``max_inputs``. ``@batched``: times ``max_batch_size``, because a
+    batched worker takes that many inputs per call; scaling on single inputs would start one worker per
+    input and each would run batches of one, defeating the batching.
+    """
+    target = 1
+    if concurrency is not None:
+        target = concurrency.target_inputs or concurrency.max_inputs or 1
+    if batching is not None:
+        target *= max(batching.max_batch_size, 1)
+    return max(int(target), 1)
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What the autoscaler sees of one worker. ``idle_since`` is None while the worker has inputs."""
+
+    worker_id: str
+    state: WorkerPoolState
+    started_at: float
+    idle_since: float | None = None
+    in_flight: int = 0
+    price_per_hour: float = 0.0
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """One pool's load and workers at a moment.
+
+    ``backlog``: inputs waiting for a worker. ``in_flight``: inputs being run (all workers, draining ones
+    included). ``last_active_at``: the last time there was backlog or in-flight work (None: never).
+    """
+
+    backlog: int
+    in_flight: int
+    workers: Sequence[WorkerView]
+    settings: AutoscalerSettings
+    last_active_at: float | None = None
+    per_worker_target: int = 1
+    max_launch_per_step: int | None = None
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    """``desired``: the worker count to converge on. ``launch``: how many to start now. ``terminate``: ids of
+    workers to stop now. ``reason``: one line for the event log."""
+
+    desired: int
+    launch: int
+    terminate: tuple[str, ...]
+    reason: str
+
+    @property
+    def is_noop(self) -> bool:
+        return self.launch == 0 and not self.terminate
+
+
+def _stop_order(w: WorkerView) -> tuple[float, float, str]:
+    return (-w.price_per_hour, -w.started_at, w.worker_id)
+
+
+class Autoscaler:
+    """The pure scaling decision for one pool (stateless; one instance can serve every pool)."""
+
+    def decide(self, snapshot: PoolSnapshot, now: float) -> ScaleDecision:
+        s = snapshot.settings
+        target = max(int(snapshot.per_worker_target), 1)
+        load = max(snapshot.backlog, 0) + max(snapshot.in_flight, 0)
+        needed = math.ceil(load / target)
+        window = max(float(s.scaledown_window), 0.0)
+
+        active = load > 0 or (snapshot.last_active_at is not None and now - snapshot.last_active_at < window)
+        want = needed + max(s.buffer_containers, 0) if active else 0
+        lo = max(s.min_containers, 0)
+        hi = s.max_containers if s.max_containers is not None else math.inf
+        desired = int(min(max(want, lo), hi))
+
+        starting = [w for w in snapshot.workers if w.state == "starting"]
+        ready = [w for w in snapshot.workers if w.state == "ready"]
+        capacity = len(starting) + len(ready)
+
+        launch = max(desired - capacity, 0)
+        if snapshot.max_launch_per_step is not None:
+            launch = min(launch, max(snapshot.max_launch_per_step, 0))
+
+        terminate: list[str] = []
+        idle = [w for w in ready if w.idle_since is not None and w.in_flight == 0]
+        if capacity > hi:
+            # Over the cap: stop idle and starting workers now, busy ones are left to finish.
+            spare = sorted(idle, key=_stop_order) + sorted(starting, key=_stop_order)
+            terminate = [w.worker_id for w in spare[: capacity - int(hi)]]
+        elif capacity > desired:
+            expired = [w for w in idle if now - w.idle_since >= window]  # type: ignore[operator]
+            terminate = [w.worker_id for w in sorted(expired, key=_stop_order)[: capacity - desired]]
+
+        draining = len(snapshot.workers) - capacity
+        parts = [
+            f"load {load} (backlog {snapshot.backlog}, in flight {snapshot.in_flight}) / {target} per worker"
+            f" = {needed} needed",
+        ]
+        if active and s.buffer_containers:
+            parts.append(f"+{s.buffer_containers} buffer")
+        if not active:
+            parts.append(f"idle for ≥{window:g}s")
+        bounds = f"[{lo}, {'∞' if hi == math.inf else int(hi)}]"
+        parts.append(f"desired {desired} in {bounds}")
+        parts.append(
+            f"capacity {capacity} ({len(starting)} starting, {len(ready)} ready"
+            + (f", {draining} draining" if draining else "")
+            + ")"
+        )
+        if launch:
+            capped = desired - capacity > launch
+            parts.append(f"launch {launch}" + (" (capped per step)" if capped else ""))
+        if terminate:
+            why = "over max_containers" if capacity > hi else "idle for the scaledown window"
+            parts.append(f"stop {len(terminate)} ({why})")
+        elif capacity > desired:
+            parts.append("surplus kept until idle for the scaledown window")
+        return ScaleDecision(desired, launch, tuple(terminate), "; ".join(parts))

@@ -1,0 +1,58 @@
+"""Database engine: SQLite (WAL) by default, PostgreSQL through ``CLOUDMODAL_DATABASE_URL``."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import SQLModel, create_engine
+
+from cloudmodal.server import models  # noqa: F401  (registers the tables)
+
+
+class Database:
+    """An engine plus the write discipline its dialect needs.
+
+    SQLite allows one writer at a time; rather than letting threads collide on ``SQLITE_BUSY`` we serialize
+    writes in-process with a lock. PostgreSQL needs no lock (claims use ``FOR UPDATE SKIP LOCKED``).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.engine: Engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=16, max_overflow=16
+            )
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, pool_size=16, max_overflow=16, pool_pre_ping=True)
+        self._write_lock: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        )
+        SQLModel.metadata.create_all(self.engine)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A connection in a transaction that commits on exit (serialized on SQLite)."""
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()

@@ -1,0 +1,70 @@
+"""Wake-ups for long polls: a writer on any thread notifies a key; async waiters on the loop wake at once.
+
+Within one control-plane process this turns polling into push. Several processes sharing one PostgreSQL
+still work: waiters also wake on their own timeout and re-read the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._lock = threading.Lock()
+        self._sync_conds: dict[str, threading.Condition] = {}
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def notify(self, *keys: str) -> None:
+        loop = self._loop
+        with self._lock:
+            events = [e for k in keys for e in self._waiters.get(k, ())]
+        if events and loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:
+                pass
+
+    async def wait(self, key: str, timeout: float) -> bool:
+        """Wait until ``key`` is notified or ``timeout`` passes. Register *before* re-checking state."""
+        ev = asyncio.Event()
+        with self._lock:
+            self._waiters[key].add(ev)
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                s = self._waiters.get(key)
+                if s is not None:
+                    s.discard(ev)
+                    if not s:
+                        del self._waiters[key]
+
+    def watch(self, key: str, ev: asyncio.Event | None = None) -> asyncio.Event:
+        """Register an event (new, or one already watching other keys) to be set when ``key`` is notified."""
+        ev = ev or asyncio.Event()
+        with self._lock:
+            self._waiters[key].add(ev)
+        return ev
+
+    def unwatch(self, key: str, ev: asyncio.Event) -> None:
+        with self._lock:
+            s = self._waiters.get(key)
+            if s is not None:
+                s.discard(ev)
+                if not s:
+                    del self._waiters[key]
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for e in events:
+        e.set()

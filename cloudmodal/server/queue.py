@@ -1,0 +1,302 @@
+"""The durable input queue: batch put, batch claim with leases, idempotent outputs, requeue on expiry.
+
+Delivery is at least once; exactly one *visible* result per input is guaranteed by the unique
+``(input_id, gen_index)`` constraint on outputs: the first output written wins, later duplicates (a worker
+whose lease expired but finished anyway) are ignored.
+
+Retry accounting: a user exception or a timeout consumes one of the function's ``Retries``; a worker death
+(crash, SIGKILL, preemption) does not — it is counted in ``crashes``, and only an input that keeps killing
+its workers (``crash_budget`` times) ends as a ``WorkerCrashedError``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from cloudmodal.server.db import Database
+from cloudmodal.server.models import Call, Input, Output
+from cloudmodal.spec import RetryPolicy
+
+I = Input.__table__  # noqa: E741
+O = Output.__table__  # noqa: E741
+C = Call.__table__
+
+PENDING, CLAIMED, DONE = 0, 1, 2
+DEFAULT_CRASH_BUDGET = 3
+
+
+@dataclass(frozen=True)
+class FunctionPolicy:
+    retries: RetryPolicy | None = None
+    crash_budget: int = DEFAULT_CRASH_BUDGET
+
+
+@dataclass
+class ClaimedInput:
+    input_id: int
+    call_id: str
+    idx: int
+    method: str | None
+    args: bytes | None
+    args_blob: str | None
+    attempt: int
+
+
+@dataclass
+class OutputItem:
+    input_id: int
+    status: str  # success | failure | timeout | gen_item | cancelled
+    data: bytes | None = None
+    data_blob: str | None = None
+    gen_index: int = -1
+    retryable: bool = True  # a failure the user's Retries may retry (False for e.g. bad arguments)
+
+
+class InputQueue:
+    def __init__(self, db: Database, policy_for: Any) -> None:
+        """``policy_for(function_id) -> FunctionPolicy`` supplies each function's retry policy."""
+        self.db = db
+        self.policy_for = policy_for
+        dialect = postgresql if not db.is_sqlite else sqlite
+        self._insert = dialect.insert
+
+    # -- producers ---------------------------------------------------------------------------------------
+    def put(self, call_id: str, function_id: str, items: Sequence[tuple[int, str | None, bytes | None, str | None]]) -> int:
+        """Enqueue ``(idx, method, args, args_blob)`` items; re-sending an ``idx`` is a no-op."""
+        if not items:
+            return 0
+        now = time.time()
+        rows = [
+            {
+                "call_id": call_id,
+                "function_id": function_id,
+                "idx": idx,
+                "method": method,
+                "args": args,
+                "args_blob": blob,
+                "state": PENDING,
+                "attempts": 0,
+                "crashes": 0,
+                "worker_id": None,
+                "lease_expires": 0.0,
+                "available_at": 0.0,
+                "created_at": now,
+            }
+            for idx, method, args, blob in items
+        ]
+        stmt = self._insert(I).on_conflict_do_nothing(index_elements=["call_id", "idx"])
+        with self.db.write() as conn:
+            res = conn.execute(stmt, rows)
+        return res.rowcount if res.rowcount is not None and res.rowcount >= 0 else len(rows)
+
+    # -- consumers ---------------------------------------------------------------------------------------
+    def claim(self, function_id: str, worker_id: str, max_n: int, lease_s: float, now: float | None = None) -> list[ClaimedInput]:
+        now = time.time() if now is None else now
+        sub = (
+            select(I.c.id)
+            .where(and_(I.c.function_id == function_id, I.c.state == PENDING, I.c.available_at <= now))
+            .order_by(I.c.id)
+            .limit(max_n)
+        )
+        if not self.db.is_sqlite:
+            sub = sub.with_for_update(skip_locked=True)
+        stmt = (
+            update(I)
+            .where(I.c.id.in_(sub.scalar_subquery()))
+            .values(state=CLAIMED, worker_id=worker_id, lease_expires=now + lease_s)
+            .returning(I.c.id, I.c.call_id, I.c.idx, I.c.method, I.c.args, I.c.args_blob, I.c.attempts)
+        )
+        with self.db.write() as conn:
+            rows = conn.execute(stmt).all()
+        out = [ClaimedInput(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        out.sort(key=lambda c: c.input_id)
+        return out
+
+    def pending_count(self, function_id: str, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self.db.read() as conn:
+            return conn.execute(
+                select(func.count()).select_from(I).where(
+                    and_(I.c.function_id == function_id, I.c.state == PENDING, I.c.available_at <= now)
+                )
+            ).scalar_one()
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """``function_id -> (pending, claimed)`` for every function with unfinished inputs."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(I.c.function_id, I.c.state, func.count())
+                .where(I.c.state < DONE)
+                .group_by(I.c.function_id, I.c.state)
+            ).all()
+        out: dict[str, list[int]] = {}
+        for fid, state, n in rows:
+            out.setdefault(fid, [0, 0])[state] += n
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def renew(self, worker_id: str, lease_s: float, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self.db.write() as conn:
+            return conn.execute(
+                update(I)
+                .where(and_(I.c.worker_id == worker_id, I.c.state == CLAIMED))
+                .values(lease_expires=now + lease_s)
+            ).rowcount
+
+    def complete(self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None) -> list[str]:
+        """Record outputs; failures with retries left are requeued with backoff. Returns touched call ids."""
+        if not items:
+            return []
+        now = time.time() if now is None else now
+        ids = list({it.input_id for it in items})
+        with self.db.write() as conn:
+            meta = {
+                r[0]: r
+                for r in conn.execute(
+                    select(I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state).where(I.c.id.in_(ids))
+                ).all()
+            }
+            out_rows: list[dict[str, Any]] = []
+            done_ids: list[int] = []
+            requeue: list[tuple[int, int, float]] = []
+            for it in items:
+                m = meta.get(it.input_id)
+                if m is None or m[5] == DONE:
+                    continue  # unknown, or already answered (a duplicate delivery)
+                if it.status in ("failure", "timeout") and it.retryable:
+                    policy = self.policy_for(m[3])
+                    if policy.retries is not None and m[4] < policy.retries.max_retries:
+                        attempt = m[4] + 1
+                        requeue.append((it.input_id, attempt, now + policy.retries.delay_for(attempt)))
+                        continue
+                out_rows.append(
+                    {
+                        "input_id": it.input_id,
+                        "call_id": m[1],
+                        "idx": m[2],
+                        "gen_index": it.gen_index,
+                        "status": it.status,
+                        "data": it.data,
+                        "data_blob": it.data_blob,
+                        "created_at": now,
+                    }
+                )
+                if it.gen_index < 0:
+                    done_ids.append(it.input_id)
+            if out_rows:
+                conn.execute(self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]), out_rows)
+            if done_ids:
+                conn.execute(update(I).where(I.c.id.in_(done_ids)).values(state=DONE, args=None))
+            for input_id, attempt, available_at in requeue:
+                conn.execute(
+                    update(I)
+                    .where(and_(I.c.id == input_id, I.c.state < DONE))
+                    .values(state=PENDING, worker_id=None, attempts=attempt, available_at=available_at)
+                )
+        return list({meta[i][1] for i in ids if i in meta})
+
+    def release_worker(self, worker_id: str, *, crashed: bool, input_ids: Sequence[int] | None = None, now: float | None = None) -> tuple[int, list[str]]:
+        """Requeue a worker's claimed inputs at once (drain, preemption, or death).
+
+        ``crashed`` counts the death against each input's crash budget; inputs over budget end as errors.
+        Returns (requeued count, call ids that got a final error).
+        """
+        now = time.time() if now is None else now
+        cond = and_(I.c.worker_id == worker_id, I.c.state == CLAIMED)
+        if input_ids is not None:
+            cond = and_(cond, I.c.id.in_(list(input_ids)))
+        return self._requeue(cond, crashed=crashed, now=now)
+
+    def requeue_expired(self, now: float | None = None) -> tuple[int, list[str]]:
+        now = time.time() if now is None else now
+        return self._requeue(and_(I.c.state == CLAIMED, I.c.lease_expires < now), crashed=True, now=now)
+
+    def _requeue(self, cond: Any, *, crashed: bool, now: float) -> tuple[int, list[str]]:
+        with self.db.write() as conn:
+            rows = conn.execute(select(I.c.id, I.c.function_id, I.c.crashes, I.c.call_id, I.c.idx, I.c.worker_id).where(cond)).all()
+            if not rows:
+                return 0, []
+            dead: list[Any] = []
+            again: list[int] = []
+            for r in rows:
+                crashes = r[2] + (1 if crashed else 0)
+                if crashed and crashes >= self.policy_for(r[1]).crash_budget:
+                    dead.append(r)
+                else:
+                    again.append(r[0])
+            if again:
+                values: dict[str, Any] = {"state": PENDING, "worker_id": None, "available_at": now}
+                if crashed:
+                    values["crashes"] = I.c.crashes + 1
+                conn.execute(update(I).where(and_(I.c.id.in_(again), I.c.state == CLAIMED)).values(**values))
+            if dead:
+                from cloudmodal.serialization import crash_failure_payload
+
+                conn.execute(update(I).where(I.c.id.in_([r[0] for r in dead])).values(state=DONE, crashes=I.c.crashes + 1, args=None))
+                conn.execute(
+                    self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]),
+                    [
+                        {
+                            "input_id": r[0],
+                            "call_id": r[3],
+                            "idx": r[4],
+                            "gen_index": -1,
+                            "status": "crashed",
+                            "data": crash_failure_payload(r[2] + 1),
+                            "data_blob": None,
+                            "created_at": now,
+                        }
+                        for r in dead
+                    ],
+                )
+        return len(again), list({r[3] for r in dead})
+
+    def cancel_call(self, call_id: str, now: float | None = None) -> list[int]:
+        """Cancel a call: pending inputs end as cancelled; returns the claimed input ids to interrupt."""
+        now = time.time() if now is None else now
+        from cloudmodal.serialization import cancelled_payload
+
+        with self.db.write() as conn:
+            conn.execute(update(C).where(C.c.id == call_id).values(cancelled=True))
+            rows = conn.execute(select(I.c.id, I.c.idx, I.c.state).where(and_(I.c.call_id == call_id, I.c.state < DONE))).all()
+            if rows:
+                conn.execute(
+                    self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]),
+                    [
+                        {"input_id": r[0], "call_id": call_id, "idx": r[1], "gen_index": -1, "status": "cancelled",
+                         "data": cancelled_payload(), "data_blob": None, "created_at": now}
+                        for r in rows
+                    ],
+                )
+                conn.execute(update(I).where(I.c.id.in_([r[0] for r in rows])).values(state=DONE, args=None))
+        return [r[0] for r in rows if r[2] == CLAIMED]
+
+    # -- results -----------------------------------------------------------------------------------------
+    def fetch_outputs(self, call_id: str, after_id: int, limit: int) -> list[tuple[Any, ...]]:
+        with self.db.read() as conn:
+            return list(
+                conn.execute(
+                    select(O.c.id, O.c.idx, O.c.gen_index, O.c.status, O.c.data, O.c.data_blob)
+                    .where(and_(O.c.call_id == call_id, O.c.id > after_id))
+                    .order_by(O.c.id)
+                    .limit(limit)
+                ).all()
+            )
+
+    def call_progress(self, call_id: str) -> tuple[int, int]:
+        """(inputs known, inputs finished) of a call."""
+        with self.db.read() as conn:
+            total = conn.execute(select(func.count()).select_from(I).where(I.c.call_id == call_id)).scalar_one()
+            done = conn.execute(
+                select(func.count()).select_from(I).where(and_(I.c.call_id == call_id, I.c.state == DONE))
+            ).scalar_one()
+        return total, done
+
+
+__all__ = ["InputQueue", "OutputItem", "ClaimedInput", "FunctionPolicy", "insert"]

@@ -1,0 +1,457 @@
+"""The control plane's operations, independent of HTTP: apps, functions, calls, workers, logs, events."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+
+from cloudmodal.exception import InvalidError, NotFoundError
+from cloudmodal.ids import new_id
+from cloudmodal.server.auth import TokenStore
+from cloudmodal.server.blobs import BlobStore
+from cloudmodal.server.db import Database
+from cloudmodal.server.hub import Hub
+from cloudmodal.server.models import App, Call, Deployment, Event, Function, Log, Worker
+from cloudmodal.server.queue import DEFAULT_CRASH_BUDGET, FunctionPolicy, InputQueue, OutputItem
+from cloudmodal.spec import FunctionSpec
+
+log = logging.getLogger("cloudmodal.server")
+
+A = App.__table__
+F = Function.__table__
+CA = Call.__table__
+W = Worker.__table__
+E = Event.__table__
+L = Log.__table__
+D = Deployment.__table__
+
+LIVE_WORKER_STATES = ("starting", "ready", "draining")
+
+
+@dataclass
+class Settings:
+    database_url: str
+    state_dir: Path
+    allow_loopback_anonymous: bool = True
+    lease_s: float = 30.0  # inputs claimed by a worker that stops heartbeating are requeued after this
+    heartbeat_s: float = 3.0
+    worker_timeout_s: float = 30.0  # a worker silent this long is considered dead
+    client_timeout_s: float = 60.0  # an ephemeral app whose client is silent this long is stopped
+    crash_budget: int = DEFAULT_CRASH_BUDGET
+    reconcile_interval_s: float = 0.25
+    providers: list[str] = field(default_factory=lambda: ["local"])
+
+
+def _now() -> float:
+    return time.time()
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.blobs = BlobStore(settings.state_dir / "blobs")
+        self.hub = Hub()
+        self.tokens = TokenStore(self.db)
+        self._policies: dict[str, FunctionPolicy] = {}
+        self._specs: dict[str, FunctionSpec] = {}
+        self.queue = InputQueue(self.db, self.policy_for)
+        self._cancel_requests: dict[str, set[int]] = {}  # worker id -> input ids to interrupt
+        self._lock = threading.Lock()
+        self.reconciler: Any = None  # set by server.app when it starts the reconciler
+
+    # -- functions' policies (cached; a redeploy replaces them) ------------------------------------------
+    def spec_of(self, function_id: str) -> FunctionSpec:
+        spec = self._specs.get(function_id)
+        if spec is None:
+            with self.db.read() as conn:
+                row = conn.execute(select(F.c.spec, F.c.parent_id).where(F.c.id == function_id)).first()
+            if row is None:
+                raise NotFoundError(f"Function {function_id} not found.")
+            spec = FunctionSpec.from_wire(row[0])
+            self._specs[function_id] = spec
+        return spec
+
+    def policy_for(self, function_id: str) -> FunctionPolicy:
+        p = self._policies.get(function_id)
+        if p is None:
+            try:
+                spec = self.spec_of(function_id)
+                p = FunctionPolicy(retries=spec.retries, crash_budget=self.settings.crash_budget)
+            except NotFoundError:
+                p = FunctionPolicy(crash_budget=self.settings.crash_budget)
+            self._policies[function_id] = p
+        return p
+
+    # -- events ------------------------------------------------------------------------------------------
+    def event(self, kind: str, message: str, *, app_id: str | None = None, function_id: str | None = None, **data: Any) -> None:
+        with self.db.write() as conn:
+            conn.execute(
+                E.insert().values(app_id=app_id, function_id=function_id, ts=_now(), kind=kind, message=message, data=data or None)
+            )
+        log.info("%s %s: %s", app_id or "-", kind, message)
+        if app_id:
+            self.hub.notify(f"events:{app_id}")
+
+    def events(self, app_id: str, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(E.c.id, E.c.ts, E.c.kind, E.c.function_id, E.c.message, E.c.data)
+                .where(and_(E.c.app_id == app_id, E.c.id > after))
+                .order_by(E.c.id)
+                .limit(limit)
+            ).all()
+        return [dict(id=r[0], ts=r[1], kind=r[2], function_id=r[3], message=r[4], data=r[5]) for r in rows]
+
+    # -- apps --------------------------------------------------------------------------------------------
+    def create_app(self, app_id: str, name: str, ephemeral: bool, description: str = "") -> dict[str, Any]:
+        now = _now()
+        _validate_name(name, "App name")
+        with self.db.write() as conn:
+            existing = conn.execute(select(A).where(A.c.id == app_id)).first()
+            if existing is not None:
+                return dict(existing._mapping)
+            if not ephemeral:
+                dep = conn.execute(
+                    select(A).where(and_(A.c.name == name, A.c.ephemeral.is_(False), A.c.state == "deployed"))
+                ).first()
+                if dep is not None:  # redeploy: same app, next version
+                    version = dep.version + 1
+                    conn.execute(update(A).where(A.c.id == dep.id).values(version=version))
+                    return dict(dep._mapping) | {"version": version, "redeploy": True}
+            conn.execute(
+                A.insert().values(
+                    id=app_id,
+                    name=name,
+                    state="running" if ephemeral else "deployed",
+                    ephemeral=ephemeral,
+                    created_at=now,
+                    client_heartbeat_at=now,
+                    version=1,
+                    description=description,
+                )
+            )
+        self.event("app.created", f"{'ephemeral' if ephemeral else 'deployed'} app {name!r} created", app_id=app_id)
+        return {"id": app_id, "name": name, "state": "running" if ephemeral else "deployed", "version": 1}
+
+    def record_deployment(self, app_id: str, functions: list[str]) -> int:
+        with self.db.write() as conn:
+            version = conn.execute(select(A.c.version).where(A.c.id == app_id)).scalar_one()
+            conn.execute(D.insert().values(app_id=app_id, version=version, created_at=_now(), functions=functions))
+        self.event("app.deployed", f"version {version} deployed with {len(functions)} functions", app_id=app_id)
+        return version
+
+    def app_heartbeat(self, app_id: str) -> str:
+        with self.db.write() as conn:
+            conn.execute(update(A).where(A.c.id == app_id).values(client_heartbeat_at=_now()))
+            state = conn.execute(select(A.c.state).where(A.c.id == app_id)).scalar_one_or_none()
+        if state is None:
+            raise NotFoundError(f"App {app_id} not found.")
+        return state
+
+    def find_app(self, name_or_id: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            row = conn.execute(select(A).where(A.c.id == name_or_id)).first()
+            if row is None:
+                row = conn.execute(
+                    select(A).where(A.c.name == name_or_id).order_by(
+                        (A.c.state == "stopped").asc(), A.c.created_at.desc()
+                    )
+                ).first()
+        if row is None:
+            raise NotFoundError(f"App {name_or_id!r} not found. `cloudmodal app list` shows the apps there are.")
+        return dict(row._mapping)
+
+    def stop_app(self, app_id: str, reason: str = "stopped by user") -> None:
+        with self.db.write() as conn:
+            conn.execute(update(A).where(and_(A.c.id == app_id, A.c.state != "stopped")).values(state="stopped", stopped_at=_now()))
+            conn.execute(update(F).where(F.c.app_id == app_id).values(state="stopped"))
+            call_ids = [r[0] for r in conn.execute(select(CA.c.id).where(CA.c.app_id == app_id)).all()]
+        for cid in call_ids:
+            self.cancel_call(cid)
+        self.event("app.stopped", reason, app_id=app_id)
+        self.hub.notify("reconcile")
+
+    def list_apps(self, include_stopped: bool = True, limit: int = 100) -> list[dict[str, Any]]:
+        with self.db.read() as conn:
+            q = select(A).order_by(A.c.created_at.desc()).limit(limit)
+            if not include_stopped:
+                q = q.where(A.c.state != "stopped")
+            apps = [dict(r._mapping) for r in conn.execute(q).all()]
+            fn_rows = conn.execute(select(F.c.id, F.c.app_id, F.c.name, F.c.parent_id, F.c.spec)).all()
+            worker_rows = conn.execute(
+                select(W.c.function_id, W.c.state, W.c.market, func.count()).where(W.c.state.in_(LIVE_WORKER_STATES)).group_by(W.c.function_id, W.c.state, W.c.market)
+            ).all()
+        counts = self.queue.counts()
+        by_fn: dict[str, dict[str, int]] = {}
+        for fid, state, market, n in worker_rows:
+            d = by_fn.setdefault(fid, {})
+            d[state] = d.get(state, 0) + n
+            d[market] = d.get(market, 0) + n
+        for a in apps:
+            pools = []
+            for fid, app_id, name, parent_id, spec in fn_rows:
+                if app_id != a["id"]:
+                    continue
+                w = by_fn.get(fid, {})
+                pending, running = counts.get(fid, (0, 0))
+                pools.append(
+                    dict(function_id=fid, name=name, gpu=",".join(spec.get("gpu") or []) or "cpu", workers=w, pending=pending, running=running)
+                )
+            a["pools"] = pools
+        return apps
+
+    def history(self, name_or_id: str) -> list[dict[str, Any]]:
+        app = self.find_app(name_or_id)
+        with self.db.read() as conn:
+            rows = conn.execute(select(D).where(D.c.app_id == app["id"]).order_by(D.c.version.desc())).all()
+        return [dict(r._mapping) for r in rows]
+
+    # -- functions ---------------------------------------------------------------------------------------
+    def create_function(self, body: dict[str, Any]) -> dict[str, Any]:
+        app_id = body["app_id"]
+        name = body["name"]
+        spec = FunctionSpec.from_wire(body["spec"])  # validates the wire form
+        definition = {k: body.get(k) for k in ("spec", "module", "source_blob", "pickled_blob", "inline_env", "source_name")}
+        definition_hash = hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()
+        if self.reconciler is not None:
+            self.reconciler.check_resources(spec, allow_cpu_fallback=bool(body.get("allow_cpu_fallback")))
+        now = _now()
+        with self.db.write() as conn:
+            app_state = conn.execute(select(A.c.state).where(A.c.id == app_id)).scalar_one_or_none()
+            if app_state is None:
+                raise NotFoundError(f"App {app_id} not found.")
+            if app_state == "stopped":
+                raise InvalidError(f"App {app_id} is stopped; start a new run.")
+            row = conn.execute(select(F.c.id, F.c.definition_hash, F.c.version).where(and_(F.c.app_id == app_id, F.c.name == name))).first()
+            values = dict(
+                spec=body["spec"],
+                module=body.get("module") or "",
+                source_name=body.get("source_name"),
+                source_blob=body.get("source_blob"),
+                source_dir=body.get("source_dir"),
+                pickled_blob=body.get("pickled_blob"),
+                inline_env=body.get("inline_env") or {},
+                parent_id=body.get("parent_id"),
+                state="active",
+                last_active_at=now,
+            )
+            if row is None:
+                fid = body.get("function_id") or new_id("fu")
+                conn.execute(F.insert().values(id=fid, app_id=app_id, name=name, definition_hash=definition_hash, version=1, created_at=now, **values))
+                version = 1
+            else:
+                fid = row[0]
+                version = row[2] + (1 if row[1] != definition_hash else 0)
+                conn.execute(update(F).where(F.c.id == fid).values(definition_hash=definition_hash, version=version, **values))
+        self._specs.pop(fid, None)
+        self._policies.pop(fid, None)
+        if body.get("cpu_fallback_note"):
+            self.event("function.cpu_fallback", body["cpu_fallback_note"], app_id=app_id, function_id=fid)
+        self.hub.notify("reconcile")
+        return {"function_id": fid, "version": version}
+
+    def function_row(self, function_id: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            row = conn.execute(select(F).where(F.c.id == function_id)).first()
+        if row is None:
+            raise NotFoundError(f"Function {function_id} not found.")
+        return dict(row._mapping)
+
+    def lookup_function(self, app_name: str | None, name: str, app_id: str | None = None) -> dict[str, Any]:
+        with self.db.read() as conn:
+            if app_id:
+                app = conn.execute(select(A.c.id, A.c.name).where(A.c.id == app_id)).first()
+            else:
+                app = conn.execute(
+                    select(A.c.id, A.c.name).where(and_(A.c.name == app_name, A.c.state == "deployed"))
+                ).first()
+            if app is None:
+                raise NotFoundError(
+                    f"No deployed app named {app_name!r}. Deploy it with `cloudmodal deploy FILE`; "
+                    "`cloudmodal app list` shows the apps there are."
+                )
+            row = conn.execute(select(F).where(and_(F.c.app_id == app[0], F.c.name == name, F.c.parent_id.is_(None)))).first()
+            if row is None:
+                names = [r[0] for r in conn.execute(select(F.c.name).where(and_(F.c.app_id == app[0], F.c.parent_id.is_(None)))).all()]
+                raise NotFoundError(f"App {app_name!r} has no function or class {name!r}. It has: {', '.join(sorted(names)) or 'nothing'}.")
+        return dict(row._mapping)
+
+    # -- calls -------------------------------------------------------------------------------------------
+    def create_call(self, call_id: str, function_id: str, kind: str) -> None:
+        with self.db.write() as conn:
+            row = conn.execute(select(F.c.app_id, F.c.state).where(F.c.id == function_id)).first()
+            if row is None:
+                raise NotFoundError(f"Function {function_id} not found.")
+            if row[1] != "active":
+                raise InvalidError(f"Function {function_id} belongs to a stopped app; start a new run or redeploy.")
+            exists = conn.execute(select(CA.c.id).where(CA.c.id == call_id)).first()
+            if exists is None:
+                conn.execute(CA.insert().values(id=call_id, function_id=function_id, app_id=row[0], kind=kind, created_at=_now(), num_inputs=0, cancelled=False))
+            conn.execute(update(F).where(F.c.id == function_id).values(last_active_at=_now()))
+
+    def call_row(self, call_id: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            row = conn.execute(select(CA).where(CA.c.id == call_id)).first()
+        if row is None:
+            raise NotFoundError(f"Function call {call_id!r} not found.")
+        return dict(row._mapping)
+
+    def put_inputs(self, call_id: str, function_id: str, inputs: list[tuple[int, str | None, bytes | None, str | None]]) -> int:
+        n = self.queue.put(call_id, function_id, inputs)
+        self.hub.notify(f"inputs:{function_id}", "reconcile")
+        return n
+
+    def cancel_call(self, call_id: str) -> None:
+        running = self.queue.cancel_call(call_id)
+        if running:
+            with self.db.read() as conn:
+                from cloudmodal.server.models import Input
+
+                I = Input.__table__  # noqa: E741
+                rows = conn.execute(select(I.c.id, I.c.worker_id).where(I.c.id.in_(running))).all()
+            with self._lock:
+                for iid, wid in rows:
+                    if wid:
+                        self._cancel_requests.setdefault(wid, set()).add(iid)
+        self.hub.notify(f"outputs:{call_id}")
+
+    # -- workers -----------------------------------------------------------------------------------------
+    def add_worker(self, worker_id: str, app_id: str, function_id: str, **values: Any) -> None:
+        with self.db.write() as conn:
+            conn.execute(W.insert().values(id=worker_id, app_id=app_id, function_id=function_id, state="starting", started_at=_now(), last_heartbeat=_now(), **values))
+
+    def register_worker(self, worker_id: str, pid: int | None, host: str) -> dict[str, Any]:
+        with self.db.write() as conn:
+            row = conn.execute(select(W.c.function_id, W.c.state).where(W.c.id == worker_id)).first()
+            if row is None:
+                raise NotFoundError(f"Worker {worker_id} is not known to this control plane.")
+            conn.execute(update(W).where(W.c.id == worker_id).values(pid=pid, host=host, last_heartbeat=_now()))
+        fn = self.function_row(row[0])
+        out = {k: fn[k] for k in ("id", "app_id", "name", "parent_id", "spec", "module", "source_name", "source_blob", "source_dir", "pickled_blob", "inline_env", "version")}
+        if fn["parent_id"]:
+            parent = self.function_row(fn["parent_id"])
+            out["parent_name"] = parent["name"]
+        out["lease_s"] = self.settings.lease_s
+        out["heartbeat_s"] = self.settings.heartbeat_s
+        return out
+
+    def worker_ready(self, worker_id: str) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(W).where(and_(W.c.id == worker_id, W.c.state == "starting")).values(state="ready", ready_at=_now(), idle_since=_now()))
+        row = self.worker_row(worker_id)
+        if row["ready_at"] is not None:
+            self.event("worker.ready", f"worker {worker_id} ready after {row['ready_at'] - row['started_at']:.2f} s", app_id=row["app_id"], function_id=row["function_id"], worker_id=worker_id)
+
+    def worker_row(self, worker_id: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            row = conn.execute(select(W).where(W.c.id == worker_id)).first()
+        if row is None:
+            raise NotFoundError(f"Worker {worker_id} not found.")
+        return dict(row._mapping)
+
+    def claim(self, worker_id: str, function_id: str, max_n: int) -> list[Any]:
+        return self.queue.claim(function_id, worker_id, max_n, self.settings.lease_s)
+
+    def worker_state(self, worker_id: str) -> str | None:
+        with self.db.read() as conn:
+            return conn.execute(select(W.c.state).where(W.c.id == worker_id)).scalar_one_or_none()
+
+    def post_outputs(self, worker_id: str, items: list[OutputItem]) -> None:
+        call_ids = self.queue.complete(worker_id, items)
+        self.hub.notify(*[f"outputs:{c}" for c in call_ids])
+        if any(it.status in ("failure", "timeout") for it in items):
+            self.hub.notify("reconcile")  # retries with backoff become claimable later
+
+    def heartbeat(self, worker_id: str, in_flight: int, idle: bool) -> dict[str, Any]:
+        now = _now()
+        with self.db.write() as conn:
+            row = conn.execute(select(W.c.state, W.c.idle_since, W.c.function_id, W.c.function_version).where(W.c.id == worker_id)).first()
+            if row is None:
+                return {"drain": True, "cancel": []}
+            idle_since = (row[1] or now) if idle else None
+            conn.execute(update(W).where(W.c.id == worker_id).values(last_heartbeat=now, in_flight=in_flight, idle_since=idle_since))
+        self.queue.renew(worker_id, self.settings.lease_s, now)
+        with self._lock:
+            cancel = sorted(self._cancel_requests.pop(worker_id, set()))
+        return {"drain": row[0] in ("draining", "stopped"), "cancel": cancel}
+
+    def drain_worker(self, worker_id: str, reason: str) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(W).where(and_(W.c.id == worker_id, W.c.state.in_(("starting", "ready")))).values(state="draining", stop_reason=reason))
+        self.hub.notify(f"drain:{worker_id}")
+
+    def worker_stopped(self, worker_id: str, reason: str, *, crashed: bool) -> None:
+        """Mark a worker gone and requeue whatever it still held (a crash counts against the input)."""
+        with self.db.write() as conn:
+            row = conn.execute(select(W.c.state, W.c.app_id, W.c.function_id, W.c.stop_reason).where(W.c.id == worker_id)).first()
+            if row is None or row[0] == "stopped":
+                return
+            conn.execute(update(W).where(W.c.id == worker_id).values(state="stopped", stopped_at=_now(), stop_reason=row[3] or reason))
+        n, dead_calls = self.queue.release_worker(worker_id, crashed=crashed)
+        self.tokens.revoke_scope(f"worker:{worker_id}")
+        self.hub.notify(*[f"outputs:{c}" for c in dead_calls], f"inputs:{row[2]}", "reconcile")
+        msg = f"worker {worker_id} stopped: {reason}" + (f"; {n} inputs requeued" if n else "")
+        self.event("worker.crashed" if crashed else "worker.stopped", msg, app_id=row[1], function_id=row[2], worker_id=worker_id, requeued=n)
+
+    def release_inputs(self, worker_id: str, input_ids: list[int]) -> int:
+        n, _ = self.queue.release_worker(worker_id, crashed=False, input_ids=input_ids)
+        with self.db.read() as conn:
+            fid = conn.execute(select(W.c.function_id).where(W.c.id == worker_id)).scalar_one_or_none()
+        if fid:
+            self.hub.notify(f"inputs:{fid}")
+        return n
+
+    # -- logs --------------------------------------------------------------------------------------------
+    def add_logs(self, worker_id: str, lines: list[list[Any]]) -> None:
+        if not lines:
+            return
+        with self.db.read() as conn:
+            row = conn.execute(select(W.c.app_id, W.c.function_id).where(W.c.id == worker_id)).first()
+        if row is None:
+            return
+        with self.db.write() as conn:
+            conn.execute(
+                L.insert(),
+                [dict(app_id=row[0], function_id=row[1], worker_id=worker_id, ts=ts, stream=stream, text=text, call_id=call_id) for ts, stream, text, call_id in lines],
+            )
+        self.hub.notify(f"logs:{row[0]}")
+
+    def logs(self, app_id: str, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(L.c.id, L.c.ts, L.c.stream, L.c.text, L.c.function_id, L.c.worker_id, L.c.call_id)
+                .where(and_(L.c.app_id == app_id, L.c.id > after))
+                .order_by(L.c.id)
+                .limit(limit)
+            ).all()
+        return [dict(id=r[0], ts=r[1], stream=r[2], text=r[3], function_id=r[4], worker_id=r[5], call_id=r[6]) for r in rows]
+
+    # -- housekeeping ------------------------------------------------------------------------------------
+    def stop_abandoned_apps(self) -> None:
+        cutoff = _now() - self.settings.client_timeout_s
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(A.c.id).where(and_(A.c.ephemeral.is_(True), A.c.state == "running", or_(A.c.client_heartbeat_at < cutoff, A.c.client_heartbeat_at.is_(None))))
+            ).all()
+        for (app_id,) in rows:
+            self.stop_app(app_id, reason=f"the client that ran this ephemeral app has been silent for {self.settings.client_timeout_s:.0f} s")
+
+    def purge_logs(self, older_than_s: float) -> None:
+        with self.db.write() as conn:
+            conn.execute(delete(L).where(L.c.ts < _now() - older_than_s))
+
+
+def _validate_name(name: str, what: str) -> None:
+    import re
+
+    if not name or len(name) > 64 or not re.fullmatch(r"[a-zA-Z0-9._-]+", name):
+        raise InvalidError(f"{what} {name!r} is invalid: use 1-64 characters from a-z, A-Z, 0-9, '-', '_' and '.'.")

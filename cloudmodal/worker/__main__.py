@@ -1,0 +1,4 @@
+from cloudmodal.worker.runtime import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

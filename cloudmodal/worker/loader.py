@@ -1,0 +1,100 @@
+"""Load the user's function or class in a worker: shipped source or a ``serialized=True`` pickle."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cloudmodal.exception import ExecutionError
+from cloudmodal.serialization import deserialize
+
+
+def load_module(transport: Any, defn: dict[str, Any]) -> Any:
+    module_name = defn.get("module") or ""
+    source_blob = defn.get("source_blob")
+    source_name = defn.get("source_name")
+    source_dir = defn.get("source_dir")
+    if source_blob and source_name:
+        from cloudmodal.config import cache_dir
+
+        target = cache_dir() / "src" / source_blob / source_name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = transport.request("GET", f"/v1/blobs/{source_blob}", raw_response=True)
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        sys.path.insert(0, str(target.parent))
+        if source_dir and os.path.isdir(source_dir):
+            sys.path.insert(1, source_dir)  # sibling modules of the app's file, when the source is on this host
+        if module_name in sys.modules:
+            return sys.modules[module_name]
+        spec = importlib.util.spec_from_file_location(module_name, target)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as e:
+            del sys.modules[module_name]
+            raise ExecutionError(f"Importing the app's module {module_name!r} ({source_name}) in the worker failed: {type(e).__name__}: {e}") from e
+        return module
+    if module_name:
+        if source_dir and os.path.isdir(source_dir):
+            sys.path.insert(0, source_dir)
+        return importlib.import_module(module_name)
+    return None
+
+
+def _apps_in(module: Any) -> list[Any]:
+    from cloudmodal.app import App
+
+    return [v for v in vars(module).values() if isinstance(v, App)] if module is not None else []
+
+
+def load_target(transport: Any, defn: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """Returns (kind, function-or-class, class parameters)."""
+    from cloudmodal.spec import FunctionSpec
+
+    spec = FunctionSpec.from_wire(defn["spec"])
+    pickled = defn.get("pickled_blob")
+    if spec.kind == "function" and spec.serialized and pickled:
+        raw = transport.request("GET", f"/v1/blobs/{pickled}", raw_response=True)
+        try:
+            module = load_module(transport, defn)  # so by-reference pickles of the module resolve
+        except Exception:
+            module = None
+        _ = module
+        return "function", deserialize(raw, "serialized function"), {}
+    module = load_module(transport, defn)
+    apps = _apps_in(module)
+    if spec.kind == "cls":
+        name = defn.get("parent_name") or spec.name
+        for app in apps:
+            handle = app.registered_classes.get(name)
+            if handle is not None:
+                params: dict[str, Any] = {}
+                if defn.get("parent_id") and pickled:
+                    params = deserialize(transport.request("GET", f"/v1/blobs/{pickled}", raw_response=True), "class parameters")
+                return "cls", handle.user_cls, params
+        raise ExecutionError(f"Class {name!r} was not found on any cloudmodal.App in module {defn.get('module')!r}.")
+    base = spec.name.split("[", 1)[0]  # with_options variants are named "f[hash]"
+    for app in apps:
+        handle = app.registered_functions.get(base)
+        if handle is not None:
+            return "function", handle.raw_f, {}
+    # A function registered under another name, or defined without an App in scope.
+    obj = getattr(module, spec.qualname.split(".")[-1], None) if module is not None else None
+    raw = getattr(obj, "raw_f", obj)
+    if callable(raw):
+        return "function", raw, {}
+    raise ExecutionError(f"Function {spec.name!r} was not found in module {defn.get('module')!r}.")
+
+
+def cache_path() -> Path:
+    from cloudmodal.config import cache_dir
+
+    return cache_dir()

@@ -1,0 +1,521 @@
+"""The worker's main loop: claim input batches, run them with the declared concurrency, post outputs,
+heartbeat, stream logs, enforce timeouts, and drain cleanly on SIGTERM or when told to."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import io
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudmodal import _context
+from cloudmodal.client.transport import Transport
+from cloudmodal.exception import FunctionTimeoutError, InputCancellation
+from cloudmodal.serialization import deserialize, failure_payload, serialize, timeout_payload
+from cloudmodal.spec import FunctionSpec
+
+INLINE_LIMIT = 2 * 1024 * 1024
+CLAIM_WAIT_S = 10.0
+MAX_PREFETCH = 500
+
+
+@dataclass
+class Work:
+    input_id: int
+    call_id: str
+    idx: int
+    method: str | None
+    args: bytes | None
+    args_blob: str | None
+    attempt: int
+    started_at: float = 0.0
+    future: Any = None
+    cancelled: bool = False
+    outputs_sent: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _LogTee(io.TextIOBase):
+    """Replaces sys.stdout/sys.stderr: lines go to the control plane (tagged with the current call) and to
+    the original stream (the provider's log file)."""
+
+    def __init__(self, worker: Worker, stream_name: str, original: Any) -> None:
+        self.worker = worker
+        self.stream_name = stream_name
+        self.original = original
+        self._buf: dict[int, str] = {}
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        try:
+            self.original.write(s)
+        except Exception:
+            pass
+        tid = threading.get_ident()
+        buf = self._buf.get(tid, "") + s
+        *lines, rest = buf.split("\n")
+        self._buf[tid] = rest
+        call_id = _context.current_call_id.get() or getattr(self.worker._tls, "call_id", None)
+        for line in lines:
+            self.worker.log(self.stream_name, line, call_id)
+        return len(s)
+
+    def flush(self) -> None:
+        try:
+            self.original.flush()
+        except Exception:
+            pass
+
+
+class Worker:
+    def __init__(self, url: str, token: str | None, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.t = Transport(url, token, reconnect_timeout=float(os.environ.get("CLOUDMODAL_WORKER_RECONNECT_S", "600")))
+        self.base = f"/v1/workers/{worker_id}"
+        self._tls = threading.local()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self.local_queue: collections.deque[Work] = collections.deque()
+        self.running: dict[int, Work] = {}
+        self.outbox: list[list[Any]] = []
+        self._out_cond = threading.Condition()
+        self._logs: list[list[Any]] = []
+        self._logs_lock = threading.Lock()
+        self.draining = threading.Event()
+        self.stopped = threading.Event()
+        self.avg_duration = 0.05
+        self.last_activity = time.time()
+        self.instance: Any = None
+        self.exit_code = 0
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        defn = self.t.post(f"{self.base}/register", {"pid": os.getpid(), "host": socket.gethostname()})
+        self.defn = defn
+        self.spec = FunctionSpec.from_wire(defn["spec"])
+        self.lease_s = float(defn.get("lease_s", 30.0))
+        self.heartbeat_s = float(defn.get("heartbeat_s", 3.0))
+        for k, v in (defn.get("inline_env") or {}).items():
+            os.environ[k] = v
+        sys.stdout = _LogTee(self, "stdout", sys.__stdout__)  # type: ignore[assignment]
+        sys.stderr = _LogTee(self, "stderr", sys.__stderr__)  # type: ignore[assignment]
+        threading.Thread(target=self._log_loop, name="logs", daemon=True).start()
+        from cloudmodal.worker.loader import load_target
+
+        kind, target, params = load_target(self.t, defn)
+        self.kind = kind
+        if kind == "cls":
+            from cloudmodal.partial_function import instantiate, run_lifecycle_hooks
+
+            self.instance = instantiate(target, **params)
+            run_lifecycle_hooks(self.instance, "enter")
+            self.fn = None
+        else:
+            self.fn = target
+        self.capacity = self.spec.concurrency.max_inputs if self.spec.concurrency else 1
+        self.batching = self.spec.batching
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if self._any_async():
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name="asyncio", daemon=True).start()
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.capacity), thread_name_prefix="input")
+        self.t.post(f"{self.base}/ready")
+
+    def _any_async(self) -> bool:
+        if self.kind == "cls":
+            return bool(self.spec.async_methods)
+        return inspect.iscoroutinefunction(self.fn) or inspect.isasyncgenfunction(self.fn)
+
+    def _callable(self, method: str | None) -> Any:
+        if self.kind == "cls":
+            if not method:
+                raise RuntimeError("a class input without a method name")
+            return getattr(self.instance, method)
+        return self.fn
+
+    # -- threads ------------------------------------------------------------------------------------------
+    def log(self, stream: str, text: str, call_id: str | None) -> None:
+        with self._logs_lock:
+            self._logs.append([time.time(), stream, text, call_id])
+
+    def _log_loop(self) -> None:
+        while True:
+            time.sleep(0.1)
+            self.flush_logs()
+            if self.stopped.is_set():
+                return
+
+    def flush_logs(self) -> None:
+        with self._logs_lock:
+            lines, self._logs = self._logs, []
+        if lines:
+            try:
+                self.t.post(f"{self.base}/logs", {"lines": lines})
+            except Exception:
+                pass
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stopped.wait(self.heartbeat_s):
+            with self._lock:
+                in_flight = len(self.running) + len(self.local_queue)
+            try:
+                r = self.t.post(f"{self.base}/heartbeat", {"in_flight": in_flight, "idle": in_flight == 0})
+            except Exception:
+                continue
+            if r.get("drain"):
+                self.draining.set()
+                with self._cond:
+                    self._cond.notify_all()
+            for iid in r.get("cancel") or ():
+                self._cancel(iid)
+
+    def _cancel(self, input_id: int) -> None:
+        with self._lock:
+            w = self.running.get(input_id)
+            if w is None:
+                for q in self.local_queue:
+                    if q.input_id == input_id:
+                        q.cancelled = True
+                return
+            w.cancelled = True
+            task = w.extra.get("task")
+        if task is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(task.cancel)
+
+    def _sender_loop(self) -> None:
+        while True:
+            with self._out_cond:
+                while not self.outbox and not self.stopped.is_set():
+                    self._out_cond.wait(0.5)
+                batch, self.outbox = self.outbox, []
+            if batch:
+                self.t.post(f"{self.base}/outputs", {"outputs": batch})
+            elif self.stopped.is_set():
+                return
+
+    def emit(self, rows: list[list[Any]]) -> None:
+        with self._out_cond:
+            self.outbox.extend(rows)
+            self._out_cond.notify()
+
+    def _watchdog_loop(self) -> None:
+        timeout = float(self.spec.timeout)
+        while not self.stopped.wait(0.2):
+            now = time.time()
+            with self._lock:
+                late = [w for w in self.running.values() if w.started_at and now - w.started_at > timeout and not w.outputs_sent]
+            for w in late:
+                task = w.extra.get("task")
+                if task is not None and self.loop is not None:
+                    w.extra["timed_out"] = True
+                    self.loop.call_soon_threadsafe(task.cancel)
+                    continue
+                # A thread cannot be interrupted: report the timeout, hand back the rest, and exit.
+                self._finish(w, [[w.input_id, "timeout", timeout_payload(timeout), None, -1, True]])
+                self._hard_exit(f"input {w.input_id} exceeded timeout={timeout:g}s")
+
+    def _hard_exit(self, reason: str) -> None:
+        self.draining.set()
+        with self._lock:
+            others = [w.input_id for w in list(self.running.values()) + list(self.local_queue) if not w.outputs_sent]
+            self.local_queue.clear()
+        self._flush_outbox()
+        if others:
+            try:
+                self.t.post(f"{self.base}/release", {"input_ids": others}, reconnect_timeout=10)
+            except Exception:
+                pass
+        print(f"[cloudmodal] worker exiting: {reason}", file=sys.stderr)
+        self.flush_logs()
+        try:
+            self.t.post(f"{self.base}/stopped", {"reason": reason, "crashed": False}, reconnect_timeout=10)
+        except Exception:
+            pass
+        os._exit(3)
+
+    def _flush_outbox(self) -> None:
+        with self._out_cond:
+            batch, self.outbox = self.outbox, []
+        if batch:
+            self.t.post(f"{self.base}/outputs", {"outputs": batch})
+
+    # -- running inputs -----------------------------------------------------------------------------------
+    def _load_args(self, w: Work) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        data = w.args
+        if data is None and w.args_blob:
+            data = self.t.request("GET", f"/v1/blobs/{w.args_blob}", raw_response=True)
+        assert data is not None
+        return deserialize(data, "arguments")
+
+    def _result_row(self, w: Work, status: str, value: Any, gen_index: int = -1, retryable: bool = True) -> list[Any]:
+        data = failure_payload(value) if status == "failure" else serialize(value)
+        blob = None
+        if len(data) > INLINE_LIMIT:
+            blob = self.t.request("POST", "/v1/blobs", raw_body=data)["blob_id"]
+            data = None
+        return [w.input_id, status, data, blob, gen_index, retryable]
+
+    def _finish(self, w: Work, rows: list[list[Any]]) -> bool:
+        with self._lock:
+            if w.outputs_sent:
+                return False
+            w.outputs_sent = True
+            self.running.pop(w.input_id, None)
+            self._cond.notify_all()
+        self.emit(rows)
+        self.last_activity = time.time()
+        return True
+
+    def _run_sync(self, w: Work) -> None:
+        tok_i = _context.current_input_id.set(str(w.input_id))
+        tok_c = _context.current_call_id.set(w.call_id)
+        self._tls.call_id = w.call_id
+        t0 = time.perf_counter()
+        try:
+            try:
+                args, kwargs = self._load_args(w)
+            except Exception as e:
+                self._finish(w, [self._result_row(w, "failure", e, retryable=False)])
+                return
+            try:
+                fn = self._callable(w.method)
+                result = fn(*args, **kwargs)
+                if inspect.isgenerator(result):
+                    i = 0
+                    for item in result:
+                        if w.cancelled or w.outputs_sent:
+                            result.close()
+                            return
+                        self.emit([self._result_row(w, "gen_item", item, gen_index=i)])
+                        i += 1
+                    result = None
+                self._finish(w, [self._result_row(w, "success", result)])
+            except InputCancellation:
+                self._finish(w, [])
+            except Exception as e:
+                self._finish(w, [self._result_row(w, "failure", e)])
+        finally:
+            dt = time.perf_counter() - t0
+            self.avg_duration = 0.8 * self.avg_duration + 0.2 * dt
+            self._tls.call_id = None
+            _context.current_input_id.reset(tok_i)
+            _context.current_call_id.reset(tok_c)
+
+    async def _run_async(self, w: Work) -> None:
+        _context.current_input_id.set(str(w.input_id))
+        _context.current_call_id.set(w.call_id)
+        t0 = time.perf_counter()
+        try:
+            args, kwargs = await asyncio.to_thread(self._load_args, w)
+        except Exception as e:
+            self._finish(w, [self._result_row(w, "failure", e, retryable=False)])
+            return
+        try:
+            fn = self._callable(w.method)
+            if inspect.isasyncgenfunction(fn):
+                i = 0
+                async for item in fn(*args, **kwargs):
+                    self.emit([self._result_row(w, "gen_item", item, gen_index=i)])
+                    i += 1
+                result = None
+            else:
+                result = fn(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            self._finish(w, [self._result_row(w, "success", result)])
+        except asyncio.CancelledError:
+            if w.extra.get("timed_out"):
+                self._finish(w, [[w.input_id, "timeout", timeout_payload(float(self.spec.timeout)), None, -1, True]])
+            else:
+                self._finish(w, [])
+        except Exception as e:
+            self._finish(w, [self._result_row(w, "failure", e)])
+        finally:
+            self.avg_duration = 0.8 * self.avg_duration + 0.2 * (time.perf_counter() - t0)
+
+    def _is_async_method(self, method: str | None) -> bool:
+        if self.kind == "cls":
+            return method in self.spec.async_methods
+        return self.loop is not None
+
+    def _start(self, w: Work) -> None:
+        w.started_at = time.time()
+        with self._lock:
+            self.running[w.input_id] = w
+        if self._is_async_method(w.method):
+            assert self.loop is not None
+
+            def create() -> None:
+                w.extra["task"] = self.loop.create_task(self._run_async(w))  # type: ignore[union-attr]
+
+            self.loop.call_soon_threadsafe(create)
+        else:
+            w.future = self.pool.submit(self._run_sync, w)
+
+    def _run_batch(self, ws: list[Work]) -> None:
+        """``@batched``: one call with lists; one output per input."""
+        now = time.time()
+        with self._lock:
+            for w in ws:
+                w.started_at = now
+                self.running[w.input_id] = w
+        loaded = []
+        for w in ws:
+            try:
+                loaded.append((w, self._load_args(w)))
+            except Exception as e:
+                self._finish(w, [self._result_row(w, "failure", e, retryable=False)])
+        if not loaded:
+            return
+        first_args, first_kwargs = loaded[0][1]
+        n_pos = len(first_args)
+        try:
+            cols = [[a[0][i] for _, a in loaded] for i in range(n_pos)]
+            kcols = {k: [a[1][k] for _, a in loaded] for k in first_kwargs}
+        except (IndexError, KeyError) as e:
+            for w, _ in loaded:
+                self._finish(w, [self._result_row(w, "failure", TypeError(f"Inputs of a batched function must all pass the same arguments: {e}"), retryable=False)])
+            return
+        method = loaded[0][0].method
+        try:
+            fn = self._callable(method)
+            if self._is_async_method(method):
+                assert self.loop is not None
+                results = asyncio.run_coroutine_threadsafe(fn(*cols, **kcols), self.loop).result()
+            else:
+                results = fn(*cols, **kcols)
+            results = list(results)
+            if len(results) != len(loaded):
+                raise RuntimeError(f"A batched function must return one result per input: got {len(results)} results for {len(loaded)} inputs.")
+            for (w, _), r in zip(loaded, results, strict=True):
+                self._finish(w, [self._result_row(w, "success", r)])
+        except Exception as e:
+            for w, _ in loaded:
+                self._finish(w, [self._result_row(w, "failure", e)])
+
+    def _batch_loop(self) -> None:
+        assert self.batching is not None
+        size, wait = self.batching.max_batch_size, self.batching.wait_ms / 1000.0
+        while True:
+            with self._cond:
+                while not self.local_queue and not (self.draining.is_set() and not self.running):
+                    self._cond.wait(0.2)
+                    if self.draining.is_set() and not self.local_queue:
+                        return
+                first_at = time.time()
+                while len(self.local_queue) < size and time.time() - first_at < wait:
+                    self._cond.wait(max(0.0, wait - (time.time() - first_at)))
+                batch = [self.local_queue.popleft() for _ in range(min(size, len(self.local_queue)))]
+            batch = [w for w in batch if not w.cancelled]
+            if batch:
+                self._run_batch(batch)
+
+    # -- main loop ----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        sender = threading.Thread(target=self._sender_loop, name="outputs", daemon=True)
+        sender.start()
+        threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True).start()
+        if self.batching is not None:
+            threading.Thread(target=self._batch_loop, name="batcher", daemon=True).start()
+        single_use = self.spec.single_use_containers
+        served = 0
+        while not self.draining.is_set():
+            with self._cond:
+                limit = self.batching.max_batch_size * 2 if self.batching else self.capacity + min(MAX_PREFETCH, int(0.05 / max(self.avg_duration, 1e-5)))
+                while len(self.running) + len(self.local_queue) >= max(limit, 1) and not self.draining.is_set():
+                    self._cond.wait(0.5)
+                free = max(limit, 1) - len(self.running) - len(self.local_queue)
+            if self.draining.is_set():
+                break
+            if single_use:
+                free = 1
+            r = self.t.post(f"{self.base}/claim", {"max": free, "wait": CLAIM_WAIT_S})
+            if r.get("drain"):
+                self.draining.set()
+            works = [Work(*row) for row in r.get("inputs") or []]
+            if not works:
+                continue
+            if self.batching is not None:
+                with self._cond:
+                    self.local_queue.extend(works)
+                    self._cond.notify_all()
+                continue
+            for w in works:
+                with self._cond:
+                    while len(self.running) >= self.capacity:
+                        self._cond.wait(0.5)
+                if not w.cancelled:
+                    self._start(w)
+                served += 1
+            if single_use and served >= 1:
+                self.draining.set()
+        return self.drain("drained")
+
+    def drain(self, reason: str) -> int:
+        """Stop claiming, hand back what has not started, finish what has, run @exit hooks, say goodbye."""
+        self.draining.set()
+        with self._cond:
+            unstarted = [w.input_id for w in self.local_queue]
+            self.local_queue.clear()
+            self._cond.notify_all()
+        if unstarted:
+            self.t.post(f"{self.base}/release", {"input_ids": unstarted})
+        deadline = time.time() + float(self.spec.timeout) + 5
+        with self._cond:
+            while self.running and time.time() < deadline:
+                self._cond.wait(0.2)
+        self._flush_outbox()
+        if self.kind == "cls" and self.instance is not None:
+            from cloudmodal.partial_function import run_lifecycle_hooks
+
+            try:
+                run_lifecycle_hooks(self.instance, "exit")
+            except Exception:
+                traceback.print_exc()
+        sys.stdout.flush()
+        self.flush_logs()
+        self.t.post(f"{self.base}/stopped", {"reason": reason, "crashed": False}, reconnect_timeout=10)
+        self.stopped.set()
+        return 0
+
+
+def main() -> int:
+    url = os.environ["CLOUDMODAL_SERVER_URL"]
+    worker_id = os.environ["CLOUDMODAL_WORKER_ID"]
+    w = Worker(url, os.environ.get("CLOUDMODAL_TOKEN"), worker_id)
+
+    def on_term(signum: int, _frame: Any) -> None:
+        w.draining.set()
+        with w._cond:
+            w._cond.notify_all()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        w.setup()
+    except BaseException:
+        tb = traceback.format_exc()
+        try:
+            sys.__stderr__.write(tb)
+            w.log("stderr", tb.rstrip("\n"), None)
+            w.flush_logs()
+            w.t.post(f"{w.base}/stopped", {"reason": "startup failed: " + tb.strip().splitlines()[-1], "crashed": False}, reconnect_timeout=10)
+        except Exception:
+            pass
+        return 1
+    return w.run()
+
+
+_unused = (Future, FunctionTimeoutError)

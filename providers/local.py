@@ -1,0 +1,410 @@
+"""The local provider: workers are subprocesses of this machine (the embedded default).
+
+Each worker gets exactly the GPUs it asked for through ``CUDA_VISIBLE_DEVICES`` (NVML indices, with
+``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so CUDA numbers them the same way), runs in its own process group (so
+``terminate`` also stops anything it spawned) and writes stdout/stderr to ``<state_dir>/logs/<worker>.log``.
+A CPU-only worker sees no GPU unless the provider is built with ``expose_gpus_to_cpu_workers=True``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloudmodal.pricing.gpus import ANY
+from cloudmodal.providers.base import (
+    LaunchRequest,
+    NoCapacityError,
+    Provider,
+    ProviderError,
+    SupportsGpuInventory,
+    WorkerHandle,
+    WorkerStatus,
+)
+from cloudmodal.providers.envs import resolve_python
+from cloudmodal.providers.gpu import GpuDevice, detect_gpus, summarize
+
+from cloudmodal.config import cache_dir
+from cloudmodal.gpu import GpuTier
+
+PythonResolver = Callable[[Sequence[str], str | None], str]
+
+
+@dataclass(frozen=True)
+class LocalOffer:
+    """An offer on this machine (same attributes as ``cloudmodal.pricing.offers.Offer``; ``gpu`` is None for the
+    CPU offer)."""
+
+    cloud: str
+    region: str
+    zone: str | None
+    instance_type: str
+    gpu: str | None
+    gpu_count: int
+    gpu_memory_gb: float | None
+    vcpus: float | None
+    memory_gb: float | None
+    price_ondemand: float | None
+    price_spot: float | None
+    source: str
+    date: str
+
+    def price(self, market: str) -> float | None:
+        """The $/h in ``market`` (``"spot"`` or ``"on-demand"``); None when not sold so (no local spot)."""
+        return self.price_spot if market == "spot" else self.price_ondemand
+
+
+def _machine_memory_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _signal_name(returncode: int) -> str:
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+class LocalProvider(Provider, SupportsGpuInventory):
+    """Run workers as subprocesses on this machine.
+
+    ``gpus``: the inventory (default: :func:`detect_gpus`, on first use). ``price_per_hour`` +
+    ``price_per_gpu_hour`` × GPUs is the price recorded for each worker (default 0). ``cpu_fallback``: a GPU
+    request this machine can never satisfy runs on CPU instead (development only). ``python_resolver``
+    picks the interpreter for an image (default :func:`resolve_python`). A request's ``cpu`` and
+    ``memory_mb`` are not enforced here: local workers share the machine.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        gpus: Sequence[GpuDevice] | None = None,
+        price_per_hour: float = 0.0,
+        price_per_gpu_hour: float = 0.0,
+        expose_gpus_to_cpu_workers: bool = False,
+        cpu_fallback: bool = False,
+        python_resolver: PythonResolver | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state_dir = Path(state_dir) if state_dir is not None else cache_dir() / "local"
+        self._gpus: list[GpuDevice] | None = list(gpus) if gpus is not None else None
+        self.price_per_hour = price_per_hour
+        self.price_per_gpu_hour = price_per_gpu_hour
+        self.expose_gpus_to_cpu_workers = expose_gpus_to_cpu_workers
+        self.cpu_fallback = cpu_fallback
+        self._resolve_python = python_resolver or resolve_python
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._busy: dict[int, str] = {}  # GPU index -> worker id
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._exited: dict[str, int] = {}  # worker id -> returncode, once reaped
+
+    # --- inventory ---------------------------------------------------------------------------------------
+
+    def gpu_inventory(self) -> list[GpuDevice]:
+        with self._lock:
+            if self._gpus is None:
+                self._gpus = detect_gpus()
+            return list(self._gpus)
+
+    def gpu_usage(self) -> dict[int, str]:
+        """Busy GPU indices and the worker holding each."""
+        self._reap_all()
+        with self._lock:
+            return dict(self._busy)
+
+    def offers(self) -> list[LocalOffer]:
+        """One zero-price offer per GPU type and count this machine can host, plus a CPU offer."""
+        gpus = self.gpu_inventory()
+        vcpus = float(os.cpu_count() or 1)
+        memory = _machine_memory_gb()
+        today = _dt.date.today().isoformat()
+
+        def offer(gpu: str | None, count: int, gpu_memory_gb: float | None) -> LocalOffer:
+            itype = "local" if gpu is None else f"local-{gpu}x{count}"
+            return LocalOffer(
+                cloud="local", region="local", zone=None, instance_type=itype, gpu=gpu, gpu_count=count,
+                gpu_memory_gb=gpu_memory_gb, vcpus=vcpus, memory_gb=memory,
+                price_ondemand=self.price_per_hour + count * self.price_per_gpu_hour, price_spot=None,
+                source="local", date=today,
+            )  # fmt: skip
+
+        out = [offer(None, 0, None)]
+        by_name: dict[str, list[GpuDevice]] = {}
+        for d in gpus:
+            by_name.setdefault(d.name, []).append(d)
+        for gpu_name, devices in by_name.items():
+            mem = min((d.memory_mib for d in devices if d.memory_mib), default=None)
+            for count in range(1, len(devices) + 1):
+                out.append(offer(gpu_name, count, round(mem / 1024, 1) if mem else None))
+        return out
+
+    def can_satisfy(self, gpu_tiers: Sequence[GpuTier]) -> bool:
+        """Whether some tier of the request fits this machine's GPUs (busy or not). ``()`` is CPU: always."""
+        if not gpu_tiers or self.cpu_fallback:
+            return True
+        gpus = self.gpu_inventory()
+        return any(self._fits(t, gpus) for t in gpu_tiers)
+
+    def explain(self, gpu_tiers: Sequence[GpuTier]) -> str:
+        """Why this machine can (not) run a GPU request, for the "no provider has this GPU" error."""
+        gpus = self.gpu_inventory()
+        request = ", ".join(str(t) for t in gpu_tiers) or "CPU"
+        has = summarize(gpus)
+        if not gpu_tiers:
+            return "The local machine can run CPU-only functions."
+        fitting = [str(t) for t in gpu_tiers if self._fits(t, gpus)]
+        if fitting:
+            return f"The local machine ({has}) can run {', '.join(fitting)} of the request [{request}]."
+        if not gpus:
+            where = (
+                "no NVIDIA driver or GPU was found (NVML and nvidia-smi report none)"
+                if "CUDA_VISIBLE_DEVICES" not in os.environ
+                else f"none is visible (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})"
+            )
+            return f"The local machine has no GPU: {where}; the request [{request}] needs one."
+        return f"The local machine has {has}; none of [{request}] fits."
+
+    @staticmethod
+    def _fits(tier: GpuTier, gpus: Sequence[GpuDevice]) -> bool:
+        counts: dict[str, int] = {}
+        for d in gpus:
+            counts[d.name] = counts.get(d.name, 0) + 1
+        if tier.type == ANY:
+            return any(n >= tier.count for n in counts.values())
+        return counts.get(tier.type, 0) >= tier.count
+
+    # --- allocation ----------------------------------------------------------------------------------------
+
+    def _allocate(self, tier: GpuTier, worker_id: str) -> tuple[int, ...]:
+        """Pick ``tier.count`` free GPUs of one type (any type for ANY); caller holds the lock."""
+        assert self._gpus is not None
+        free: dict[str, list[GpuDevice]] = {}
+        for d in self._gpus:
+            if d.index not in self._busy:
+                free.setdefault(d.name, []).append(d)
+        # ANY: best fit, the type with the fewest free GPUs that still fits, so larger groups stay whole for
+        # multi-GPU requests.
+        names = [tier.type] if tier.type != ANY else sorted(free, key=lambda n: (len(free[n]), n))
+        for name in names:
+            devices = free.get(name, [])
+            if len(devices) >= tier.count:
+                chosen = tuple(d.index for d in devices[: tier.count])
+                for i in chosen:
+                    self._busy[i] = worker_id
+                return chosen
+        has = summarize(self._gpus)
+        if not self._fits(tier, self._gpus):
+            raise NoCapacityError(
+                f"Cannot run {tier} on the local machine: it has {has}. Ask for a GPU it has, "
+                "or enable a cloud provider that offers this one.",
+                reason="gpu-not-present",
+                retryable=False,
+            )
+        busy = ", ".join(f"GPU {i} (worker {w})" for i, w in sorted(self._busy.items()))
+        raise NoCapacityError(
+            f"No free {tier} on the local machine right now: it has {has}; busy: {busy}. "
+            "The worker will be launched when one of these exits; lower max_containers or add a fallback "
+            "GPU type to avoid waiting.",
+            reason="gpu-busy",
+        )
+
+    def _release(self, worker_id: str) -> None:
+        for i in [i for i, w in self._busy.items() if w == worker_id]:
+            del self._busy[i]
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def launch(self, req: LaunchRequest) -> WorkerHandle:
+        self.gpu_inventory()  # detect before taking the lock for allocation
+        cpu_fallback_used = False
+        with self._lock:
+            if req.worker_id in self._procs:
+                raise ProviderError(
+                    f"Worker {req.worker_id} is already running on the local machine; use a new worker id.",
+                    reason="duplicate-worker-id",
+                )
+            indices: tuple[int, ...] = ()
+            if req.gpu is not None:
+                if self.cpu_fallback and not self._fits(req.gpu, self._gpus or []):
+                    cpu_fallback_used = True
+                else:
+                    indices = self._allocate(req.gpu, req.worker_id)
+        try:
+            python = self._resolve_python(req.pip_packages, req.image_hash)
+            proc, log_path = self._spawn(req, python, indices, cpu_fallback_used)
+        except BaseException:
+            with self._lock:
+                self._release(req.worker_id)
+            raise
+        with self._lock:
+            self._procs[req.worker_id] = proc
+            self._exited.pop(req.worker_id, None)
+        return WorkerHandle(
+            worker_id=req.worker_id,
+            provider=self.name,
+            instance_id=f"pid-{proc.pid}",
+            offer=req.offer,
+            market="on-demand",  # no spot market on one's own machine
+            price_per_hour=self.price_per_hour + len(indices) * self.price_per_gpu_hour,
+            launched_at=self._clock(),
+            gpu_indices=indices,
+            extra={
+                "pid": proc.pid,
+                "log_path": str(log_path),
+                "python": python,
+                "cpu_fallback": cpu_fallback_used,
+            },
+        )
+
+    def _child_env(
+        self, req: LaunchRequest, indices: tuple[int, ...], cpu_fallback_used: bool
+    ) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"PYTHONUNBUFFERED": "1", "CLOUDMODAL_WORKER_ID": req.worker_id})
+        env.update(req.env)
+        env["CLOUDMODAL_IS_REMOTE"] = "1"
+        if indices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, indices))
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # NVML's order, which our indices are in
+        elif not self.expose_gpus_to_cpu_workers or cpu_fallback_used:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        if cpu_fallback_used:
+            env["CLOUDMODAL_CPU_FALLBACK"] = "1"
+        return env
+
+    def _spawn(
+        self, req: LaunchRequest, python: str, indices: tuple[int, ...], cpu_fallback_used: bool
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        log_dir = self.state_dir / "logs"
+        log_path = log_dir / f"{req.worker_id}.log"
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [python, *req.argv],
+                    env=self._child_env(req, indices, cpu_fallback_used),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        except OSError as exc:
+            raise ProviderError(
+                f"Could not start worker {req.worker_id} ({python} {' '.join(req.argv)}): {exc}. "
+                f"Check that the interpreter exists and {log_dir} is writable.",
+                reason="spawn-failed",
+            ) from exc
+        return proc, log_path
+
+    def _reap(self, worker_id: str) -> int | None:
+        """Return code if the worker's process is gone (releasing its GPUs), else None."""
+        with self._lock:
+            if worker_id in self._exited:
+                return self._exited[worker_id]
+            proc = self._procs.get(worker_id)
+            if proc is None:
+                return None
+            rc = proc.poll()
+            if rc is None:
+                return None
+            self._exited[worker_id] = rc
+            del self._procs[worker_id]
+            self._release(worker_id)
+            # The worker is gone; what it left in its group (data loaders, servers) must not hold its GPUs.
+            self._signal_group(proc, signal.SIGKILL)
+            return rc
+
+    def _reap_all(self) -> None:
+        with self._lock:
+            ids = list(self._procs)
+        for worker_id in ids:
+            self._reap(worker_id)
+
+    def describe(self, handle: WorkerHandle) -> WorkerStatus:
+        rc = self._reap(handle.worker_id)
+        if rc is not None:
+            detail = f"killed by {_signal_name(rc)}" if rc < 0 else f"exited with code {rc}"
+            return WorkerStatus("exited", rc, detail)
+        with self._lock:
+            proc = self._procs.get(handle.worker_id)
+        if proc is not None:
+            return WorkerStatus("running", None, f"pid {proc.pid}")
+        return WorkerStatus(
+            "unknown", None, f"worker {handle.worker_id} was not launched by this local provider instance"
+        )
+
+    def terminate(self, handle: WorkerHandle, *, grace_s: float = 10.0) -> None:
+        with self._lock:
+            proc = self._procs.get(handle.worker_id)
+        if proc is None:
+            return  # never ours, or already reaped
+        self._signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=max(grace_s, 0.0))
+        except subprocess.TimeoutExpired:
+            self._signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        self._reap(handle.worker_id)  # releases its GPUs and kills what it left in its group
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        try:
+            os.killpg(proc.pid, sig)  # start_new_session: the group id is the worker's pid
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def terminate_all(self, *, grace_s: float = 5.0) -> None:
+        """Stop every worker this provider started: SIGTERM to all at once, then SIGKILL after ``grace_s``."""
+        with self._lock:
+            procs = dict(self._procs)
+        for proc in procs.values():
+            self._signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                pass
+        for worker_id, proc in procs.items():
+            if proc.poll() is None:
+                self._signal_group(proc, signal.SIGKILL)
+                proc.wait()
+            self._reap(worker_id)
+
+    def close(self) -> None:
+        """Stop every worker this provider started (the embedded control plane's workers die with it)."""
+        self.terminate_all()
+
+    def live_workers(self) -> list[str]:
+        """Ids of workers whose processes are still running."""
+        self._reap_all()
+        with self._lock:
+            return sorted(self._procs)
+
+
+def local_offer_for(offers: Sequence[LocalOffer], gpu: GpuTier | None) -> LocalOffer | None:
+    """The local offer matching a GPU tier (or the CPU offer for None)."""
+    for o in offers:
+        if gpu is None and o.gpu is None:
+            return o
+        if gpu is not None and o.gpu is not None and o.gpu_count == gpu.count and gpu.type in (o.gpu, ANY):
+            return o
+    return None
+
+
+__all__ = ["LocalOffer", "LocalProvider", "local_offer_for"]

@@ -1,0 +1,75 @@
+"""Shared fixtures: isolated state directories, and real control planes on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = next((p for p in (REPO.parent / "shared", Path("/work/shared")) if p.exists()), None)
+POSTGRES_URL = os.environ.get("CLOUDMODAL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Never touch the developer's ~/.cloudmodal; share one cache (built venvs, sources) per session."""
+    home = tmp_path_factory.mktemp("cloudmodal-home")
+    old = {k: os.environ.get(k) for k in ("CLOUDMODAL_HOME", "CLOUDMODAL_CACHE_DIR", "CLOUDMODAL_SERVER_URL")}
+    os.environ["CLOUDMODAL_HOME"] = str(home / "home")
+    os.environ["CLOUDMODAL_CACHE_DIR"] = str(home / "cache")
+    os.environ.pop("CLOUDMODAL_SERVER_URL", None)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def postgres_available() -> str | None:
+    """None if PostgreSQL answers, else the reason it does not."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install 'cloudmodal[postgres]')"
+    dsn = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(dsn, connect_timeout=2):
+            return None
+    except Exception as e:
+        return f"PostgreSQL at {dsn} does not answer ({type(e).__name__}); start it or set CLOUDMODAL_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the test PostgreSQL server for this session (dropped afterwards)."""
+    reason = postgres_available()
+    if reason is not None:
+        pytest.skip(reason)
+    import psycopg
+
+    dsn = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
+    name = "cm_test_" + secrets.token_hex(6)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'cloudmodal.db'}"
+    return request.getfixturevalue("postgres_database")
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

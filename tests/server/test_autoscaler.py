@@ -1,0 +1,327 @@
+"""The autoscaler's pure decision: tables of single steps, then bursty load sequences with simulated time."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+
+from cloudmodal.server.autoscaler import (
+    Autoscaler,
+    PoolSnapshot,
+    ScaleDecision,
+    WorkerView,
+    per_worker_target,
+)
+from cloudmodal.spec import AutoscalerSettings, BatchConfig, ConcurrencyConfig
+
+NOW = 1_000.0
+
+
+def S(min=0, max=None, buffer=0, window=60) -> AutoscalerSettings:  # noqa: A002 - mirrors the settings names
+    return AutoscalerSettings(
+        min_containers=min, max_containers=max, buffer_containers=buffer, scaledown_window=window
+    )
+
+
+def ready(
+    wid: str, started: float = 0.0, idle_for: float | None = None, in_flight: int = 0, price: float = 0.0
+):
+    """A ready worker; ``idle_for`` seconds idle (None: busy)."""
+    idle_since = None if idle_for is None else NOW - idle_for
+    return WorkerView(wid, "ready", started, idle_since, in_flight if idle_for is None else 0, price)
+
+
+def starting(wid: str, started: float = NOW - 1) -> WorkerView:
+    return WorkerView(wid, "starting", started)
+
+
+def draining(wid: str, in_flight: int = 1) -> WorkerView:
+    return WorkerView(wid, "draining", 0.0, None, in_flight)
+
+
+def decide(settings, *, backlog=0, in_flight=0, workers=(), last_active_ago=None, target=1, max_step=None):
+    snap = PoolSnapshot(
+        backlog=backlog,
+        in_flight=in_flight,
+        workers=tuple(workers),
+        settings=settings,
+        last_active_at=None if last_active_ago is None else NOW - last_active_ago,
+        per_worker_target=target,
+        max_launch_per_step=max_step,
+    )
+    return Autoscaler().decide(snap, NOW)
+
+
+CASES = [
+    # id, settings, snapshot kwargs, (desired, launch, terminate)
+    ("empty pool stays empty", S(), {}, (0, 0, ())),
+    ("min containers kept warm", S(min=2), {}, (2, 2, ())),
+    ("scale from zero", S(), {"backlog": 5}, (5, 5, ())),
+    ("concurrency target divides load", S(), {"backlog": 5, "target": 2}, (3, 3, ())),
+    (
+        "in-flight counts as load",
+        S(),
+        {"backlog": 1, "in_flight": 3, "workers": [ready("a", in_flight=3)], "target": 4},
+        (1, 0, ()),
+    ),
+    ("buffer on top while active", S(buffer=1), {"backlog": 5}, (6, 6, ())),
+    ("max caps desired", S(max=4, buffer=2), {"backlog": 10}, (4, 4, ())),
+    ("min beats zero load, max beats min", S(min=3, max=2), {}, (2, 2, ())),
+    (
+        "starting workers count: no over-launch while they boot",
+        S(),
+        {"backlog": 5, "workers": [starting("s1"), starting("s2"), starting("s3")]},
+        (5, 2, ()),
+    ),
+    (
+        "draining workers are not capacity, their inputs are load",
+        S(),
+        {"in_flight": 2, "workers": [draining("d1"), draining("d2")]},
+        (2, 2, ()),
+    ),
+    ("launch capped per step", S(), {"backlog": 10, "max_step": 3}, (10, 3, ())),
+    (
+        "idle below the window is kept",
+        S(window=60),
+        {"workers": [ready("a", idle_for=59)], "last_active_ago": 59},
+        (0, 0, ()),
+    ),
+    (
+        "idle for the window is stopped",
+        S(window=60),
+        {"workers": [ready("a", idle_for=60)], "last_active_ago": 60},
+        (0, 0, ("a",)),
+    ),
+    (
+        "newest idle workers stop first, min kept",
+        S(min=1, window=60),
+        {
+            "workers": [ready("old", 10, 100), ready("mid", 20, 100), ready("new", 30, 100)],
+            "last_active_ago": 100,
+        },
+        (1, 0, ("new", "mid")),
+    ),
+    (
+        "busy workers are never stopped",
+        S(window=0),
+        {"in_flight": 1, "workers": [ready("busy", 10, None, 1), ready("idle", 20, 5)]},
+        (1, 0, ("idle",)),
+    ),
+    (
+        "buffer kept while active",
+        S(buffer=1, window=60),
+        {"in_flight": 1, "workers": [ready("busy", 0, None, 1), ready("spare", 0, 500)]},
+        (2, 0, ()),
+    ),
+    (
+        "buffer kept for the window after the last work",
+        S(buffer=1, window=60),
+        {"workers": [ready("a", 0, 500), ready("b", 1, 500)], "last_active_ago": 30},
+        (1, 0, ("b",)),
+    ),
+    (
+        "buffer dropped once the pool is idle for the window",
+        S(buffer=1, window=60),
+        {"workers": [ready("a", 0, 500)], "last_active_ago": 61},
+        (0, 0, ("a",)),
+    ),
+    (
+        "starting workers are not stopped by scale-down",
+        S(window=0),
+        {"workers": [starting("s")], "last_active_ago": 10},
+        (0, 0, ()),
+    ),
+    (
+        "over max: idle stopped at once, busy left",
+        S(max=1, window=600),
+        {"in_flight": 1, "workers": [ready("busy", 0, None, 1), ready("i1", 5, 1), ready("i2", 6, 1)]},
+        (1, 0, ("i2", "i1")),
+    ),
+    (
+        "over max: starting stopped after idle",
+        S(max=1),
+        {"in_flight": 1, "workers": [ready("busy", 0, None, 1), starting("s1"), ready("i", 1, 1)]},
+        (1, 0, ("i", "s1")),
+    ),
+    (
+        "most expensive idle first, then newest",
+        S(window=10),
+        {
+            "workers": [
+                ready("spot-old", 1, 50, price=1.0),
+                ready("od-old", 2, 50, price=3.0),
+                ready("od-new", 3, 50, price=3.0),
+            ],
+            "last_active_ago": 50,
+        },
+        (0, 0, ("od-new", "od-old", "spot-old")),
+    ),
+    ("batched target", S(), {"backlog": 33, "target": 8}, (5, 5, ())),
+]
+
+
+@pytest.mark.parametrize("settings, kw, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_decision_table(settings, kw, expected):
+    d = decide(settings, **kw)
+    assert (d.desired, d.launch, d.terminate) == expected, d.reason
+
+
+def test_reason_explains_the_numbers():
+    d = decide(S(max=4, buffer=1), backlog=9, in_flight=1, workers=[ready("a", in_flight=1), starting("s")])
+    assert d.reason == (
+        "load 10 (backlog 9, in flight 1) / 1 per worker = 10 needed; +1 buffer; desired 4 in [0, 4]; "
+        "capacity 2 (1 starting, 1 ready); launch 2"
+    )
+    d = decide(S(), workers=[ready("a", 0, 100)], last_active_ago=100)
+    assert d.reason.endswith("stop 1 (idle for the scaledown window)")
+    assert decide(S()).is_noop
+
+
+@pytest.mark.parametrize(
+    "concurrency, batching, expected",
+    [
+        (None, None, 1),
+        (ConcurrencyConfig(max_inputs=10), None, 10),
+        (ConcurrencyConfig(max_inputs=10, target_inputs=4), None, 4),
+        (None, BatchConfig(max_batch_size=8, wait_ms=100), 8),
+        (ConcurrencyConfig(max_inputs=2), BatchConfig(max_batch_size=8, wait_ms=100), 16),
+    ],
+)
+def test_per_worker_target(concurrency, batching, expected):
+    assert per_worker_target(concurrency, batching) == expected
+
+
+# --- bursty load sequences, simulated time ------------------------------------------------------------------
+
+
+@dataclass
+class SimWorker:
+    id: str
+    started_at: float
+    ready_at: float
+    idle_since: float | None = None
+    in_flight: int = 0
+
+
+@dataclass
+class Sim:
+    """A pool driven by the real decision: workers boot in ``boot_s``, each runs up to ``target`` inputs."""
+
+    settings: AutoscalerSettings
+    target: int = 1
+    boot_s: float = 5.0
+    max_step: int | None = None
+    workers: dict[str, SimWorker] = field(default_factory=dict)
+    last_active_at: float | None = None
+    launched: int = 0
+    log: list[tuple[float, int, int, ScaleDecision]] = field(default_factory=list)
+
+    def step(self, now: float, load: int) -> ScaleDecision:
+        booted = sorted((w for w in self.workers.values() if now >= w.ready_at), key=lambda w: w.started_at)
+        remaining = load
+        for w in booted:  # oldest first, like a queue's claimers
+            w.in_flight = min(remaining, self.target)
+            remaining -= w.in_flight
+            if w.in_flight:
+                w.idle_since = None
+            elif w.idle_since is None:
+                w.idle_since = now
+        in_flight = load - remaining
+        if load:
+            self.last_active_at = now
+        views = [
+            WorkerView(
+                w.id, "ready" if now >= w.ready_at else "starting", w.started_at, w.idle_since, w.in_flight
+            )
+            for w in self.workers.values()
+        ]
+        snap = PoolSnapshot(
+            remaining, in_flight, views, self.settings, self.last_active_at, self.target, self.max_step
+        )
+        d = Autoscaler().decide(snap, now)
+        window = self.settings.scaledown_window
+        over_max = (
+            self.settings.max_containers is not None and len(self.workers) > self.settings.max_containers
+        )
+        for wid in d.terminate:
+            w = self.workers.pop(wid)
+            assert w.in_flight == 0, f"t={now}: stopped busy worker {wid}"
+            if not over_max:
+                assert w.idle_since is not None and now - w.idle_since >= window, (
+                    f"t={now}: {wid} stopped early"
+                )
+        for _ in range(d.launch):
+            self.launched += 1
+            wid = f"w{self.launched}"
+            self.workers[wid] = SimWorker(wid, now, now + self.boot_s)
+        self.log.append((now, load, len(self.workers), d))
+        return d
+
+
+def bursty(t: float) -> int:
+    """0 → burst of 20 for 30 s → quiet 70 s → burst of 5 for 30 s → quiet → a 1-input trickle at t=400."""
+    if 10 <= t < 40:
+        return 20
+    if 110 <= t < 140:
+        return 5
+    if t == 400:
+        return 1
+    return 0
+
+
+SEQUENCES = [
+    # settings, target, expected worker count at chosen times {t: count}
+    # t=400: one input starts a worker (ready at 405, idle from then): stopped at 405 + 60.
+    (S(), 1, {0: 0, 10: 20, 39: 20, 99: 20, 100: 0, 110: 5, 139: 5, 200: 0, 400: 1, 464: 1, 465: 0}),
+    (S(min=2), 1, {0: 2, 10: 20, 100: 2, 110: 5, 200: 2, 599: 2}),
+    (S(max=8), 1, {0: 0, 10: 8, 39: 8, 100: 0, 110: 5}),
+    (S(buffer=3), 1, {10: 23, 39: 23, 100: 0, 110: 8, 400: 4, 464: 4, 465: 0}),
+    (S(min=1, max=10, buffer=2, window=30), 1, {0: 1, 10: 10, 70: 1, 110: 7, 170: 1}),
+    (S(window=0), 1, {10: 20, 40: 0, 110: 5, 140: 0}),
+    (S(), 4, {10: 5, 100: 0, 110: 2}),
+]
+
+
+@pytest.mark.parametrize("settings, target, expected", SEQUENCES)
+def test_bursty_sequences_hold_min_max_buffer_and_window(settings, target, expected):
+    sim = Sim(settings, target=target)
+    counts = {}
+    for t in range(600):
+        sim.step(float(t), bursty(t))
+        counts[t] = len(sim.workers)
+    lo = settings.min_containers
+    hi = settings.max_containers if settings.max_containers is not None else math.inf
+    assert all(lo <= c <= hi for c in counts.values()), "a count left [min, max]"
+    # While there is work, capacity reaches needed + buffer (bounded by max) at once and stays there.
+    for t in range(600):
+        if bursty(t):
+            want = min(max(math.ceil(bursty(t) / target) + settings.buffer_containers, lo), hi)
+            assert counts[t] >= want, f"t={t}: {counts[t]} workers, wanted {want}"
+    assert {t: counts[t] for t in expected} == expected
+
+
+def test_no_over_launch_while_workers_boot():
+    sim = Sim(S(), boot_s=30)  # slow boots: the burst is over before any worker is ready
+    for t in range(60):
+        sim.step(float(t), bursty(t))
+    assert sim.launched == 20  # one per input of the burst, not one per input per step
+
+
+def test_launch_rate_limit_spreads_a_burst_over_steps():
+    sim = Sim(S(), max_step=4)
+    launches = [sim.step(float(t), 20 if t >= 1 else 0).launch for t in range(8)]
+    assert launches == [0, 4, 4, 4, 4, 4, 0, 0]
+    assert len(sim.workers) == 20
+
+
+def test_scale_down_prefers_newest_workers():
+    sim = Sim(S(min=2, window=10), boot_s=0)
+    for t in range(5):
+        sim.step(float(t), [2, 4, 6, 0, 0][t])  # w1, w2 at t=0; w3, w4 at t=1; w5, w6 at t=2
+    for t in range(5, 30):
+        sim.step(float(t), 0)
+    assert len(sim.workers) == 2
+    first_started = sorted(sim.workers.values(), key=lambda w: w.started_at)
+    assert [w.id for w in first_started] == ["w1", "w2"]  # the pool's long-lived core survives
