@@ -104,10 +104,9 @@ def run_cold(
 
 
 def cloudmodal_warm(catalog: Path, tiers: list[str], reps: int) -> tuple[list[float], float, int, str]:
-    from cloudmodal.pricing.catalog import load_offer_table
-
     from cloudmodal.gpu import parse_gpu
     from cloudmodal.placement import PlacementPolicy, rank
+    from cloudmodal.pricing.catalog import load_offer_table
 
     table = load_offer_table(catalog)
     parsed = parse_gpu(tiers)

@@ -550,8 +550,8 @@ def _resolve_annotation(user_cls: type, owner: type, name: str) -> type:
     if ann not in PARAMETER_TYPES.values():
         tname = getattr(ann, "__name__", None) or repr(ann)
         raise InvalidError(
-            f"{tname} is not a supported cloudmodal.parameter() type (parameter `{name}` of {user_cls.__name__}). "
-            "Use one of: int, str, bytes, bool."
+            f"{tname} is not a supported cloudmodal.parameter() type. Use one of: int, str, bytes, bool "
+            f"(parameter `{name}` of {user_cls.__name__})."
         )
     return ann  # type: ignore[return-value]
 

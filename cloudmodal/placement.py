@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
-from cloudmodal.pricing.gpus import ANY
-from cloudmodal.pricing.offers import ON_DEMAND, SPOT, Market, Offer, OfferKey, OfferTable, RankEntry
-
 from cloudmodal.exception import InvalidError
 from cloudmodal.gpu import GpuTier
+from cloudmodal.pricing.gpus import ANY
+from cloudmodal.pricing.offers import ON_DEMAND, SPOT, Market, Offer, OfferKey, OfferTable, RankEntry
 
 if TYPE_CHECKING:
     from cloudmodal.spec import FunctionSpec
@@ -43,6 +42,7 @@ __all__ = [
     "Placement",
     "PlacementPolicy",
     "Rejection",
+    "SignalLike",
     "rank",
 ]
 

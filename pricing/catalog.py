@@ -27,10 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cloudmodal.exception import InvalidError, NotFoundError
 from cloudmodal.pricing.gpus import catalog_name, lookup
 from cloudmodal.pricing.offers import CloudSummary, Offer, OfferTable
-
-from cloudmodal.exception import InvalidError, NotFoundError
 
 CATALOG_DIR_ENV = "CLOUDMODAL_CATALOG_DIR"
 SCHEMA_VERSION = "v8"
@@ -66,9 +65,12 @@ class CatalogFormatError(InvalidError):
 
 
 def default_catalog_dir() -> Path:
-    """The user cache: ``$XDG_CACHE_HOME/cloudmodal/catalogs/v8``, else ``~/.cache/cloudmodal/catalogs/v8``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cloudmodal" / "catalogs" / SCHEMA_VERSION
+    """The user cache's ``catalogs/v8``: under ``$CLOUDMODAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/cloudmodal``,
+    else ``~/.cache/cloudmodal`` (as :func:`cloudmodal.config.cache_dir`)."""
+    base = os.environ.get("CLOUDMODAL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cloudmodal"
+    )
+    return Path(base) / "catalogs" / SCHEMA_VERSION
 
 
 def catalog_dir() -> Path:

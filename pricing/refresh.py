@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from cloudmodal.pricing.catalog import META_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION, VMS_FILE, catalog_dir
 
 from cloudmodal.exception import Error
+from cloudmodal.pricing.catalog import META_FILE, REQUIRED_COLUMNS, SCHEMA_VERSION, VMS_FILE, catalog_dir
 
 DEFAULT_BASE_URL = (
     f"https://raw.githubusercontent.com/skypilot-org/skypilot-catalog/master/catalogs/{SCHEMA_VERSION}"

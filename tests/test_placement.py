@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from cloudmodal.pricing.offers import Offer, OfferTable
 
 from cloudmodal.exception import InvalidError
 from cloudmodal.gpu import GpuTier, parse_gpu
@@ -26,6 +25,7 @@ from cloudmodal.placement import (
     PlacementPolicy,
     rank,
 )
+from cloudmodal.pricing.offers import Offer, OfferTable
 
 
 def offer(

@@ -4,7 +4,9 @@ request models are pydantic, so the OpenAPI schema at ``/openapi.json`` document
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import msgpack
@@ -148,7 +150,12 @@ def _error_status(e: exc.Error) -> int:
 
 
 def build_app(cp: ControlPlane) -> FastAPI:
-    app = FastAPI(title="cloudmodal control plane", version="1", docs_url="/docs", redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        cp.hub.bind(asyncio.get_running_loop())
+        yield
+
+    app = FastAPI(title="cloudmodal control plane", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(exc.Error)
     async def _on_error(_: Request, e: exc.Error) -> Response:
@@ -171,16 +178,16 @@ def build_app(cp: ControlPlane) -> FastAPI:
             raise HTTPException(403, "This token may only be used by its worker.")
         return scope
 
+    def caller(scope: str = Depends(auth)) -> str:
+        """Clients, and workers calling other functions (``f.remote()`` inside a function)."""
+        return scope
+
     def worker_scope(worker_id: str, scope: str = Depends(auth)) -> str:
         if scope != "admin" and scope != f"worker:{worker_id}":
             raise HTTPException(403, "This token belongs to another worker.")
         return scope
 
     run = to_thread.run_sync
-
-    @app.on_event("startup")
-    async def _bind_hub() -> None:
-        cp.hub.bind(asyncio.get_running_loop())
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -241,16 +248,16 @@ def build_app(cp: ControlPlane) -> FastAPI:
         return packed(await run(cp.events, a["id"], after, limit))
 
     # -- functions ---------------------------------------------------------------------------------------
-    @app.post("/v1/functions", openapi_extra=msgpack_body(FunctionCreate), dependencies=[Depends(admin)])
+    @app.post("/v1/functions", openapi_extra=msgpack_body(FunctionCreate), dependencies=[Depends(caller)])
     async def create_function(request: Request) -> Response:
         b = await body(request, FunctionCreate)
         return packed(await run(cp.create_function, b.model_dump()))
 
-    @app.get("/v1/functions/lookup", dependencies=[Depends(admin)])
+    @app.get("/v1/functions/lookup", dependencies=[Depends(caller)])
     async def lookup_function(name: str, app_name: str | None = None, app_id: str | None = None) -> Response:
         return packed(await run(cp.lookup_function, app_name, name, app_id))
 
-    @app.get("/v1/functions/{function_id}", dependencies=[Depends(admin)])
+    @app.get("/v1/functions/{function_id}", dependencies=[Depends(caller)])
     async def get_function(function_id: str) -> Response:
         return packed(await run(cp.function_row, function_id))
 
@@ -274,7 +281,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
         finally:
             cp.hub.unwatch(key, ev)
 
-    @app.post("/v1/calls", openapi_extra=msgpack_body(CallCreate), dependencies=[Depends(admin)])
+    @app.post("/v1/calls", openapi_extra=msgpack_body(CallCreate), dependencies=[Depends(caller)])
     async def create_call(request: Request) -> Response:
         b = await body(request, CallCreate)
         await run(cp.create_call, b.call_id, b.function_id, b.kind)
@@ -285,23 +292,23 @@ def build_app(cp: ControlPlane) -> FastAPI:
             out["outputs"] = await _outputs(b.call_id, 0, 10000, b.wait)
         return packed(out)
 
-    @app.post("/v1/calls/{call_id}/inputs", openapi_extra=msgpack_body(InputsPut), dependencies=[Depends(admin)])
+    @app.post("/v1/calls/{call_id}/inputs", openapi_extra=msgpack_body(InputsPut), dependencies=[Depends(caller)])
     async def put_inputs(call_id: str, request: Request) -> Response:
         b = await body(request, InputsPut)
         return packed({"accepted": await run(cp.put_inputs, call_id, b.function_id, b.inputs)})
 
-    @app.post("/v1/calls/{call_id}/outputs", openapi_extra=msgpack_body(OutputsGet), dependencies=[Depends(admin)])
+    @app.post("/v1/calls/{call_id}/outputs", openapi_extra=msgpack_body(OutputsGet), dependencies=[Depends(caller)])
     async def get_outputs(call_id: str, request: Request) -> Response:
         b = await body(request, OutputsGet)
         return packed({"outputs": await _outputs(call_id, b.after, b.limit, b.timeout)})
 
-    @app.get("/v1/calls/{call_id}", dependencies=[Depends(admin)])
+    @app.get("/v1/calls/{call_id}", dependencies=[Depends(caller)])
     async def get_call(call_id: str) -> Response:
         row = await run(cp.call_row, call_id)
         total, done = await run(cp.queue.call_progress, call_id)
         return packed(row | {"total": total, "done": done})
 
-    @app.post("/v1/calls/{call_id}/cancel", dependencies=[Depends(admin)])
+    @app.post("/v1/calls/{call_id}/cancel", dependencies=[Depends(caller)])
     async def cancel_call(call_id: str) -> Response:
         await run(cp.call_row, call_id)
         await run(cp.cancel_call, call_id)

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from cloudmodal.pricing.catalog import CATALOG_DIR_ENV, clear_cache
 from typer.testing import CliRunner
 
 from cloudmodal.cli.main import app
+from cloudmodal.pricing.catalog import CATALOG_DIR_ENV, clear_cache
 
 HEADER = "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region,AvailabilityZone"
 CATALOG = {

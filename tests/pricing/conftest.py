@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from catalog_fixtures import find_shared_pricing, write_catalog
+
 from cloudmodal.pricing import catalog
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from catalog_fixtures import AWS_HEADER, GCP_HEADER, write_catalog
+
+from cloudmodal.exception import Error
 from cloudmodal.pricing import catalog
 from cloudmodal.pricing.catalog import (
     CATALOG_DIR_ENV,
@@ -20,8 +22,6 @@ from cloudmodal.pricing.catalog import (
     read_catalog,
 )
 from cloudmodal.pricing.offers import Offer, OfferTable
-
-from cloudmodal.exception import Error
 
 
 def _one(table: OfferTable, **match: object) -> Offer:
@@ -145,10 +145,13 @@ def test_index_by_gpu_and_count(tiny_catalog: Path) -> None:
 def test_catalog_dir_env_then_xdg_then_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(CATALOG_DIR_ENV, raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("CLOUDMODAL_CACHE_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert catalog_dir() == tmp_path / "home" / ".cache" / "cloudmodal" / "catalogs" / "v8"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_catalog_dir() == tmp_path / "xdg" / "cloudmodal" / "catalogs" / "v8"
+    monkeypatch.setenv("CLOUDMODAL_CACHE_DIR", str(tmp_path / "cm-cache"))
+    assert default_catalog_dir() == tmp_path / "cm-cache" / "catalogs" / "v8"
     monkeypatch.setenv(CATALOG_DIR_ENV, str(tmp_path / "mine"))
     assert catalog_dir() == tmp_path / "mine"
 

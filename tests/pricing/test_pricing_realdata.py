@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from cloudmodal.pricing.catalog import CATALOG_DIR_ENV, load_offer_table
 from cloudmodal.pricing.gpus import catalog_name
 from cloudmodal.pricing.offers import Offer

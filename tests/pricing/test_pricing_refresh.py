@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from catalog_fixtures import TINY, write_catalog
-from cloudmodal.pricing.catalog import CATALOG_DIR_ENV, load_offer_table
-from cloudmodal.pricing.refresh import RefreshError, refresh_catalogs
 from typer.testing import CliRunner
 
 from cloudmodal.cli.main import app
+from cloudmodal.pricing.catalog import CATALOG_DIR_ENV, load_offer_table
+from cloudmodal.pricing.refresh import RefreshError, refresh_catalogs
 
 
 class _Quiet(SimpleHTTPRequestHandler):
