@@ -630,6 +630,7 @@ class App:
         self._classes: dict[str, Cls] = {}
         self._entrypoints: dict[str, LocalEntrypoint] = {}
         self._inline_secrets: dict[str, dict[str, str]] = {}
+        self._running: Any = None  # set by cloudmodal.client.session.run_app while the app runs
         self._remember_inline(self._secrets)
 
     @staticmethod
@@ -703,6 +704,43 @@ class App:
 
     def __repr__(self) -> str:
         return f"App({self._name!r}, functions={list(self._functions)}, classes={list(self._classes)})"
+
+    # ---------------------------------------------------------------- running (delegates to the client)
+
+    def run(
+        self,
+        *,
+        name: str | None = None,
+        detach: bool = False,
+        show_logs: bool | None = None,
+        gpu_fallback: str | None = None,
+        client: Any = None,
+        interactive: bool = False,
+        environment_name: str | None = None,
+    ) -> Any:
+        """Context manager running the app ephemerally: ``with app.run(): f.remote(1)``.
+
+        ``client``, ``interactive`` and ``environment_name`` are accepted for Modal compatibility and ignored.
+        """
+        from cloudmodal.client.session import run_app
+
+        return run_app(self, detach=detach, show_logs=show_logs, gpu_fallback=gpu_fallback, name=name)
+
+    def deploy(
+        self,
+        *,
+        name: str | None = None,
+        environment_name: str | None = None,
+        tag: str = "",
+        client: Any = None,
+        strategy: str = "rolling",
+    ) -> Any:
+        """Deploy the app (it needs a name); its functions stay callable with ``Function.from_name``."""
+        if strategy not in ("rolling", "recreate"):
+            raise InvalidError(f"deploy(strategy={strategy!r}) must be 'rolling' or 'recreate'.")
+        from cloudmodal.client.session import deploy
+
+        return deploy(self, name=name)
 
     # ---------------------------------------------------------------- decorators
 

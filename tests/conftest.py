@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,21 +46,36 @@ def postgres_available() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    """A fresh database on the test PostgreSQL server for this session (dropped afterwards)."""
+def new_postgres_database() -> Iterator[Callable[[], str]]:
+    """Makes fresh databases on the test PostgreSQL server (dropped at the end of the session).
+
+    Every control plane gets a database of its own: two control planes sharing one would both reconcile
+    the same pools."""
     reason = postgres_available()
     if reason is not None:
         pytest.skip(reason)
     import psycopg
 
     dsn = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
-    name = "cm_test_" + secrets.token_hex(6)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
     base = POSTGRES_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
+    made: list[str] = []
+
+    def make() -> str:
+        name = "cm_test_" + secrets.token_hex(6)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"{base}/{name}"
+
+    yield make
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_database(new_postgres_database: Callable[[], str]) -> str:
+    return new_postgres_database()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -22,10 +23,11 @@ LONG_POLL_S = 50.0
 
 def encode_input(session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes | None, str | None]:
     data = serialize_args(args, kwargs)
-    if len(data) > MAX_ARG_SIZE:
+    limit = int(os.environ.get("CLOUDMODAL_MAX_PAYLOAD_BYTES") or MAX_ARG_SIZE)
+    if len(data) > limit:
         from cloudmodal.exception import RequestSizeError
 
-        raise RequestSizeError(f"Arguments are {len(data)} bytes pickled; the limit is {MAX_ARG_SIZE} bytes. Put large data in a Volume or object store and pass its path.")
+        raise RequestSizeError(f"Arguments are {len(data)} bytes pickled; the limit is {limit} bytes. Put large data in a Volume or object store and pass its path.")
     if len(data) > INLINE_LIMIT:
         return None, session.upload_blob(data)
     return data, None

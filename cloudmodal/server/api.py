@@ -300,6 +300,8 @@ def build_app(cp: ControlPlane) -> FastAPI:
     @app.post("/v1/calls/{call_id}/outputs", openapi_extra=msgpack_body(OutputsGet), dependencies=[Depends(caller)])
     async def get_outputs(call_id: str, request: Request) -> Response:
         b = await body(request, OutputsGet)
+        if b.after == 0:
+            await run(cp.call_row, call_id)  # 404 for unknown calls instead of a silent wait
         return packed({"outputs": await _outputs(call_id, b.after, b.limit, b.timeout)})
 
     @app.get("/v1/calls/{call_id}", dependencies=[Depends(caller)])

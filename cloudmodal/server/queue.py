@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cloudmodal.server.db import Database
@@ -65,6 +65,15 @@ class InputQueue:
         self.policy_for = policy_for
         dialect = postgresql if not db.is_sqlite else sqlite
         self._insert = dialect.insert
+
+    def _order_outputs(self, conn: Any, call_ids: Any) -> None:
+        """Readers page through a call's outputs by id. On PostgreSQL ids are drawn at insert but become
+        visible at commit, so two writers could commit out of order and a reader would skip a row for good.
+        A transaction-scoped advisory lock per call makes a call's output ids commit in order."""
+        if self.db.is_sqlite:
+            return  # SQLite has a single writer: commit order is id order already
+        for cid in sorted(set(call_ids)):
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:c))"), {"c": cid})
 
     # -- producers ---------------------------------------------------------------------------------------
     def put(self, call_id: str, function_id: str, items: Sequence[tuple[int, str | None, bytes | None, str | None]]) -> int:
@@ -190,6 +199,7 @@ class InputQueue:
                 if it.gen_index < 0:
                     done_ids.append(it.input_id)
             if out_rows:
+                self._order_outputs(conn, [r["call_id"] for r in out_rows])
                 conn.execute(self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]), out_rows)
             if done_ids:
                 conn.execute(update(I).where(I.c.id.in_(done_ids)).values(state=DONE, args=None))
@@ -238,6 +248,7 @@ class InputQueue:
             if dead:
                 from cloudmodal.serialization import crash_failure_payload
 
+                self._order_outputs(conn, [r[3] for r in dead])
                 conn.execute(update(I).where(I.c.id.in_([r[0] for r in dead])).values(state=DONE, crashes=I.c.crashes + 1, args=None))
                 conn.execute(
                     self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]),
@@ -266,6 +277,7 @@ class InputQueue:
             conn.execute(update(C).where(C.c.id == call_id).values(cancelled=True))
             rows = conn.execute(select(I.c.id, I.c.idx, I.c.state).where(and_(I.c.call_id == call_id, I.c.state < DONE))).all()
             if rows:
+                self._order_outputs(conn, [call_id])
                 conn.execute(
                     self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]),
                     [
@@ -276,6 +288,21 @@ class InputQueue:
                 )
                 conn.execute(update(I).where(I.c.id.in_([r[0] for r in rows])).values(state=DONE, args=None))
         return [r[0] for r in rows if r[2] == CLAIMED]
+
+    def fail_pending(self, function_id: str, payload: bytes, status: str = "failure", now: float | None = None) -> list[str]:
+        """End every unfinished input of a function with one error (e.g. its workers cannot start)."""
+        now = time.time() if now is None else now
+        with self.db.write() as conn:
+            rows = conn.execute(select(I.c.id, I.c.call_id, I.c.idx).where(and_(I.c.function_id == function_id, I.c.state < DONE))).all()
+            if not rows:
+                return []
+            self._order_outputs(conn, [r[1] for r in rows])
+            conn.execute(
+                self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]),
+                [{"input_id": r[0], "call_id": r[1], "idx": r[2], "gen_index": -1, "status": status, "data": payload, "data_blob": None, "created_at": now} for r in rows],
+            )
+            conn.execute(update(I).where(I.c.id.in_([r[0] for r in rows])).values(state=DONE, args=None))
+        return list({r[1] for r in rows})
 
     # -- results -----------------------------------------------------------------------------------------
     def fetch_outputs(self, call_id: str, after_id: int, limit: int) -> list[tuple[Any, ...]]:

@@ -65,6 +65,7 @@ class ControlPlane:
         self._specs: dict[str, FunctionSpec] = {}
         self.queue = InputQueue(self.db, self.policy_for)
         self._cancel_requests: dict[str, set[int]] = {}  # worker id -> input ids to interrupt
+        self._startup_failures: dict[str, int] = {}  # function id -> consecutive workers that failed to start
         self._lock = threading.Lock()
         self.reconciler: Any = None  # set by server.app when it starts the reconciler
 
@@ -345,6 +346,8 @@ class ControlPlane:
         return out
 
     def worker_ready(self, worker_id: str) -> None:
+        fid = self.worker_row(worker_id)["function_id"]
+        self._startup_failures.pop(fid, None)
         with self.db.write() as conn:
             conn.execute(update(W).where(and_(W.c.id == worker_id, W.c.state == "starting")).values(state="ready", ready_at=_now(), idle_since=_now()))
         row = self.worker_row(worker_id)
@@ -401,6 +404,26 @@ class ControlPlane:
         self.hub.notify(*[f"outputs:{c}" for c in dead_calls], f"inputs:{row[2]}", "reconcile")
         msg = f"worker {worker_id} stopped: {reason}" + (f"; {n} inputs requeued" if n else "")
         self.event("worker.crashed" if crashed else "worker.stopped", msg, app_id=row[1], function_id=row[2], worker_id=worker_id, requeued=n)
+        if reason.startswith("startup failed"):
+            self._on_startup_failure(row[1], row[2], reason)
+
+    STARTUP_FAILURE_BUDGET = 3
+
+    def _on_startup_failure(self, app_id: str, function_id: str, reason: str) -> None:
+        """Workers that cannot even start would be relaunched forever: after a few in a row, the function's
+        waiting inputs end with the start-up error instead of hanging."""
+        n = self._startup_failures.get(function_id, 0) + 1
+        self._startup_failures[function_id] = n
+        if n < self.STARTUP_FAILURE_BUDGET:
+            return
+        from cloudmodal.exception import ExecutionError
+        from cloudmodal.serialization import failure_payload
+
+        err = ExecutionError(f"{n} workers in a row failed to start, so the waiting inputs were failed. Last error: {reason.removeprefix('startup failed: ')}. `cloudmodal app logs {app_id}` shows the worker's output.")
+        calls = self.queue.fail_pending(function_id, failure_payload(err, tb=""))
+        self._startup_failures[function_id] = 0
+        self.event("function.failed", str(err), app_id=app_id, function_id=function_id)
+        self.hub.notify(*[f"outputs:{c}" for c in calls])
 
     def release_inputs(self, worker_id: str, input_ids: list[int]) -> int:
         n, _ = self.queue.release_worker(worker_id, crashed=False, input_ids=input_ids)

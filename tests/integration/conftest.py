@@ -28,7 +28,7 @@ def control_plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     if request.param == "sqlite":
         url = f"sqlite:///{state / 'cloudmodal.db'}"
     else:
-        url = request.getfixturevalue("postgres_database")
+        url = request.getfixturevalue("new_postgres_database")()
     handle = start_server(state, url)
     os.environ["CLOUDMODAL_SERVER_URL"] = handle.url
     session_mod.disconnect()

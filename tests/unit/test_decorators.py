@@ -49,21 +49,37 @@ def nullary():
         (lambda: cloudmodal.batched(max_batch_size=0, wait_ms=10), InvalidError, ["between 1 and 1000"]),
         (lambda: cloudmodal.batched(max_batch_size=1001, wait_ms=10), InvalidError, ["between 1 and 1000"]),
         (lambda: cloudmodal.batched(max_batch_size=8, wait_ms=-1), InvalidError, ["between 0 and 600000"]),
-        (lambda: cloudmodal.batched(max_batch_size=8, wait_ms=600_001), InvalidError, ["between 0 and 600000"]),
+        (
+            lambda: cloudmodal.batched(max_batch_size=8, wait_ms=600_001),
+            InvalidError,
+            ["between 0 and 600000"],
+        ),
         (lambda: cloudmodal.batched(max_batch_size="8", wait_ms=1), InvalidError, ["must be an integer"]),
-        (lambda: cloudmodal.fastapi_endpoint(method="FETCH"), InvalidError, ["not an HTTP method", "GET, POST"]),
+        (
+            lambda: cloudmodal.fastapi_endpoint(method="FETCH"),
+            InvalidError,
+            ["not an HTTP method", "GET, POST"],
+        ),
         (lambda: cloudmodal.fastapi_endpoint("POST"), InvalidError, ['fastapi_endpoint(method="POST")']),
         (lambda: cloudmodal.fastapi_endpoint(label="My_API"), InvalidError, ["lowercase", "label='my-api'"]),
         (lambda: cloudmodal.asgi_app(custom_domains="a.com"), InvalidError, ["list of domain names"]),
         (lambda: cloudmodal.asgi_app("api"), InvalidError, ['asgi_app(label="api")']),
         (lambda: cloudmodal.web_server(0), InvalidError, ["local port", "@web_server(8000)"]),
         (lambda: cloudmodal.web_server(70000), InvalidError, ["1-65535"]),
-        (lambda: cloudmodal.web_server(8000, startup_timeout=0), InvalidError, ["positive number of seconds"]),
+        (
+            lambda: cloudmodal.web_server(8000, startup_timeout=0),
+            InvalidError,
+            ["positive number of seconds"],
+        ),
         (lambda: cloudmodal.method(plain), InvalidError, ["`@cloudmodal.method()`"]),
         (lambda: cloudmodal.method(is_generator="yes"), InvalidError, ["True, False or None"]),
         (lambda: cloudmodal.enter(plain), InvalidError, ["`@cloudmodal.enter()`"]),
         (lambda: cloudmodal.exit(plain), InvalidError, ["`@cloudmodal.exit()`"]),
-        (lambda: cloudmodal.parameter(default=None), InvalidError, ["parameter(default=None) is not supported", "no default"]),
+        (
+            lambda: cloudmodal.parameter(default=None),
+            InvalidError,
+            ["parameter(default=None) is not supported", "no default"],
+        ),
     ],
 )
 def test_decorator_argument_errors(make, exc, expected):
@@ -98,7 +114,9 @@ def test_decorators_return_partial_functions_with_params():
     assert pf(3) == 3  # still callable locally
 
     web = cloudmodal.fastapi_endpoint(method="post", label="api", docs=True, requires_proxy_auth=True)(plain)
-    assert web.params.web == WebConfig(kind="fastapi_endpoint", method="POST", label="api", docs=True, requires_proxy_auth=True)
+    assert web.params.web == WebConfig(
+        kind="fastapi_endpoint", method="POST", label="api", docs=True, requires_proxy_auth=True
+    )
     server = cloudmodal.web_server(8080, startup_timeout=10)(nullary)
     assert server.params.web == WebConfig(kind="web_server", port=8080, startup_timeout=10.0)
     assert cloudmodal.asgi_app()(nullary).params.web.kind == "asgi_app"
@@ -118,8 +136,14 @@ def test_stacking_merges_in_either_order():
 @pytest.mark.parametrize(
     ("stack", "expected"),
     [
-        (lambda: cloudmodal.method()(cloudmodal.fastapi_endpoint()(plain)), "cannot be combined with web interface"),
-        (lambda: cloudmodal.batched(max_batch_size=2, wait_ms=1)(cloudmodal.asgi_app()(nullary)), "web interface"),
+        (
+            lambda: cloudmodal.method()(cloudmodal.fastapi_endpoint()(plain)),
+            "cannot be combined with web interface",
+        ),
+        (
+            lambda: cloudmodal.batched(max_batch_size=2, wait_ms=1)(cloudmodal.asgi_app()(nullary)),
+            "web interface",
+        ),
         (lambda: cloudmodal.enter()(cloudmodal.method()(plain)), "cannot be combined with lifecycle"),
         (lambda: cloudmodal.exit()(cloudmodal.fastapi_endpoint()(plain)), "lifecycle"),
         (lambda: cloudmodal.method()(type("C", (), {})), "Cannot apply `@cloudmodal.method` to a class"),
@@ -144,7 +168,9 @@ def test_wrong_order_over_app_function():
     f = app.function()(plain)
     with pytest.raises(InvalidError) as e:
         cloudmodal.fastapi_endpoint()(f)
-    assert "Swap the order" in str(e.value) and "@app.function()\n@cloudmodal.fastapi_endpoint" in str(e.value)
+    assert "Swap the order" in str(e.value) and "@app.function()\n@cloudmodal.fastapi_endpoint" in str(
+        e.value
+    )
 
 
 def test_generator_and_async_detection():
@@ -209,7 +235,10 @@ def test_get_parameters_in_declaration_order_with_overrides():
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("x: float = cloudmodal.parameter()", "float is not a supported cloudmodal.parameter() type. Use one of: int, str, bytes, bool"),
+        (
+            "x: float = cloudmodal.parameter()",
+            "float is not a supported cloudmodal.parameter() type. Use one of: int, str, bytes, bool",
+        ),
         ("x: list = cloudmodal.parameter()", "list is not a supported"),
         ("x: 'int | None' = cloudmodal.parameter(default=1)", "Use one of: int, str, bytes, bool"),
         ("x = cloudmodal.parameter()", "has no type annotation"),
@@ -245,7 +274,11 @@ def test_instantiate_sets_parameters_without_calling_init():
 @pytest.mark.parametrize(
     ("args", "kwargs", "expected"),
     [
-        ((), {}, "missing the required parameter `model` (str). Pass it when instantiating: Model(model=...)"),
+        (
+            (),
+            {},
+            "missing the required parameter `model` (str). Pass it when instantiating: Model(model=...)",
+        ),
         ((), {"model": "a", "sise": 3}, "unknown parameter `sise`. Did you mean 'size'?"),
         ((), {"model": 1}, "parameter `model` must be str, got int"),
         ((), {"model": "a", "size": True}, "parameter `size` must be int, got bool"),
@@ -262,7 +295,12 @@ def test_bind_parameters_errors(args, kwargs, expected):
 
 
 def test_bind_parameters_fills_defaults():
-    assert bind_parameters(Model, (), {"model": "m"}) == {"model": "m", "size": 2, "verbose": False, "blob": b""}
+    assert bind_parameters(Model, (), {"model": "m"}) == {
+        "model": "m",
+        "size": 2,
+        "verbose": False,
+        "blob": b"",
+    }
 
 
 # ------------------------------------------------------------------------------------------ lifecycle

@@ -47,13 +47,14 @@ def test_hash_is_stable_across_processes(tmp_path):
     req = tmp_path / "requirements.txt"
     req.write_text("requests==2.32.3\n")
     img = full_recipe(req)
+    here = Path(__file__).resolve()
     code = textwrap.dedent(
         f"""
-        import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import importlib, sys
         from pathlib import Path
-        import test_image
-        print(test_image.full_recipe(Path({str(req)!r})).hash)
+        sys.path[:0] = [{str(here.parents[2])!r}, {str(here.parent)!r}]
+        mod = importlib.import_module({__name__!r})  # the same module name as in this process
+        print(mod.full_recipe(Path({str(req)!r})).hash)
         """
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -91,7 +92,9 @@ def test_hash_changes_with_recipe(other):
 
 
 def test_layer_order_matters():
-    assert base().apt_install("git").run_commands("x").hash != base().run_commands("x").apt_install("git").hash
+    assert (
+        base().apt_install("git").run_commands("x").hash != base().run_commands("x").apt_install("git").hash
+    )
 
 
 def test_requirements_file_content_is_part_of_the_recipe(tmp_path):
@@ -142,7 +145,10 @@ def test_equality_hashability_wire_and_pickle(tmp_path):
     assert len({img, full_recipe(req), base()}) == 2
     wire = img.to_wire()
     assert wire["hash"] == img.hash and wire["python_version"] == "3.12"
-    assert wire["pip_packages"] == img.pip_packages and wire["env"] == {"HF_HOME": "/cache", "QUOTED": "it's $HOME"}
+    assert wire["pip_packages"] == img.pip_packages and wire["env"] == {
+        "HF_HOME": "/cache",
+        "QUOTED": "it's $HOME",
+    }
     assert Image.from_wire(wire) == img
     with pytest.raises(ValueError, match="hash"):
         Image.from_wire({**wire, "hash": "0" * 64})
@@ -199,7 +205,10 @@ def test_build_step_secrets_are_kept_for_the_app():
         (lambda: Image.debian_slim(3.11), ["must be a string such as '3.11'"]),
         (lambda: base().pip_install("   "), ["empty package name"]),
         (lambda: base().pip_install(""), ["empty package name"]),
-        (lambda: base().pip_install("numpy pandas"), ["2 packages in one string", "pip_install('numpy', 'pandas')"]),
+        (
+            lambda: base().pip_install("numpy pandas"),
+            ["2 packages in one string", "pip_install('numpy', 'pandas')"],
+        ),
         (lambda: base().pip_install("torch==2.0 torchvision"), ["separate arguments"]),
         (lambda: base().pip_install("--upgrade"), ["pip option", "extra_options="]),
         (lambda: base().pip_install("a\nb"), ["line break", "pip_install_from_requirements"]),
@@ -216,7 +225,10 @@ def test_build_step_secrets_are_kept_for_the_app():
         (lambda: base().env(["A=1"]), ["expects a dict"]),
         (lambda: base().workdir("app"), ["must be absolute", "'/app'"]),
         (lambda: base().add_local_python_source("src/mypkg.py"), ["not an importable module name"]),
-        (lambda: base().pip_install_from_requirements("/nonexistent/requirements.txt"), ["not found", "absolute path"]),
+        (
+            lambda: base().pip_install_from_requirements("/nonexistent/requirements.txt"),
+            ["not found", "absolute path"],
+        ),
         (lambda: base().run_function(lambda: None), ["lambda", "module level"]),
         (lambda: base().run_function("download_weights"), ["expects a function"]),
         (lambda: base().run_function(download_weights, args=(object(),)), ["JSON values", "hash is stable"]),
@@ -271,7 +283,7 @@ def test_setup_script_content(tmp_path):
     assert lines[0] == "#!/usr/bin/env bash"
     assert "set -euo pipefail" in lines
     assert "uv venv --seed --python 3.12" in script
-    assert "uv pip install --python \"$CLOUDMODAL_VENV/bin/python\" cloudmodal==0.1.0" in script
+    assert 'uv pip install --python "$CLOUDMODAL_VENV/bin/python" cloudmodal==0.1.0' in script
     assert (
         "$SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends ffmpeg git" in lines
     )
@@ -279,7 +291,9 @@ def test_setup_script_content(tmp_path):
         '"$CLOUDMODAL_VENV/bin/python" -m pip install --index-url https://download.pytorch.org/whl/cu121 '
         "'numpy<2' torch==2.4.0" in lines
     )
-    assert any(line.startswith("uv pip install --python") and "'transformers>=4.40'" in line for line in lines)
+    assert any(
+        line.startswith("uv pip install --python") and "'transformers>=4.40'" in line for line in lines
+    )
     assert any(" | base64 -d > " in line for line in lines)  # requirements written from the recipe
     assert "echo hello > /tmp/x" in lines and "ls /" in lines  # commands verbatim, in order
     assert lines.index("echo hello > /tmp/x") < lines.index("ls /")
@@ -287,7 +301,10 @@ def test_setup_script_content(tmp_path):
     assert "export QUOTED='it'\"'\"'s $HOME'" in lines  # shlex-quoted: no expansion
     assert "cd /app" in lines
     assert any("python\" -c 'import functools, importlib" in line for line in lines)
-    order = [script.index(s) for s in ("apt-get install", "-m pip install --index-url", "echo hello", "export HF_HOME", "cd /app")]
+    order = [
+        script.index(s)
+        for s in ("apt-get install", "-m pip install --index-url", "echo hello", "export HF_HOME", "cd /app")
+    ]
     assert order == sorted(order)
 
 
@@ -322,7 +339,9 @@ def test_dockerfile_content(tmp_path):
     )
     uv_line = next(line for line in lines if "uv pip install --system" in line)
     assert uv_line.startswith("RUN echo ") and "| base64 -d > /tmp/cloudmodal-" in uv_line
-    assert "&& python -m pip install --no-cache-dir uv && uv pip install --system -r /tmp/cloudmodal-" in uv_line
+    assert (
+        "&& python -m pip install --no-cache-dir uv && uv pip install --system -r /tmp/cloudmodal-" in uv_line
+    )
     assert "RUN echo hello > /tmp/x" in lines and "RUN ls /" in lines
     assert 'ENV HF_HOME="/cache" QUOTED="it\'s $HOME"' in lines
     assert "WORKDIR /app" in lines

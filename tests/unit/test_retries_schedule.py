@@ -44,7 +44,10 @@ def test_retries_validation(kwargs, expected):
     [
         ({"max_retries": 4}, [1.0, 2.0, 4.0, 8.0]),
         ({"max_retries": 3, "backoff_coefficient": 1.0, "initial_delay": 5}, [5.0, 5.0, 5.0]),
-        ({"max_retries": 5, "backoff_coefficient": 3.0, "initial_delay": 10, "max_delay": 60}, [10, 30, 60, 60, 60]),
+        (
+            {"max_retries": 5, "backoff_coefficient": 3.0, "initial_delay": 10, "max_delay": 60},
+            [10, 30, 60, 60, 60],
+        ),
         ({"max_retries": 2, "initial_delay": 0}, [0.0, 0.0]),
         ({"max_retries": 0}, []),
         ({"max_retries": 3, "backoff_coefficient": 10, "initial_delay": 1, "max_delay": 50}, [1, 10, 50]),
