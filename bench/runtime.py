@@ -644,7 +644,7 @@ class Bench:
                 continue
             peer = not key.startswith("cloudmodal")
             t.add_row(_label(key), f"{r['warm_s']:.2f} s", f"{r['warm_inputs_per_s']:,.0f}", f"{r['first_s']:.2f} s",
-                      str(r.get("procs_warm")), _vs(ref.get("warm_s"), r["warm_s"], True) if peer else "—")
+                      "n/a" if r.get("procs_warm") is None else str(r["procs_warm"]), _vs(ref.get("warm_s"), r["warm_s"], True) if peer else "—")
         self.console.print(t)
 
     def table_bigarg(self, res: dict[str, Any]) -> None:
