@@ -75,6 +75,8 @@ class Transport:
                 return resp.content
             if not resp.content:
                 return None
+            if resp.headers.get("content-type", "").startswith("application/json"):
+                return resp.json()
             return msgpack.unpackb(resp.content, raw=False)
 
     def get(self, path: str, **params: Any) -> Any:
