@@ -147,7 +147,7 @@ class RunningApp:
         if rows:
             (out or sys.stdout).flush()
 
-    def flush_logs(self, out: Any = None, wait: float = 0.3) -> None:
+    def flush_logs(self, out: Any = None, wait: float = 0.1) -> None:
         deadline = time.time() + wait
         while True:
             try:

@@ -96,6 +96,7 @@ class OutputsPost(BaseModel):
 class Heartbeat(BaseModel):
     in_flight: int = 0
     idle: bool = False
+    held: list[int] = Field(default_factory=list)  # input ids the worker holds: only their leases renew
 
 
 class LogsPost(BaseModel):
@@ -382,7 +383,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
     @app.post("/v1/workers/{worker_id}/heartbeat", openapi_extra=msgpack_body(Heartbeat), dependencies=[Depends(worker_scope)])
     async def heartbeat(worker_id: str, request: Request) -> Response:
         b = await body(request, Heartbeat)
-        return packed(await run(cp.heartbeat, worker_id, b.in_flight, b.idle))
+        return packed(await run(cp.heartbeat, worker_id, b.in_flight, b.idle, b.held))
 
     @app.post("/v1/workers/{worker_id}/logs", openapi_extra=msgpack_body(LogsPost), dependencies=[Depends(worker_scope)])
     async def worker_logs(worker_id: str, request: Request) -> Response:

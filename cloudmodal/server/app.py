@@ -38,8 +38,11 @@ class ServerHandle:
     def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
         self.settings = settings
         self.cp = ControlPlane(settings)
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets of a TCP-protocol listener;
+        # without it every response waits ~40 ms for the client's delayed ACK.
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind((host, port))
         self.sock.listen(1024)
         self.host = host

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -69,7 +69,10 @@ class Call(SQLModel, table=True):
 class Input(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("call_id", "idx"),
-        Index("ix_input_claim", "function_id", "state", "available_at", "id"),
+        # Partial indexes: only unfinished inputs are ever looked up by state, and finished ones pile up.
+        Index("ix_input_pending", "function_id", "id", sqlite_where=text("state = 0"), postgresql_where=text("state = 0")),
+        Index("ix_input_open", "function_id", "state", sqlite_where=text("state < 2"), postgresql_where=text("state < 2")),
+        Index("ix_input_call", "call_id", "state"),
         Index("ix_input_worker", "worker_id", "state"),
     )
     id: int | None = Field(default=None, primary_key=True)

@@ -149,12 +149,16 @@ class InputQueue:
             out.setdefault(fid, [0, 0])[state] += n
         return {k: (v[0], v[1]) for k, v in out.items()}
 
-    def renew(self, worker_id: str, lease_s: float, now: float | None = None) -> int:
+    def renew(self, worker_id: str, held: Sequence[int], lease_s: float, now: float | None = None) -> int:
+        """Extend the leases of the inputs the worker says it holds. Inputs claimed for it that it does not
+        hold (the claim's reply was lost, e.g. in a control-plane restart) are left to expire and requeue."""
         now = time.time() if now is None else now
+        if not held:
+            return 0
         with self.db.write() as conn:
             return conn.execute(
                 update(I)
-                .where(and_(I.c.worker_id == worker_id, I.c.state == CLAIMED))
+                .where(and_(I.c.worker_id == worker_id, I.c.state == CLAIMED, I.c.id.in_(list(held))))
                 .values(lease_expires=now + lease_s)
             ).rowcount
 

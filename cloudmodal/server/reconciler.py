@@ -56,6 +56,7 @@ class Reconciler:
         # This machine's worker budget: workers beyond the cores only add start-up cost and contention.
         self.max_workers = int(os.environ.get("CLOUDMODAL_LOCAL_MAX_WORKERS") or max(4, 2 * (os.cpu_count() or 1)))
         self._live_total = 0
+        self._served: set[str] = set()  # functions with live workers at the last tick
         self._idle_elsewhere: list[tuple[float, str, str]] = []  # (idle since, worker id, function id)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -66,6 +67,12 @@ class Reconciler:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def poke(self, function_id: str) -> None:
+        """New inputs: wake at once only for a pool without workers (a cold start); pools that have
+        workers are rescaled on the next regular tick, which keeps the hot path free of reconcile passes."""
+        if function_id not in self._served:
+            self._wake.set()
 
     def stop(self, terminate_workers: bool = True) -> None:
         self._stop.set()
@@ -136,6 +143,7 @@ class Reconciler:
         for w in workers:
             by_fn.setdefault(w.function_id, []).append(w)
         self._live_total = len(workers) + sum(self._launching.values())
+        self._served = {w.function_id for w in workers if w.state in ("starting", "ready")}
         self._idle_elsewhere = sorted((w.idle_since, w.id, w.function_id) for w in workers if w.state == "ready" and w.idle_since is not None)
         # Workers of stopped functions, or of an older version after a redeploy, drain.
         for fid, ws in by_fn.items():

@@ -308,7 +308,9 @@ class ControlPlane:
 
     def put_inputs(self, call_id: str, function_id: str, inputs: list[tuple[int, str | None, bytes | None, str | None]]) -> int:
         n = self.queue.put(call_id, function_id, inputs)
-        self.hub.notify(f"inputs:{function_id}", "reconcile")
+        self.hub.notify(f"inputs:{function_id}")
+        if self.reconciler is not None:
+            self.reconciler.poke(function_id)
         return n
 
     def cancel_call(self, call_id: str) -> None:
@@ -374,7 +376,7 @@ class ControlPlane:
         if any(it.status in ("failure", "timeout") for it in items):
             self.hub.notify("reconcile")  # retries with backoff become claimable later
 
-    def heartbeat(self, worker_id: str, in_flight: int, idle: bool) -> dict[str, Any]:
+    def heartbeat(self, worker_id: str, in_flight: int, idle: bool, held: list[int] | None = None) -> dict[str, Any]:
         now = _now()
         with self.db.write() as conn:
             row = conn.execute(select(W.c.state, W.c.idle_since, W.c.function_id, W.c.function_version).where(W.c.id == worker_id)).first()
@@ -382,7 +384,7 @@ class ControlPlane:
                 return {"drain": True, "cancel": []}
             idle_since = (row[1] or now) if idle else None
             conn.execute(update(W).where(W.c.id == worker_id).values(last_heartbeat=now, in_flight=in_flight, idle_since=idle_since))
-        self.queue.renew(worker_id, self.settings.lease_s, now)
+        self.queue.renew(worker_id, held or [], self.settings.lease_s, now)
         with self._lock:
             cancel = sorted(self._cancel_requests.pop(worker_id, set()))
         return {"drain": row[0] in ("draining", "stopped"), "cancel": cancel}

@@ -99,6 +99,7 @@ class Worker:
         self.last_activity = time.time()
         self.instance: Any = None
         self.exit_code = 0
+        self._claimed_pending: set[int] = set()  # claimed, between the claim reply and starting
 
     # -- set-up -------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -169,9 +170,10 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         while not self.stopped.wait(self.heartbeat_s):
             with self._lock:
-                in_flight = len(self.running) + len(self.local_queue)
+                held = [w.input_id for w in self.running.values()] + [w.input_id for w in self.local_queue]
+                held += list(self._claimed_pending)
             try:
-                r = self.t.post(f"{self.base}/heartbeat", {"in_flight": in_flight, "idle": in_flight == 0})
+                r = self.t.post(f"{self.base}/heartbeat", {"in_flight": len(held), "idle": not held, "held": held})
             except Exception:
                 continue
             if r.get("drain"):
@@ -353,6 +355,7 @@ class Worker:
     def _start(self, w: Work) -> None:
         w.started_at = time.time()
         with self._lock:
+            self._claimed_pending.discard(w.input_id)
             self.running[w.input_id] = w
         if self._is_async_method(w.method):
             assert self.loop is not None
@@ -448,6 +451,9 @@ class Worker:
             works = [Work(*row) for row in r.get("inputs") or []]
             if not works:
                 continue
+            if self.batching is None:
+                with self._lock:
+                    self._claimed_pending.update(w.input_id for w in works)
             if self.batching is not None:
                 with self._cond:
                     self.local_queue.extend(works)
@@ -459,6 +465,9 @@ class Worker:
                         self._cond.wait(0.5)
                 if not w.cancelled:
                     self._start(w)
+                else:
+                    with self._lock:
+                        self._claimed_pending.discard(w.input_id)
                 served += 1
             if single_use and served >= 1:
                 self.draining.set()
