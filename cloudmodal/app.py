@@ -102,6 +102,7 @@ _DEFAULTS: dict[str, Any] = {
     # cloudmodal's own
     "spot": "allow",
     "max_price_per_hour": None,
+    "min_on_demand": 0,
 }
 FUNCTION_OPTIONS: tuple[str, ...] = tuple(_DEFAULTS)
 _FUNCTION_ONLY = ("schedule", "name", "is_generator")
@@ -546,6 +547,11 @@ def _check_options(where: str, kwargs: dict[str, Any], allowed: Sequence[str]) -
             f"expected a positive number of dollars per hour, got {price!r}.",
             "E.g. max_price_per_hour=4.0.",
         )
+    floor = o["min_on_demand"]
+    if not _is_int(floor) or floor < 0:
+        raise _fail(w, "min_on_demand", f"expected a whole number of workers >= 0, got {floor!r}.", "E.g. min_on_demand=1 keeps one on-demand worker beside the spot ones.")
+    if floor and o["spot"] == "require":
+        raise _fail(w, "min_on_demand", "an on-demand floor contradicts spot='require'.", "Use spot='allow' with min_on_demand, or drop min_on_demand.")
     return o
 
 
@@ -889,6 +895,7 @@ class App:
             if o["max_price_per_hour"] is not None
             else None,
             "nonpreemptible": o["nonpreemptible"],
+            "min_on_demand": int(o["min_on_demand"]),
             "serialized": o["serialized"],
             "single_use_containers": o["single_use_containers"],
             "enable_memory_snapshot": o["enable_memory_snapshot"],

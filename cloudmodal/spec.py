@@ -96,6 +96,7 @@ class FunctionSpec:
     spot: SpotPolicy = "allow"
     max_price_per_hour: float | None = None
     nonpreemptible: bool = False
+    min_on_demand: int = 0  # on-demand workers kept beside spot ones
     serialized: bool = False
     web: WebConfig | None = None
     methods: tuple[str, ...] = ()  # @app.cls: names of @method (and batched/web) methods

@@ -26,16 +26,34 @@ def default_settings(state_dir: Path, database_url: str | None = None, **overrid
     return Settings(database_url=url, state_dir=state_dir, **(env_overrides | overrides))
 
 
-def make_provider(settings: Settings) -> Any:
-    from cloudmodal.providers.local import LocalProvider
+def make_providers(settings: Settings) -> dict[str, Any]:
+    """The enabled providers: ``CLOUDMODAL_PROVIDERS`` (comma-separated; default ``local``)."""
+    from cloudmodal.exception import InvalidError
 
-    return LocalProvider(state_dir=settings.state_dir / "workers")
+    names = [n.strip() for n in (os.environ.get("CLOUDMODAL_PROVIDERS") or ",".join(settings.providers)).split(",") if n.strip()]
+    out: dict[str, Any] = {}
+    for name in names:
+        if name == "local":
+            from cloudmodal.providers.local import LocalProvider
+
+            out[name] = LocalProvider(state_dir=settings.state_dir / "workers")
+        elif name == "sim":
+            from cloudmodal.providers.sim import SimProvider
+
+            out[name] = SimProvider.from_env()
+        else:
+            raise InvalidError(f"Unknown provider {name!r} in CLOUDMODAL_PROVIDERS; available here: local, sim.")
+    if "local" not in out:
+        from cloudmodal.providers.local import LocalProvider
+
+        out["local"] = LocalProvider(state_dir=settings.state_dir / "workers")  # CPU-only work
+    return out
 
 
 class ServerHandle:
     """A control plane serving HTTP on a bound socket, with its reconciler."""
 
-    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0, providers: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.cp = ControlPlane(settings)
         # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets of a TCP-protocol listener;
@@ -51,7 +69,7 @@ class ServerHandle:
         self.url = f"http://{connect_host}:{self.port}"
         from cloudmodal.server.reconciler import Reconciler
 
-        self.reconciler = Reconciler(self.cp, make_provider(settings), self.url)
+        self.reconciler = Reconciler(self.cp, providers if providers is not None else make_providers(settings), self.url)
         self.cp.reconciler = self.reconciler
         self.api = build_app(self.cp)
         config = uvicorn.Config(self.api, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=65)

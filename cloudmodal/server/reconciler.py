@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, select
@@ -23,31 +24,62 @@ from sqlalchemy import and_, select
 from cloudmodal.exception import Error, NoProviderError
 from cloudmodal.gpu import GpuTier
 from cloudmodal.ids import new_id
+from cloudmodal.providers.base import SupportsPreemptionNotice
 from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView
 from cloudmodal.server.models import Function, Worker
 from cloudmodal.server.service import LIVE_WORKER_STATES, ControlPlane
+from cloudmodal.server.spot import BlockList, MarketPolicy, PoolMarketState
 from cloudmodal.spec import FunctionSpec
 
 log = logging.getLogger("cloudmodal.reconciler")
 F = Function.__table__
 W = Worker.__table__
 
+MAX_LAUNCH_TRIES = 12  # candidates tried per worker before backing off
 STARTUP_GRACE_S = 120.0  # a launched worker that never registers is replaced after this (plus startup_timeout)
 DRAIN_GRACE_S = 30.0
 LAUNCH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
+@dataclass
+class _Choice:
+    """One way to start a worker: a provider, and for clouds the offer and market placement ranked."""
+
+    provider: Any
+    tier: GpuTier | None
+    offer: Any = None
+    market: str = "on-demand"
+    price: float = 0.0
+    key: Any = None
+
+    def describe(self) -> str:
+        if self.offer is None:
+            return f"{self.provider.name}" + (f" {self.tier}" if self.tier else " (CPU)")
+        o = self.offer
+        return f"{o.cloud} {o.zone or o.region} {o.instance_type} {self.tier} {self.market} ${self.price:.2f}/h"
+
+
 class Reconciler:
-    def __init__(self, cp: ControlPlane, provider: Any, server_url: str) -> None:
+    def __init__(self, cp: ControlPlane, providers: Any, server_url: str) -> None:
         self.cp = cp
-        self.provider = provider
+        if not isinstance(providers, dict):
+            providers = {providers.name: providers}
+        self.providers: dict[str, Any] = providers
+        self.local = providers.get("local")
+        self.clouds = [p for name, p in providers.items() if name != "local"]
+        self.provider = self.local or next(iter(providers.values()))  # CPU-only work runs here
+        self._tables: dict[str, Any] = {}
         self.server_url = server_url
         self.autoscaler = Autoscaler()
-        self.handles: dict[str, Any] = {}
+        self.market_policy = MarketPolicy()
+        self.market_state: dict[str, PoolMarketState] = {}
+        self.blocks = BlockList()
+        self.handles: dict[str, tuple[Any, Any]] = {}  # worker id -> (provider, handle)
+        self._noticed: set[str] = set()
         self._launching: dict[str, int] = {}
         self._launch_failures: dict[str, int] = {}
         self._next_launch_at: dict[str, float] = {}
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="launch")
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="launch")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,11 +116,16 @@ class Reconciler:
             for wid, _ in handles:
                 self.cp.drain_worker(wid, "control plane shutting down")
             deadline = time.time() + 5.0
-            for wid, h in handles:
-                while time.time() < deadline and self.provider.describe(h).alive:
+            for wid, (prov, h) in handles:
+                while time.time() < deadline and prov.describe(h).alive:
                     time.sleep(0.05)
-                self.provider.terminate(h, grace_s=1.0)
+                prov.terminate(h, grace_s=1.0)
                 self.cp.worker_stopped(wid, "control plane shut down", crashed=False)
+            for prov in self.providers.values():
+                try:
+                    prov.close()
+                except Exception:
+                    log.exception("closing provider %s", prov.name)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
@@ -114,16 +151,59 @@ class Reconciler:
     def check_resources(self, spec: FunctionSpec, *, allow_cpu_fallback: bool) -> None:
         if not spec.gpu or allow_cpu_fallback:
             return
-        if self._local_tier(spec.gpu, need_free=False) is not None:
+        if self._local_tier(spec.gpu) is not None:
             return
-        raise NoProviderError(_no_gpu_message(spec.gpu, self.provider))
+        if self._cloud_choices(spec, "", time.time(), ignore_blocks=True, limit=1):
+            return
+        raise NoProviderError(_no_gpu_message(spec.gpu, self.local))
 
-    def _local_tier(self, tiers: tuple[GpuTier, ...], need_free: bool) -> GpuTier | None:
-        can = getattr(self.provider, "can_satisfy", None)
+    def _local_tier(self, tiers: tuple[GpuTier, ...]) -> GpuTier | None:
+        can = getattr(self.local, "can_satisfy", None)
+        if can is None:
+            return None
         for t in tiers:
-            if can is not None and can((t,)):
+            if can((t,)):
                 return t
         return None
+
+    def _table(self, provider: Any) -> Any:
+        table = self._tables.get(provider.name)
+        if table is None:
+            from cloudmodal.pricing.offers import OfferTable
+
+            offers = provider.offers()
+            table = offers if isinstance(offers, OfferTable) else OfferTable(offers)
+            self._tables[provider.name] = table
+        return table
+
+    def _cloud_choices(self, spec: FunctionSpec, fid: str, now: float, *, ignore_blocks: bool = False, force_on_demand: bool = False, limit: int = 12) -> list[_Choice]:
+        if not self.clouds or not spec.gpu:
+            return []
+        from cloudmodal.placement import PlacementPolicy, rank
+
+        state = self.market_state.setdefault(fid, PoolMarketState())
+        mode = "never" if force_on_demand else self.market_policy.spot_mode(spec.spot, state, now)
+        clouds = None if spec.cloud in (None, "auto", "sim") else [spec.cloud]
+        policy = PlacementPolicy(spot=mode, clouds=clouds, regions=list(spec.region) or None, max_price_per_hour=spec.max_price_per_hour)
+        blocked = frozenset() if ignore_blocks else self.blocks.active(now)
+        out: list[_Choice] = []
+        for prov in self.clouds:
+            placement = rank(spec.gpu, self._table(prov), policy=policy, blocked=blocked, limit=limit)
+            out += [_Choice(prov, c.tier, c.offer, c.market, c.price, c.key) for c in placement.candidates]
+        if len(self.clouds) > 1:
+            out.sort(key=lambda c: (c.price,))
+        return out[:limit]
+
+    def _choices(self, spec: FunctionSpec, fid: str, cpu_fallback: bool, now: float, force_on_demand: bool) -> list[_Choice]:
+        """Where to try to start the next worker, best first: this machine when it has the GPU (it costs
+        nothing), then cloud offers in placement's order (tiers in the user's order, cheapest first)."""
+        if not spec.gpu or cpu_fallback:
+            return [_Choice(self.provider, None)]
+        out: list[_Choice] = []
+        tier = self._local_tier(spec.gpu)
+        if tier is not None:
+            out.append(_Choice(self.local, tier))
+        return out + self._cloud_choices(spec, fid, now, force_on_demand=force_on_demand)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -202,87 +282,123 @@ class Reconciler:
             launch = max(0, room)
         if launch > 0 and now >= self._next_launch_at.get(fid, 0.0):
             self._live_total += launch
+            live_od = sum(1 for w in ws if w.market == "on-demand" and w.state != "draining" and w.provider != "local")
+            floor = self.market_policy.on_demand_floor(spec.min_on_demand, live_od) if spec.gpu and self.clouds else 0
             self.cp.event("pool.scale_up", f"launching {launch} worker(s): {decision.reason}", app_id=fn[1], function_id=fid, desired=decision.desired)
-            for _ in range(launch):
-                self._launch(fid, fn, spec)
+            for i in range(launch):
+                self._launch(fid, fn, spec, force_on_demand=i < floor)
 
-    def _launch(self, fid: str, fn: Any, spec: FunctionSpec) -> None:
-        from cloudmodal.providers.base import LaunchRequest
+    def _launch(self, fid: str, fn: Any, spec: FunctionSpec, *, force_on_demand: bool = False) -> None:
+        from cloudmodal.providers.base import LaunchRequest, QuotaExceededError
 
         with self._lock:
             self._launching[fid] = self._launching.get(fid, 0) + 1
         app_id = fn[1]
         cpu_fallback = (fn[6] or {}).get("CLOUDMODAL_CPU_FALLBACK") == "1"
-        tier = None if (cpu_fallback or not spec.gpu) else self._local_tier(spec.gpu, need_free=True)
         worker_id = new_id("ta")
         token = self.cp.tokens.create(scope=f"worker:{worker_id}", name=worker_id)
         image = spec.image or {}
-        req = LaunchRequest(
-            worker_id=worker_id,
-            app_id=app_id,
-            function_id=fid,
-            gpu=tier,
-            market="on-demand",
-            cpu=spec.cpu,
-            memory_mb=spec.memory,
-            image_hash=spec.image_hash,
-            pip_packages=tuple(image.get("pip_packages") or ()),
-            env={
-                "CLOUDMODAL_SERVER_URL": self.server_url,
-                "CLOUDMODAL_TOKEN": token,
-                "CLOUDMODAL_WORKER_ID": worker_id,
-                "CLOUDMODAL_FUNCTION_ID": fid,
-                "CLOUDMODAL_APP_ID": app_id,
-                "PYTHONUNBUFFERED": "1",
-            },
-            argv=("-m", "cloudmodal.worker"),
-        )
-        self.cp.add_worker(worker_id, app_id, fid, provider=self.provider.name, function_version=fn[3], gpu=str(tier) if tier else None)
+        env = {
+            "CLOUDMODAL_SERVER_URL": self.server_url,
+            "CLOUDMODAL_TOKEN": token,
+            "CLOUDMODAL_WORKER_ID": worker_id,
+            "CLOUDMODAL_FUNCTION_ID": fid,
+            "CLOUDMODAL_APP_ID": app_id,
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.cp.add_worker(worker_id, app_id, fid, provider="-", function_version=fn[3])
 
         def go() -> None:
+            now = time.time()
+            state = self.market_state.setdefault(fid, PoolMarketState())
+            choices = self._choices(spec, fid, cpu_fallback, now, force_on_demand)
+            tried: list[str] = []
             try:
-                handle = self.provider.launch(req)
-            except Error as e:
+                for i, choice in enumerate(choices[:MAX_LAUNCH_TRIES]):
+                    req = LaunchRequest(
+                        worker_id=worker_id, app_id=app_id, function_id=fid, gpu=choice.tier, offer=choice.offer,
+                        market=choice.market, cpu=spec.cpu, memory_mb=spec.memory, image_hash=spec.image_hash,
+                        pip_packages=tuple(image.get("pip_packages") or ()), env=env, argv=("-m", "cloudmodal.worker"),
+                    )
+                    try:
+                        handle = choice.provider.launch(req)
+                    except Error as e:
+                        reason = getattr(e, "reason", None) or type(e).__name__
+                        tried.append(f"{choice.describe()}: {reason}")
+                        if choice.key is not None:
+                            quota = isinstance(e, QuotaExceededError)
+                            hold = self.market_policy.settings.block_quota_s if quota else self.market_policy.settings.block_capacity_s
+                            self.blocks.block(choice.key, time.time() + hold, f"{type(e).__name__}: {e}")
+                        if choice.market == "spot":
+                            msg = self.market_policy.record_spot_failure(state, time.time())
+                            if msg:
+                                self.cp.event("pool.spot_fallback", msg, app_id=app_id, function_id=fid)
+                        self.cp.event(
+                            "launch.failed",
+                            f"{choice.describe()}: {type(e).__name__}: {e}" + (f"; trying the next of {len(choices)} candidates" if i + 1 < len(choices) else ""),
+                            app_id=app_id, function_id=fid, worker_id=worker_id, offer=_offer_dict(choice), reason=reason,
+                        )
+                        if i + 1 < len(choices):
+                            time.sleep(min(0.05 * 2**i, 1.0))  # backoff between candidates: no hot loops
+                        continue
+                    self._launched(fid, app_id, worker_id, choice, handle, state, cpu_fallback and bool(spec.gpu))
+                    return
                 n = self._launch_failures.get(fid, 0)
                 self._launch_failures[fid] = n + 1
                 delay = LAUNCH_BACKOFF_S[min(n, len(LAUNCH_BACKOFF_S) - 1)]
                 self._next_launch_at[fid] = time.time() + delay
-                self.cp.worker_stopped(worker_id, f"launch failed: {e}", crashed=False)
-                self.cp.event("launch.failed", f"{type(e).__name__}: {e}; retrying in {delay:g} s", app_id=app_id, function_id=fid, worker_id=worker_id)
+                why = "; ".join(tried[-5:]) or "no candidate offers (all blocked or none match)"
+                self.cp.worker_stopped(worker_id, f"launch failed: {why}", crashed=False)
+                self.cp.event("launch.exhausted", f"no candidate could start a worker ({len(tried)} tried); retrying in {delay:g} s. {why}", app_id=app_id, function_id=fid)
             except Exception as e:  # a provider bug must not kill the loop
                 log.exception("launch crashed")
                 self._next_launch_at[fid] = time.time() + 5.0
                 self.cp.worker_stopped(worker_id, f"launch crashed: {e!r}", crashed=False)
-            else:
-                self._launch_failures.pop(fid, None)
-                with self._lock:
-                    self.handles[worker_id] = handle
-                with self.cp.db.write() as conn:
-                    conn.execute(
-                        W.update().where(W.c.id == worker_id).values(instance_id=handle.instance_id, price_per_hour=handle.price_per_hour, market=handle.market)
-                    )
-                self.cp.event(
-                    "worker.launched",
-                    f"worker {worker_id} launched on {self.provider.name}" + (f" with {tier}" if tier else "") + (" (CPU fallback)" if cpu_fallback and spec.gpu else ""),
-                    app_id=app_id,
-                    function_id=fid,
-                    worker_id=worker_id,
-                )
             finally:
                 with self._lock:
                     self._launching[fid] = max(0, self._launching.get(fid, 1) - 1)
 
         self._pool.submit(go)
 
+    def _launched(self, fid: str, app_id: str, worker_id: str, choice: _Choice, handle: Any, state: PoolMarketState, cpu_fallback: bool) -> None:
+        self._launch_failures.pop(fid, None)
+        with self._lock:
+            self.handles[worker_id] = (choice.provider, handle)
+        if choice.market == "spot":
+            msg = self.market_policy.record_spot_success(state, time.time())
+            if msg:
+                self.cp.event("pool.spot_restored", msg, app_id=app_id, function_id=fid)
+        with self.cp.db.write() as conn:
+            conn.execute(
+                W.update().where(W.c.id == worker_id).values(
+                    provider=choice.provider.name, instance_id=handle.instance_id, price_per_hour=handle.price_per_hour,
+                    market=handle.market, gpu=str(choice.tier) if choice.tier else None, offer=_offer_dict(choice),
+                )
+            )
+        self.cp.event(
+            "worker.launched",
+            f"worker {worker_id} launched: {choice.describe()}" + (" (CPU fallback)" if cpu_fallback else ""),
+            app_id=app_id, function_id=fid, worker_id=worker_id, offer=_offer_dict(choice), market=handle.market, price_per_hour=handle.price_per_hour,
+        )
+
     def _reap(self, now: float) -> None:
-        for wid, handle in list(self.handles.items()):
-            status = self.provider.describe(handle)
+        for wid, (prov, handle) in list(self.handles.items()):
+            status = prov.describe(handle)
             if status.alive:
+                if isinstance(prov, SupportsPreemptionNotice) and wid not in self._noticed:
+                    at = prov.preemption_notice(handle)
+                    if at is not None:
+                        self._noticed.add(wid)
+                        self._on_preemption_notice(wid, handle, at, now)
                 continue
             with self._lock:
                 self.handles.pop(wid, None)
             state = self.cp.worker_state(wid)
             if state in (None, "stopped"):
+                continue
+            if status.state == "preempted" or wid in self._noticed:
+                self._noticed.discard(wid)
+                self.cp.worker_stopped(wid, f"preempted ({status.detail or 'spot capacity reclaimed'})", crashed=False)
                 continue
             clean = state == "draining" and status.returncode == 0
             self.cp.worker_stopped(
@@ -296,7 +412,7 @@ class Reconciler:
             rows = conn.execute(
                 select(W.c.id, W.c.state, W.c.last_heartbeat, W.c.pid, W.c.started_at).where(W.c.state.in_(LIVE_WORKER_STATES))
             ).all()
-        for wid, state, last_hb, pid, started_at in rows:
+        for wid, state, last_hb, _pid, started_at in rows:
             if wid in self.handles and state == "starting" and now - started_at < STARTUP_GRACE_S:
                 continue
             if state == "draining" and last_hb < now - DRAIN_GRACE_S - self.cp.settings.worker_timeout_s:
@@ -306,11 +422,24 @@ class Reconciler:
                 self._kill(wid)
                 self.cp.worker_stopped(wid, f"no heartbeat for {now - last_hb:.0f} s", crashed=True)
 
+    def _on_preemption_notice(self, wid: str, handle: Any, at: float, now: float) -> None:
+        """A spot worker will be reclaimed: it stops claiming, its inputs go back to the queue at once (not
+        after a lease), and the autoscaler, no longer counting it, starts a replacement right away."""
+        row = self.cp.worker_row(wid)
+        fid = row["function_id"]
+        self.cp.drain_worker(wid, f"preemption notice: reclaimed in {max(0.0, at - now):.0f} s")
+        n = self.cp.release_inputs(wid, None)
+        self.cp.event("worker.preempted", f"worker {wid} ({row.get('gpu') or ''} {row.get('market')}) got a preemption notice; {n} inputs requeued; replacing it", app_id=row["app_id"], function_id=fid, worker_id=wid, requeued=n)
+        msg = self.market_policy.record_preemption(self.market_state.setdefault(fid, PoolMarketState()), now)
+        if msg:
+            self.cp.event("pool.spot_fallback", msg, app_id=row["app_id"], function_id=fid)
+        self.wake()
+
     def _kill(self, wid: str) -> None:
-        h = self.handles.pop(wid, None)
-        if h is not None:
+        entry = self.handles.pop(wid, None)
+        if entry is not None:
             try:
-                self.provider.terminate(h, grace_s=2.0)
+                entry[0].terminate(entry[1], grace_s=2.0)
             except Exception:
                 log.exception("terminate failed")
 
@@ -340,9 +469,8 @@ def _no_gpu_message(tiers: tuple[GpuTier, ...], provider: Any) -> str:
 
 def _cheapest_offers(tiers: tuple[GpuTier, ...], n: int = 3) -> list[str]:
     try:
-        from cloudmodal.pricing.catalog import load_offer_table
-
         from cloudmodal.placement import PlacementPolicy, rank
+        from cloudmodal.pricing.catalog import load_offer_table
     except ImportError:
         return []
     try:
@@ -360,3 +488,10 @@ def _cheapest_offers(tiers: tuple[GpuTier, ...], n: int = 3) -> list[str]:
 
 
 _ = sys
+
+
+def _offer_dict(choice: _Choice) -> dict[str, Any] | None:
+    o = choice.offer
+    if o is None:
+        return {"cloud": choice.provider.name, "gpu": str(choice.tier) if choice.tier else None}
+    return {"cloud": o.cloud, "region": o.region, "zone": o.zone, "instance_type": o.instance_type, "gpu": str(choice.tier), "market": choice.market, "price_per_hour": choice.price}

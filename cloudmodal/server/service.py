@@ -199,7 +199,7 @@ class ControlPlane:
             d[market] = d.get(market, 0) + n
         for a in apps:
             pools = []
-            for fid, app_id, name, parent_id, spec in fn_rows:
+            for fid, app_id, name, _parent_id, spec in fn_rows:
                 if app_id != a["id"]:
                     continue
                 w = by_fn.get(fid, {})

@@ -364,6 +364,8 @@ class Worker:
                 w.extra["task"] = self.loop.create_task(self._run_async(w))  # type: ignore[union-attr]
 
             self.loop.call_soon_threadsafe(create)
+        elif self.capacity == 1:
+            self._run_sync(w)  # one at a time: run it right here, no thread hand-off per input
         else:
             w.future = self.pool.submit(self._run_sync, w)
 
@@ -459,7 +461,13 @@ class Worker:
                     self.local_queue.extend(works)
                     self._cond.notify_all()
                 continue
-            for w in works:
+            for i, w in enumerate(works):
+                if self.draining.is_set():
+                    rest = [x.input_id for x in works[i:]]
+                    with self._lock:
+                        self._claimed_pending.difference_update(rest)
+                    self.t.post(f"{self.base}/release", {"input_ids": rest})
+                    break
                 with self._cond:
                     while len(self.running) >= self.capacity:
                         self._cond.wait(0.5)

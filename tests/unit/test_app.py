@@ -155,6 +155,7 @@ def test_every_modal_keyword_is_accepted():
         "max_inputs": 1,
         "spot": "require",
         "max_price_per_hour": 12.5,
+        "min_on_demand": 0,
     }
     assert set(all_options) == set(FUNCTION_OPTIONS)
     f = app.function(**all_options)(optional_args)
