@@ -8,8 +8,11 @@ A CPU-only worker sees no GPU unless the provider is built with ``expose_gpus_to
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
 import os
+import sys
 import signal
 import subprocess
 import threading
@@ -98,7 +101,9 @@ class LocalProvider(Provider, SupportsGpuInventory):
         cpu_fallback: bool = False,
         python_resolver: PythonResolver | None = None,
         clock: Callable[[], float] = time.time,
+        standby: bool = False,
     ) -> None:
+        """``standby=True`` keeps one pre-started worker interpreter warm (the control plane turns it on)."""
         self.state_dir = Path(state_dir) if state_dir is not None else cache_dir() / "local"
         self._gpus: list[GpuDevice] | None = list(gpus) if gpus is not None else None
         self.price_per_hour = price_per_hour
@@ -110,6 +115,11 @@ class LocalProvider(Provider, SupportsGpuInventory):
         self._lock = threading.Lock()
         self._busy: dict[int, str] = {}  # GPU index -> worker id
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._standby: tuple[subprocess.Popen[bytes], Path] | None = None
+        self._closed = False
+        self.standby_enabled = standby
+        if standby:
+            threading.Thread(target=self._start_standby, name="standby", daemon=True).start()
         self._exited: dict[str, int] = {}  # worker id -> returncode, once reaped
 
     # --- inventory ---------------------------------------------------------------------------------------
@@ -286,11 +296,57 @@ class LocalProvider(Provider, SupportsGpuInventory):
             env["CLOUDMODAL_CPU_FALLBACK"] = "1"
         return env
 
+    # --- a warm standby interpreter ------------------------------------------------------------------------
+    # Starting Python and importing the worker runtime takes ~150 ms; a cold start pays it once more after the
+    # control plane is up. A standby process does that work ahead of time, then waits on stdin for the
+    # environment of the worker it becomes. Only for the default worker command in this interpreter.
+
+    def _start_standby(self) -> None:
+        if not self.standby_enabled or self._closed:
+            return
+        log_dir = self.state_dir / "logs"
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = log_dir / f"standby-{os.getpid()}-{time.monotonic_ns()}.log"
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "cloudmodal.worker", "--standby"],
+                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                )
+        except OSError:
+            return
+        with self._lock:
+            self._standby = (proc, log_path)
+
+    def _take_standby(self, req: LaunchRequest, python: str) -> tuple[subprocess.Popen[bytes], Path] | None:
+        if python != sys.executable or tuple(req.argv) != ("-m", "cloudmodal.worker"):
+            return None
+        with self._lock:
+            standby, self._standby = self._standby, None
+        if standby is None:
+            return None
+        proc, log_path = standby
+        if proc.poll() is not None:
+            return None
+        return proc, log_path
+
     def _spawn(
         self, req: LaunchRequest, python: str, indices: tuple[int, ...], cpu_fallback_used: bool
     ) -> tuple[subprocess.Popen[bytes], Path]:
         log_dir = self.state_dir / "logs"
         log_path = log_dir / f"{req.worker_id}.log"
+        standby = self._take_standby(req, python)
+        if standby is not None:
+            proc, standby_log = standby
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps(self._child_env(req, indices, cpu_fallback_used)).encode() + b"\n")
+                proc.stdin.close()
+                os.replace(standby_log, log_path)
+                threading.Thread(target=self._start_standby, daemon=True).start()
+                return proc, log_path
+            except (OSError, ValueError):
+                self._signal_group(proc, signal.SIGKILL)
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             with open(log_path, "ab") as log:
@@ -388,6 +444,14 @@ class LocalProvider(Provider, SupportsGpuInventory):
 
     def close(self) -> None:
         """Stop every worker this provider started (the embedded control plane's workers die with it)."""
+        self._closed = True
+        with self._lock:
+            standby, self._standby = self._standby, None
+        if standby is not None:
+            self._signal_group(standby[0], signal.SIGKILL)
+            standby[0].wait()
+            with contextlib.suppress(OSError):
+                standby[1].unlink()
         self.terminate_all()
 
     def live_workers(self) -> list[str]:

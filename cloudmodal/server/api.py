@@ -285,9 +285,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
     @app.post("/v1/calls", openapi_extra=msgpack_body(CallCreate), dependencies=[Depends(caller)])
     async def create_call(request: Request) -> Response:
         b = await body(request, CallCreate)
-        await run(cp.create_call, b.call_id, b.function_id, b.kind)
-        if b.inputs:
-            await run(cp.put_inputs, b.call_id, b.function_id, b.inputs)
+        await run(cp.create_call, b.call_id, b.function_id, b.kind, b.inputs)
         out: dict[str, Any] = {"call_id": b.call_id}
         if b.wait > 0:
             out["outputs"] = await _outputs(b.call_id, 0, 10000, b.wait)

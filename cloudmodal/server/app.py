@@ -36,7 +36,7 @@ def make_providers(settings: Settings) -> dict[str, Any]:
         if name == "local":
             from cloudmodal.providers.local import LocalProvider
 
-            out[name] = LocalProvider(state_dir=settings.state_dir / "workers")
+            out[name] = LocalProvider(state_dir=settings.state_dir / "workers", standby=True)
         elif name == "sim":
             from cloudmodal.providers.sim import SimProvider
 
@@ -46,7 +46,7 @@ def make_providers(settings: Settings) -> dict[str, Any]:
     if "local" not in out:
         from cloudmodal.providers.local import LocalProvider
 
-        out["local"] = LocalProvider(state_dir=settings.state_dir / "workers")  # CPU-only work
+        out["local"] = LocalProvider(state_dir=settings.state_dir / "workers", standby=True)  # CPU-only work
     return out
 
 

@@ -76,8 +76,9 @@ class InputQueue:
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:c))"), {"c": cid})
 
     # -- producers ---------------------------------------------------------------------------------------
-    def put(self, call_id: str, function_id: str, items: Sequence[tuple[int, str | None, bytes | None, str | None]]) -> int:
-        """Enqueue ``(idx, method, args, args_blob)`` items; re-sending an ``idx`` is a no-op."""
+    def put(self, call_id: str, function_id: str, items: Sequence[tuple[int, str | None, bytes | None, str | None]], conn: Any = None) -> int:
+        """Enqueue ``(idx, method, args, args_blob)`` items; re-sending an ``idx`` is a no-op.
+        With ``conn``, inside the caller's transaction."""
         if not items:
             return 0
         now = time.time()
@@ -100,8 +101,11 @@ class InputQueue:
             for idx, method, args, blob in items
         ]
         stmt = self._insert(I).on_conflict_do_nothing(index_elements=["call_id", "idx"])
-        with self.db.write() as conn:
+        if conn is not None:
             res = conn.execute(stmt, rows)
+        else:
+            with self.db.write() as conn:
+                res = conn.execute(stmt, rows)
         return res.rowcount if res.rowcount is not None and res.rowcount >= 0 else len(rows)
 
     # -- consumers ---------------------------------------------------------------------------------------

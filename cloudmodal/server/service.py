@@ -287,7 +287,8 @@ class ControlPlane:
         return dict(row._mapping)
 
     # -- calls -------------------------------------------------------------------------------------------
-    def create_call(self, call_id: str, function_id: str, kind: str) -> None:
+    def create_call(self, call_id: str, function_id: str, kind: str, inputs: list[Any] | None = None) -> None:
+        """Create a call (idempotent by id), and enqueue its first inputs in the same transaction."""
         with self.db.write() as conn:
             row = conn.execute(select(F.c.app_id, F.c.state).where(F.c.id == function_id)).first()
             if row is None:
@@ -298,6 +299,12 @@ class ControlPlane:
             if exists is None:
                 conn.execute(CA.insert().values(id=call_id, function_id=function_id, app_id=row[0], kind=kind, created_at=_now(), num_inputs=0, cancelled=False))
             conn.execute(update(F).where(F.c.id == function_id).values(last_active_at=_now()))
+            if inputs:
+                self.queue.put(call_id, function_id, inputs, conn=conn)
+        if inputs:
+            self.hub.notify(f"inputs:{function_id}")
+            if self.reconciler is not None:
+                self.reconciler.poke(function_id)
 
     def call_row(self, call_id: str) -> dict[str, Any]:
         with self.db.read() as conn:
