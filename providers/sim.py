@@ -777,6 +777,7 @@ class SimProvider(Provider, SupportsSignals, SupportsPreemptionNotice):
 
         A spot-only outage gives no signal (a :class:`Signal` has no market); placement learns it from the
         failed launch, as with a real cloud. Probabilistic (``fail_prob``) rules give none either."""
+        self.poll()
         now = self._clock()
         t = now - self.started_at
         with self._lock:
@@ -1019,10 +1020,9 @@ class SimProvider(Provider, SupportsSignals, SupportsPreemptionNotice):
                 "notice_file": str(notice_file),
             },
         )
-        if delay > 0:
-            self._ensure_thread()
-        else:
+        if delay <= 0:
             self._start(w, raise_errors=True)  # like the local provider: the process runs when launch returns
+        self._ensure_thread()  # starts, notices and reclaims happen on time even if nobody asks
         return handle
 
     def _ensure_thread(self) -> None:
@@ -1304,6 +1304,7 @@ class SimProvider(Provider, SupportsSignals, SupportsPreemptionNotice):
     ) -> list[str]:
         """Ids of workers provisioning or running (optionally only one market's, or those matching)."""
         m = match if isinstance(match, Match) else Match.from_dict(match)
+        self.poll()
         with self._lock:
             return sorted(
                 w.worker_id

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, select
 
 from cloudmodal.exception import Error, NoProviderError
 from cloudmodal.gpu import GpuTier
@@ -28,7 +28,7 @@ from cloudmodal.providers.base import SupportsPreemptionNotice
 from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView
 from cloudmodal.server.models import Function, Worker
 from cloudmodal.server.service import LIVE_WORKER_STATES, ControlPlane
-from cloudmodal.server.spot import BlockList, MarketPolicy, PoolMarketState
+from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState
 from cloudmodal.spec import FunctionSpec
 
 log = logging.getLogger("cloudmodal.reconciler")
@@ -71,7 +71,7 @@ class Reconciler:
         self._tables: dict[str, Any] = {}
         self.server_url = server_url
         self.autoscaler = Autoscaler()
-        self.market_policy = MarketPolicy()
+        self.market_policy = MarketPolicy(_market_settings())
         self.market_state: dict[str, PoolMarketState] = {}
         self.blocks = BlockList()
         self.handles: dict[str, tuple[Any, Any]] = {}  # worker id -> (provider, handle)
@@ -287,6 +287,28 @@ class Reconciler:
             self.cp.event("pool.scale_up", f"launching {launch} worker(s): {decision.reason}", app_id=fn[1], function_id=fid, desired=decision.desired)
             for i in range(launch):
                 self._launch(fid, fn, spec, force_on_demand=i < floor)
+        elif spec.gpu and self.clouds and spec.spot == "allow" and not self._launching.get(fid) and room > 0:
+            self._move_back_to_spot(fid, fn, spec, ws, now)
+
+    def _move_back_to_spot(self, fid: str, fn: Any, spec: FunctionSpec, ws: list[Any], now: float) -> None:
+        """A pool fallen back to on-demand probes spot now and then with one extra worker; once spot works
+        again its on-demand workers above ``min_on_demand`` are replaced by spot ones, one at a time."""
+        state = self.market_state.setdefault(fid, PoolMarketState())
+        live = [w for w in ws if w.state != "draining" and w.provider != "local"]
+        if not any(w.market == "on-demand" for w in live):
+            return
+        if state.fallen_back:
+            if self.market_policy.probe_due(state, now):
+                self.cp.event("pool.spot_probe", "trying spot again with one extra worker", app_id=fn[1], function_id=fid)
+                self._launch(fid, fn, spec)
+            return
+        spot = next((c for c in self._cloud_choices(spec, fid, now) if c.market == "spot"), None)
+        if spot is None:
+            return
+        for wid in self.market_policy.to_replace(state, [(w.id, w.market, w.price_per_hour) for w in live], spec.min_on_demand, spot.price, now):
+            self.cp.event("pool.rebalance", f"replacing on-demand worker {wid} by spot ({spot.describe()})", app_id=fn[1], function_id=fid, worker_id=wid)
+            self._launch(fid, fn, spec)
+            self.cp.drain_worker(wid, "replaced by a cheaper spot worker")
 
     def _launch(self, fid: str, fn: Any, spec: FunctionSpec, *, force_on_demand: bool = False) -> None:
         from cloudmodal.providers.base import LaunchRequest, QuotaExceededError
@@ -327,15 +349,17 @@ class Reconciler:
                         tried.append(f"{choice.describe()}: {reason}")
                         if choice.key is not None:
                             quota = isinstance(e, QuotaExceededError)
-                            hold = self.market_policy.settings.block_quota_s if quota else self.market_policy.settings.block_capacity_s
-                            self.blocks.block(choice.key, time.time() + hold, f"{type(e).__name__}: {e}")
+                            self.market_policy.block_failed_launch(
+                                self.blocks, choice.key, time.time(), f"{type(e).__name__}: {reason}", quota=quota,
+                                offers=self._table(choice.provider) if quota else (),
+                            )
                         if choice.market == "spot":
                             msg = self.market_policy.record_spot_failure(state, time.time())
                             if msg:
                                 self.cp.event("pool.spot_fallback", msg, app_id=app_id, function_id=fid)
                         self.cp.event(
                             "launch.failed",
-                            f"{choice.describe()}: {type(e).__name__}: {e}" + (f"; trying the next of {len(choices)} candidates" if i + 1 < len(choices) else ""),
+                            f"{choice.describe()}: {type(e).__name__} ({reason}): {e}" + (f"; trying the next of {len(choices)} candidates" if i + 1 < len(choices) else ""),
                             app_id=app_id, function_id=fid, worker_id=worker_id, offer=_offer_dict(choice), reason=reason,
                         )
                         if i + 1 < len(choices):
@@ -430,7 +454,11 @@ class Reconciler:
         self.cp.drain_worker(wid, f"preemption notice: reclaimed in {max(0.0, at - now):.0f} s")
         n = self.cp.release_inputs(wid, None)
         self.cp.event("worker.preempted", f"worker {wid} ({row.get('gpu') or ''} {row.get('market')}) got a preemption notice; {n} inputs requeued; replacing it", app_id=row["app_id"], function_id=fid, worker_id=wid, requeued=n)
-        msg = self.market_policy.record_preemption(self.market_state.setdefault(fid, PoolMarketState()), now)
+        with self.cp.db.read() as conn:
+            spot_workers = conn.execute(
+                select(func.count()).select_from(W).where(and_(W.c.function_id == fid, W.c.market == "spot", W.c.state.in_(("starting", "ready"))))
+            ).scalar_one()
+        msg = self.market_policy.record_preemption(self.market_state.setdefault(fid, PoolMarketState()), now, spot_workers + 1)
         if msg:
             self.cp.event("pool.spot_fallback", msg, app_id=row["app_id"], function_id=fid)
         self.wake()
@@ -495,3 +523,18 @@ def _offer_dict(choice: _Choice) -> dict[str, Any] | None:
     if o is None:
         return {"cloud": choice.provider.name, "gpu": str(choice.tier) if choice.tier else None}
     return {"cloud": o.cloud, "region": o.region, "zone": o.zone, "instance_type": o.instance_type, "gpu": str(choice.tier), "market": choice.market, "price_per_hour": choice.price}
+
+
+def _market_settings() -> MarketSettings:
+    """Spot policy thresholds; ``CLOUDMODAL_SPOT_SETTINGS`` (JSON, e.g. ``{"probe_interval_s": 30}``) overrides."""
+    import json
+
+    raw = os.environ.get("CLOUDMODAL_SPOT_SETTINGS")
+    if not raw:
+        return MarketSettings()
+    try:
+        return MarketSettings(**json.loads(raw))
+    except (ValueError, TypeError) as e:
+        from cloudmodal.exception import InvalidError
+
+        raise InvalidError(f"CLOUDMODAL_SPOT_SETTINGS is not valid: {e}. Example: '{{\"probe_interval_s\": 30}}'.") from None

@@ -1,0 +1,1113 @@
+"""Autoscaling at fleet scale, by simulation: the real autoscaler, placement and spot policy on simulated time.
+
+Drives cloudmodal's own decision code — ``Autoscaler.decide`` (``cloudmodal/server/autoscaler.py``),
+``rank`` (``cloudmodal/placement.py``) over the shared price catalog, and ``MarketPolicy`` / ``BlockList``
+(``cloudmodal/server/spot.py``) — through a day of bursty load on many pools. No worker processes, no HTTP,
+no database: the cloud, the workers and the inputs are simulated, and time is an event queue.
+
+What is simulated (see bench/README.md for the numbers and the definitions):
+
+- **Pools** with a GPU fallback list drawn from realistic types in the catalog, a spot setting, autoscaler
+  settings, a per-worker concurrency and a service time per input. Online pools get a diurnal Poisson stream
+  with spikes; batch pools get ``.map()`` bursts of thousands of inputs.
+- **Inputs** are counts in a FIFO queue of arrival cohorts per pool. Each pool steps every ``--tick`` seconds
+  (and at once on a burst or a preemption notice); a step serves, as a fluid, what the slot-seconds of its
+  ready workers allow, and records each served input's wait (start − arrival) in a histogram.
+- **Workers** boot (a provisioning delay per cloud plus the pool's start-up), run, are stopped by the
+  autoscaler, or are preempted: a spot worker gets a notice, drains (its in-flight inputs go back to the
+  queue at once, their partial work lost) and is billed until the notice ends. Preemptions come from a
+  background rate per cloud and GPU and from reclaim waves when the offer's spot capacity runs out.
+- **The cloud**: every (offer, market) goes in and out of stock (alternating exponential periods, shorter and
+  rarer for scarce GPUs and for spot); a launch on an offer out of stock is a capacity failure, on a
+  (cloud, GPU, market) without quota a quota failure; both are blocked through ``BlockList`` and the next
+  candidate is tried, as the reconciler does.
+- **Cost** = $/h fixed at launch × time alive (booting included). The **offline optimum** is the busy
+  worker-time the inputs needed (inputs × service time ÷ concurrency), each second priced at the pool's
+  cheapest feasible offer at that moment (placement's order over the offers in stock with quota), with no
+  start-up, idle or lost time.
+
+Run: ``.venv/bin/python bench/autoscale_sim.py`` (1,000 pools, 24 h); ``--pools 100 --hours 2`` for a quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import heapq
+import json
+import math
+import os
+import random
+import sys
+import time
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from cloudmodal.gpu import parse_gpu  # noqa: E402
+from cloudmodal.placement import Candidate, PlacementPolicy, rank  # noqa: E402
+from cloudmodal.pricing.catalog import load_offer_table  # noqa: E402
+from cloudmodal.pricing.offers import Offer, OfferKey, OfferTable  # noqa: E402
+from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView  # noqa: E402
+from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState  # noqa: E402
+from cloudmodal.spec import AutoscalerSettings  # noqa: E402
+
+DAY = 86_400.0
+SPOT, OD = "spot", "on-demand"
+MAX_LAUNCH_TRIES = 12  # as the reconciler: candidates tried per worker before backing off
+LAUNCH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+CANDIDATES = 16  # placement limit per ranking
+
+# --- the simulated cloud -----------------------------------------------------------------------------------
+
+# Provisioning delay (s): median per cloud; lognormal spread. Then the pool's own start-up (image, @enter).
+BOOT_MEDIAN_S = {"aws": 100.0, "gcp": 80.0, "azure": 150.0, "lambda": 240.0, "runpod": 45.0}
+# Spot preemption, background rate per hour, by cloud; times a GPU factor. Notice period (s) by cloud.
+PREEMPT_PER_H = {"aws": 0.02, "gcp": 0.04, "azure": 0.03, "runpod": 0.05, "lambda": 0.03}
+NOTICE_S = {"aws": 120.0, "gcp": 30.0, "azure": 30.0, "runpod": 5.0, "lambda": 30.0}
+SCARCE = frozenset({"H100", "H100-NVL", "H200", "A100-80GB", "A100-40GB", "B200"})
+MID = frozenset({"L40S", "A10", "V100", "RTX-A6000"})
+# Stock: mean hours in stock / minutes out of stock, by (market, scarcity).
+STOCK = {
+    (OD, "common"): (72.0, 10.0),
+    (OD, "mid"): (48.0, 15.0),
+    (OD, "scarce"): (12.0, 30.0),
+    (SPOT, "common"): (12.0, 20.0),
+    (SPOT, "mid"): (6.0, 30.0),
+    (SPOT, "scarce"): (3.0, 60.0),
+}
+WAVE_P = 0.3  # when an offer's spot capacity runs out, each worker on it is reclaimed with this probability
+ZERO_QUOTA_P = 0.05  # share of (cloud, GPU, market) combinations where the account has no quota
+
+
+def scarcity(gpu: str, count: int) -> str:
+    if gpu in SCARCE or count >= 4:
+        return "scarce"
+    return "mid" if gpu in MID else "common"
+
+
+class Stock:
+    """One (offer, market): alternating in-stock / out-of-stock periods, drawn lazily from its own RNG."""
+
+    __slots__ = ("flips", "rng", "up_s", "down_s", "up0")
+
+    def __init__(self, seed: int, up_h: float, down_min: float) -> None:
+        self.rng = random.Random(seed)
+        self.up_s, self.down_s = up_h * 3600.0, down_min * 60.0
+        self.up0 = self.rng.random() < self.up_s / (self.up_s + self.down_s)
+        first = self.rng.expovariate(1.0 / (self.up_s if self.up0 else self.down_s))
+        self.flips = [first]  # times at which the state flips; state before flips[0] is up0
+
+    def _extend(self, t: float) -> None:
+        flips, rng = self.flips, self.rng
+        while flips[-1] <= t:
+            up_now = self.up0 == (len(flips) % 2 == 0)  # state after the last flip
+            flips.append(flips[-1] + rng.expovariate(1.0 / (self.up_s if up_now else self.down_s)))
+
+    def up(self, t: float) -> bool:
+        self._extend(t)
+        i = bisect.bisect_right(self.flips, t)
+        return self.up0 == (i % 2 == 0)
+
+    def next_flip(self, t: float) -> float:
+        self._extend(t)
+        return self.flips[bisect.bisect_right(self.flips, t)]
+
+    def downs(self, t0: float, t1: float) -> list[float]:
+        """Times in (t0, t1) at which stock runs out."""
+        self._extend(t1)
+        out = []
+        i = bisect.bisect_right(self.flips, t0)
+        flips = self.flips
+        while i < len(flips) and flips[i] < t1:
+            if self.up0 == (i % 2 == 0):  # up before this flip: it is a run-out
+                out.append(flips[i])
+            i += 1
+        return out
+
+
+class Cloud:
+    """Stock and quota of every (offer, market) the pools can use, and the launch outcome."""
+
+    def __init__(self, table: OfferTable, seed: int) -> None:
+        self.table = table
+        self.seed = seed
+        self.stock: dict[OfferKey, Stock] = {}
+        rng = random.Random(seed ^ 0x5EED)
+        combos = sorted({(o.cloud, o.gpu, m) for o in table.offers for m in o.markets})
+        self.no_quota = frozenset(c for c in combos if rng.random() < ZERO_QUOTA_P)
+        self.gpu_offers: dict[str, tuple[Offer, ...]] = {}
+
+    def stock_of(self, key: OfferKey) -> Stock:
+        s = self.stock.get(key)
+        if s is None:
+            up_h, down_min = STOCK[(key.market, scarcity(key.gpu, key.gpu_count))]
+            s = self.stock[key] = Stock(zlib.crc32(str(key).encode()) ^ self.seed, up_h, down_min)
+        return s
+
+    def offers_of(self, gpu: str) -> tuple[Offer, ...]:
+        got = self.gpu_offers.get(gpu)
+        if got is None:
+            got = self.gpu_offers[gpu] = self.table.for_gpu(gpu)
+        return got
+
+
+# --- workload ----------------------------------------------------------------------------------------------
+
+ONLINE_SMALL = (["L4", "A10", "T4"], ["T4", "L4"], ["A10", "L4"], ["L40S", "A10"], ["L4"], ["A10"])
+ONLINE_LARGE = (["H100", "A100-80GB"], ["A100-80GB", "H100"], ["H100"], ["L40S", "A100-80GB"])
+BATCH = (
+    ["A100-80GB", "H100"],
+    ["H100", "A100-80GB"],
+    ["L4", "T4"],
+    ["A10", "L4"],
+    ["V100", "T4"],
+    ["H100:8", "A100-80GB:8"],
+    ["L4:4", "A10:4"],
+)
+
+
+class Worker:
+    __slots__ = (
+        "id",
+        "pool",
+        "key",
+        "market",
+        "price",
+        "cloud",
+        "launched",
+        "ready_at",
+        "state",
+        "idle_since",
+        "view",
+        "replaces",
+        "end",
+    )
+
+    def __init__(self, wid: str, pool: Pool, c: Candidate, t: float, ready_at: float) -> None:
+        self.id = wid
+        self.pool = pool
+        self.key = c.key
+        self.market = c.market
+        self.price = c.price
+        self.cloud = c.offer.cloud
+        self.launched = t
+        self.ready_at = ready_at
+        self.state = 0  # 0 starting, 1 ready, 2 draining (noticed), 3 gone
+        self.idle_since: float | None = None
+        self.view = WorkerView(wid, "starting", t, None, 0, c.price)
+        self.replaces: str | None = None
+        self.end = math.inf
+
+
+class Pool:
+    __slots__ = (
+        "i",
+        "kind",
+        "tiers",
+        "spot",
+        "min_od",
+        "settings",
+        "target",
+        "service_s",
+        "startup_s",
+        "peak_rate",
+        "diurnal_lo",
+        "phase",
+        "spikes",
+        "burst_per_h",
+        "burst_median",
+        "max_price",
+        "mstate",
+        "starting",
+        "ready",
+        "draining",
+        "by_id",
+        "m",
+        "slots",
+        "acc",
+        "acc_t",
+        "acc_ws",
+        "acc_cost",
+        "t0",
+        "queue",
+        "queued",
+        "carry",
+        "inflight",
+        "last_active",
+        "token",
+        "launch_after",
+        "launch_fails",
+        "price_sum",
+        "opt_cands",
+        "opt_cache",
+        "spot_price",
+        "in_count",
+        "out_count",
+    )
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+        self.mstate = PoolMarketState()
+        self.starting: dict[str, Worker] = {}
+        self.ready: list[Worker] = []  # oldest first; the busy ones are ready[:m]
+        self.draining: list[Worker] = []
+        self.by_id: dict[str, Worker] = {}
+        self.m = 0
+        self.slots = 0  # ready workers × target
+        self.acc = 0.0  # slot-seconds available since the step began
+        self.acc_t = 0.0
+        self.acc_ws = 0.0  # ready worker-seconds since the step began
+        self.acc_cost = 0.0  # their $/h × seconds
+        self.t0 = 0.0
+        self.queue: deque[list[float]] = deque()  # [arrival time, count] cohorts, FIFO
+        self.queued = 0
+        self.carry = 0.0
+        self.inflight = 0
+        self.last_active: float | None = None
+        self.token = 0
+        self.launch_after = 0.0
+        self.launch_fails = 0
+        self.price_sum = 0.0  # $/h of ready workers
+        self.opt_cands: list[tuple[float, OfferKey]] = []
+        self.opt_cache = (-1.0, -1.0, 0.0)  # (valid from, valid until, price)
+        self.spot_price = (-math.inf, None)  # (when ranked, best spot $/h)
+        self.in_count = 0
+        self.out_count = 0
+        self.spikes: list[tuple[float, float, float]] = []
+
+    def rate(self, t: float) -> float:
+        """Online arrivals per second at ``t``."""
+        if self.peak_rate <= 0.0:
+            return 0.0
+        d = self.diurnal_lo + (1.0 - self.diurnal_lo) * 0.5 * (1.0 - math.cos(2 * math.pi * (t / DAY - self.phase)))
+        r = self.peak_rate * d
+        for a, b, f in self.spikes:
+            if a <= t < b:
+                r *= f
+        return r
+
+
+def make_pools(n: int, rng: random.Random, hours: float) -> list[Pool]:
+    pools = []
+    for i in range(n):
+        p = Pool(i)
+        u = rng.random()
+        p.kind = "online" if u < 0.6 else "batch"
+        p.spot = rng.choices(("allow", "never", "require"), (0.85, 0.10, 0.05))[0]
+        p.min_od = 1 if p.spot == "allow" and rng.random() < 0.1 else 0
+        p.max_price = None
+        if p.kind == "online":
+            large = rng.random() < 0.3
+            p.tiers = parse_gpu(rng.choice(ONLINE_LARGE if large else ONLINE_SMALL))
+            p.target = 1 if large else rng.choice((1, 2, 4, 8))
+            p.service_s = rng.uniform(0.5, 4.0) if large else rng.uniform(0.1, 1.5)
+            peak_workers = min(rng.lognormvariate(math.log(9.0), 0.9), 400.0)
+            p.peak_rate = peak_workers * p.target / p.service_s
+            p.diurnal_lo = rng.uniform(0.15, 0.45)
+            p.phase = rng.choice((0.0, 0.0, 0.0, 1 / 3, 2 / 3)) + rng.uniform(-0.05, 0.05) + 0.35
+            nspikes = rng.randint(1, 6)
+            for _ in range(nspikes):
+                a = rng.uniform(0, hours * 3600.0)
+                p.spikes.append((a, a + rng.uniform(300, 1200), rng.uniform(1.5, 3.0)))
+            p.burst_per_h = 0.0
+            p.burst_median = 0.0
+            mn = rng.choices((0, 1, 2), (0.7, 0.2, 0.1))[0]
+            mx = None if rng.random() < 0.0 else max(int(peak_workers * rng.uniform(2, 4)), mn + 1)
+            p.settings = AutoscalerSettings(
+                min_containers=mn,
+                max_containers=mx,
+                buffer_containers=rng.choices((0, 1), (0.8, 0.2))[0],
+                scaledown_window=rng.choices((60, 300), (0.7, 0.3))[0],
+            )
+        else:
+            p.tiers = parse_gpu(rng.choice(BATCH))
+            p.target = 1
+            p.service_s = rng.uniform(5.0, 60.0)
+            p.peak_rate = 0.0
+            p.diurnal_lo, p.phase = 0.3, 0.35
+            p.burst_per_h = rng.uniform(2, 12) / 24.0
+            p.burst_median = rng.lognormvariate(math.log(3000.0), 0.6)
+            p.settings = AutoscalerSettings(
+                min_containers=0,
+                max_containers=rng.choice((25, 50, 100, 150, 200)),
+                buffer_containers=0,
+                scaledown_window=60,
+            )
+        p.startup_s = rng.uniform(20.0, 90.0)
+        pools.append(p)
+    return pools
+
+
+# --- wait-time histogram -----------------------------------------------------------------------------------
+
+BINS_PER_DECADE = 20
+LOG_MIN = -2.0  # 10 ms; waits below go to bin 0
+
+
+class Hist:
+    def __init__(self) -> None:
+        self.w = [0.0] * (BINS_PER_DECADE * 8 + 2)
+        self.total = 0.0
+        self.sum = 0.0
+        self.max = 0.0
+
+    def add(self, wait: float, weight: float) -> None:
+        if weight <= 0:
+            return
+        if wait < 0.01:
+            i = 0
+            wait = 0.0
+        else:
+            i = min(int((math.log10(wait) - LOG_MIN) * BINS_PER_DECADE) + 1, len(self.w) - 1)
+        self.w[i] += weight
+        self.total += weight
+        self.sum += wait * weight
+        if wait > self.max:
+            self.max = wait
+
+    def add_ramp(self, w0: float, w1: float, n: float) -> None:
+        """``n`` inputs whose waits run linearly from ``w0`` to ``w1`` (clamped at 0)."""
+        if n <= 0:
+            return
+        k = 1 if n < 4 or abs(w1 - w0) < 0.5 else 4
+        for j in range(k):
+            w = w0 + (w1 - w0) * (j + 0.5) / k
+            self.add(w if w > 0 else 0.0, n / k)
+
+    def quantile(self, q: float) -> float:
+        if self.total <= 0:
+            return 0.0
+        need, cum = q * self.total, 0.0
+        for i, x in enumerate(self.w):
+            cum += x
+            if cum >= need:
+                if i == 0:
+                    return 0.0
+                lo = 10 ** (LOG_MIN + (i - 1) / BINS_PER_DECADE)
+                return lo * 10 ** (0.5 / BINS_PER_DECADE)  # geometric middle of the bin
+        return self.max
+
+
+# --- the simulation ----------------------------------------------------------------------------------------
+
+STEP, READY, NOTICE, BURST, CUTOFF = 0, 1, 2, 3, 4
+
+
+class Sim:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.table = load_offer_table(args.catalog_dir)
+        self.cloud = Cloud(self.table, args.seed)
+        self.autoscaler = Autoscaler()
+        self.policy = MarketPolicy(MarketSettings())
+        self.blocks = BlockList()
+        self.horizon = args.hours * 3600.0
+        self.tick = float(args.tick)
+        self.pools = make_pools(args.pools, random.Random(args.seed + 1), args.hours)
+        self.heap: list[tuple[float, int, int, Any, int]] = []
+        self.seq = 0
+        self.wseq = 0
+        self.hist = Hist()
+        self.now = 0.0
+        self.pending = 0  # queued inputs over all pools
+        self.live = 0
+        self.peak_live = 0
+        self.peak_t = 0.0
+        self.arrivals_done = False
+        c: dict[str, float] = dict.fromkeys(
+            (
+                "decisions",
+                "placements",
+                "launched",
+                "launched_spot",
+                "cap_fail",
+                "quota_fail",
+                "exhausted",
+                "preempted",
+                "preempt_starting",
+                "requeued",
+                "fallbacks",
+                "restores",
+                "replaced",
+                "steps",
+                "cost",
+                "boot_cost",
+                "lost_cost",
+                "work_cost",
+                "opt_cost",
+                "work_s",
+                "od_worker_s",
+                "spot_worker_s",
+                "inputs_in",
+                "inputs_out",
+            ),
+            0.0,
+        )
+        self.c = c
+        self.rank_cache: dict[tuple, tuple[frozenset, list[Candidate]]] = {}
+        for p in self.pools:
+            self._init_opt(p)
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def push(self, t: float, kind: int, obj: Any, token: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, obj, token))
+
+    def schedule_step(self, p: Pool, t: float) -> None:
+        p.token += 1
+        self.push(t, STEP, p, p.token)
+
+    def _policy(self, p: Pool, mode: str) -> PlacementPolicy:
+        return PlacementPolicy(spot=mode, max_price_per_hour=p.max_price)  # type: ignore[arg-type]
+
+    def _init_opt(self, p: Pool) -> None:
+        """The pool's candidates in placement order (every offer, ignoring stock): the optimum walks them."""
+        got = rank(p.tiers, self.table, policy=self._policy(p, p.spot))
+        nq = self.cloud.no_quota
+        p.opt_cands = [(c.price, c.key) for c in got.candidates if (c.key.cloud, c.key.gpu, c.market) not in nq]
+        if not p.opt_cands:
+            p.opt_cands = [(c.price, c.key) for c in got.candidates]
+
+    def opt_price(self, p: Pool, t: float) -> float:
+        lo, hi, price = p.opt_cache
+        if lo <= t < hi:
+            return price
+        until = math.inf
+        stock_of = self.cloud.stock_of
+        chosen = p.opt_cands[0][0] if p.opt_cands else 0.0
+        for price, key in p.opt_cands:
+            s = stock_of(key)
+            nf = s.next_flip(t)
+            if nf < until:
+                until = nf
+            if s.up(t):
+                chosen = price
+                break
+        p.opt_cache = (t, until, chosen)
+        return chosen
+
+    def spot_workers(self, p: Pool) -> int:
+        n = sum(1 for w in p.ready if w.market == SPOT)
+        return n + sum(1 for w in p.starting.values() if w.market == SPOT)
+
+    # -- workers --------------------------------------------------------------------------------------------
+    def _acc(self, p: Pool, t: float) -> None:
+        dt = t - p.acc_t
+        p.acc += p.slots * dt
+        p.acc_ws += len(p.ready) * dt
+        p.acc_cost += p.price_sum * dt
+        p.acc_t = t
+
+    def _bill(self, w: Worker, t_end: float) -> None:
+        c = self.c
+        alive = max(t_end - w.launched, 0.0)
+        c["cost"] += w.price * alive / 3600.0
+        c["boot_cost"] += w.price * max(min(w.ready_at, t_end) - w.launched, 0.0) / 3600.0
+        c["spot_worker_s" if w.market == SPOT else "od_worker_s"] += alive
+        w.end = t_end
+        w.state = 3
+        self.live -= 1
+        del w.pool.by_id[w.id]
+
+    def _remove_ready(self, p: Pool, w: Worker, t: float) -> bool:
+        """Take a ready worker out of service; returns whether it was busy."""
+        self._acc(p, t)
+        i = p.ready.index(w)
+        busy = i < p.m
+        if busy:
+            p.m -= 1
+        del p.ready[i]
+        p.slots -= p.target
+        p.price_sum -= w.price
+        return busy
+
+    def stop(self, p: Pool, w: Worker, t: float, *, finish: bool = False) -> None:
+        """Stop a worker now (scale-down, cancel, replaced). ``finish``: a busy one finishes its inputs."""
+        if w.state == 0:
+            del p.starting[w.id]
+            self._bill(w, t)
+        elif w.state == 1:
+            busy = self._remove_ready(p, w, t)
+            extra = 0.0
+            if busy and finish:
+                extra = p.service_s
+                p.acc += p.target * p.service_s  # it finishes what it holds (served in this step)
+            self._bill(w, t + extra)
+
+    def launch(self, p: Pool, n: int, t: float, *, force: str | None = None, replaces: str | None = None) -> int:
+        """Start ``n`` workers as the reconciler does: placement's candidates in order, failing over on
+        capacity and quota errors (each blocks what it rules out), with the spot policy choosing the market."""
+        if n <= 0 or t < p.launch_after:
+            return 0
+        policy, c = self.policy, self.c
+        floor = 0
+        if force is None and p.min_od:
+            live_od = sum(1 for w in p.ready if w.market == OD) + sum(
+                1 for w in p.starting.values() if w.market == OD
+            )
+            floor = policy.on_demand_floor(p.min_od, live_od)
+        lists: dict[str, list[Candidate]] = {}
+        ptr: dict[str, int] = {}
+        started = 0
+        for _ in range(n):
+            if force is not None:
+                mode = force
+            elif floor > 0:
+                mode = OD_MODE
+                floor -= 1
+            else:
+                mode = policy.spot_mode(p.spot, p.mstate, t)  # type: ignore[arg-type]
+            tries = 0
+            ok = False
+            reranked = False
+            while tries < MAX_LAUNCH_TRIES:
+                cands = lists.get(mode)
+                if cands is None:
+                    cands = lists[mode] = self._rank(p, mode, t)
+                    ptr[mode] = 0
+                i = ptr[mode]
+                if i >= len(cands):
+                    if reranked or not cands:
+                        break
+                    lists.pop(mode)
+                    reranked = True
+                    continue
+                cand = cands[i]
+                key = cand.key
+                until = self.blocks.until(key)
+                if until is not None and until > t:
+                    ptr[mode] = i + 1
+                    continue
+                tries += 1
+                quota = (key.cloud, key.gpu, key.market) in self.cloud.no_quota
+                if quota or not self.cloud.stock_of(key).up(t):
+                    c["quota_fail" if quota else "cap_fail"] += 1
+                    why = "QuotaExceededError" if quota else "NoCapacityError"
+                    policy.block_failed_launch(
+                        self.blocks, key, t, why, quota=quota, offers=self.cloud.offers_of(key.gpu) if quota else ()
+                    )
+                    ptr[mode] = i + 1
+                    if cand.market == SPOT and policy.record_spot_failure(p.mstate, t):
+                        c["fallbacks"] += 1
+                        if force is None and mode == "allow" and p.spot == "allow":
+                            mode = policy.spot_mode(p.spot, p.mstate, t)  # type: ignore[arg-type]
+                    continue
+                self._start_worker(p, cand, t, replaces)
+                if cand.market == SPOT and policy.record_spot_success(p.mstate, t):
+                    c["restores"] += 1
+                ok = True
+                break
+            if not ok:
+                c["exhausted"] += 1
+                p.launch_fails += 1
+                p.launch_after = t + LAUNCH_BACKOFF_S[min(p.launch_fails - 1, len(LAUNCH_BACKOFF_S) - 1)]
+                break
+            p.launch_fails = 0
+            started += 1
+        return started
+
+    def _rank(self, p: Pool, mode: str, t: float) -> list[Candidate]:
+        self.c["placements"] += 1
+        got = rank(p.tiers, self.table, policy=self._policy(p, mode), blocked=self.blocks.active(t), limit=CANDIDATES)
+        return list(got.candidates)
+
+    def _start_worker(
+        self, p: Pool, cand: Candidate, t: float, replaces: str | None, ready_at: float | None = None
+    ) -> None:
+        rng, c = self.rng, self.c
+        o = cand.offer
+        if ready_at is None:
+            boot = BOOT_MEDIAN_S.get(o.cloud, 120.0) * rng.lognormvariate(0.0, 0.35)
+            if o.gpu_count >= 8:
+                boot += 60.0
+            ready_at = t + boot + p.startup_s
+        self.wseq += 1
+        w = Worker(f"w{self.wseq}", p, cand, t, ready_at)
+        w.replaces = replaces
+        p.starting[w.id] = w
+        p.by_id[w.id] = w
+        self.live += 1
+        if self.live > self.peak_live:
+            self.peak_live, self.peak_t = self.live, t
+        c["launched"] += 1
+        if ready_at > t:
+            self.push(ready_at, READY, w)
+        if cand.market == SPOT:
+            c["launched_spot"] += 1
+            rate = PREEMPT_PER_H.get(o.cloud, 0.03) * (2.0 if scarcity(o.gpu, o.gpu_count) == "scarce" else 1.0)
+            at = t + rng.expovariate(rate / 3600.0)
+            limit = self.horizon + 6 * 3600.0
+            for d in self.cloud.stock_of(cand.key).downs(t, min(at, limit)):
+                if rng.random() < WAVE_P:
+                    at = d
+                    break
+            if at < limit:
+                self.push(at, NOTICE, w)
+
+    def on_ready(self, w: Worker, t: float) -> None:
+        if w.state != 0:
+            return
+        p = w.pool
+        del p.starting[w.id]
+        self._acc(p, t)
+        w.state = 1
+        w.idle_since = t
+        w.view = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
+        p.ready.append(w)
+        p.slots += p.target
+        p.price_sum += w.price
+        if w.replaces is not None:
+            old = p.by_id.get(w.replaces)
+            if old is not None and old.state in (0, 1):
+                self.stop(p, old, t, finish=True)
+                self.c["replaced"] += 1
+
+    def on_notice(self, w: Worker, t: float) -> None:
+        if w.state not in (0, 1):
+            return
+        p = w.pool
+        c = self.c
+        c["preempted"] += 1
+        spot_workers = self.spot_workers(p)
+        if w.state == 0:
+            c["preempt_starting"] += 1
+            del p.starting[w.id]
+            self._bill(w, t)
+        else:
+            busy = self._remove_ready(p, w, t)
+            if busy:
+                # Its in-flight inputs go back to the queue at once; the work done on them is lost.
+                lost_inputs = p.target
+                p.acc = max(p.acc - lost_inputs * p.service_s * 0.5, 0.0)
+                c["requeued"] += lost_inputs
+                c["lost_cost"] += w.price * p.service_s * 0.5 / 3600.0
+            w.state = 2
+            w.end = t + NOTICE_S.get(w.cloud, 30.0)
+            w.view = WorkerView(w.id, "draining", w.launched, None, 0, w.price)
+            p.draining.append(w)
+        # The reclaimed offer is out of spot capacity: block it, as a capacity failure would.
+        self.blocks.block(w.key, t + self.policy.settings.block_capacity_s, "preempted")
+        if self.policy.record_preemption(p.mstate, t, spot_workers):
+            c["fallbacks"] += 1
+        self.step(p, t)  # the reconciler is woken: the replacement starts now
+
+    def on_burst(self, p: Pool, t: float) -> None:
+        self.step(p, t, burst=max(int(self.rng.lognormvariate(math.log(p.burst_median), 0.8)), 1))
+        self._next_burst(p, t)
+
+    def _next_burst(self, p: Pool, t: float) -> None:
+        if p.burst_per_h <= 0:
+            return
+        peak = p.burst_per_h / 3600.0 * 1.6
+        while True:
+            t += self.rng.expovariate(peak)
+            if t >= self.horizon:
+                return
+            diurnal = 0.3 + 0.7 * 0.5 * (1.0 - math.cos(2 * math.pi * (t / DAY - p.phase)))
+            if self.rng.random() < diurnal / 1.0:
+                self.push(t, BURST, p)
+                return
+
+    # -- one pool step --------------------------------------------------------------------------------------
+    def poisson(self, m: float) -> int:
+        if m <= 0.0:
+            return 0
+        if m > 40.0:
+            return max(int(self.rng.gauss(m, math.sqrt(m)) + 0.5), 0)
+        u = self.rng.random()
+        pk = math.exp(-m)
+        cum, k = pk, 0
+        while u > cum and k < 200:
+            k += 1
+            pk *= m / k
+            cum += pk
+        return k
+
+    def step(self, p: Pool, t: float, burst: int = 0) -> None:
+        c, hist = self.c, self.hist
+        c["steps"] += 1
+        t0 = p.t0
+        L = t - t0
+        s = p.service_s
+        # 1. Serve [t0, t) as a fluid over the slot-seconds the ready workers had.
+        if L > 0:
+            self._acc(p, t)
+            arrivals = 0
+            if p.peak_rate > 0.0 and t0 < self.horizon:
+                end = min(t, self.horizon)
+                arrivals = self.poisson(p.rate(0.5 * (t0 + end)) * (end - t0))
+                p.in_count += arrivals
+                c["inputs_in"] += arrivals
+            cap = p.acc / s + p.carry
+            ncap = int(cap)
+            total = p.queued + arrivals
+            served = total if total < ncap else ncap
+            p.carry = cap - ncap if served == ncap else 0.0
+            x = r = 0
+            if served:
+                mu = cap / L  # inputs started per second, on average over the step
+                q = p.queue
+                while q and x < served:
+                    coh = q[0]
+                    a, n = coh
+                    take = n if n <= served - x else served - x
+                    hist.add_ramp(t0 + x / mu - a, t0 + (x + take) / mu - a, take)
+                    x += take
+                    if take == n:
+                        q.popleft()
+                    else:
+                        coh[1] = n - take
+                p.queued -= x
+                self.pending -= x
+                r = served - x  # arrivals of this step served within it
+                if r:
+                    dt = L / arrivals
+                    # arrival j comes at t0 + (j + .5)·dt and starts at t0 + (x + j)/mu, or on arrival
+                    hist.add_ramp(x / mu - 0.5 * dt, (x + r) / mu - (r + 0.5) * dt, r)
+                work = served * s / p.target
+                c["work_s"] += work
+                c["opt_cost"] += work * self.opt_price(p, 0.5 * (t0 + t)) / 3600.0
+                if p.acc_ws > 0:
+                    c["work_cost"] += work * p.acc_cost / p.acc_ws / 3600.0
+                p.out_count += served
+                c["inputs_out"] += served
+            left = arrivals - r
+            if left > 0:
+                p.queue.append([t0 + L * (r + left / 2.0) / arrivals, left])
+                p.queued += left
+                self.pending += left
+            busy = math.ceil(served * s / L) if L >= 1.0 else p.inflight
+            p.inflight = busy
+        p.t0 = t
+        p.acc = p.acc_ws = p.acc_cost = 0.0
+        p.acc_t = t
+        if burst:
+            p.queue.append([t, burst])
+            p.queued += burst
+            self.pending += burst
+            p.in_count += burst
+            c["inputs_in"] += burst
+        if p.queued > 0 or p.inflight > p.slots:
+            p.inflight = p.slots  # a backlog keeps every ready slot busy
+        # 2. Which ready workers are busy: inputs go to the oldest first.
+        target = p.target
+        m = min(-(-p.inflight // target), len(p.ready))
+        ready = p.ready
+        if m > p.m:
+            for k in range(p.m, m):
+                w = ready[k]
+                w.idle_since = None
+                w.view = WorkerView(w.id, "ready", w.launched, None, target, w.price)
+        elif m < p.m:
+            for k in range(m, p.m):
+                w = ready[k]
+                w.idle_since = t
+                w.view = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
+        p.m = m
+        if p.draining:
+            keep = []
+            for w in p.draining:
+                if w.end <= t:
+                    self._bill(w, w.end)
+                else:
+                    keep.append(w)
+            p.draining = keep
+        load = p.queued + p.inflight
+        if load > 0:
+            p.last_active = t
+        # 3. The autoscaler's decision, applied.
+        views = [w.view for w in p.starting.values()]
+        views += [w.view for w in ready]
+        if p.draining:
+            views += [w.view for w in p.draining]
+        snap = PoolSnapshot(
+            backlog=p.queued,
+            in_flight=p.inflight,
+            workers=views,
+            settings=p.settings,
+            last_active_at=p.last_active,
+            per_worker_target=target,
+        )
+        d = self.autoscaler.decide(snap, t)
+        c["decisions"] += 1
+        for wid in d.terminate:
+            w = p.by_id.get(wid)
+            if w is not None:
+                self.stop(p, w, t)
+        if d.launch:
+            self.launch(p, d.launch, t)
+        elif p.spot == "allow" and p.mstate.fallback_since is None:
+            self.maybe_replace(p, t)
+        # 4. When to look again.
+        if p.starting or p.ready or p.draining or p.queued or p.peak_rate > 0.0 and t < self.horizon:
+            nxt = t + self.tick
+            window = p.settings.scaledown_window
+            if p.m < len(ready):
+                for w in ready[p.m :]:
+                    e = (w.idle_since or t) + window
+                    if t < e < nxt:
+                        nxt = e
+            if p.last_active is not None and t < p.last_active + window < nxt:
+                nxt = p.last_active + window
+            self.schedule_step(p, max(nxt, t + 1.0))
+        else:
+            p.token += 1  # asleep until the next burst
+
+    def maybe_replace(self, p: Pool, t: float) -> None:
+        """After a fallback, move on-demand workers above the floor back to spot, one at a time."""
+        od = [(w.id, w.market, w.price) for w in p.ready if w.market == OD]
+        if len(od) <= p.min_od:
+            return
+        when, price = p.spot_price
+        if t - when >= 60.0:
+            got = self._rank(p, "require", t)
+            price = got[0].price if got else None
+            p.spot_price = (t, price)
+        ids = self.policy.to_replace(p.mstate, od, p.min_od, price, t)
+        for wid in ids:
+            self.launch(p, 1, t, force="require", replaces=wid)
+
+    # -- run ------------------------------------------------------------------------------------------------
+    def warm_start(self, p: Pool) -> None:
+        """The day begins in a running system: online pools start with the workers their load needs."""
+        need = max(math.ceil(p.rate(0.0) * p.service_s / p.target), p.settings.min_containers)
+        if p.settings.max_containers is not None:
+            need = min(need, p.settings.max_containers)
+        if need <= 0:
+            return
+        cands = self._rank(p, OD_MODE if p.spot == "never" else p.spot, 0.0)
+        if not cands:
+            return
+        for _ in range(need):
+            self._start_worker(p, cands[0], 0.0, None, ready_at=0.0)
+        for w in list(p.starting.values()):
+            self.on_ready(w, 0.0)
+        p.last_active = 0.0
+
+    def run(self) -> dict[str, Any]:
+        for p in self.pools:
+            self.warm_start(p)
+        for p in self.pools:
+            if p.peak_rate > 0 or p.settings.min_containers:
+                self.schedule_step(p, self.rng.uniform(0, self.tick))
+            self._next_burst(p, 0.0)
+        self.push(self.horizon, CUTOFF, None)
+        heap = self.heap
+        pop = heapq.heappop
+        end_limit = self.horizon + 6 * 3600.0
+        t = 0.0
+        wall0 = time.perf_counter()
+        while heap:
+            t, _, kind, obj, token = pop(heap)
+            if t > end_limit:
+                break
+            self.now = t
+            if kind == STEP:
+                if token == obj.token:
+                    self.step(obj, t)
+            elif kind == READY:
+                self.on_ready(obj, t)
+            elif kind == NOTICE:
+                self.on_notice(obj, t)
+            elif kind == BURST:
+                self.on_burst(obj, t)
+            else:  # CUTOFF: arrivals end; every pool accounts for its arrivals up to the horizon
+                self.arrivals_done = True
+                for p in self.pools:
+                    if p.t0 < self.horizon:
+                        self.step(p, self.horizon)
+            if self.arrivals_done and self.pending == 0:
+                break
+        wall = time.perf_counter() - wall0
+        t_end = max(t, self.horizon)
+        for p in self.pools:
+            for w in list(p.starting.values()) + list(p.ready) + list(p.draining):
+                self._bill(w, min(w.end, t_end) if w.state == 2 else t_end)
+        return self.report(wall, t_end)
+
+    def report(self, wall: float, t_end: float) -> dict[str, Any]:
+        c = self.c
+        left = sum(p.queued for p in self.pools)
+        lost = int(c["inputs_in"] - c["inputs_out"] - left)
+        decisions = c["decisions"] + c["placements"]
+        idle_cost = c["cost"] - c["work_cost"] - c["boot_cost"] - c["lost_cost"]
+        return {
+            "pools": self.args.pools,
+            "hours": self.args.hours,
+            "seed": self.args.seed,
+            "tick_s": self.tick,
+            "simulated_s": t_end,
+            "wall_s": wall,
+            "speedup": t_end / wall if wall > 0 else math.inf,
+            "autoscaler_calls": int(c["decisions"]),
+            "placement_calls": int(c["placements"]),
+            "decisions_per_s": decisions / wall if wall > 0 else math.inf,
+            "pool_steps": int(c["steps"]),
+            "peak_workers": self.peak_live,
+            "peak_at_h": self.peak_t / 3600.0,
+            "launched": int(c["launched"]),
+            "launched_spot": int(c["launched_spot"]),
+            "capacity_failures": int(c["cap_fail"]),
+            "quota_failures": int(c["quota_fail"]),
+            "launches_exhausted": int(c["exhausted"]),
+            "preemptions": int(c["preempted"]),
+            "preempted_while_booting": int(c["preempt_starting"]),
+            "fallbacks": int(c["fallbacks"]),
+            "restores": int(c["restores"]),
+            "replaced_on_demand": int(c["replaced"]),
+            "inputs_in": int(c["inputs_in"]),
+            "inputs_out": int(c["inputs_out"]),
+            "inputs_left": left,
+            "inputs_lost": lost,
+            "inputs_requeued": int(c["requeued"]),
+            "wait_p50_s": self.hist.quantile(0.50),
+            "wait_p99_s": self.hist.quantile(0.99),
+            "wait_mean_s": self.hist.sum / self.hist.total if self.hist.total else 0.0,
+            "wait_max_s": self.hist.max,
+            "cost": c["cost"],
+            "optimum": c["opt_cost"],
+            "cost_ratio": c["cost"] / c["opt_cost"] if c["opt_cost"] else math.inf,
+            "cost_work": c["work_cost"],
+            "cost_boot": c["boot_cost"],
+            "cost_lost_work": c["lost_cost"],
+            "cost_idle": idle_cost,
+            "spot_share_worker_time": c["spot_worker_s"] / max(c["spot_worker_s"] + c["od_worker_s"], 1.0),
+            "busy_worker_h": c["work_s"] / 3600.0,
+            "paid_worker_h": (c["spot_worker_s"] + c["od_worker_s"]) / 3600.0,
+        }
+
+
+OD_MODE = "never"
+
+
+# --- output ------------------------------------------------------------------------------------------------
+
+
+def _money(x: float) -> str:
+    return f"${x:,.0f}"
+
+
+def render(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(
+        title=f"autoscale_sim: {r['pools']:,} pools, {r['hours']:g} h of load (seed {r['seed']}, tick {r['tick_s']:g} s)"
+    )
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("goal", justify="right")
+    t.add_column("met?", justify="center")
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "[bold red]no[/]"
+
+    t.add_row("simulated time / wall time", f"{r['simulated_s'] / 3600:.2f} h / {r['wall_s']:.1f} s", "", "")
+    t.add_row("speedup over real time", f"{r['speedup']:,.0f}×", "≥ 1,000×", yes(r["speedup"] >= 1000))
+    t.add_row(
+        "decisions per wall second",
+        f"{r['decisions_per_s']:,.0f}",
+        "",
+        "",
+    )
+    t.add_row(
+        "  autoscaler / placement calls", f"{r['autoscaler_calls']:,} / {r['placement_calls']:,}", "", ""
+    )
+    t.add_row("peak live workers", f"{r['peak_workers']:,} (at {r['peak_at_h']:.1f} h)", "~20,000", "")
+    t.add_row("workers launched (spot)", f"{r['launched']:,} ({r['launched_spot']:,})", "", "")
+    t.add_row(
+        "launch failures: capacity / quota",
+        f"{r['capacity_failures']:,} / {r['quota_failures']:,}",
+        "",
+        "",
+    )
+    t.add_row("preemptions (while booting)", f"{r['preemptions']:,} ({r['preempted_while_booting']:,})", "", "")
+    t.add_row(
+        "spot fallbacks / restores / on-demand replaced",
+        f"{r['fallbacks']:,} / {r['restores']:,} / {r['replaced_on_demand']:,}",
+        "",
+        "",
+    )
+    t.add_row("inputs in / results out", f"{r['inputs_in']:,} / {r['inputs_out']:,}", "", "")
+    t.add_row("inputs requeued by preemption", f"{r['inputs_requeued']:,}", "", "")
+    t.add_row("inputs lost", f"{r['inputs_lost']:,} (left: {r['inputs_left']:,})", "0", yes(r["inputs_lost"] == 0 and r["inputs_left"] == 0))
+    t.add_row(
+        "input wait p50 / p99 (mean, max)",
+        f"{r['wait_p50_s']:.2f} s / {r['wait_p99_s']:.1f} s ({r['wait_mean_s']:.1f} s, {r['wait_max_s']:.0f} s)",
+        "",
+        "",
+    )
+    t.add_row("cost (cloudmodal)", _money(r["cost"]), "", "")
+    t.add_row("cost (offline optimum)", _money(r["optimum"]), "", "")
+    t.add_row(
+        "cost / optimum",
+        f"{r['cost_ratio']:.3f} (+{(r['cost_ratio'] - 1) * 100:.1f}%)",
+        "≤ 1.10",
+        yes(r["cost_ratio"] <= 1.10),
+    )
+    t.add_row(
+        "  cost: busy / booting / idle / lost work",
+        f"{_money(r['cost_work'])} / {_money(r['cost_boot'])} / {_money(r['cost_idle'])} / {_money(r['cost_lost_work'])}",
+        "",
+        "",
+    )
+    t.add_row("  busy at paid price / optimum", f"{r['cost_work'] / max(r['optimum'], 1e-9):.3f}", "", "")
+    t.add_row(
+        "  worker-hours paid / busy; spot share",
+        f"{r['paid_worker_h']:,.0f} / {r['busy_worker_h']:,.0f}; {r['spot_share_worker_time'] * 100:.0f}%",
+        "",
+        "",
+    )
+    con.print(t)
+
+
+def default_catalog_dir() -> Path:
+    env = os.environ.get("CLOUDMODAL_CATALOG_DIR")
+    if env:
+        return Path(env)
+    for cand in (REPO.parent / "shared" / "pricing" / "catalogs" / "v8", Path("/work/shared/pricing/catalogs/v8")):
+        if cand.is_dir():
+            return cand
+    return REPO.parent / "shared" / "pricing" / "catalogs" / "v8"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pools", type=int, default=1000)
+    ap.add_argument("--hours", type=float, default=24.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tick", type=float, default=30.0, help="seconds between a pool's steps (events step at once)")
+    ap.add_argument("--catalog-dir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--profile", action="store_true", help="run under cProfile and print the top functions")
+    args = ap.parse_args(argv)
+    args.catalog_dir = args.catalog_dir or default_catalog_dir()
+    sim = Sim(args)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        r = sim.run()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    else:
+        r = sim.run()
+    render(r)
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Spot-aware pools on the simulated cloud: placement with failover, preemptions, spot fallback and return.
+
+Real control plane, real worker processes; the `sim` provider decides capacity, delays and preemptions."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sim_app
+from sqlalchemy import text
+
+from cloudmodal.client import session as session_mod
+from cloudmodal.client.session import run_app
+from cloudmodal.pricing.offers import Offer
+from cloudmodal.providers.local import LocalProvider
+from cloudmodal.providers.sim import SimProvider
+from cloudmodal.server.app import ServerHandle, default_settings
+
+D = "2026-01-01"
+# Tier 1 (A10): cheapest A on aws us-east-1, then B on aws us-west-2, then D on lambda. Tier 2 (L4): C on gcp,
+# cheaper than all of tier 1 (so picking it while tier 1 has capacity would be wrong).
+A = Offer("aws", "us-east-1", "use1-az1", "g5.xlarge", "A10", 1, 24, 4, 16, 1.00, 0.30, "test", D)
+B = Offer("aws", "us-west-2", "usw2-az1", "g5.xlarge", "A10", 1, 24, 4, 16, 1.10, 0.40, "test", D)
+DL = Offer("lambda", "us-east-1", None, "gpu_1x_a10", "A10", 1, 24, 30, 200, 1.50, None, "test", D)
+C = Offer("gcp", "us-central1", "us-central1-a", "g2-standard-4", "L4", 1, 24, 4, 16, 0.80, 0.25, "test", D)
+OFFERS = [A, B, DL, C]
+
+
+@contextmanager
+def sim_plane(tmp_path: Path, scenario: dict, **env: str) -> Iterator[tuple[ServerHandle, SimProvider]]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    sim = SimProvider(offers=OFFERS, scenario=scenario, state_dir=tmp_path / "sim", seed=1)
+    providers = {"local": LocalProvider(state_dir=tmp_path / "local", gpus=[]), "sim": sim}
+    settings = default_settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'cp.db'}", lease_s=6.0, heartbeat_s=0.5, worker_timeout_s=15.0, reconcile_interval_s=0.1)
+    handle = ServerHandle(settings, providers=providers).start_in_thread()
+    os.environ["CLOUDMODAL_SERVER_URL"] = handle.url
+    session_mod.disconnect()
+    try:
+        yield handle, sim
+    finally:
+        session_mod.disconnect()
+        os.environ.pop("CLOUDMODAL_SERVER_URL", None)
+        handle.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def events(handle: ServerHandle, app_id: str, kinds: tuple[str, ...] | None = None) -> list[dict]:
+    return [e for e in handle.cp.events(app_id, limit=10_000) if kinds is None or e["kind"] in kinds]
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+LAUNCH_KINDS = ("launch.failed", "worker.launched")
+
+
+@pytest.mark.parametrize(
+    "unavailable, expect_failed, expect_launched",
+    [
+        ([], [], "aws use1-az1 g5.xlarge A10 on-demand $1.00/h"),  # cheapest of tier 1
+        (["use1-az1"], ["aws use1-az1 g5.xlarge"], "aws usw2-az1 g5.xlarge A10 on-demand $1.10/h"),  # next in tier
+        (["use1-az1", "usw2-az1", "us-east-1"], ["aws use1-az1 g5.xlarge", "aws usw2-az1 g5.xlarge", "lambda us-east-1 gpu_1x_a10"], "gcp us-central1-a g2-standard-4 L4 on-demand $0.80/h"),  # tier 2
+    ],
+    ids=["cheapest-first", "next-in-tier", "next-tier"],
+)
+def test_failover_walks_the_tier_then_the_next_tier(tmp_path, unavailable, expect_failed, expect_launched):
+    scenario = {"capacity": [{"match": {"zone": z} if z != "us-east-1" else {"cloud": "lambda"}, "mode": "none"} for z in unavailable]}
+    with sim_plane(tmp_path, scenario) as (handle, _sim):
+        with run_app(sim_app.app, show_logs=False) as running:
+            assert sim_app.on_demand_fallback_list.remote(7) == 7
+            evs = events(handle, running.app_id, LAUNCH_KINDS)
+    first_launch = next(i for i, e in enumerate(evs) if e["kind"] == "worker.launched")
+    failed = [e["message"] for e in evs[:first_launch]]
+    assert len(failed) == len(expect_failed), failed
+    for msg, where in zip(failed, expect_failed, strict=True):
+        assert msg.startswith(where) and ("InsufficientInstanceCapacity" in msg or "insufficient-capacity" in msg), msg
+    assert expect_launched in evs[first_launch]["message"]
+    assert evs[first_launch]["data"]["offer"]["instance_type"] in expect_launched
+
+
+def test_map_survives_spot_preemptions_without_losing_or_retrying(tmp_path):
+    scenario = {"preemption": [{"match": {"market": "spot"}, "every_s": 2.0, "jitter_s": 0.5, "notice_s": 0.5}]}
+    n = 5000
+    with sim_plane(tmp_path, scenario) as (handle, _sim):
+        with run_app(sim_app.app, show_logs=False) as running:
+            results = list(sim_app.spot_work.map(range(n)))
+            evs = events(handle, running.app_id)
+            with handle.cp.db.read() as conn:
+                attempts, crashes = conn.execute(text("select coalesce(sum(attempts),0), coalesce(sum(crashes),0) from input")).one()
+                finals = conn.execute(text("select count(*), count(distinct input_id) from output where gen_index = -1")).one()
+                markets = {r[0] for r in conn.execute(text("select market from worker"))}
+    assert results == list(range(n))  # every input, exactly once, in order
+    assert finals[0] == finals[1] == n
+    assert attempts == 0  # preemptions never consume the user's Retries
+    preempted = [e for e in evs if e["kind"] == "worker.preempted"]
+    assert len(preempted) >= 1, [e["kind"] for e in evs]
+    assert "spot" in markets
+    _ = crashes
+
+
+def test_spot_fallback_to_on_demand_and_back(tmp_path):
+    spot_settings = json.dumps({"probe_interval_s": 1.0, "block_capacity_s": 1.0, "replace_interval_s": 0.5, "failure_threshold": 2})
+    with sim_plane(tmp_path, {}, CLOUDMODAL_SPOT_SETTINGS=spot_settings) as (handle, sim):
+        with run_app(sim_app.app, show_logs=False) as running:
+            cp = handle.cp
+
+            def live(market: str) -> list[str]:
+                with cp.db.read() as conn:
+                    return [r[0] for r in conn.execute(text("select id from worker where market=:m and state='ready'"), {"m": market})]
+
+            assert sim_app.spot_or_not.remote(1) == 1
+            first = wait_for(lambda: live("spot"), what="a spot worker")
+            # Spot capacity disappears everywhere, and the spot worker is reclaimed.
+            sim.set_capacity({"market": "spot"}, False)
+            sim.preempt(first[0], notice_s=0.2)
+
+            def stopped() -> bool:
+                with cp.db.read() as conn:
+                    return conn.execute(text("select state from worker where id=:w"), {"w": first[0]}).scalar_one() == "stopped"
+
+            wait_for(stopped, what="the preempted worker to go")
+            assert sim_app.spot_or_not.remote(2) == 2
+            try:
+                wait_for(lambda: live("on-demand"), what="an on-demand worker")
+            except AssertionError:
+                print("\n".join(f"{e['kind']}: {e['message']}" for e in events(handle, running.app_id)))
+                raise
+            kinds = [e["kind"] for e in events(handle, running.app_id)]
+            assert "pool.spot_fallback" in kinds
+            # Spot comes back: a probe finds it, and the on-demand worker is replaced by a spot one.
+            sim.set_capacity({"market": "spot"}, True)
+            wait_for(lambda: not live("on-demand") and live("spot"), timeout=40, what="the pool back on spot")
+            assert sim_app.spot_or_not.remote(3) == 3
+            kinds = [e["kind"] for e in events(handle, running.app_id)]
+            assert "pool.spot_restored" in kinds
