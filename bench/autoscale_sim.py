@@ -82,6 +82,7 @@ STOCK = {
     (SPOT, "mid"): (6.0, 30.0),
     (SPOT, "scarce"): (3.0, 60.0),
 }
+BURST_SIGMA = 0.8  # spread of map sizes (lognormal)
 WAVE_P = 0.3  # when an offer's spot capacity runs out, each worker on it is reclaimed with this probability
 ZERO_QUOTA_P = 0.05  # share of (cloud, GPU, market) combinations where the account has no quota
 
@@ -215,6 +216,7 @@ class Pool:
         "min_od",
         "settings",
         "target",
+        "max_inputs",
         "service_s",
         "startup_s",
         "peak_rate",
@@ -260,7 +262,7 @@ class Pool:
         self.draining: list[Worker] = []
         self.by_id: dict[str, Worker] = {}
         self.m = 0
-        self.slots = 0  # ready workers × target
+        self.slots = 0  # ready workers × max_inputs
         self.acc = 0.0  # slot-seconds available since the step began
         self.acc_t = 0.0
         self.acc_ws = 0.0  # ready worker-seconds since the step began
@@ -299,44 +301,52 @@ def make_pools(n: int, rng: random.Random, hours: float) -> list[Pool]:
     for i in range(n):
         p = Pool(i)
         u = rng.random()
-        p.kind = "online" if u < 0.6 else "batch"
+        p.kind = "online" if u < 0.65 else "batch"
         p.spot = rng.choices(("allow", "never", "require"), (0.85, 0.10, 0.05))[0]
         p.min_od = 1 if p.spot == "allow" and rng.random() < 0.1 else 0
         p.max_price = None
         if p.kind == "online":
             large = rng.random() < 0.3
             p.tiers = parse_gpu(rng.choice(ONLINE_LARGE if large else ONLINE_SMALL))
-            p.target = 1 if large else rng.choice((1, 2, 4, 8))
-            p.service_s = rng.uniform(0.5, 4.0) if large else rng.uniform(0.1, 1.5)
+            if large:  # LLM-style serving: seconds per request, many at once
+                p.service_s = rng.uniform(2.0, 15.0)
+                p.max_inputs = rng.choice((4, 8, 16, 32))
+            else:  # embeddings, vision, speech: sub-second to seconds
+                p.service_s = rng.uniform(0.2, 2.0)
+                p.max_inputs = rng.choice((1, 1, 4, 8, 16))
+            # @concurrent(max_inputs=M, target_inputs=T): scale on T, burst to M (half the concurrent pools)
+            p.target = p.max_inputs if p.max_inputs == 1 or rng.random() < 0.5 else round(0.75 * p.max_inputs)
             peak_workers = min(rng.lognormvariate(math.log(9.0), 0.9), 400.0)
             p.peak_rate = peak_workers * p.target / p.service_s
             p.diurnal_lo = rng.uniform(0.15, 0.45)
             p.phase = rng.choice((0.0, 0.0, 0.0, 1 / 3, 2 / 3)) + rng.uniform(-0.05, 0.05) + 0.35
-            nspikes = rng.randint(1, 6)
-            for _ in range(nspikes):
+            for _ in range(rng.randint(1, 6)):
                 a = rng.uniform(0, hours * 3600.0)
                 p.spikes.append((a, a + rng.uniform(300, 1200), rng.uniform(1.5, 3.0)))
             p.burst_per_h = 0.0
             p.burst_median = 0.0
             mn = rng.choices((0, 1, 2), (0.7, 0.2, 0.1))[0]
-            mx = None if rng.random() < 0.0 else max(int(peak_workers * rng.uniform(2, 4)), mn + 1)
+            mx = None if rng.random() < 0.15 else max(int(peak_workers * rng.uniform(2, 4)), mn + 1)
             p.settings = AutoscalerSettings(
                 min_containers=mn,
                 max_containers=mx,
                 buffer_containers=rng.choices((0, 1), (0.8, 0.2))[0],
-                scaledown_window=rng.choices((60, 300), (0.7, 0.3))[0],
+                scaledown_window=rng.choices((60, 300, 600), (0.5, 0.35, 0.15))[0],
             )
         else:
             p.tiers = parse_gpu(rng.choice(BATCH))
-            p.target = 1
+            p.target = p.max_inputs = 1
             p.service_s = rng.uniform(5.0, 60.0)
             p.peak_rate = 0.0
             p.diurnal_lo, p.phase = 0.3, 0.35
             p.burst_per_h = rng.uniform(2, 12) / 24.0
-            p.burst_median = rng.lognormvariate(math.log(3000.0), 0.6)
+            p.burst_median = rng.lognormvariate(math.log(2000.0), 0.5)
+            # Sized so that the cap drains a day's maps with room to spare (≤ 25% busy on average).
+            work_per_s = p.burst_per_h / 3600.0 * p.burst_median * math.exp(BURST_SIGMA**2 / 2) * p.service_s
+            floor = math.ceil(4 * work_per_s)
             p.settings = AutoscalerSettings(
                 min_containers=0,
-                max_containers=rng.choice((25, 50, 100, 150, 200)),
+                max_containers=max(rng.choice((25, 50, 100, 200)), floor),
                 buffer_containers=0,
                 scaledown_window=60,
             )
@@ -381,6 +391,16 @@ class Hist:
             w = w0 + (w1 - w0) * (j + 0.5) / k
             self.add(w if w > 0 else 0.0, n / k)
 
+    @staticmethod
+    def merged(hists: Any) -> Hist:
+        out = Hist()
+        for h in hists:
+            out.w = [a + b for a, b in zip(out.w, h.w, strict=True)]
+            out.total += h.total
+            out.sum += h.sum
+            out.max = max(out.max, h.max)
+        return out
+
     def quantile(self, q: float) -> float:
         if self.total <= 0:
             return 0.0
@@ -415,7 +435,6 @@ class Sim:
         self.heap: list[tuple[float, int, int, Any, int]] = []
         self.seq = 0
         self.wseq = 0
-        self.hist = Hist()
         self.now = 0.0
         self.pending = 0  # queued inputs over all pools
         self.live = 0
@@ -452,6 +471,8 @@ class Sim:
             0.0,
         )
         self.c = c
+        self.by_kind = {"online": [0.0] * 5, "batch": [0.0] * 5}  # [cost, optimum, boot, busy, lost work]
+        self.hists = {"online": Hist(), "batch": Hist()}
         self.rank_cache: dict[tuple, tuple[frozenset, list[Candidate]]] = {}
         for p in self.pools:
             self._init_opt(p)
@@ -510,6 +531,9 @@ class Sim:
         c = self.c
         alive = max(t_end - w.launched, 0.0)
         c["cost"] += w.price * alive / 3600.0
+        k = self.by_kind[w.pool.kind]
+        k[0] += w.price * alive / 3600.0
+        k[2] += w.price * max(min(w.ready_at, t_end) - w.launched, 0.0) / 3600.0
         c["boot_cost"] += w.price * max(min(w.ready_at, t_end) - w.launched, 0.0) / 3600.0
         c["spot_worker_s" if w.market == SPOT else "od_worker_s"] += alive
         w.end = t_end
@@ -525,7 +549,7 @@ class Sim:
         if busy:
             p.m -= 1
         del p.ready[i]
-        p.slots -= p.target
+        p.slots -= p.max_inputs
         p.price_sum -= w.price
         return busy
 
@@ -539,7 +563,7 @@ class Sim:
             extra = 0.0
             if busy and finish:
                 extra = p.service_s
-                p.acc += p.target * p.service_s  # it finishes what it holds (served in this step)
+                p.acc += p.max_inputs * p.service_s  # it finishes what it holds (served in this step)
             self._bill(w, t + extra)
 
     def launch(self, p: Pool, n: int, t: float, *, force: str | None = None, replaces: str | None = None) -> int:
@@ -662,7 +686,7 @@ class Sim:
         w.idle_since = t
         w.view = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
         p.ready.append(w)
-        p.slots += p.target
+        p.slots += p.max_inputs
         p.price_sum += w.price
         if w.replaces is not None:
             old = p.by_id.get(w.replaces)
@@ -685,10 +709,11 @@ class Sim:
             busy = self._remove_ready(p, w, t)
             if busy:
                 # Its in-flight inputs go back to the queue at once; the work done on them is lost.
-                lost_inputs = p.target
+                lost_inputs = p.max_inputs
                 p.acc = max(p.acc - lost_inputs * p.service_s * 0.5, 0.0)
                 c["requeued"] += lost_inputs
                 c["lost_cost"] += w.price * p.service_s * 0.5 / 3600.0
+                self.by_kind[p.kind][4] += w.price * p.service_s * 0.5 / 3600.0
             w.state = 2
             w.end = t + NOTICE_S.get(w.cloud, 30.0)
             w.view = WorkerView(w.id, "draining", w.launched, None, 0, w.price)
@@ -700,7 +725,7 @@ class Sim:
         self.step(p, t)  # the reconciler is woken: the replacement starts now
 
     def on_burst(self, p: Pool, t: float) -> None:
-        self.step(p, t, burst=max(int(self.rng.lognormvariate(math.log(p.burst_median), 0.8)), 1))
+        self.step(p, t, burst=max(int(self.rng.lognormvariate(math.log(p.burst_median), BURST_SIGMA)), 1))
         self._next_burst(p, t)
 
     def _next_burst(self, p: Pool, t: float) -> None:
@@ -732,7 +757,7 @@ class Sim:
         return k
 
     def step(self, p: Pool, t: float, burst: int = 0) -> None:
-        c, hist = self.c, self.hist
+        c, hist = self.c, self.hists[p.kind]
         c["steps"] += 1
         t0 = p.t0
         L = t - t0
@@ -774,9 +799,13 @@ class Sim:
                     hist.add_ramp(x / mu - 0.5 * dt, (x + r) / mu - (r + 0.5) * dt, r)
                 work = served * s / p.target
                 c["work_s"] += work
-                c["opt_cost"] += work * self.opt_price(p, 0.5 * (t0 + t)) / 3600.0
+                opt = work * self.opt_price(p, 0.5 * (t0 + t)) / 3600.0
+                c["opt_cost"] += opt
+                self.by_kind[p.kind][1] += opt
                 if p.acc_ws > 0:
-                    c["work_cost"] += work * p.acc_cost / p.acc_ws / 3600.0
+                    paid = work * p.acc_cost / p.acc_ws / 3600.0
+                    c["work_cost"] += paid
+                    self.by_kind[p.kind][3] += paid
                 p.out_count += served
                 c["inputs_out"] += served
             left = arrivals - r
@@ -799,13 +828,13 @@ class Sim:
             p.inflight = p.slots  # a backlog keeps every ready slot busy
         # 2. Which ready workers are busy: inputs go to the oldest first.
         target = p.target
-        m = min(-(-p.inflight // target), len(p.ready))
+        m = min(-(-p.inflight // p.max_inputs), len(p.ready))
         ready = p.ready
         if m > p.m:
             for k in range(p.m, m):
                 w = ready[k]
                 w.idle_since = None
-                w.view = WorkerView(w.id, "ready", w.launched, None, target, w.price)
+                w.view = WorkerView(w.id, "ready", w.launched, None, 1, w.price)
         elif m < p.m:
             for k in range(m, p.m):
                 w = ready[k]
@@ -939,6 +968,7 @@ class Sim:
         lost = int(c["inputs_in"] - c["inputs_out"] - left)
         decisions = c["decisions"] + c["placements"]
         idle_cost = c["cost"] - c["work_cost"] - c["boot_cost"] - c["lost_cost"]
+        hist = Hist.merged(self.hists.values())
         return {
             "pools": self.args.pools,
             "hours": self.args.hours,
@@ -968,10 +998,10 @@ class Sim:
             "inputs_left": left,
             "inputs_lost": lost,
             "inputs_requeued": int(c["requeued"]),
-            "wait_p50_s": self.hist.quantile(0.50),
-            "wait_p99_s": self.hist.quantile(0.99),
-            "wait_mean_s": self.hist.sum / self.hist.total if self.hist.total else 0.0,
-            "wait_max_s": self.hist.max,
+            "wait_p50_s": hist.quantile(0.50),
+            "wait_p99_s": hist.quantile(0.99),
+            "wait_mean_s": hist.sum / hist.total if hist.total else 0.0,
+            "wait_max_s": hist.max,
             "cost": c["cost"],
             "optimum": c["opt_cost"],
             "cost_ratio": c["cost"] / c["opt_cost"] if c["opt_cost"] else math.inf,
@@ -981,6 +1011,22 @@ class Sim:
             "cost_idle": idle_cost,
             "spot_share_worker_time": c["spot_worker_s"] / max(c["spot_worker_s"] + c["od_worker_s"], 1.0),
             "busy_worker_h": c["work_s"] / 3600.0,
+            "by_kind": {
+                k: {
+                    "pools": sum(1 for p in self.pools if p.kind == k),
+                    "cost": v[0],
+                    "optimum": v[1],
+                    "ratio": v[0] / v[1] if v[1] else math.inf,
+                    "busy": v[3],
+                    "booting": v[2],
+                    "lost_work": v[4],
+                    "idle": v[0] - v[2] - v[3] - v[4],
+                    "wait_p50_s": self.hists[k].quantile(0.5),
+                    "wait_p99_s": self.hists[k].quantile(0.99),
+                    "inputs": self.hists[k].total,
+                }
+                for k, v in self.by_kind.items()
+            },
             "paid_worker_h": (c["spot_worker_s"] + c["od_worker_s"]) / 3600.0,
         }
 

@@ -40,7 +40,7 @@ def make_providers(settings: Settings) -> dict[str, Any]:
         elif name == "sim":
             from cloudmodal.providers.sim import SimProvider
 
-            out[name] = SimProvider.from_env()
+            out[name] = SimProvider.from_env(state_dir=settings.state_dir / "sim")
         else:
             raise InvalidError(f"Unknown provider {name!r} in CLOUDMODAL_PROVIDERS; available here: local, sim.")
     if "local" not in out:

@@ -16,10 +16,7 @@ APPS = Path(__file__).parent / "apps"
 sys.path.insert(0, str(APPS))
 
 
-def start_server(state_dir: Path, database_url: str, **settings: object) -> ServerHandle:
-    base = dict(lease_s=6.0, heartbeat_s=0.5, worker_timeout_s=10.0, client_timeout_s=60.0, reconcile_interval_s=0.1)
-    base.update(settings)
-    return ServerHandle(default_settings(state_dir, database_url=database_url, **base)).start_in_thread()
+from support import start_server  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

@@ -7,26 +7,48 @@ import time
 
 import pytest
 import scaling_app
+import scaling_gpu_app
+from support import sim_plane, start_server, use_server
 from sqlalchemy import text
 
 from cloudmodal.client.session import run_app
 
 
-def _live(cp, app_id: str) -> tuple[int, int]:
-    """(workers counted as capacity: starting+ready, all live incl. draining)."""
+def _live(cp, app_id: str, fn=None) -> tuple[int, int]:
+    """(workers counted as capacity: starting+ready, all live incl. draining) of one function's pool."""
     with cp.db.read() as conn:
-        rows = conn.execute(text("select state from worker where app_id=:a and state in ('starting','ready','draining')"), {"a": app_id}).all()
+        rows = conn.execute(
+            text("select w.state from worker w join function f on f.id = w.function_id where w.app_id=:a and f.name=:n and w.state in ('starting','ready','draining')"),
+            {"a": app_id, "n": _name[0]},
+        ).all()
     states = [r[0] for r in rows]
     return sum(s != "draining" for s in states), len(states)
 
 
-@pytest.mark.parametrize("control_plane", ["sqlite"], indirect=True)
-def test_bounds_hold_under_bursty_load(control_plane):
+def test_bounds_hold_under_bursty_load_local(tmp_path):
+    handle = start_server(tmp_path, f"sqlite:///{tmp_path / 'cp.db'}")
+    try:
+        with use_server(handle):
+            _bursty(handle, scaling_app.app, scaling_app.work)
+    finally:
+        handle.stop()
+
+
+def test_bounds_hold_under_bursty_load_sim(tmp_path):
+    with sim_plane(tmp_path, {"provisioning": {"delay_s": 0.3}}) as (handle, _sim):
+        _bursty(handle, scaling_gpu_app.app, scaling_gpu_app.gpu_work)
+
+
+_name = ["work"]
+
+
+def _bursty(control_plane, app, fn):
+    _name[0] = fn.spec.name
     cp = control_plane.cp
     samples: list[tuple[float, int, int, str]] = []
     phase = ["idle"]
     stop = threading.Event()
-    with run_app(scaling_app.app, show_logs=False) as running:
+    with run_app(app, show_logs=False) as running:
 
         def sampler() -> None:
             while not stop.is_set():
@@ -44,12 +66,12 @@ def test_bounds_hold_under_bursty_load(control_plane):
             assert _live(cp, running.app_id)[0] >= 1
             # buffer_containers: one input in flight needs 1 worker; the buffer keeps 1 more ready.
             phase[0] = "light"
-            assert scaling_app.work.remote(1.5) == 1.5
+            assert fn.remote(1.5) == 1.5
             phase[0] = "cooldown"
             time.sleep(4.0)
             for _ in range(2):  # two bursts, far more inputs than max_containers can take at once
                 phase[0] = "burst"
-                assert list(scaling_app.work.map([0.2] * 24)) == [0.2] * 24
+                assert list(fn.map([0.2] * 24)) == [0.2] * 24
                 phase[0] = "cooldown"
                 time.sleep(4.0)  # past scaledown_window (2 s)
             phase[0] = "end"

@@ -9,3 +9,4 @@ app = cloudmodal.App("scaling")
 def work(x: float) -> float:
     time.sleep(x)
     return x
+

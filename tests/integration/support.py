@@ -1,0 +1,67 @@
+"""Helpers shared by the integration tests: control planes on SQLite, and on the simulated cloud."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cloudmodal.client import session as session_mod
+from cloudmodal.pricing.offers import Offer
+from cloudmodal.providers.local import LocalProvider
+from cloudmodal.providers.sim import SimProvider
+from cloudmodal.server.app import ServerHandle, default_settings
+
+
+def start_server(state_dir: Path, database_url: str, **settings: object) -> ServerHandle:
+    base = dict(lease_s=6.0, heartbeat_s=0.5, worker_timeout_s=10.0, client_timeout_s=60.0, reconcile_interval_s=0.1)
+    base.update(settings)
+    return ServerHandle(default_settings(state_dir, database_url=database_url, **base)).start_in_thread()
+
+
+@contextmanager
+def use_server(handle: ServerHandle) -> Iterator[ServerHandle]:
+    """Point this process's client at ``handle`` for the duration."""
+    os.environ["CLOUDMODAL_SERVER_URL"] = handle.url
+    session_mod.disconnect()
+    try:
+        yield handle
+    finally:
+        session_mod.disconnect()
+        os.environ.pop("CLOUDMODAL_SERVER_URL", None)
+
+
+D = "2026-01-01"
+# Tier 1 (A10): cheapest A on aws us-east-1, then B on aws us-west-2, then D on lambda. Tier 2 (L4): C on gcp,
+# cheaper than all of tier 1 (so picking it while tier 1 has capacity would be wrong).
+A = Offer("aws", "us-east-1", "use1-az1", "g5.xlarge", "A10", 1, 24, 4, 16, 1.00, 0.30, "test", D)
+B = Offer("aws", "us-west-2", "usw2-az1", "g5.xlarge", "A10", 1, 24, 4, 16, 1.10, 0.40, "test", D)
+DL = Offer("lambda", "us-east-1", None, "gpu_1x_a10", "A10", 1, 24, 30, 200, 1.50, None, "test", D)
+C = Offer("gcp", "us-central1", "us-central1-a", "g2-standard-4", "L4", 1, 24, 4, 16, 0.80, 0.25, "test", D)
+OFFERS = [A, B, DL, C]
+
+
+@contextmanager
+def sim_plane(tmp_path: Path, scenario: dict, **env: str) -> Iterator[tuple[ServerHandle, SimProvider]]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    sim = SimProvider(offers=OFFERS, scenario=scenario, state_dir=tmp_path / "sim", seed=1)
+    providers = {"local": LocalProvider(state_dir=tmp_path / "local", gpus=[]), "sim": sim}
+    settings = default_settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'cp.db'}", lease_s=6.0, heartbeat_s=0.5, worker_timeout_s=15.0, reconcile_interval_s=0.1)
+    handle = ServerHandle(settings, providers=providers).start_in_thread()
+    os.environ["CLOUDMODAL_SERVER_URL"] = handle.url
+    session_mod.disconnect()
+    try:
+        yield handle, sim
+    finally:
+        session_mod.disconnect()
+        os.environ.pop("CLOUDMODAL_SERVER_URL", None)
+        handle.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
