@@ -431,6 +431,7 @@ class Sim:
         self.blocks = BlockList()
         self.horizon = args.hours * 3600.0
         self.tick = float(args.tick)
+        self.drain_horizon = float(getattr(args, "drain_horizon", 0.0) or 0.0)
         self.pools = make_pools(args.pools, random.Random(args.seed + 1), args.hours)
         self.heap: list[tuple[float, int, int, Any, int]] = []
         self.seq = 0
@@ -857,8 +858,12 @@ class Sim:
         views += [w.view for w in ready]
         if p.draining:
             views += [w.view for w in p.draining]
+        backlog = p.queued
+        if self.drain_horizon and backlog:
+            # What-if (not the shipped rule): count only the workers that drain the backlog in one horizon.
+            backlog = math.ceil(backlog * s / max(self.drain_horizon, s))
         snap = PoolSnapshot(
-            backlog=p.queued,
+            backlog=backlog,
             in_flight=p.inflight,
             workers=views,
             settings=p.settings,
@@ -1132,6 +1137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--hours", type=float, default=24.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tick", type=float, default=30.0, help="seconds between a pool's steps (events step at once)")
+    ap.add_argument(
+        "--drain-horizon",
+        type=float,
+        default=0.0,
+        help="what-if, off by default: pass the autoscaler backlog × service time ÷ this many seconds",
+    )
     ap.add_argument("--catalog-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--profile", action="store_true", help="run under cProfile and print the top functions")

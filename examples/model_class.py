@@ -18,16 +18,16 @@ class Model:
     def load(self) -> None:
         # Expensive set-up (loading weights, warming caches) happens once per worker, not per input.
         self.weights = [self.scale] * 1000
-        self.loaded_in = os.getpid()
-        print(f"loaded weights in worker {self.loaded_in}")
+        self.enter_calls = getattr(self, "enter_calls", 0) + 1
+        print(f"loaded weights in worker {os.getpid()}")
 
     @cloudmodal.method()
     def predict(self, x: int) -> int:
         return x * self.weights[0]
 
     @cloudmodal.method()
-    def worker_pid(self) -> int:
-        return self.loaded_in
+    def stats(self) -> tuple[int, int]:
+        return os.getpid(), self.enter_calls
 
     @cloudmodal.exit()
     def unload(self) -> None:
@@ -39,4 +39,5 @@ def main() -> None:
     doubler = Model()
     print("predict:", list(doubler.predict.map(range(5))))
     print("tripler:", Model(scale=3).predict.remote(5))
-    print("one @enter per worker:", doubler.worker_pid.remote() == doubler.worker_pid.remote())
+    stats = [doubler.stats.remote() for _ in range(4)]
+    print("one @enter per worker:", all(calls == 1 for _pid, calls in stats))

@@ -77,6 +77,7 @@ class Reconciler:
         self.handles: dict[str, tuple[Any, Any]] = {}  # worker id -> (provider, handle)
         self._noticed: set[str] = set()
         self._launching: dict[str, int] = {}
+        self._od_launching: dict[str, int] = {}  # launches forced on-demand (the min_on_demand floor) in flight
         self._launch_failures: dict[str, int] = {}
         self._next_launch_at: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="launch")
@@ -282,7 +283,7 @@ class Reconciler:
             launch = max(0, room)
         if launch > 0 and now >= self._next_launch_at.get(fid, 0.0):
             self._live_total += launch
-            live_od = sum(1 for w in ws if w.market == "on-demand" and w.state != "draining" and w.provider != "local")
+            live_od = sum(1 for w in ws if w.market == "on-demand" and w.state != "draining" and w.provider != "local") + self._od_launching.get(fid, 0)
             floor = self.market_policy.on_demand_floor(spec.min_on_demand, live_od) if spec.gpu and self.clouds else 0
             self.cp.event("pool.scale_up", f"launching {launch} worker(s): {decision.reason}", app_id=fn[1], function_id=fid, desired=decision.desired)
             for i in range(launch):
@@ -328,7 +329,10 @@ class Reconciler:
             "CLOUDMODAL_APP_ID": app_id,
             "PYTHONUNBUFFERED": "1",
         }
-        self.cp.add_worker(worker_id, app_id, fid, provider="-", function_version=fn[3])
+        self.cp.add_worker(worker_id, app_id, fid, provider="-", market="", function_version=fn[3])
+        if force_on_demand:
+            with self._lock:
+                self._od_launching[fid] = self._od_launching.get(fid, 0) + 1
 
         def go() -> None:
             now = time.time()
@@ -381,6 +385,8 @@ class Reconciler:
             finally:
                 with self._lock:
                     self._launching[fid] = max(0, self._launching.get(fid, 1) - 1)
+                    if force_on_demand:
+                        self._od_launching[fid] = max(0, self._od_launching.get(fid, 1) - 1)
 
         self._pool.submit(go)
 

@@ -114,3 +114,16 @@ def test_spot_fallback_to_on_demand_and_back(tmp_path):
             assert sim_app.spot_or_not.remote(3) == 3
             kinds = [e["kind"] for e in events(handle, running.app_id)]
             assert "pool.spot_restored" in kinds
+
+
+def test_min_on_demand_keeps_an_on_demand_floor_beside_spot(tmp_path):
+    with sim_plane(tmp_path, {}) as (handle, _sim):
+        with run_app(sim_app.app, show_logs=False):
+            assert list(sim_app.floor_work.map(range(8))) == list(range(8))
+            with handle.cp.db.read() as conn:
+                rows = conn.execute(
+                    text("select w.market from worker w join function f on f.id = w.function_id where f.name = 'floor_work' and w.provider = 'sim'")
+                ).all()
+    markets = [r[0] for r in rows]
+    assert markets.count("on-demand") == 1, markets  # exactly the floor, not more
+    assert markets.count("spot") >= 1, markets  # the rest on the cheaper spot market

@@ -19,3 +19,9 @@ def spot_work(x: int) -> int:
 @app.function(gpu="A10", scaledown_window=2)
 def spot_or_not(x: int) -> int:
     return x
+
+
+@app.function(gpu="A10", min_on_demand=1)
+def floor_work(x: int) -> int:
+    time.sleep(0.5)
+    return x
