@@ -252,6 +252,9 @@ class Pool:
         "spot_price",
         "in_count",
         "out_count",
+        "cost",
+        "opt",
+        "paid",
     )
 
     def __init__(self, i: int) -> None:
@@ -282,6 +285,7 @@ class Pool:
         self.spot_price = (-math.inf, None)  # (when ranked, best spot $/h)
         self.in_count = 0
         self.out_count = 0
+        self.cost = self.opt = self.paid = 0.0  # $: billed, optimum, busy time at the price paid
         self.spikes: list[tuple[float, float, float]] = []
 
     def rate(self, t: float) -> float:
@@ -336,17 +340,22 @@ def make_pools(n: int, rng: random.Random, hours: float) -> list[Pool]:
         else:
             p.tiers = parse_gpu(rng.choice(BATCH))
             p.target = p.max_inputs = 1
-            p.service_s = rng.uniform(5.0, 60.0)
             p.peak_rate = 0.0
             p.diurnal_lo, p.phase = 0.3, 0.35
             p.burst_per_h = rng.uniform(2, 12) / 24.0
-            p.burst_median = rng.lognormvariate(math.log(2000.0), 0.5)
+            if p.tiers[0].count >= 4:  # multi-GPU nodes: fewer, longer inputs (shards, fine-tunes), few nodes
+                p.service_s = rng.uniform(300.0, 1800.0)
+                p.burst_median = rng.lognormvariate(math.log(40.0), 0.5)
+                cap = rng.choice((4, 8, 16))
+            else:  # single GPU: embedding, transcription, rendering maps
+                p.service_s = rng.uniform(5.0, 60.0)
+                p.burst_median = rng.lognormvariate(math.log(2000.0), 0.5)
+                cap = rng.choice((25, 50, 100, 200))
             # Sized so that the cap drains a day's maps with room to spare (≤ 25% busy on average).
             work_per_s = p.burst_per_h / 3600.0 * p.burst_median * math.exp(BURST_SIGMA**2 / 2) * p.service_s
-            floor = math.ceil(4 * work_per_s)
             p.settings = AutoscalerSettings(
                 min_containers=0,
-                max_containers=max(rng.choice((25, 50, 100, 200)), floor),
+                max_containers=max(cap, math.ceil(4 * work_per_s)),
                 buffer_containers=0,
                 scaledown_window=60,
             )
@@ -533,6 +542,7 @@ class Sim:
         alive = max(t_end - w.launched, 0.0)
         c["cost"] += w.price * alive / 3600.0
         k = self.by_kind[w.pool.kind]
+        w.pool.cost += w.price * alive / 3600.0
         k[0] += w.price * alive / 3600.0
         k[2] += w.price * max(min(w.ready_at, t_end) - w.launched, 0.0) / 3600.0
         c["boot_cost"] += w.price * max(min(w.ready_at, t_end) - w.launched, 0.0) / 3600.0
@@ -719,10 +729,10 @@ class Sim:
             w.end = t + NOTICE_S.get(w.cloud, 30.0)
             w.view = WorkerView(w.id, "draining", w.launched, None, 0, w.price)
             p.draining.append(w)
-        # The reclaimed offer is out of spot capacity: block it, as a capacity failure would.
-        self.blocks.block(w.key, t + self.policy.settings.block_capacity_s, "preempted")
-        if self.policy.record_preemption(p.mstate, t, spot_workers):
+        if self.policy.record_preemption(p.mstate, t, spot_workers, w.key):
             c["fallbacks"] += 1
+        if self.policy.reclaimed(p.mstate, w.key, t):  # one offer's spot capacity is gone: fail over
+            self.blocks.block(w.key, t + self.policy.settings.block_capacity_s, "spot capacity reclaimed")
         self.step(p, t)  # the reconciler is woken: the replacement starts now
 
     def on_burst(self, p: Pool, t: float) -> None:
@@ -803,10 +813,12 @@ class Sim:
                 opt = work * self.opt_price(p, 0.5 * (t0 + t)) / 3600.0
                 c["opt_cost"] += opt
                 self.by_kind[p.kind][1] += opt
+                p.opt += opt
                 if p.acc_ws > 0:
                     paid = work * p.acc_cost / p.acc_ws / 3600.0
                     c["work_cost"] += paid
                     self.by_kind[p.kind][3] += paid
+                    p.paid += paid
                 p.out_count += served
                 c["inputs_out"] += served
             left = arrivals - r

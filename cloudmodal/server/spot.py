@@ -13,6 +13,10 @@ Rules:
    ``preemption_threshold`` preemptions. A big pool counts preemptions as a rate: the limit is the larger of
    ``preemption_threshold`` and ``preemption_fraction`` of its live spot workers, because 200 spot workers at
    a few % an hour lose 3 in ten minutes in normal weather, and falling back then would only cost money.
+   When the caller says which offer each preempted worker ran on, a storm from a single offer is that
+   offer's capacity running out, not the market's: :meth:`MarketPolicy.reclaimed` tells the caller to block
+   the offer (failover then moves on to other spot offers), and the pool falls back only when the
+   preemptions come from two offers or more.
 2. **While fallen back**, :meth:`MarketPolicy.spot_mode` turns "allow" into "never", except one probe every
    ``probe_interval_s`` ("allow": spot competes on price again for that one launch). Granting a probe uses it.
    After a fallback caused by preemptions, probes wait until the preemptions in the window drop below the
@@ -125,6 +129,7 @@ class PoolMarketState:
     preemption_limit: int = 0
     restored_at: float | None = None
     last_replace: float | None = None
+    preempted_offers: deque[OfferKey | None] = field(default_factory=deque)  # beside ``preemptions``
 
     @property
     def fallen_back(self) -> bool:
@@ -134,6 +139,17 @@ class PoolMarketState:
 def _prune(times: deque[float], since: float) -> int:
     while times and times[0] <= since:
         times.popleft()
+    return len(times)
+
+
+def _prune_preemptions(state: PoolMarketState, since: float) -> int:
+    times, offers = state.preemptions, state.preempted_offers
+    if len(offers) != len(times):  # a caller appended to one deque only: offers unknown from here on
+        offers.clear()
+        offers.extend([None] * len(times))
+    while times and times[0] <= since:
+        times.popleft()
+        offers.popleft()
     return len(times)
 
 
@@ -157,7 +173,7 @@ class MarketPolicy:
         if now - last < s.probe_interval_s:
             return False
         if state.fallback_reason == "preemptions":
-            return _prune(state.preemptions, now - s.window_s) < state.preemption_limit
+            return _prune_preemptions(state, now - s.window_s) < state.preemption_limit
         return True
 
     def spot_mode(self, requested: SpotMode, state: PoolMarketState, now: float) -> SpotMode:
@@ -200,17 +216,39 @@ class MarketPolicy:
         s = self.settings
         return max(s.preemption_threshold, math.ceil(s.preemption_fraction * max(spot_workers, 0)))
 
-    def record_preemption(self, state: PoolMarketState, now: float, spot_workers: int = 0) -> str | None:
+    def record_preemption(
+        self, state: PoolMarketState, now: float, spot_workers: int = 0, offer: OfferKey | None = None
+    ) -> str | None:
         """A spot worker got a preemption notice. ``spot_workers``: the pool's live spot workers before it
-        (0 when unknown: the plain count threshold applies). Returns the event message on falling back."""
+        (0 when unknown: the plain count threshold applies). ``offer``: what it ran on (None when unknown:
+        every preemption counts as another offer). Returns the event message on falling back."""
         s = self.settings
         state.preemptions.append(now)
-        n = _prune(state.preemptions, now - s.window_s)
+        state.preempted_offers.append(offer)
+        n = _prune_preemptions(state, now - s.window_s)
         limit = self.preemption_limit(spot_workers)
-        if state.fallback_since is None and n >= limit:
+        if state.fallback_since is None and n >= limit and self._offers_in_window(state) >= 2:
             state.preemption_limit = limit
             return self._enter(state, now, "preemptions", f"{n} preemptions in the last {_fmt_s(s.window_s)}")
         return None
+
+    @staticmethod
+    def _offers_in_window(state: PoolMarketState) -> int:
+        """Distinct offers among the preemptions in the window (an unknown offer counts as a new one)."""
+        seen: set[OfferKey] = set()
+        unknown = 0
+        for k in state.preempted_offers:
+            if k is None:
+                unknown += 1
+            else:
+                seen.add(k)
+        return len(seen) + unknown
+
+    def reclaimed(self, state: PoolMarketState, offer: OfferKey, now: float) -> bool:
+        """Whether ``offer`` lost ``preemption_threshold`` of this pool's workers within the window: its spot
+        capacity is gone, so the caller should block it (for ``block_capacity_s``) as a capacity failure."""
+        _prune_preemptions(state, now - self.settings.window_s)
+        return sum(1 for k in state.preempted_offers if k == offer) >= self.settings.preemption_threshold
 
     def record_spot_success(self, state: PoolMarketState, now: float) -> str | None:
         """A spot launch succeeded. Returns the event message when that ends a fallback."""
@@ -221,7 +259,7 @@ class MarketPolicy:
         s = self.settings
         if (
             state.fallback_reason == "preemptions"
-            and _prune(state.preemptions, now - s.window_s) >= state.preemption_limit
+            and _prune_preemptions(state, now - s.window_s) >= state.preemption_limit
         ):
             return None  # launching works, but spot workers are still being reclaimed
         state.fallback_since = None

@@ -374,3 +374,34 @@ def test_docstring_examples():
     import cloudmodal.server.spot as spot
 
     assert doctest.testmod(spot).failed == 0
+
+
+A, B = key("a"), key("b")
+
+OFFER_SCRIPTS = [
+    # id, [(t, offer)], expected messages, offers reclaimed after the last step
+    ("a storm from one offer blocks it, no fallback", [(0, A), (1, A), (2, A), (3, A)], [None] * 4, {A}),
+    ("two offers make it the market's", [(0, A), (1, A), (2, B)], [None, None, "enter"], set()),
+    ("an unknown offer counts as another", [(0, A), (1, A), (2, None)], [None, None, "enter"], set()),
+    (
+        "below the threshold, nothing is reclaimed",
+        [(0, A), (1, A), (2, B), (3, B)],
+        [None, None, "enter", None],
+        set(),
+    ),
+    ("reclaim ages out of the window", [(0, A), (1, A), (2, A), (700, B)], [None] * 4, set()),
+]
+
+
+@pytest.mark.parametrize(
+    "steps,expected,reclaimed", [pytest.param(s, e, r, id=i) for i, s, e, r in OFFER_SCRIPTS]
+)
+def test_preemptions_by_offer(steps, expected, reclaimed):
+    policy, state = MarketPolicy(SETTINGS), PoolMarketState()
+    got = []
+    for t, offer in steps:
+        got.append("enter" if policy.record_preemption(state, float(t), 0, offer) else None)
+    assert got == expected
+    now = float(steps[-1][0])
+    assert {k for k in (A, B) if policy.reclaimed(state, k, now)} == reclaimed
+    assert len(state.preempted_offers) == len(state.preemptions)
