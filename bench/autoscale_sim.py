@@ -60,6 +60,7 @@ from cloudmodal.spec import AutoscalerSettings  # noqa: E402
 
 DAY = 86_400.0
 SPOT, OD = "spot", "on-demand"
+OD_MODE = "never"  # PlacementPolicy(spot=...) for on-demand only
 MAX_LAUNCH_TRIES = 12  # as the reconciler: candidates tried per worker before backing off
 LAUNCH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 CANDIDATES = 16  # placement limit per ranking
@@ -82,6 +83,7 @@ STOCK = {
     (SPOT, "mid"): (6.0, 30.0),
     (SPOT, "scarce"): (3.0, 60.0),
 }
+ARRIVAL_BIN_S = 30.0  # online arrivals are drawn per bin of this many seconds
 BURST_SIGMA = 0.8  # spread of map sizes (lognormal)
 WAVE_P = 0.3  # when an offer's spot capacity runs out, each worker on it is reclaimed with this probability
 ZERO_QUOTA_P = 0.05  # share of (cloud, GPU, market) combinations where the account has no quota
@@ -186,7 +188,6 @@ class Worker:
         "ready_at",
         "state",
         "idle_since",
-        "view",
         "replaces",
         "end",
     )
@@ -202,7 +203,7 @@ class Worker:
         self.ready_at = ready_at
         self.state = 0  # 0 starting, 1 ready, 2 draining (noticed), 3 gone
         self.idle_since: float | None = None
-        self.view = WorkerView(wid, "starting", t, None, 0, c.price)
+        pool.views[wid] = WorkerView(wid, "starting", t, None, 0, c.price)
         self.replaces: str | None = None
         self.end = math.inf
 
@@ -231,6 +232,7 @@ class Pool:
         "ready",
         "draining",
         "by_id",
+        "views",
         "m",
         "slots",
         "acc",
@@ -247,6 +249,7 @@ class Pool:
         "launch_after",
         "launch_fails",
         "price_sum",
+        "od_ready",
         "opt_cands",
         "opt_cache",
         "spot_price",
@@ -255,6 +258,10 @@ class Pool:
         "cost",
         "opt",
         "paid",
+        "rng",
+        "bin_b",
+        "bin_n",
+        "bin_taken",
     )
 
     def __init__(self, i: int) -> None:
@@ -264,6 +271,7 @@ class Pool:
         self.ready: list[Worker] = []  # oldest first; the busy ones are ready[:m]
         self.draining: list[Worker] = []
         self.by_id: dict[str, Worker] = {}
+        self.views: dict[str, WorkerView] = {}  # what the autoscaler sees of each live worker
         self.m = 0
         self.slots = 0  # ready workers × max_inputs
         self.acc = 0.0  # slot-seconds available since the step began
@@ -280,19 +288,25 @@ class Pool:
         self.launch_after = 0.0
         self.launch_fails = 0
         self.price_sum = 0.0  # $/h of ready workers
+        self.od_ready = 0  # ready on-demand workers
         self.opt_cands: list[tuple[float, OfferKey]] = []
         self.opt_cache = (-1.0, -1.0, 0.0)  # (valid from, valid until, price)
         self.spot_price = (-math.inf, None)  # (when ranked, best spot $/h)
         self.in_count = 0
         self.out_count = 0
         self.cost = self.opt = self.paid = 0.0  # $: billed, optimum, busy time at the price paid
+        self.rng = random.Random(i)  # this pool's inputs (reseeded by make_pools)
+        self.bin_b = -1  # the arrival bin being consumed, its count, and how many of it have arrived
+        self.bin_n = self.bin_taken = 0
         self.spikes: list[tuple[float, float, float]] = []
 
     def rate(self, t: float) -> float:
         """Online arrivals per second at ``t``."""
         if self.peak_rate <= 0.0:
             return 0.0
-        d = self.diurnal_lo + (1.0 - self.diurnal_lo) * 0.5 * (1.0 - math.cos(2 * math.pi * (t / DAY - self.phase)))
+        d = self.diurnal_lo + (1.0 - self.diurnal_lo) * 0.5 * (
+            1.0 - math.cos(2 * math.pi * (t / DAY - self.phase))
+        )
         r = self.peak_rate * d
         for a, b, f in self.spikes:
             if a <= t < b:
@@ -325,7 +339,7 @@ def make_pools(n: int, rng: random.Random, hours: float) -> list[Pool]:
             p.diurnal_lo = rng.uniform(0.15, 0.45)
             p.phase = rng.choice((0.0, 0.0, 0.0, 1 / 3, 2 / 3)) + rng.uniform(-0.05, 0.05) + 0.35
             for _ in range(rng.randint(1, 6)):
-                a = rng.uniform(0, hours * 3600.0)
+                a = rng.uniform(0, DAY)
                 p.spikes.append((a, a + rng.uniform(300, 1200), rng.uniform(1.5, 3.0)))
             p.burst_per_h = 0.0
             p.burst_median = 0.0
@@ -360,6 +374,7 @@ def make_pools(n: int, rng: random.Random, hours: float) -> list[Pool]:
                 scaledown_window=60,
             )
         p.startup_s = rng.uniform(20.0, 90.0)
+        p.rng = random.Random(rng.getrandbits(64))
         pools.append(p)
     return pools
 
@@ -394,6 +409,10 @@ class Hist:
     def add_ramp(self, w0: float, w1: float, n: float) -> None:
         """``n`` inputs whose waits run linearly from ``w0`` to ``w1`` (clamped at 0)."""
         if n <= 0:
+            return
+        if w0 < 0.01 and w1 < 0.01:  # served on arrival: the common case
+            self.w[0] += n
+            self.total += n
             return
         k = 1 if n < 4 or abs(w1 - w0) < 0.5 else 4
         for j in range(k):
@@ -445,7 +464,6 @@ class Sim:
         self.heap: list[tuple[float, int, int, Any, int]] = []
         self.seq = 0
         self.wseq = 0
-        self.now = 0.0
         self.pending = 0  # queued inputs over all pools
         self.live = 0
         self.peak_live = 0
@@ -483,7 +501,9 @@ class Sim:
         self.c = c
         self.by_kind = {"online": [0.0] * 5, "batch": [0.0] * 5}  # [cost, optimum, boot, busy, lost work]
         self.hists = {"online": Hist(), "batch": Hist()}
-        self.rank_cache: dict[tuple, tuple[frozenset, list[Candidate]]] = {}
+        n_hours = int(math.ceil(args.hours)) + 7
+        self.paid_ws = [0.0] * n_hours  # worker-seconds paid, per hour of simulated time
+        self.busy_ws = [0.0] * n_hours  # worker-seconds of work (the optimum's capacity), per hour
         for p in self.pools:
             self._init_opt(p)
 
@@ -503,7 +523,9 @@ class Sim:
         """The pool's candidates in placement order (every offer, ignoring stock): the optimum walks them."""
         got = rank(p.tiers, self.table, policy=self._policy(p, p.spot))
         nq = self.cloud.no_quota
-        p.opt_cands = [(c.price, c.key) for c in got.candidates if (c.key.cloud, c.key.gpu, c.market) not in nq]
+        p.opt_cands = [
+            (c.price, c.key) for c in got.candidates if (c.key.cloud, c.key.gpu, c.market) not in nq
+        ]
         if not p.opt_cands:
             p.opt_cands = [(c.price, c.key) for c in got.candidates]
 
@@ -547,10 +569,18 @@ class Sim:
         k[2] += w.price * max(min(w.ready_at, t_end) - w.launched, 0.0) / 3600.0
         c["boot_cost"] += w.price * max(min(w.ready_at, t_end) - w.launched, 0.0) / 3600.0
         c["spot_worker_s" if w.market == SPOT else "od_worker_s"] += alive
+        paid_ws, a = self.paid_ws, w.launched
+        while a < t_end:
+            h = int(a // 3600.0)
+            b = min((h + 1) * 3600.0, t_end)
+            if h < len(paid_ws):
+                paid_ws[h] += b - a
+            a = b
         w.end = t_end
         w.state = 3
         self.live -= 1
         del w.pool.by_id[w.id]
+        del w.pool.views[w.id]
 
     def _remove_ready(self, p: Pool, w: Worker, t: float) -> bool:
         """Take a ready worker out of service; returns whether it was busy."""
@@ -562,6 +592,8 @@ class Sim:
         del p.ready[i]
         p.slots -= p.max_inputs
         p.price_sum -= w.price
+        if w.market == OD:
+            p.od_ready -= 1
         return busy
 
     def stop(self, p: Pool, w: Worker, t: float, *, finish: bool = False) -> None:
@@ -577,7 +609,9 @@ class Sim:
                 p.acc += p.max_inputs * p.service_s  # it finishes what it holds (served in this step)
             self._bill(w, t + extra)
 
-    def launch(self, p: Pool, n: int, t: float, *, force: str | None = None, replaces: str | None = None) -> int:
+    def launch(
+        self, p: Pool, n: int, t: float, *, force: str | None = None, replaces: str | None = None
+    ) -> int:
         """Start ``n`` workers as the reconciler does: placement's candidates in order, failing over on
         capacity and quota errors (each blocks what it rules out), with the spot policy choosing the market."""
         if n <= 0 or t < p.launch_after:
@@ -627,7 +661,12 @@ class Sim:
                     c["quota_fail" if quota else "cap_fail"] += 1
                     why = "QuotaExceededError" if quota else "NoCapacityError"
                     policy.block_failed_launch(
-                        self.blocks, key, t, why, quota=quota, offers=self.cloud.offers_of(key.gpu) if quota else ()
+                        self.blocks,
+                        key,
+                        t,
+                        why,
+                        quota=quota,
+                        offers=self.cloud.offers_of(key.gpu) if quota else (),
                     )
                     ptr[mode] = i + 1
                     if cand.market == SPOT and policy.record_spot_failure(p.mstate, t):
@@ -651,7 +690,9 @@ class Sim:
 
     def _rank(self, p: Pool, mode: str, t: float) -> list[Candidate]:
         self.c["placements"] += 1
-        got = rank(p.tiers, self.table, policy=self._policy(p, mode), blocked=self.blocks.active(t), limit=CANDIDATES)
+        got = rank(
+            p.tiers, self.table, policy=self._policy(p, mode), blocked=self.blocks.active(t), limit=CANDIDATES
+        )
         return list(got.candidates)
 
     def _start_worker(
@@ -677,7 +718,9 @@ class Sim:
             self.push(ready_at, READY, w)
         if cand.market == SPOT:
             c["launched_spot"] += 1
-            rate = PREEMPT_PER_H.get(o.cloud, 0.03) * (2.0 if scarcity(o.gpu, o.gpu_count) == "scarce" else 1.0)
+            rate = PREEMPT_PER_H.get(o.cloud, 0.03) * (
+                2.0 if scarcity(o.gpu, o.gpu_count) == "scarce" else 1.0
+            )
             at = t + rng.expovariate(rate / 3600.0)
             limit = self.horizon + 6 * 3600.0
             for d in self.cloud.stock_of(cand.key).downs(t, min(at, limit)):
@@ -695,10 +738,12 @@ class Sim:
         self._acc(p, t)
         w.state = 1
         w.idle_since = t
-        w.view = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
+        p.views[w.id] = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
         p.ready.append(w)
         p.slots += p.max_inputs
         p.price_sum += w.price
+        if w.market == OD:
+            p.od_ready += 1
         if w.replaces is not None:
             old = p.by_id.get(w.replaces)
             if old is not None and old.state in (0, 1):
@@ -727,7 +772,7 @@ class Sim:
                 self.by_kind[p.kind][4] += w.price * p.service_s * 0.5 / 3600.0
             w.state = 2
             w.end = t + NOTICE_S.get(w.cloud, 30.0)
-            w.view = WorkerView(w.id, "draining", w.launched, None, 0, w.price)
+            p.views[w.id] = WorkerView(w.id, "draining", w.launched, None, 0, w.price)
             p.draining.append(w)
         if self.policy.record_preemption(p.mstate, t, spot_workers, w.key):
             c["fallbacks"] += 1
@@ -736,29 +781,29 @@ class Sim:
         self.step(p, t)  # the reconciler is woken: the replacement starts now
 
     def on_burst(self, p: Pool, t: float) -> None:
-        self.step(p, t, burst=max(int(self.rng.lognormvariate(math.log(p.burst_median), BURST_SIGMA)), 1))
+        self.step(p, t, burst=max(int(p.rng.lognormvariate(math.log(p.burst_median), BURST_SIGMA)), 1))
         self._next_burst(p, t)
 
     def _next_burst(self, p: Pool, t: float) -> None:
         if p.burst_per_h <= 0:
             return
-        peak = p.burst_per_h / 3600.0 * 1.6
+        peak = p.burst_per_h / 3600.0 * 1.6  # thinning: the diurnal factor below averages 0.65
+        rng = p.rng
         while True:
-            t += self.rng.expovariate(peak)
+            t += rng.expovariate(peak)
             if t >= self.horizon:
                 return
-            diurnal = 0.3 + 0.7 * 0.5 * (1.0 - math.cos(2 * math.pi * (t / DAY - p.phase)))
-            if self.rng.random() < diurnal / 1.0:
+            if rng.random() < 0.3 + 0.7 * 0.5 * (1.0 - math.cos(2 * math.pi * (t / DAY - p.phase))):
                 self.push(t, BURST, p)
                 return
 
-    # -- one pool step --------------------------------------------------------------------------------------
-    def poisson(self, m: float) -> int:
+    @staticmethod
+    def poisson(rng: random.Random, m: float) -> int:
         if m <= 0.0:
             return 0
         if m > 40.0:
-            return max(int(self.rng.gauss(m, math.sqrt(m)) + 0.5), 0)
-        u = self.rng.random()
+            return max(int(rng.gauss(m, math.sqrt(m)) + 0.5), 0)
+        u = rng.random()
         pk = math.exp(-m)
         cum, k = pk, 0
         while u > cum and k < 200:
@@ -766,6 +811,30 @@ class Sim:
             pk *= m / k
             cum += pk
         return k
+
+    def arrivals(self, p: Pool, t: float) -> int:
+        """Online arrivals in [last call, ``t``). Counts are drawn per ``ARRIVAL_BIN_S`` bin from the pool's own
+        RNG (so the input stream is the same whatever the policy does) and spread evenly over each bin."""
+        end = min(t, self.horizon)
+        n = 0
+        rng, rate, poisson = p.rng, p.rate, self.poisson
+        if p.bin_b < 0:
+            p.bin_b, p.bin_taken = 0, 0
+            p.bin_n = poisson(rng, rate(0.5 * ARRIVAL_BIN_S) * ARRIVAL_BIN_S)
+        while True:
+            b = p.bin_b
+            b_end = (b + 1) * ARRIVAL_BIN_S
+            if end >= b_end:
+                n += p.bin_n - p.bin_taken
+                p.bin_b = b + 1
+                p.bin_n = poisson(rng, rate(b_end + 0.5 * ARRIVAL_BIN_S) * ARRIVAL_BIN_S)
+                p.bin_taken = 0
+                continue
+            upto = int(p.bin_n * (end - b * ARRIVAL_BIN_S) / ARRIVAL_BIN_S)
+            if upto > p.bin_taken:
+                n += upto - p.bin_taken
+                p.bin_taken = upto
+            return n
 
     def step(self, p: Pool, t: float, burst: int = 0) -> None:
         c, hist = self.c, self.hists[p.kind]
@@ -775,11 +844,13 @@ class Sim:
         s = p.service_s
         # 1. Serve [t0, t) as a fluid over the slot-seconds the ready workers had.
         if L > 0:
-            self._acc(p, t)
+            dt = t - p.acc_t
+            p.acc += p.slots * dt
+            p.acc_ws += len(p.ready) * dt
+            p.acc_cost += p.price_sum * dt
             arrivals = 0
             if p.peak_rate > 0.0 and t0 < self.horizon:
-                end = min(t, self.horizon)
-                arrivals = self.poisson(p.rate(0.5 * (t0 + end)) * (end - t0))
+                arrivals = self.arrivals(p, t)
                 p.in_count += arrivals
                 c["inputs_in"] += arrivals
             cap = p.acc / s + p.carry
@@ -810,6 +881,9 @@ class Sim:
                     hist.add_ramp(x / mu - 0.5 * dt, (x + r) / mu - (r + 0.5) * dt, r)
                 work = served * s / p.target
                 c["work_s"] += work
+                h = int(t0 // 3600.0)
+                if h < len(self.busy_ws):
+                    self.busy_ws[h] += work
                 opt = work * self.opt_price(p, 0.5 * (t0 + t)) / 3600.0
                 c["opt_cost"] += opt
                 self.by_kind[p.kind][1] += opt
@@ -843,16 +917,17 @@ class Sim:
         target = p.target
         m = min(-(-p.inflight // p.max_inputs), len(p.ready))
         ready = p.ready
+        views = p.views
         if m > p.m:
             for k in range(p.m, m):
                 w = ready[k]
                 w.idle_since = None
-                w.view = WorkerView(w.id, "ready", w.launched, None, 1, w.price)
+                views[w.id] = WorkerView(w.id, "ready", w.launched, None, 1, w.price)
         elif m < p.m:
             for k in range(m, p.m):
                 w = ready[k]
                 w.idle_since = t
-                w.view = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
+                p.views[w.id] = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
         p.m = m
         if p.draining:
             keep = []
@@ -866,10 +941,7 @@ class Sim:
         if load > 0:
             p.last_active = t
         # 3. The autoscaler's decision, applied.
-        views = [w.view for w in p.starting.values()]
-        views += [w.view for w in ready]
-        if p.draining:
-            views += [w.view for w in p.draining]
+        views = list(views.values())
         backlog = p.queued
         if self.drain_horizon and backlog:
             # What-if (not the shipped rule): count only the workers that drain the backlog in one horizon.
@@ -890,20 +962,22 @@ class Sim:
                 self.stop(p, w, t)
         if d.launch:
             self.launch(p, d.launch, t)
-        elif p.spot == "allow" and p.mstate.fallback_since is None:
+        elif p.od_ready > p.min_od and p.spot == "allow" and p.mstate.fallback_since is None:
             self.maybe_replace(p, t)
-        # 4. When to look again.
-        if p.starting or p.ready or p.draining or p.queued or p.peak_rate > 0.0 and t < self.horizon:
-            nxt = t + self.tick
+        # 4. When to look again: a tick from now (two while nothing moves), or when an idle worker's
+        # scaledown window ends, whichever is first.
+        if p.starting or ready or p.draining or p.queued or p.peak_rate > 0.0 and t < self.horizon:
+            steady = not (d.launch or d.terminate or p.queued or p.starting or burst)
+            nxt = t + (self.tick * 2.0 if steady else self.tick)
             window = p.settings.scaledown_window
             if p.m < len(ready):
-                for w in ready[p.m :]:
-                    e = (w.idle_since or t) + window
-                    if t < e < nxt:
-                        nxt = e
-            if p.last_active is not None and t < p.last_active + window < nxt:
-                nxt = p.last_active + window
-            self.schedule_step(p, max(nxt, t + 1.0))
+                e = min([w.idle_since for w in ready[p.m :]]) + window  # type: ignore[type-var]
+                if t < e < nxt:
+                    nxt = e
+            la = p.last_active
+            if la is not None and t < la + window < nxt:
+                nxt = la + window
+            self.schedule_step(p, nxt if nxt > t + 1.0 else t + 1.0)
         else:
             p.token += 1  # asleep until the next burst
 
@@ -951,11 +1025,11 @@ class Sim:
         end_limit = self.horizon + 6 * 3600.0
         t = 0.0
         wall0 = time.perf_counter()
+        cpu0 = time.process_time()
         while heap:
             t, _, kind, obj, token = pop(heap)
             if t > end_limit:
                 break
-            self.now = t
             if kind == STEP:
                 if token == obj.token:
                     self.step(obj, t)
@@ -973,6 +1047,7 @@ class Sim:
             if self.arrivals_done and self.pending == 0:
                 break
         wall = time.perf_counter() - wall0
+        self.cpu_s = time.process_time() - cpu0
         t_end = max(t, self.horizon)
         for p in self.pools:
             for w in list(p.starting.values()) + list(p.ready) + list(p.draining):
@@ -991,14 +1066,21 @@ class Sim:
             "hours": self.args.hours,
             "seed": self.args.seed,
             "tick_s": self.tick,
+            "drain_horizon_s": self.drain_horizon,
             "simulated_s": t_end,
             "wall_s": wall,
+            "cpu_s": self.cpu_s,
             "speedup": t_end / wall if wall > 0 else math.inf,
             "autoscaler_calls": int(c["decisions"]),
             "placement_calls": int(c["placements"]),
             "decisions_per_s": decisions / wall if wall > 0 else math.inf,
             "pool_steps": int(c["steps"]),
             "peak_workers": self.peak_live,
+            "peak_hour_paid_workers": max(self.paid_ws) / 3600.0,
+            "peak_hour_busy_workers": max(self.busy_ws) / 3600.0,
+            "hourly_paid_workers": [round(x / 3600.0, 1) for x in self.paid_ws],
+            "hourly_busy_workers": [round(x / 3600.0, 1) for x in self.busy_ws],
+            "results_with_a_wait_recorded": int(round(hist.total)),
             "peak_at_h": self.peak_t / 3600.0,
             "launched": int(c["launched"]),
             "launched_spot": int(c["launched_spot"]),
@@ -1048,9 +1130,6 @@ class Sim:
         }
 
 
-OD_MODE = "never"
-
-
 # --- output ------------------------------------------------------------------------------------------------
 
 
@@ -1063,9 +1142,10 @@ def render(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = Console()
-    t = Table(
-        title=f"autoscale_sim: {r['pools']:,} pools, {r['hours']:g} h of load (seed {r['seed']}, tick {r['tick_s']:g} s)"
-    )
+    title = f"autoscale_sim: {r['pools']:,} pools, {r['hours']:g} h of load (seed {r['seed']}, tick {r['tick_s']:g} s)"
+    if r.get("drain_horizon_s"):
+        title += f"\nWHAT-IF: backlog passed as backlog × service ÷ {r['drain_horizon_s']:g} s (not the shipped rule)"
+    t = Table(title=title)
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_column("goal", justify="right")
@@ -1074,7 +1154,12 @@ def render(r: dict[str, Any]) -> None:
     def yes(ok: bool) -> str:
         return "yes" if ok else "[bold red]no[/]"
 
-    t.add_row("simulated time / wall time", f"{r['simulated_s'] / 3600:.2f} h / {r['wall_s']:.1f} s", "", "")
+    t.add_row(
+        "simulated time / wall time (CPU)",
+        f"{r['simulated_s'] / 3600:.2f} h / {r['wall_s']:.1f} s ({r['cpu_s']:.1f} s)",
+        "",
+        "",
+    )
     t.add_row("speedup over real time", f"{r['speedup']:,.0f}×", "≥ 1,000×", yes(r["speedup"] >= 1000))
     t.add_row(
         "decisions per wall second",
@@ -1085,7 +1170,13 @@ def render(r: dict[str, Any]) -> None:
     t.add_row(
         "  autoscaler / placement calls", f"{r['autoscaler_calls']:,} / {r['placement_calls']:,}", "", ""
     )
-    t.add_row("peak live workers", f"{r['peak_workers']:,} (at {r['peak_at_h']:.1f} h)", "~20,000", "")
+    t.add_row("peak live workers", f"{r['peak_workers']:,} (at {r['peak_at_h']:.1f} h)", "", "")
+    t.add_row(
+        "peak hour: workers paid / busy (average)",
+        f"{r['peak_hour_paid_workers']:,.0f} / {r['peak_hour_busy_workers']:,.0f}",
+        "~20,000 at peak",
+        "",
+    )
     t.add_row("workers launched (spot)", f"{r['launched']:,} ({r['launched_spot']:,})", "", "")
     t.add_row(
         "launch failures: capacity / quota",
@@ -1093,7 +1184,9 @@ def render(r: dict[str, Any]) -> None:
         "",
         "",
     )
-    t.add_row("preemptions (while booting)", f"{r['preemptions']:,} ({r['preempted_while_booting']:,})", "", "")
+    t.add_row(
+        "preemptions (while booting)", f"{r['preemptions']:,} ({r['preempted_while_booting']:,})", "", ""
+    )
     t.add_row(
         "spot fallbacks / restores / on-demand replaced",
         f"{r['fallbacks']:,} / {r['restores']:,} / {r['replaced_on_demand']:,}",
@@ -1102,13 +1195,25 @@ def render(r: dict[str, Any]) -> None:
     )
     t.add_row("inputs in / results out", f"{r['inputs_in']:,} / {r['inputs_out']:,}", "", "")
     t.add_row("inputs requeued by preemption", f"{r['inputs_requeued']:,}", "", "")
-    t.add_row("inputs lost", f"{r['inputs_lost']:,} (left: {r['inputs_left']:,})", "0", yes(r["inputs_lost"] == 0 and r["inputs_left"] == 0))
+    t.add_row(
+        "inputs lost (in − out − left) / left unserved",
+        f"{r['inputs_lost']:,} / {r['inputs_left']:,}",
+        "0",
+        yes(r["inputs_lost"] == 0 and r["inputs_left"] == 0),
+    )
     t.add_row(
         "input wait p50 / p99 (mean, max)",
         f"{r['wait_p50_s']:.2f} s / {r['wait_p99_s']:.1f} s ({r['wait_mean_s']:.1f} s, {r['wait_max_s']:.0f} s)",
         "",
         "",
     )
+    for kind, k in r["by_kind"].items():
+        t.add_row(
+            f"  {kind} pools ({k['pools']}): wait p50 / p99",
+            f"{k['wait_p50_s']:.2f} s / {k['wait_p99_s']:.1f} s",
+            "",
+            "",
+        )
     t.add_row("cost (cloudmodal)", _money(r["cost"]), "", "")
     t.add_row("cost (offline optimum)", _money(r["optimum"]), "", "")
     t.add_row(
@@ -1124,6 +1229,14 @@ def render(r: dict[str, Any]) -> None:
         "",
     )
     t.add_row("  busy at paid price / optimum", f"{r['cost_work'] / max(r['optimum'], 1e-9):.3f}", "", "")
+    for kind, k in r["by_kind"].items():
+        t.add_row(
+            f"  {kind}: cost / optimum (busy, booting, idle)",
+            f"{_money(k['cost'])} / {_money(k['optimum'])} = {k['ratio']:.3f} "
+            f"({_money(k['busy'])}, {_money(k['booting'])}, {_money(k['idle'])})",
+            "",
+            "",
+        )
     t.add_row(
         "  worker-hours paid / busy; spot share",
         f"{r['paid_worker_h']:,.0f} / {r['busy_worker_h']:,.0f}; {r['spot_share_worker_time'] * 100:.0f}%",
@@ -1137,7 +1250,10 @@ def default_catalog_dir() -> Path:
     env = os.environ.get("CLOUDMODAL_CATALOG_DIR")
     if env:
         return Path(env)
-    for cand in (REPO.parent / "shared" / "pricing" / "catalogs" / "v8", Path("/work/shared/pricing/catalogs/v8")):
+    for cand in (
+        REPO.parent / "shared" / "pricing" / "catalogs" / "v8",
+        Path("/work/shared/pricing/catalogs/v8"),
+    ):
         if cand.is_dir():
             return cand
     return REPO.parent / "shared" / "pricing" / "catalogs" / "v8"
@@ -1148,7 +1264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pools", type=int, default=1000)
     ap.add_argument("--hours", type=float, default=24.0)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--tick", type=float, default=30.0, help="seconds between a pool's steps (events step at once)")
+    ap.add_argument(
+        "--tick", type=float, default=30.0, help="seconds between a pool's steps (events step at once)"
+    )
     ap.add_argument(
         "--drain-horizon",
         type=float,

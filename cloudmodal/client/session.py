@@ -111,6 +111,7 @@ class RunningApp:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.log_cursor = 0
+        self._print_lock = threading.Lock()
 
     def start_heartbeat(self, interval: float = 5.0) -> None:
         def beat() -> None:
@@ -140,6 +141,11 @@ class RunningApp:
         self._threads.append(t)
 
     def _print_logs(self, rows: list[dict[str, Any]], out: Any) -> None:
+        with self._print_lock:  # the streaming thread and the final flush may fetch the same rows
+            rows = [r for r in rows if r["id"] > self.log_cursor]
+            self._print_rows(rows, out)
+
+    def _print_rows(self, rows: list[dict[str, Any]], out: Any) -> None:
         for r in rows:
             self.log_cursor = max(self.log_cursor, r["id"])
             stream = (out or sys.stdout) if r["stream"] == "stdout" else (out or sys.stderr)
