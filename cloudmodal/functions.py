@@ -181,18 +181,7 @@ class Function(_Invocable):
         return self._session, self._function_id, None, is_gen
 
     def _hydrate(self) -> None:
-        from cloudmodal.client.session import current_session, in_worker
-
-        session = current_session()
-        if self._from_name is not None:
-            row = session.transport.get("/v1/functions/lookup", app_name=self._from_name[0], name=self._from_name[1])
-        elif in_worker() and self.spec is not None:
-            row = session.transport.get("/v1/functions/lookup", app_id=os.environ.get("CLOUDMODAL_APP_ID"), name=self.spec.name)
-        else:
-            raise ExecutionError(
-                f"{self._display_name} is not part of a running app. Call it inside `with app.run():`, from a "
-                "`@app.local_entrypoint` under `cloudmodal run`, or look up a deployed one with `Function.from_name`."
-            )
+        session, row = _lookup(self._from_name, self.spec, repr(self))
         spec = FunctionSpec.from_wire(row["spec"])
         if spec.kind == "cls":
             raise NotFoundError(f"{self._display_name} is a class: use `cloudmodal.Cls.from_name(...)`.")
@@ -228,6 +217,21 @@ class Function(_Invocable):
         if self._session is not None and self.app is not None and getattr(self.app, "_running", None) is not None:
             variant._register(self._session, self.app._running.app_id)
         return variant
+
+
+def _lookup(from_name: tuple[str, str] | None, spec: FunctionSpec | None, what: str) -> tuple[Any, dict[str, Any]]:
+    """Find a function's row: a deployed app's by name, or (inside a worker) one of the worker's own app."""
+    from cloudmodal.client.session import current_session, in_worker
+
+    session = current_session()
+    if from_name is not None:
+        return session, session.transport.get("/v1/functions/lookup", app_name=from_name[0], name=from_name[1])
+    if in_worker() and spec is not None:
+        return session, session.transport.get("/v1/functions/lookup", app_id=os.environ.get("CLOUDMODAL_APP_ID"), name=spec.name)
+    raise ExecutionError(
+        f"{what} is not part of a running app. Call it inside `with app.run():`, from a `@app.local_entrypoint` "
+        "under `cloudmodal run`, or look up a deployed one with `Function.from_name` / `Cls.from_name`."
+    )
 
 
 def _definition(session: Any, app: Any, spec: FunctionSpec, raw_f: Any, app_id: str, name: str, allow_cpu_fallback: bool) -> dict[str, Any]:
@@ -307,15 +311,7 @@ class Cls:
         self._instances.clear()
 
     def _hydrate(self) -> None:
-        from cloudmodal.client.session import current_session, in_worker
-
-        session = current_session()
-        if self._from_name is not None:
-            row = session.transport.get("/v1/functions/lookup", app_name=self._from_name[0], name=self._from_name[1])
-        elif in_worker() and self.spec is not None:
-            row = session.transport.get("/v1/functions/lookup", app_id=os.environ.get("CLOUDMODAL_APP_ID"), name=self.spec.name)
-        else:
-            raise ExecutionError(f"{self!r} is not part of a running app. Use it inside `with app.run():` or `cloudmodal run`.")
+        session, row = _lookup(self._from_name, self.spec, repr(self))
         spec = FunctionSpec.from_wire(row["spec"])
         if spec.kind != "cls":
             raise NotFoundError(f"{row['name']} is a function, not a class: use `cloudmodal.Function.from_name(...)`.")

@@ -163,14 +163,7 @@ def run_map(
                         yield _result(ok, value, return_exceptions)
                 else:
                     yield _result(result[0], result[1], return_exceptions)
-    except GeneratorExit:
-        state.abort = True
-        try:
-            session.transport.post(f"/v1/calls/{call_id}/cancel", reconnect_timeout=5.0)
-        except Exception:
-            pass
-        raise
-    except BaseException:
+    except BaseException:  # an error, Ctrl-C, or the caller abandoning the generator (GeneratorExit)
         state.abort = True
         try:
             session.transport.post(f"/v1/calls/{call_id}/cancel", reconnect_timeout=5.0)
@@ -179,7 +172,6 @@ def run_map(
         raise
     finally:
         with state.cond:
-            state.abort = state.abort or False
             state.cond.notify_all()
 
 
