@@ -84,7 +84,9 @@ STOCK = {
     (SPOT, "scarce"): (3.0, 60.0),
 }
 ARRIVAL_BIN_S = 30.0  # online arrivals are drawn per bin of this many seconds
-BURST_SIGMA = 0.8  # spread of map sizes (lognormal)
+BURST_SIGMA = 0.8  # spread of map sizes (lognormal) ...
+BURST_MAX = 5.0  # ... cut at this many times the median (bigger jobs get split)
+DRAIN_LIMIT_S = 48 * 3600.0  # after the load ends, run until every input is done, or this long
 WAVE_P = 0.3  # when an offer's spot capacity runs out, each worker on it is reclaimed with this probability
 ZERO_QUOTA_P = 0.05  # share of (cloud, GPU, market) combinations where the account has no quota
 
@@ -501,7 +503,7 @@ class Sim:
         self.c = c
         self.by_kind = {"online": [0.0] * 5, "batch": [0.0] * 5}  # [cost, optimum, boot, busy, lost work]
         self.hists = {"online": Hist(), "batch": Hist()}
-        n_hours = int(math.ceil(args.hours)) + 7
+        n_hours = int(math.ceil(args.hours + DRAIN_LIMIT_S / 3600.0)) + 1
         self.paid_ws = [0.0] * n_hours  # worker-seconds paid, per hour of simulated time
         self.busy_ws = [0.0] * n_hours  # worker-seconds of work (the optimum's capacity), per hour
         for p in self.pools:
@@ -722,7 +724,7 @@ class Sim:
                 2.0 if scarcity(o.gpu, o.gpu_count) == "scarce" else 1.0
             )
             at = t + rng.expovariate(rate / 3600.0)
-            limit = self.horizon + 6 * 3600.0
+            limit = self.horizon + DRAIN_LIMIT_S
             for d in self.cloud.stock_of(cand.key).downs(t, min(at, limit)):
                 if rng.random() < WAVE_P:
                     at = d
@@ -781,7 +783,8 @@ class Sim:
         self.step(p, t)  # the reconciler is woken: the replacement starts now
 
     def on_burst(self, p: Pool, t: float) -> None:
-        self.step(p, t, burst=max(int(p.rng.lognormvariate(math.log(p.burst_median), BURST_SIGMA)), 1))
+        size = min(p.rng.lognormvariate(math.log(p.burst_median), BURST_SIGMA), BURST_MAX * p.burst_median)
+        self.step(p, t, burst=max(int(size), 1))
         self._next_burst(p, t)
 
     def _next_burst(self, p: Pool, t: float) -> None:
@@ -1022,7 +1025,7 @@ class Sim:
         self.push(self.horizon, CUTOFF, None)
         heap = self.heap
         pop = heapq.heappop
-        end_limit = self.horizon + 6 * 3600.0
+        end_limit = self.horizon + DRAIN_LIMIT_S
         t = 0.0
         wall0 = time.perf_counter()
         cpu0 = time.process_time()

@@ -339,6 +339,14 @@ class Reconciler:
             state = self.market_state.setdefault(fid, PoolMarketState())
             choices = self._choices(spec, fid, cpu_fallback, now, force_on_demand)
             tried: list[str] = []
+            if len(choices) > 1 or (choices and choices[0].offer is not None):
+                top = "; ".join(f"{i + 1}) {c.describe()}" for i, c in enumerate(choices[:3]))
+                self.cp.event(
+                    "placement.ranked",
+                    f"worker {worker_id}: {len(choices)} candidates for gpu={','.join(str(t) for t in spec.gpu)}"
+                    + (" (on-demand floor)" if force_on_demand else "") + f": {top}",
+                    app_id=app_id, function_id=fid, worker_id=worker_id,
+                )
             try:
                 for i, choice in enumerate(choices[:MAX_LAUNCH_TRIES]):
                     req = LaunchRequest(

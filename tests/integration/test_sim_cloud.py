@@ -50,6 +50,9 @@ def test_failover_walks_the_tier_then_the_next_tier(tmp_path, unavailable, expec
         with run_app(sim_app.app, show_logs=False) as running:
             assert sim_app.on_demand_fallback_list.remote(7) == 7
             evs = events(handle, running.app_id, LAUNCH_KINDS)
+            ranked = events(handle, running.app_id, ("placement.ranked",))
+    # The placement decision is visible too: tier 1 cheapest first, tier 2 after it.
+    assert ranked and "4 candidates" in ranked[0]["message"] and "1) aws use1-az1 g5.xlarge A10 on-demand $1.00/h" in ranked[0]["message"]
     first_launch = next(i for i, e in enumerate(evs) if e["kind"] == "worker.launched")
     failed = [e["message"] for e in evs[:first_launch]]
     assert len(failed) == len(expect_failed), failed
