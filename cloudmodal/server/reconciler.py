@@ -251,7 +251,7 @@ class Reconciler:
         if spec.batching is not None:
             target = max(target, spec.batching.max_batch_size)
         views = [
-            WorkerView(worker_id=w.id, state=w.state, started_at=w.started_at, idle_since=w.idle_since, in_flight=w.in_flight)
+            WorkerView(worker_id=w.id, state=w.state, started_at=w.started_at, idle_since=w.idle_since, in_flight=w.in_flight, price_per_hour=w.price_per_hour or 0.0)
             for w in ws
         ]
         launching = self._launching.get(fid, 0)
@@ -472,7 +472,14 @@ class Reconciler:
             spot_workers = conn.execute(
                 select(func.count()).select_from(W).where(and_(W.c.function_id == fid, W.c.market == "spot", W.c.state.in_(("starting", "ready"))))
             ).scalar_one()
-        msg = self.market_policy.record_preemption(self.market_state.setdefault(fid, PoolMarketState()), now, spot_workers + 1)
+        state = self.market_state.setdefault(fid, PoolMarketState())
+        offer = getattr(handle, "offer", None)
+        key = offer.key(handle.market) if offer is not None and hasattr(offer, "key") else None
+        msg = self.market_policy.record_preemption(state, now, spot_workers + 1, offer=key)
+        if key is not None and self.market_policy.reclaimed(state, key, now):
+            # One offer keeps losing this pool's workers: treat its spot capacity as gone for a while.
+            until = self.market_policy.block_failed_launch(self.blocks, key, now, "spot capacity keeps being reclaimed")
+            self.cp.event("offer.blocked", f"{offer.cloud} {offer.zone or offer.region} {offer.instance_type} spot blocked for {until - now:.0f} s: its workers keep being preempted", app_id=row["app_id"], function_id=fid)
         if msg:
             self.cp.event("pool.spot_fallback", msg, app_id=row["app_id"], function_id=fid)
         self.wake()

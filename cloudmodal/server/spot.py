@@ -31,7 +31,6 @@ Rules:
    on-demand quotas are separate on AWS, GCP and Azure). :class:`BlockList` keeps the entries and hands
    placement the active set.
 
->>> from collections import deque
 >>> p, s = MarketPolicy(MarketSettings(failure_threshold=2)), PoolMarketState()
 >>> p.record_spot_failure(s, 0.0) is None, p.record_spot_failure(s, 10.0) is not None
 (True, True)
@@ -287,7 +286,8 @@ class MarketPolicy:
         """On-demand workers ``(id, market, $/h)`` to replace by a spot worker at ``spot_price`` $/h: at most
         one per call, the most expensive above the floor (the cheapest ``min_on_demand`` on-demand workers
         stay), and none while fallen back, right after a fallback, or when spot is not enough cheaper.
-        The caller launches the spot replacement and drains the returned worker once it is ready.
+        The caller launches the spot replacement and drains the returned worker once it is ready, and leaves
+        workers whose replacement is already on its way out of ``workers`` (they are gone, for the floor).
         Returning an id counts as a replacement for ``replace_interval_s``.
         """
         s = self.settings
