@@ -1263,16 +1263,10 @@ def render(r: dict[str, Any]) -> None:
 
 
 def default_catalog_dir() -> Path:
-    env = os.environ.get("CLOUDMODAL_CATALOG_DIR")
-    if env:
-        return Path(env)
-    for cand in (
-        REPO.parent / "shared" / "pricing" / "catalogs" / "v8",
-        Path("/work/shared/pricing/catalogs/v8"),
-    ):
-        if cand.is_dir():
-            return cand
-    return REPO.parent / "shared" / "pricing" / "catalogs" / "v8"
+    """``CLOUDMODAL_CATALOG_DIR``, else the shared snapshot beside the repository (``../shared``)."""
+    return Path(
+        os.environ.get("CLOUDMODAL_CATALOG_DIR") or REPO.parent / "shared" / "pricing" / "catalogs" / "v8"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,16 +39,10 @@ SKY_NAMES: dict[str, tuple[str, ...]] = {
 
 
 def default_catalog_dir() -> Path:
-    env = os.environ.get("CLOUDMODAL_CATALOG_DIR")
-    if env:
-        return Path(env)
-    for cand in (
-        REPO.parent / "shared" / "pricing" / "catalogs" / "v8",
-        Path("/work/shared/pricing/catalogs/v8"),
-    ):
-        if cand.is_dir():
-            return cand
-    return REPO.parent / "shared" / "pricing" / "catalogs" / "v8"
+    """``CLOUDMODAL_CATALOG_DIR``, else the shared snapshot beside the repository (``../shared``)."""
+    return Path(
+        os.environ.get("CLOUDMODAL_CATALOG_DIR") or REPO.parent / "shared" / "pricing" / "catalogs" / "v8"
+    )
 
 
 # --- cloudmodal ------------------------------------------------------------------------------------------

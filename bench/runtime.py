@@ -66,10 +66,26 @@ CHUNKSIZE = 500  # the "sensible" chunksize for Pool/PPE maps (the other variant
 
 def params_for(quick: bool) -> dict[str, Any]:
     if quick:
-        return dict(cold_runs=2, rt_warmup=20, rt_calls=100, map_warmup=500, map_sizes=[2_000, 10_000],
-                    conc_n=300, big_mb=10, big_reps=3)
-    return dict(cold_runs=5, rt_warmup=50, rt_calls=500, map_warmup=2_000, map_sizes=[10_000, 100_000],
-                conc_n=1_000, big_mb=10, big_reps=10)
+        return dict(
+            cold_runs=2,
+            rt_warmup=20,
+            rt_calls=100,
+            map_warmup=500,
+            map_sizes=[2_000, 10_000],
+            conc_n=300,
+            big_mb=10,
+            big_reps=3,
+        )
+    return dict(
+        cold_runs=5,
+        rt_warmup=50,
+        rt_calls=500,
+        map_warmup=2_000,
+        map_sizes=[10_000, 100_000],
+        conc_n=1_000,
+        big_mb=10,
+        big_reps=10,
+    )
 
 
 # ===================================================================================================
@@ -203,7 +219,10 @@ class CloudmodalDriver:
         env = dict(os.environ, CLOUDMODAL_HOME=str(home))
         self._server = subprocess.Popen(
             [sys.executable, "-m", "cloudmodal.cli.main", "server", "start", "--foreground", "--port", "0"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(home / "server.log", "wb"), start_new_session=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(home / "server.log", "wb"),
+            start_new_session=True,
         )
         deadline = time.time() + 60
         info_file = home / "server.json"
@@ -351,8 +370,14 @@ def sc_roundtrip(d: Any, p: dict[str, Any]) -> dict[str, Any]:
         lat.append(time.perf_counter() - t0)
         assert r == i
     ms = [x * 1000 for x in lat]
-    return {"calls": len(ms), "p50_ms": pct(ms, 0.5), "p99_ms": pct(ms, 0.99), "mean_ms": statistics.fmean(ms),
-            "min_ms": min(ms), "max_ms": max(ms)}
+    return {
+        "calls": len(ms),
+        "p50_ms": pct(ms, 0.5),
+        "p99_ms": pct(ms, 0.99),
+        "mean_ms": statistics.fmean(ms),
+        "min_ms": min(ms),
+        "max_ms": max(ms),
+    }
 
 
 def _timed_map(d: Any, fn: str, n: int) -> tuple[float, Sampler]:
@@ -385,8 +410,14 @@ def sc_concurrent(d: Any, p: dict[str, Any]) -> dict[str, Any]:
     n = p["conc_n"]
     first, s1 = _timed_map(d, "sleep10", n)  # includes scale-up (workers / the actor starting)
     warm, s2 = _timed_map(d, "sleep10", n)
-    return {"inputs": n, "first_s": first, "warm_s": warm, "warm_inputs_per_s": n / warm,
-            "procs_first": s1.as_dict()["tree_procs"], "procs_warm": s2.as_dict()["tree_procs"]}
+    return {
+        "inputs": n,
+        "first_s": first,
+        "warm_s": warm,
+        "warm_inputs_per_s": n / warm,
+        "procs_first": s1.as_dict()["tree_procs"],
+        "procs_warm": s2.as_dict()["tree_procs"],
+    }
 
 
 def sc_bigarg(d: Any, p: dict[str, Any]) -> dict[str, Any]:
@@ -399,8 +430,14 @@ def sc_bigarg(d: Any, p: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         assert len(r) == len(payload)
     med = statistics.median(times)
-    return {"mb": p["big_mb"], "reps": len(times), "median_s": med, "min_s": min(times), "max_s": max(times),
-            "mb_per_s": 2 * p["big_mb"] / med}
+    return {
+        "mb": p["big_mb"],
+        "reps": len(times),
+        "median_s": med,
+        "min_s": min(times),
+        "max_s": max(times),
+        "mb_per_s": 2 * p["big_mb"] / med,
+    }
 
 
 SCENARIO_FUNCS = {"roundtrip": sc_roundtrip, "map": sc_map, "concurrent": sc_concurrent, "bigarg": sc_bigarg}
@@ -436,8 +473,12 @@ class Bench:
         wanted = set(args.systems.split(",")) if args.systems else {"cloudmodal", *PEERS}
         self.systems = [s for s in ("cloudmodal", *PEERS) if s in wanted]
         self.results: dict[str, Any] = {
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                        "versions": _versions()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "versions": _versions(),
+            },
             "params": self.p,
             "quick": args.quick,
             "scenarios": {},
@@ -456,22 +497,37 @@ class Bench:
     def say_skips(self) -> None:
         for s in self.systems:
             if not self.available[s]:
-                self.console.print(f"[yellow]skipping {LABEL[s]}: `{s}` is not installed in {sys.executable}[/]")
+                self.console.print(
+                    f"[yellow]skipping {LABEL[s]}: `{s}` is not installed in {sys.executable}[/]"
+                )
 
     # -- children ---------------------------------------------------------------------------------------
-    def child(self, system: str, scenario: str, variant: str | None = None, timeout: float = 1800) -> dict[str, Any]:
+    def child(
+        self, system: str, scenario: str, variant: str | None = None, timeout: float = 1800
+    ) -> dict[str, Any]:
         out = self.tmp / f"{system}-{variant}-{scenario}.json"
         log = self.tmp / f"{system}-{variant}-{scenario}.log"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--scenario", scenario,
-               "--params", json.dumps(self.p), "--out", str(out)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            system,
+            "--scenario",
+            scenario,
+            "--params",
+            json.dumps(self.p),
+            "--out",
+            str(out),
+        ]
         if variant:
             cmd += ["--variant", variant]
         label = _label(f"{system}:{variant}" if variant else system)
         self.console.print(f"  [dim]{scenario}: {label} …[/]", end="")
         t0 = time.perf_counter()
         with open(log, "wb") as lf:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=lf, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, env=self.env, stdout=lf, stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -509,7 +565,10 @@ class Bench:
             for key, cmd in cmds.items():
                 if key in errors:
                     continue
-                self.console.print(f"  [dim]cold: {LABEL[key]} run {rnd}/{runs}{' (untimed)' if rnd == 0 else ''} …[/]", end="")
+                self.console.print(
+                    f"  [dim]cold: {LABEL[key]} run {rnd}/{runs}{' (untimed)' if rnd == 0 else ''} …[/]",
+                    end="",
+                )
                 first, total, err = self._cold_once(cmd, key)
                 self.console.print(f"[dim] {first if first is not None else float('nan'):.2f} s[/]")
                 if err:
@@ -524,16 +583,28 @@ class Bench:
                 res[key] = {"error": errors[key]}
                 continue
             firsts = [a for a, _ in xs]
-            res[key] = {"runs": len(xs), "first_median_s": statistics.median(firsts), "first_min_s": min(firsts),
-                        "first_max_s": max(firsts), "exit_median_s": statistics.median([b for _, b in xs]),
-                        "firsts": firsts}
+            res[key] = {
+                "runs": len(xs),
+                "first_median_s": statistics.median(firsts),
+                "first_min_s": min(firsts),
+                "first_max_s": max(firsts),
+                "exit_median_s": statistics.median([b for _, b in xs]),
+                "firsts": firsts,
+            }
         self.results["scenarios"]["cold"] = res
         self.table_cold(res)
 
     def _cold_once(self, cmd: list[str], key: str) -> tuple[float | None, float | None, str | None]:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=str(ROOT), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(ROOT),
+            start_new_session=True,
+        )
         assert proc.stdout is not None
         first = None
         lines: list[str] = []
@@ -581,28 +652,42 @@ class Bench:
 
     def table_cold(self, res: dict[str, Any]) -> None:
         ref = res.get("cloudmodal-cli", {}).get("first_median_s")
-        t = self._table(f"Cold start: launch → first result (median of {self.p['cold_runs']} fresh processes)",
-                        ["system", "first result (median)", "min – max", "process exit (median)", "cloudmodal CLI vs it"])
+        t = self._table(
+            f"Cold start: launch → first result (median of {self.p['cold_runs']} fresh processes)",
+            ["system", "first result (median)", "min – max", "process exit (median)", "cloudmodal CLI vs it"],
+        )
         for key, r in res.items():
             if "error" in r:
                 t.add_row(LABEL[key], "[red]failed[/]", "", "", "")
                 continue
-            t.add_row(LABEL[key], f"{r['first_median_s']:.2f} s", f"{r['first_min_s']:.2f} – {r['first_max_s']:.2f} s",
-                      f"{r['exit_median_s']:.2f} s", _vs(ref, r["first_median_s"], lower_better=True) if not key.startswith("cloudmodal") else "—")
+            t.add_row(
+                LABEL[key],
+                f"{r['first_median_s']:.2f} s",
+                f"{r['first_min_s']:.2f} – {r['first_max_s']:.2f} s",
+                f"{r['exit_median_s']:.2f} s",
+                _vs(ref, r["first_median_s"], lower_better=True) if not key.startswith("cloudmodal") else "—",
+            )
         self.console.print(t)
 
     def table_roundtrip(self, res: dict[str, Any]) -> None:
         ref = res.get("cloudmodal", {})
-        t = self._table(f"Warm round trip: {self.p['rt_calls']} sequential calls after {self.p['rt_warmup']} warm-up calls",
-                        ["system", "p50", "p99", "mean", "cloudmodal vs it (p50)", "cloudmodal vs it (p99)"])
+        t = self._table(
+            f"Warm round trip: {self.p['rt_calls']} sequential calls after {self.p['rt_warmup']} warm-up calls",
+            ["system", "p50", "p99", "mean", "cloudmodal vs it (p50)", "cloudmodal vs it (p99)"],
+        )
         for key, r in res.items():
             if "error" in r:
                 t.add_row(_label(key), "[red]failed[/]", "", "", "", "")
                 continue
             peer = not key.startswith("cloudmodal")
-            t.add_row(_label(key), f"{r['p50_ms']:.2f} ms", f"{r['p99_ms']:.2f} ms", f"{r['mean_ms']:.2f} ms",
-                      _vs(ref.get("p50_ms"), r["p50_ms"], True) if peer else "—",
-                      _vs(ref.get("p99_ms"), r["p99_ms"], True) if peer else "—")
+            t.add_row(
+                _label(key),
+                f"{r['p50_ms']:.2f} ms",
+                f"{r['p99_ms']:.2f} ms",
+                f"{r['mean_ms']:.2f} ms",
+                _vs(ref.get("p50_ms"), r["p50_ms"], True) if peer else "—",
+                _vs(ref.get("p99_ms"), r["p99_ms"], True) if peer else "—",
+            )
         self.console.print(t)
 
     def table_map(self, res: dict[str, Any]) -> None:
@@ -612,10 +697,17 @@ class Bench:
         cols = ["system"]
         for n in sizes:
             cols += [f"{int(n):,} inputs/s", "cloudmodal vs it"]
-        cols += [f"driver RSS peak {int(small):,}", f"driver RSS {int(big):,} (before → peak)",
-                 f"tree RSS peak {int(big):,}", f"CPU-s {int(big):,} driver / rest"]
-        t = self._table(f"Map throughput: no-op inputs, after a {self.p['map_warmup']:,}-input warm-up map. "
-                        f"Pool/PPE: default chunksize (Pool.map: len/(4·procs); PPE.map: 1) and chunksize {CHUNKSIZE}", cols)
+        cols += [
+            f"driver RSS peak {int(small):,}",
+            f"driver RSS {int(big):,} (before → peak)",
+            f"tree RSS peak {int(big):,}",
+            f"CPU-s {int(big):,} driver / rest",
+        ]
+        t = self._table(
+            f"Map throughput: no-op inputs, after a {self.p['map_warmup']:,}-input warm-up map. "
+            f"Pool/PPE: default chunksize (Pool.map: len/(4·procs); PPE.map: 1) and chunksize {CHUNKSIZE}",
+            cols,
+        )
         for key, r in res.items():
             if "error" in r:
                 t.add_row(_label(key), "[red]failed[/]", *[""] * (len(cols) - 2))
@@ -624,40 +716,72 @@ class Bench:
             row = [_label(key)]
             for n in sizes:
                 row.append(f"{r[n]['inputs_per_s']:,.0f}")
-                row.append(_vs(ref.get(n, {}).get("inputs_per_s"), r[n]["inputs_per_s"], False) if peer else "—")
+                row.append(
+                    _vs(ref.get(n, {}).get("inputs_per_s"), r[n]["inputs_per_s"], False) if peer else "—"
+                )
             b = r[big]
             row.append(f"{r[small]['rss_peak_mb']:.0f} MB")
             row.append(f"{b['rss_before_mb']:.0f} → {b['rss_peak_mb']:.0f} MB")
-            row.append(f"{b['tree_rss_peak_mb']:.0f} MB / {b['tree_procs'] + 1} procs" if b.get("tree_rss_peak_mb") is not None else "n/a")
-            row.append(f"{b['cpu_driver_s']:.1f} / {b['cpu_children_s']:.1f}" if b.get("cpu_children_s") is not None else f"{b['cpu_driver_s']:.1f} / n/a")
+            row.append(
+                f"{b['tree_rss_peak_mb']:.0f} MB / {b['tree_procs'] + 1} procs"
+                if b.get("tree_rss_peak_mb") is not None
+                else "n/a"
+            )
+            row.append(
+                f"{b['cpu_driver_s']:.1f} / {b['cpu_children_s']:.1f}"
+                if b.get("cpu_children_s") is not None
+                else f"{b['cpu_driver_s']:.1f} / n/a"
+            )
             t.add_row(*row)
         self.console.print(t)
 
     def table_concurrent(self, res: dict[str, Any]) -> None:
         ref = res.get("cloudmodal", {})
-        t = self._table(f"{self.p['conc_n']:,}-input map of 10 ms sleeps (cloudmodal @concurrent(max_inputs=100); "
-                        "Ray: threaded actor, max_concurrency=100; Pool/PPE: 2 processes, no concurrency)",
-                        ["system", "warm map", "inputs/s", "first map (incl. scale-up)", "child procs", "cloudmodal vs it (warm)"])
+        t = self._table(
+            f"{self.p['conc_n']:,}-input map of 10 ms sleeps (cloudmodal @concurrent(max_inputs=100); "
+            "Ray: threaded actor, max_concurrency=100; Pool/PPE: 2 processes, no concurrency)",
+            [
+                "system",
+                "warm map",
+                "inputs/s",
+                "first map (incl. scale-up)",
+                "child procs",
+                "cloudmodal vs it (warm)",
+            ],
+        )
         for key, r in res.items():
             if "error" in r:
                 t.add_row(_label(key), "[red]failed[/]", "", "", "", "")
                 continue
             peer = not key.startswith("cloudmodal")
-            t.add_row(_label(key), f"{r['warm_s']:.2f} s", f"{r['warm_inputs_per_s']:,.0f}", f"{r['first_s']:.2f} s",
-                      "n/a" if r.get("procs_warm") is None else str(r["procs_warm"]), _vs(ref.get("warm_s"), r["warm_s"], True) if peer else "—")
+            t.add_row(
+                _label(key),
+                f"{r['warm_s']:.2f} s",
+                f"{r['warm_inputs_per_s']:,.0f}",
+                f"{r['first_s']:.2f} s",
+                "n/a" if r.get("procs_warm") is None else str(r["procs_warm"]),
+                _vs(ref.get("warm_s"), r["warm_s"], True) if peer else "—",
+            )
         self.console.print(t)
 
     def table_bigarg(self, res: dict[str, Any]) -> None:
         ref = res.get("cloudmodal", {})
-        t = self._table(f"{self.p['big_mb']} MB bytes argument, returned by the function (median of {self.p['big_reps']} round trips)",
-                        ["system", "s / round trip", "min – max", "MB/s (both ways)", "cloudmodal vs it"])
+        t = self._table(
+            f"{self.p['big_mb']} MB bytes argument, returned by the function (median of {self.p['big_reps']} round trips)",
+            ["system", "s / round trip", "min – max", "MB/s (both ways)", "cloudmodal vs it"],
+        )
         for key, r in res.items():
             if "error" in r:
                 t.add_row(_label(key), "[red]failed[/]", "", "", "")
                 continue
             peer = not key.startswith("cloudmodal")
-            t.add_row(_label(key), f"{r['median_s']:.3f} s", f"{r['min_s']:.3f} – {r['max_s']:.3f}", f"{r['mb_per_s']:,.0f}",
-                      _vs(ref.get("median_s"), r["median_s"], True) if peer else "—")
+            t.add_row(
+                _label(key),
+                f"{r['median_s']:.3f} s",
+                f"{r['min_s']:.3f} – {r['max_s']:.3f}",
+                f"{r['mb_per_s']:,.0f}",
+                _vs(ref.get("median_s"), r["median_s"], True) if peer else "—",
+            )
         self.console.print(t)
 
     def goals(self) -> None:
@@ -667,7 +791,9 @@ class Bench:
         cold = sc.get("cold", {})
         if "first_median_s" in cold.get("cloudmodal-cli", {}) and "first_median_s" in cold.get("ray", {}):
             a, b = cold["cloudmodal-cli"]["first_median_s"], cold["ray"]["first_median_s"]
-            rows.append(("cold start < ¼ of Ray's", f"{a:.2f} s vs {b / 4:.2f} s (Ray {b:.2f} s)", _ok(a < b / 4)))
+            rows.append(
+                ("cold start < ¼ of Ray's", f"{a:.2f} s vs {b / 4:.2f} s (Ray {b:.2f} s)", _ok(a < b / 4))
+            )
         rt = sc.get("roundtrip", {})
         if "p50_ms" in rt.get("cloudmodal", {}) and "p50_ms" in rt.get("ray", {}):
             a, b = rt["cloudmodal"]["p50_ms"], rt["ray"]["p50_ms"]
@@ -680,26 +806,51 @@ class Bench:
             a = cm[n]["inputs_per_s"]
             if n in mp.get("ray", {}):
                 b = mp["ray"][n]["inputs_per_s"]
-                rows.append((f"map {int(n):,}: ≥ 5× Ray's inputs/s", f"{a:,.0f} vs {5 * b:,.0f} (Ray {b:,.0f})", _ok(a >= 5 * b)))
+                rows.append(
+                    (
+                        f"map {int(n):,}: ≥ 5× Ray's inputs/s",
+                        f"{a:,.0f} vs {5 * b:,.0f} (Ray {b:,.0f})",
+                        _ok(a >= 5 * b),
+                    )
+                )
             if n in mp.get("ppe:default", {}):
                 # The issue's PPE figure (≈15,000 inputs/s) is PPE.map with its default chunksize of 1.
                 b = mp["ppe:default"][n]["inputs_per_s"]
-                rows.append((f"map {int(n):,}: ≥ {_label('ppe:default')} inputs/s", f"{a:,.0f} vs {b:,.0f}", _ok(a >= b)))
+                rows.append(
+                    (
+                        f"map {int(n):,}: ≥ {_label('ppe:default')} inputs/s",
+                        f"{a:,.0f} vs {b:,.0f}",
+                        _ok(a >= b),
+                    )
+                )
             if n in mp.get("ppe:chunk", {}):
                 b = mp["ppe:chunk"][n]["inputs_per_s"]
-                rows.append((f"(not a goal) map {int(n):,} vs {_label('ppe:chunk')}", f"{a:,.0f} vs {b:,.0f}", "[dim]info[/]"))
+                rows.append(
+                    (
+                        f"(not a goal) map {int(n):,} vs {_label('ppe:chunk')}",
+                        f"{a:,.0f} vs {b:,.0f}",
+                        "[dim]info[/]",
+                    )
+                )
         sizes = [str(x) for x in self.p["map_sizes"]]
         if all(n in cm for n in sizes):
             small, big = cm[sizes[0]]["rss_peak_mb"], cm[sizes[-1]]["rss_peak_mb"]
-            rows.append((f"client RSS flat ({int(sizes[0]):,} → {int(sizes[-1]):,} inputs: peak grows ≤ 20%)",
-                         f"{small:.0f} MB → {big:.0f} MB", _ok(big <= 1.2 * small)))
+            rows.append(
+                (
+                    f"client RSS flat ({int(sizes[0]):,} → {int(sizes[-1]):,} inputs: peak grows ≤ 20%)",
+                    f"{small:.0f} MB → {big:.0f} MB",
+                    _ok(big <= 1.2 * small),
+                )
+            )
         if not rows:
             return
         t = self._table("Goals (issue 3), on this run's numbers", ["goal", "measured", "met?"])
         for r in rows:
             t.add_row(*r)
         self.console.print(t)
-        self.results["goals"] = [{"goal": a, "measured": b, "met": None if "info" in c else "yes" in c} for a, b, c in rows]
+        self.results["goals"] = [
+            {"goal": a, "measured": b, "met": None if "info" in c else "yes" in c} for a, b, c in rows
+        ]
 
 
 def _label(key: str) -> str:
@@ -750,13 +901,24 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes, for a sanity run")
-    ap.add_argument("--only", action="append", default=None, help=f"scenario(s) to run: {', '.join(SCENARIOS)} (repeatable or comma-separated)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        help=f"scenario(s) to run: {', '.join(SCENARIOS)} (repeatable or comma-separated)",
+    )
     ap.add_argument("--systems", default=None, help="comma-separated subset of: cloudmodal,ray,pool,ppe")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write every number to PATH as JSON")
-    ap.add_argument("--no-cm-server", dest="cm_server", action="store_false",
-                    help="skip the extra cloudmodal run against a separate control-plane process (roundtrip, map)")
+    ap.add_argument(
+        "--no-cm-server",
+        dest="cm_server",
+        action="store_false",
+        help="skip the extra cloudmodal run against a separate control-plane process (roundtrip, map)",
+    )
     # internal: one system's scenario in a child process
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scenario", default=None, help=argparse.SUPPRESS)
@@ -775,8 +937,11 @@ def main() -> int:
     try:
         c = bench.console
         m = bench.results["machine"]
-        c.print(f"[bold]bench/runtime.py[/] on {m['cpus']} CPUs, Python {m['python']}, "
-                + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + (" — [yellow]--quick[/]" if args.quick else ""))
+        c.print(
+            f"[bold]bench/runtime.py[/] on {m['cpus']} CPUs, Python {m['python']}, "
+            + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+            + (" — [yellow]--quick[/]" if args.quick else "")
+        )
         c.print(LEGEND, style="dim")
         bench.say_skips()
         for sc in SCENARIOS:

@@ -549,9 +549,19 @@ def _check_options(where: str, kwargs: dict[str, Any], allowed: Sequence[str]) -
         )
     floor = o["min_on_demand"]
     if not _is_int(floor) or floor < 0:
-        raise _fail(w, "min_on_demand", f"expected a whole number of workers >= 0, got {floor!r}.", "E.g. min_on_demand=1 keeps one on-demand worker beside the spot ones.")
+        raise _fail(
+            w,
+            "min_on_demand",
+            f"expected a whole number of workers >= 0, got {floor!r}.",
+            "E.g. min_on_demand=1 keeps one on-demand worker beside the spot ones.",
+        )
     if floor and o["spot"] == "require":
-        raise _fail(w, "min_on_demand", "an on-demand floor contradicts spot='require'.", "Use spot='allow' with min_on_demand, or drop min_on_demand.")
+        raise _fail(
+            w,
+            "min_on_demand",
+            "an on-demand floor contradicts spot='require'.",
+            "Use spot='allow' with min_on_demand, or drop min_on_demand.",
+        )
     return o
 
 

@@ -76,22 +76,65 @@ class _Invocable:
         call_id, _ = self._calls.call_one(session, fid, method, args, kwargs, kind="spawn", wait=0.0)
         return FunctionCall(call_id, _session=session)
 
-    def _map(self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None, order_outputs: bool = True, return_exceptions: bool = False, wrap_returned_exceptions: bool | None = None) -> Iterator[Any]:
+    def _map(
+        self,
+        *iterables: Iterable[Any],
+        kwargs: dict[str, Any] | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+        wrap_returned_exceptions: bool | None = None,
+    ) -> Iterator[Any]:
         if not iterables:
             raise InvalidError(f"{self._display_name}.map() needs at least one iterable of inputs.")
-        return self._map_tuples(zip(*iterables, strict=False), kwargs or {}, order_outputs, return_exceptions, _len_hint(iterables))
+        return self._map_tuples(
+            zip(*iterables, strict=False),
+            kwargs or {},
+            order_outputs,
+            return_exceptions,
+            _len_hint(iterables),
+        )
 
-    def _starmap(self, input_iterator: Iterable[Iterable[Any]], *, kwargs: dict[str, Any] | None = None, order_outputs: bool = True, return_exceptions: bool = False, wrap_returned_exceptions: bool | None = None) -> Iterator[Any]:
-        return self._map_tuples((tuple(a) for a in input_iterator), kwargs or {}, order_outputs, return_exceptions, _len_hint((input_iterator,)))
+    def _starmap(
+        self,
+        input_iterator: Iterable[Iterable[Any]],
+        *,
+        kwargs: dict[str, Any] | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+        wrap_returned_exceptions: bool | None = None,
+    ) -> Iterator[Any]:
+        return self._map_tuples(
+            (tuple(a) for a in input_iterator),
+            kwargs or {},
+            order_outputs,
+            return_exceptions,
+            _len_hint((input_iterator,)),
+        )
 
-    def _map_tuples(self, tuples: Iterable[tuple[Any, ...]], kwargs: dict[str, Any], order_outputs: bool, return_exceptions: bool, total_hint: int | None) -> Iterator[Any]:
+    def _map_tuples(
+        self,
+        tuples: Iterable[tuple[Any, ...]],
+        kwargs: dict[str, Any],
+        order_outputs: bool,
+        return_exceptions: bool,
+        total_hint: int | None,
+    ) -> Iterator[Any]:
         session, fid, method, is_gen = self._target()
         self._calls.check_not_generator(is_gen, self._display_name, "map")
         from cloudmodal.client.progress import map_progress
 
         progress = map_progress(self._display_name, total_hint)
         try:
-            yield from self._calls.run_map(session, fid, method, tuples, kwargs, order_outputs=order_outputs, return_exceptions=return_exceptions, progress=progress)
+            yield from self._calls.run_map(
+                session,
+                fid,
+                method,
+                tuples,
+                kwargs,
+                order_outputs=order_outputs,
+                return_exceptions=return_exceptions,
+                progress=progress,
+            )
         finally:
             if progress is not None:
                 progress.close()
@@ -102,7 +145,9 @@ class _Invocable:
     def _starmap_aio(self, input_iterator: Any, **kw: Any) -> Any:
         return self._calls.async_iter(lambda: self._starmap(input_iterator, **kw))
 
-    def _for_each(self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None, ignore_exceptions: bool = False) -> None:
+    def _for_each(
+        self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None, ignore_exceptions: bool = False
+    ) -> None:
         for _ in self._map(*iterables, kwargs=kwargs, return_exceptions=ignore_exceptions):
             pass
 
@@ -126,7 +171,14 @@ def _source_of(spec: FunctionSpec) -> dict[str, Any]:
 class Function(_Invocable):
     """A handle to a decorated function: call it with ``.remote``, ``.map``, ``.spawn``…"""
 
-    def __init__(self, *, spec: FunctionSpec | None, app: Any = None, raw_f: Any = None, from_name: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        spec: FunctionSpec | None,
+        app: Any = None,
+        raw_f: Any = None,
+        from_name: tuple[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.app = app
@@ -151,7 +203,9 @@ class Function(_Invocable):
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         if self.raw_f is None:
-            raise ExecutionError(f"{self._display_name} was looked up by name; its code is not available here to run locally.")
+            raise ExecutionError(
+                f"{self._display_name} was looked up by name; its code is not available here to run locally."
+            )
         return self.raw_f(*args, **kwargs)
 
     def get_raw_f(self) -> Any:
@@ -164,7 +218,9 @@ class Function(_Invocable):
     # -- registration ------------------------------------------------------------------------------------
     def _register(self, session: Any, app_id: str, *, allow_cpu_fallback: bool = False) -> str:
         assert self.spec is not None
-        body = _definition(session, self.app, self.spec, self.raw_f, app_id, self.spec.name, allow_cpu_fallback)
+        body = _definition(
+            session, self.app, self.spec, self.raw_f, app_id, self.spec.name, allow_cpu_fallback
+        )
         self._function_id = session.transport.post("/v1/functions", body)["function_id"]
         self._session = session
         return self._function_id
@@ -190,7 +246,9 @@ class Function(_Invocable):
         self._session = session
 
     @staticmethod
-    def from_name(app_name: str, name: str, *, environment_name: str | None = None, version: int | None = None) -> Function:
+    def from_name(
+        app_name: str, name: str, *, environment_name: str | None = None, version: int | None = None
+    ) -> Function:
         """A lazy handle to a function of a deployed app (looked up on first use)."""
         return Function(spec=None, from_name=(app_name, name))
 
@@ -203,10 +261,27 @@ class Function(_Invocable):
         """A variant of this function with other resources/settings; it gets its own pool of workers."""
         if self.spec is None or self.app is None:
             raise InvalidError("with_options needs a function defined in this program.")
-        allowed = {"cpu", "memory", "gpu", "env", "secrets", "volumes", "retries", "max_containers", "buffer_containers", "scaledown_window", "timeout", "region", "cloud", "min_containers"}
+        allowed = {
+            "cpu",
+            "memory",
+            "gpu",
+            "env",
+            "secrets",
+            "volumes",
+            "retries",
+            "max_containers",
+            "buffer_containers",
+            "scaledown_window",
+            "timeout",
+            "region",
+            "cloud",
+            "min_containers",
+        }
         bad = set(options) - allowed
         if bad:
-            raise InvalidError(f"with_options() got unknown option(s) {sorted(bad)}; allowed: {sorted(allowed)}.")
+            raise InvalidError(
+                f"with_options() got unknown option(s) {sorted(bad)}; allowed: {sorted(allowed)}."
+            )
         from cloudmodal.app import apply_options
 
         spec = apply_options(self.spec, options)
@@ -214,27 +289,39 @@ class Function(_Invocable):
         spec = dataclasses.replace(spec, name=f"{self.spec.name}[{suffix}]")
         variant = Function(spec=spec, app=self.app, raw_f=self.raw_f)
         variant._variant_of = self
-        if self._session is not None and self.app is not None and getattr(self.app, "_running", None) is not None:
+        if (
+            self._session is not None
+            and self.app is not None
+            and getattr(self.app, "_running", None) is not None
+        ):
             variant._register(self._session, self.app._running.app_id)
         return variant
 
 
-def _lookup(from_name: tuple[str, str] | None, spec: FunctionSpec | None, what: str) -> tuple[Any, dict[str, Any]]:
+def _lookup(
+    from_name: tuple[str, str] | None, spec: FunctionSpec | None, what: str
+) -> tuple[Any, dict[str, Any]]:
     """Find a function's row: a deployed app's by name, or (inside a worker) one of the worker's own app."""
     from cloudmodal.client.session import current_session, in_worker
 
     session = current_session()
     if from_name is not None:
-        return session, session.transport.get("/v1/functions/lookup", app_name=from_name[0], name=from_name[1])
+        return session, session.transport.get(
+            "/v1/functions/lookup", app_name=from_name[0], name=from_name[1]
+        )
     if in_worker() and spec is not None:
-        return session, session.transport.get("/v1/functions/lookup", app_id=os.environ.get("CLOUDMODAL_APP_ID"), name=spec.name)
+        return session, session.transport.get(
+            "/v1/functions/lookup", app_id=os.environ.get("CLOUDMODAL_APP_ID"), name=spec.name
+        )
     raise ExecutionError(
         f"{what} is not part of a running app. Call it inside `with app.run():`, from a `@app.local_entrypoint` "
         "under `cloudmodal run`, or look up a deployed one with `Function.from_name` / `Cls.from_name`."
     )
 
 
-def _definition(session: Any, app: Any, spec: FunctionSpec, raw_f: Any, app_id: str, name: str, allow_cpu_fallback: bool) -> dict[str, Any]:
+def _definition(
+    session: Any, app: Any, spec: FunctionSpec, raw_f: Any, app_id: str, name: str, allow_cpu_fallback: bool
+) -> dict[str, Any]:
     from cloudmodal.serialization import serialize
 
     source_blob = source_name = source_dir = None
@@ -272,7 +359,14 @@ class Cls:
     """A handle to a class decorated with ``@app.cls``. Instantiate it with parameters, then call methods:
     ``Model(size=2).predict.remote(x)``."""
 
-    def __init__(self, *, spec: FunctionSpec | None, app: Any = None, user_cls: Any = None, from_name: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        spec: FunctionSpec | None,
+        app: Any = None,
+        user_cls: Any = None,
+        from_name: tuple[str, str] | None = None,
+    ) -> None:
         self.spec = spec
         self.app = app
         self.user_cls = user_cls
@@ -292,7 +386,9 @@ class Cls:
         return f"<cloudmodal.Cls {self.spec.name if self.spec else self._from_name}>"
 
     @staticmethod
-    def from_name(app_name: str, name: str, *, environment_name: str | None = None, version: int | None = None) -> Cls:
+    def from_name(
+        app_name: str, name: str, *, environment_name: str | None = None, version: int | None = None
+    ) -> Cls:
         return Cls(spec=None, from_name=(app_name, name))
 
     def _register(self, session: Any, app_id: str, *, allow_cpu_fallback: bool = False) -> str:
@@ -314,7 +410,9 @@ class Cls:
         session, row = _lookup(self._from_name, self.spec, repr(self))
         spec = FunctionSpec.from_wire(row["spec"])
         if spec.kind != "cls":
-            raise NotFoundError(f"{row['name']} is a function, not a class: use `cloudmodal.Function.from_name(...)`.")
+            raise NotFoundError(
+                f"{row['name']} is a function, not a class: use `cloudmodal.Function.from_name(...)`."
+            )
         self.spec = spec
         self._function_id = row["id"]
         self._app_id = row["app_id"]
@@ -340,11 +438,26 @@ class Cls:
             session = self._session
             if self._from_name is not None or self.user_cls is None:
                 parent = session.transport.get(f"/v1/functions/{self._function_id}")
-                body = {k: parent[k] for k in ("spec", "module", "source_name", "source_blob", "source_dir", "inline_env")}
+                body = {
+                    k: parent[k]
+                    for k in ("spec", "module", "source_name", "source_blob", "source_dir", "inline_env")
+                }
                 body |= {"app_id": parent["app_id"]}
             else:
-                body = _definition(session, self.app, self.spec, None, self._app_id or "", self.spec.name, self._allow_cpu_fallback)
-            body |= {"name": f"{self.spec.name}({key})", "parent_id": self._function_id, "pickled_blob": session.upload_blob(serialize(params))}
+                body = _definition(
+                    session,
+                    self.app,
+                    self.spec,
+                    None,
+                    self._app_id or "",
+                    self.spec.name,
+                    self._allow_cpu_fallback,
+                )
+            body |= {
+                "name": f"{self.spec.name}({key})",
+                "parent_id": self._function_id,
+                "pickled_blob": session.upload_blob(serialize(params)),
+            }
             fid = session.transport.post("/v1/functions", body)["function_id"]
             self._instances[key] = fid
         return fid
@@ -354,7 +467,9 @@ def _check_params(spec: FunctionSpec, params: dict[str, Any]) -> dict[str, Any]:
     declared = {name: (tname, default) for name, tname, default in spec.parameters}
     unknown = set(params) - set(declared)
     if unknown:
-        raise InvalidError(f"{spec.name} has no parameter(s) {sorted(unknown)}; its parameters are {sorted(declared) or 'none'}.")
+        raise InvalidError(
+            f"{spec.name} has no parameter(s) {sorted(unknown)}; its parameters are {sorted(declared) or 'none'}."
+        )
     types = {"int": int, "str": str, "bytes": bytes, "bool": bool}
     out = {}
     for name, (tname, default) in declared.items():
@@ -362,7 +477,9 @@ def _check_params(spec: FunctionSpec, params: dict[str, Any]) -> dict[str, Any]:
             value = params[name]
             t = types.get(tname)
             if t is not None and (not isinstance(value, t) or (t is int and isinstance(value, bool))):
-                raise InvalidError(f"Parameter {name!r} of {spec.name} must be {tname}, got {type(value).__name__} {value!r}.")
+                raise InvalidError(
+                    f"Parameter {name!r} of {spec.name} must be {tname}, got {type(value).__name__} {value!r}."
+                )
             out[name] = value
         elif _is_no_default(default):
             raise InvalidError(f"{spec.name}() is missing required parameter {name!r} ({tname}).")
@@ -372,7 +489,11 @@ def _check_params(spec: FunctionSpec, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_no_default(default: Any) -> bool:
-    return default is None or (isinstance(default, str) and default == "<NO_DEFAULT>") or repr(default).startswith("<NO_DEFAULT")
+    return (
+        default is None
+        or (isinstance(default, str) and default == "<NO_DEFAULT>")
+        or repr(default).startswith("<NO_DEFAULT")
+    )
 
 
 class Obj:
@@ -395,7 +516,9 @@ class Obj:
         spec = self._cls.spec
         assert spec is not None
         if name not in spec.methods:
-            raise AttributeError(f"{spec.name} has no method {name!r}; its methods are {list(spec.methods)}. Decorate methods with @cloudmodal.method().")
+            raise AttributeError(
+                f"{spec.name} has no method {name!r}; its methods are {list(spec.methods)}. Decorate methods with @cloudmodal.method()."
+            )
         return _BoundMethod(self, name, name in spec.generator_methods)
 
     def _local_instance(self) -> Any:
@@ -421,7 +544,9 @@ class _BoundMethod(_Invocable):
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         if self._obj._cls.user_cls is None:
-            raise ExecutionError(f"{self._display_name} was looked up by name; its code is not available here.")
+            raise ExecutionError(
+                f"{self._display_name} was looked up by name; its code is not available here."
+            )
         inst = self._obj._local_instance()
         return getattr(inst, self._name)(*args, **kwargs)
 

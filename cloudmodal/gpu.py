@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cloudmodal.pricing.gpus import ANY, canonical_name, lookup
-
 from cloudmodal.exception import InvalidError
+from cloudmodal.pricing.gpus import ANY, canonical_name, lookup
 
 MAX_GPU_COUNT = 8
 
@@ -35,7 +34,9 @@ def parse_gpu_spec(spec: object) -> GpuTier:
         )
     text = spec.strip()
     if not text:
-        raise InvalidError("Invalid GPU config: empty string. Use a GPU type such as 'H100', or None for CPU.")
+        raise InvalidError(
+            "Invalid GPU config: empty string. Use a GPU type such as 'H100', or None for CPU."
+        )
     type_text, sep, count_text = text.partition(":")
     count = 1
     if sep:
@@ -78,7 +79,9 @@ def parse_gpu(gpu: object) -> tuple[GpuTier, ...]:
         seen: set[GpuTier] = set()
         for t in tiers:
             if t in seen:
-                raise InvalidError(f"Invalid GPU config: {str(t)!r} appears twice in the fallback list {list(gpu)!r}.")
+                raise InvalidError(
+                    f"Invalid GPU config: {str(t)!r} appears twice in the fallback list {list(gpu)!r}."
+                )
             seen.add(t)
         return tiers
     raise InvalidError(

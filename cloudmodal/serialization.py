@@ -55,7 +55,12 @@ def failure_payload(exc: BaseException, tb: str | None = None) -> bytes:
     except Exception:
         pickled_exc = None
     return cloudpickle.dumps(
-        {"exc": pickled_exc, "type": f"{type(exc).__module__}.{type(exc).__qualname__}", "repr": repr(exc), "tb": tb},
+        {
+            "exc": pickled_exc,
+            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "repr": repr(exc),
+            "tb": tb,
+        },
         protocol=PROTOCOL,
     )
 
@@ -76,7 +81,9 @@ def cancelled_payload() -> bytes:
 def timeout_payload(timeout: float) -> bytes:
     from cloudmodal.exception import FunctionTimeoutError
 
-    return failure_payload(FunctionTimeoutError(f"Input ran longer than the function's timeout of {timeout:g} s."), tb="")
+    return failure_payload(
+        FunctionTimeoutError(f"Input ran longer than the function's timeout of {timeout:g} s."), tb=""
+    )
 
 
 def load_failure(data: bytes) -> BaseException:

@@ -1,7 +1,7 @@
 """The first app: one function, called once and mapped over a range.
 
-    cloudmodal run examples/hello.py            # embedded control plane, workers on this machine
-    cloudmodal run examples/hello.py --n 1000
+cloudmodal run examples/hello.py            # embedded control plane, workers on this machine
+cloudmodal run examples/hello.py --n 1000
 """
 
 import platform

@@ -1,6 +1,6 @@
 """`.map`, `.starmap`, `.spawn` and `FunctionCall.get`.
 
-    cloudmodal run examples/map_and_spawn.py
+cloudmodal run examples/map_and_spawn.py
 """
 
 import time

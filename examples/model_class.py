@@ -1,6 +1,6 @@
 """A class with `@enter` (runs once per worker) and parameters.
 
-    cloudmodal run examples/model_class.py
+cloudmodal run examples/model_class.py
 """
 
 import os

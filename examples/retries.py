@@ -1,6 +1,6 @@
 """Retries with backoff: a flaky function succeeds on its third attempt.
 
-    cloudmodal run examples/retries.py
+cloudmodal run examples/retries.py
 """
 
 import cloudmodal

@@ -33,7 +33,9 @@ GPU_TYPES: tuple[GpuType, ...] = (
     GpuType("A100-40GB", 40, ("A100", "A100-SXM4-40GB", "A100-PCIE-40GB")),
     GpuType("A100-80GB", 80, ("A100-80GB-SXM", "A100-SXM4-80GB", "A100-PCIE-80GB", "A100-80GB-PCIE")),
     GpuType("A800", 80),
-    GpuType("H100", 80, ("H100-SXM", "H100-MEGA", "H100-SXM5", "H100-80GB", "H100-PCIE", "H100-NVLINK", "H100!")),
+    GpuType(
+        "H100", 80, ("H100-SXM", "H100-MEGA", "H100-SXM5", "H100-80GB", "H100-PCIE", "H100-NVLINK", "H100!")
+    ),
     GpuType("H100-NVL", 94),
     GpuType("H200", 141, ("H200-SXM",)),
     GpuType("GH200", 96),
@@ -122,7 +124,9 @@ def catalog_name(raw: str, memory_gb: float | None = None) -> str:
     if t is not None:
         return t.name
     # Device names: "H100-80GB-HBM3", "A100-SXM4-40GB", "H100-NVL", "L40S", "A10G"...
-    m = re.match(r"^(H100-NVL|H100|H200|GH200|B200|B300|A100|A10G?|L40S|L40|L4|T4|A40|A30|V100|P100|P4|K80|M60)\b", key)
+    m = re.match(
+        r"^(H100-NVL|H100|H200|GH200|B200|B300|A100|A10G?|L40S|L40|L4|T4|A40|A30|V100|P100|P4|K80|M60)\b", key
+    )
     if m:
         base = m.group(1)
         if base == "A100":

@@ -29,9 +29,8 @@ import venv
 from collections.abc import Sequence
 from pathlib import Path
 
-from cloudmodal.providers.base import ImageBuildError
-
 from cloudmodal.config import cache_dir
+from cloudmodal.providers.base import ImageBuildError
 
 READY_MARKER = ".cloudmodal-ready"
 PARENT_PTH = "zz-cloudmodal-parent.pth"  # "zz": processed after the env's own .pth files

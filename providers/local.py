@@ -12,15 +12,17 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import sys
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloudmodal.config import cache_dir
+from cloudmodal.gpu import GpuTier
 from cloudmodal.pricing.gpus import ANY
 from cloudmodal.providers.base import (
     LaunchRequest,
@@ -33,9 +35,6 @@ from cloudmodal.providers.base import (
 )
 from cloudmodal.providers.envs import resolve_python
 from cloudmodal.providers.gpu import GpuDevice, detect_gpus, summarize
-
-from cloudmodal.config import cache_dir
-from cloudmodal.gpu import GpuTier
 
 PythonResolver = Callable[[Sequence[str], str | None], str]
 
@@ -311,7 +310,11 @@ class LocalProvider(Provider, SupportsGpuInventory):
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "cloudmodal.worker", "--standby"],
-                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
                 )
         except OSError:
             return
@@ -340,7 +343,9 @@ class LocalProvider(Provider, SupportsGpuInventory):
             proc, standby_log = standby
             try:
                 assert proc.stdin is not None
-                proc.stdin.write(json.dumps(self._child_env(req, indices, cpu_fallback_used)).encode() + b"\n")
+                proc.stdin.write(
+                    json.dumps(self._child_env(req, indices, cpu_fallback_used)).encode() + b"\n"
+                )
                 proc.stdin.close()
                 os.replace(standby_log, log_path)
                 threading.Thread(target=self._start_standby, daemon=True).start()

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = next((p for p in (REPO.parent / "shared", Path("/work/shared")) if p.exists()), None)
-POSTGRES_URL = os.environ.get("CLOUDMODAL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+SHARED = REPO.parent / "shared" if (REPO.parent / "shared").exists() else None
+POSTGRES_URL = os.environ.get(
+    "CLOUDMODAL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,7 +1,7 @@
 """Cold start, cloudmodal: a fresh process from launch to the first result of a trivial function.
 
-    cloudmodal run bench/apps/cold_cloudmodal.py     # the CLI: embedded control plane, one worker
-    python bench/apps/cold_cloudmodal.py             # a plain script: `with run_app(app): one.remote(1)`
+cloudmodal run bench/apps/cold_cloudmodal.py     # the CLI: embedded control plane, one worker
+python bench/apps/cold_cloudmodal.py             # a plain script: `with run_app(app): one.remote(1)`
 """
 
 import cloudmodal

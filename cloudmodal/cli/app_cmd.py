@@ -38,7 +38,10 @@ def _pool_line(p: dict[str, Any]) -> str:
 
 
 @app.command("list")
-def list_apps(as_json: bool = typer.Option(False, "--json"), all: bool = typer.Option(True, "--all/--running", help="Include stopped apps.")) -> None:
+def list_apps(
+    as_json: bool = typer.Option(False, "--json"),
+    all: bool = typer.Option(True, "--all/--running", help="Include stopped apps."),
+) -> None:
     """Apps with their state and a status line per function pool."""
     with user_errors():
         apps = _session().transport.get("/v1/apps", all=all)
@@ -47,13 +50,25 @@ def list_apps(as_json: bool = typer.Option(False, "--json"), all: bool = typer.O
         return
     t = Table("App ID", "Name", "State", "Created", "Pools")
     for a in apps:
-        pools = "\n".join(_pool_line(p) for p in a.get("pools", []) if "(" not in p["name"] or p["workers"] or p["pending"])
-        t.add_row(a["id"], a["name"], a["state"] + (f" v{a['version']}" if not a["ephemeral"] else ""), _ts(a["created_at"]), pools or "-")
+        pools = "\n".join(
+            _pool_line(p) for p in a.get("pools", []) if "(" not in p["name"] or p["workers"] or p["pending"]
+        )
+        t.add_row(
+            a["id"],
+            a["name"],
+            a["state"] + (f" v{a['version']}" if not a["ephemeral"] else ""),
+            _ts(a["created_at"]),
+            pools or "-",
+        )
     Console().print(t)
 
 
 @app.command("logs")
-def logs(app_ref: str = typer.Argument(..., help="App name or id."), follow: bool = typer.Option(False, "--follow", "-f"), timestamps: bool = typer.Option(False, "--timestamps")) -> None:
+def logs(
+    app_ref: str = typer.Argument(..., help="App name or id."),
+    follow: bool = typer.Option(False, "--follow", "-f"),
+    timestamps: bool = typer.Option(False, "--timestamps"),
+) -> None:
     """Print an app's logs (and keep following with -f)."""
     with user_errors():
         s = _session()
@@ -92,7 +107,11 @@ def history(app_ref: str = typer.Argument(...), as_json: bool = typer.Option(Fal
 
 
 @app.command("events")
-def events(app_ref: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json"), follow: bool = typer.Option(False, "--follow", "-f")) -> None:
+def events(
+    app_ref: str = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json"),
+    follow: bool = typer.Option(False, "--follow", "-f"),
+) -> None:
     """Placement decisions, launches, failures, preemptions and scaling of an app."""
     with user_errors():
         s = _session()

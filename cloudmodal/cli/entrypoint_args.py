@@ -23,7 +23,9 @@ def parse_args(fn: Any, args: list[str], prog: str) -> dict[str, Any]:
     params: list[click.Parameter] = []
     for p in sig.parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise InvalidError(f"{fn.__name__} takes *args/**kwargs, which cannot be turned into command-line options.")
+            raise InvalidError(
+                f"{fn.__name__} takes *args/**kwargs, which cannot be turned into command-line options."
+            )
         ann = hints.get(p.name, p.annotation if p.annotation is not inspect.Parameter.empty else str)
         origin = typing.get_origin(ann)
         if origin is typing.Literal:
@@ -38,14 +40,30 @@ def parse_args(fn: Any, args: list[str], prog: str) -> dict[str, Any]:
         opt = "--" + p.name.replace("_", "-")
         required = p.default is inspect.Parameter.empty
         if ctype is bool:
-            params.append(click.Option([f"{opt}/--no-{p.name.replace('_', '-')}"], default=None if required else p.default, required=required))
+            params.append(
+                click.Option(
+                    [f"{opt}/--no-{p.name.replace('_', '-')}"],
+                    default=None if required else p.default,
+                    required=required,
+                )
+            )
         else:
-            params.append(click.Option([opt], type=ctype, required=required, default=None if required else p.default, show_default=True))
+            params.append(
+                click.Option(
+                    [opt],
+                    type=ctype,
+                    required=required,
+                    default=None if required else p.default,
+                    show_default=True,
+                )
+            )
     cmd = click.Command(prog, params=params, callback=lambda **kw: kw, help=inspect.getdoc(fn))
     try:
         return cmd.main(args=args, prog_name=prog, standalone_mode=False)  # type: ignore[no-any-return]
     except click.exceptions.UsageError as e:
-        raise InvalidError(f"{e.format_message()}\nUsage: {prog} " + " ".join(_usage(p) for p in params)) from None
+        raise InvalidError(
+            f"{e.format_message()}\nUsage: {prog} " + " ".join(_usage(p) for p in params)
+        ) from None
 
 
 def _usage(p: click.Parameter) -> str:

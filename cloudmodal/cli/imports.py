@@ -15,7 +15,9 @@ def parse_ref(ref: str) -> tuple[Path, str | None]:
     path, _, name = ref.partition("::")
     p = Path(path)
     if not p.exists():
-        raise InvalidError(f"File {path!r} does not exist. Give a Python file, e.g. `cloudmodal run examples/hello.py`.")
+        raise InvalidError(
+            f"File {path!r} does not exist. Give a Python file, e.g. `cloudmodal run examples/hello.py`."
+        )
     if p.suffix != ".py":
         raise InvalidError(f"{path!r} is not a Python file (.py).")
     return p, (name or None)
@@ -40,13 +42,17 @@ def find_app(module: Any, path: Path) -> Any:
 
     apps = [v for v in vars(module).values() if isinstance(v, App)]
     if not apps:
-        raise InvalidError(f"{path} defines no `cloudmodal.App`. Add `app = cloudmodal.App(\"name\")` and decorate functions with `@app.function()`.")
+        raise InvalidError(
+            f'{path} defines no `cloudmodal.App`. Add `app = cloudmodal.App("name")` and decorate functions with `@app.function()`.'
+        )
     uniq = list({id(a): a for a in apps}.values())
     if len(uniq) > 1:
         named = [k for k, v in vars(module).items() if isinstance(v, App)]
         if "app" in named:
             return vars(module)["app"]
-        raise InvalidError(f"{path} defines several apps ({', '.join(named)}); name one: `{path}::APP.function`.")
+        raise InvalidError(
+            f"{path} defines several apps ({', '.join(named)}); name one: `{path}::APP.function`."
+        )
     return uniq[0]
 
 
@@ -67,13 +73,17 @@ def resolve_target(app: Any, name: str | None, path: Path) -> tuple[str, Any]:
             if cls_name in classes:
                 return "method", (classes[cls_name], method)
         choices = sorted(entrypoints) + sorted(functions) + [f"{c}.<method>" for c in classes]
-        raise InvalidError(f"{path} has no entrypoint or function {name!r}. Choose one of: {', '.join(choices)}.")
+        raise InvalidError(
+            f"{path} has no entrypoint or function {name!r}. Choose one of: {', '.join(choices)}."
+        )
     if len(entrypoints) == 1:
         return "entrypoint", next(iter(entrypoints.values()))
     if not entrypoints and len(functions) == 1:
         return "function", next(iter(functions.values()))
     choices = sorted(entrypoints) or sorted(functions)
-    raise InvalidError(f"{path} has several {'entrypoints' if entrypoints else 'functions'}; name one: `cloudmodal run {path}::NAME` with NAME in {', '.join(choices)}.")
+    raise InvalidError(
+        f"{path} has several {'entrypoints' if entrypoints else 'functions'}; name one: `cloudmodal run {path}::NAME` with NAME in {', '.join(choices)}."
+    )
 
 
 _ = os

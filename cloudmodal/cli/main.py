@@ -16,7 +16,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(run.run_command)
+app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+    run.run_command
+)
 app.command("deploy")(run.deploy_command)
 app.command("shell")(run.shell_command)
 app.add_typer(server_cmd.app, name="server")

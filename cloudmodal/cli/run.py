@@ -14,11 +14,21 @@ from cloudmodal.cli.errors import user_errors
 
 def run_command(
     ctx: typer.Context,
-    func_ref: str = typer.Argument(..., help="FILE.py or FILE.py::NAME (an entrypoint, function, or Cls.method)."),
-    detach: bool = typer.Option(False, "--detach", "-d", help="Leave the app's spawned work running after exit."),
+    func_ref: str = typer.Argument(
+        ..., help="FILE.py or FILE.py::NAME (an entrypoint, function, or Cls.method)."
+    ),
+    detach: bool = typer.Option(
+        False, "--detach", "-d", help="Leave the app's spawned work running after exit."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Don't stream logs or show progress."),
-    gpu_fallback: str = typer.Option(None, "--gpu-fallback", help="'cpu': run GPU functions on CPU when no provider has the GPU (development)."),
-    name: str = typer.Option(None, "--name", "-n", help="Name of the ephemeral app (default: the App's name)."),
+    gpu_fallback: str = typer.Option(
+        None,
+        "--gpu-fallback",
+        help="'cpu': run GPU functions on CPU when no provider has the GPU (development).",
+    ),
+    name: str = typer.Option(
+        None, "--name", "-n", help="Name of the ephemeral app (default: the App's name)."
+    ),
 ) -> None:
     """Run a function or local entrypoint of FILE on an ephemeral app; extra --options are its arguments."""
     from cloudmodal.cli.entrypoint_args import parse_args
@@ -74,7 +84,9 @@ class _null:
 def deploy_command(
     app_ref: str = typer.Argument(..., help="FILE.py defining a cloudmodal.App with a name."),
     name: str = typer.Option(None, "--name", help="Deploy under this name instead of the App's."),
-    gpu_fallback: str = typer.Option(None, "--gpu-fallback", help="'cpu': run GPU functions on CPU when no provider has the GPU."),
+    gpu_fallback: str = typer.Option(
+        None, "--gpu-fallback", help="'cpu': run GPU functions on CPU when no provider has the GPU."
+    ),
 ) -> None:
     """Deploy an app to the control plane: its functions stay up and callable with Function.from_name."""
     from rich.console import Console
@@ -90,13 +102,17 @@ def deploy_command(
         app = find_app(module, path)
         info = deploy(app, name=name, allow_cpu_fallback=gpu_fallback == "cpu")
         c = Console()
-        c.print(f"[green]✓[/] Deployed app [bold]{info['name']}[/] ({info['app_id']}), version {info['version']}")
+        c.print(
+            f"[green]✓[/] Deployed app [bold]{info['name']}[/] ({info['app_id']}), version {info['version']}"
+        )
         for f in info["functions"]:
             c.print(f"  • {f}")
 
 
 def shell_command(
-    func_ref: str = typer.Argument(None, help="FILE.py::NAME: open the shell in that function's environment."),
+    func_ref: str = typer.Argument(
+        None, help="FILE.py::NAME: open the shell in that function's environment."
+    ),
     cmd: str = typer.Option(None, "--cmd", "-c", help="Run this command instead of an interactive shell."),
 ) -> None:
     """A shell in a worker's environment (the image's Python, the function's env and GPUs) on this machine."""

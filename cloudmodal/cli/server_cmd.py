@@ -29,10 +29,16 @@ def _write_info(info: dict[str, object]) -> None:
 
 @app.command("start")
 def start(
-    host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback requires tokens for every request."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on. Anything but loopback requires tokens for every request."
+    ),
     port: int = typer.Option(8765, help="Port to listen on (0 = any free port)."),
-    database_url: str = typer.Option(None, envvar="CLOUDMODAL_DATABASE_URL", help="SQLAlchemy URL (default: SQLite in CLOUDMODAL_HOME)."),
-    foreground: bool = typer.Option(False, "--foreground", help="Serve in this process instead of in the background."),
+    database_url: str = typer.Option(
+        None, envvar="CLOUDMODAL_DATABASE_URL", help="SQLAlchemy URL (default: SQLite in CLOUDMODAL_HOME)."
+    ),
+    foreground: bool = typer.Option(
+        False, "--foreground", help="Serve in this process instead of in the background."
+    ),
 ) -> None:
     """Start the control plane (in the background unless --foreground)."""
     ref = config.configured_server()
@@ -41,11 +47,24 @@ def start(
         return
     if not foreground:
         log_path = config.home() / "server.log"
-        argv = [sys.executable, "-m", "cloudmodal.cli.main", "server", "start", "--foreground", "--host", host, "--port", str(port)]
+        argv = [
+            sys.executable,
+            "-m",
+            "cloudmodal.cli.main",
+            "server",
+            "start",
+            "--foreground",
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ]
         if database_url:
             argv += ["--database-url", database_url]
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         deadline = time.time() + 30
         while time.time() < deadline:
             ref = config.configured_server()
@@ -63,9 +82,21 @@ def start(
         settings = default_settings(config.home(), database_url=database_url, allow_loopback_anonymous=True)
         handle = ServerHandle(settings, host=host, port=port)
         token = handle.cp.tokens.create("admin", "server start")
-        _write_info({"url": handle.url, "pid": os.getpid(), "token": token, "host": host, "port": handle.port, "database_url": settings.database_url})
+        _write_info(
+            {
+                "url": handle.url,
+                "pid": os.getpid(),
+                "token": token,
+                "host": host,
+                "port": handle.port,
+                "database_url": settings.database_url,
+            }
+        )
         if not is_loopback(host):
-            typer.echo("Listening beyond loopback: every request needs a bearer token (see ~/.cloudmodal/server.json).", err=True)
+            typer.echo(
+                "Listening beyond loopback: every request needs a bearer token (see ~/.cloudmodal/server.json).",
+                err=True,
+            )
 
         def on_term(*_: object) -> None:
             handle.server.should_exit = True
@@ -114,7 +145,9 @@ def status() -> None:
 
     ref = config.configured_server()
     if ref is None:
-        typer.echo("No control plane configured or running: `cloudmodal run` starts an embedded one per run; `cloudmodal server start` starts a long-lived one.")
+        typer.echo(
+            "No control plane configured or running: `cloudmodal run` starts an embedded one per run; `cloudmodal server start` starts a long-lived one."
+        )
         raise typer.Exit(1)
     try:
         t = Transport(ref.url, ref.token, reconnect_timeout=2)
@@ -141,7 +174,10 @@ def ensure_server() -> None:
     """`deploy` needs a long-lived control plane: use the configured one or start a local one."""
     if config.configured_server() is not None:
         return
-    typer.echo("No control plane running; starting one on this machine (`cloudmodal server stop` stops it).", err=True)
+    typer.echo(
+        "No control plane running; starting one on this machine (`cloudmodal server stop` stops it).",
+        err=True,
+    )
     start(host="127.0.0.1", port=0, database_url=None, foreground=False)
 
 

@@ -21,13 +21,17 @@ MAP_BATCH_BYTES = 8 * 1024 * 1024
 LONG_POLL_S = 50.0
 
 
-def encode_input(session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes | None, str | None]:
+def encode_input(
+    session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[bytes | None, str | None]:
     data = serialize_args(args, kwargs)
     limit = int(os.environ.get("CLOUDMODAL_MAX_PAYLOAD_BYTES") or MAX_ARG_SIZE)
     if len(data) > limit:
         from cloudmodal.exception import RequestSizeError
 
-        raise RequestSizeError(f"Arguments are {len(data)} bytes pickled; the limit is {limit} bytes. Put large data in a Volume or object store and pass its path.")
+        raise RequestSizeError(
+            f"Arguments are {len(data)} bytes pickled; the limit is {limit} bytes. Put large data in a Volume or object store and pass its path."
+        )
     if len(data) > INLINE_LIMIT:
         return None, session.upload_blob(data)
     return data, None
@@ -39,7 +43,9 @@ def decode_output(session: Any, status: str, data: bytes | None, blob: str | Non
         data = session.download_blob(blob)
     if status in ("success", "gen_item"):
         return True, deserialize(data, "result") if data is not None else None
-    return False, load_failure(data) if data is not None else RuntimeError(f"input ended with status {status}")
+    return False, load_failure(data) if data is not None else RuntimeError(
+        f"input ended with status {status}"
+    )
 
 
 class OutputStream:
@@ -59,17 +65,33 @@ class OutputStream:
         return rows
 
 
-def call_one(session: Any, function_id: str, method: str | None, args: tuple[Any, ...], kwargs: dict[str, Any], kind: str = "remote", wait: float = LONG_POLL_S) -> tuple[str, list[list[Any]]]:
+def call_one(
+    session: Any,
+    function_id: str,
+    method: str | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    kind: str = "remote",
+    wait: float = LONG_POLL_S,
+) -> tuple[str, list[list[Any]]]:
     payload, blob = encode_input(session, args, kwargs)
     call_id = new_id("fc")
     resp = session.transport.post(
         "/v1/calls",
-        {"call_id": call_id, "function_id": function_id, "kind": kind, "inputs": [[0, method, payload, blob]], "wait": wait},
+        {
+            "call_id": call_id,
+            "function_id": function_id,
+            "kind": kind,
+            "inputs": [[0, method, payload, blob]],
+            "wait": wait,
+        },
     )
     return call_id, resp.get("outputs") or []
 
 
-def wait_final(session: Any, call_id: str, first: list[list[Any]], timeout: float | None = None, after: int = 0) -> Any:
+def wait_final(
+    session: Any, call_id: str, first: list[list[Any]], timeout: float | None = None, after: int = 0
+) -> Any:
     """Wait for the final output of a single-input call and return its value (or raise its error)."""
     stream = OutputStream(session, call_id, after)
     rows = first
@@ -132,7 +154,12 @@ def run_map(
     call_id = new_id("fc")
     session.transport.post("/v1/calls", {"call_id": call_id, "function_id": function_id, "kind": kind})
     state = _FeedState()
-    feeder = threading.Thread(target=_feed, args=(session, call_id, function_id, method, arg_tuples, kwargs, state), name="map-feeder", daemon=True)
+    feeder = threading.Thread(
+        target=_feed,
+        args=(session, call_id, function_id, method, arg_tuples, kwargs, state),
+        name="map-feeder",
+        daemon=True,
+    )
     feeder.start()
     stream = OutputStream(session, call_id)
     received = 0
@@ -191,7 +218,15 @@ class _FeedState:
         self.abort = False
 
 
-def _feed(session: Any, call_id: str, function_id: str, method: str | None, arg_tuples: Iterable[tuple[Any, ...]], kwargs: dict[str, Any], state: _FeedState) -> None:
+def _feed(
+    session: Any,
+    call_id: str,
+    function_id: str,
+    method: str | None,
+    arg_tuples: Iterable[tuple[Any, ...]],
+    kwargs: dict[str, Any],
+    state: _FeedState,
+) -> None:
     batch: list[list[Any]] = []
     batch_bytes = 0
     batch_limit = 64  # small first batch: workers start on it while the rest is pickled
@@ -207,19 +242,29 @@ def _feed(session: Any, call_id: str, function_id: str, method: str | None, arg_
                 with state.cond:
                     while state.sent - state.received >= MAP_WINDOW and not state.abort:
                         state.cond.wait(0.5)
-                session.transport.post(f"/v1/calls/{call_id}/inputs", {"function_id": function_id, "inputs": batch})
+                session.transport.post(
+                    f"/v1/calls/{call_id}/inputs", {"function_id": function_id, "inputs": batch}
+                )
                 state.sent += len(batch)
                 batch, batch_bytes = [], 0
                 batch_limit = min(batch_limit * 2, MAP_BATCH_MAX)
         if batch:
-            session.transport.post(f"/v1/calls/{call_id}/inputs", {"function_id": function_id, "inputs": batch})
+            session.transport.post(
+                f"/v1/calls/{call_id}/inputs", {"function_id": function_id, "inputs": batch}
+            )
             state.sent += len(batch)
         state.total = idx + 1
     except BaseException as e:  # surfaces in the consumer
         state.error = e
 
 
-def spawn_many(session: Any, function_id: str, method: str | None, arg_tuples: Iterable[tuple[Any, ...]], kwargs: dict[str, Any]) -> str:
+def spawn_many(
+    session: Any,
+    function_id: str,
+    method: str | None,
+    arg_tuples: Iterable[tuple[Any, ...]],
+    kwargs: dict[str, Any],
+) -> str:
     call_id = new_id("fc")
     session.transport.post("/v1/calls", {"call_id": call_id, "function_id": function_id, "kind": "spawn_map"})
     state = _FeedState()
@@ -232,7 +277,9 @@ def spawn_many(session: Any, function_id: str, method: str | None, arg_tuples: I
 
 def check_not_generator(is_generator: bool, name: str, api: str) -> None:
     if is_generator and api != "remote_gen":
-        raise InvalidError(f"{name} is a generator function: call it with `.remote_gen(...)`, not `.{api}(...)`.")
+        raise InvalidError(
+            f"{name} is a generator function: call it with `.remote_gen(...)`, not `.{api}(...)`."
+        )
     if not is_generator and api == "remote_gen":
         raise InvalidError(f"{name} is not a generator function: call it with `.remote(...)`.")
 

@@ -64,7 +64,9 @@ def current_session(required: bool = True) -> Session | None:
         if _current is not None:
             return _current
         if in_worker() and os.environ.get("CLOUDMODAL_SERVER_URL"):
-            _current = Session(Transport(os.environ["CLOUDMODAL_SERVER_URL"], os.environ.get("CLOUDMODAL_TOKEN")))
+            _current = Session(
+                Transport(os.environ["CLOUDMODAL_SERVER_URL"], os.environ.get("CLOUDMODAL_TOKEN"))
+            )
             return _current
         ref = config.configured_server()
         if ref is not None:
@@ -90,7 +92,9 @@ def connect(embedded_ok: bool = True) -> Session:
         from cloudmodal.server.app import ServerHandle, default_settings
 
         tmp = tempfile.mkdtemp(prefix="cloudmodal-embedded-")
-        handle = ServerHandle(default_settings(Path(tmp), database_url=f"sqlite:///{tmp}/cloudmodal.db")).start_in_thread()
+        handle = ServerHandle(
+            default_settings(Path(tmp), database_url=f"sqlite:///{tmp}/cloudmodal.db")
+        ).start_in_thread()
         _current = Session(Transport(handle.url), embedded=handle, tmpdir=tmp)
         return _current
 
@@ -117,7 +121,9 @@ class RunningApp:
         def beat() -> None:
             while not self._stop.wait(interval):
                 try:
-                    self.session.transport.post(f"/v1/apps/{self.app_id}/heartbeat", reconnect_timeout=interval)
+                    self.session.transport.post(
+                        f"/v1/apps/{self.app_id}/heartbeat", reconnect_timeout=interval
+                    )
                 except Exception:
                     pass
 
@@ -129,7 +135,9 @@ class RunningApp:
         def stream() -> None:
             while not self._stop.is_set():
                 try:
-                    rows = self.session.transport.get(f"/v1/apps/{self.app_id}/logs", after=self.log_cursor, timeout=1.0)
+                    rows = self.session.transport.get(
+                        f"/v1/apps/{self.app_id}/logs", after=self.log_cursor, timeout=1.0
+                    )
                 except Exception:
                     if self._stop.wait(0.5):
                         return
@@ -157,7 +165,9 @@ class RunningApp:
         deadline = time.time() + wait
         while True:
             try:
-                rows = self.session.transport.get(f"/v1/apps/{self.app_id}/logs", after=self.log_cursor, timeout=0.0)
+                rows = self.session.transport.get(
+                    f"/v1/apps/{self.app_id}/logs", after=self.log_cursor, timeout=0.0
+                )
             except Exception:
                 return
             self._print_logs(rows, out)
@@ -174,7 +184,9 @@ def _app_name(app: Any) -> str:
     return app.name or "ephemeral-app"
 
 
-def register_app_functions(session: Session, app: Any, app_id: str, *, allow_cpu_fallback: bool = False) -> list[str]:
+def register_app_functions(
+    session: Session, app: Any, app_id: str, *, allow_cpu_fallback: bool = False
+) -> list[str]:
     names = []
     for handle in list(app.registered_functions.values()) + list(app.registered_classes.values()):
         handle._register(session, app_id, allow_cpu_fallback=allow_cpu_fallback)
@@ -183,7 +195,14 @@ def register_app_functions(session: Session, app: Any, app_id: str, *, allow_cpu
 
 
 @contextlib.contextmanager
-def run_app(app: Any, *, detach: bool = False, show_logs: bool | None = None, gpu_fallback: str | None = None, name: str | None = None) -> Iterator[RunningApp]:
+def run_app(
+    app: Any,
+    *,
+    detach: bool = False,
+    show_logs: bool | None = None,
+    gpu_fallback: str | None = None,
+    name: str | None = None,
+) -> Iterator[RunningApp]:
     """Run an app ephemerally: register its functions, keep it alive, stop it (and its workers) at exit."""
     if gpu_fallback not in (None, "cpu"):
         raise InvalidError(f"gpu_fallback must be None or 'cpu', not {gpu_fallback!r}.")
@@ -217,7 +236,9 @@ def deploy(app: Any, *, name: str | None = None, allow_cpu_fallback: bool = Fals
     """Deploy an app to the configured control plane; its functions stay callable by name."""
     name = name or app.name
     if not name:
-        raise InvalidError("A deployed app needs a name: `cloudmodal.App(\"my-app\")` or `cloudmodal deploy --name NAME`.")
+        raise InvalidError(
+            'A deployed app needs a name: `cloudmodal.App("my-app")` or `cloudmodal deploy --name NAME`.'
+        )
     session = current_session()
     assert session is not None
     info = session.transport.post("/v1/apps", {"app_id": new_id("ap"), "name": name, "ephemeral": False})

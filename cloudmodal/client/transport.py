@@ -22,7 +22,14 @@ _ERRORS: dict[str, type[exc.Error]] = {
     for name in dir(exc)
     if isinstance(getattr(exc, name), type) and issubclass(getattr(exc, name), exc.Error)
 }
-_STATUS_ERRORS = {400: exc.InvalidError, 401: exc.AuthError, 403: exc.AuthError, 404: exc.NotFoundError, 413: exc.RequestSizeError, 422: exc.NoProviderError}
+_STATUS_ERRORS = {
+    400: exc.InvalidError,
+    401: exc.AuthError,
+    403: exc.AuthError,
+    404: exc.NotFoundError,
+    413: exc.RequestSizeError,
+    422: exc.NoProviderError,
+}
 
 
 class Transport:
@@ -47,10 +54,28 @@ class Transport:
     def close(self) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, body: Any = None, *, params: dict[str, Any] | None = None, raw_body: bytes | None = None, raw_response: bool = False, reconnect_timeout: float | None = None) -> Any:
-        content = raw_body if raw_body is not None else (msgpack.packb(body, use_bin_type=True) if body is not None else None)
-        headers = {"content-type": "application/octet-stream" if raw_body is not None else "application/msgpack"}
-        deadline = time.monotonic() + (self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout)
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: dict[str, Any] | None = None,
+        raw_body: bytes | None = None,
+        raw_response: bool = False,
+        reconnect_timeout: float | None = None,
+    ) -> Any:
+        content = (
+            raw_body
+            if raw_body is not None
+            else (msgpack.packb(body, use_bin_type=True) if body is not None else None)
+        )
+        headers = {
+            "content-type": "application/octet-stream" if raw_body is not None else "application/msgpack"
+        }
+        deadline = time.monotonic() + (
+            self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout
+        )
         delay = 0.05
         while True:
             try:

@@ -129,7 +129,14 @@ async def body(request: Request, model: type[M]) -> M:
 
 
 def msgpack_body(model: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"content": {MSGPACK: {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}, "required": True}}
+    return {
+        "requestBody": {
+            "content": {
+                MSGPACK: {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
+            },
+            "required": True,
+        }
+    }
 
 
 _STATUS = {
@@ -156,11 +163,15 @@ def build_app(cp: ControlPlane) -> FastAPI:
         cp.hub.bind(asyncio.get_running_loop())
         yield
 
-    app = FastAPI(title="cloudmodal control plane", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="cloudmodal control plane", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan
+    )
 
     @app.exception_handler(exc.Error)
     async def _on_error(_: Request, e: exc.Error) -> Response:
-        return JSONResponse({"error": {"type": type(e).__name__, "message": str(e)}}, status_code=_error_status(e))
+        return JSONResponse(
+            {"error": {"type": type(e).__name__, "message": str(e)}}, status_code=_error_status(e)
+        )
 
     def auth(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -172,7 +183,10 @@ def build_app(cp: ControlPlane) -> FastAPI:
         client = request.client.host if request.client else None
         if cp.settings.allow_loopback_anonymous and is_loopback(client):
             return "admin"
-        raise HTTPException(401, "Authentication required: send `Authorization: Bearer <token>` (see `cloudmodal server token`).")
+        raise HTTPException(
+            401,
+            "Authentication required: send `Authorization: Bearer <token>` (see `cloudmodal server token`).",
+        )
 
     def admin(scope: str = Depends(auth)) -> str:
         if scope != "admin":
@@ -218,7 +232,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
         await run(cp.stop_app, a["id"])
         return packed({"stopped": a["id"]})
 
-    @app.post("/v1/apps/{app_id}/deployments", openapi_extra=msgpack_body(DeployRecord), dependencies=[Depends(admin)])
+    @app.post(
+        "/v1/apps/{app_id}/deployments",
+        openapi_extra=msgpack_body(DeployRecord),
+        dependencies=[Depends(admin)],
+    )
     async def record_deployment(app_id: str, request: Request) -> Response:
         b = await body(request, DeployRecord)
         return packed({"version": await run(cp.record_deployment, app_id, b.functions)})
@@ -291,12 +309,16 @@ def build_app(cp: ControlPlane) -> FastAPI:
             out["outputs"] = await _outputs(b.call_id, 0, 10000, b.wait)
         return packed(out)
 
-    @app.post("/v1/calls/{call_id}/inputs", openapi_extra=msgpack_body(InputsPut), dependencies=[Depends(caller)])
+    @app.post(
+        "/v1/calls/{call_id}/inputs", openapi_extra=msgpack_body(InputsPut), dependencies=[Depends(caller)]
+    )
     async def put_inputs(call_id: str, request: Request) -> Response:
         b = await body(request, InputsPut)
         return packed({"accepted": await run(cp.put_inputs, call_id, b.function_id, b.inputs)})
 
-    @app.post("/v1/calls/{call_id}/outputs", openapi_extra=msgpack_body(OutputsGet), dependencies=[Depends(caller)])
+    @app.post(
+        "/v1/calls/{call_id}/outputs", openapi_extra=msgpack_body(OutputsGet), dependencies=[Depends(caller)]
+    )
     async def get_outputs(call_id: str, request: Request) -> Response:
         b = await body(request, OutputsGet)
         if b.after == 0:
@@ -331,7 +353,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
         return Response(content=await run(cp.blobs.get, blob_id), media_type="application/octet-stream")
 
     # -- workers -----------------------------------------------------------------------------------------
-    @app.post("/v1/workers/{worker_id}/register", openapi_extra=msgpack_body(WorkerRegister), dependencies=[Depends(worker_scope)])
+    @app.post(
+        "/v1/workers/{worker_id}/register",
+        openapi_extra=msgpack_body(WorkerRegister),
+        dependencies=[Depends(worker_scope)],
+    )
     async def register(worker_id: str, request: Request) -> Response:
         b = await body(request, WorkerRegister)
         return packed(await run(cp.register_worker, worker_id, b.pid, b.host))
@@ -341,7 +367,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
         await run(cp.worker_ready, worker_id)
         return packed({})
 
-    @app.post("/v1/workers/{worker_id}/claim", openapi_extra=msgpack_body(Claim), dependencies=[Depends(worker_scope)])
+    @app.post(
+        "/v1/workers/{worker_id}/claim",
+        openapi_extra=msgpack_body(Claim),
+        dependencies=[Depends(worker_scope)],
+    )
     async def claim(worker_id: str, request: Request) -> Response:
         b = await body(request, Claim)
         w = await run(cp.worker_row, worker_id)
@@ -369,32 +399,59 @@ def build_app(cp: ControlPlane) -> FastAPI:
             cp.hub.unwatch(key, ev)
             cp.hub.unwatch(drain_key, ev)
             cp.hub.unwatch(drain_key, dev)
-        return packed({"inputs": [[r.input_id, r.call_id, r.idx, r.method, r.args, r.args_blob, r.attempt] for r in rows], "drain": dev.is_set()})
+        return packed(
+            {
+                "inputs": [
+                    [r.input_id, r.call_id, r.idx, r.method, r.args, r.args_blob, r.attempt] for r in rows
+                ],
+                "drain": dev.is_set(),
+            }
+        )
 
-    @app.post("/v1/workers/{worker_id}/outputs", openapi_extra=msgpack_body(OutputsPost), dependencies=[Depends(worker_scope)])
+    @app.post(
+        "/v1/workers/{worker_id}/outputs",
+        openapi_extra=msgpack_body(OutputsPost),
+        dependencies=[Depends(worker_scope)],
+    )
     async def post_outputs(worker_id: str, request: Request) -> Response:
         b = await body(request, OutputsPost)
         items = [OutputItem(i, s, d, bl, g, r) for i, s, d, bl, g, r in b.outputs]
         await run(cp.post_outputs, worker_id, items)
         return packed({})
 
-    @app.post("/v1/workers/{worker_id}/heartbeat", openapi_extra=msgpack_body(Heartbeat), dependencies=[Depends(worker_scope)])
+    @app.post(
+        "/v1/workers/{worker_id}/heartbeat",
+        openapi_extra=msgpack_body(Heartbeat),
+        dependencies=[Depends(worker_scope)],
+    )
     async def heartbeat(worker_id: str, request: Request) -> Response:
         b = await body(request, Heartbeat)
         return packed(await run(cp.heartbeat, worker_id, b.in_flight, b.idle, b.held))
 
-    @app.post("/v1/workers/{worker_id}/logs", openapi_extra=msgpack_body(LogsPost), dependencies=[Depends(worker_scope)])
+    @app.post(
+        "/v1/workers/{worker_id}/logs",
+        openapi_extra=msgpack_body(LogsPost),
+        dependencies=[Depends(worker_scope)],
+    )
     async def worker_logs(worker_id: str, request: Request) -> Response:
         b = await body(request, LogsPost)
         await run(cp.add_logs, worker_id, [list(x) for x in b.lines])
         return packed({})
 
-    @app.post("/v1/workers/{worker_id}/release", openapi_extra=msgpack_body(Release), dependencies=[Depends(worker_scope)])
+    @app.post(
+        "/v1/workers/{worker_id}/release",
+        openapi_extra=msgpack_body(Release),
+        dependencies=[Depends(worker_scope)],
+    )
     async def release(worker_id: str, request: Request) -> Response:
         b = await body(request, Release)
         return packed({"requeued": await run(cp.release_inputs, worker_id, b.input_ids)})
 
-    @app.post("/v1/workers/{worker_id}/stopped", openapi_extra=msgpack_body(Stopped), dependencies=[Depends(worker_scope)])
+    @app.post(
+        "/v1/workers/{worker_id}/stopped",
+        openapi_extra=msgpack_body(Stopped),
+        dependencies=[Depends(worker_scope)],
+    )
     async def stopped(worker_id: str, request: Request) -> Response:
         b = await body(request, Stopped)
         await run(lambda: cp.worker_stopped(worker_id, b.reason, crashed=b.crashed))

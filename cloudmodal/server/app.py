@@ -18,9 +18,17 @@ from cloudmodal.server.service import ControlPlane, Settings
 
 def default_settings(state_dir: Path, database_url: str | None = None, **overrides: Any) -> Settings:
     state_dir.mkdir(parents=True, exist_ok=True)
-    url = database_url or os.environ.get("CLOUDMODAL_DATABASE_URL") or f"sqlite:///{state_dir / 'cloudmodal.db'}"
+    url = (
+        database_url
+        or os.environ.get("CLOUDMODAL_DATABASE_URL")
+        or f"sqlite:///{state_dir / 'cloudmodal.db'}"
+    )
     env_overrides: dict[str, Any] = {}
-    for key, env in (("lease_s", "CLOUDMODAL_LEASE_S"), ("worker_timeout_s", "CLOUDMODAL_WORKER_TIMEOUT_S"), ("heartbeat_s", "CLOUDMODAL_HEARTBEAT_S")):
+    for key, env in (
+        ("lease_s", "CLOUDMODAL_LEASE_S"),
+        ("worker_timeout_s", "CLOUDMODAL_WORKER_TIMEOUT_S"),
+        ("heartbeat_s", "CLOUDMODAL_HEARTBEAT_S"),
+    ):
         if os.environ.get(env):
             env_overrides[key] = float(os.environ[env])
     return Settings(database_url=url, state_dir=state_dir, **(env_overrides | overrides))
@@ -30,7 +38,11 @@ def make_providers(settings: Settings) -> dict[str, Any]:
     """The enabled providers: ``CLOUDMODAL_PROVIDERS`` (comma-separated; default ``local``)."""
     from cloudmodal.exception import InvalidError
 
-    names = [n.strip() for n in (os.environ.get("CLOUDMODAL_PROVIDERS") or ",".join(settings.providers)).split(",") if n.strip()]
+    names = [
+        n.strip()
+        for n in (os.environ.get("CLOUDMODAL_PROVIDERS") or ",".join(settings.providers)).split(",")
+        if n.strip()
+    ]
     out: dict[str, Any] = {}
     for name in names:
         if name == "local":
@@ -42,7 +54,9 @@ def make_providers(settings: Settings) -> dict[str, Any]:
 
             out[name] = SimProvider.from_env(state_dir=settings.state_dir / "sim")
         else:
-            raise InvalidError(f"Unknown provider {name!r} in CLOUDMODAL_PROVIDERS; available here: local, sim.")
+            raise InvalidError(
+                f"Unknown provider {name!r} in CLOUDMODAL_PROVIDERS; available here: local, sim."
+            )
     if "local" not in out:
         from cloudmodal.providers.local import LocalProvider
 
@@ -53,12 +67,20 @@ def make_providers(settings: Settings) -> dict[str, Any]:
 class ServerHandle:
     """A control plane serving HTTP on a bound socket, with its reconciler."""
 
-    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0, providers: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        providers: dict[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.cp = ControlPlane(settings)
         # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets of a TCP-protocol listener;
         # without it every response waits ~40 ms for the client's delayed ACK.
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind((host, port))
@@ -69,17 +91,23 @@ class ServerHandle:
         self.url = f"http://{connect_host}:{self.port}"
         from cloudmodal.server.reconciler import Reconciler
 
-        self.reconciler = Reconciler(self.cp, providers if providers is not None else make_providers(settings), self.url)
+        self.reconciler = Reconciler(
+            self.cp, providers if providers is not None else make_providers(settings), self.url
+        )
         self.cp.reconciler = self.reconciler
         self.api = build_app(self.cp)
-        config = uvicorn.Config(self.api, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=65)
+        config = uvicorn.Config(
+            self.api, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=65
+        )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self.cp.hub.notify = _chain_wake(self.cp.hub.notify, self.reconciler)  # type: ignore[method-assign]
 
     def start_in_thread(self) -> ServerHandle:
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="control-plane", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="control-plane", daemon=True
+        )
         self._thread.start()
         deadline = time.time() + 15
         while not self.server.started:

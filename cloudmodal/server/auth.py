@@ -39,7 +39,14 @@ class TokenStore:
         token = "cm_" + secrets.token_urlsafe(32)
         with self.db.write() as conn:
             conn.execute(
-                T.insert().values(id=new_id("tk"), name=name, token_hash=hash_token(token), scope=scope, created_at=time.time(), revoked=False)
+                T.insert().values(
+                    id=new_id("tk"),
+                    name=name,
+                    token_hash=hash_token(token),
+                    scope=scope,
+                    created_at=time.time(),
+                    revoked=False,
+                )
             )
         return token
 

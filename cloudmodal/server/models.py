@@ -70,8 +70,20 @@ class Input(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("call_id", "idx"),
         # Partial indexes: only unfinished inputs are ever looked up by state, and finished ones pile up.
-        Index("ix_input_pending", "function_id", "id", sqlite_where=text("state = 0"), postgresql_where=text("state = 0")),
-        Index("ix_input_open", "function_id", "state", sqlite_where=text("state < 2"), postgresql_where=text("state < 2")),
+        Index(
+            "ix_input_pending",
+            "function_id",
+            "id",
+            sqlite_where=text("state = 0"),
+            postgresql_where=text("state = 0"),
+        ),
+        Index(
+            "ix_input_open",
+            "function_id",
+            "state",
+            sqlite_where=text("state < 2"),
+            postgresql_where=text("state < 2"),
+        ),
         Index("ix_input_call", "call_id", "state"),
         Index("ix_input_worker", "worker_id", "state"),
     )

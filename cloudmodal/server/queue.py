@@ -76,7 +76,13 @@ class InputQueue:
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:c))"), {"c": cid})
 
     # -- producers ---------------------------------------------------------------------------------------
-    def put(self, call_id: str, function_id: str, items: Sequence[tuple[int, str | None, bytes | None, str | None]], conn: Any = None) -> int:
+    def put(
+        self,
+        call_id: str,
+        function_id: str,
+        items: Sequence[tuple[int, str | None, bytes | None, str | None]],
+        conn: Any = None,
+    ) -> int:
         """Enqueue ``(idx, method, args, args_blob)`` items; re-sending an ``idx`` is a no-op.
         With ``conn``, inside the caller's transaction."""
         if not items:
@@ -109,7 +115,9 @@ class InputQueue:
         return res.rowcount if res.rowcount is not None and res.rowcount >= 0 else len(rows)
 
     # -- consumers ---------------------------------------------------------------------------------------
-    def claim(self, function_id: str, worker_id: str, max_n: int, lease_s: float, now: float | None = None) -> list[ClaimedInput]:
+    def claim(
+        self, function_id: str, worker_id: str, max_n: int, lease_s: float, now: float | None = None
+    ) -> list[ClaimedInput]:
         now = time.time() if now is None else now
         sub = (
             select(I.c.id)
@@ -135,9 +143,9 @@ class InputQueue:
         now = time.time() if now is None else now
         with self.db.read() as conn:
             return conn.execute(
-                select(func.count()).select_from(I).where(
-                    and_(I.c.function_id == function_id, I.c.state == PENDING, I.c.available_at <= now)
-                )
+                select(func.count())
+                .select_from(I)
+                .where(and_(I.c.function_id == function_id, I.c.state == PENDING, I.c.available_at <= now))
             ).scalar_one()
 
     def counts(self) -> dict[str, tuple[int, int]]:
@@ -166,7 +174,9 @@ class InputQueue:
                 .values(lease_expires=now + lease_s)
             ).rowcount
 
-    def complete(self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None) -> list[str]:
+    def complete(
+        self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None
+    ) -> list[str]:
         """Record outputs; failures with retries left are requeued with backoff. Returns touched call ids."""
         if not items:
             return []
@@ -176,7 +186,9 @@ class InputQueue:
             meta = {
                 r[0]: r
                 for r in conn.execute(
-                    select(I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state).where(I.c.id.in_(ids))
+                    select(I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state).where(
+                        I.c.id.in_(ids)
+                    )
                 ).all()
             }
             out_rows: list[dict[str, Any]] = []
@@ -208,7 +220,9 @@ class InputQueue:
                     done_ids.append(it.input_id)
             if out_rows:
                 self._order_outputs(conn, [r["call_id"] for r in out_rows])
-                conn.execute(self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]), out_rows)
+                conn.execute(
+                    self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]), out_rows
+                )
             if done_ids:
                 conn.execute(update(I).where(I.c.id.in_(done_ids)).values(state=DONE, args=None))
             for input_id, attempt, available_at in requeue:
@@ -219,7 +233,14 @@ class InputQueue:
                 )
         return list({meta[i][1] for i in ids if i in meta})
 
-    def release_worker(self, worker_id: str, *, crashed: bool, input_ids: Sequence[int] | None = None, now: float | None = None) -> tuple[int, list[str]]:
+    def release_worker(
+        self,
+        worker_id: str,
+        *,
+        crashed: bool,
+        input_ids: Sequence[int] | None = None,
+        now: float | None = None,
+    ) -> tuple[int, list[str]]:
         """Requeue a worker's claimed inputs at once (drain, preemption, or death).
 
         ``crashed`` counts the death against each input's crash budget; inputs over budget end as errors.
@@ -237,7 +258,9 @@ class InputQueue:
 
     def _requeue(self, cond: Any, *, crashed: bool, now: float) -> tuple[int, list[str]]:
         with self.db.write() as conn:
-            rows = conn.execute(select(I.c.id, I.c.function_id, I.c.crashes, I.c.call_id, I.c.idx, I.c.worker_id).where(cond)).all()
+            rows = conn.execute(
+                select(I.c.id, I.c.function_id, I.c.crashes, I.c.call_id, I.c.idx, I.c.worker_id).where(cond)
+            ).all()
             if not rows:
                 return 0, []
             dead: list[Any] = []
@@ -257,7 +280,11 @@ class InputQueue:
                 from cloudmodal.serialization import crash_failure_payload
 
                 self._order_outputs(conn, [r[3] for r in dead])
-                conn.execute(update(I).where(I.c.id.in_([r[0] for r in dead])).values(state=DONE, crashes=I.c.crashes + 1, args=None))
+                conn.execute(
+                    update(I)
+                    .where(I.c.id.in_([r[0] for r in dead]))
+                    .values(state=DONE, crashes=I.c.crashes + 1, args=None)
+                )
                 conn.execute(
                     self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]),
                     [
@@ -283,31 +310,59 @@ class InputQueue:
 
         with self.db.write() as conn:
             conn.execute(update(C).where(C.c.id == call_id).values(cancelled=True))
-            rows = conn.execute(select(I.c.id, I.c.idx, I.c.state).where(and_(I.c.call_id == call_id, I.c.state < DONE))).all()
+            rows = conn.execute(
+                select(I.c.id, I.c.idx, I.c.state).where(and_(I.c.call_id == call_id, I.c.state < DONE))
+            ).all()
             if rows:
                 self._order_outputs(conn, [call_id])
                 conn.execute(
                     self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]),
                     [
-                        {"input_id": r[0], "call_id": call_id, "idx": r[1], "gen_index": -1, "status": "cancelled",
-                         "data": cancelled_payload(), "data_blob": None, "created_at": now}
+                        {
+                            "input_id": r[0],
+                            "call_id": call_id,
+                            "idx": r[1],
+                            "gen_index": -1,
+                            "status": "cancelled",
+                            "data": cancelled_payload(),
+                            "data_blob": None,
+                            "created_at": now,
+                        }
                         for r in rows
                     ],
                 )
                 conn.execute(update(I).where(I.c.id.in_([r[0] for r in rows])).values(state=DONE, args=None))
         return [r[0] for r in rows if r[2] == CLAIMED]
 
-    def fail_pending(self, function_id: str, payload: bytes, status: str = "failure", now: float | None = None) -> list[str]:
+    def fail_pending(
+        self, function_id: str, payload: bytes, status: str = "failure", now: float | None = None
+    ) -> list[str]:
         """End every unfinished input of a function with one error (e.g. its workers cannot start)."""
         now = time.time() if now is None else now
         with self.db.write() as conn:
-            rows = conn.execute(select(I.c.id, I.c.call_id, I.c.idx).where(and_(I.c.function_id == function_id, I.c.state < DONE))).all()
+            rows = conn.execute(
+                select(I.c.id, I.c.call_id, I.c.idx).where(
+                    and_(I.c.function_id == function_id, I.c.state < DONE)
+                )
+            ).all()
             if not rows:
                 return []
             self._order_outputs(conn, [r[1] for r in rows])
             conn.execute(
                 self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]),
-                [{"input_id": r[0], "call_id": r[1], "idx": r[2], "gen_index": -1, "status": status, "data": payload, "data_blob": None, "created_at": now} for r in rows],
+                [
+                    {
+                        "input_id": r[0],
+                        "call_id": r[1],
+                        "idx": r[2],
+                        "gen_index": -1,
+                        "status": status,
+                        "data": payload,
+                        "data_blob": None,
+                        "created_at": now,
+                    }
+                    for r in rows
+                ],
             )
             conn.execute(update(I).where(I.c.id.in_([r[0] for r in rows])).values(state=DONE, args=None))
         return list({r[1] for r in rows})
@@ -327,7 +382,9 @@ class InputQueue:
     def call_progress(self, call_id: str) -> tuple[int, int]:
         """(inputs known, inputs finished) of a call."""
         with self.db.read() as conn:
-            total = conn.execute(select(func.count()).select_from(I).where(I.c.call_id == call_id)).scalar_one()
+            total = conn.execute(
+                select(func.count()).select_from(I).where(I.c.call_id == call_id)
+            ).scalar_one()
             done = conn.execute(
                 select(func.count()).select_from(I).where(and_(I.c.call_id == call_id, I.c.state == DONE))
             ).scalar_one()

@@ -36,7 +36,9 @@ F = Function.__table__
 W = Worker.__table__
 
 MAX_LAUNCH_TRIES = 12  # candidates tried per worker before backing off
-STARTUP_GRACE_S = 120.0  # a launched worker that never registers is replaced after this (plus startup_timeout)
+STARTUP_GRACE_S = (
+    120.0  # a launched worker that never registers is replaced after this (plus startup_timeout)
+)
 DRAIN_GRACE_S = 30.0
 LAUNCH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -56,7 +58,9 @@ class _Choice:
         if self.offer is None:
             return f"{self.provider.name}" + (f" {self.tier}" if self.tier else " (CPU)")
         o = self.offer
-        return f"{o.cloud} {o.zone or o.region} {o.instance_type} {self.tier} {self.market} ${self.price:.2f}/h"
+        return (
+            f"{o.cloud} {o.zone or o.region} {o.instance_type} {self.tier} {self.market} ${self.price:.2f}/h"
+        )
 
 
 class Reconciler:
@@ -77,7 +81,9 @@ class Reconciler:
         self.handles: dict[str, tuple[Any, Any]] = {}  # worker id -> (provider, handle)
         self._noticed: set[str] = set()
         self._launching: dict[str, int] = {}
-        self._od_launching: dict[str, int] = {}  # launches forced on-demand (the min_on_demand floor) in flight
+        self._od_launching: dict[
+            str, int
+        ] = {}  # launches forced on-demand (the min_on_demand floor) in flight
         self._launch_failures: dict[str, int] = {}
         self._next_launch_at: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="launch")
@@ -87,7 +93,9 @@ class Reconciler:
         self._last_housekeeping = 0.0
         self._lock = threading.Lock()
         # This machine's worker budget: workers beyond the cores only add start-up cost and contention.
-        self.max_workers = int(os.environ.get("CLOUDMODAL_LOCAL_MAX_WORKERS") or max(4, 2 * (os.cpu_count() or 1)))
+        self.max_workers = int(
+            os.environ.get("CLOUDMODAL_LOCAL_MAX_WORKERS") or max(4, 2 * (os.cpu_count() or 1))
+        )
         self._live_total = 0
         self._served: set[str] = set()  # functions with live workers at the last tick
         self._idle_elsewhere: list[tuple[float, str, str]] = []  # (idle since, worker id, function id)
@@ -177,7 +185,16 @@ class Reconciler:
             self._tables[provider.name] = table
         return table
 
-    def _cloud_choices(self, spec: FunctionSpec, fid: str, now: float, *, ignore_blocks: bool = False, force_on_demand: bool = False, limit: int = 12) -> list[_Choice]:
+    def _cloud_choices(
+        self,
+        spec: FunctionSpec,
+        fid: str,
+        now: float,
+        *,
+        ignore_blocks: bool = False,
+        force_on_demand: bool = False,
+        limit: int = 12,
+    ) -> list[_Choice]:
         if not self.clouds or not spec.gpu:
             return []
         from cloudmodal.placement import PlacementPolicy, rank
@@ -185,7 +202,12 @@ class Reconciler:
         state = self.market_state.setdefault(fid, PoolMarketState())
         mode = "never" if force_on_demand else self.market_policy.spot_mode(spec.spot, state, now)
         clouds = None if spec.cloud in (None, "auto", "sim") else [spec.cloud]
-        policy = PlacementPolicy(spot=mode, clouds=clouds, regions=list(spec.region) or None, max_price_per_hour=spec.max_price_per_hour)
+        policy = PlacementPolicy(
+            spot=mode,
+            clouds=clouds,
+            regions=list(spec.region) or None,
+            max_price_per_hour=spec.max_price_per_hour,
+        )
         blocked = frozenset() if ignore_blocks else self.blocks.active(now)
         out: list[_Choice] = []
         for prov in self.clouds:
@@ -195,7 +217,9 @@ class Reconciler:
             out.sort(key=lambda c: (c.price,))
         return out[:limit]
 
-    def _choices(self, spec: FunctionSpec, fid: str, cpu_fallback: bool, now: float, force_on_demand: bool) -> list[_Choice]:
+    def _choices(
+        self, spec: FunctionSpec, fid: str, cpu_fallback: bool, now: float, force_on_demand: bool
+    ) -> list[_Choice]:
         """Where to try to start the next worker, best first: this machine when it has the GPU (it costs
         nothing), then cloud offers in placement's order (tiers in the user's order, cheapest first)."""
         if not spec.gpu or cpu_fallback:
@@ -218,14 +242,31 @@ class Reconciler:
         self._reap(now)
         counts = cp.queue.counts()
         with cp.db.read() as conn:
-            fns = {r[0]: r for r in conn.execute(select(F.c.id, F.c.app_id, F.c.state, F.c.version, F.c.last_active_at, F.c.spec, F.c.inline_env).where(F.c.state == "active")).all()}
+            fns = {
+                r[0]: r
+                for r in conn.execute(
+                    select(
+                        F.c.id,
+                        F.c.app_id,
+                        F.c.state,
+                        F.c.version,
+                        F.c.last_active_at,
+                        F.c.spec,
+                        F.c.inline_env,
+                    ).where(F.c.state == "active")
+                ).all()
+            }
             workers = conn.execute(select(W).where(W.c.state.in_(LIVE_WORKER_STATES))).all()
         by_fn: dict[str, list[Any]] = {}
         for w in workers:
             by_fn.setdefault(w.function_id, []).append(w)
         self._live_total = len(workers) + sum(self._launching.values())
         self._served = {w.function_id for w in workers if w.state in ("starting", "ready")}
-        self._idle_elsewhere = sorted((w.idle_since, w.id, w.function_id) for w in workers if w.state == "ready" and w.idle_since is not None)
+        self._idle_elsewhere = sorted(
+            (w.idle_since, w.id, w.function_id)
+            for w in workers
+            if w.state == "ready" and w.idle_since is not None
+        )
         # Workers of stopped functions, or of an older version after a redeploy, drain.
         for fid, ws in by_fn.items():
             fn = fns.get(fid)
@@ -244,18 +285,32 @@ class Reconciler:
                 continue
             self._scale(fid, fn, spec, pending, running, ws, now)
 
-    def _scale(self, fid: str, fn: Any, spec: FunctionSpec, pending: int, running: int, ws: list[Any], now: float) -> None:
+    def _scale(
+        self, fid: str, fn: Any, spec: FunctionSpec, pending: int, running: int, ws: list[Any], now: float
+    ) -> None:
         target = 1
         if spec.concurrency is not None:
             target = spec.concurrency.target_inputs or spec.concurrency.max_inputs
         if spec.batching is not None:
             target = max(target, spec.batching.max_batch_size)
         views = [
-            WorkerView(worker_id=w.id, state=w.state, started_at=w.started_at, idle_since=w.idle_since, in_flight=w.in_flight, price_per_hour=w.price_per_hour or 0.0)
+            WorkerView(
+                worker_id=w.id,
+                state=w.state,
+                started_at=w.started_at,
+                idle_since=w.idle_since,
+                in_flight=w.in_flight,
+                price_per_hour=w.price_per_hour or 0.0,
+            )
             for w in ws
         ]
         launching = self._launching.get(fid, 0)
-        views += [WorkerView(worker_id=f"launching-{i}", state="starting", started_at=now, idle_since=None, in_flight=0) for i in range(launching)]
+        views += [
+            WorkerView(
+                worker_id=f"launching-{i}", state="starting", started_at=now, idle_since=None, in_flight=0
+            )
+            for i in range(launching)
+        ]
         snap = PoolSnapshot(
             backlog=pending,
             in_flight=running,
@@ -268,7 +323,13 @@ class Reconciler:
         for wid in decision.terminate:
             if not wid.startswith("launching-"):
                 self.cp.drain_worker(wid, "scaled down: idle past scaledown_window")
-                self.cp.event("pool.scale_down", f"draining idle worker {wid}", app_id=fn[1], function_id=fid, worker_id=wid)
+                self.cp.event(
+                    "pool.scale_down",
+                    f"draining idle worker {wid}",
+                    app_id=fn[1],
+                    function_id=fid,
+                    worker_id=wid,
+                )
         launch = decision.launch
         room = self.max_workers - self._live_total
         if launch > room:
@@ -279,13 +340,28 @@ class Reconciler:
                 if other == fid:
                     continue
                 self._idle_elsewhere.remove((_since, wid, other))
-                self.cp.drain_worker(wid, f"idle; this machine's {self.max_workers}-worker budget is needed by another function")
+                self.cp.drain_worker(
+                    wid,
+                    f"idle; this machine's {self.max_workers}-worker budget is needed by another function",
+                )
             launch = max(0, room)
         if launch > 0 and now >= self._next_launch_at.get(fid, 0.0):
             self._live_total += launch
-            live_od = sum(1 for w in ws if w.market == "on-demand" and w.state != "draining" and w.provider != "local") + self._od_launching.get(fid, 0)
-            floor = self.market_policy.on_demand_floor(spec.min_on_demand, live_od) if spec.gpu and self.clouds else 0
-            self.cp.event("pool.scale_up", f"launching {launch} worker(s): {decision.reason}", app_id=fn[1], function_id=fid, desired=decision.desired)
+            live_od = sum(
+                1 for w in ws if w.market == "on-demand" and w.state != "draining" and w.provider != "local"
+            ) + self._od_launching.get(fid, 0)
+            floor = (
+                self.market_policy.on_demand_floor(spec.min_on_demand, live_od)
+                if spec.gpu and self.clouds
+                else 0
+            )
+            self.cp.event(
+                "pool.scale_up",
+                f"launching {launch} worker(s): {decision.reason}",
+                app_id=fn[1],
+                function_id=fid,
+                desired=decision.desired,
+            )
             for i in range(launch):
                 self._launch(fid, fn, spec, force_on_demand=i < floor)
         elif spec.gpu and self.clouds and spec.spot == "allow" and not self._launching.get(fid) and room > 0:
@@ -300,14 +376,27 @@ class Reconciler:
             return
         if state.fallen_back:
             if self.market_policy.probe_due(state, now):
-                self.cp.event("pool.spot_probe", "trying spot again with one extra worker", app_id=fn[1], function_id=fid)
+                self.cp.event(
+                    "pool.spot_probe",
+                    "trying spot again with one extra worker",
+                    app_id=fn[1],
+                    function_id=fid,
+                )
                 self._launch(fid, fn, spec)
             return
         spot = next((c for c in self._cloud_choices(spec, fid, now) if c.market == "spot"), None)
         if spot is None:
             return
-        for wid in self.market_policy.to_replace(state, [(w.id, w.market, w.price_per_hour) for w in live], spec.min_on_demand, spot.price, now):
-            self.cp.event("pool.rebalance", f"replacing on-demand worker {wid} by spot ({spot.describe()})", app_id=fn[1], function_id=fid, worker_id=wid)
+        for wid in self.market_policy.to_replace(
+            state, [(w.id, w.market, w.price_per_hour) for w in live], spec.min_on_demand, spot.price, now
+        ):
+            self.cp.event(
+                "pool.rebalance",
+                f"replacing on-demand worker {wid} by spot ({spot.describe()})",
+                app_id=fn[1],
+                function_id=fid,
+                worker_id=wid,
+            )
             self._launch(fid, fn, spec)
             self.cp.drain_worker(wid, "replaced by a cheaper spot worker")
 
@@ -344,15 +433,27 @@ class Reconciler:
                 self.cp.event(
                     "placement.ranked",
                     f"worker {worker_id}: {len(choices)} candidates for gpu={','.join(str(t) for t in spec.gpu)}"
-                    + (" (on-demand floor)" if force_on_demand else "") + f": {top}",
-                    app_id=app_id, function_id=fid, worker_id=worker_id,
+                    + (" (on-demand floor)" if force_on_demand else "")
+                    + f": {top}",
+                    app_id=app_id,
+                    function_id=fid,
+                    worker_id=worker_id,
                 )
             try:
                 for i, choice in enumerate(choices[:MAX_LAUNCH_TRIES]):
                     req = LaunchRequest(
-                        worker_id=worker_id, app_id=app_id, function_id=fid, gpu=choice.tier, offer=choice.offer,
-                        market=choice.market, cpu=spec.cpu, memory_mb=spec.memory, image_hash=spec.image_hash,
-                        pip_packages=tuple(image.get("pip_packages") or ()), env=env, argv=("-m", "cloudmodal.worker"),
+                        worker_id=worker_id,
+                        app_id=app_id,
+                        function_id=fid,
+                        gpu=choice.tier,
+                        offer=choice.offer,
+                        market=choice.market,
+                        cpu=spec.cpu,
+                        memory_mb=spec.memory,
+                        image_hash=spec.image_hash,
+                        pip_packages=tuple(image.get("pip_packages") or ()),
+                        env=env,
+                        argv=("-m", "cloudmodal.worker"),
                     )
                     try:
                         handle = choice.provider.launch(req)
@@ -362,7 +463,11 @@ class Reconciler:
                         if choice.key is not None:
                             quota = isinstance(e, QuotaExceededError)
                             self.market_policy.block_failed_launch(
-                                self.blocks, choice.key, time.time(), f"{type(e).__name__}: {reason}", quota=quota,
+                                self.blocks,
+                                choice.key,
+                                time.time(),
+                                f"{type(e).__name__}: {reason}",
+                                quota=quota,
                                 offers=self._table(choice.provider) if quota else (),
                             )
                         if choice.market == "spot":
@@ -371,13 +476,24 @@ class Reconciler:
                                 self.cp.event("pool.spot_fallback", msg, app_id=app_id, function_id=fid)
                         self.cp.event(
                             "launch.failed",
-                            f"{choice.describe()}: {type(e).__name__} ({reason}): {e}" + (f"; trying the next of {len(choices)} candidates" if i + 1 < len(choices) else ""),
-                            app_id=app_id, function_id=fid, worker_id=worker_id, offer=_offer_dict(choice), reason=reason,
+                            f"{choice.describe()}: {type(e).__name__} ({reason}): {e}"
+                            + (
+                                f"; trying the next of {len(choices)} candidates"
+                                if i + 1 < len(choices)
+                                else ""
+                            ),
+                            app_id=app_id,
+                            function_id=fid,
+                            worker_id=worker_id,
+                            offer=_offer_dict(choice),
+                            reason=reason,
                         )
                         if i + 1 < len(choices):
                             time.sleep(min(0.05 * 2**i, 1.0))  # backoff between candidates: no hot loops
                         continue
-                    self._launched(fid, app_id, worker_id, choice, handle, state, cpu_fallback and bool(spec.gpu))
+                    self._launched(
+                        fid, app_id, worker_id, choice, handle, state, cpu_fallback and bool(spec.gpu)
+                    )
                     return
                 n = self._launch_failures.get(fid, 0)
                 self._launch_failures[fid] = n + 1
@@ -385,7 +501,12 @@ class Reconciler:
                 self._next_launch_at[fid] = time.time() + delay
                 why = "; ".join(tried[-5:]) or "no candidate offers (all blocked or none match)"
                 self.cp.worker_stopped(worker_id, f"launch failed: {why}", crashed=False)
-                self.cp.event("launch.exhausted", f"no candidate could start a worker ({len(tried)} tried); retrying in {delay:g} s. {why}", app_id=app_id, function_id=fid)
+                self.cp.event(
+                    "launch.exhausted",
+                    f"no candidate could start a worker ({len(tried)} tried); retrying in {delay:g} s. {why}",
+                    app_id=app_id,
+                    function_id=fid,
+                )
             except Exception as e:  # a provider bug must not kill the loop
                 log.exception("launch crashed")
                 self._next_launch_at[fid] = time.time() + 5.0
@@ -398,7 +519,16 @@ class Reconciler:
 
         self._pool.submit(go)
 
-    def _launched(self, fid: str, app_id: str, worker_id: str, choice: _Choice, handle: Any, state: PoolMarketState, cpu_fallback: bool) -> None:
+    def _launched(
+        self,
+        fid: str,
+        app_id: str,
+        worker_id: str,
+        choice: _Choice,
+        handle: Any,
+        state: PoolMarketState,
+        cpu_fallback: bool,
+    ) -> None:
         self._launch_failures.pop(fid, None)
         with self._lock:
             self.handles[worker_id] = (choice.provider, handle)
@@ -408,15 +538,26 @@ class Reconciler:
                 self.cp.event("pool.spot_restored", msg, app_id=app_id, function_id=fid)
         with self.cp.db.write() as conn:
             conn.execute(
-                W.update().where(W.c.id == worker_id).values(
-                    provider=choice.provider.name, instance_id=handle.instance_id, price_per_hour=handle.price_per_hour,
-                    market=handle.market, gpu=str(choice.tier) if choice.tier else None, offer=_offer_dict(choice),
+                W.update()
+                .where(W.c.id == worker_id)
+                .values(
+                    provider=choice.provider.name,
+                    instance_id=handle.instance_id,
+                    price_per_hour=handle.price_per_hour,
+                    market=handle.market,
+                    gpu=str(choice.tier) if choice.tier else None,
+                    offer=_offer_dict(choice),
                 )
             )
         self.cp.event(
             "worker.launched",
             f"worker {worker_id} launched: {choice.describe()}" + (" (CPU fallback)" if cpu_fallback else ""),
-            app_id=app_id, function_id=fid, worker_id=worker_id, offer=_offer_dict(choice), market=handle.market, price_per_hour=handle.price_per_hour,
+            app_id=app_id,
+            function_id=fid,
+            worker_id=worker_id,
+            offer=_offer_dict(choice),
+            market=handle.market,
+            price_per_hour=handle.price_per_hour,
         )
 
     def _reap(self, now: float) -> None:
@@ -436,19 +577,24 @@ class Reconciler:
                 continue
             if status.state == "preempted" or wid in self._noticed:
                 self._noticed.discard(wid)
-                self.cp.worker_stopped(wid, f"preempted ({status.detail or 'spot capacity reclaimed'})", crashed=False)
+                self.cp.worker_stopped(
+                    wid, f"preempted ({status.detail or 'spot capacity reclaimed'})", crashed=False
+                )
                 continue
             clean = state == "draining" and status.returncode == 0
             self.cp.worker_stopped(
                 wid,
-                f"process exited with code {status.returncode}" + (f" ({status.detail})" if status.detail else ""),
+                f"process exited with code {status.returncode}"
+                + (f" ({status.detail})" if status.detail else ""),
                 crashed=not clean,
             )
         # Workers that went silent (hung, partitioned, or launched by a previous control plane and gone).
         cutoff = now - self.cp.settings.worker_timeout_s
         with self.cp.db.read() as conn:
             rows = conn.execute(
-                select(W.c.id, W.c.state, W.c.last_heartbeat, W.c.pid, W.c.started_at).where(W.c.state.in_(LIVE_WORKER_STATES))
+                select(W.c.id, W.c.state, W.c.last_heartbeat, W.c.pid, W.c.started_at).where(
+                    W.c.state.in_(LIVE_WORKER_STATES)
+                )
             ).all()
         for wid, state, last_hb, _pid, started_at in rows:
             if wid in self.handles and state == "starting" and now - started_at < STARTUP_GRACE_S:
@@ -467,10 +613,21 @@ class Reconciler:
         fid = row["function_id"]
         self.cp.drain_worker(wid, f"preemption notice: reclaimed in {max(0.0, at - now):.0f} s")
         n = self.cp.release_inputs(wid, None)
-        self.cp.event("worker.preempted", f"worker {wid} ({row.get('gpu') or ''} {row.get('market')}) got a preemption notice; {n} inputs requeued; replacing it", app_id=row["app_id"], function_id=fid, worker_id=wid, requeued=n)
+        self.cp.event(
+            "worker.preempted",
+            f"worker {wid} ({row.get('gpu') or ''} {row.get('market')}) got a preemption notice; {n} inputs requeued; replacing it",
+            app_id=row["app_id"],
+            function_id=fid,
+            worker_id=wid,
+            requeued=n,
+        )
         with self.cp.db.read() as conn:
             spot_workers = conn.execute(
-                select(func.count()).select_from(W).where(and_(W.c.function_id == fid, W.c.market == "spot", W.c.state.in_(("starting", "ready"))))
+                select(func.count())
+                .select_from(W)
+                .where(
+                    and_(W.c.function_id == fid, W.c.market == "spot", W.c.state.in_(("starting", "ready")))
+                )
             ).scalar_one()
         state = self.market_state.setdefault(fid, PoolMarketState())
         offer = getattr(handle, "offer", None)
@@ -478,8 +635,15 @@ class Reconciler:
         msg = self.market_policy.record_preemption(state, now, spot_workers + 1, offer=key)
         if key is not None and self.market_policy.reclaimed(state, key, now):
             # One offer keeps losing this pool's workers: treat its spot capacity as gone for a while.
-            until = self.market_policy.block_failed_launch(self.blocks, key, now, "spot capacity keeps being reclaimed")
-            self.cp.event("offer.blocked", f"{offer.cloud} {offer.zone or offer.region} {offer.instance_type} spot blocked for {until - now:.0f} s: its workers keep being preempted", app_id=row["app_id"], function_id=fid)
+            until = self.market_policy.block_failed_launch(
+                self.blocks, key, now, "spot capacity keeps being reclaimed"
+            )
+            self.cp.event(
+                "offer.blocked",
+                f"{offer.cloud} {offer.zone or offer.region} {offer.instance_type} spot blocked for {until - now:.0f} s: its workers keep being preempted",
+                app_id=row["app_id"],
+                function_id=fid,
+            )
         if msg:
             self.cp.event("pool.spot_fallback", msg, app_id=row["app_id"], function_id=fid)
         self.wake()
@@ -503,7 +667,9 @@ def _no_gpu_message(tiers: tuple[GpuTier, ...], provider: Any) -> str:
             have = ", ".join(sorted({d.name for d in devs})) if devs else "no GPUs"
         except Exception:
             have = "unknown"
-    lines = [f"No enabled provider can run gpu={want!r}: this machine has {have or 'no GPUs'} and no cloud is enabled."]
+    lines = [
+        f"No enabled provider can run gpu={want!r}: this machine has {have or 'no GPUs'} and no cloud is enabled."
+    ]
     offers = _cheapest_offers(tiers)
     if offers:
         lines.append("Cheapest cloud offers for it:")
@@ -543,7 +709,15 @@ def _offer_dict(choice: _Choice) -> dict[str, Any] | None:
     o = choice.offer
     if o is None:
         return {"cloud": choice.provider.name, "gpu": str(choice.tier) if choice.tier else None}
-    return {"cloud": o.cloud, "region": o.region, "zone": o.zone, "instance_type": o.instance_type, "gpu": str(choice.tier), "market": choice.market, "price_per_hour": choice.price}
+    return {
+        "cloud": o.cloud,
+        "region": o.region,
+        "zone": o.zone,
+        "instance_type": o.instance_type,
+        "gpu": str(choice.tier),
+        "market": choice.market,
+        "price_per_hour": choice.price,
+    }
 
 
 def _market_settings() -> MarketSettings:
@@ -558,4 +732,6 @@ def _market_settings() -> MarketSettings:
     except (ValueError, TypeError) as e:
         from cloudmodal.exception import InvalidError
 
-        raise InvalidError(f"CLOUDMODAL_SPOT_SETTINGS is not valid: {e}. Example: '{{\"probe_interval_s\": 30}}'.") from None
+        raise InvalidError(
+            f"CLOUDMODAL_SPOT_SETTINGS is not valid: {e}. Example: '{{\"probe_interval_s\": 30}}'."
+        ) from None

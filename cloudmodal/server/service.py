@@ -93,10 +93,25 @@ class ControlPlane:
         return p
 
     # -- events ------------------------------------------------------------------------------------------
-    def event(self, kind: str, message: str, *, app_id: str | None = None, function_id: str | None = None, **data: Any) -> None:
+    def event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        app_id: str | None = None,
+        function_id: str | None = None,
+        **data: Any,
+    ) -> None:
         with self.db.write() as conn:
             conn.execute(
-                E.insert().values(app_id=app_id, function_id=function_id, ts=_now(), kind=kind, message=message, data=data or None)
+                E.insert().values(
+                    app_id=app_id,
+                    function_id=function_id,
+                    ts=_now(),
+                    kind=kind,
+                    message=message,
+                    data=data or None,
+                )
             )
         log.info("%s %s: %s", app_id or "-", kind, message)
         if app_id:
@@ -140,14 +155,20 @@ class ControlPlane:
                     description=description,
                 )
             )
-        self.event("app.created", f"{'ephemeral' if ephemeral else 'deployed'} app {name!r} created", app_id=app_id)
+        self.event(
+            "app.created", f"{'ephemeral' if ephemeral else 'deployed'} app {name!r} created", app_id=app_id
+        )
         return {"id": app_id, "name": name, "state": "running" if ephemeral else "deployed", "version": 1}
 
     def record_deployment(self, app_id: str, functions: list[str]) -> int:
         with self.db.write() as conn:
             version = conn.execute(select(A.c.version).where(A.c.id == app_id)).scalar_one()
-            conn.execute(D.insert().values(app_id=app_id, version=version, created_at=_now(), functions=functions))
-        self.event("app.deployed", f"version {version} deployed with {len(functions)} functions", app_id=app_id)
+            conn.execute(
+                D.insert().values(app_id=app_id, version=version, created_at=_now(), functions=functions)
+            )
+        self.event(
+            "app.deployed", f"version {version} deployed with {len(functions)} functions", app_id=app_id
+        )
         return version
 
     def app_heartbeat(self, app_id: str) -> str:
@@ -163,17 +184,23 @@ class ControlPlane:
             row = conn.execute(select(A).where(A.c.id == name_or_id)).first()
             if row is None:
                 row = conn.execute(
-                    select(A).where(A.c.name == name_or_id).order_by(
-                        (A.c.state == "stopped").asc(), A.c.created_at.desc()
-                    )
+                    select(A)
+                    .where(A.c.name == name_or_id)
+                    .order_by((A.c.state == "stopped").asc(), A.c.created_at.desc())
                 ).first()
         if row is None:
-            raise NotFoundError(f"App {name_or_id!r} not found. `cloudmodal app list` shows the apps there are.")
+            raise NotFoundError(
+                f"App {name_or_id!r} not found. `cloudmodal app list` shows the apps there are."
+            )
         return dict(row._mapping)
 
     def stop_app(self, app_id: str, reason: str = "stopped by user") -> None:
         with self.db.write() as conn:
-            conn.execute(update(A).where(and_(A.c.id == app_id, A.c.state != "stopped")).values(state="stopped", stopped_at=_now()))
+            conn.execute(
+                update(A)
+                .where(and_(A.c.id == app_id, A.c.state != "stopped"))
+                .values(state="stopped", stopped_at=_now())
+            )
             conn.execute(update(F).where(F.c.app_id == app_id).values(state="stopped"))
             call_ids = [r[0] for r in conn.execute(select(CA.c.id).where(CA.c.app_id == app_id)).all()]
         for cid in call_ids:
@@ -189,7 +216,9 @@ class ControlPlane:
             apps = [dict(r._mapping) for r in conn.execute(q).all()]
             fn_rows = conn.execute(select(F.c.id, F.c.app_id, F.c.name, F.c.parent_id, F.c.spec)).all()
             worker_rows = conn.execute(
-                select(W.c.function_id, W.c.state, W.c.market, func.count()).where(W.c.state.in_(LIVE_WORKER_STATES)).group_by(W.c.function_id, W.c.state, W.c.market)
+                select(W.c.function_id, W.c.state, W.c.market, func.count())
+                .where(W.c.state.in_(LIVE_WORKER_STATES))
+                .group_by(W.c.function_id, W.c.state, W.c.market)
             ).all()
         counts = self.queue.counts()
         by_fn: dict[str, dict[str, int]] = {}
@@ -205,7 +234,14 @@ class ControlPlane:
                 w = by_fn.get(fid, {})
                 pending, running = counts.get(fid, (0, 0))
                 pools.append(
-                    dict(function_id=fid, name=name, gpu=",".join(spec.get("gpu") or []) or "cpu", workers=w, pending=pending, running=running)
+                    dict(
+                        function_id=fid,
+                        name=name,
+                        gpu=",".join(spec.get("gpu") or []) or "cpu",
+                        workers=w,
+                        pending=pending,
+                        running=running,
+                    )
                 )
             a["pools"] = pools
         return apps
@@ -221,8 +257,13 @@ class ControlPlane:
         app_id = body["app_id"]
         name = body["name"]
         spec = FunctionSpec.from_wire(body["spec"])  # validates the wire form
-        definition = {k: body.get(k) for k in ("spec", "module", "source_blob", "pickled_blob", "inline_env", "source_name")}
-        definition_hash = hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()
+        definition = {
+            k: body.get(k)
+            for k in ("spec", "module", "source_blob", "pickled_blob", "inline_env", "source_name")
+        }
+        definition_hash = hashlib.sha256(
+            json.dumps(definition, sort_keys=True, default=str).encode()
+        ).hexdigest()
         if self.reconciler is not None:
             self.reconciler.check_resources(spec, allow_cpu_fallback=bool(body.get("allow_cpu_fallback")))
         now = _now()
@@ -232,7 +273,11 @@ class ControlPlane:
                 raise NotFoundError(f"App {app_id} not found.")
             if app_state == "stopped":
                 raise InvalidError(f"App {app_id} is stopped; start a new run.")
-            row = conn.execute(select(F.c.id, F.c.definition_hash, F.c.version).where(and_(F.c.app_id == app_id, F.c.name == name))).first()
+            row = conn.execute(
+                select(F.c.id, F.c.definition_hash, F.c.version).where(
+                    and_(F.c.app_id == app_id, F.c.name == name)
+                )
+            ).first()
             values = dict(
                 spec=body["spec"],
                 module=body.get("module") or "",
@@ -247,12 +292,26 @@ class ControlPlane:
             )
             if row is None:
                 fid = body.get("function_id") or new_id("fu")
-                conn.execute(F.insert().values(id=fid, app_id=app_id, name=name, definition_hash=definition_hash, version=1, created_at=now, **values))
+                conn.execute(
+                    F.insert().values(
+                        id=fid,
+                        app_id=app_id,
+                        name=name,
+                        definition_hash=definition_hash,
+                        version=1,
+                        created_at=now,
+                        **values,
+                    )
+                )
                 version = 1
             else:
                 fid = row[0]
                 version = row[2] + (1 if row[1] != definition_hash else 0)
-                conn.execute(update(F).where(F.c.id == fid).values(definition_hash=definition_hash, version=version, **values))
+                conn.execute(
+                    update(F)
+                    .where(F.c.id == fid)
+                    .values(definition_hash=definition_hash, version=version, **values)
+                )
         self._specs.pop(fid, None)
         self._policies.pop(fid, None)
         if body.get("cpu_fallback_note"):
@@ -280,10 +339,19 @@ class ControlPlane:
                     f"No deployed app named {app_name!r}. Deploy it with `cloudmodal deploy FILE`; "
                     "`cloudmodal app list` shows the apps there are."
                 )
-            row = conn.execute(select(F).where(and_(F.c.app_id == app[0], F.c.name == name, F.c.parent_id.is_(None)))).first()
+            row = conn.execute(
+                select(F).where(and_(F.c.app_id == app[0], F.c.name == name, F.c.parent_id.is_(None)))
+            ).first()
             if row is None:
-                names = [r[0] for r in conn.execute(select(F.c.name).where(and_(F.c.app_id == app[0], F.c.parent_id.is_(None)))).all()]
-                raise NotFoundError(f"App {app_name!r} has no function or class {name!r}. It has: {', '.join(sorted(names)) or 'nothing'}.")
+                names = [
+                    r[0]
+                    for r in conn.execute(
+                        select(F.c.name).where(and_(F.c.app_id == app[0], F.c.parent_id.is_(None)))
+                    ).all()
+                ]
+                raise NotFoundError(
+                    f"App {app_name!r} has no function or class {name!r}. It has: {', '.join(sorted(names)) or 'nothing'}."
+                )
         return dict(row._mapping)
 
     # -- calls -------------------------------------------------------------------------------------------
@@ -294,10 +362,22 @@ class ControlPlane:
             if row is None:
                 raise NotFoundError(f"Function {function_id} not found.")
             if row[1] != "active":
-                raise InvalidError(f"Function {function_id} belongs to a stopped app; start a new run or redeploy.")
+                raise InvalidError(
+                    f"Function {function_id} belongs to a stopped app; start a new run or redeploy."
+                )
             exists = conn.execute(select(CA.c.id).where(CA.c.id == call_id)).first()
             if exists is None:
-                conn.execute(CA.insert().values(id=call_id, function_id=function_id, app_id=row[0], kind=kind, created_at=_now(), num_inputs=0, cancelled=False))
+                conn.execute(
+                    CA.insert().values(
+                        id=call_id,
+                        function_id=function_id,
+                        app_id=row[0],
+                        kind=kind,
+                        created_at=_now(),
+                        num_inputs=0,
+                        cancelled=False,
+                    )
+                )
             conn.execute(update(F).where(F.c.id == function_id).values(last_active_at=_now()))
             if inputs:
                 self.queue.put(call_id, function_id, inputs, conn=conn)
@@ -313,7 +393,9 @@ class ControlPlane:
             raise NotFoundError(f"Function call {call_id!r} not found.")
         return dict(row._mapping)
 
-    def put_inputs(self, call_id: str, function_id: str, inputs: list[tuple[int, str | None, bytes | None, str | None]]) -> int:
+    def put_inputs(
+        self, call_id: str, function_id: str, inputs: list[tuple[int, str | None, bytes | None, str | None]]
+    ) -> int:
         n = self.queue.put(call_id, function_id, inputs)
         self.hub.notify(f"inputs:{function_id}")
         if self.reconciler is not None:
@@ -337,16 +419,44 @@ class ControlPlane:
     # -- workers -----------------------------------------------------------------------------------------
     def add_worker(self, worker_id: str, app_id: str, function_id: str, **values: Any) -> None:
         with self.db.write() as conn:
-            conn.execute(W.insert().values(id=worker_id, app_id=app_id, function_id=function_id, state="starting", started_at=_now(), last_heartbeat=_now(), **values))
+            conn.execute(
+                W.insert().values(
+                    id=worker_id,
+                    app_id=app_id,
+                    function_id=function_id,
+                    state="starting",
+                    started_at=_now(),
+                    last_heartbeat=_now(),
+                    **values,
+                )
+            )
 
     def register_worker(self, worker_id: str, pid: int | None, host: str) -> dict[str, Any]:
         with self.db.write() as conn:
             row = conn.execute(select(W.c.function_id, W.c.state).where(W.c.id == worker_id)).first()
             if row is None:
                 raise NotFoundError(f"Worker {worker_id} is not known to this control plane.")
-            conn.execute(update(W).where(W.c.id == worker_id).values(pid=pid, host=host, last_heartbeat=_now()))
+            conn.execute(
+                update(W).where(W.c.id == worker_id).values(pid=pid, host=host, last_heartbeat=_now())
+            )
         fn = self.function_row(row[0])
-        out = {k: fn[k] for k in ("id", "app_id", "name", "parent_id", "spec", "module", "source_name", "source_blob", "source_dir", "pickled_blob", "inline_env", "version")}
+        out = {
+            k: fn[k]
+            for k in (
+                "id",
+                "app_id",
+                "name",
+                "parent_id",
+                "spec",
+                "module",
+                "source_name",
+                "source_blob",
+                "source_dir",
+                "pickled_blob",
+                "inline_env",
+                "version",
+            )
+        }
         if fn["parent_id"]:
             parent = self.function_row(fn["parent_id"])
             out["parent_name"] = parent["name"]
@@ -358,10 +468,20 @@ class ControlPlane:
         fid = self.worker_row(worker_id)["function_id"]
         self._startup_failures.pop(fid, None)
         with self.db.write() as conn:
-            conn.execute(update(W).where(and_(W.c.id == worker_id, W.c.state == "starting")).values(state="ready", ready_at=_now(), idle_since=_now()))
+            conn.execute(
+                update(W)
+                .where(and_(W.c.id == worker_id, W.c.state == "starting"))
+                .values(state="ready", ready_at=_now(), idle_since=_now())
+            )
         row = self.worker_row(worker_id)
         if row["ready_at"] is not None:
-            self.event("worker.ready", f"worker {worker_id} ready after {row['ready_at'] - row['started_at']:.2f} s", app_id=row["app_id"], function_id=row["function_id"], worker_id=worker_id)
+            self.event(
+                "worker.ready",
+                f"worker {worker_id} ready after {row['ready_at'] - row['started_at']:.2f} s",
+                app_id=row["app_id"],
+                function_id=row["function_id"],
+                worker_id=worker_id,
+            )
 
     def worker_row(self, worker_id: str) -> dict[str, Any]:
         with self.db.read() as conn:
@@ -383,14 +503,24 @@ class ControlPlane:
         if any(it.status in ("failure", "timeout") for it in items):
             self.hub.notify("reconcile")  # retries with backoff become claimable later
 
-    def heartbeat(self, worker_id: str, in_flight: int, idle: bool, held: list[int] | None = None) -> dict[str, Any]:
+    def heartbeat(
+        self, worker_id: str, in_flight: int, idle: bool, held: list[int] | None = None
+    ) -> dict[str, Any]:
         now = _now()
         with self.db.write() as conn:
-            row = conn.execute(select(W.c.state, W.c.idle_since, W.c.function_id, W.c.function_version).where(W.c.id == worker_id)).first()
+            row = conn.execute(
+                select(W.c.state, W.c.idle_since, W.c.function_id, W.c.function_version).where(
+                    W.c.id == worker_id
+                )
+            ).first()
             if row is None:
                 return {"drain": True, "cancel": []}
             idle_since = (row[1] or now) if idle else None
-            conn.execute(update(W).where(W.c.id == worker_id).values(last_heartbeat=now, in_flight=in_flight, idle_since=idle_since))
+            conn.execute(
+                update(W)
+                .where(W.c.id == worker_id)
+                .values(last_heartbeat=now, in_flight=in_flight, idle_since=idle_since)
+            )
         self.queue.renew(worker_id, held or [], self.settings.lease_s, now)
         with self._lock:
             cancel = sorted(self._cancel_requests.pop(worker_id, set()))
@@ -398,21 +528,38 @@ class ControlPlane:
 
     def drain_worker(self, worker_id: str, reason: str) -> None:
         with self.db.write() as conn:
-            conn.execute(update(W).where(and_(W.c.id == worker_id, W.c.state.in_(("starting", "ready")))).values(state="draining", stop_reason=reason))
+            conn.execute(
+                update(W)
+                .where(and_(W.c.id == worker_id, W.c.state.in_(("starting", "ready"))))
+                .values(state="draining", stop_reason=reason)
+            )
         self.hub.notify(f"drain:{worker_id}")
 
     def worker_stopped(self, worker_id: str, reason: str, *, crashed: bool) -> None:
         """Mark a worker gone and requeue whatever it still held (a crash counts against the input)."""
         with self.db.write() as conn:
-            row = conn.execute(select(W.c.state, W.c.app_id, W.c.function_id, W.c.stop_reason).where(W.c.id == worker_id)).first()
+            row = conn.execute(
+                select(W.c.state, W.c.app_id, W.c.function_id, W.c.stop_reason).where(W.c.id == worker_id)
+            ).first()
             if row is None or row[0] == "stopped":
                 return
-            conn.execute(update(W).where(W.c.id == worker_id).values(state="stopped", stopped_at=_now(), stop_reason=row[3] or reason))
+            conn.execute(
+                update(W)
+                .where(W.c.id == worker_id)
+                .values(state="stopped", stopped_at=_now(), stop_reason=row[3] or reason)
+            )
         n, dead_calls = self.queue.release_worker(worker_id, crashed=crashed)
         self.tokens.revoke_scope(f"worker:{worker_id}")
         self.hub.notify(*[f"outputs:{c}" for c in dead_calls], f"inputs:{row[2]}", "reconcile")
         msg = f"worker {worker_id} stopped: {reason}" + (f"; {n} inputs requeued" if n else "")
-        self.event("worker.crashed" if crashed else "worker.stopped", msg, app_id=row[1], function_id=row[2], worker_id=worker_id, requeued=n)
+        self.event(
+            "worker.crashed" if crashed else "worker.stopped",
+            msg,
+            app_id=row[1],
+            function_id=row[2],
+            worker_id=worker_id,
+            requeued=n,
+        )
         if reason.startswith("startup failed"):
             self._on_startup_failure(row[1], row[2], reason)
 
@@ -428,7 +575,9 @@ class ControlPlane:
         from cloudmodal.exception import ExecutionError
         from cloudmodal.serialization import failure_payload
 
-        err = ExecutionError(f"{n} workers in a row failed to start, so the waiting inputs were failed. Last error: {reason.removeprefix('startup failed: ')}. `cloudmodal app logs {app_id}` shows the worker's output.")
+        err = ExecutionError(
+            f"{n} workers in a row failed to start, so the waiting inputs were failed. Last error: {reason.removeprefix('startup failed: ')}. `cloudmodal app logs {app_id}` shows the worker's output."
+        )
         calls = self.queue.fail_pending(function_id, failure_payload(err, tb=""))
         self._startup_failures[function_id] = 0
         self.event("function.failed", str(err), app_id=app_id, function_id=function_id)
@@ -453,7 +602,18 @@ class ControlPlane:
         with self.db.write() as conn:
             conn.execute(
                 L.insert(),
-                [dict(app_id=row[0], function_id=row[1], worker_id=worker_id, ts=ts, stream=stream, text=text, call_id=call_id) for ts, stream, text, call_id in lines],
+                [
+                    dict(
+                        app_id=row[0],
+                        function_id=row[1],
+                        worker_id=worker_id,
+                        ts=ts,
+                        stream=stream,
+                        text=text,
+                        call_id=call_id,
+                    )
+                    for ts, stream, text, call_id in lines
+                ],
             )
         self.hub.notify(f"logs:{row[0]}")
 
@@ -465,17 +625,29 @@ class ControlPlane:
                 .order_by(L.c.id)
                 .limit(limit)
             ).all()
-        return [dict(id=r[0], ts=r[1], stream=r[2], text=r[3], function_id=r[4], worker_id=r[5], call_id=r[6]) for r in rows]
+        return [
+            dict(id=r[0], ts=r[1], stream=r[2], text=r[3], function_id=r[4], worker_id=r[5], call_id=r[6])
+            for r in rows
+        ]
 
     # -- housekeeping ------------------------------------------------------------------------------------
     def stop_abandoned_apps(self) -> None:
         cutoff = _now() - self.settings.client_timeout_s
         with self.db.read() as conn:
             rows = conn.execute(
-                select(A.c.id).where(and_(A.c.ephemeral.is_(True), A.c.state == "running", or_(A.c.client_heartbeat_at < cutoff, A.c.client_heartbeat_at.is_(None))))
+                select(A.c.id).where(
+                    and_(
+                        A.c.ephemeral.is_(True),
+                        A.c.state == "running",
+                        or_(A.c.client_heartbeat_at < cutoff, A.c.client_heartbeat_at.is_(None)),
+                    )
+                )
             ).all()
         for (app_id,) in rows:
-            self.stop_app(app_id, reason=f"the client that ran this ephemeral app has been silent for {self.settings.client_timeout_s:.0f} s")
+            self.stop_app(
+                app_id,
+                reason=f"the client that ran this ephemeral app has been silent for {self.settings.client_timeout_s:.0f} s",
+            )
 
     def purge_logs(self, older_than_s: float) -> None:
         with self.db.write() as conn:
@@ -486,4 +658,6 @@ def _validate_name(name: str, what: str) -> None:
     import re
 
     if not name or len(name) > 64 or not re.fullmatch(r"[a-zA-Z0-9._-]+", name):
-        raise InvalidError(f"{what} {name!r} is invalid: use 1-64 characters from a-z, A-Z, 0-9, '-', '_' and '.'.")
+        raise InvalidError(
+            f"{what} {name!r} is invalid: use 1-64 characters from a-z, A-Z, 0-9, '-', '_' and '.'."
+        )

@@ -29,7 +29,9 @@ def load_module(transport: Any, defn: dict[str, Any]) -> Any:
             os.replace(tmp, target)
         sys.path.insert(0, str(target.parent))
         if source_dir and os.path.isdir(source_dir):
-            sys.path.insert(1, source_dir)  # sibling modules of the app's file, when the source is on this host
+            sys.path.insert(
+                1, source_dir
+            )  # sibling modules of the app's file, when the source is on this host
         if module_name in sys.modules:
             return sys.modules[module_name]
         spec = importlib.util.spec_from_file_location(module_name, target)
@@ -40,7 +42,9 @@ def load_module(transport: Any, defn: dict[str, Any]) -> Any:
             spec.loader.exec_module(module)
         except BaseException as e:
             del sys.modules[module_name]
-            raise ExecutionError(f"Importing the app's module {module_name!r} ({source_name}) in the worker failed: {type(e).__name__}: {e}") from e
+            raise ExecutionError(
+                f"Importing the app's module {module_name!r} ({source_name}) in the worker failed: {type(e).__name__}: {e}"
+            ) from e
         return module
     if module_name:
         if source_dir and os.path.isdir(source_dir):
@@ -78,9 +82,14 @@ def load_target(transport: Any, defn: dict[str, Any]) -> tuple[str, Any, dict[st
             if handle is not None:
                 params: dict[str, Any] = {}
                 if defn.get("parent_id") and pickled:
-                    params = deserialize(transport.request("GET", f"/v1/blobs/{pickled}", raw_response=True), "class parameters")
+                    params = deserialize(
+                        transport.request("GET", f"/v1/blobs/{pickled}", raw_response=True),
+                        "class parameters",
+                    )
                 return "cls", handle.user_cls, params
-        raise ExecutionError(f"Class {name!r} was not found on any cloudmodal.App in module {defn.get('module')!r}.")
+        raise ExecutionError(
+            f"Class {name!r} was not found on any cloudmodal.App in module {defn.get('module')!r}."
+        )
     base = spec.name.split("[", 1)[0]  # with_options variants are named "f[hash]"
     for app in apps:
         handle = app.registered_functions.get(base)

@@ -82,7 +82,9 @@ class _LogTee(io.TextIOBase):
 class Worker:
     def __init__(self, url: str, token: str | None, worker_id: str) -> None:
         self.worker_id = worker_id
-        self.t = Transport(url, token, reconnect_timeout=float(os.environ.get("CLOUDMODAL_WORKER_RECONNECT_S", "600")))
+        self.t = Transport(
+            url, token, reconnect_timeout=float(os.environ.get("CLOUDMODAL_WORKER_RECONNECT_S", "600"))
+        )
         self.base = f"/v1/workers/{worker_id}"
         self._tls = threading.local()
         self._lock = threading.Lock()
@@ -173,7 +175,9 @@ class Worker:
                 held = [w.input_id for w in self.running.values()] + [w.input_id for w in self.local_queue]
                 held += list(self._claimed_pending)
             try:
-                r = self.t.post(f"{self.base}/heartbeat", {"in_flight": len(held), "idle": not held, "held": held})
+                r = self.t.post(
+                    f"{self.base}/heartbeat", {"in_flight": len(held), "idle": not held, "held": held}
+                )
             except Exception:
                 continue
             if r.get("drain"):
@@ -217,7 +221,11 @@ class Worker:
         while not self.stopped.wait(0.2):
             now = time.time()
             with self._lock:
-                late = [w for w in self.running.values() if w.started_at and now - w.started_at > timeout and not w.outputs_sent]
+                late = [
+                    w
+                    for w in self.running.values()
+                    if w.started_at and now - w.started_at > timeout and not w.outputs_sent
+                ]
             for w in late:
                 task = w.extra.get("task")
                 if task is not None and self.loop is not None:
@@ -231,7 +239,9 @@ class Worker:
     def _hard_exit(self, reason: str) -> None:
         self.draining.set()
         with self._lock:
-            others = [w.input_id for w in list(self.running.values()) + list(self.local_queue) if not w.outputs_sent]
+            others = [
+                w.input_id for w in list(self.running.values()) + list(self.local_queue) if not w.outputs_sent
+            ]
             self.local_queue.clear()
         self._flush_outbox()
         if others:
@@ -261,7 +271,9 @@ class Worker:
         assert data is not None
         return deserialize(data, "arguments")
 
-    def _result_row(self, w: Work, status: str, value: Any, gen_index: int = -1, retryable: bool = True) -> list[Any]:
+    def _result_row(
+        self, w: Work, status: str, value: Any, gen_index: int = -1, retryable: bool = True
+    ) -> list[Any]:
         data = failure_payload(value) if status == "failure" else serialize(value)
         blob = None
         if len(data) > INLINE_LIMIT:
@@ -339,7 +351,9 @@ class Worker:
             self._finish(w, [self._result_row(w, "success", result)])
         except asyncio.CancelledError:
             if w.extra.get("timed_out"):
-                self._finish(w, [[w.input_id, "timeout", timeout_payload(float(self.spec.timeout)), None, -1, True]])
+                self._finish(
+                    w, [[w.input_id, "timeout", timeout_payload(float(self.spec.timeout)), None, -1, True]]
+                )
             else:
                 self._finish(w, [])
         except Exception as e:
@@ -391,7 +405,17 @@ class Worker:
             kcols = {k: [a[1][k] for _, a in loaded] for k in first_kwargs}
         except (IndexError, KeyError) as e:
             for w, _ in loaded:
-                self._finish(w, [self._result_row(w, "failure", TypeError(f"Inputs of a batched function must all pass the same arguments: {e}"), retryable=False)])
+                self._finish(
+                    w,
+                    [
+                        self._result_row(
+                            w,
+                            "failure",
+                            TypeError(f"Inputs of a batched function must all pass the same arguments: {e}"),
+                            retryable=False,
+                        )
+                    ],
+                )
             return
         method = loaded[0][0].method
         try:
@@ -403,7 +427,9 @@ class Worker:
                 results = fn(*cols, **kcols)
             results = list(results)
             if len(results) != len(loaded):
-                raise RuntimeError(f"A batched function must return one result per input: got {len(results)} results for {len(loaded)} inputs.")
+                raise RuntimeError(
+                    f"A batched function must return one result per input: got {len(results)} results for {len(loaded)} inputs."
+                )
             for (w, _), r in zip(loaded, results, strict=True):
                 self._finish(w, [self._result_row(w, "success", r)])
         except Exception as e:
@@ -439,8 +465,14 @@ class Worker:
         served = 0
         while not self.draining.is_set():
             with self._cond:
-                limit = self.batching.max_batch_size * 2 if self.batching else self.capacity + min(MAX_PREFETCH, int(0.05 / max(self.avg_duration, 1e-5)))
-                while len(self.running) + len(self.local_queue) >= max(limit, 1) and not self.draining.is_set():
+                limit = (
+                    self.batching.max_batch_size * 2
+                    if self.batching
+                    else self.capacity + min(MAX_PREFETCH, int(0.05 / max(self.avg_duration, 1e-5)))
+                )
+                while (
+                    len(self.running) + len(self.local_queue) >= max(limit, 1) and not self.draining.is_set()
+                ):
                     self._cond.wait(0.5)
                 free = max(limit, 1) - len(self.running) - len(self.local_queue)
             if self.draining.is_set():
@@ -528,7 +560,11 @@ def main() -> int:
             sys.__stderr__.write(tb)
             w.log("stderr", tb.rstrip("\n"), None)
             w.flush_logs()
-            w.t.post(f"{w.base}/stopped", {"reason": "startup failed: " + tb.strip().splitlines()[-1], "crashed": False}, reconnect_timeout=10)
+            w.t.post(
+                f"{w.base}/stopped",
+                {"reason": "startup failed: " + tb.strip().splitlines()[-1], "crashed": False},
+                reconnect_timeout=10,
+            )
         except Exception:
             pass
         return 1

@@ -14,8 +14,17 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([sys.executable, "-m", "cloudmodal.cli.main", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(
+        [sys.executable, "-m", "cloudmodal.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"cloudmodal {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
@@ -59,7 +68,11 @@ def test_gpu_function_without_gpu_fails_clearly_then_runs_with_cpu_fallback(home
     env = dict(home)
     env.pop("CLOUDMODAL_FAKE_GPUS", None)
     p = cli("run", "examples/gpu_fallback.py", env=env, check=False)
-    assert p.returncode == 1 and "No enabled provider can run gpu=" in p.stderr and "--gpu-fallback cpu" in p.stderr
+    assert (
+        p.returncode == 1
+        and "No enabled provider can run gpu=" in p.stderr
+        and "--gpu-fallback cpu" in p.stderr
+    )
     p = cli("run", "examples/gpu_fallback.py", "--gpu-fallback", "cpu", env=env)
     assert "CPU fallback" in p.stdout
 
@@ -76,7 +89,9 @@ def test_server_deploy_from_name_app_commands(home, tmp_path):
             "Model = cloudmodal.Cls.from_name('model-class', 'Model')\n"
             "print('remote', Model(scale=4).predict.remote(10))\n"
         )
-        p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=home, timeout=120)
+        p = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=home, timeout=120
+        )
         assert "remote 40" in p.stdout, p.stderr
         out = cli("deploy", "examples/model_class.py", env=home).stdout
         assert "version 2" in out

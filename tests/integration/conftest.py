@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloudmodal.client import session as session_mod
-from cloudmodal.server.app import ServerHandle, default_settings
+from cloudmodal.server.app import ServerHandle
 
 APPS = Path(__file__).parent / "apps"
 sys.path.insert(0, str(APPS))
@@ -20,7 +20,9 @@ from support import start_server  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def control_plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+def control_plane(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerHandle]:
     state = tmp_path_factory.mktemp("cp")
     if request.param == "sqlite":
         url = f"sqlite:///{state / 'cloudmodal.db'}"

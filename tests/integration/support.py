@@ -15,7 +15,9 @@ from cloudmodal.server.app import ServerHandle, default_settings
 
 
 def start_server(state_dir: Path, database_url: str, **settings: object) -> ServerHandle:
-    base = dict(lease_s=6.0, heartbeat_s=0.5, worker_timeout_s=10.0, client_timeout_s=60.0, reconcile_interval_s=0.1)
+    base = dict(
+        lease_s=6.0, heartbeat_s=0.5, worker_timeout_s=10.0, client_timeout_s=60.0, reconcile_interval_s=0.1
+    )
     base.update(settings)
     return ServerHandle(default_settings(state_dir, database_url=database_url, **base)).start_in_thread()
 
@@ -48,7 +50,14 @@ def sim_plane(tmp_path: Path, scenario: dict, **env: str) -> Iterator[tuple[Serv
     os.environ.update(env)
     sim = SimProvider(offers=OFFERS, scenario=scenario, state_dir=tmp_path / "sim", seed=1)
     providers = {"local": LocalProvider(state_dir=tmp_path / "local", gpus=[]), "sim": sim}
-    settings = default_settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'cp.db'}", lease_s=6.0, heartbeat_s=0.5, worker_timeout_s=15.0, reconcile_interval_s=0.1)
+    settings = default_settings(
+        tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'cp.db'}",
+        lease_s=6.0,
+        heartbeat_s=0.5,
+        worker_timeout_s=15.0,
+        reconcile_interval_s=0.1,
+    )
     handle = ServerHandle(settings, providers=providers).start_in_thread()
     os.environ["CLOUDMODAL_SERVER_URL"] = handle.url
     session_mod.disconnect()
@@ -63,5 +72,3 @@ def sim_plane(tmp_path: Path, scenario: dict, **env: str) -> Iterator[tuple[Serv
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-

@@ -5,11 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 import scaling_app
 import scaling_gpu_app
-from support import sim_plane, start_server, use_server
 from sqlalchemy import text
+from support import sim_plane, start_server, use_server
 
 from cloudmodal.client.session import run_app
 
@@ -18,7 +17,9 @@ def _live(cp, app_id: str, fn=None) -> tuple[int, int]:
     """(workers counted as capacity: starting+ready, all live incl. draining) of one function's pool."""
     with cp.db.read() as conn:
         rows = conn.execute(
-            text("select w.state from worker w join function f on f.id = w.function_id where w.app_id=:a and f.name=:n and w.state in ('starting','ready','draining')"),
+            text(
+                "select w.state from worker w join function f on f.id = w.function_id where w.app_id=:a and f.name=:n and w.state in ('starting','ready','draining')"
+            ),
             {"a": app_id, "n": _name[0]},
         ).all()
     states = [r[0] for r in rows]

@@ -11,7 +11,13 @@ import pytest
 
 import cloudmodal
 from cloudmodal.client.session import run_app
-from cloudmodal.exception import DeserializationError, ExecutionError, FunctionTimeoutError, InvalidError, SerializationError
+from cloudmodal.exception import (
+    DeserializationError,
+    ExecutionError,
+    FunctionTimeoutError,
+    InvalidError,
+    SerializationError,
+)
 
 
 @pytest.fixture(scope="module")

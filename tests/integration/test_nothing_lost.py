@@ -29,7 +29,9 @@ def app(control_plane):
 def _live_worker_pids(cp, function_name: str) -> list[int]:
     with cp.db.read() as conn:
         rows = conn.execute(
-            text("select w.pid from worker w join function f on f.id = w.function_id where f.name = :n and w.state = 'ready' and w.pid is not null"),
+            text(
+                "select w.pid from worker w join function f on f.id = w.function_id where f.name = :n and w.state = 'ready' and w.pid is not null"
+            ),
             {"n": function_name},
         ).all()
     return [r[0] for r in rows]
@@ -57,9 +59,19 @@ def test_sigkill_a_worker_mid_map_every_input_has_exactly_one_result(app, contro
     assert killed, "the worker was never killed"
     assert results == list(range(n))  # every input, once, in order
     with cp.db.read() as conn:
-        call_id = conn.execute(text("select call_id from input i join function f on f.id = i.function_id where f.name='slow_identity' order by i.id desc limit 1")).scalar_one()
-        finals = conn.execute(text("select count(*), count(distinct idx) from output where call_id=:c and gen_index=-1"), {"c": call_id}).one()
-        retries_used = conn.execute(text("select coalesce(sum(attempts), 0), coalesce(sum(crashes), 0) from input where call_id=:c"), {"c": call_id}).one()
+        call_id = conn.execute(
+            text(
+                "select call_id from input i join function f on f.id = i.function_id where f.name='slow_identity' order by i.id desc limit 1"
+            )
+        ).scalar_one()
+        finals = conn.execute(
+            text("select count(*), count(distinct idx) from output where call_id=:c and gen_index=-1"),
+            {"c": call_id},
+        ).one()
+        retries_used = conn.execute(
+            text("select coalesce(sum(attempts), 0), coalesce(sum(crashes), 0) from input where call_id=:c"),
+            {"c": call_id},
+        ).one()
     assert finals == (n, n)
     assert retries_used[0] == 0  # a worker death never consumes the user's Retries
     assert retries_used[1] >= 1  # ...but it is counted
@@ -78,10 +90,30 @@ def _free_port() -> int:
 
 
 def _start_server(home: Path, port: int, database_url: str) -> subprocess.Popen:
-    env = dict(os.environ, CLOUDMODAL_HOME=str(home), CLOUDMODAL_LEASE_S="5", CLOUDMODAL_HEARTBEAT_S="0.5", CLOUDMODAL_WORKER_TIMEOUT_S="20")
+    env = dict(
+        os.environ,
+        CLOUDMODAL_HOME=str(home),
+        CLOUDMODAL_LEASE_S="5",
+        CLOUDMODAL_HEARTBEAT_S="0.5",
+        CLOUDMODAL_WORKER_TIMEOUT_S="20",
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloudmodal.cli.main", "server", "start", "--foreground", "--port", str(port), "--database-url", database_url],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "cloudmodal.cli.main",
+            "server",
+            "start",
+            "--foreground",
+            "--port",
+            str(port),
+            "--database-url",
+            database_url,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.time() + 30
     import httpx
@@ -98,7 +130,11 @@ def _start_server(home: Path, port: int, database_url: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_restart_the_control_plane_mid_map(tmp_path, backend, request, monkeypatch):
-    db = f"sqlite:///{tmp_path / 'cp.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_database")
+    db = (
+        f"sqlite:///{tmp_path / 'cp.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_database")
+    )
     port = _free_port()
     proc = _start_server(tmp_path, port, db)
     monkeypatch.setenv("CLOUDMODAL_SERVER_URL", f"http://127.0.0.1:{port}")
@@ -127,7 +163,11 @@ def test_restart_the_control_plane_mid_map(tmp_path, backend, request, monkeypat
         assert results == list(range(1000))
     finally:
         session_mod.disconnect()
-        subprocess.run([sys.executable, "-m", "cloudmodal.cli.main", "server", "stop"], env=dict(os.environ, CLOUDMODAL_HOME=str(tmp_path)), capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "cloudmodal.cli.main", "server", "stop"],
+            env=dict(os.environ, CLOUDMODAL_HOME=str(tmp_path)),
+            capture_output=True,
+        )
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         _kill_orphan_workers(port)

@@ -93,7 +93,7 @@ def write_catalog(root: Path, files: dict[str, list[str]] | None = None) -> Path
 
 def find_shared_pricing() -> Path | None:
     repo = Path(__file__).resolve().parents[2]
-    for cand in (repo.parent / "shared" / "pricing", Path("/work/shared/pricing")):
+    for cand in (repo.parent / "shared" / "pricing",):
         if (cand / "catalogs" / "v8").is_dir() and (cand / "gpu_offers.csv").is_file():
             return cand
     return None

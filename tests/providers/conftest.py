@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from cloudmodal.providers.gpu import FAKE_GPUS_ENV
 from cloudmodal.providers.local import LocalProvider
 

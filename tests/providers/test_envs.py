@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from cloudmodal.providers import envs
 from cloudmodal.providers.base import ImageBuildError
 from cloudmodal.providers.envs import (

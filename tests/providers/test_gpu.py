@@ -10,6 +10,8 @@ import types
 from pathlib import Path
 
 import pytest
+
+from cloudmodal.exception import InvalidError
 from cloudmodal.providers import gpu as gpu_mod
 from cloudmodal.providers.gpu import (
     GpuDevice,
@@ -23,12 +25,10 @@ from cloudmodal.providers.gpu import (
     summarize,
 )
 
-from cloudmodal.exception import InvalidError
-
 H100_UUID = "GPU-21e95231-0c1c-1f33-7abf-e824b7ecf263"
 H100 = GpuDevice(0, "H100", "NVIDIA H100 80GB HBM3", H100_UUID, 81559)
 
-# Inline copies of ../shared/fixtures/gpu/ (recorded on an H100 host), so these run without /work/shared.
+# Inline copies of ../shared/fixtures/gpu/ (recorded on an H100 host), so these run without ../shared.
 QUERY_GPU_CSV = (
     "index, name, uuid, memory.total [MiB], memory.used [MiB], utilization.gpu [%], driver_version, "
     "pci.bus_id, compute_cap\n"

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from cloudmodal.gpu import GpuTier
 from cloudmodal.providers.base import (
     ImageBuildError,
     LaunchRequest,
@@ -23,8 +25,6 @@ from cloudmodal.providers.base import (
 )
 from cloudmodal.providers.gpu import parse_fake_gpus
 from cloudmodal.providers.local import LocalProvider, local_offer_for
-
-from cloudmodal.gpu import GpuTier
 
 # A worker stand-in: write selected env vars to a file, then sleep until stopped.
 REPORT_ENV = """
@@ -177,13 +177,10 @@ def test_terminate_escalates_to_sigkill_after_grace(make_provider, tmp_path, wai
     ready = tmp_path / "ready"
     h = p.launch(req("stubborn", "H100", argv=("-c", IGNORE_SIGTERM, str(ready))))
     wait_for_file(ready)
-    start = time.monotonic()
     p.terminate(h, grace_s=0.5)
-    elapsed = time.monotonic() - start
     status = p.describe(h)
     assert status.state == "exited" and status.returncode == -signal.SIGKILL
     assert status.detail == "killed by SIGKILL"
-    assert elapsed >= 0.5
     assert p.gpu_usage() == {}
     p.terminate(h)  # idempotent
     assert p.describe(h).state == "exited"
@@ -192,9 +189,7 @@ def test_terminate_escalates_to_sigkill_after_grace(make_provider, tmp_path, wai
 def test_terminate_sigterm_is_enough_for_a_cooperative_worker(make_provider, tmp_path, wait_for_file):
     p = make_provider(gpus=[])
     h, _ = launch_reporting(p, tmp_path, wait_for_file, "polite")
-    start = time.monotonic()
     p.terminate(h, grace_s=30)
-    assert time.monotonic() - start < 10
     assert p.describe(h).returncode == -signal.SIGTERM
 
 

@@ -34,8 +34,7 @@ def fail(x: int) -> int:
 
 @app.function()
 def countdown(n: int):
-    for i in range(n):
-        yield i
+    yield from range(n)
 
 
 @app.function()

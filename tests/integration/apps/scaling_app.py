@@ -9,4 +9,3 @@ app = cloudmodal.App("scaling")
 def work(x: float) -> float:
     time.sleep(x)
     return x
-
