@@ -261,28 +261,14 @@ class Function(_Invocable):
         """A variant of this function with other resources/settings; it gets its own pool of workers."""
         if self.spec is None or self.app is None:
             raise InvalidError("with_options needs a function defined in this program.")
-        allowed = {
-            "cpu",
-            "memory",
-            "gpu",
-            "env",
-            "secrets",
-            "volumes",
-            "retries",
-            "max_containers",
-            "buffer_containers",
-            "scaledown_window",
-            "timeout",
-            "region",
-            "cloud",
-            "min_containers",
-        }
+        from cloudmodal.app import WITH_OPTIONS, apply_options
+
+        allowed = set(WITH_OPTIONS)
         bad = set(options) - allowed
         if bad:
             raise InvalidError(
                 f"with_options() got unknown option(s) {sorted(bad)}; allowed: {sorted(allowed)}."
             )
-        from cloudmodal.app import apply_options
 
         spec = apply_options(self.spec, options)
         suffix = hashlib.sha256(repr(sorted(options.items(), key=lambda kv: kv[0])).encode()).hexdigest()[:8]
