@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import inspect
 import os
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -589,7 +587,3 @@ class FunctionCall:
     def gather(*calls: FunctionCall) -> list[Any]:
         """Wait for every call; returns results in order, raising the first error."""
         return [c.get() for c in calls]
-
-
-def _unused() -> None:  # keep linters calm about helpers used by type checkers only
-    _ = (inspect, time)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cloudmodal._frozen import Frozen
 from cloudmodal.exception import InvalidError
 from cloudmodal.secret import Secret
 
@@ -164,7 +165,7 @@ def _module_of(f: Callable[..., Any]) -> str:
     return module
 
 
-class Image:
+class Image(Frozen):
     """A container image recipe.
 
     ```python
@@ -182,6 +183,7 @@ class Image:
     """
 
     __slots__ = ("_base", "_layers", "_secrets", "_hash")
+    _immutable_message = "Image is immutable: builder methods return a new Image"
 
     _base: str  # canonical JSON of {"kind": ..., "python_version": ...}
     _layers: tuple[str, ...]  # canonical JSON of each layer
@@ -209,16 +211,6 @@ class Image:
         object.__setattr__(self, "_secrets", tuple(secrets))
         object.__setattr__(self, "_hash", digest)
         return self
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("Image is immutable: builder methods return a new Image")
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            object.__setattr__(self, k, v)
 
     # ---------------------------------------------------------------- constructors
 

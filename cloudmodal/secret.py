@@ -12,8 +12,8 @@ import re
 import secrets as _random
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
+from cloudmodal._frozen import Frozen
 from cloudmodal.exception import InvalidError
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9\-_.]{1,64}$")
@@ -41,7 +41,7 @@ def _check_env_key(key: object, where: str) -> str:
     return key
 
 
-class Secret:
+class Secret(Frozen):
     """A set of environment variables for a function.
 
     ```python
@@ -52,6 +52,7 @@ class Secret:
     """
 
     __slots__ = ("name", "environment_name", "required_keys", "_values")
+    _immutable_message = "Secret is immutable"
 
     name: str
     environment_name: str | None
@@ -70,16 +71,6 @@ class Secret:
         object.__setattr__(self, "environment_name", environment_name)
         object.__setattr__(self, "required_keys", tuple(required_keys))
         object.__setattr__(self, "_values", dict(values) if values is not None else None)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("Secret is immutable")
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            object.__setattr__(self, k, v)
 
     @staticmethod
     def from_name(

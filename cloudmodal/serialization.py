@@ -13,7 +13,6 @@ import cloudpickle
 
 from cloudmodal.exception import (
     DeserializationError,
-    ExecutionError,
     InputCancellation,
     RemoteError,
     SerializationError,
@@ -114,5 +113,4 @@ __all__ = [
     "failure_payload",
     "load_failure",
     "timeout_payload",
-    "ExecutionError",
 ]

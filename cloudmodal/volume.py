@@ -5,13 +5,12 @@ For now a handle holding the name; I/O (commit, reload, read_file…) arrives wi
 
 from __future__ import annotations
 
-from typing import Any
-
+from cloudmodal._frozen import Frozen
 from cloudmodal.exception import InvalidError
 from cloudmodal.secret import check_object_name
 
 
-class Volume:
+class Volume(Frozen):
     """A named volume.
 
     ```python
@@ -24,6 +23,7 @@ class Volume:
     """
 
     __slots__ = ("name", "environment_name", "create_if_missing", "version")
+    _immutable_message = "Volume handles are immutable"
 
     name: str
     environment_name: str | None
@@ -42,16 +42,6 @@ class Volume:
         object.__setattr__(self, "environment_name", environment_name)
         object.__setattr__(self, "create_if_missing", create_if_missing)
         object.__setattr__(self, "version", version)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("Volume handles are immutable")
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            object.__setattr__(self, k, v)
 
     @staticmethod
     def from_name(

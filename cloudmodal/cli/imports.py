@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +83,3 @@ def resolve_target(app: Any, name: str | None, path: Path) -> tuple[str, Any]:
     raise InvalidError(
         f"{path} has several {'entrypoints' if entrypoints else 'functions'}; name one: `cloudmodal run {path}::NAME` with NAME in {', '.join(choices)}."
     )
-
-
-_ = os

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import typer
 
@@ -179,6 +178,3 @@ def ensure_server() -> None:
         err=True,
     )
     start(host="127.0.0.1", port=0, database_url=None, foreground=False)
-
-
-_ = Path

@@ -250,7 +250,6 @@ def deploy(app: Any, *, name: str | None = None, allow_cpu_fallback: bool = Fals
     return {"app_id": app_id, "name": name, "version": version, "functions": names}
 
 
-_output = threading.local()
 _OUTPUT_ENABLED = False
 
 

@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from cloudmodal import exception as exc
-from cloudmodal.ids import new_id
 from cloudmodal.server.auth import is_loopback
 from cloudmodal.server.blobs import MAX_BLOB_SIZE
 from cloudmodal.server.queue import OutputItem
@@ -461,5 +460,4 @@ def build_app(cp: ControlPlane) -> FastAPI:
     async def create_token() -> Response:
         return packed({"token": await run(cp.tokens.create, "admin", "cli")})
 
-    _ = new_id
     return app

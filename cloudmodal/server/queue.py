@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, text, update
+from sqlalchemy import and_, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cloudmodal.server.db import Database
@@ -391,4 +391,4 @@ class InputQueue:
         return total, done
 
 
-__all__ = ["InputQueue", "OutputItem", "ClaimedInput", "FunctionPolicy", "insert"]
+__all__ = ["InputQueue", "OutputItem", "ClaimedInput", "FunctionPolicy"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -149,12 +148,10 @@ class Reconciler:
     def _adopt_orphans(self) -> None:
         """After a restart, workers launched by a previous process keep running and heartbeating; they are
         adopted by heartbeat. Workers that never registered are written off."""
-        now = time.time()
         with self.cp.db.read() as conn:
             rows = conn.execute(select(W.c.id).where(and_(W.c.state == "starting", W.c.pid.is_(None)))).all()
         for (wid,) in rows:
             self.cp.worker_stopped(wid, "control plane restarted before the worker registered", crashed=False)
-        _ = now
 
     # -- resource checks at function registration ---------------------------------------------------------
     def check_resources(self, spec: FunctionSpec, *, allow_cpu_fallback: bool) -> None:
@@ -700,9 +697,6 @@ def _cheapest_offers(tiers: tuple[GpuTier, ...], n: int = 3) -> list[str]:
         o = c.offer
         out.append(f"{c.tier} on {o.cloud} {o.region} {o.instance_type}: ${c.price:.2f}/h ({c.market})")
     return out
-
-
-_ = sys
 
 
 def _offer_dict(choice: _Choice) -> dict[str, Any] | None:

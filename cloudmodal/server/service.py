@@ -382,9 +382,7 @@ class ControlPlane:
             if inputs:
                 self.queue.put(call_id, function_id, inputs, conn=conn)
         if inputs:
-            self.hub.notify(f"inputs:{function_id}")
-            if self.reconciler is not None:
-                self.reconciler.poke(function_id)
+            self._inputs_arrived(function_id)
 
     def call_row(self, call_id: str) -> dict[str, Any]:
         with self.db.read() as conn:
@@ -397,10 +395,13 @@ class ControlPlane:
         self, call_id: str, function_id: str, inputs: list[tuple[int, str | None, bytes | None, str | None]]
     ) -> int:
         n = self.queue.put(call_id, function_id, inputs)
-        self.hub.notify(f"inputs:{function_id}")
+        self._inputs_arrived(function_id)
+        return n
+
+    def _inputs_arrived(self, function_id: str) -> None:
+        self.hub.notify(f"inputs:{function_id}")  # long-polling workers claim at once
         if self.reconciler is not None:
             self.reconciler.poke(function_id)
-        return n
 
     def cancel_call(self, call_id: str) -> None:
         running = self.queue.cancel_call(call_id)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from cloudmodal.exception import ExecutionError
@@ -67,11 +67,10 @@ def load_target(transport: Any, defn: dict[str, Any]) -> tuple[str, Any, dict[st
     pickled = defn.get("pickled_blob")
     if spec.kind == "function" and spec.serialized and pickled:
         raw = transport.request("GET", f"/v1/blobs/{pickled}", raw_response=True)
-        try:
-            module = load_module(transport, defn)  # so by-reference pickles of the module resolve
-        except Exception:
-            module = None
-        _ = module
+        # Import the shipped module first so by-reference pickles of its objects resolve; a pickle by value
+        # does not need it, so an import failure here is not fatal.
+        with contextlib.suppress(Exception):
+            load_module(transport, defn)
         return "function", deserialize(raw, "serialized function"), {}
     module = load_module(transport, defn)
     apps = _apps_in(module)
@@ -101,9 +100,3 @@ def load_target(transport: Any, defn: dict[str, Any]) -> tuple[str, Any, dict[st
     if callable(raw):
         return "function", raw, {}
     raise ExecutionError(f"Function {spec.name!r} was not found in module {defn.get('module')!r}.")
-
-
-def cache_path() -> Path:
-    from cloudmodal.config import cache_dir
-
-    return cache_dir()

@@ -14,13 +14,13 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from cloudmodal import _context
 from cloudmodal.client.transport import Transport
-from cloudmodal.exception import FunctionTimeoutError, InputCancellation
+from cloudmodal.exception import InputCancellation
 from cloudmodal.serialization import deserialize, failure_payload, serialize, timeout_payload
 from cloudmodal.spec import FunctionSpec
 
@@ -569,6 +569,3 @@ def main() -> int:
             pass
         return 1
     return w.run()
-
-
-_unused = (Future, FunctionTimeoutError)
