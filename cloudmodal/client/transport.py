@@ -104,11 +104,92 @@ class Transport:
                 return resp.json()
             return msgpack.unpackb(resp.content, raw=False)
 
+    def channel(self, path: str) -> Channel:
+        """Repeated requests to one route over a WebSocket (see :class:`Channel`)."""
+        return Channel(self, path)
+
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
 
     def post(self, path: str, body: Any = None, **kw: Any) -> Any:
         return self.request("POST", path, body if body is not None else {}, **kw)
+
+
+class Channel:
+    """Requests to one route over a persistent WebSocket: each message is a request body, each reply its
+    answer. A worker claims work many times a second; over a WebSocket each exchange costs a frame each
+    way instead of an HTTP request and its headers. Same bodies, answers and errors as ``POST path``; the
+    same patient reconnects (the routes it serves are idempotent, so a request in flight when the
+    connection broke is sent again). Without the ``websockets`` package, it is plain ``POST``s.
+    """
+
+    def __init__(self, transport: Transport, path: str) -> None:
+        self.t = transport
+        self.path = path
+        self._ws: Any = None
+        try:
+            from websockets.sync.client import connect
+        except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+            connect = None
+        self._connect = connect
+
+    def call(self, body: Any, *, reconnect_timeout: float | None = None) -> Any:
+        if self._connect is None:
+            return self.t.post(self.path, body, reconnect_timeout=reconnect_timeout)
+        from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+        data = msgpack.packb(body, use_bin_type=True)
+        deadline = time.monotonic() + (
+            self.t.reconnect_timeout if reconnect_timeout is None else reconnect_timeout
+        )
+        delay = 0.05
+        while True:
+            try:
+                if self._ws is None:
+                    self._ws = self._connect(
+                        "ws" + self.t.url[4:] + self.path,
+                        additional_headers={k: v for k, v in self.t._headers.items() if k == "authorization"},
+                        compression=None,
+                        max_size=None,
+                        open_timeout=5,
+                        user_agent_header="cloudmodal-client",
+                    )
+                self._ws.send(data)
+                reply = msgpack.unpackb(self._ws.recv(timeout=75), raw=False)
+                break
+            except InvalidStatus as e:  # the handshake was refused: an HTTP answer with its error
+                self.close()
+                status = e.response.status_code
+                if status == 503 and time.monotonic() < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise _STATUS_ERRORS.get(status, exc.Error)(
+                    f"Control plane refused {self.path}: HTTP {status} {e.response.body[:300]!r}"
+                ) from None
+            except (OSError, TimeoutError, ConnectionClosed, WebSocketException) as e:
+                self.close()
+                if time.monotonic() > deadline:
+                    raise exc.ConnectionError(
+                        f"Could not reach the control plane at {self.t.url}: {e}. Is it running? "
+                        "`cloudmodal server status` tells; `cloudmodal server start` starts one."
+                    ) from e
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if "ok" in reply:
+            return reply["ok"]
+        return_error = reply.get("error")
+        if isinstance(return_error, dict):
+            raise _ERRORS.get(return_error.get("type", ""), exc.Error)(return_error.get("message", ""))
+        raise _STATUS_ERRORS.get(int(reply.get("status") or 500), exc.Error)(str(reply.get("detail")))
+
+    def close(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                ws.close()
+            except Exception:
+                pass
 
 
 def _error_from(resp: httpx.Response) -> exc.Error:

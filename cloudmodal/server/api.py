@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from cloudmodal import exception as exc
 from cloudmodal.server.auth import is_loopback
 from cloudmodal.server.blobs import MAX_BLOB_SIZE
 from cloudmodal.server.queue import OutputItem
-from cloudmodal.server.service import ControlPlane
+from cloudmodal.server.service import ControlPlane, OutputMailbox, ParkedClaim
 
 MSGPACK = "application/msgpack"
 MAX_CLAIM = 1000
@@ -82,14 +83,19 @@ class WorkerRegister(BaseModel):
     host: str = ""
 
 
+OutputTuple = tuple[
+    int, str, bytes | None, str | None, int, bool
+]  # input_id, status, data, blob, gen, retryable
+
+
 class Claim(BaseModel):
     max: int = 1
     wait: float = 0.0
+    outputs: list[OutputTuple] = Field(default_factory=list)  # finished inputs, recorded before claiming
 
 
 class OutputsPost(BaseModel):
-    # input_id, status, data, data_blob, gen_index, retryable
-    outputs: list[tuple[int, str, bytes | None, str | None, int, bool]]
+    outputs: list[OutputTuple]
 
 
 class Heartbeat(BaseModel):
@@ -117,7 +123,10 @@ def packed(obj: Any, status: int = 200) -> Response:
 
 
 async def body(request: Request, model: type[M]) -> M:
-    raw = await request.body()
+    return _validate(await request.body(), model)
+
+
+def _validate(raw: bytes, model: type[M]) -> M:
     try:
         data = msgpack.unpackb(raw, raw=False) if raw else {}
         return model.model_validate(data)
@@ -172,14 +181,14 @@ def build_app(cp: ControlPlane) -> FastAPI:
             {"error": {"type": type(e).__name__, "message": str(e)}}, status_code=_error_status(e)
         )
 
-    def auth(request: Request) -> str:
-        header = request.headers.get("authorization", "")
+    def authenticate(header: str, client: str | None) -> str:
+        """The scope a request may act in: its bearer token's, or admin for anonymous loopback where the
+        server allows it."""
         if header.lower().startswith("bearer "):
             scope = cp.tokens.scope_of(header[7:].strip())
             if scope is None:
                 raise HTTPException(401, "Invalid or revoked token.")
             return scope
-        client = request.client.host if request.client else None
         if cp.settings.allow_loopback_anonymous and is_loopback(client):
             return "admin"
         raise HTTPException(
@@ -187,21 +196,39 @@ def build_app(cp: ControlPlane) -> FastAPI:
             "Authentication required: send `Authorization: Bearer <token>` (see `cloudmodal server token`).",
         )
 
-    def admin(scope: str = Depends(auth)) -> str:
+    # async: FastAPI runs sync dependencies in a thread pool, a thread hop per request for a dict lookup
+    async def auth(request: Request) -> str:
+        return authenticate(
+            request.headers.get("authorization", ""), request.client.host if request.client else None
+        )
+
+    async def admin(scope: str = Depends(auth)) -> str:
         if scope != "admin":
             raise HTTPException(403, "This token may only be used by its worker.")
         return scope
 
-    def caller(scope: str = Depends(auth)) -> str:
+    async def caller(scope: str = Depends(auth)) -> str:
         """Clients, and workers calling other functions (``f.remote()`` inside a function)."""
         return scope
 
-    def worker_scope(worker_id: str, scope: str = Depends(auth)) -> str:
+    def check_worker(worker_id: str, scope: str) -> None:
         if scope != "admin" and scope != f"worker:{worker_id}":
             raise HTTPException(403, "This token belongs to another worker.")
+
+    async def worker_scope(worker_id: str, scope: str = Depends(auth)) -> str:
+        check_worker(worker_id, scope)
         return scope
 
     run = to_thread.run_sync
+
+    SHORT_ROWS = 16
+
+    async def short(fn: Any, *args: Any, rows: int = 1) -> Any:
+        """A short database operation on the hot path (a few ``rows``): inline on the event loop while SQLite
+        has no write in progress (a thread hop costs more than the statement), else in the thread pool."""
+        if rows <= SHORT_ROWS and cp.db.write_idle():
+            return fn(*args)
+        return await run(fn, *args)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -299,14 +326,48 @@ def build_app(cp: ControlPlane) -> FastAPI:
         finally:
             cp.hub.unwatch(key, ev)
 
+    async def do_create_call(b: CallCreate) -> dict[str, Any]:
+        if b.wait <= 0 or len(b.inputs) != 1:
+            await short(cp.create_call, b.call_id, b.function_id, b.kind, b.inputs, rows=len(b.inputs))
+            out: dict[str, Any] = {"call_id": b.call_id}
+            if b.wait > 0:
+                out["outputs"] = await _outputs(b.call_id, 0, 10000, b.wait)
+            return out
+        # One input, answer awaited (`.remote()`): the outputs are handed over as they commit.
+        key = f"outputs:{b.call_id}"
+        mb = OutputMailbox(b.call_id, asyncio.get_running_loop(), asyncio.Event())
+        cp.open_mailbox(mb)
+        cp.hub.watch(key, mb.wake)  # cancellations and crash errors notify without rows
+        try:
+            existed = await short(cp.create_call, b.call_id, b.function_id, b.kind, b.inputs)
+            rows: list[Any] = []
+            if existed:  # a re-sent request: its outputs may be written already
+                rows = [list(r) for r in await run(cp.queue.fetch_outputs, b.call_id, 0, 10000)]
+            deadline = time.monotonic() + min(b.wait, MAX_LONG_POLL_S)
+            while not rows:
+                if (final := mb.final()) is not None:
+                    rows = final
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                mb.wake.clear()
+                try:
+                    await asyncio.wait_for(mb.wake.wait(), min(remaining, 1.0))
+                except TimeoutError:
+                    pass
+                if mb.final() is None:
+                    # generator items, a notification without rows, or a periodic re-read (another
+                    # control-plane process may have written): the database is the record
+                    rows = [list(r) for r in await run(cp.queue.fetch_outputs, b.call_id, 0, 10000)]
+        finally:
+            cp.hub.unwatch(key, mb.wake)
+            cp.close_mailbox(mb)
+        return {"call_id": b.call_id, "outputs": rows}
+
     @app.post("/v1/calls", openapi_extra=msgpack_body(CallCreate), dependencies=[Depends(caller)])
     async def create_call(request: Request) -> Response:
-        b = await body(request, CallCreate)
-        await run(cp.create_call, b.call_id, b.function_id, b.kind, b.inputs)
-        out: dict[str, Any] = {"call_id": b.call_id}
-        if b.wait > 0:
-            out["outputs"] = await _outputs(b.call_id, 0, 10000, b.wait)
-        return packed(out)
+        return packed(await do_create_call(await body(request, CallCreate)))
 
     @app.post(
         "/v1/calls/{call_id}/inputs", openapi_extra=msgpack_body(InputsPut), dependencies=[Depends(caller)]
@@ -366,46 +427,65 @@ def build_app(cp: ControlPlane) -> FastAPI:
         await run(cp.worker_ready, worker_id)
         return packed({})
 
+    def _output_items(rows: list[OutputTuple]) -> list[OutputItem]:
+        return [OutputItem(i, s, d, bl, g, r) for i, s, d, bl, g, r in rows]
+
+    async def do_claim(worker_id: str, b: Claim) -> dict[str, Any]:
+        if b.outputs:
+            await short(cp.post_outputs, worker_id, _output_items(b.outputs), rows=len(b.outputs))
+        fid, state = cp.worker_function(worker_id)
+        if state in ("draining", "stopped"):
+            return {"inputs": [], "drain": True}
+        max_n = max(1, min(b.max, MAX_CLAIM))
+        key = f"inputs:{fid}"
+        drain_key = f"drain:{worker_id}"
+        ev = cp.hub.watch(key)
+        dev = cp.hub.watch(drain_key)
+        cp.hub.watch(drain_key, ev)  # a drain also wakes the wait below
+        loop = asyncio.get_running_loop()
+        rows: list[Any] = []
+        try:
+            deadline = time.monotonic() + min(max(b.wait, 0.0), MAX_LONG_POLL_S)
+            look = cp.claim_may_find(fid)
+            while not dev.is_set():
+                ev.clear()
+                if look:
+                    rows = await short(cp.claim, worker_id, fid, max_n, rows=max_n)
+                look = True
+                remaining = deadline - time.monotonic()
+                if rows or remaining <= 0 or dev.is_set():
+                    break
+                pc = ParkedClaim(worker_id, fid, max_n, loop, ev)
+                cp.park(pc)
+                try:
+                    # also re-read now and then: inputs may be pending that nobody announced here
+                    await asyncio.wait_for(ev.wait(), min(remaining, 1.0))
+                except TimeoutError:
+                    pass
+                finally:
+                    if not cp.unpark(pc):
+                        await pc.done.wait()  # inputs were promised: they are being written
+                if pc.rows:
+                    rows = pc.rows
+                    break
+        finally:
+            cp.hub.unwatch(key, ev)
+            cp.hub.unwatch(drain_key, ev)
+            cp.hub.unwatch(drain_key, dev)
+        return {
+            "inputs": [
+                [r.input_id, r.call_id, r.idx, r.method, r.args, r.args_blob, r.attempt] for r in rows
+            ],
+            "drain": dev.is_set(),
+        }
+
     @app.post(
         "/v1/workers/{worker_id}/claim",
         openapi_extra=msgpack_body(Claim),
         dependencies=[Depends(worker_scope)],
     )
     async def claim(worker_id: str, request: Request) -> Response:
-        b = await body(request, Claim)
-        w = await run(cp.worker_row, worker_id)
-        if w["state"] in ("draining", "stopped"):
-            return packed({"inputs": [], "drain": True})
-        fid = w["function_id"]
-        key = f"inputs:{fid}"
-        drain_key = f"drain:{worker_id}"
-        ev = cp.hub.watch(key)
-        dev = cp.hub.watch(drain_key)
-        cp.hub.watch(drain_key, ev)  # a drain also wakes the wait below
-        try:
-            deadline = time.monotonic() + min(max(b.wait, 0.0), MAX_LONG_POLL_S)
-            while True:
-                ev.clear()
-                rows = await run(cp.claim, worker_id, fid, max(1, min(b.max, MAX_CLAIM)))
-                remaining = deadline - time.monotonic()
-                if rows or remaining <= 0 or dev.is_set():
-                    break
-                try:
-                    await asyncio.wait_for(ev.wait(), min(remaining, 1.0))
-                except TimeoutError:
-                    pass
-        finally:
-            cp.hub.unwatch(key, ev)
-            cp.hub.unwatch(drain_key, ev)
-            cp.hub.unwatch(drain_key, dev)
-        return packed(
-            {
-                "inputs": [
-                    [r.input_id, r.call_id, r.idx, r.method, r.args, r.args_blob, r.attempt] for r in rows
-                ],
-                "drain": dev.is_set(),
-            }
-        )
+        return packed(await do_claim(worker_id, await body(request, Claim)))
 
     @app.post(
         "/v1/workers/{worker_id}/outputs",
@@ -413,10 +493,11 @@ def build_app(cp: ControlPlane) -> FastAPI:
         dependencies=[Depends(worker_scope)],
     )
     async def post_outputs(worker_id: str, request: Request) -> Response:
-        b = await body(request, OutputsPost)
-        items = [OutputItem(i, s, d, bl, g, r) for i, s, d, bl, g, r in b.outputs]
-        await run(cp.post_outputs, worker_id, items)
-        return packed({})
+        return packed(await do_post_outputs(worker_id, await body(request, OutputsPost)))
+
+    async def do_post_outputs(worker_id: str, b: OutputsPost) -> dict[str, Any]:
+        await short(cp.post_outputs, worker_id, _output_items(b.outputs), rows=len(b.outputs))
+        return {}
 
     @app.post(
         "/v1/workers/{worker_id}/heartbeat",
@@ -460,4 +541,146 @@ def build_app(cp: ControlPlane) -> FastAPI:
     async def create_token() -> Response:
         return packed({"token": await run(cp.tokens.create, "admin", "cli")})
 
+    app.state.hot_routes = HotRoutes(
+        app,
+        authenticate,
+        check_worker,
+        call=(CallCreate, do_create_call),
+        claim=(Claim, do_claim),
+        outputs=(OutputsPost, do_post_outputs),
+    )
     return app
+
+
+def build_asgi(cp: ControlPlane) -> Any:
+    """The ASGI application to serve: the FastAPI app behind :class:`HotRoutes`."""
+    return build_app(cp).state.hot_routes
+
+
+class HotRoutes:
+    """A lean ASGI front for the three routes on every call's path — create a call, a worker's claim, a
+    worker's outputs — in front of the FastAPI app, which serves everything else.
+
+    FastAPI's routing, dependency solving and middleware cost several times what these handlers do, and a
+    warm ``.remote()`` crosses them twice. The routes stay declared on the FastAPI app (the OpenAPI schema
+    documents them, and they run the same handler functions); this front only answers them first, with the
+    same authentication, validation, status codes and error bodies.
+    """
+
+    MAX_BODY = 1 << 30
+
+    def __init__(self, app: FastAPI, authenticate: Any, check_worker: Any, **routes: Any) -> None:
+        self.app = app
+        self.authenticate = authenticate
+        self.check_worker = check_worker
+        self.routes = routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            parts = scope["path"].split("/")
+            if len(parts) == 5 and parts[:3] == ["", "v1", "workers"] and parts[4] == "claim" and parts[3]:
+                return await self._serve_ws(scope, receive, send, parts[4], parts[3])
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path == "/v1/calls":
+                return await self._serve(scope, receive, send, "call", None)
+            if path.startswith("/v1/workers/"):
+                parts = path.split("/")
+                if len(parts) == 5 and parts[4] in ("claim", "outputs") and parts[3]:
+                    return await self._serve(scope, receive, send, parts[4], parts[3])
+        await self.app(scope, receive, send)
+
+    async def _serve(
+        self, scope: dict[str, Any], receive: Any, send: Any, route: str, worker_id: str | None
+    ) -> None:
+        model, handler = self.routes[route]
+        try:
+            header = ""
+            for k, v in scope["headers"]:
+                if k == b"authorization":
+                    header = v.decode("latin-1")
+                    break
+            client = scope.get("client")
+            granted = self.authenticate(header, client[0] if client else None)
+            if worker_id is not None:
+                self.check_worker(worker_id, granted)
+            chunks = []
+            size = 0
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.MAX_BODY:
+                    raise exc.RequestSizeError(f"Request body over {self.MAX_BODY} bytes.")
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            b = _validate(b"".join(chunks), model)
+            result = await (handler(b) if worker_id is None else handler(worker_id, b))
+            await _send(send, 200, MSGPACK, msgpack.packb(result, use_bin_type=True))
+        except HTTPException as e:
+            await _send(send, e.status_code, "application/json", json.dumps({"detail": e.detail}).encode())
+        except exc.Error as e:
+            payload = {"error": {"type": type(e).__name__, "message": str(e)}}
+            await _send(send, _error_status(e), "application/json", json.dumps(payload).encode())
+
+    async def _serve_ws(
+        self, scope: dict[str, Any], receive: Any, send: Any, route: str, worker_id: str
+    ) -> None:
+        """The same route as a WebSocket (:class:`cloudmodal.client.transport.Channel`): each message a
+        request body, each reply ``{"ok": answer}`` or the error a ``POST`` would have answered."""
+        model, handler = self.routes[route]
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        try:
+            header = ""
+            for k, v in scope["headers"]:
+                if k == b"authorization":
+                    header = v.decode("latin-1")
+                    break
+            client = scope.get("client")
+            self.check_worker(worker_id, self.authenticate(header, client[0] if client else None))
+        except HTTPException as e:
+            detail = json.dumps({"detail": e.detail}).encode()
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": e.status_code,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": detail})
+            return
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return  # websocket.disconnect
+            raw = message.get("bytes")
+            if raw is None:
+                raw = (message.get("text") or "").encode()
+            reply: dict[str, Any]
+            try:
+                reply = {"ok": await handler(worker_id, _validate(raw, model))}
+            except HTTPException as e:
+                reply = {"status": e.status_code, "detail": e.detail}
+            except exc.Error as e:
+                reply = {"status": _error_status(e), "error": {"type": type(e).__name__, "message": str(e)}}
+            await send({"type": "websocket.send", "bytes": msgpack.packb(reply, use_bin_type=True)})
+
+
+async def _send(send: Any, status: int, content_type: str, data: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})

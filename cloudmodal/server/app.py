@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from cloudmodal.server.api import build_app
+from cloudmodal.server.api import build_asgi
 from cloudmodal.server.service import ControlPlane, Settings
 
 
@@ -95,9 +95,15 @@ class ServerHandle:
             self.cp, providers if providers is not None else make_providers(settings), self.url
         )
         self.cp.reconciler = self.reconciler
-        self.api = build_app(self.cp)
+        self.api = build_asgi(self.cp)
         config = uvicorn.Config(
-            self.api, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=65
+            self.api,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_keep_alive=65,
+            ws_max_size=1 << 30,  # a worker's claim carries its outputs (each up to 2 MiB inline)
+            ws_per_message_deflate=False,  # pickles compress poorly; deflate would cost every message
         )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

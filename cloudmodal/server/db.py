@@ -35,6 +35,12 @@ class Database:
         )
         SQLModel.metadata.create_all(self.engine)
 
+    def write_idle(self) -> bool:
+        """SQLite with no write in progress: a short operation may run on the caller's thread (the
+        server's event loop) instead of paying a thread hop. Never true on PostgreSQL, whose statements
+        wait on the network."""
+        return self.is_sqlite and not self._write_lock.locked()  # type: ignore[attr-defined]
+
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A connection in a transaction that commits on exit (serialized on SQLite)."""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, select, text, update
+from sqlalchemy import and_, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cloudmodal.server.db import Database
@@ -65,6 +65,20 @@ class InputQueue:
         self.policy_for = policy_for
         dialect = postgresql if not db.is_sqlite else sqlite
         self._insert = dialect.insert
+        # The statements on every call's path, built once: SQLAlchemy memoizes a built statement's cache
+        # key, so executing one skips construction and compilation (most of a small statement's cost).
+        ids = bindparam("ids", expanding=True)
+        self._sql_input_meta = select(
+            I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state
+        ).where(I.c.id.in_(ids))
+        self._sql_put = self._insert(I).on_conflict_do_nothing(index_elements=["call_id", "idx"])
+        self._sql_put_returning = self._sql_put.returning(I.c.id, I.c.idx, sort_by_parameter_order=True)
+        self._sql_put_output = (
+            self._insert(O)
+            .on_conflict_do_nothing(index_elements=["input_id", "gen_index"])
+            .returning(O.c.id, O.c.input_id, O.c.gen_index, sort_by_parameter_order=True)
+        )
+        self._sql_inputs_done = update(I).where(I.c.id.in_(ids)).values(state=DONE, args=None)
 
     def _order_outputs(self, conn: Any, call_ids: Any) -> None:
         """Readers page through a call's outputs by id. On PostgreSQL ids are drawn at insert but become
@@ -76,6 +90,34 @@ class InputQueue:
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:c))"), {"c": cid})
 
     # -- producers ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _input_rows(
+        call_id: str,
+        function_id: str,
+        items: Sequence[tuple[int, str | None, bytes | None, str | None]],
+        now: float,
+        worker_id: str | None = None,
+        lease_expires: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        return [
+            {
+                "call_id": call_id,
+                "function_id": function_id,
+                "idx": idx,
+                "method": method,
+                "args": args,
+                "args_blob": blob,
+                "state": PENDING if worker_id is None else CLAIMED,
+                "attempts": 0,
+                "crashes": 0,
+                "worker_id": worker_id,
+                "lease_expires": lease_expires,
+                "available_at": 0.0,
+                "created_at": now,
+            }
+            for idx, method, args, blob in items
+        ]
+
     def put(
         self,
         call_id: str,
@@ -87,32 +129,37 @@ class InputQueue:
         With ``conn``, inside the caller's transaction."""
         if not items:
             return 0
-        now = time.time()
-        rows = [
-            {
-                "call_id": call_id,
-                "function_id": function_id,
-                "idx": idx,
-                "method": method,
-                "args": args,
-                "args_blob": blob,
-                "state": PENDING,
-                "attempts": 0,
-                "crashes": 0,
-                "worker_id": None,
-                "lease_expires": 0.0,
-                "available_at": 0.0,
-                "created_at": now,
-            }
-            for idx, method, args, blob in items
-        ]
-        stmt = self._insert(I).on_conflict_do_nothing(index_elements=["call_id", "idx"])
+        rows = self._input_rows(call_id, function_id, items, time.time())
+        stmt = self._sql_put
         if conn is not None:
             res = conn.execute(stmt, rows)
         else:
             with self.db.write() as conn:
                 res = conn.execute(stmt, rows)
         return res.rowcount if res.rowcount is not None and res.rowcount >= 0 else len(rows)
+
+    def put_claimed(
+        self,
+        conn: Any,
+        call_id: str,
+        function_id: str,
+        items: Sequence[tuple[int, str | None, bytes | None, str | None]],
+        worker_id: str,
+        lease_s: float,
+    ) -> list[ClaimedInput]:
+        """Enqueue items already claimed by ``worker_id`` (a worker that is waiting for work gets them
+        without a second transaction), inside the caller's transaction. Re-sent ``idx``es are skipped."""
+        if not items:
+            return []
+        now = time.time()
+        rows = self._input_rows(call_id, function_id, items, now, worker_id, now + lease_s)
+        got = conn.execute(self._sql_put_returning, rows).all()
+        by_idx = {int(r[1]): int(r[0]) for r in got}
+        return [
+            ClaimedInput(by_idx[idx], call_id, idx, method, args, blob, 0)
+            for idx, method, args, blob in items
+            if idx in by_idx
+        ]
 
     # -- consumers ---------------------------------------------------------------------------------------
     def claim(
@@ -178,19 +225,20 @@ class InputQueue:
         self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None
     ) -> list[str]:
         """Record outputs; failures with retries left are requeued with backoff. Returns touched call ids."""
+        return list(self.complete_rows(worker_id, items, now)[0])
+
+    def complete_rows(
+        self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None
+    ) -> tuple[set[str], dict[str, list[list[Any]]]]:
+        """:meth:`complete`, also returning the output rows written, per call, in the form
+        :meth:`fetch_outputs` reads them (``[id, idx, gen_index, status, data, data_blob]``), so waiting
+        callers can be answered without reading them back."""
         if not items:
-            return []
+            return set(), {}
         now = time.time() if now is None else now
         ids = list({it.input_id for it in items})
         with self.db.write() as conn:
-            meta = {
-                r[0]: r
-                for r in conn.execute(
-                    select(I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state).where(
-                        I.c.id.in_(ids)
-                    )
-                ).all()
-            }
+            meta = {r[0]: r for r in conn.execute(self._sql_input_meta, {"ids": ids}).all()}
             out_rows: list[dict[str, Any]] = []
             done_ids: list[int] = []
             requeue: list[tuple[int, int, float]] = []
@@ -218,20 +266,25 @@ class InputQueue:
                 )
                 if it.gen_index < 0:
                     done_ids.append(it.input_id)
+            written: dict[str, list[list[Any]]] = {}
             if out_rows:
                 self._order_outputs(conn, [r["call_id"] for r in out_rows])
-                conn.execute(
-                    self._insert(O).on_conflict_do_nothing(index_elements=["input_id", "gen_index"]), out_rows
-                )
+                got = conn.execute(self._sql_put_output, out_rows).all()
+                by_key = {(r["input_id"], r["gen_index"]): r for r in out_rows}
+                for oid, input_id, gen_index in got:
+                    r = by_key[(input_id, gen_index)]
+                    written.setdefault(r["call_id"], []).append(
+                        [oid, r["idx"], gen_index, r["status"], r["data"], r["data_blob"]]
+                    )
             if done_ids:
-                conn.execute(update(I).where(I.c.id.in_(done_ids)).values(state=DONE, args=None))
+                conn.execute(self._sql_inputs_done, {"ids": done_ids})
             for input_id, attempt, available_at in requeue:
                 conn.execute(
                     update(I)
                     .where(and_(I.c.id == input_id, I.c.state < DONE))
                     .values(state=PENDING, worker_id=None, attempts=attempt, available_at=available_at)
                 )
-        return list({meta[i][1] for i in ids if i in meta})
+        return {meta[i][1] for i in ids if i in meta}, written
 
     def release_worker(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 
 from cloudmodal.exception import InvalidError, NotFoundError
 from cloudmodal.ids import new_id
@@ -20,7 +21,7 @@ from cloudmodal.server.blobs import BlobStore
 from cloudmodal.server.db import Database
 from cloudmodal.server.hub import Hub
 from cloudmodal.server.models import App, Call, Deployment, Event, Function, Log, Worker
-from cloudmodal.server.queue import DEFAULT_CRASH_BUDGET, FunctionPolicy, InputQueue, OutputItem
+from cloudmodal.server.queue import DEFAULT_CRASH_BUDGET, ClaimedInput, FunctionPolicy, InputQueue, OutputItem
 from cloudmodal.spec import FunctionSpec
 
 log = logging.getLogger("cloudmodal.server")
@@ -54,6 +55,77 @@ def _now() -> float:
     return time.time()
 
 
+# -- in-memory hand-off ---------------------------------------------------------------------------------
+# The database is the record; these are shortcuts within one control-plane process. A worker long-polling
+# for work parks a ParkedClaim: new inputs for its function are written to the database already claimed by
+# it, in the transaction that creates them, and handed to it without a second transaction or a re-read. A
+# caller waiting on a one-input call opens an OutputMailbox: the rows a worker's outputs wrote are passed to
+# it as they commit. Both wake their waiter through an asyncio.Event on the server's loop, set from any
+# thread. Anything that does not go through them (other control-plane processes, requeues, retries) still
+# reaches waiters through the hub and their periodic re-reads of the database.
+
+
+class ParkedClaim:
+    """A worker's claim waiting for inputs. ``taken``: promised inputs (under the control plane's lock);
+    ``done`` is set once they are written (``rows``, possibly empty when that write failed)."""
+
+    __slots__ = ("worker_id", "function_id", "max_n", "loop", "wake", "done", "rows", "taken")
+
+    def __init__(
+        self,
+        worker_id: str,
+        function_id: str,
+        max_n: int,
+        loop: asyncio.AbstractEventLoop,
+        wake: asyncio.Event,
+    ) -> None:
+        self.worker_id = worker_id
+        self.function_id = function_id
+        self.max_n = max(int(max_n), 1)
+        self.loop = loop
+        self.wake = wake
+        self.done = asyncio.Event()
+        self.rows: list[ClaimedInput] = []
+        self.taken = False
+
+
+def _settle_claim(pc: ParkedClaim, rows: list[ClaimedInput]) -> None:
+    pc.rows = rows
+    pc.done.set()
+    pc.wake.set()
+
+
+class OutputMailbox:
+    """Output rows of one call, delivered as they commit, for a caller long-polling it."""
+
+    __slots__ = ("call_id", "loop", "wake", "rows")
+
+    def __init__(self, call_id: str, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
+        self.call_id = call_id
+        self.loop = loop
+        self.wake = wake
+        self.rows: list[list[Any]] = []
+
+    def final(self) -> list[list[Any]] | None:
+        """Every row of a one-input call once its final output is here (the worker posts a call's outputs
+        in order, so the items before it have been delivered already); None until then."""
+        if any(r[2] == -1 for r in self.rows):
+            return sorted(self.rows, key=lambda r: r[0])
+        return None
+
+
+def _mail(mb: OutputMailbox, rows: list[list[Any]]) -> None:
+    mb.rows.extend(rows)
+    mb.wake.set()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: the server is stopping, and the waiter with it
+        pass
+
+
 class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -68,6 +140,19 @@ class ControlPlane:
         self._startup_failures: dict[str, int] = {}  # function id -> consecutive workers that failed to start
         self._lock = threading.Lock()
         self.reconciler: Any = None  # set by server.app when it starts the reconciler
+        self._parked: dict[str, list[ParkedClaim]] = {}  # function id -> claims waiting, newest last
+        self._mailboxes: dict[str, list[OutputMailbox]] = {}  # call id -> waiting callers
+        self._workers: dict[
+            str, tuple[str, str]
+        ] = {}  # worker id -> (function id, state), this process's view
+        self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found nothing
+        self._active_written: dict[str, float] = {}  # function id -> last_active_at last written
+        # statements on every call's path, built once (see InputQueue)
+        self._sql_function_state = select(F.c.app_id, F.c.state).where(F.c.id == bindparam("fid"))
+        self._sql_call_insert = self.queue._insert(CA).on_conflict_do_nothing(index_elements=["id"])
+        self._sql_function_active = (
+            update(F).where(F.c.id == bindparam("fid")).values(last_active_at=bindparam("t"))
+        )
 
     # -- functions' policies (cached; a redeploy replaces them) ------------------------------------------
     def spec_of(self, function_id: str) -> FunctionSpec:
@@ -355,34 +440,87 @@ class ControlPlane:
         return dict(row._mapping)
 
     # -- calls -------------------------------------------------------------------------------------------
-    def create_call(self, call_id: str, function_id: str, kind: str, inputs: list[Any] | None = None) -> None:
-        """Create a call (idempotent by id), and enqueue its first inputs in the same transaction."""
-        with self.db.write() as conn:
-            row = conn.execute(select(F.c.app_id, F.c.state).where(F.c.id == function_id)).first()
-            if row is None:
-                raise NotFoundError(f"Function {function_id} not found.")
-            if row[1] != "active":
-                raise InvalidError(
-                    f"Function {function_id} belongs to a stopped app; start a new run or redeploy."
-                )
-            exists = conn.execute(select(CA.c.id).where(CA.c.id == call_id)).first()
-            if exists is None:
-                conn.execute(
-                    CA.insert().values(
-                        id=call_id,
-                        function_id=function_id,
-                        app_id=row[0],
-                        kind=kind,
-                        created_at=_now(),
-                        num_inputs=0,
-                        cancelled=False,
+    def create_call(self, call_id: str, function_id: str, kind: str, inputs: list[Any] | None = None) -> bool:
+        """Create a call (idempotent by id), and enqueue its first inputs in the same transaction.
+        Returns whether the call existed already (a re-sent request)."""
+        now = _now()
+        assigned: list[tuple[ParkedClaim, list[ClaimedInput]]] = []
+        leftover = False
+        try:
+            with self.db.write() as conn:
+                row = conn.execute(self._sql_function_state, {"fid": function_id}).first()
+                if row is None:
+                    raise NotFoundError(f"Function {function_id} not found.")
+                if row[1] != "active":
+                    raise InvalidError(
+                        f"Function {function_id} belongs to a stopped app; start a new run or redeploy."
                     )
+                res = conn.execute(
+                    self._sql_call_insert,
+                    {
+                        "id": call_id,
+                        "function_id": function_id,
+                        "app_id": row[0],
+                        "kind": kind,
+                        "created_at": now,
+                        "num_inputs": 0,
+                        "cancelled": False,
+                    },
                 )
-            conn.execute(update(F).where(F.c.id == function_id).values(last_active_at=_now()))
-            if inputs:
-                self.queue.put(call_id, function_id, inputs, conn=conn)
+                existed = res.rowcount == 0
+                if now - self._active_written.get(function_id, 0.0) >= 1.0:
+                    # the autoscaler's "last active" needs seconds, not every call
+                    conn.execute(self._sql_function_active, {"fid": function_id, "t": now})
+                    self._active_written[function_id] = now
+                if inputs:
+                    leftover = self._enqueue(conn, call_id, function_id, inputs, assigned)
+        except BaseException:
+            for pc, _ in assigned:
+                _call_soon(pc.loop, _settle_claim, pc, [])
+            raise
+        for pc, rows in assigned:
+            _call_soon(pc.loop, _settle_claim, pc, rows)
         if inputs:
-            self._inputs_arrived(function_id)
+            self._inputs_arrived(function_id, wake_claimers=leftover)
+        return existed
+
+    def _enqueue(
+        self,
+        conn: Any,
+        call_id: str,
+        function_id: str,
+        inputs: list[Any],
+        assigned: list[tuple[ParkedClaim, list[ClaimedInput]]],
+    ) -> bool:
+        """Write inputs in ``conn``'s transaction: first to the workers parked on the function (claimed by
+        them; appended to ``assigned``, to be settled after the commit), the rest pending. Returns whether
+        any are left pending."""
+        with self._lock:
+            takers: list[ParkedClaim] = []
+            parked = self._parked.get(function_id)
+            want = len(inputs)
+            while parked and want > 0:
+                pc = parked.pop()  # the most recently parked: idle workers stay idle and can scale down
+                pc.taken = True
+                takers.append(pc)
+                want -= pc.max_n
+        i = 0
+        try:
+            for pc in takers:
+                chunk = inputs[i : i + pc.max_n]
+                i += len(chunk)
+                rows = self.queue.put_claimed(
+                    conn, call_id, function_id, chunk, pc.worker_id, self.settings.lease_s
+                )
+                assigned.append((pc, rows))
+        except BaseException:
+            for pc in takers[len(assigned) :]:
+                _call_soon(pc.loop, _settle_claim, pc, [])
+            raise
+        rest = inputs[i:]
+        if rest:
+            self.queue.put(call_id, function_id, rest, conn=conn)
+        return bool(rest)
 
     def call_row(self, call_id: str) -> dict[str, Any]:
         with self.db.read() as conn:
@@ -394,14 +532,79 @@ class ControlPlane:
     def put_inputs(
         self, call_id: str, function_id: str, inputs: list[tuple[int, str | None, bytes | None, str | None]]
     ) -> int:
-        n = self.queue.put(call_id, function_id, inputs)
-        self._inputs_arrived(function_id)
-        return n
+        assigned: list[tuple[ParkedClaim, list[ClaimedInput]]] = []
+        try:
+            with self.db.write() as conn:
+                leftover = self._enqueue(conn, call_id, function_id, inputs, assigned)
+        except BaseException:
+            for pc, _ in assigned:
+                _call_soon(pc.loop, _settle_claim, pc, [])
+            raise
+        for pc, rows in assigned:
+            _call_soon(pc.loop, _settle_claim, pc, rows)
+        self._inputs_arrived(function_id, wake_claimers=leftover)
+        return len(inputs)
 
-    def _inputs_arrived(self, function_id: str) -> None:
-        self.hub.notify(f"inputs:{function_id}")  # long-polling workers claim at once
+    def _inputs_arrived(self, function_id: str, *, wake_claimers: bool = True) -> None:
+        if wake_claimers:
+            self.inputs_pending(function_id)
         if self.reconciler is not None:
             self.reconciler.poke(function_id)
+
+    def inputs_pending(self, function_id: str) -> None:
+        """Inputs of the function may be waiting in the database: long-polling workers claim at once."""
+        self._claimed_empty.pop(function_id, None)
+        self.hub.notify(f"inputs:{function_id}")
+
+    # -- the in-memory hand-off (see ParkedClaim / OutputMailbox) ------------------------------------------
+    def park(self, pc: ParkedClaim) -> None:
+        with self._lock:
+            self._parked.setdefault(pc.function_id, []).append(pc)
+
+    def unpark(self, pc: ParkedClaim) -> bool:
+        """Withdraw a parked claim; False when inputs were promised to it already (wait for ``pc.done``)."""
+        with self._lock:
+            if pc.taken:
+                return False
+            parked = self._parked.get(pc.function_id)
+            if parked is not None:
+                try:
+                    parked.remove(pc)
+                except ValueError:
+                    pass
+                if not parked:
+                    del self._parked[pc.function_id]
+            return True
+
+    def claim_may_find(self, function_id: str, within_s: float = 0.5) -> bool:
+        """False when a claim found nothing moments ago and no input arrived since: a worker can park at
+        once without an empty claim transaction. Inputs made pending by paths that do not say so (another
+        control-plane process, a retry's backoff ending) are found by the parked claim's periodic re-read."""
+        t = self._claimed_empty.get(function_id)
+        return t is None or _now() - t > within_s
+
+    def open_mailbox(self, mb: OutputMailbox) -> None:
+        with self._lock:
+            self._mailboxes.setdefault(mb.call_id, []).append(mb)
+
+    def close_mailbox(self, mb: OutputMailbox) -> None:
+        with self._lock:
+            boxes = self._mailboxes.get(mb.call_id)
+            if boxes is not None:
+                try:
+                    boxes.remove(mb)
+                except ValueError:
+                    pass
+                if not boxes:
+                    del self._mailboxes[mb.call_id]
+
+    def _deliver(self, written: dict[str, list[list[Any]]]) -> None:
+        if not self._mailboxes:
+            return
+        with self._lock:
+            targets = [(mb, rows) for cid, rows in written.items() for mb in self._mailboxes.get(cid, ())]
+        for mb, rows in targets:
+            _call_soon(mb.loop, _mail, mb, rows)
 
     def cancel_call(self, call_id: str) -> None:
         running = self.queue.cancel_call(call_id)
@@ -431,6 +634,7 @@ class ControlPlane:
                     **values,
                 )
             )
+        self._worker_state(worker_id, function_id, "starting")
 
     def register_worker(self, worker_id: str, pid: int | None, host: str) -> dict[str, Any]:
         with self.db.write() as conn:
@@ -475,6 +679,7 @@ class ControlPlane:
                 .values(state="ready", ready_at=_now(), idle_since=_now())
             )
         row = self.worker_row(worker_id)
+        self._worker_state(worker_id, fid, row["state"])
         if row["ready_at"] is not None:
             self.event(
                 "worker.ready",
@@ -491,15 +696,34 @@ class ControlPlane:
             raise NotFoundError(f"Worker {worker_id} not found.")
         return dict(row._mapping)
 
+    def worker_function(self, worker_id: str) -> tuple[str, str]:
+        """(function id, state) of a worker, from this process's view when it has one."""
+        got = self._workers.get(worker_id)
+        if got is None:
+            row = self.worker_row(worker_id)
+            got = (row["function_id"], row["state"])
+            self._workers[worker_id] = got
+        return got
+
+    def _worker_state(self, worker_id: str, function_id: str, state: str) -> None:
+        if state == "stopped":
+            self._workers.pop(worker_id, None)
+        else:
+            self._workers[worker_id] = (function_id, state)
+
     def claim(self, worker_id: str, function_id: str, max_n: int) -> list[Any]:
-        return self.queue.claim(function_id, worker_id, max_n, self.settings.lease_s)
+        rows = self.queue.claim(function_id, worker_id, max_n, self.settings.lease_s)
+        if len(rows) < max_n:
+            self._claimed_empty[function_id] = _now()
+        return rows
 
     def worker_state(self, worker_id: str) -> str | None:
         with self.db.read() as conn:
             return conn.execute(select(W.c.state).where(W.c.id == worker_id)).scalar_one_or_none()
 
     def post_outputs(self, worker_id: str, items: list[OutputItem]) -> None:
-        call_ids = self.queue.complete(worker_id, items)
+        call_ids, written = self.queue.complete_rows(worker_id, items)
+        self._deliver(written)
         self.hub.notify(*[f"outputs:{c}" for c in call_ids])
         if any(it.status in ("failure", "timeout") for it in items):
             self.hub.notify("reconcile")  # retries with backoff become claimable later
@@ -534,6 +758,13 @@ class ControlPlane:
                 .where(and_(W.c.id == worker_id, W.c.state.in_(("starting", "ready"))))
                 .values(state="draining", stop_reason=reason)
             )
+        got = self._workers.get(worker_id)
+        if got is not None and got[1] != "stopped":
+            self._worker_state(worker_id, got[0], "draining")
+        with self._lock:  # a parked claim of a draining worker gets no new inputs
+            for parked in self._parked.values():
+                for pc in [pc for pc in parked if pc.worker_id == worker_id and not pc.taken]:
+                    parked.remove(pc)
         self.hub.notify(f"drain:{worker_id}")
 
     def worker_stopped(self, worker_id: str, reason: str, *, crashed: bool) -> None:
@@ -551,7 +782,9 @@ class ControlPlane:
             )
         n, dead_calls = self.queue.release_worker(worker_id, crashed=crashed)
         self.tokens.revoke_scope(f"worker:{worker_id}")
-        self.hub.notify(*[f"outputs:{c}" for c in dead_calls], f"inputs:{row[2]}", "reconcile")
+        self._worker_state(worker_id, row[2], "stopped")
+        self.hub.notify(*[f"outputs:{c}" for c in dead_calls], "reconcile")
+        self.inputs_pending(row[2])
         msg = f"worker {worker_id} stopped: {reason}" + (f"; {n} inputs requeued" if n else "")
         self.event(
             "worker.crashed" if crashed else "worker.stopped",
@@ -589,7 +822,7 @@ class ControlPlane:
         with self.db.read() as conn:
             fid = conn.execute(select(W.c.function_id).where(W.c.id == worker_id)).scalar_one_or_none()
         if fid:
-            self.hub.notify(f"inputs:{fid}")
+            self.inputs_pending(fid)
         return n
 
     # -- logs --------------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ class Worker:
             url, token, reconnect_timeout=float(os.environ.get("CLOUDMODAL_WORKER_RECONNECT_S", "600"))
         )
         self.base = f"/v1/workers/{worker_id}"
+        self.claims = self.t.channel(f"{self.base}/claim")  # the main loop's claims, over a WebSocket
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -93,6 +94,9 @@ class Worker:
         self.running: dict[int, Work] = {}
         self.outbox: list[list[Any]] = []
         self._out_cond = threading.Condition()
+        self._sending = False  # the sender thread has a batch in flight
+        self._main = threading.current_thread()
+        self._defer_outputs = False  # the main loop will send them with its next claim
         self._logs: list[list[Any]] = []
         self._logs_lock = threading.Lock()
         self.draining = threading.Event()
@@ -206,15 +210,36 @@ class Worker:
                 while not self.outbox and not self.stopped.is_set():
                     self._out_cond.wait(0.5)
                 batch, self.outbox = self.outbox, []
-            if batch:
-                self.t.post(f"{self.base}/outputs", {"outputs": batch})
-            elif self.stopped.is_set():
-                return
+                self._sending = bool(batch)
+            try:
+                if batch:
+                    self.t.post(f"{self.base}/outputs", {"outputs": batch})
+                elif self.stopped.is_set():
+                    return
+            finally:
+                with self._out_cond:
+                    self._sending = False
+                    self._out_cond.notify_all()
 
-    def emit(self, rows: list[list[Any]]) -> None:
+    def emit(self, rows: list[list[Any]], *, defer: bool = False) -> None:
+        """Queue output rows for the sender thread; ``defer``: leave them for the main loop's next claim,
+        which carries them (one request instead of two per input when inputs run one at a time)."""
         with self._out_cond:
             self.outbox.extend(rows)
-            self._out_cond.notify()
+            if not defer:
+                self._out_cond.notify()
+
+    def _take_outbox_for_claim(self) -> list[list[Any]]:
+        """Outputs to send with the next claim: only when nothing runs (no output can follow the ones taken
+        in another request) and after the sender's batch in flight, so a call's outputs keep their order."""
+        with self._lock:
+            if self.running:
+                return []
+        with self._out_cond:
+            while self._sending:
+                self._out_cond.wait(0.5)
+            batch, self.outbox = self.outbox, []
+        return batch
 
     def _watchdog_loop(self) -> None:
         timeout = float(self.spec.timeout)
@@ -288,7 +313,7 @@ class Worker:
             w.outputs_sent = True
             self.running.pop(w.input_id, None)
             self._cond.notify_all()
-        self.emit(rows)
+        self.emit(rows, defer=self._defer_outputs and threading.current_thread() is self._main)
         self.last_activity = time.time()
         return True
 
@@ -479,7 +504,8 @@ class Worker:
                 break
             if single_use:
                 free = 1
-            r = self.t.post(f"{self.base}/claim", {"max": free, "wait": CLAIM_WAIT_S})
+            outputs = self._take_outbox_for_claim()
+            r = self.claims.call({"max": free, "wait": CLAIM_WAIT_S, "outputs": outputs})
             if r.get("drain"):
                 self.draining.set()
             works = [Work(*row) for row in r.get("inputs") or []]
@@ -504,7 +530,12 @@ class Worker:
                     while len(self.running) >= self.capacity:
                         self._cond.wait(0.5)
                 if not w.cancelled:
-                    self._start(w)
+                    # run inline as the batch's last: its outputs go out with the next claim
+                    self._defer_outputs = i == len(works) - 1
+                    try:
+                        self._start(w)
+                    finally:
+                        self._defer_outputs = False
                 else:
                     with self._lock:
                         self._claimed_pending.discard(w.input_id)
