@@ -102,6 +102,8 @@ class Heartbeat(BaseModel):
     in_flight: int = 0
     idle: bool = False
     held: list[int] = Field(default_factory=list)  # input ids the worker holds: only their leases renew
+    served: int = 0  # inputs finished since the last heartbeat ...
+    busy_s: float = 0.0  # ... and the seconds they ran (the autoscaler's service-time estimate)
 
 
 class LogsPost(BaseModel):
@@ -506,7 +508,9 @@ def build_app(cp: ControlPlane) -> FastAPI:
     )
     async def heartbeat(worker_id: str, request: Request) -> Response:
         b = await body(request, Heartbeat)
-        return packed(await run(cp.heartbeat, worker_id, b.in_flight, b.idle, b.held))
+        return packed(
+            await run(lambda: cp.heartbeat(worker_id, b.in_flight, b.idle, b.held, b.served, b.busy_s))
+        )
 
     @app.post(
         "/v1/workers/{worker_id}/logs",

@@ -147,6 +147,7 @@ class ControlPlane:
         ] = {}  # worker id -> (function id, state), this process's view
         self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found nothing
         self._active_written: dict[str, float] = {}  # function id -> last_active_at last written
+        self._service: dict[str, float] = {}  # function id -> mean seconds per input (workers' reports)
         # statements on every call's path, built once (see InputQueue)
         self._sql_function_state = select(F.c.app_id, F.c.state).where(F.c.id == bindparam("fid"))
         self._sql_call_insert = self.queue._insert(CA).on_conflict_do_nothing(index_elements=["id"])
@@ -729,7 +730,13 @@ class ControlPlane:
             self.hub.notify("reconcile")  # retries with backoff become claimable later
 
     def heartbeat(
-        self, worker_id: str, in_flight: int, idle: bool, held: list[int] | None = None
+        self,
+        worker_id: str,
+        in_flight: int,
+        idle: bool,
+        held: list[int] | None = None,
+        served: int = 0,
+        busy_s: float = 0.0,
     ) -> dict[str, Any]:
         now = _now()
         with self.db.write() as conn:
@@ -740,6 +747,8 @@ class ControlPlane:
             ).first()
             if row is None:
                 return {"drain": True, "cancel": []}
+            if served > 0:
+                self._record_service(row[2], served, busy_s)
             idle_since = (row[1] or now) if idle else None
             conn.execute(
                 update(W)
@@ -750,6 +759,24 @@ class ControlPlane:
         with self._lock:
             cancel = sorted(self._cancel_requests.pop(worker_id, set()))
         return {"drain": row[0] in ("draining", "stopped"), "cancel": cancel}
+
+    SERVICE_HALF_LIFE = 200  # inputs: the estimate follows a function whose inputs change in length
+
+    def _record_service(self, function_id: str, served: int, busy_s: float) -> None:
+        """Fold a heartbeat's (inputs finished, seconds they ran) into the function's service time: an
+        average over recent inputs, each heartbeat weighted by how many it reports."""
+        mean = max(busy_s, 0.0) / served
+        with self._lock:
+            prev = self._service.get(function_id)
+            if prev is None:
+                self._service[function_id] = mean
+            else:
+                keep = 0.5 ** (served / self.SERVICE_HALF_LIFE)
+                self._service[function_id] = keep * prev + (1.0 - keep) * mean
+
+    def service_time_estimate(self, function_id: str) -> float | None:
+        """Mean seconds one input of the function runs, as its workers report it (None before any has)."""
+        return self._service.get(function_id)
 
     def drain_worker(self, worker_id: str, reason: str) -> None:
         with self.db.write() as conn:

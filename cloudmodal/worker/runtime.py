@@ -106,6 +106,8 @@ class Worker:
         self.instance: Any = None
         self.exit_code = 0
         self._claimed_pending: set[int] = set()  # claimed, between the claim reply and starting
+        self._served = 0  # inputs finished since the last heartbeat, and the seconds they ran
+        self._busy_s = 0.0
 
     # -- set-up -------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -178,10 +180,17 @@ class Worker:
             with self._lock:
                 held = [w.input_id for w in self.running.values()] + [w.input_id for w in self.local_queue]
                 held += list(self._claimed_pending)
+                served, busy_s = self._served, self._busy_s
+                self._served, self._busy_s = 0, 0.0
+            body = {
+                "in_flight": len(held),
+                "idle": not held,
+                "held": held,
+                "served": served,
+                "busy_s": busy_s,
+            }
             try:
-                r = self.t.post(
-                    f"{self.base}/heartbeat", {"in_flight": len(held), "idle": not held, "held": held}
-                )
+                r = self.t.post(f"{self.base}/heartbeat", body)
             except Exception:
                 continue
             if r.get("drain"):
@@ -312,6 +321,9 @@ class Worker:
                 return False
             w.outputs_sent = True
             self.running.pop(w.input_id, None)
+            if w.started_at:
+                self._served += 1
+                self._busy_s += max(time.time() - w.started_at, 0.0)
             self._cond.notify_all()
         self.emit(rows, defer=self._defer_outputs and threading.current_thread() is self._main)
         self.last_activity = time.time()

@@ -1,0 +1,150 @@
+"""The warm call path's shortcuts, end to end: inputs handed to parked claims, outputs handed to waiting
+callers, claims over a WebSocket, and the service time workers report — each checked against the database,
+which stays the record."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import basic
+import msgpack
+import pytest
+from sqlalchemy import select
+
+from cloudmodal.client.session import run_app
+from cloudmodal.client.transport import Transport
+from cloudmodal.exception import AuthError
+from cloudmodal.server.models import Input, Output
+
+
+@pytest.fixture(scope="module")
+def app(control_plane):
+    with run_app(basic.app, show_logs=False) as running:
+        yield running
+
+
+def _parked_workers(cp, function_id: str, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with cp._lock:
+            parked = [pc.worker_id for pc in cp._parked.get(function_id, ())]
+        if parked:
+            return parked
+        time.sleep(0.02)
+    return []
+
+
+def test_an_idle_worker_parks_and_is_handed_the_next_input(app, control_plane):
+    cp = control_plane.cp
+    assert basic.square.remote(3) == 9  # a worker is up
+    fid = basic.square._function_id
+    parked = _parked_workers(cp, fid)
+    assert parked, "an idle worker's claim should be parked on its function"
+    assert basic.square.remote(12) == 144
+    with cp.db.read() as conn:
+        I, O = Input.__table__, Output.__table__  # noqa: E741
+        row = conn.execute(
+            select(I.c.state, I.c.worker_id, I.c.attempts, I.c.crashes)
+            .where(I.c.function_id == fid)
+            .order_by(I.c.id.desc())
+            .limit(1)
+        ).one()
+        outputs = conn.execute(
+            select(O.c.gen_index, O.c.status).where(
+                O.c.call_id.in_(
+                    select(I.c.call_id)
+                    .where(I.c.function_id == fid)
+                    .order_by(I.c.id.desc())
+                    .limit(1)
+                    .scalar_subquery()
+                )
+            )
+        ).all()
+    assert row.state == 2 and row.worker_id in parked and (row.attempts, row.crashes) == (0, 0)
+    assert outputs == [(-1, "success")]  # written once, though the caller got it without reading it back
+
+
+def test_concurrent_callers_each_get_their_own_answer(app):
+    results: dict[tuple[int, int], int] = {}
+    errors: list[BaseException] = []
+
+    def caller(t: int) -> None:
+        try:
+            for i in range(40):
+                results[(t, i)] = basic.add.remote(t * 1000, b=i)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors
+    assert results == {(t, i): t * 1000 + i for t in range(6) for i in range(40)}
+
+
+def test_generator_outputs_arrive_in_order_through_the_hand_off(app):
+    for _ in range(5):
+        assert list(basic.countdown.remote_gen(6)) == list(range(6))
+
+
+def test_a_drained_worker_gets_no_more_inputs(app, control_plane):
+    cp = control_plane.cp
+    assert basic.pid_of.remote(0)
+    fid = basic.pid_of._function_id
+    parked = _parked_workers(cp, fid)
+    assert parked
+    for wid in parked:
+        cp.drain_worker(wid, "test: drained while parked")
+    # the next input goes to a new worker, not to the drained one's claim
+    with cp._lock:
+        assert all(pc.worker_id not in parked for pc in cp._parked.get(fid, ()))
+    assert isinstance(basic.pid_of.remote(1), int)
+    with cp.db.read() as conn:
+        I = Input.__table__  # noqa: E741
+        last = conn.execute(
+            select(I.c.worker_id).where(I.c.function_id == fid).order_by(I.c.id.desc()).limit(1)
+        ).scalar_one()
+    assert last not in parked
+
+
+def test_claims_over_the_websocket_need_the_worker_s_own_token(app, control_plane):
+    cp = control_plane.cp
+    wid = "ta-not-this-worker"
+    token = cp.tokens.create(scope="worker:someone-else")
+    channel = Transport(control_plane.url, token, reconnect_timeout=2).channel(f"/v1/workers/{wid}/claim")
+    with pytest.raises(AuthError):
+        channel.call({"max": 1, "wait": 0})
+    # over plain HTTP the same route answers the same
+    with pytest.raises(AuthError):
+        Transport(control_plane.url, token, reconnect_timeout=2).post(
+            f"/v1/workers/{wid}/claim", {"max": 1, "wait": 0}
+        )
+
+
+def test_a_bad_claim_body_is_an_error_reply_and_the_socket_stays_usable(app, control_plane):
+    from websockets.sync.client import connect
+
+    cp = control_plane.cp
+    assert basic.square.remote(2) == 4
+    wid = _parked_workers(cp, basic.square._function_id)[0]
+    with connect(control_plane.url.replace("http", "ws") + f"/v1/workers/{wid}-x/claim") as ws:
+        ws.send(msgpack.packb({"max": "lots"}))
+        reply = msgpack.unpackb(ws.recv(timeout=10))
+        assert reply["status"] == 400 and "Bad request body" in reply["error"]["message"]
+        ws.send(msgpack.packb({"max": 1, "wait": 0}))
+        reply = msgpack.unpackb(ws.recv(timeout=10))
+        assert reply["status"] == 404  # an unknown worker, answered on the same socket
+
+
+def test_workers_report_service_time(app, control_plane):
+    cp = control_plane.cp
+    assert list(basic.slow_identity.map(range(30))) == list(range(30))
+    fid = basic.slow_identity._function_id
+    deadline = time.monotonic() + 10
+    while cp.service_time_estimate(fid) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    est = cp.service_time_estimate(fid)
+    assert est is not None and 0.002 <= est < 0.5  # slow_identity sleeps 2 ms
