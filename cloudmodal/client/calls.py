@@ -76,8 +76,8 @@ def call_one(
 ) -> tuple[str, list[list[Any]]]:
     payload, blob = encode_input(session, args, kwargs)
     call_id = new_id("fc")
-    resp = session.transport.post(
-        "/v1/calls",
+    # over this thread's WebSocket to the control plane: no HTTP request per call
+    resp = session.transport.thread_channel("/v1/calls").call(
         {
             "call_id": call_id,
             "function_id": function_id,

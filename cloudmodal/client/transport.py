@@ -40,6 +40,8 @@ class Transport:
             headers["authorization"] = f"Bearer {token}"
         self.reconnect_timeout = reconnect_timeout
         self._local = threading.local()
+        self._channels: list[dict[str, Channel]] = []  # every thread's channels, closed with the transport
+        self._channels_lock = threading.Lock()
         self._headers = headers
         self.http = self._new_client()
 
@@ -52,6 +54,11 @@ class Transport:
         )
 
     def close(self) -> None:
+        with self._channels_lock:
+            every = [ch for channels in self._channels for ch in channels.values()]
+            self._channels.clear()
+        for ch in every:
+            ch.close()
         self.http.close()
 
     def request(
@@ -108,6 +115,18 @@ class Transport:
         """Repeated requests to one route over a WebSocket (see :class:`Channel`)."""
         return Channel(self, path)
 
+    def thread_channel(self, path: str) -> Channel:
+        """This thread's :class:`Channel` to ``path`` (a channel carries one request at a time)."""
+        channels = getattr(self._local, "channels", None)
+        if channels is None:
+            channels = self._local.channels = {}
+            with self._channels_lock:
+                self._channels.append(channels)
+        ch = channels.get(path)
+        if ch is None:
+            ch = channels[path] = Channel(self, path)
+        return ch
+
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
 
@@ -153,7 +172,7 @@ class Channel:
                         max_size=None,
                         open_timeout=5,
                         user_agent_header="cloudmodal-client",
-                    )
+                    ).__enter__()  # entered: the connection is ours to close (see close())
                 self._ws.send(data)
                 reply = msgpack.unpackb(self._ws.recv(timeout=75), raw=False)
                 break

@@ -581,6 +581,8 @@ class HotRoutes:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
+            if scope["path"] == "/v1/calls":
+                return await self._serve_ws(scope, receive, send, "call", None)
             parts = scope["path"].split("/")
             if len(parts) == 5 and parts[:3] == ["", "v1", "workers"] and parts[4] == "claim" and parts[3]:
                 return await self._serve_ws(scope, receive, send, parts[4], parts[3])
@@ -631,7 +633,7 @@ class HotRoutes:
             await _send(send, _error_status(e), "application/json", json.dumps(payload).encode())
 
     async def _serve_ws(
-        self, scope: dict[str, Any], receive: Any, send: Any, route: str, worker_id: str
+        self, scope: dict[str, Any], receive: Any, send: Any, route: str, worker_id: str | None
     ) -> None:
         """The same route as a WebSocket (:class:`cloudmodal.client.transport.Channel`): each message a
         request body, each reply ``{"ok": answer}`` or the error a ``POST`` would have answered."""
@@ -646,7 +648,9 @@ class HotRoutes:
                     header = v.decode("latin-1")
                     break
             client = scope.get("client")
-            self.check_worker(worker_id, self.authenticate(header, client[0] if client else None))
+            granted = self.authenticate(header, client[0] if client else None)
+            if worker_id is not None:
+                self.check_worker(worker_id, granted)
         except HTTPException as e:
             detail = json.dumps({"detail": e.detail}).encode()
             await send(
@@ -668,7 +672,8 @@ class HotRoutes:
                 raw = (message.get("text") or "").encode()
             reply: dict[str, Any]
             try:
-                reply = {"ok": await handler(worker_id, _validate(raw, model))}
+                b = _validate(raw, model)
+                reply = {"ok": await (handler(b) if worker_id is None else handler(worker_id, b))}
             except HTTPException as e:
                 reply = {"status": e.status_code, "detail": e.detail}
             except exc.Error as e:
