@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import SQLModel, create_engine
 
 from cloudmodal.server import models  # noqa: F401  (registers the tables)
+from cloudmodal.server.hotsql import CoreHot, HotStatements, SqliteHotConnection
 
 
 class Database:
@@ -34,6 +35,23 @@ class Database:
             threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         )
         SQLModel.metadata.create_all(self.engine)
+        self._hot: SqliteHotConnection | None = None
+        if self.is_sqlite:
+            if not self.engine.url.database or self.engine.url.database == ":memory:":
+                raise ValueError(
+                    "The control plane needs an SQLite database file, not an in-memory database."
+                )
+            self._hot = SqliteHotConnection(self.engine.url.database, self._write_lock)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def hot(self) -> Iterator[HotStatements]:
+        """A write transaction for the statements on every call's path (see :mod:`.hotsql`)."""
+        if self._hot is not None:
+            with self._hot.transaction() as h:
+                yield h
+        else:
+            with self.engine.begin() as conn:
+                yield CoreHot(conn)
 
     def write_idle(self) -> bool:
         """SQLite with no write in progress: a short operation may run on the caller's thread (the
@@ -53,6 +71,8 @@ class Database:
             yield conn
 
     def dispose(self) -> None:
+        if self._hot is not None:
+            self._hot.close()
         self.engine.dispose()
 
 

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, select, text, update
+from sqlalchemy import and_, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cloudmodal.server.db import Database
+from cloudmodal.server.hotsql import HotStatements
 from cloudmodal.server.models import Call, Input, Output
 from cloudmodal.spec import RetryPolicy
 
@@ -65,20 +66,6 @@ class InputQueue:
         self.policy_for = policy_for
         dialect = postgresql if not db.is_sqlite else sqlite
         self._insert = dialect.insert
-        # The statements on every call's path, built once: SQLAlchemy memoizes a built statement's cache
-        # key, so executing one skips construction and compilation (most of a small statement's cost).
-        ids = bindparam("ids", expanding=True)
-        self._sql_input_meta = select(
-            I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state
-        ).where(I.c.id.in_(ids))
-        self._sql_put = self._insert(I).on_conflict_do_nothing(index_elements=["call_id", "idx"])
-        self._sql_put_returning = self._sql_put.returning(I.c.id, I.c.idx, sort_by_parameter_order=True)
-        self._sql_put_output = (
-            self._insert(O)
-            .on_conflict_do_nothing(index_elements=["input_id", "gen_index"])
-            .returning(O.c.id, O.c.input_id, O.c.gen_index, sort_by_parameter_order=True)
-        )
-        self._sql_inputs_done = update(I).where(I.c.id.in_(ids)).values(state=DONE, args=None)
 
     def _order_outputs(self, conn: Any, call_ids: Any) -> None:
         """Readers page through a call's outputs by id. On PostgreSQL ids are drawn at insert but become
@@ -123,24 +110,23 @@ class InputQueue:
         call_id: str,
         function_id: str,
         items: Sequence[tuple[int, str | None, bytes | None, str | None]],
-        conn: Any = None,
+        hot: HotStatements | None = None,
     ) -> int:
         """Enqueue ``(idx, method, args, args_blob)`` items; re-sending an ``idx`` is a no-op.
-        With ``conn``, inside the caller's transaction."""
+        With ``hot``, inside the caller's transaction."""
         if not items:
             return 0
         rows = self._input_rows(call_id, function_id, items, time.time())
-        stmt = self._sql_put
-        if conn is not None:
-            res = conn.execute(stmt, rows)
+        if hot is not None:
+            hot.insert_inputs(rows, returning=False)
         else:
-            with self.db.write() as conn:
-                res = conn.execute(stmt, rows)
-        return res.rowcount if res.rowcount is not None and res.rowcount >= 0 else len(rows)
+            with self.db.hot() as h:
+                h.insert_inputs(rows, returning=False)
+        return len(rows)
 
     def put_claimed(
         self,
-        conn: Any,
+        hot: HotStatements,
         call_id: str,
         function_id: str,
         items: Sequence[tuple[int, str | None, bytes | None, str | None]],
@@ -153,8 +139,7 @@ class InputQueue:
             return []
         now = time.time()
         rows = self._input_rows(call_id, function_id, items, now, worker_id, now + lease_s)
-        got = conn.execute(self._sql_put_returning, rows).all()
-        by_idx = {int(r[1]): int(r[0]) for r in got}
+        by_idx = {int(idx): int(iid) for iid, idx in hot.insert_inputs(rows, returning=True)}
         return [
             ClaimedInput(by_idx[idx], call_id, idx, method, args, blob, 0)
             for idx, method, args, blob in items
@@ -237,8 +222,9 @@ class InputQueue:
             return set(), {}
         now = time.time() if now is None else now
         ids = list({it.input_id for it in items})
-        with self.db.write() as conn:
-            meta = {r[0]: r for r in conn.execute(self._sql_input_meta, {"ids": ids}).all()}
+        written: dict[str, list[list[Any]]] = {}
+        with self.db.hot() as hot:
+            meta = {r[0]: r for r in hot.input_meta(ids)}
             out_rows: list[dict[str, Any]] = []
             done_ids: list[int] = []
             requeue: list[tuple[int, int, float]] = []
@@ -266,24 +252,17 @@ class InputQueue:
                 )
                 if it.gen_index < 0:
                     done_ids.append(it.input_id)
-            written: dict[str, list[list[Any]]] = {}
             if out_rows:
-                self._order_outputs(conn, [r["call_id"] for r in out_rows])
-                got = conn.execute(self._sql_put_output, out_rows).all()
                 by_key = {(r["input_id"], r["gen_index"]): r for r in out_rows}
-                for oid, input_id, gen_index in got:
+                for oid, input_id, gen_index in hot.insert_outputs(out_rows):
                     r = by_key[(input_id, gen_index)]
                     written.setdefault(r["call_id"], []).append(
                         [oid, r["idx"], gen_index, r["status"], r["data"], r["data_blob"]]
                     )
             if done_ids:
-                conn.execute(self._sql_inputs_done, {"ids": done_ids})
+                hot.inputs_done(done_ids)
             for input_id, attempt, available_at in requeue:
-                conn.execute(
-                    update(I)
-                    .where(and_(I.c.id == input_id, I.c.state < DONE))
-                    .values(state=PENDING, worker_id=None, attempts=attempt, available_at=available_at)
-                )
+                hot.requeue(input_id, attempt, available_at)
         return {meta[i][1] for i in ids if i in meta}, written
 
     def release_worker(

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 
 from cloudmodal.exception import InvalidError, NotFoundError
 from cloudmodal.ids import new_id
 from cloudmodal.server.auth import TokenStore
 from cloudmodal.server.blobs import BlobStore
 from cloudmodal.server.db import Database
+from cloudmodal.server.hotsql import HotStatements
 from cloudmodal.server.hub import Hub
 from cloudmodal.server.models import App, Call, Deployment, Event, Function, Log, Worker
 from cloudmodal.server.queue import DEFAULT_CRASH_BUDGET, ClaimedInput, FunctionPolicy, InputQueue, OutputItem
@@ -148,12 +149,6 @@ class ControlPlane:
         self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found nothing
         self._active_written: dict[str, float] = {}  # function id -> last_active_at last written
         self._service: dict[str, float] = {}  # function id -> mean seconds per input (workers' reports)
-        # statements on every call's path, built once (see InputQueue)
-        self._sql_function_state = select(F.c.app_id, F.c.state).where(F.c.id == bindparam("fid"))
-        self._sql_call_insert = self.queue._insert(CA).on_conflict_do_nothing(index_elements=["id"])
-        self._sql_function_active = (
-            update(F).where(F.c.id == bindparam("fid")).values(last_active_at=bindparam("t"))
-        )
 
     # -- functions' policies (cached; a redeploy replaces them) ------------------------------------------
     def spec_of(self, function_id: str) -> FunctionSpec:
@@ -448,16 +443,15 @@ class ControlPlane:
         assigned: list[tuple[ParkedClaim, list[ClaimedInput]]] = []
         leftover = False
         try:
-            with self.db.write() as conn:
-                row = conn.execute(self._sql_function_state, {"fid": function_id}).first()
+            with self.db.hot() as hot:
+                row = hot.function_state(function_id)
                 if row is None:
                     raise NotFoundError(f"Function {function_id} not found.")
                 if row[1] != "active":
                     raise InvalidError(
                         f"Function {function_id} belongs to a stopped app; start a new run or redeploy."
                     )
-                res = conn.execute(
-                    self._sql_call_insert,
+                existed = not hot.insert_call(
                     {
                         "id": call_id,
                         "function_id": function_id,
@@ -466,15 +460,14 @@ class ControlPlane:
                         "created_at": now,
                         "num_inputs": 0,
                         "cancelled": False,
-                    },
+                    }
                 )
-                existed = res.rowcount == 0
                 if now - self._active_written.get(function_id, 0.0) >= 1.0:
                     # the autoscaler's "last active" needs seconds, not every call
-                    conn.execute(self._sql_function_active, {"fid": function_id, "t": now})
+                    hot.touch_function(function_id, now)
                     self._active_written[function_id] = now
                 if inputs:
-                    leftover = self._enqueue(conn, call_id, function_id, inputs, assigned)
+                    leftover = self._enqueue(hot, call_id, function_id, inputs, assigned)
         except BaseException:
             for pc, _ in assigned:
                 _call_soon(pc.loop, _settle_claim, pc, [])
@@ -487,13 +480,13 @@ class ControlPlane:
 
     def _enqueue(
         self,
-        conn: Any,
+        hot: HotStatements,
         call_id: str,
         function_id: str,
         inputs: list[Any],
         assigned: list[tuple[ParkedClaim, list[ClaimedInput]]],
     ) -> bool:
-        """Write inputs in ``conn``'s transaction: first to the workers parked on the function (claimed by
+        """Write inputs in ``hot``'s transaction: first to the workers parked on the function (claimed by
         them; appended to ``assigned``, to be settled after the commit), the rest pending. Returns whether
         any are left pending."""
         with self._lock:
@@ -511,7 +504,7 @@ class ControlPlane:
                 chunk = inputs[i : i + pc.max_n]
                 i += len(chunk)
                 rows = self.queue.put_claimed(
-                    conn, call_id, function_id, chunk, pc.worker_id, self.settings.lease_s
+                    hot, call_id, function_id, chunk, pc.worker_id, self.settings.lease_s
                 )
                 assigned.append((pc, rows))
         except BaseException:
@@ -520,7 +513,7 @@ class ControlPlane:
             raise
         rest = inputs[i:]
         if rest:
-            self.queue.put(call_id, function_id, rest, conn=conn)
+            self.queue.put(call_id, function_id, rest, hot=hot)
         return bool(rest)
 
     def call_row(self, call_id: str) -> dict[str, Any]:
@@ -535,8 +528,8 @@ class ControlPlane:
     ) -> int:
         assigned: list[tuple[ParkedClaim, list[ClaimedInput]]] = []
         try:
-            with self.db.write() as conn:
-                leftover = self._enqueue(conn, call_id, function_id, inputs, assigned)
+            with self.db.hot() as hot:
+                leftover = self._enqueue(hot, call_id, function_id, inputs, assigned)
         except BaseException:
             for pc, _ in assigned:
                 _call_soon(pc.loop, _settle_claim, pc, [])

@@ -1,0 +1,243 @@
+"""The statements on every call's path, behind one small interface with two implementations.
+
+A warm ``.remote()`` writes twice: the call and its input (claimed by a parked worker), then the output
+(and the input marked done). Through SQLAlchemy Core each of those small statements costs several times
+what SQLite spends executing it (statement objects, cache keys, execution contexts, result wrappers,
+pool checkouts). So on SQLite these run as plain SQL on one dedicated DBAPI connection, under the write
+lock every SQLite write takes anyway; on PostgreSQL they run as prebuilt Core statements in an ordinary
+transaction. Both implementations are exercised by the whole test suite, which runs on both databases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.dialects import postgresql
+
+from cloudmodal.server.models import Call, Function, Input, Output
+
+I = Input.__table__  # noqa: E741
+O = Output.__table__  # noqa: E741
+C = Call.__table__
+F = Function.__table__
+
+PENDING, CLAIMED, DONE = 0, 1, 2
+
+INPUT_COLUMNS = (
+    "call_id",
+    "function_id",
+    "idx",
+    "method",
+    "args",
+    "args_blob",
+    "state",
+    "attempts",
+    "crashes",
+    "worker_id",
+    "lease_expires",
+    "available_at",
+    "created_at",
+)
+OUTPUT_COLUMNS = ("input_id", "call_id", "idx", "gen_index", "status", "data", "data_blob", "created_at")
+CALL_COLUMNS = ("id", "function_id", "app_id", "kind", "created_at", "num_inputs", "cancelled")
+
+
+class HotStatements(Protocol):
+    """One transaction's worth of the hot path's statements."""
+
+    def function_state(self, function_id: str) -> tuple[str, str] | None:
+        """(app id, state) of a function."""
+
+    def insert_call(self, values: dict[str, Any]) -> bool:
+        """Insert a call unless its id exists; whether it was inserted."""
+
+    def touch_function(self, function_id: str, now: float) -> None: ...
+
+    def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: bool) -> list[tuple[int, int]]:
+        """Insert inputs, skipping an existing (call, idx); with ``returning``, the (id, idx) inserted."""
+
+    def input_meta(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
+        """(id, call_id, idx, function_id, attempts, state) of inputs."""
+
+    def insert_outputs(self, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
+        """Insert outputs, skipping an existing (input, gen_index); the (id, input_id, gen_index) inserted,
+        in id order."""
+
+    def inputs_done(self, ids: Sequence[int]) -> None: ...
+
+    def requeue(self, input_id: int, attempt: int, available_at: float) -> None: ...
+
+
+class SqliteHot:
+    """:class:`HotStatements` as plain SQL on a sqlite3 cursor inside ``BEGIN IMMEDIATE``."""
+
+    def __init__(self, cur: sqlite3.Cursor) -> None:
+        self.cur = cur
+
+    def function_state(self, function_id: str) -> tuple[str, str] | None:
+        return self.cur.execute("SELECT app_id, state FROM function WHERE id = ?", (function_id,)).fetchone()
+
+    def insert_call(self, values: dict[str, Any]) -> bool:
+        self.cur.execute(
+            'INSERT INTO "call" (id, function_id, app_id, kind, created_at, num_inputs, cancelled) '
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            tuple(values[c] for c in CALL_COLUMNS),
+        )
+        return self.cur.rowcount == 1
+
+    def touch_function(self, function_id: str, now: float) -> None:
+        self.cur.execute("UPDATE function SET last_active_at = ? WHERE id = ?", (now, function_id))
+
+    _INSERT_INPUT = (
+        f"INSERT INTO input ({', '.join(INPUT_COLUMNS)}) VALUES ({', '.join('?' * len(INPUT_COLUMNS))}) "
+        "ON CONFLICT (call_id, idx) DO NOTHING"
+    )
+
+    def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: bool) -> list[tuple[int, int]]:
+        params = [tuple(r[c] for c in INPUT_COLUMNS) for r in rows]
+        if not returning:
+            self.cur.executemany(self._INSERT_INPUT, params)
+            return []
+        out = []
+        for p in params:
+            got = self.cur.execute(self._INSERT_INPUT + " RETURNING id, idx", p).fetchone()
+            if got is not None:
+                out.append((got[0], got[1]))
+        return out
+
+    def input_meta(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
+        marks = ", ".join("?" * len(ids))
+        return self.cur.execute(
+            f"SELECT id, call_id, idx, function_id, attempts, state FROM input WHERE id IN ({marks})",
+            tuple(ids),
+        ).fetchall()
+
+    _INSERT_OUTPUT = (
+        f"INSERT INTO output ({', '.join(OUTPUT_COLUMNS)}) VALUES ({', '.join('?' * len(OUTPUT_COLUMNS))}) "
+        "ON CONFLICT (input_id, gen_index) DO NOTHING RETURNING id, input_id, gen_index"
+    )
+
+    def insert_outputs(self, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
+        out = []
+        for r in rows:
+            got = self.cur.execute(self._INSERT_OUTPUT, tuple(r[c] for c in OUTPUT_COLUMNS)).fetchone()
+            if got is not None:
+                out.append((got[0], got[1], got[2]))
+        return out
+
+    def inputs_done(self, ids: Sequence[int]) -> None:
+        marks = ", ".join("?" * len(ids))
+        self.cur.execute(f"UPDATE input SET state = {DONE}, args = NULL WHERE id IN ({marks})", tuple(ids))
+
+    def requeue(self, input_id: int, attempt: int, available_at: float) -> None:
+        self.cur.execute(
+            f"UPDATE input SET state = {PENDING}, worker_id = NULL, attempts = ?, available_at = ? "
+            f"WHERE id = ? AND state < {DONE}",
+            (attempt, available_at, input_id),
+        )
+
+
+class CoreHot:
+    """:class:`HotStatements` as prebuilt SQLAlchemy Core statements (PostgreSQL).
+
+    On PostgreSQL ids are drawn at insert but become visible at commit, so two writers could commit a call's
+    outputs out of id order and a reader paging by id would skip a row for good: a transaction-scoped
+    advisory lock per call makes a call's output ids commit in order.
+    """
+
+    ids = bindparam("ids", expanding=True)
+    sql_function_state = select(F.c.app_id, F.c.state).where(F.c.id == bindparam("fid"))
+    sql_insert_call = postgresql.insert(C).on_conflict_do_nothing(index_elements=["id"])
+    sql_touch = update(F).where(F.c.id == bindparam("fid")).values(last_active_at=bindparam("t"))
+    sql_insert_input = postgresql.insert(I).on_conflict_do_nothing(index_elements=["call_id", "idx"])
+    sql_insert_input_returning = sql_insert_input.returning(I.c.id, I.c.idx, sort_by_parameter_order=True)
+    sql_input_meta = select(I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state).where(
+        I.c.id.in_(ids)
+    )
+    sql_insert_output = (
+        postgresql.insert(O)
+        .on_conflict_do_nothing(index_elements=["input_id", "gen_index"])
+        .returning(O.c.id, O.c.input_id, O.c.gen_index, sort_by_parameter_order=True)
+    )
+    sql_inputs_done = update(I).where(I.c.id.in_(ids)).values(state=DONE, args=None)
+    sql_requeue = (
+        update(I)
+        .where((I.c.id == bindparam("iid")) & (I.c.state < DONE))
+        .values(state=PENDING, worker_id=None, attempts=bindparam("attempt"), available_at=bindparam("at"))
+    )
+    sql_advisory = text("SELECT pg_advisory_xact_lock(hashtext(:c))")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def function_state(self, function_id: str) -> tuple[str, str] | None:
+        row = self.conn.execute(self.sql_function_state, {"fid": function_id}).first()
+        return None if row is None else (row[0], row[1])
+
+    def insert_call(self, values: dict[str, Any]) -> bool:
+        return self.conn.execute(self.sql_insert_call, values).rowcount == 1
+
+    def touch_function(self, function_id: str, now: float) -> None:
+        self.conn.execute(self.sql_touch, {"fid": function_id, "t": now})
+
+    def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: bool) -> list[tuple[int, int]]:
+        if not returning:
+            self.conn.execute(self.sql_insert_input, list(rows))
+            return []
+        return [(r[0], r[1]) for r in self.conn.execute(self.sql_insert_input_returning, list(rows)).all()]
+
+    def input_meta(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn.execute(self.sql_input_meta, {"ids": list(ids)}).all()]
+
+    def insert_outputs(self, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
+        for cid in sorted({r["call_id"] for r in rows}):
+            self.conn.execute(self.sql_advisory, {"c": cid})
+        got = self.conn.execute(self.sql_insert_output, list(rows)).all()
+        return sorted((r[0], r[1], r[2]) for r in got)
+
+    def inputs_done(self, ids: Sequence[int]) -> None:
+        self.conn.execute(self.sql_inputs_done, {"ids": list(ids)})
+
+    def requeue(self, input_id: int, attempt: int, available_at: float) -> None:
+        self.conn.execute(self.sql_requeue, {"iid": input_id, "attempt": attempt, "at": available_at})
+
+
+class SqliteHotConnection:
+    """The dedicated sqlite3 connection of :class:`SqliteHot`, used only under the database's write lock."""
+
+    def __init__(self, path: str, write_lock: threading.Lock) -> None:
+        self.path = path
+        self.lock = write_lock
+        self._conn: sqlite3.Connection | None = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[SqliteHot]:
+        with self.lock:
+            if self._conn is None:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=30000")
+                self._conn = conn
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield SqliteHot(cur)
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+            finally:
+                cur.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
