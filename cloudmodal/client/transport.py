@@ -8,6 +8,7 @@ request that failed because the control plane restarted is simply sent again unt
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from typing import Any
@@ -146,6 +147,7 @@ class Channel:
         self.t = transport
         self.path = path
         self._ws: Any = None
+        self._pid = os.getpid()
         try:
             from websockets.sync.client import connect
         except ImportError:  # pragma: no cover - uvicorn[standard] brings it
@@ -162,6 +164,8 @@ class Channel:
             self.t.reconnect_timeout if reconnect_timeout is None else reconnect_timeout
         )
         delay = 0.05
+        if self._pid != os.getpid():  # a forked child: the socket is the parent's, leave it to it
+            self._ws, self._pid = None, os.getpid()
         while True:
             try:
                 if self._ws is None:
