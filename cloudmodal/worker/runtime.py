@@ -240,13 +240,15 @@ class Worker:
 
     def _take_outbox_for_claim(self) -> list[list[Any]]:
         """Outputs to send with the next claim: only when nothing runs (no output can follow the ones taken
-        in another request) and after the sender's batch in flight, so a call's outputs keep their order."""
+        in another request) and the sender has no batch in flight (a call's outputs keep their order); else
+        the sender sends them, and the claim does not wait for it."""
         with self._lock:
             if self.running:
                 return []
         with self._out_cond:
-            while self._sending:
-                self._out_cond.wait(0.5)
+            if self._sending:
+                self._out_cond.notify()
+                return []
             batch, self.outbox = self.outbox, []
         return batch
 
