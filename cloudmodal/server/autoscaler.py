@@ -5,8 +5,26 @@ reads the clock) and returns a :class:`ScaleDecision`. The reconciler applies it
 
 Rules, in order:
 
-1. ``needed = ceil((backlog + in_flight) / per_worker_target)``. In-flight inputs on draining workers count
-   (their replacement starts before they are gone), but draining workers do not count as capacity.
+1. ``needed``: the workers the load asks for. In-flight inputs on draining workers count (their replacement
+   starts before they are gone), but draining workers do not count as capacity.
+
+   - Without estimates (``service_time_s`` None): ``needed = ceil((backlog + in_flight) / per_worker_target)``,
+     a slot for every input, queued or running.
+   - With a service-time estimate (mean seconds per input on one slot): the in-flight inputs keep
+     ``in_flight / target`` workers; the backlog asks only for the workers that clear it within a horizon
+     ``H = max(startup_s, min_drain_horizon_s)`` (``startup_s``: launch → ready; ``min_drain_horizon_s`` 30 s
+     by default, also used while ``startup_s`` is unknown)::
+
+         needed = ceil(in_flight / target + backlog × service_time_s / (target × H))
+
+     A worker launched now only helps after ``startup_s``; asking for more than that pays boots for work the
+     running workers (and the ones already starting) would finish first. The rule converges on the arrival
+     rate: while a pool is short of ``d`` workers its backlog grows by ``d × target / service`` inputs a
+     second, so after one start-up the backlog term asks for about ``d`` more. The backlog then drains within
+     about ``startup_s + H`` of a spike, where the estimate-free rule would drain it within one start-up, so
+     waits during a spike are longer and boots far fewer. ``needed`` is never more than the estimate-free rule
+     (a queued input needs at most one slot), never less than ``ceil(in_flight / target)``, and at least 1
+     while there is a backlog (a pool without workers always gets one).
 2. The pool is *active* while there is work, and for ``scaledown_window`` seconds after the last work
    (``last_active_at``). While active, ``desired = needed + buffer_containers``; otherwise 0.
 3. ``desired`` is clamped to ``[min_containers, max_containers]``; when ``min > max``, ``max`` wins (it is
@@ -36,6 +54,8 @@ from typing import Literal
 from cloudmodal.spec import AutoscalerSettings, BatchConfig, ConcurrencyConfig
 
 WorkerPoolState = Literal["starting", "ready", "draining"]
+
+MIN_DRAIN_HORIZON_S = 30.0  # the shortest horizon the backlog is drained over (rule 1), and the default one
 
 
 def per_worker_target(concurrency: ConcurrencyConfig | None, batching: BatchConfig | None) -> int:
@@ -72,6 +92,10 @@ class PoolSnapshot:
 
     ``backlog``: inputs waiting for a worker. ``in_flight``: inputs being run (all workers, draining ones
     included). ``last_active_at``: the last time there was backlog or in-flight work (None: never).
+
+    Estimates, None while unknown (rule 1 then asks for a slot per input, as without them):
+    ``service_time_s``: mean seconds one input takes on one slot, from the results the workers reported.
+    ``startup_s``: seconds from launch to ready of the pool's recent workers.
     """
 
     backlog: int
@@ -81,6 +105,8 @@ class PoolSnapshot:
     last_active_at: float | None = None
     per_worker_target: int = 1
     max_launch_per_step: int | None = None
+    service_time_s: float | None = None
+    startup_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,13 +129,47 @@ def _stop_order(w: WorkerView) -> tuple[float, float, str]:
 
 
 class Autoscaler:
-    """The pure scaling decision for one pool (stateless; one instance can serve every pool)."""
+    """The pure scaling decision for one pool (stateless; one instance can serve every pool).
+
+    ``min_drain_horizon_s``: the shortest horizon rule 1 drains a backlog over when the service time is known
+    (the horizon is the pool's start-up time when longer, and this while it is unknown).
+    """
+
+    def __init__(self, min_drain_horizon_s: float = MIN_DRAIN_HORIZON_S) -> None:
+        self.min_drain_horizon_s = max(float(min_drain_horizon_s), 1e-3)
+
+    def needed(self, snapshot: PoolSnapshot) -> tuple[int, str]:
+        """Rule 1: the workers the load asks for, and how the reason line explains it."""
+        target = max(int(snapshot.per_worker_target), 1)
+        backlog, in_flight = max(snapshot.backlog, 0), max(snapshot.in_flight, 0)
+        load = backlog + in_flight
+        per_input = math.ceil(load / target)  # a slot for every input, queued or running
+        head = f"load {load} (backlog {backlog}, in flight {in_flight}) / {target} per worker"
+        service = snapshot.service_time_s
+        if service is None or not math.isfinite(service):
+            return per_input, f"{head} = {per_input} needed"
+        service = max(service, 0.0)
+        startup = snapshot.startup_s
+        horizon = self.min_drain_horizon_s
+        if startup is not None and math.isfinite(startup) and startup > horizon:
+            horizon = startup
+        for_in_flight = in_flight / target
+        for_backlog = backlog * service / (target * horizon)
+        # ceil with a little slack, so float noise (0.1 + 0.2) does not add a worker.
+        needed = math.ceil(for_in_flight + for_backlog - 1e-9)
+        needed = max(needed, math.ceil(in_flight / target), 1 if backlog else 0)
+        capped = needed > per_input
+        needed = min(needed, per_input)
+        why = (
+            f"{head}: in flight {for_in_flight:.2f} + backlog {backlog} × {service:.3g} s ÷ {horizon:.0f} s"
+            f" horizon {for_backlog:.2f} = {needed} needed" + (" (one slot per input)" if capped else "")
+        )
+        return needed, why
 
     def decide(self, snapshot: PoolSnapshot, now: float) -> ScaleDecision:
         s = snapshot.settings
-        target = max(int(snapshot.per_worker_target), 1)
         load = max(snapshot.backlog, 0) + max(snapshot.in_flight, 0)
-        needed = math.ceil(load / target)
+        needed, why = self.needed(snapshot)
         window = max(float(s.scaledown_window), 0.0)
 
         active = load > 0 or (snapshot.last_active_at is not None and now - snapshot.last_active_at < window)
@@ -137,10 +197,7 @@ class Autoscaler:
             terminate = [w.worker_id for w in sorted(expired, key=_stop_order)[: capacity - desired]]
 
         draining = len(snapshot.workers) - capacity
-        parts = [
-            f"load {load} (backlog {snapshot.backlog}, in flight {snapshot.in_flight}) / {target} per worker"
-            f" = {needed} needed",
-        ]
+        parts = [why]
         if active and s.buffer_containers:
             parts.append(f"+{s.buffer_containers} buffer")
         if not active:

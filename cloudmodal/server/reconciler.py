@@ -11,9 +11,11 @@ One loop, woken early when inputs arrive for a function (so a cold start does no
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,50 @@ STARTUP_GRACE_S = (
 )
 DRAIN_GRACE_S = 30.0
 LAUNCH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STARTUP_SAMPLES = 16  # the start-up estimate is the median launch → ready of this many recent workers
+
+
+class StartupTimes:
+    """Launch → ready (``ready_at - started_at``) of each function's most recent workers; the autoscaler's
+    start-up estimate is their median (robust to one slow image pull or one instant local start)."""
+
+    def __init__(self, keep: int = STARTUP_SAMPLES) -> None:
+        self.keep = max(int(keep), 1)
+        self._boots: dict[str, dict[str, float]] = {}  # function id -> worker id -> seconds, oldest first
+        self._median: dict[str, float | None] = {}
+        self._newest: dict[
+            str, float
+        ] = {}  # function id -> the latest ready_at taken (older ones are skipped)
+
+    def known(self, function_id: str) -> bool:
+        return function_id in self._boots
+
+    def seed(self, function_id: str, rows: Iterable[tuple[str, float, float | None]]) -> None:
+        """Start a function's history from (worker id, started_at, ready_at) rows, oldest first."""
+        self._boots.setdefault(function_id, {})
+        for worker_id, started_at, ready_at in rows:
+            self.observe(function_id, worker_id, started_at, ready_at)
+
+    def observe(self, function_id: str, worker_id: str, started_at: float, ready_at: float | None) -> None:
+        boots = self._boots.setdefault(function_id, {})
+        if ready_at is None or worker_id in boots or ready_at < started_at:
+            return
+        if ready_at < self._newest.get(function_id, -math.inf):
+            return  # older than the samples kept (a long-lived worker already counted, or dropped)
+        self._newest[function_id] = ready_at
+        boots[worker_id] = ready_at - started_at
+        while len(boots) > self.keep:
+            del boots[next(iter(boots))]
+        self._median.pop(function_id, None)
+
+    def estimate(self, function_id: str) -> float | None:
+        if function_id in self._median:
+            return self._median[function_id]
+        xs = sorted((self._boots.get(function_id) or {}).values())
+        n = len(xs)
+        est = None if n == 0 else xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+        self._median[function_id] = est
+        return est
 
 
 @dataclass
@@ -74,6 +120,7 @@ class Reconciler:
         self._tables: dict[str, Any] = {}
         self.server_url = server_url
         self.autoscaler = Autoscaler()
+        self.startup_times = StartupTimes()
         self.market_policy = MarketPolicy(_market_settings())
         self.market_state: dict[str, PoolMarketState] = {}
         self.blocks = BlockList()
@@ -315,6 +362,8 @@ class Reconciler:
             last_active_at=fn[4],
             settings=spec.autoscaler,
             per_worker_target=target,
+            service_time_s=self._service_time(fid),
+            startup_s=self._startup_time(fid, ws),
         )
         decision = self.autoscaler.decide(snap, now)
         for wid in decision.terminate:
@@ -363,6 +412,36 @@ class Reconciler:
                 self._launch(fid, fn, spec, force_on_demand=i < floor)
         elif spec.gpu and self.clouds and spec.spot == "allow" and not self._launching.get(fid) and room > 0:
             self._move_back_to_spot(fid, fn, spec, ws, now)
+
+    def _startup_time(self, fid: str, ws: list[Any]) -> float | None:
+        """Median launch → ready of the function's recent workers (None before the first is ready). Seeded
+        from the database the first time a function is seen, so a restart keeps its history."""
+        times = self.startup_times
+        if not times.known(fid):
+            with self.cp.db.read() as conn:
+                rows = conn.execute(
+                    select(W.c.id, W.c.started_at, W.c.ready_at)
+                    .where(and_(W.c.function_id == fid, W.c.ready_at.is_not(None)))
+                    .order_by(W.c.ready_at.desc())
+                    .limit(times.keep)
+                ).all()
+            times.seed(fid, reversed([tuple(r) for r in rows]))
+        for w in sorted((w for w in ws if w.ready_at is not None), key=lambda w: w.ready_at):
+            times.observe(fid, w.id, w.started_at, w.ready_at)
+        return times.estimate(fid)
+
+    def _service_time(self, fid: str) -> float | None:
+        """Mean seconds per input on one slot, from the durations workers report with their outputs (None
+        until the control plane has some, or where it does not measure them)."""
+        estimate = getattr(self.cp, "service_time_estimate", None)
+        if not callable(estimate):
+            return None
+        try:
+            got = estimate(fid)
+        except Exception:
+            log.exception("service time estimate of %s failed", fid)
+            return None
+        return float(got) if got is not None else None
 
     def _move_back_to_spot(self, fid: str, fn: Any, spec: FunctionSpec, ws: list[Any], now: float) -> None:
         """A pool fallen back to on-demand probes spot now and then with one extra worker; once spot works

@@ -325,3 +325,240 @@ def test_scale_down_prefers_newest_workers():
     assert len(sim.workers) == 2
     first_started = sorted(sim.workers.values(), key=lambda w: w.started_at)
     assert [w.id for w in first_started] == ["w1", "w2"]  # the pool's long-lived core survives
+
+
+# --- rule 1 with a service-time estimate: the backlog is drained over a start-up, not one slot per input -------
+
+
+def decide_est(settings, *, service, startup=None, backlog=0, in_flight=0, workers=(), target=1, **kw):
+    snap = PoolSnapshot(
+        backlog=backlog,
+        in_flight=in_flight,
+        workers=tuple(workers),
+        settings=settings,
+        last_active_at=None,
+        per_worker_target=target,
+        service_time_s=service,
+        startup_s=startup,
+        **kw,
+    )
+    return Autoscaler().decide(snap, NOW)
+
+
+ESTIMATE_CASES = [
+    # id, settings, kwargs, (desired, launch, terminate)
+    (
+        "no workers, small backlog: one worker",
+        S(),
+        {"backlog": 100, "service": 0.7, "startup": 180},
+        (1, 1, ()),
+    ),
+    # 100,000 × 0.7 s ÷ 180 s = 388.9 workers, where a slot per input would ask for 100,000.
+    (
+        "huge backlog: the workers that clear it in a start-up",
+        S(),
+        {"backlog": 100_000, "service": 0.7, "startup": 180},
+        (389, 389, ()),
+    ),
+    ("max_containers caps it", S(max=50), {"backlog": 100_000, "service": 0.7, "startup": 180}, (50, 50, ())),
+    (
+        "service time 0, no workers: still one",
+        S(),
+        {"backlog": 50, "service": 0.0, "startup": 60},
+        (1, 1, ()),
+    ),
+    (
+        "service time 0: in-flight work keeps its workers",
+        S(),
+        {
+            "backlog": 50,
+            "in_flight": 4,
+            "service": 0.0,
+            "startup": 60,
+            "workers": [ready(f"r{i}", in_flight=1) for i in range(4)],
+        },
+        (4, 0, ()),
+    ),
+    # 10 × 600 s ÷ 60 s = 100 workers, but 10 inputs need at most 10 slots.
+    (
+        "long inputs: never more than a slot per input",
+        S(),
+        {"backlog": 10, "service": 600.0, "startup": 60},
+        (10, 10, ()),
+    ),
+    ("start-up unknown: the 30 s floor", S(), {"backlog": 90, "service": 1.0}, (3, 3, ())),
+    (
+        "start-up shorter than the floor: the floor",
+        S(),
+        {"backlog": 90, "service": 1.0, "startup": 5},
+        (3, 3, ()),
+    ),
+    # 12 / 4 = 3 for the inputs in flight + 40 × 2 s ÷ (4 × 100 s) = 0.2 for the backlog → 4.
+    (
+        "in flight over the target, plus the backlog's share",
+        S(),
+        {
+            "backlog": 40,
+            "in_flight": 12,
+            "service": 2.0,
+            "startup": 100,
+            "target": 4,
+            "workers": [ready(f"r{i}", in_flight=4) for i in range(3)],
+        },
+        (4, 1, ()),
+    ),
+    (
+        "min and buffer on top, as before",
+        S(min=3, buffer=1),
+        {"backlog": 10, "service": 1.0, "startup": 100},
+        (3, 3, ()),
+    ),
+    (
+        "buffer added to the drain rule",
+        S(buffer=2),
+        {"backlog": 10, "service": 1.0, "startup": 100},
+        (3, 3, ()),
+    ),
+    (
+        "starting workers count; they are never stopped",
+        S(window=0),
+        {"backlog": 10, "service": 1.0, "startup": 100, "workers": [starting(f"s{i}") for i in range(5)]},
+        (1, 0, ()),
+    ),
+    (
+        "surplus idle workers go after the window, busy ones stay",
+        S(window=60),
+        {
+            "backlog": 5,
+            "in_flight": 2,
+            "service": 1.0,
+            "startup": 100,
+            "workers": [
+                ready("b1", 0, None, 1),
+                ready("b2", 1, None, 1),
+                ready("i1", 2, 100),
+                ready("i2", 3, 10),
+            ],
+        },
+        (3, 0, ("i1",)),
+    ),
+    (
+        "per-step launch cap still applies",
+        S(),
+        {"backlog": 100_000, "service": 0.7, "startup": 180, "max_launch_per_step": 20},
+        (389, 20, ()),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "settings, kw, expected", [c[1:] for c in ESTIMATE_CASES], ids=[c[0] for c in ESTIMATE_CASES]
+)
+def test_decision_table_with_estimates(settings, kw, expected):
+    d = decide_est(settings, **kw)
+    assert (d.desired, d.launch, d.terminate) == expected, d.reason
+
+
+@pytest.mark.parametrize("settings, kw, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_start_up_estimate_alone_keeps_the_old_rule(settings, kw, expected):
+    """Without a service-time estimate a start-up estimate changes nothing: every table case stands."""
+    kw = dict(kw)
+    snap = PoolSnapshot(
+        backlog=kw.pop("backlog", 0),
+        in_flight=kw.pop("in_flight", 0),
+        workers=tuple(kw.pop("workers", ())),
+        settings=settings,
+        last_active_at=None if kw.get("last_active_ago") is None else NOW - kw.pop("last_active_ago"),
+        per_worker_target=kw.pop("target", 1),
+        max_launch_per_step=kw.pop("max_step", None),
+        startup_s=120.0,
+    )
+    kw.pop("last_active_ago", None)
+    assert not kw
+    d = Autoscaler().decide(snap, NOW)
+    assert (d.desired, d.launch, d.terminate) == expected, d.reason
+
+
+def test_reason_shows_the_drain_numbers():
+    d = decide_est(
+        S(max=400),
+        backlog=100_000,
+        in_flight=3,
+        service=0.7,
+        startup=180,
+        workers=[ready("a", in_flight=3)],
+        target=4,
+    )
+    assert d.reason == (
+        "load 100003 (backlog 100000, in flight 3) / 4 per worker: in flight 0.75 + backlog 100000 × 0.7 s"
+        " ÷ 180 s horizon 97.22 = 98 needed; desired 98 in [0, 400]; capacity 1 (0 starting, 1 ready); launch 97"
+    )
+    d = decide_est(S(), backlog=3, service=600.0, startup=60)
+    assert d.reason.startswith(
+        "load 3 (backlog 3, in flight 0) / 1 per worker: in flight 0.00 + backlog 3 × 600 s ÷ 60 s horizon 30.00"
+        " = 3 needed (one slot per input)"
+    )
+
+
+def test_min_drain_horizon_is_a_setting():
+    snap = PoolSnapshot(90, 0, (), S(), None, 1, service_time_s=1.0, startup_s=None)
+    assert Autoscaler(min_drain_horizon_s=90).decide(snap, NOW).desired == 1
+    assert Autoscaler().decide(snap, NOW).desired == 3
+
+
+def _spike(estimates: bool, boot: float = 120.0, service: float = 0.5) -> tuple[int, int, int]:
+    """A pool serving 10 inputs/s on 5 workers meets 30 inputs/s for 300 s; workers boot in ``boot`` s. One
+    step a second of simulated time, a fluid queue. Returns (launched, peak workers, inputs left at the end)."""
+    settings = S(window=60)
+    workers = {f"w{i}": [0.0, 0.0, None] for i in range(5)}  # started, ready at, idle since
+    queue = launched = 0
+    peak = len(workers)
+    last_active = None
+    for t in range(1500):
+        queue += 0 if t >= 1000 else 30 if 100 <= t < 400 else 10
+        up = sorted((kv for kv in workers.items() if kv[1][1] <= t), key=lambda kv: kv[1][0])
+        served = min(queue, int(len(up) / service))
+        queue -= served
+        busy = math.ceil(served * service)
+        for i, (_, w) in enumerate(up):
+            if i < busy:
+                w[2] = None
+            elif w[2] is None:
+                w[2] = float(t)
+        if queue or busy:
+            last_active = float(t)
+        views = [
+            WorkerView(wid, "ready", w[0], w[2], int(w[2] is None))
+            if w[1] <= t
+            else WorkerView(wid, "starting", w[0])
+            for wid, w in workers.items()
+        ]
+        snap = PoolSnapshot(
+            queue,
+            busy,
+            views,
+            settings,
+            last_active,
+            1,
+            service_time_s=service if estimates else None,
+            startup_s=boot if estimates else None,
+        )
+        d = Autoscaler().decide(snap, float(t))
+        for wid in d.terminate:
+            assert workers[wid][2] is not None, "stopped a busy worker"
+            del workers[wid]
+        for _ in range(d.launch):
+            launched += 1
+            workers[f"n{launched}"] = [float(t), t + boot, None]
+        peak = max(peak, len(workers))
+    return launched, peak, queue
+
+
+def test_a_spike_during_slow_boots_launches_the_deficit_not_a_worker_per_input():
+    launched, peak, left = _spike(estimates=True)
+    assert left == 0  # every input served
+    # The spike needs 15 workers (30/s × 0.5 s); the backlog built while they boot asks for ~15 more.
+    assert 10 <= launched <= 40 and peak <= 40, (launched, peak)
+    old_launched, old_peak, old_left = _spike(estimates=False)
+    assert old_left == 0
+    assert old_launched >= 1000  # a slot per queued input: the backlog of one boot (~2,400 inputs)
