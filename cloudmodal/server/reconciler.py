@@ -26,6 +26,7 @@ from cloudmodal.exception import Error, NoProviderError
 from cloudmodal.gpu import GpuTier
 from cloudmodal.ids import new_id
 from cloudmodal.providers.base import SupportsPreemptionNotice
+from cloudmodal.providers.gpu import summarize
 from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView
 from cloudmodal.server.models import Function, Worker
 from cloudmodal.server.service import LIVE_WORKER_STATES, ControlPlane
@@ -53,9 +54,8 @@ class StartupTimes:
         self.keep = max(int(keep), 1)
         self._boots: dict[str, dict[str, float]] = {}  # function id -> worker id -> seconds, oldest first
         self._median: dict[str, float | None] = {}
-        self._newest: dict[
-            str, float
-        ] = {}  # function id -> the latest ready_at taken (older ones are skipped)
+        # function id -> the latest ready_at taken (older ones are skipped)
+        self._newest: dict[str, float] = {}
 
     def known(self, function_id: str) -> bool:
         return function_id in self._boots
@@ -431,17 +431,8 @@ class Reconciler:
         return times.estimate(fid)
 
     def _service_time(self, fid: str) -> float | None:
-        """Mean seconds per input on one slot, from the durations workers report with their outputs (None
-        until the control plane has some, or where it does not measure them)."""
-        estimate = getattr(self.cp, "service_time_estimate", None)
-        if not callable(estimate):
-            return None
-        try:
-            got = estimate(fid)
-        except Exception:
-            log.exception("service time estimate of %s failed", fid)
-            return None
-        return float(got) if got is not None else None
+        """Mean seconds per input on one slot, as the function's workers report it (None until they have)."""
+        return self.cp.service_time_estimate(fid)
 
     def _move_back_to_spot(self, fid: str, fn: Any, spec: FunctionSpec, ws: list[Any], now: float) -> None:
         """A pool fallen back to on-demand probes spot now and then with one extra worker; once spot works
@@ -739,8 +730,7 @@ def _no_gpu_message(tiers: tuple[GpuTier, ...], provider: Any) -> str:
     inv = getattr(provider, "gpu_inventory", None)
     if inv is not None:
         try:
-            devs = inv()
-            have = ", ".join(sorted({d.name for d in devs})) if devs else "no GPUs"
+            have = summarize(inv())
         except Exception:
             have = "unknown"
     lines = [

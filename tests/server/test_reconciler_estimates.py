@@ -48,16 +48,19 @@ def _reconciler(cp) -> Reconciler:
     return r
 
 
-def test_service_time_comes_from_the_control_plane_when_it_measures_it():
-    assert _reconciler(SimpleNamespace())._service_time("f") is None  # a control plane without estimates
-    cp = SimpleNamespace(service_time_estimate=lambda fid: {"f": 2}.get(fid))
+def test_service_time_is_the_control_plane_s_average_of_what_workers_report(tmp_path):
+    from cloudmodal.server.service import ControlPlane, Settings
+
+    cp = ControlPlane(Settings(database_url=f"sqlite:///{tmp_path / 'cp.db'}", state_dir=tmp_path))
     r = _reconciler(cp)
+    assert r._service_time("f") is None  # nothing reported yet
+    cp._record_service("f", 10, 20.0)  # ten inputs, 2 s each
     assert r._service_time("f") == 2.0 and r._service_time("g") is None
-
-    def broken(fid):
-        raise RuntimeError("db gone")
-
-    assert _reconciler(SimpleNamespace(service_time_estimate=broken))._service_time("f") is None
+    cp._record_service("f", cp.SERVICE_HALF_LIFE, cp.SERVICE_HALF_LIFE * 4.0)  # a half-life of 4 s inputs
+    assert r._service_time("f") == 3.0  # halfway from 2 s to 4 s
+    cp._record_service("f", 1, 1000.0)  # one outlier barely moves it
+    assert 3.0 < r._service_time("f") < 3.0 + 1000.0 * (1 - 0.5 ** (1 / cp.SERVICE_HALF_LIFE)) + 1e-9
+    cp.db.dispose()
 
 
 def test_startup_time_reads_live_workers_after_seeding_from_the_database():
