@@ -28,18 +28,36 @@ What is simulated (see bench/README.md for the numbers and the definitions):
 - **Cost** = $/h fixed at launch × time alive (booting included). Two offline references:
 
   - the **lower bound**: the busy worker-time the inputs needed (inputs × service time ÷ ``target_inputs``),
-    each second priced at the pool's cheapest feasible offer at that moment (placement's order over the offers
-    in stock with quota), with no start-up, idle or lost time — no scheduler can reach it, since every worker
+    each second priced at p*(t), the $/h of the pool's cheapest feasible offer at that moment (placement's
+    order over the offers in stock with quota), with no start-up, idle or lost time — no scheduler can reach it, since every worker
     boots;
-  - the **feasible optimum** (the goal's yardstick): the lower bound plus the start-ups a scheduler that knows
-    the future must still pay. Per pool, the busy-worker profile n(t) of each step (the work started, run on
-    the capacity the step had, carried into later steps where it exceeds it) is cut into layers k = 1, 2, …
-    (layer k is present in a step while n > k − 1; its busy part, min(max(n − (k − 1), 0), 1) of the step, is
-    already in the lower bound). Each layer pays one start-up when it first appears, and for every later gap
-    the cheaper of a new start-up and keeping its worker idle through the gap: min(gap, boot) × $/h (ski rental
-    with a known future: gaps shorter than a boot are merged). boot = the median provisioning delay of the
-    cloud of the cheapest feasible offer at that moment (+60 s for 8-GPU nodes) + the pool's start-up; $/h =
-    that offer's. Layers running at 00:00 start warm, as the simulated pools do.
+  - the **feasible optimum** (the goal's yardstick): the lower bound, plus the idle workers the pool's own
+    declared floors require, plus the start-ups a scheduler that knows the future must still pay. It honours
+    each pool's declared ``min_containers`` m and ``buffer_containers`` b, because the user asked for those
+    workers and every schedule that honours the settings pays for them, the optimum included (before, it
+    ignored them, which charged the settings' cost to the autoscaler). Per pool and step [t0, t1):
+
+    - the busy profile n: the worker-seconds run in the step ÷ (t1 − t0), in ``target_inputs`` workers (the
+      work started, run on the capacity the step had, carried into later steps where it exceeds it);
+    - the profile f = max(n, min(max(n + b·active, m), max_containers)), the settings read as the autoscaler
+      reads them (rules 2–3: ``desired = clamp(needed + buffer, min, max)``): m workers at all times, b idle
+      workers beyond the load while the pool is *active* — work queued or running in the step (the
+      autoscaler's ``load > 0``; the ``scaledown_window`` tail after the load is a policy, not a
+      requirement, so it is not in f) — the m floor workers counting towards them, and ``max_containers``
+      wins. The floors' idle part, (f − n) × ∫ p*
+      dt over the step, is added (the busy part n is already in the lower bound). A sleeping pool's time is
+      inside the step that wakes it (n = 0 there), and the time after a pool's last step until the end of
+      the run counts m idle workers; so m is paid over the whole run;
+    - start-ups: f is cut into layers k = 1, 2, … (layer k is present in a step while f > k − 1). Each layer
+      pays one start-up when it first appears, and for every later gap the cheaper of a new start-up and
+      keeping its worker idle through the gap: min(gap, boot) × $/h (ski rental with a known future: gaps
+      shorter than a boot are merged). The first m layers are always present: a floor worker never re-boots.
+      boot = the median provisioning delay of the cloud of the cheapest feasible offer at that moment (+60 s
+      for 8-GPU nodes) + the pool's start-up; $/h = that offer's. Layers running at 00:00 start warm, as the
+      simulated pools do.
+
+    Also reported: the **feasible optimum without the declared floors** (the previous definition): the same
+    layering over n alone, with no floors' idle part.
 
 Run: ``.venv/bin/python bench/autoscale_sim.py`` (1,000 pools, 24 h); ``--pools 100 --hours 2`` for a quick run.
 """
@@ -274,6 +292,11 @@ class Pool:
         "opt_pending",
         "opt_layers",
         "layer_end",
+        "opt_layers0",
+        "layer_end0",
+        "floor_min",
+        "floor_buf",
+        "floor_max",
         "svc_est",
         "boots",
         "boot_est",
@@ -315,8 +338,14 @@ class Pool:
         self.opt_cands: list[tuple[float, OfferKey, float]] = []  # (price, offer, boot s), placement order
         self.opt_cache = (-1.0, -1.0, 0.0, 0.0)  # (valid from, valid until, price, boot s)
         self.opt_pending = 0.0  # worker-seconds started but not yet executed (the feasible optimum's profile)
-        self.opt_layers = 0  # layers of the busy profile present in the last step
+        self.opt_layers = 0  # layers of the feasible optimum's profile present in the last step
         self.layer_end: list[float] = []  # per layer: when it was last present (its gap starts there)
+        self.opt_layers0 = 0  # the same, for the profile without the declared floors (the busy profile alone)
+        self.layer_end0: list[float] = []
+        self.floor_min = self.floor_buf = (
+            0  # the declared min_containers, buffer_containers (set in _init_opt)
+        )
+        self.floor_max = math.inf  # max_containers (the cap wins, as in the autoscaler)
         self.svc_est: float | None = None  # what the autoscaler is told: mean service time of served inputs
         self.boots: deque[float] = deque(maxlen=BOOT_SAMPLES)  # launch → ready of recent workers
         self.boot_est: float | None = None  # their median
@@ -528,6 +557,10 @@ class Sim:
                 "opt_boot_cost",
                 "opt_gap_cost",
                 "opt_boots",
+                "opt_floor_cost",
+                "opt0_boot_cost",
+                "opt0_gap_cost",
+                "opt0_boots",
                 "work_s",
                 "od_worker_s",
                 "spot_worker_s",
@@ -537,8 +570,9 @@ class Sim:
             0.0,
         )
         self.c = c
-        # [cost, lower bound, boot, busy, lost work, the feasible optimum's start-ups and kept-idle gaps]
-        self.by_kind = {"online": [0.0] * 6, "batch": [0.0] * 6}
+        # [cost, lower bound, boot, busy, lost work, the feasible optimum's start-ups and kept-idle gaps, its
+        #  declared floors' idle part, the start-ups and kept-idle gaps of the optimum without the floors]
+        self.by_kind = {"online": [0.0] * 8, "batch": [0.0] * 8}
         self.hists = {"online": Hist(), "batch": Hist()}
         n_hours = int(math.ceil(args.hours + DRAIN_LIMIT_S / 3600.0)) + 1
         self.paid_ws = [0.0] * n_hours  # worker-seconds paid, per hour of simulated time
@@ -566,6 +600,10 @@ class Sim:
             got.candidates
         )
         p.opt_cands = [(c.price, c.key, self.median_boot(p, c.offer)) for c in cands]
+        st = p.settings
+        p.floor_min = max(st.min_containers, 0)
+        p.floor_buf = max(st.buffer_containers, 0)
+        p.floor_max = st.max_containers if st.max_containers is not None else math.inf
 
     @staticmethod
     def median_boot(p: Pool, o: Offer) -> float:
@@ -594,16 +632,37 @@ class Sim:
     def opt_price(self, p: Pool, t: float) -> float:
         return self.opt_offer(p, t)[0]
 
-    def opt_layers(self, p: Pool, t0: float, n: float) -> None:
-        """The feasible optimum's start-ups: the busy profile ``n`` (workers) of the step beginning at ``t0``,
-        as layers k = 1, 2, … (layer k is present while n > k − 1). A layer that appears pays one start-up at
+    def opt_price_s(self, p: Pool, a: float, b: float) -> float:
+        """∫ p*(pool, t) dt over [a, b), in $/h × s: the cheapest feasible offer's price, piece by piece."""
+        total = 0.0
+        while a < b:
+            price = self.opt_offer(p, a)[0]
+            until = p.opt_cache[1]
+            e = until if until < b else b
+            total += price * (e - a)
+            a = e
+        return total
+
+    def opt_floor(self, p: Pool, a: float, b: float, idle: float) -> None:
+        """The declared floors' idle part of the feasible optimum: ``idle`` workers over [a, b) at p*."""
+        cost = idle * self.opt_price_s(p, a, b) / 3600.0
+        self.c["opt_floor_cost"] += cost
+        self.by_kind[p.kind][6] += cost
+
+    def opt_layers(self, p: Pool, t0: float, n: float, floors: bool = True, both: bool = False) -> None:
+        """The feasible optimum's start-ups: the profile ``n`` (workers) of the step beginning at ``t0``, as
+        layers k = 1, 2, … (layer k is present while n > k − 1). A layer that appears pays one start-up at
         the cheapest feasible offer, or, if it was present before, the cheaper of a start-up and keeping its
-        worker idle through the gap: min(gap, boot) × $/h (ski rental, with the future known)."""
+        worker idle through the gap: min(gap, boot) × $/h (ski rental, with the future known).
+
+        ``floors``: the profile with the pool's declared floors (the feasible optimum), else the busy profile
+        alone (the optimum without the floors). ``both``: the two profiles are the same (a pool without
+        floors), so the start-ups are counted for both from the first one's layers."""
         c = math.ceil(n - 1e-9) if n > 1e-9 else 0
-        prev = p.opt_layers
+        prev = p.opt_layers if floors else p.opt_layers0
         if c == prev:
             return
-        ends = p.layer_end
+        ends = p.layer_end if floors else p.layer_end0
         if c < prev:
             for k in range(c, prev):
                 ends[k] = t0
@@ -619,13 +678,23 @@ class Sim:
                 else:
                     ends.append(t0)
                 boot_s += boot
+            boots = boot_s / boot if boot > 0 else 0.0
+            cc, kind = self.c, self.by_kind[p.kind]
             extra = (boot_s + gap_s) * price / 3600.0
-            cc = self.c
-            cc["opt_boot_cost"] += boot_s * price / 3600.0
-            cc["opt_gap_cost"] += gap_s * price / 3600.0
-            cc["opt_boots"] += boot_s / boot if boot > 0 else 0.0
-            self.by_kind[p.kind][5] += extra
-        p.opt_layers = c
+            if floors:
+                cc["opt_boot_cost"] += boot_s * price / 3600.0
+                cc["opt_gap_cost"] += gap_s * price / 3600.0
+                cc["opt_boots"] += boots
+                kind[5] += extra
+            if both or not floors:
+                cc["opt0_boot_cost"] += boot_s * price / 3600.0
+                cc["opt0_gap_cost"] += gap_s * price / 3600.0
+                cc["opt0_boots"] += boots
+                kind[7] += extra
+        if floors:
+            p.opt_layers = c
+        else:
+            p.opt_layers0 = c
 
     def spot_workers(self, p: Pool) -> int:
         n = sum(1 for w in p.ready if w.market == SPOT)
@@ -987,7 +1056,21 @@ class Sim:
             if done > pending:
                 done = pending
             p.opt_pending = pending - done
-            self.opt_layers(p, t0, done / L)
+            n = done / L
+            lo, buf = p.floor_min, p.floor_buf
+            if lo or buf:
+                # The declared floors: min_containers at all times; buffer_containers beyond the load while
+                # there is work (queued or running) in the step; max_containers wins, as in the autoscaler.
+                want = n + buf if total > 0 or pending > 0 else 0.0
+                f = min(want if want > lo else lo, p.floor_max)
+                if f > n:
+                    self.opt_floor(p, t0, t, f - n)
+                else:
+                    f = n
+                self.opt_layers(p, t0, f)
+                self.opt_layers(p, t0, n, floors=False)
+            else:
+                self.opt_layers(p, t0, n, both=True)
             left = arrivals - r
             if left > 0:
                 p.queue.append([t0 + L * (r + left / 2.0) / arrivals, left])
@@ -1103,6 +1186,7 @@ class Sim:
             self.on_ready(w, 0.0)
         p.last_active = 0.0
         p.layer_end = [0.0] * need  # the feasible optimum starts warm too: these layers need no start-up
+        p.layer_end0 = [0.0] * need
 
     def run(self) -> dict[str, Any]:
         for p in self.pools:
@@ -1143,6 +1227,10 @@ class Sim:
         self.cpu_s = time.process_time() - cpu0
         t_end = max(t, self.horizon)
         for p in self.pools:
+            # The declared floor over the time after the pool's last step (no load there: min_containers only).
+            idle = min(p.floor_min, p.floor_max)
+            if idle > 0 and p.t0 < t_end:
+                self.opt_floor(p, p.t0, t_end, idle)
             for w in list(p.starting.values()) + list(p.ready) + list(p.draining):
                 self._bill(w, min(w.end, t_end) if w.state == 2 else t_end)
         return self.report(wall, t_end)
@@ -1153,7 +1241,8 @@ class Sim:
         lost = int(c["inputs_in"] - c["inputs_out"] - left)
         decisions = c["decisions"] + c["placements"]
         idle_cost = c["cost"] - c["work_cost"] - c["boot_cost"] - c["lost_cost"]
-        feasible = c["opt_cost"] + c["opt_boot_cost"] + c["opt_gap_cost"]
+        feasible = c["opt_cost"] + c["opt_boot_cost"] + c["opt_gap_cost"] + c["opt_floor_cost"]
+        no_floors = c["opt_cost"] + c["opt0_boot_cost"] + c["opt0_gap_cost"]
         hist = Hist.merged(self.hists.values())
         return {
             "pools": self.args.pools,
@@ -1204,7 +1293,13 @@ class Sim:
             "optimum_startups": c["opt_boot_cost"],
             "optimum_kept_idle": c["opt_gap_cost"],
             "optimum_boots": int(round(c["opt_boots"])),
+            "optimum_floors_idle": c["opt_floor_cost"],
+            "optimum_no_floors": no_floors,
+            "optimum_no_floors_startups": c["opt0_boot_cost"],
+            "optimum_no_floors_kept_idle": c["opt0_gap_cost"],
+            "optimum_no_floors_boots": int(round(c["opt0_boots"])),
             "cost_ratio": c["cost"] / feasible if feasible else math.inf,
+            "cost_ratio_no_floors": c["cost"] / no_floors if no_floors else math.inf,
             "cost_ratio_lower_bound": c["cost"] / c["opt_cost"] if c["opt_cost"] else math.inf,
             "cost_work": c["work_cost"],
             "cost_boot": c["boot_cost"],
@@ -1217,8 +1312,11 @@ class Sim:
                     "pools": sum(1 for p in self.pools if p.kind == k),
                     "cost": v[0],
                     "lower_bound": v[1],
-                    "optimum": v[1] + v[5],
-                    "ratio": v[0] / (v[1] + v[5]) if v[1] + v[5] else math.inf,
+                    "optimum": v[1] + v[5] + v[6],
+                    "optimum_floors_idle": v[6],
+                    "optimum_no_floors": v[1] + v[7],
+                    "ratio": v[0] / (v[1] + v[5] + v[6]) if v[1] + v[5] + v[6] else math.inf,
+                    "ratio_no_floors": v[0] / (v[1] + v[7]) if v[1] + v[7] else math.inf,
                     "ratio_lower_bound": v[0] / v[1] if v[1] else math.inf,
                     "busy": v[3],
                     "booting": v[2],
@@ -1327,9 +1425,10 @@ def render(r: dict[str, Any]) -> None:
         )
     t.add_row("cost (cloudmodal)", _money(r["cost"]), "", "")
     t.add_row(
-        "cost (feasible offline optimum)",
+        "cost (feasible offline optimum, with the declared floors)",
         f"{_money(r['optimum'])} ({_money(r['lower_bound'])} busy + {_money(r['optimum_startups'])}"
-        f" start-ups + {_money(r['optimum_kept_idle'])} kept idle; {r['optimum_boots']:,} boots)",
+        f" start-ups + {_money(r['optimum_kept_idle'])} kept idle + {_money(r['optimum_floors_idle'])}"
+        f" floors idle; {r['optimum_boots']:,} boots)",
         "",
         "",
     )
@@ -1338,6 +1437,14 @@ def render(r: dict[str, Any]) -> None:
         f"{r['cost_ratio']:.3f} (+{(r['cost_ratio'] - 1) * 100:.1f}%)",
         "≤ 1.10",
         yes(r["cost_ratio"] <= 1.10),
+    )
+    t.add_row(
+        "cost / feasible optimum without the declared floors",
+        f"{r['cost_ratio_no_floors']:.3f} (optimum {_money(r['optimum_no_floors'])}:"
+        f" {_money(r['optimum_no_floors_startups'])} start-ups + {_money(r['optimum_no_floors_kept_idle'])}"
+        f" kept idle; {r['optimum_no_floors_boots']:,} boots)",
+        "",
+        "",
     )
     t.add_row(
         "cost / lower bound (no start-up, no idle)",
@@ -1356,9 +1463,10 @@ def render(r: dict[str, Any]) -> None:
     )
     for kind, k in r["by_kind"].items():
         t.add_row(
-            f"  {kind}: cost / feasible optimum (busy, booting, idle); / lower bound",
+            f"  {kind}: cost / feasible optimum (busy, booting, idle); / without floors; / lower bound",
             f"{_money(k['cost'])} / {_money(k['optimum'])} = {k['ratio']:.3f} "
-            f"({_money(k['busy'])}, {_money(k['booting'])}, {_money(k['idle'])}); {k['ratio_lower_bound']:.3f}",
+            f"({_money(k['busy'])}, {_money(k['booting'])}, {_money(k['idle'])});"
+            f" {k['ratio_no_floors']:.3f}; {k['ratio_lower_bound']:.3f}",
             "",
             "",
         )

@@ -12,8 +12,9 @@ Rules, in order:
      a slot for every input, queued or running.
    - With a service-time estimate (mean seconds per input on one slot): the in-flight inputs keep
      ``in_flight / target`` workers; the backlog asks only for the workers that clear it within a horizon
-     ``H = max(startup_s, min_drain_horizon_s)`` (``startup_s``: launch → ready; ``min_drain_horizon_s`` 30 s
-     by default, also used while ``startup_s`` is unknown)::
+     ``H``: the pool's start-up ``startup_s`` (launch → ready) when it is known, at least
+     ``min_drain_horizon_s`` (1 s by default, a sanity floor), and ``default_drain_horizon_s`` (30 s by
+     default) while it is unknown::
 
          needed = ceil(in_flight / target + backlog × service_time_s / (target × H))
 
@@ -24,7 +25,9 @@ Rules, in order:
      about ``startup_s + H`` of a spike, where the estimate-free rule would drain it within one start-up, so
      waits during a spike are longer and boots far fewer. ``needed`` is never more than the estimate-free rule
      (a queued input needs at most one slot), never less than ``ceil(in_flight / target)``, and at least 1
-     while there is a backlog (a pool without workers always gets one).
+     while there is a backlog (a pool without workers always gets one). A pool that boots fast fans out: on
+     the local provider (start-up ~0.2 s, so H = 1 s) a ``.map()`` of 100 inputs of 2 s asks for 100 workers,
+     one per input, as it would without estimates; one that boots in 10 s asks for 20.
 2. The pool is *active* while there is work, and for ``scaledown_window`` seconds after the last work
    (``last_active_at``). While active, ``desired = needed + buffer_containers``; otherwise 0.
 3. ``desired`` is clamped to ``[min_containers, max_containers]``; when ``min > max``, ``max`` wins (it is
@@ -46,16 +49,18 @@ Rules, in order:
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cloudmodal.spec import AutoscalerSettings, BatchConfig, ConcurrencyConfig
 
 WorkerPoolState = Literal["starting", "ready", "draining"]
 
-MIN_DRAIN_HORIZON_S = 30.0  # the shortest horizon the backlog is drained over (rule 1), and the default one
+MIN_DRAIN_HORIZON_S = 1.0  # the shortest horizon rule 1 drains a backlog over (a sanity floor on start-up)
+DEFAULT_DRAIN_HORIZON_S = 30.0  # rule 1's horizon while the pool's start-up is unknown
 
 
 def per_worker_target(concurrency: ConcurrencyConfig | None, batching: BatchConfig | None) -> int:
@@ -112,12 +117,17 @@ class PoolSnapshot:
 @dataclass(frozen=True)
 class ScaleDecision:
     """``desired``: the worker count to converge on. ``launch``: how many to start now. ``terminate``: ids of
-    workers to stop now. ``reason``: one line for the event log."""
+    workers to stop now. ``reason``: one line for the event log, written when first read (most decisions
+    change nothing and nobody reads theirs; formatting it every time was a third of a decision's cost)."""
 
     desired: int
     launch: int
     terminate: tuple[str, ...]
-    reason: str
+    explain: Callable[[], str] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def reason(self) -> str:
+        return self.explain()
 
     @property
     def is_noop(self) -> bool:
@@ -131,28 +141,40 @@ def _stop_order(w: WorkerView) -> tuple[float, float, str]:
 class Autoscaler:
     """The pure scaling decision for one pool (stateless; one instance can serve every pool).
 
-    ``min_drain_horizon_s``: the shortest horizon rule 1 drains a backlog over when the service time is known
-    (the horizon is the pool's start-up time when longer, and this while it is unknown).
+    Rule 1's horizon, when the service time is known: the pool's start-up, at least ``min_drain_horizon_s``
+    (a sanity floor: a start-up measured at ~0 s must not ask for a worker per input of every backlog), and
+    ``default_drain_horizon_s`` while the start-up is unknown (also at least ``min_drain_horizon_s``).
     """
 
-    def __init__(self, min_drain_horizon_s: float = MIN_DRAIN_HORIZON_S) -> None:
+    def __init__(
+        self,
+        min_drain_horizon_s: float = MIN_DRAIN_HORIZON_S,
+        default_drain_horizon_s: float = DEFAULT_DRAIN_HORIZON_S,
+    ) -> None:
         self.min_drain_horizon_s = max(float(min_drain_horizon_s), 1e-3)
+        self.default_drain_horizon_s = max(float(default_drain_horizon_s), self.min_drain_horizon_s)
 
-    def needed(self, snapshot: PoolSnapshot) -> tuple[int, str]:
-        """Rule 1: the workers the load asks for, and how the reason line explains it."""
+    def drain_horizon(self, startup_s: float | None) -> float:
+        """Rule 1's horizon H for a pool whose start-up estimate is ``startup_s`` (None: unknown)."""
+        if startup_s is None or not math.isfinite(startup_s):
+            return self.default_drain_horizon_s
+        return max(float(startup_s), self.min_drain_horizon_s)
+
+    def needed(self, snapshot: PoolSnapshot) -> tuple[int, Callable[[], str]]:
+        """Rule 1: the workers the load asks for, and how the reason line explains it (formatted on demand)."""
         target = max(int(snapshot.per_worker_target), 1)
         backlog, in_flight = max(snapshot.backlog, 0), max(snapshot.in_flight, 0)
         load = backlog + in_flight
         per_input = math.ceil(load / target)  # a slot for every input, queued or running
-        head = f"load {load} (backlog {backlog}, in flight {in_flight}) / {target} per worker"
+
+        def head() -> str:
+            return f"load {load} (backlog {backlog}, in flight {in_flight}) / {target} per worker"
+
         service = snapshot.service_time_s
         if service is None or not math.isfinite(service):
-            return per_input, f"{head} = {per_input} needed"
+            return per_input, lambda: f"{head()} = {per_input} needed"
         service = max(service, 0.0)
-        startup = snapshot.startup_s
-        horizon = self.min_drain_horizon_s
-        if startup is not None and math.isfinite(startup) and startup > horizon:
-            horizon = startup
+        horizon = self.drain_horizon(snapshot.startup_s)
         for_in_flight = in_flight / target
         for_backlog = backlog * service / (target * horizon)
         # ceil with a little slack, so float noise (0.1 + 0.2) does not add a worker.
@@ -160,10 +182,14 @@ class Autoscaler:
         needed = max(needed, math.ceil(in_flight / target), 1 if backlog else 0)
         capped = needed > per_input
         needed = min(needed, per_input)
-        why = (
-            f"{head}: in flight {for_in_flight:.2f} + backlog {backlog} × {service:.3g} s ÷ {horizon:.0f} s"
-            f" horizon {for_backlog:.2f} = {needed} needed" + (" (one slot per input)" if capped else "")
-        )
+
+        def why() -> str:
+            return (
+                f"{head()}: in flight {for_in_flight:.2f} + backlog {backlog} × {service:.3g} s ÷ "
+                f"{round(horizon, 1):g} s horizon {for_backlog:.2f} = {needed} needed"
+                + (" (one slot per input)" if capped else "")
+            )
+
         return needed, why
 
     def decide(self, snapshot: PoolSnapshot, now: float) -> ScaleDecision:
@@ -187,7 +213,8 @@ class Autoscaler:
             launch = min(launch, max(snapshot.max_launch_per_step, 0))
 
         terminate: list[str] = []
-        idle = [w for w in ready if w.idle_since is not None and w.in_flight == 0]
+        if capacity > hi or capacity > desired:
+            idle = [w for w in ready if w.idle_since is not None and w.in_flight == 0]
         if capacity > hi:
             # Over the cap: stop idle and starting workers now, busy ones are left to finish.
             spare = sorted(idle, key=_stop_order) + sorted(starting, key=_stop_order)
@@ -196,25 +223,30 @@ class Autoscaler:
             expired = [w for w in idle if now - w.idle_since >= window]  # type: ignore[operator]
             terminate = [w.worker_id for w in sorted(expired, key=_stop_order)[: capacity - desired]]
 
-        draining = len(snapshot.workers) - capacity
-        parts = [why]
-        if active and s.buffer_containers:
-            parts.append(f"+{s.buffer_containers} buffer")
-        if not active:
-            parts.append(f"idle for ≥{window:g}s")
-        bounds = f"[{lo}, {'∞' if hi == math.inf else int(hi)}]"
-        parts.append(f"desired {desired} in {bounds}")
-        parts.append(
-            f"capacity {capacity} ({len(starting)} starting, {len(ready)} ready"
-            + (f", {draining} draining" if draining else "")
-            + ")"
-        )
-        if launch:
-            capped = desired - capacity > launch
-            parts.append(f"launch {launch}" + (" (capped per step)" if capped else ""))
-        if terminate:
-            why = "over max_containers" if capacity > hi else "idle for the scaledown window"
-            parts.append(f"stop {len(terminate)} ({why})")
-        elif capacity > desired:
-            parts.append("surplus kept until idle for the scaledown window")
-        return ScaleDecision(desired, launch, tuple(terminate), "; ".join(parts))
+        n_starting, n_ready, n_all = len(starting), len(ready), len(snapshot.workers)
+
+        def explain() -> str:
+            draining = n_all - capacity
+            parts = [why()]
+            if active and s.buffer_containers:
+                parts.append(f"+{s.buffer_containers} buffer")
+            if not active:
+                parts.append(f"idle for ≥{window:g}s")
+            bounds = f"[{lo}, {'∞' if hi == math.inf else int(hi)}]"
+            parts.append(f"desired {desired} in {bounds}")
+            parts.append(
+                f"capacity {capacity} ({n_starting} starting, {n_ready} ready"
+                + (f", {draining} draining" if draining else "")
+                + ")"
+            )
+            if launch:
+                capped = desired - capacity > launch
+                parts.append(f"launch {launch}" + (" (capped per step)" if capped else ""))
+            if terminate:
+                cause = "over max_containers" if capacity > hi else "idle for the scaledown window"
+                parts.append(f"stop {len(terminate)} ({cause})")
+            elif capacity > desired:
+                parts.append("surplus kept until idle for the scaledown window")
+            return "; ".join(parts)
+
+        return ScaleDecision(desired, launch, tuple(terminate), explain)

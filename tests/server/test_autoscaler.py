@@ -386,12 +386,35 @@ ESTIMATE_CASES = [
         {"backlog": 10, "service": 600.0, "startup": 60},
         (10, 10, ()),
     ),
-    ("start-up unknown: the 30 s floor", S(), {"backlog": 90, "service": 1.0}, (3, 3, ())),
+    ("start-up unknown: the 30 s default horizon", S(), {"backlog": 90, "service": 1.0}, (3, 3, ())),
+    # A known start-up is the horizon even when it is short: 90 × 1 s ÷ 5 s = 18 workers.
     (
-        "start-up shorter than the floor: the floor",
+        "fast boot: drained over its own start-up",
         S(),
         {"backlog": 90, "service": 1.0, "startup": 5},
-        (3, 3, ()),
+        (18, 18, ()),
+    ),
+    # The local provider: a .map() of 100 inputs × 2 s, workers ready in 0.2 s (H floored at 1 s) → fan out,
+    # one worker per input, where a 30 s horizon would ask for 7.
+    (
+        "local provider: a map fans out, one worker per input",
+        S(),
+        {"backlog": 100, "service": 2.0, "startup": 0.2},
+        (100, 100, ()),
+    ),
+    # The same map on workers that boot in 10 s: 100 × 2 s ÷ 10 s = 20.
+    (
+        "10 s boots: the workers that clear the map in one boot",
+        S(),
+        {"backlog": 100, "service": 2.0, "startup": 10},
+        (20, 20, ()),
+    ),
+    # Below the 1 s floor: 100 × 0.1 s ÷ 1 s = 10, not 100 × 0.1 s ÷ 0.01 s = 1,000 capped at 100.
+    (
+        "start-up below the 1 s floor: the floor",
+        S(),
+        {"backlog": 100, "service": 0.1, "startup": 0.01},
+        (10, 10, ()),
     ),
     # 12 / 4 = 3 for the inputs in flight + 40 × 2 s ÷ (4 × 100 s) = 0.2 for the backlog → 4.
     (
@@ -502,8 +525,34 @@ def test_reason_shows_the_drain_numbers():
 
 def test_min_drain_horizon_is_a_setting():
     snap = PoolSnapshot(90, 0, (), S(), None, 1, service_time_s=1.0, startup_s=None)
-    assert Autoscaler(min_drain_horizon_s=90).decide(snap, NOW).desired == 1
+    assert (
+        Autoscaler(min_drain_horizon_s=90).decide(snap, NOW).desired == 1
+    )  # the floor holds for the default
     assert Autoscaler().decide(snap, NOW).desired == 3
+    fast = PoolSnapshot(90, 0, (), S(), None, 1, service_time_s=1.0, startup_s=0.2)
+    assert Autoscaler().decide(fast, NOW).desired == 90  # H = 1 s: 90 workers, one per input
+    assert Autoscaler(min_drain_horizon_s=10).decide(fast, NOW).desired == 9
+    assert Autoscaler(min_drain_horizon_s=10).decide(snap, NOW).desired == 3  # unknown: still the default
+
+
+def test_default_drain_horizon_is_a_setting():
+    unknown = PoolSnapshot(90, 0, (), S(), None, 1, service_time_s=1.0, startup_s=None)
+    assert Autoscaler(default_drain_horizon_s=90).decide(unknown, NOW).desired == 1
+    assert Autoscaler(default_drain_horizon_s=10).decide(unknown, NOW).desired == 9
+    known = PoolSnapshot(90, 0, (), S(), None, 1, service_time_s=1.0, startup_s=45.0)
+    assert Autoscaler(default_drain_horizon_s=90).decide(known, NOW).desired == 2  # a known start-up wins
+
+
+@pytest.mark.parametrize(
+    "startup, horizon", [(None, 30.0), (0.2, 1.0), (5.0, 5.0), (45.0, 45.0), (300.0, 300.0)]
+)
+def test_drain_horizon_is_the_start_up(startup, horizon):
+    assert Autoscaler().drain_horizon(startup) == horizon
+
+
+def test_reason_shows_a_fractional_horizon():
+    d = decide_est(S(), backlog=10, service=1.0, startup=2.5)
+    assert "÷ 2.5 s horizon 4.00 = 4 needed" in d.reason, d.reason
 
 
 def _spike(estimates: bool, boot: float = 120.0, service: float = 0.5) -> tuple[int, int, int]:
