@@ -18,6 +18,7 @@ from cloudmodal.client.transport import Transport
 from cloudmodal.exception import ExecutionError, InvalidError
 from cloudmodal.ids import new_id
 
+EMBEDDED_WORKER_RECONNECT_S = 30.0
 _lock = threading.RLock()
 _current: Session | None = None
 
@@ -92,8 +93,14 @@ def connect(embedded_ok: bool = True) -> Session:
         from cloudmodal.server.app import ServerHandle, default_settings
 
         tmp = tempfile.mkdtemp(prefix="cloudmodal-embedded-")
+        # An embedded control plane dies with this process: its workers should not wait ten minutes for it.
+        quick = (
+            {}
+            if os.environ.get("CLOUDMODAL_WORKER_RECONNECT_S")
+            else {"worker_reconnect_s": EMBEDDED_WORKER_RECONNECT_S}
+        )
         handle = ServerHandle(
-            default_settings(Path(tmp), database_url=f"sqlite:///{tmp}/cloudmodal.db")
+            default_settings(Path(tmp), database_url=f"sqlite:///{tmp}/cloudmodal.db", **quick)
         ).start_in_thread()
         _current = Session(Transport(handle.url), embedded=handle, tmpdir=tmp)
         return _current

@@ -28,6 +28,7 @@ def default_settings(state_dir: Path, database_url: str | None = None, **overrid
         ("lease_s", "CLOUDMODAL_LEASE_S"),
         ("worker_timeout_s", "CLOUDMODAL_WORKER_TIMEOUT_S"),
         ("heartbeat_s", "CLOUDMODAL_HEARTBEAT_S"),
+        ("worker_reconnect_s", "CLOUDMODAL_WORKER_RECONNECT_S"),
     ):
         if os.environ.get(env):
             env_overrides[key] = float(os.environ[env])

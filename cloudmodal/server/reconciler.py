@@ -483,6 +483,7 @@ class Reconciler:
             "CLOUDMODAL_WORKER_ID": worker_id,
             "CLOUDMODAL_FUNCTION_ID": fid,
             "CLOUDMODAL_APP_ID": app_id,
+            "CLOUDMODAL_WORKER_RECONNECT_S": f"{self.cp.settings.worker_reconnect_s:g}",
             "PYTHONUNBUFFERED": "1",
         }
         self.cp.add_worker(worker_id, app_id, fid, provider="-", market="", function_version=fn[3])

@@ -47,6 +47,9 @@ class Settings:
     heartbeat_s: float = 3.0
     worker_timeout_s: float = 30.0  # a worker silent this long is considered dead
     client_timeout_s: float = 60.0  # an ephemeral app whose client is silent this long is stopped
+    # how long a worker keeps trying to reach a control plane that went away before it exits: long for a
+    # server that restarts (workers resume), short for a client's embedded one (it is not coming back)
+    worker_reconnect_s: float = 600.0
     crash_budget: int = DEFAULT_CRASH_BUDGET
     reconcile_interval_s: float = 0.25
     providers: list[str] = field(default_factory=lambda: ["local"])
