@@ -33,6 +33,28 @@ _STATUS_ERRORS = {
 }
 
 
+class _Patience:
+    """Retries until a deadline, with exponential backoff between them (50 ms doubling to 2 s)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.delay = 0.05
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def wait(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 2.0)
+
+
+def _unreachable(url: str, e: BaseException) -> exc.ConnectionError:
+    return exc.ConnectionError(
+        f"Could not reach the control plane at {url}: {e}. Is it running? "
+        "`cloudmodal server status` tells; `cloudmodal server start` starts one."
+    )
+
+
 class Transport:
     def __init__(self, url: str, token: str | None = None, *, reconnect_timeout: float = 120.0) -> None:
         self.url = url.rstrip("/")
@@ -81,26 +103,18 @@ class Transport:
         headers = {
             "content-type": "application/octet-stream" if raw_body is not None else "application/msgpack"
         }
-        deadline = time.monotonic() + (
-            self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout
-        )
-        delay = 0.05
+        patience = _Patience(self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout)
         while True:
             try:
                 resp = self.http.request(method, path, content=content, params=params, headers=headers)
             except (httpx.TransportError, RuntimeError) as e:
                 # RuntimeError: "Cannot send a request, as the client has been closed" after a fork
-                if time.monotonic() > deadline:
-                    raise exc.ConnectionError(
-                        f"Could not reach the control plane at {self.url}: {e}. Is it running? "
-                        "`cloudmodal server status` tells; `cloudmodal server start` starts one."
-                    ) from e
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                if patience.expired():
+                    raise _unreachable(self.url, e) from e
+                patience.wait()
                 continue
-            if resp.status_code == 503 and time.monotonic() < deadline:
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            if resp.status_code == 503 and not patience.expired():
+                patience.wait()
                 continue
             if resp.status_code >= 400:
                 raise _error_from(resp)
@@ -160,10 +174,7 @@ class Channel:
         from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
         data = msgpack.packb(body, use_bin_type=True)
-        deadline = time.monotonic() + (
-            self.t.reconnect_timeout if reconnect_timeout is None else reconnect_timeout
-        )
-        delay = 0.05
+        patience = _Patience(self.t.reconnect_timeout if reconnect_timeout is None else reconnect_timeout)
         if self._pid != os.getpid():  # a forked child: the socket is the parent's, leave it to it
             self._ws, self._pid = None, os.getpid()
         while True:
@@ -183,22 +194,17 @@ class Channel:
             except InvalidStatus as e:  # the handshake was refused: an HTTP answer with its error
                 self.close()
                 status = e.response.status_code
-                if status == 503 and time.monotonic() < deadline:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                if status == 503 and not patience.expired():
+                    patience.wait()
                     continue
                 raise _STATUS_ERRORS.get(status, exc.Error)(
                     f"Control plane refused {self.path}: HTTP {status} {e.response.body[:300]!r}"
                 ) from None
             except (OSError, TimeoutError, ConnectionClosed, WebSocketException) as e:
                 self.close()
-                if time.monotonic() > deadline:
-                    raise exc.ConnectionError(
-                        f"Could not reach the control plane at {self.t.url}: {e}. Is it running? "
-                        "`cloudmodal server status` tells; `cloudmodal server start` starts one."
-                    ) from e
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                if patience.expired():
+                    raise _unreachable(self.t.url, e) from e
+                patience.wait()
         if "ok" in reply:
             return reply["ok"]
         return_error = reply.get("error")

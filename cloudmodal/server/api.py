@@ -596,20 +596,24 @@ class HotRoutes:
                     return await self._serve(scope, receive, send, parts[4], parts[3])
         await self.app(scope, receive, send)
 
+    def _authorize(self, scope: dict[str, Any], worker_id: str | None) -> None:
+        """The FastAPI routes' ``caller`` / ``worker_scope`` checks, from the ASGI scope."""
+        header = ""
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                header = v.decode("latin-1")
+                break
+        client = scope.get("client")
+        granted = self.authenticate(header, client[0] if client else None)
+        if worker_id is not None:
+            self.check_worker(worker_id, granted)
+
     async def _serve(
         self, scope: dict[str, Any], receive: Any, send: Any, route: str, worker_id: str | None
     ) -> None:
         model, handler = self.routes[route]
         try:
-            header = ""
-            for k, v in scope["headers"]:
-                if k == b"authorization":
-                    header = v.decode("latin-1")
-                    break
-            client = scope.get("client")
-            granted = self.authenticate(header, client[0] if client else None)
-            if worker_id is not None:
-                self.check_worker(worker_id, granted)
+            self._authorize(scope, worker_id)
             chunks = []
             size = 0
             more = True
@@ -642,15 +646,7 @@ class HotRoutes:
         if message["type"] != "websocket.connect":
             return
         try:
-            header = ""
-            for k, v in scope["headers"]:
-                if k == b"authorization":
-                    header = v.decode("latin-1")
-                    break
-            client = scope.get("client")
-            granted = self.authenticate(header, client[0] if client else None)
-            if worker_id is not None:
-                self.check_worker(worker_id, granted)
+            self._authorize(scope, worker_id)
         except HTTPException as e:
             detail = json.dumps({"detail": e.detail}).encode()
             await send(

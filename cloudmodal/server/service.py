@@ -123,6 +123,18 @@ def _mail(mb: OutputMailbox, rows: list[list[Any]]) -> None:
     mb.wake.set()
 
 
+def _discard(registry: dict[str, list[Any]], key: str, item: Any) -> None:
+    """Remove ``item`` from ``registry[key]`` if there, and the key once its list is empty."""
+    items = registry.get(key)
+    if items is not None:
+        try:
+            items.remove(item)
+        except ValueError:
+            pass
+        if not items:
+            del registry[key]
+
+
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
     try:
         loop.call_soon_threadsafe(fn, *args)
@@ -563,14 +575,7 @@ class ControlPlane:
         with self._lock:
             if pc.taken:
                 return False
-            parked = self._parked.get(pc.function_id)
-            if parked is not None:
-                try:
-                    parked.remove(pc)
-                except ValueError:
-                    pass
-                if not parked:
-                    del self._parked[pc.function_id]
+            _discard(self._parked, pc.function_id, pc)
             return True
 
     def claim_may_find(self, function_id: str, within_s: float = 0.5) -> bool:
@@ -586,14 +591,7 @@ class ControlPlane:
 
     def close_mailbox(self, mb: OutputMailbox) -> None:
         with self._lock:
-            boxes = self._mailboxes.get(mb.call_id)
-            if boxes is not None:
-                try:
-                    boxes.remove(mb)
-                except ValueError:
-                    pass
-                if not boxes:
-                    del self._mailboxes[mb.call_id]
+            _discard(self._mailboxes, mb.call_id, mb)
 
     def _deliver(self, written: dict[str, list[list[Any]]]) -> None:
         if not self._mailboxes:
