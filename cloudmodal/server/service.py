@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -455,43 +457,49 @@ class ControlPlane:
         """Create a call (idempotent by id), and enqueue its first inputs in the same transaction.
         Returns whether the call existed already (a re-sent request)."""
         now = _now()
-        assigned: list[tuple[ParkedClaim, list[ClaimedInput]]] = []
         leftover = False
-        try:
-            with self.db.hot() as hot:
-                row = hot.function_state(function_id)
-                if row is None:
-                    raise NotFoundError(f"Function {function_id} not found.")
-                if row[1] != "active":
-                    raise InvalidError(
-                        f"Function {function_id} belongs to a stopped app; start a new run or redeploy."
-                    )
-                existed = not hot.insert_call(
-                    {
-                        "id": call_id,
-                        "function_id": function_id,
-                        "app_id": row[0],
-                        "kind": kind,
-                        "created_at": now,
-                        "num_inputs": 0,
-                        "cancelled": False,
-                    }
+        with self._handing_off() as assigned, self.db.hot() as hot:
+            row = hot.function_state(function_id)
+            if row is None:
+                raise NotFoundError(f"Function {function_id} not found.")
+            if row[1] != "active":
+                raise InvalidError(
+                    f"Function {function_id} belongs to a stopped app; start a new run or redeploy."
                 )
-                if now - self._active_written.get(function_id, 0.0) >= 1.0:
-                    # the autoscaler's "last active" needs seconds, not every call
-                    hot.touch_function(function_id, now)
-                    self._active_written[function_id] = now
-                if inputs:
-                    leftover = self._enqueue(hot, call_id, function_id, inputs, assigned)
+            existed = not hot.insert_call(
+                {
+                    "id": call_id,
+                    "function_id": function_id,
+                    "app_id": row[0],
+                    "kind": kind,
+                    "created_at": now,
+                    "num_inputs": 0,
+                    "cancelled": False,
+                }
+            )
+            if now - self._active_written.get(function_id, 0.0) >= 1.0:
+                # the autoscaler's "last active" needs seconds, not every call
+                hot.touch_function(function_id, now)
+                self._active_written[function_id] = now
+            if inputs:
+                leftover = self._enqueue(hot, call_id, function_id, inputs, assigned)
+        if inputs:
+            self._inputs_arrived(function_id, wake_claimers=leftover)
+        return existed
+
+    @contextlib.contextmanager
+    def _handing_off(self) -> Iterator[list[tuple[ParkedClaim, list[ClaimedInput]]]]:
+        """Collects the parked claims :meth:`_enqueue` promised inputs to, and settles them on the way out:
+        with their rows once the transaction inside has committed, with none if it failed (they re-read)."""
+        assigned: list[tuple[ParkedClaim, list[ClaimedInput]]] = []
+        try:
+            yield assigned
         except BaseException:
             for pc, _ in assigned:
                 _call_soon(pc.loop, _settle_claim, pc, [])
             raise
         for pc, rows in assigned:
             _call_soon(pc.loop, _settle_claim, pc, rows)
-        if inputs:
-            self._inputs_arrived(function_id, wake_claimers=leftover)
-        return existed
 
     def _enqueue(
         self,
@@ -541,16 +549,8 @@ class ControlPlane:
     def put_inputs(
         self, call_id: str, function_id: str, inputs: list[tuple[int, str | None, bytes | None, str | None]]
     ) -> int:
-        assigned: list[tuple[ParkedClaim, list[ClaimedInput]]] = []
-        try:
-            with self.db.hot() as hot:
-                leftover = self._enqueue(hot, call_id, function_id, inputs, assigned)
-        except BaseException:
-            for pc, _ in assigned:
-                _call_soon(pc.loop, _settle_claim, pc, [])
-            raise
-        for pc, rows in assigned:
-            _call_soon(pc.loop, _settle_claim, pc, rows)
+        with self._handing_off() as assigned, self.db.hot() as hot:
+            leftover = self._enqueue(hot, call_id, function_id, inputs, assigned)
         self._inputs_arrived(function_id, wake_claimers=leftover)
         return len(inputs)
 
