@@ -25,6 +25,7 @@ from cloudmodal.server.service import ControlPlane, OutputMailbox, ParkedClaim
 MSGPACK = "application/msgpack"
 MAX_CLAIM = 1000
 MAX_LONG_POLL_S = 50.0
+GONE = ("draining", "stopped")  # worker states that get no more inputs
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -436,7 +437,7 @@ def build_app(cp: ControlPlane) -> FastAPI:
         if b.outputs:
             await short(cp.post_outputs, worker_id, _output_items(b.outputs), rows=len(b.outputs))
         fid, state = cp.worker_function(worker_id)
-        if state in ("draining", "stopped"):
+        if state in GONE:
             return {"inputs": [], "drain": True}
         max_n = max(1, min(b.max, MAX_CLAIM))
         key = f"inputs:{fid}"
@@ -456,6 +457,10 @@ def build_app(cp: ControlPlane) -> FastAPI:
                 look = True
                 remaining = deadline - time.monotonic()
                 if rows or remaining <= 0 or dev.is_set():
+                    break
+                if cp.worker_function(worker_id)[1] in GONE:
+                    # stopped while this claim waited (its process died): never park for it again
+                    dev.set()
                     break
                 pc = ParkedClaim(worker_id, fid, max_n, loop, ev)
                 cp.park(pc)

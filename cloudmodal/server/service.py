@@ -782,11 +782,16 @@ class ControlPlane:
         got = self._workers.get(worker_id)
         if got is not None and got[1] != "stopped":
             self._worker_state(worker_id, got[0], "draining")
-        with self._lock:  # a parked claim of a draining worker gets no new inputs
-            for parked in self._parked.values():
-                for pc in [pc for pc in parked if pc.worker_id == worker_id and not pc.taken]:
-                    parked.remove(pc)
+        self._unpark_worker(worker_id)  # a draining worker gets no new inputs
         self.hub.notify(f"drain:{worker_id}")
+
+    def _unpark_worker(self, worker_id: str) -> None:
+        """Withdraw a worker's parked claims (not those already promised inputs: the worker gets those, or
+        releases them, or they requeue with the rest of what it held)."""
+        with self._lock:
+            for fid in list(self._parked):
+                for pc in [pc for pc in self._parked[fid] if pc.worker_id == worker_id and not pc.taken]:
+                    _discard(self._parked, fid, pc)
 
     def worker_stopped(self, worker_id: str, reason: str, *, crashed: bool) -> None:
         """Mark a worker gone and requeue whatever it still held (a crash counts against the input)."""
@@ -801,6 +806,7 @@ class ControlPlane:
                 .where(W.c.id == worker_id)
                 .values(state="stopped", stopped_at=_now(), stop_reason=row[3] or reason)
             )
+        self._unpark_worker(worker_id)  # before requeueing what it held: nothing new reaches it after
         n, dead_calls = self.queue.release_worker(worker_id, crashed=crashed)
         self.tokens.revoke_scope(f"worker:{worker_id}")
         self._worker_state(worker_id, row[2], "stopped")

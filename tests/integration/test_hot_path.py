@@ -4,6 +4,8 @@ which stays the record."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -15,7 +17,7 @@ from sqlalchemy import select
 from cloudmodal.client.session import run_app
 from cloudmodal.client.transport import Transport
 from cloudmodal.exception import AuthError
-from cloudmodal.server.models import Input, Output
+from cloudmodal.server.models import Input, Output, Worker
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,28 @@ def test_a_drained_worker_gets_no_more_inputs(app, control_plane):
             select(I.c.worker_id).where(I.c.function_id == fid).order_by(I.c.id.desc()).limit(1)
         ).scalar_one()
     assert last not in parked
+
+
+def test_a_worker_that_dies_while_parked_is_never_handed_inputs(app, control_plane):
+    cp = control_plane.cp
+    victim = basic.pid_of.remote(0)
+    fid = basic.pid_of._function_id
+    parked = _parked_workers(cp, fid)
+    assert parked
+    os.kill(victim, signal.SIGKILL)
+    W = Worker.__table__  # noqa: N806
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with cp.db.read() as conn:
+            states = dict(conn.execute(select(W.c.id, W.c.state).where(W.c.id.in_(parked))).all())
+        if all(st == "stopped" for st in states.values()):
+            break
+        time.sleep(0.05)
+    assert set(states.values()) == {"stopped"}
+    time.sleep(2.5)  # past the claim handler's 1 s re-park cycle: it must not park the dead worker again
+    with cp._lock:
+        assert not [pc for pc in cp._parked.get(fid, ()) if pc.worker_id in parked]
+    assert basic.pid_of.remote(1) != victim  # the next input runs on a new worker
 
 
 def test_claims_over_the_websocket_need_the_worker_s_own_token(app, control_plane):
