@@ -16,7 +16,6 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._lock = threading.Lock()
-        self._sync_conds: dict[str, threading.Condition] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -30,24 +29,6 @@ class Hub:
                 loop.call_soon_threadsafe(_set_all, events)
             except RuntimeError:
                 pass
-
-    async def wait(self, key: str, timeout: float) -> bool:
-        """Wait until ``key`` is notified or ``timeout`` passes. Register *before* re-checking state."""
-        ev = asyncio.Event()
-        with self._lock:
-            self._waiters[key].add(ev)
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            with self._lock:
-                s = self._waiters.get(key)
-                if s is not None:
-                    s.discard(ev)
-                    if not s:
-                        del self._waiters[key]
 
     def watch(self, key: str, ev: asyncio.Event | None = None) -> asyncio.Event:
         """Register an event (new, or one already watching other keys) to be set when ``key`` is notified."""

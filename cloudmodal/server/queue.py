@@ -206,18 +206,12 @@ class InputQueue:
                 .values(lease_expires=now + lease_s)
             ).rowcount
 
-    def complete(
-        self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None
-    ) -> list[str]:
-        """Record outputs; failures with retries left are requeued with backoff. Returns touched call ids."""
-        return list(self.complete_rows(worker_id, items, now)[0])
-
     def complete_rows(
         self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None
     ) -> tuple[set[str], dict[str, list[list[Any]]]]:
-        """:meth:`complete`, also returning the output rows written, per call, in the form
-        :meth:`fetch_outputs` reads them (``[id, idx, gen_index, status, data, data_blob]``), so waiting
-        callers can be answered without reading them back."""
+        """Record outputs; failures with retries left are requeued with backoff. Returns the touched call ids
+        and the output rows written, per call, in the form :meth:`fetch_outputs` reads them (``[id, idx,
+        gen_index, status, data, data_blob]``), so waiting callers can be answered without reading them back."""
         if not items:
             return set(), {}
         now = time.time() if now is None else now

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cloudmodal.client import session as session_mod
 from cloudmodal.server.app import ServerHandle
 
 APPS = Path(__file__).parent / "apps"
 sys.path.insert(0, str(APPS))
 
 
-from support import start_server  # noqa: E402
+from support import start_server, use_server  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -29,11 +27,8 @@ def control_plane(
     else:
         url = request.getfixturevalue("new_postgres_database")()
     handle = start_server(state, url)
-    os.environ["CLOUDMODAL_SERVER_URL"] = handle.url
-    session_mod.disconnect()
     try:
-        yield handle
+        with use_server(handle):
+            yield handle
     finally:
-        session_mod.disconnect()
-        os.environ.pop("CLOUDMODAL_SERVER_URL", None)
         handle.stop()
