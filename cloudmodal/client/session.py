@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import sys
@@ -114,6 +115,42 @@ def disconnect() -> None:
             _current = None
 
 
+class WholeLines(io.TextIOBase):
+    """Stands in for ``sys.stdout``/``sys.stderr`` while worker logs stream to the terminal: what the
+    program prints reaches the real stream a whole line at a time, under the lock the log printer takes, so a
+    worker's log line never lands in the middle of a ``print`` (which writes its pieces separately). A
+    partial line goes out when the program flushes it (prompts, progress bars)."""
+
+    def __init__(self, target: Any, lock: threading.Lock) -> None:
+        self.target = target
+        self.lock = lock
+        self._partial: dict[int, str] = {}  # per thread: text after its last newline
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        tid = threading.get_ident()
+        text = self._partial.pop(tid, "") + s
+        head, nl, rest = text.rpartition("\n")
+        if rest:
+            self._partial[tid] = rest
+        if nl:
+            with self.lock:
+                self.target.write(head + nl)
+        return len(s)
+
+    def flush(self) -> None:
+        rest = self._partial.pop(threading.get_ident(), "")
+        with self.lock:
+            if rest:
+                self.target.write(rest)
+            self.target.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty(), fileno(): the real stream's
+        return getattr(self.target, name)
+
+
 class RunningApp:
     def __init__(self, session: Session, app_id: str, name: str) -> None:
         self.session = session
@@ -123,6 +160,7 @@ class RunningApp:
         self._threads: list[threading.Thread] = []
         self.log_cursor = 0
         self._print_lock = threading.Lock()
+        self._restore: tuple[Any, Any] | None = None  # the streams start_log_stream replaced
 
     def start_heartbeat(self, interval: float = 5.0) -> None:
         def beat() -> None:
@@ -139,6 +177,11 @@ class RunningApp:
         self._threads.append(t)
 
     def start_log_stream(self, out: Any = None) -> None:
+        if out is None and not isinstance(sys.stdout, WholeLines):
+            self._restore = (sys.stdout, sys.stderr)
+            sys.stdout = WholeLines(sys.stdout, self._print_lock)  # type: ignore[assignment]
+            sys.stderr = WholeLines(sys.stderr, self._print_lock)  # type: ignore[assignment]
+
         def stream() -> None:
             while not self._stop.is_set():
                 try:
@@ -161,12 +204,22 @@ class RunningApp:
             self._print_rows(rows, out)
 
     def _print_rows(self, rows: list[dict[str, Any]], out: Any) -> None:
+        """Called with the print lock held: write to the real streams, past :class:`WholeLines`."""
         for r in rows:
             self.log_cursor = max(self.log_cursor, r["id"])
-            stream = (out or sys.stdout) if r["stream"] == "stdout" else (out or sys.stderr)
+            stream = (out or _real(sys.stdout)) if r["stream"] == "stdout" else (out or _real(sys.stderr))
             stream.write(r["text"] if r["text"].endswith("\n") else r["text"] + "\n")
         if rows:
-            (out or sys.stdout).flush()
+            (out or _real(sys.stdout)).flush()
+
+    def restore_streams(self) -> None:
+        """Put back the streams :meth:`start_log_stream` replaced (after the last logs are printed)."""
+        restore, self._restore = self._restore, None
+        if restore is not None:
+            for proxy in (sys.stdout, sys.stderr):
+                if isinstance(proxy, WholeLines):
+                    proxy.flush()
+            sys.stdout, sys.stderr = restore
 
     def flush_logs(self, out: Any = None, wait: float = 0.1) -> None:
         deadline = time.time() + wait
@@ -185,6 +238,10 @@ class RunningApp:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _real(stream: Any) -> Any:
+    return stream.target if isinstance(stream, WholeLines) else stream
 
 
 def _app_name(app: Any) -> str:
@@ -229,6 +286,7 @@ def run_app(
         running.stop()
         if show_logs if show_logs is not None else _output_enabled():
             running.flush_logs()
+        running.restore_streams()
         if not detach:
             with contextlib.suppress(Exception):
                 session.transport.post(f"/v1/apps/{app_id}/stop", reconnect_timeout=5.0)
