@@ -11,10 +11,10 @@ import time
 from sqlalchemy import select
 
 from cloudmodal.ids import new_id
+from cloudmodal.server import models
 from cloudmodal.server.db import Database
-from cloudmodal.server.models import Token
 
-T = Token.__table__
+T = models.tokens
 
 
 def hash_token(token: str) -> str:

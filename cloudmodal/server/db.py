@@ -6,12 +6,11 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-from sqlalchemy import event
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
-from sqlmodel import SQLModel, create_engine
 
-from cloudmodal.server import models  # noqa: F401  (registers the tables)
-from cloudmodal.server.hotsql import CoreHot, HotStatements, SqliteHotConnection
+from cloudmodal.server import models  # registers the tables
+from cloudmodal.server.hotsql import HotStatements, SqliteHotConnection
 
 
 class Database:
@@ -30,11 +29,12 @@ class Database:
             )
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
+            models.use_postgresql_partial_indexes()
             self.engine = create_engine(url, pool_size=16, max_overflow=16, pool_pre_ping=True)
         self._write_lock: contextlib.AbstractContextManager[object] = (
             threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         )
-        SQLModel.metadata.create_all(self.engine)
+        models.metadata.create_all(self.engine)
         self._hot: SqliteHotConnection | None = None
         if self.is_sqlite:
             if not self.engine.url.database or self.engine.url.database == ":memory:":
@@ -50,6 +50,8 @@ class Database:
             with self._hot.transaction() as h:
                 yield h
         else:
+            from cloudmodal.server.hotsql_pg import CoreHot
+
             with self.engine.begin() as conn:
                 yield CoreHot(conn)
 

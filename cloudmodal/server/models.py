@@ -1,165 +1,218 @@
-"""Control-plane tables (SQLModel). Hot-path queue operations use SQLAlchemy Core on these tables."""
+"""Control-plane tables, declared with SQLAlchemy Core; every query (hot path or not) is Core on these.
+
+The tables were SQLModel classes until every use turned out to be ``Model.__table__``: SQLModel (and the ORM it
+pulls in) cost a control plane ~100 ms of imports on each start, a sixth of a cold ``cloudmodal run``, for a
+declaration syntax. The columns, types, nullability, defaults and index names are the ones SQLModel derived
+(``tests/server/test_models.py`` pins the DDL), so databases created before the change are used as they are.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint, text
-from sqlmodel import Field, SQLModel
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    text,
+)
+
+metadata = MetaData()
+
+_UNSET: Any = object()
 
 
-class Token(SQLModel, table=True):
-    id: str = Field(primary_key=True)
-    name: str = ""
-    token_hash: str = Field(index=True, unique=True)  # sha256 hex; the token itself is never stored
-    scope: str = "admin"  # "admin" or "worker:<worker id>"
-    created_at: float = 0.0
-    revoked: bool = False
+def _c(name: str, kind: Any, default: Any = _UNSET, *, null: bool = False, **kw: Any) -> Column[Any]:
+    """A column as SQLModel derived it from a field: NOT NULL unless the field was optional, the field's
+    default as the column's (Python-side) default."""
+    if default is not _UNSET:
+        kw["default"] = default
+    return Column(name, kind, nullable=null, **kw)
 
 
-class App(SQLModel, table=True):
-    id: str = Field(primary_key=True)
-    name: str = Field(index=True)
-    state: str = "running"  # running | deployed | stopped
-    ephemeral: bool = True
-    created_at: float = 0.0
-    stopped_at: float | None = None
-    client_heartbeat_at: float | None = None
-    version: int = 1
-    description: str = ""
+def _pk_int() -> Column[Any]:
+    return Column("id", Integer, primary_key=True)
 
 
-class Deployment(SQLModel, table=True):
-    id: int | None = Field(default=None, primary_key=True)
-    app_id: str = Field(index=True)
-    version: int = 1
-    created_at: float = 0.0
-    functions: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+def _pk_str() -> Column[Any]:
+    return Column("id", String, primary_key=True)
 
 
-class Function(SQLModel, table=True):
-    id: str = Field(primary_key=True)
-    app_id: str = Field(index=True)
-    name: str  # "f", "Cls", or "Cls(params-hash)" for a parameterized class instance
-    parent_id: str | None = None  # class function a parameterized instance belongs to
-    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
-    module: str = ""
-    source_name: str | None = None  # file name of the shipped source
-    source_blob: str | None = None
-    source_dir: str | None = None  # where the source lives on the client's host (used by the local provider)
-    pickled_blob: str | None = None  # serialized=True functions and parameter values of class instances
-    inline_env: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
-    definition_hash: str = ""
-    version: int = 1
-    created_at: float = 0.0
-    last_active_at: float = 0.0
-    state: str = "active"  # active | stopped
+tokens = Table(
+    "token",
+    metadata,
+    _pk_str(),
+    _c("name", String, ""),
+    _c("token_hash", String, index=True, unique=True),  # sha256 hex; the token itself is never stored
+    _c("scope", String, "admin"),  # "admin" or "worker:<worker id>"
+    _c("created_at", Float, 0.0),
+    _c("revoked", Boolean, False),
+)
+
+apps = Table(
+    "app",
+    metadata,
+    _pk_str(),
+    _c("name", String, index=True),
+    _c("state", String, "running"),  # running | deployed | stopped
+    _c("ephemeral", Boolean, True),
+    _c("created_at", Float, 0.0),
+    _c("stopped_at", Float, None, null=True),
+    _c("client_heartbeat_at", Float, None, null=True),
+    _c("version", Integer, 1),
+    _c("description", String, ""),
+)
+
+deployments = Table(
+    "deployment",
+    metadata,
+    _pk_int(),
+    _c("app_id", String, index=True),
+    _c("version", Integer, 1),
+    _c("created_at", Float, 0.0),
+    Column("functions", JSON),
+)
+
+functions = Table(
+    "function",
+    metadata,
+    _pk_str(),
+    _c("app_id", String, index=True),
+    _c("name", String),  # "f", "Cls", or "Cls(params-hash)" for a parameterized class instance
+    _c("parent_id", String, None, null=True),  # class function a parameterized instance belongs to
+    Column("spec", JSON),
+    _c("module", String, ""),
+    _c("source_name", String, None, null=True),  # file name of the shipped source
+    _c("source_blob", String, None, null=True),
+    _c("source_dir", String, None, null=True),  # where the source lives on the client's host (local provider)
+    _c("pickled_blob", String, None, null=True),  # serialized=True functions, parameters of class instances
+    Column("inline_env", JSON),
+    _c("definition_hash", String, ""),
+    _c("version", Integer, 1),
+    _c("created_at", Float, 0.0),
+    _c("last_active_at", Float, 0.0),
+    _c("state", String, "active"),  # active | stopped
+)
+
+calls = Table(
+    "call",
+    metadata,
+    _pk_str(),
+    _c("function_id", String, index=True),
+    _c("app_id", String, index=True),
+    _c("kind", String, "remote"),  # remote | map | spawn | spawn_map | schedule
+    _c("created_at", Float, 0.0),
+    _c("num_inputs", Integer, 0),
+    _c("cancelled", Boolean, False),
+)
+
+inputs = Table(
+    "input",
+    metadata,
+    _pk_int(),
+    _c("call_id", String),
+    _c("function_id", String),
+    _c("idx", Integer),
+    _c("method", String, None, null=True),
+    Column("args", LargeBinary),
+    _c("args_blob", String, None, null=True),
+    _c("state", Integer, 0),  # 0 pending, 1 claimed, 2 done
+    _c("attempts", Integer, 0),  # retries consumed by user exceptions and timeouts
+    _c("crashes", Integer, 0),  # worker deaths while running it (never counted against Retries)
+    _c("worker_id", String, None, null=True),
+    _c("lease_expires", Float, 0.0),
+    _c("available_at", Float, 0.0),
+    _c("created_at", Float, 0.0),
+    UniqueConstraint("call_id", "idx"),
+    # Partial indexes: only unfinished inputs are ever looked up by state, and finished ones pile up.
+    Index("ix_input_pending", "function_id", "id", sqlite_where=text("state = 0")),
+    Index("ix_input_open", "function_id", "state", sqlite_where=text("state < 2")),
+    Index("ix_input_call", "call_id", "state"),
+    Index("ix_input_worker", "worker_id", "state"),
+)
+
+outputs = Table(
+    "output",
+    metadata,
+    _pk_int(),
+    _c("input_id", Integer),
+    _c("call_id", String),
+    _c("idx", Integer),
+    _c("gen_index", Integer, -1),  # -1: the input's final output; 0..n: generator items
+    _c("status", String, "success"),  # success | failure | timeout | crashed | cancelled | gen_item
+    Column("data", LargeBinary),
+    _c("data_blob", String, None, null=True),
+    _c("created_at", Float, 0.0),
+    UniqueConstraint("input_id", "gen_index"),
+    Index("ix_output_call", "call_id", "id"),
+)
+
+workers = Table(
+    "worker",
+    metadata,
+    _pk_str(),
+    _c("app_id", String, index=True),
+    _c("function_id", String, index=True),
+    _c("provider", String, "local"),
+    _c("instance_id", String, ""),
+    _c("state", String, "starting"),  # starting | ready | draining | stopped
+    _c("function_version", Integer, 1),
+    _c("started_at", Float, 0.0),
+    _c("ready_at", Float, None, null=True),
+    _c("last_heartbeat", Float, 0.0),
+    _c("idle_since", Float, None, null=True),
+    _c("in_flight", Integer, 0),
+    _c("stopped_at", Float, None, null=True),
+    _c("stop_reason", String, None, null=True),
+    Column("offer", JSON),
+    _c("market", String, "on-demand"),
+    _c("price_per_hour", Float, 0.0),
+    _c("gpu", String, None, null=True),
+    _c("host", String, ""),
+    _c("pid", Integer, None, null=True),
+)
+
+events = Table(
+    "event",
+    metadata,
+    _pk_int(),
+    _c("app_id", String, None, null=True),
+    _c("function_id", String, None, null=True),
+    _c("ts", Float, 0.0),
+    _c("kind", String, ""),
+    _c("message", String, ""),
+    Column("data", JSON),
+    Index("ix_event_app", "app_id", "id"),
+)
+
+logs = Table(
+    "log",
+    metadata,
+    _pk_int(),
+    _c("app_id", String, ""),
+    _c("function_id", String, None, null=True),
+    _c("worker_id", String, None, null=True),
+    _c("call_id", String, None, null=True),
+    _c("stream", String, "stdout"),
+    _c("ts", Float, 0.0),
+    _c("text", String, ""),
+    Index("ix_log_app", "app_id", "id"),
+)
 
 
-class Call(SQLModel, table=True):
-    id: str = Field(primary_key=True)
-    function_id: str = Field(index=True)
-    app_id: str = Field(index=True)
-    kind: str = "remote"  # remote | map | spawn | spawn_map | schedule
-    created_at: float = 0.0
-    num_inputs: int = 0
-    cancelled: bool = False
-
-
-class Input(SQLModel, table=True):
-    __table_args__ = (
-        UniqueConstraint("call_id", "idx"),
-        # Partial indexes: only unfinished inputs are ever looked up by state, and finished ones pile up.
-        Index(
-            "ix_input_pending",
-            "function_id",
-            "id",
-            sqlite_where=text("state = 0"),
-            postgresql_where=text("state = 0"),
-        ),
-        Index(
-            "ix_input_open",
-            "function_id",
-            "state",
-            sqlite_where=text("state < 2"),
-            postgresql_where=text("state < 2"),
-        ),
-        Index("ix_input_call", "call_id", "state"),
-        Index("ix_input_worker", "worker_id", "state"),
-    )
-    id: int | None = Field(default=None, primary_key=True)
-    call_id: str
-    function_id: str
-    idx: int
-    method: str | None = None
-    args: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
-    args_blob: str | None = None
-    state: int = 0  # 0 pending, 1 claimed, 2 done
-    attempts: int = 0  # retries consumed by user exceptions and timeouts
-    crashes: int = 0  # worker deaths while running it (never counted against Retries)
-    worker_id: str | None = None
-    lease_expires: float = 0.0
-    available_at: float = 0.0
-    created_at: float = 0.0
-
-
-class Output(SQLModel, table=True):
-    __table_args__ = (
-        UniqueConstraint("input_id", "gen_index"),
-        Index("ix_output_call", "call_id", "id"),
-    )
-    id: int | None = Field(default=None, primary_key=True)
-    input_id: int
-    call_id: str
-    idx: int
-    gen_index: int = -1  # -1: the input's final output; 0..n: generator items
-    status: str = "success"  # success | failure | timeout | crashed | cancelled | gen_item
-    data: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
-    data_blob: str | None = None
-    created_at: float = 0.0
-
-
-class Worker(SQLModel, table=True):
-    id: str = Field(primary_key=True)
-    app_id: str = Field(index=True)
-    function_id: str = Field(index=True)
-    provider: str = "local"
-    instance_id: str = ""
-    state: str = "starting"  # starting | ready | draining | stopped
-    function_version: int = 1
-    started_at: float = 0.0
-    ready_at: float | None = None
-    last_heartbeat: float = 0.0
-    idle_since: float | None = None
-    in_flight: int = 0
-    stopped_at: float | None = None
-    stop_reason: str | None = None
-    offer: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    market: str = "on-demand"
-    price_per_hour: float = 0.0
-    gpu: str | None = None
-    host: str = ""
-    pid: int | None = None
-
-
-class Event(SQLModel, table=True):
-    __table_args__ = (Index("ix_event_app", "app_id", "id"),)
-    id: int | None = Field(default=None, primary_key=True)
-    app_id: str | None = None
-    function_id: str | None = None
-    ts: float = 0.0
-    kind: str = ""
-    message: str = ""
-    data: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-
-
-class Log(SQLModel, table=True):
-    __table_args__ = (Index("ix_log_app", "app_id", "id"),)
-    id: int | None = Field(default=None, primary_key=True)
-    app_id: str = ""
-    function_id: str | None = None
-    worker_id: str | None = None
-    call_id: str | None = None
-    stream: str = "stdout"
-    ts: float = 0.0
-    text: str = ""
+def use_postgresql_partial_indexes() -> None:
+    """Give the partial indexes their PostgreSQL ``WHERE`` too. Declared only when PostgreSQL is used:
+    naming a ``postgresql_`` option imports that dialect, which an SQLite control plane (the embedded
+    default) would pay on every cold start."""
+    for index in inputs.indexes:
+        where = index.dialect_options["sqlite"]["where"]
+        if where is not None:
+            index.dialect_kwargs["postgresql_where"] = where

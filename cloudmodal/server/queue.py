@@ -17,16 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, func, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from cloudmodal.server import models
 from cloudmodal.server.db import Database
 from cloudmodal.server.hotsql import HotStatements
-from cloudmodal.server.models import Call, Input, Output
 from cloudmodal.spec import RetryPolicy
 
-I = Input.__table__  # noqa: E741
-O = Output.__table__  # noqa: E741
-C = Call.__table__
+I = models.inputs  # noqa: E741
+O = models.outputs  # noqa: E741
+C = models.calls
 
 PENDING, CLAIMED, DONE = 0, 1, 2
 DEFAULT_CRASH_BUDGET = 3
@@ -64,8 +63,11 @@ class InputQueue:
         """``policy_for(function_id) -> FunctionPolicy`` supplies each function's retry policy."""
         self.db = db
         self.policy_for = policy_for
-        dialect = postgresql if not db.is_sqlite else sqlite
-        self._insert = dialect.insert
+        if db.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # the PostgreSQL dialect only where it is used (importing it costs a cold start ~20 ms)
+            from sqlalchemy.dialects.postgresql import insert
+        self._insert = insert
 
     def _order_outputs(self, conn: Any, call_ids: Any) -> None:
         """Readers page through a call's outputs by id. On PostgreSQL ids are drawn at insert but become

@@ -27,15 +27,15 @@ from cloudmodal.gpu import GpuTier
 from cloudmodal.ids import new_id
 from cloudmodal.providers.base import SupportsPreemptionNotice
 from cloudmodal.providers.gpu import summarize
+from cloudmodal.server import models
 from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView
-from cloudmodal.server.models import Function, Worker
 from cloudmodal.server.service import LIVE_WORKER_STATES, ControlPlane
 from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState
 from cloudmodal.spec import FunctionSpec
 
 log = logging.getLogger("cloudmodal.reconciler")
-F = Function.__table__
-W = Worker.__table__
+F = models.functions
+W = models.workers
 
 MAX_LAUNCH_TRIES = 12  # candidates tried per worker before backing off
 STARTUP_GRACE_S = (

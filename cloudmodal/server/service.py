@@ -18,24 +18,24 @@ from sqlalchemy import and_, delete, func, or_, select, update
 
 from cloudmodal.exception import InvalidError, NotFoundError
 from cloudmodal.ids import new_id
+from cloudmodal.server import models
 from cloudmodal.server.auth import TokenStore
 from cloudmodal.server.blobs import BlobStore
 from cloudmodal.server.db import Database
 from cloudmodal.server.hotsql import HotStatements
 from cloudmodal.server.hub import Hub
-from cloudmodal.server.models import App, Call, Deployment, Event, Function, Log, Worker
 from cloudmodal.server.queue import DEFAULT_CRASH_BUDGET, ClaimedInput, FunctionPolicy, InputQueue, OutputItem
 from cloudmodal.spec import FunctionSpec
 
 log = logging.getLogger("cloudmodal.server")
 
-A = App.__table__
-F = Function.__table__
-CA = Call.__table__
-W = Worker.__table__
-E = Event.__table__
-L = Log.__table__
-D = Deployment.__table__
+A = models.apps
+F = models.functions
+CA = models.calls
+W = models.workers
+E = models.events
+L = models.logs
+D = models.deployments
 
 LIVE_WORKER_STATES = ("starting", "ready", "draining")
 
@@ -605,9 +605,7 @@ class ControlPlane:
         running = self.queue.cancel_call(call_id)
         if running:
             with self.db.read() as conn:
-                from cloudmodal.server.models import Input
-
-                I = Input.__table__  # noqa: E741
+                I = models.inputs  # noqa: E741
                 rows = conn.execute(select(I.c.id, I.c.worker_id).where(I.c.id.in_(running))).all()
             with self._lock:
                 for iid, wid in rows:

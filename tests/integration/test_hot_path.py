@@ -17,7 +17,7 @@ from sqlalchemy import select
 from cloudmodal.client.session import run_app
 from cloudmodal.client.transport import Transport
 from cloudmodal.exception import AuthError
-from cloudmodal.server.models import Input, Output, Worker
+from cloudmodal.server import models
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_an_idle_worker_parks_and_is_handed_the_next_input(app, control_plane):
     assert parked, "an idle worker's claim should be parked on its function"
     assert basic.square.remote(12) == 144
     with cp.db.read() as conn:
-        I, O = Input.__table__, Output.__table__  # noqa: E741
+        I, O = models.inputs, models.outputs  # noqa: E741
         row = conn.execute(
             select(I.c.state, I.c.worker_id, I.c.attempts, I.c.crashes)
             .where(I.c.function_id == fid)
@@ -105,7 +105,7 @@ def test_a_drained_worker_gets_no_more_inputs(app, control_plane):
         assert all(pc.worker_id not in parked for pc in cp._parked.get(fid, ()))
     assert isinstance(basic.pid_of.remote(1), int)
     with cp.db.read() as conn:
-        I = Input.__table__  # noqa: E741
+        I = models.inputs  # noqa: E741
         last = conn.execute(
             select(I.c.worker_id).where(I.c.function_id == fid).order_by(I.c.id.desc()).limit(1)
         ).scalar_one()
@@ -119,7 +119,7 @@ def test_a_worker_that_dies_while_parked_is_never_handed_inputs(app, control_pla
     parked = _parked_workers(cp, fid)
     assert parked
     os.kill(victim, signal.SIGKILL)
-    W = Worker.__table__  # noqa: N806
+    W = models.workers  # noqa: N806
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with cp.db.read() as conn:
