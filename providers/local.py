@@ -63,6 +63,47 @@ class LocalOffer:
         return self.price_spot if market == "spot" else self.price_ondemand
 
 
+STANDBY_RESPAWN_DELAY_S = 1.0
+
+# Standby interpreters started ahead of their provider, by state directory (see start_standby).
+_early_standby: dict[Path, tuple[subprocess.Popen[bytes], Path]] = {}
+
+
+def _spawn_standby(state_dir: Path) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """A worker interpreter that imports the runtime now and waits on stdin for the environment of the
+    worker it becomes; it exits when stdin closes (its parent gone). ``None`` where it cannot start."""
+    log_dir = state_dir / "logs"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"standby-{os.getpid()}-{time.monotonic_ns()}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cloudmodal.worker", "--standby"],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+    except OSError:
+        return None
+    return proc, log_path
+
+
+def start_standby(state_dir: str | os.PathLike[str]) -> None:
+    """Start the standby interpreter of a :class:`LocalProvider` that will be created on ``state_dir``, now.
+
+    The embedded control plane calls this before importing itself: the worker runtime's imports then
+    overlap the control plane's instead of following them, which shortens a cold start to its first result.
+    """
+    path = Path(state_dir)
+    if path in _early_standby:
+        return
+    standby = _spawn_standby(path)
+    if standby is not None:
+        _early_standby[path] = standby
+
+
 def _machine_memory_gb() -> float | None:
     try:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
@@ -118,7 +159,11 @@ class LocalProvider(Provider, SupportsGpuInventory):
         self._closed = False
         self.standby_enabled = standby
         if standby:
-            threading.Thread(target=self._start_standby, name="standby", daemon=True).start()
+            early = _early_standby.pop(self.state_dir, None)
+            if early is not None and early[0].poll() is None:
+                self._standby = early  # started before the control plane's own imports (see start_standby)
+            else:
+                threading.Thread(target=self._start_standby, name="standby", daemon=True).start()
         self._exited: dict[str, int] = {}  # worker id -> returncode, once reaped
 
     # --- inventory ---------------------------------------------------------------------------------------
@@ -238,7 +283,8 @@ class LocalProvider(Provider, SupportsGpuInventory):
     # --- lifecycle -----------------------------------------------------------------------------------------
 
     def launch(self, req: LaunchRequest) -> WorkerHandle:
-        self.gpu_inventory()  # detect before taking the lock for allocation
+        if req.gpu is not None:
+            self.gpu_inventory()  # detect before taking the lock for allocation (a CPU worker needs none)
         cpu_fallback_used = False
         with self._lock:
             if req.worker_id in self._procs:
@@ -303,23 +349,19 @@ class LocalProvider(Provider, SupportsGpuInventory):
     def _start_standby(self) -> None:
         if not self.standby_enabled or self._closed:
             return
-        log_dir = self.state_dir / "logs"
-        try:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = log_dir / f"standby-{os.getpid()}-{time.monotonic_ns()}.log"
-            with open(log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "cloudmodal.worker", "--standby"],
-                    stdin=subprocess.PIPE,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-        except OSError:
+        standby = _spawn_standby(self.state_dir)
+        if standby is None:
             return
         with self._lock:
-            self._standby = (proc, log_path)
+            if self._closed or self._standby is not None:
+                spare = standby
+            else:
+                self._standby, spare = standby, None
+        if spare is not None:
+            self._signal_group(spare[0], signal.SIGKILL)
+            spare[0].wait()
+            with contextlib.suppress(OSError):
+                spare[1].unlink()
 
     def _take_standby(self, req: LaunchRequest, python: str) -> tuple[subprocess.Popen[bytes], Path] | None:
         if python != sys.executable or tuple(req.argv) != ("-m", "cloudmodal.worker"):
@@ -348,7 +390,11 @@ class LocalProvider(Provider, SupportsGpuInventory):
                 )
                 proc.stdin.close()
                 os.replace(standby_log, log_path)
-                threading.Thread(target=self._start_standby, daemon=True).start()
+                # The next standby starts a moment later: on a small machine it would otherwise take CPU
+                # from this worker's start (and the caller's first result) to prepare for a later one.
+                later = threading.Timer(STANDBY_RESPAWN_DELAY_S, self._start_standby)
+                later.daemon = True
+                later.start()
                 return proc, log_path
             except (OSError, ValueError):
                 self._signal_group(proc, signal.SIGKILL)

@@ -91,9 +91,13 @@ def connect(embedded_ok: bool = True) -> Session:
             return existing
         if not embedded_ok:
             raise ExecutionError("No control plane configured: start one with `cloudmodal server start`.")
+        tmp = tempfile.mkdtemp(prefix="cloudmodal-embedded-")
+        from cloudmodal.providers.local import start_standby
+
+        # The local provider's first worker interpreter starts now, importing while the control plane does.
+        start_standby(Path(tmp) / "workers")
         from cloudmodal.server.app import ServerHandle, default_settings
 
-        tmp = tempfile.mkdtemp(prefix="cloudmodal-embedded-")
         # An embedded control plane dies with this process: its workers should not wait ten minutes for it.
         quick = (
             {}

@@ -6,8 +6,10 @@ if __name__ == "__main__":
         import json
         import os
 
+        from cloudmodal.client.transport import warm_up
         from cloudmodal.worker.runtime import main
 
+        warm_up()
         line = sys.stdin.readline()
         if not line:
             raise SystemExit(0)

@@ -364,3 +364,45 @@ def test_close_stops_every_worker(tmp_path, monkeypatch):
     for h in handles:
         with pytest.raises(ProcessLookupError):
             os.kill(h.extra["pid"], 0)
+
+
+def _standby_pid(p: LocalProvider) -> int | None:
+    with p._lock:
+        return p._standby[0].pid if p._standby is not None else None
+
+
+def test_standby_started_ahead_is_the_first_worker(make_provider, tmp_path):
+    """The embedded control plane starts the standby interpreter before its own imports; the provider
+    created afterwards on the same state directory adopts it, and its first default worker is that process.
+    The next standby follows a moment later, not while the first worker starts."""
+    from cloudmodal.providers import local
+
+    state = tmp_path / "state"
+    local.start_standby(state)
+    early = local._early_standby[state][0]
+    p = make_provider(state_dir=state, standby=True)
+    assert state not in local._early_standby and _standby_pid(p) == early.pid
+    env = {"CLOUDMODAL_SERVER_URL": "http://127.0.0.1:9", "CLOUDMODAL_WORKER_RECONNECT_S": "0.2"}
+    handle = p.launch(req("w-first", argv=("-m", "cloudmodal.worker"), env=env))
+    assert handle.extra["pid"] == early.pid
+    assert _standby_pid(p) is None  # the replacement waits STANDBY_RESPAWN_DELAY_S
+    deadline = time.monotonic() + local.STANDBY_RESPAWN_DELAY_S + 10
+    while _standby_pid(p) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _standby_pid(p) not in (None, early.pid)
+
+
+def test_standby_for_another_directory_is_not_adopted(make_provider, tmp_path):
+    from cloudmodal.providers import local
+
+    local.start_standby(tmp_path / "elsewhere")
+    early = local._early_standby.pop(tmp_path / "elsewhere")[0]
+    try:
+        p = make_provider(state_dir=tmp_path / "state", standby=True)
+        deadline = time.monotonic() + 10
+        while _standby_pid(p) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _standby_pid(p) not in (None, early.pid)
+    finally:
+        early.stdin.close()  # a standby exits when its stdin closes
+        assert early.wait(timeout=30) == 0
