@@ -107,6 +107,13 @@ class ServerHandle:
             ws_per_message_deflate=False,  # pickles compress poorly; deflate would cost every message
         )
         self.server = uvicorn.Server(config)
+        on_signal = self.server.handle_exit
+
+        def handle_exit(sig: int, frame: Any) -> None:  # SIGINT/SIGTERM of a long-lived `server start`
+            self.cp.hub.close()
+            on_signal(sig, frame)
+
+        self.server.handle_exit = handle_exit  # type: ignore[method-assign]
         self._thread: threading.Thread | None = None
         self.cp.hub.notify = _chain_wake(self.cp.hub.notify, self.reconciler)  # type: ignore[method-assign]
 
@@ -133,6 +140,7 @@ class ServerHandle:
 
     def stop(self) -> None:
         self.reconciler.stop()
+        self.cp.hub.close()  # long polls answer now instead of holding the shutdown for their timeouts
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)

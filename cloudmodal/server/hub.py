@@ -16,6 +16,7 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._lock = threading.Lock()
+        self.closing = False  # the server is stopping: long polls answer now with what they have
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -36,6 +37,19 @@ class Hub:
         with self._lock:
             self._waiters[key].add(ev)
         return ev
+
+    def close(self) -> None:
+        """Wake every waiter for good: the server is stopping, and a long poll should not hold its shutdown
+        (its client retries against the next server, or has gone away itself)."""
+        self.closing = True
+        with self._lock:
+            events = [e for s in self._waiters.values() for e in s]
+        loop = self._loop
+        if events and loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:
+                pass
 
     def unwatch(self, key: str, ev: asyncio.Event) -> None:
         with self._lock:
