@@ -245,6 +245,10 @@ class Worker:
         self.end = math.inf
 
 
+def _dispatch_key(w: Worker) -> tuple[float, float]:
+    return (w.price, w.launched)
+
+
 class Pool:
     __slots__ = (
         "i",
@@ -314,7 +318,7 @@ class Pool:
         self.i = i
         self.mstate = PoolMarketState()
         self.starting: dict[str, Worker] = {}
-        self.ready: list[Worker] = []  # oldest first; the busy ones are ready[:m]
+        self.ready: list[Worker] = []  # cheapest first, then oldest; the busy ones are ready[:m]
         self.draining: list[Worker] = []
         self.by_id: dict[str, Worker] = {}
         self.views: dict[str, WorkerView] = {}  # what the autoscaler sees of each live worker
@@ -890,8 +894,18 @@ class Sim:
         if t > w.launched:  # not a warm-start worker: its boot is a sample of the pool's start-up
             p.boots.append(t - w.launched)
             p.boot_est = sorted(p.boots)[len(p.boots) // 2]
-        p.views[w.id] = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
-        p.ready.append(w)
+        # Inputs go to the cheapest ready workers first (the control plane hands an input to the cheapest
+        # parked worker), the oldest among equals: the ready list is kept in that order.
+        i = bisect.bisect(p.ready, (w.price, w.launched), key=_dispatch_key)
+        p.ready.insert(i, w)
+        if i < p.m:  # it takes the work of the dearest busy worker, which goes idle
+            out = p.ready[p.m]
+            out.idle_since = t
+            p.views[out.id] = WorkerView(out.id, "ready", out.launched, t, 0, out.price)
+            w.idle_since = None
+            p.views[w.id] = WorkerView(w.id, "ready", w.launched, None, 1, w.price)
+        else:
+            p.views[w.id] = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
         p.slots += p.max_inputs
         p.price_sum += w.price
         if w.market == OD:
@@ -1088,7 +1102,7 @@ class Sim:
             c["inputs_in"] += burst
         if p.queued > 0 or p.inflight > p.slots:
             p.inflight = p.slots  # a backlog keeps every ready slot busy
-        # 2. Which ready workers are busy: inputs go to the oldest first.
+        # 2. Which ready workers are busy: inputs go to the cheapest first, the oldest among equals.
         target = p.target
         m = min(-(-p.inflight // p.max_inputs), len(p.ready))
         ready = p.ready

@@ -75,7 +75,7 @@ class ParkedClaim:
     """A worker's claim waiting for inputs. ``taken``: promised inputs (under the control plane's lock);
     ``done`` is set once they are written (``rows``, possibly empty when that write failed)."""
 
-    __slots__ = ("worker_id", "function_id", "max_n", "loop", "wake", "done", "rows", "taken")
+    __slots__ = ("worker_id", "function_id", "max_n", "loop", "wake", "done", "rows", "taken", "price")
 
     def __init__(
         self,
@@ -93,6 +93,21 @@ class ParkedClaim:
         self.done = asyncio.Event()
         self.rows: list[ClaimedInput] = []
         self.taken = False
+        self.price = 0.0  # the worker's price per hour (set when parked): the cheapest is handed inputs first
+
+
+def _next_taker(parked: list[ParkedClaim]) -> int:
+    """Which parked claim gets the next inputs: the cheapest worker's, the most recently parked among equals.
+
+    Work goes where it costs least, so the dearer workers are the ones left idle, and the autoscaler (which
+    stops the dearest idle workers first) scales them down; the same rule keeps a pool of equals' work on few
+    workers, so the rest stay idle long enough to scale down at all."""
+    best = len(parked) - 1
+    price = parked[best].price
+    for i in range(best - 1, -1, -1):
+        if parked[i].price < price:
+            best, price = i, parked[i].price
+    return best
 
 
 def _settle_claim(pc: ParkedClaim, rows: list[ClaimedInput]) -> None:
@@ -163,6 +178,7 @@ class ControlPlane:
         self._workers: dict[
             str, tuple[str, str]
         ] = {}  # worker id -> (function id, state), this process's view
+        self._prices: dict[str, float] = {}  # worker id -> price per hour (which parked worker gets inputs)
         self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found nothing
         self._active_written: dict[str, float] = {}  # function id -> last_active_at last written
         self._service: dict[str, float] = {}  # function id -> mean seconds per input (workers' reports)
@@ -517,7 +533,7 @@ class ControlPlane:
             parked = self._parked.get(function_id)
             want = len(inputs)
             while parked and want > 0:
-                pc = parked.pop()  # the most recently parked: idle workers stay idle and can scale down
+                pc = parked.pop(_next_taker(parked))
                 pc.taken = True
                 takers.append(pc)
                 want -= pc.max_n
@@ -567,6 +583,7 @@ class ControlPlane:
 
     # -- the in-memory hand-off (see ParkedClaim / OutputMailbox) ------------------------------------------
     def park(self, pc: ParkedClaim) -> None:
+        pc.price = self._prices.get(pc.worker_id, 0.0)
         with self._lock:
             self._parked.setdefault(pc.function_id, []).append(pc)
 
@@ -673,6 +690,7 @@ class ControlPlane:
             )
         row = self.worker_row(worker_id)
         self._worker_state(worker_id, fid, row["state"])
+        self._prices[worker_id] = row["price_per_hour"] or 0.0
         if row["ready_at"] is not None:
             self.event(
                 "worker.ready",
@@ -696,11 +714,13 @@ class ControlPlane:
             row = self.worker_row(worker_id)
             got = (row["function_id"], row["state"])
             self._workers[worker_id] = got
+            self._prices[worker_id] = row["price_per_hour"] or 0.0
         return got
 
     def _worker_state(self, worker_id: str, function_id: str, state: str) -> None:
         if state == "stopped":
             self._workers.pop(worker_id, None)
+            self._prices.pop(worker_id, None)
         else:
             self._workers[worker_id] = (function_id, state)
 

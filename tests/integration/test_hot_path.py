@@ -172,3 +172,45 @@ def test_workers_report_service_time(app, control_plane):
         time.sleep(0.1)
     est = cp.service_time_estimate(fid)
     assert est is not None and 0.002 <= est < 0.5  # slow_identity sleeps 2 ms
+
+
+def test_inputs_go_to_the_cheapest_parked_worker_first(app, control_plane):
+    """Among idle workers, the cheapest is handed the next input (the most recently parked among equals):
+    the dearer ones stay idle, and the autoscaler stops the dearest idle workers first."""
+    import asyncio
+
+    from cloudmodal.server.service import ParkedClaim
+
+    cp = control_plane.cp
+    basic.square.remote(2)
+    row = cp.function_row(basic.square._function_id)
+    fid = cp.create_function(
+        {"app_id": row["app_id"], "name": "square_priced", "spec": row["spec"], "module": row["module"]}
+    )["function_id"]
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    prices = {"ta-dear-1": 3.0, "ta-cheap": 1.0, "ta-dear-2": 3.0}
+    claims = {}
+    try:
+        for wid, price in prices.items():  # parked in this order
+            cp.add_worker(wid, row["app_id"], fid, price_per_hour=price)
+            cp.worker_ready(wid)
+            claims[wid] = ParkedClaim(wid, fid, 1, loop, asyncio.Event())
+            cp.park(claims[wid])
+        got = []
+        for i in range(3):
+            cp.create_call(f"ca-priced-{i}", fid, "remote", [(0, None, b"x", None)])
+            taken = [wid for wid, pc in claims.items() if pc.taken and wid not in got]
+            assert len(taken) == 1
+            got += taken
+        assert got == ["ta-cheap", "ta-dear-2", "ta-dear-1"]
+        with cp.db.read() as conn:
+            I = models.inputs  # noqa: E741
+            owners = dict(
+                conn.execute(select(I.c.call_id, I.c.worker_id).where(I.c.function_id == fid)).all()
+            )
+        assert owners == {f"ca-priced-{i}": wid for i, wid in enumerate(got)}  # written claimed by them
+    finally:
+        for wid in prices:
+            cp.worker_stopped(wid, "test over", crashed=False)
+        loop.call_soon_threadsafe(loop.stop)
