@@ -67,15 +67,16 @@ def per_worker_target(concurrency: ConcurrencyConfig | None, batching: BatchConf
     """Inputs one worker should hold at once, which the autoscaler divides the load by.
 
     ``@concurrent``: ``target_inputs`` when given (the worker may burst to ``max_inputs``, but scaling aims at
-    the target, as Modal does), else ``max_inputs``. ``@batched``: times ``max_batch_size``, because a
-    batched worker takes that many inputs per call; scaling on single inputs would start one worker per
-    input and each would run batches of one, defeating the batching.
+    the target, as Modal does), else ``max_inputs``. ``@batched``: ``max_batch_size``, because a batched
+    worker takes that many inputs per call (one call at a time, whatever ``@concurrent`` says: the worker runs
+    its batches in turn); scaling on single inputs would start one worker per input and each would run batches
+    of one, defeating the batching.
     """
+    if batching is not None:
+        return max(int(batching.max_batch_size), 1)
     target = 1
     if concurrency is not None:
         target = concurrency.target_inputs or concurrency.max_inputs or 1
-    if batching is not None:
-        target *= max(batching.max_batch_size, 1)
     return max(int(target), 1)
 
 

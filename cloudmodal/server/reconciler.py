@@ -28,7 +28,7 @@ from cloudmodal.ids import new_id
 from cloudmodal.providers.base import SupportsPreemptionNotice
 from cloudmodal.providers.gpu import summarize
 from cloudmodal.server import models
-from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView
+from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView, per_worker_target
 from cloudmodal.server.service import LIVE_WORKER_STATES, ControlPlane
 from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState
 from cloudmodal.spec import FunctionSpec
@@ -332,11 +332,7 @@ class Reconciler:
     def _scale(
         self, fid: str, fn: Any, spec: FunctionSpec, pending: int, running: int, ws: list[Any], now: float
     ) -> None:
-        target = 1
-        if spec.concurrency is not None:
-            target = spec.concurrency.target_inputs or spec.concurrency.max_inputs
-        if spec.batching is not None:
-            target = max(target, spec.batching.max_batch_size)
+        target = per_worker_target(spec.concurrency, spec.batching)
         views = [
             WorkerView(
                 worker_id=w.id,

@@ -186,7 +186,11 @@ def test_reason_explains_the_numbers():
         (ConcurrencyConfig(max_inputs=10), None, 10),
         (ConcurrencyConfig(max_inputs=10, target_inputs=4), None, 4),
         (None, BatchConfig(max_batch_size=8, wait_ms=100), 8),
-        (ConcurrencyConfig(max_inputs=2), BatchConfig(max_batch_size=8, wait_ms=100), 16),
+        (
+            ConcurrencyConfig(max_inputs=2),
+            BatchConfig(max_batch_size=8, wait_ms=100),
+            8,
+        ),  # batches run in turn
     ],
 )
 def test_per_worker_target(concurrency, batching, expected):
