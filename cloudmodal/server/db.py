@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 
 from cloudmodal.server import models  # registers the tables
 from cloudmodal.server.hotsql import HotStatements, SqliteHotConnection
+
+log = logging.getLogger("cloudmodal.server")
+
+CHECKPOINT_INTERVAL_S = 0.5
+RESTART_FRAMES = 1000  # WAL pages past which a checkpoint completes under the write lock (SQLite's default)
 
 
 class Database:
@@ -42,6 +50,7 @@ class Database:
                     "The control plane needs an SQLite database file, not an in-memory database."
                 )
             self._hot = SqliteHotConnection(self.engine.url.database, self._write_lock)  # type: ignore[arg-type]
+            self._checkpointer = Checkpointer(self.engine.url.database, self._write_lock)
 
     @contextlib.contextmanager
     def hot(self) -> Iterator[HotStatements]:
@@ -74,8 +83,65 @@ class Database:
 
     def dispose(self) -> None:
         if self._hot is not None:
+            self._checkpointer.stop()
             self._hot.close()
         self.engine.dispose()
+
+
+class Checkpointer:
+    """Moves SQLite's write-ahead log into the database file on a thread of its own.
+
+    SQLite's default is to checkpoint inside the commit that crosses 1,000 WAL pages: every ~50th warm call
+    paid a 3–5 ms stall for it (the p99 of a `.remote()` round trip). Every connection here turns that off
+    (``wal_autocheckpoint=0``) and this thread checkpoints every ``interval`` seconds instead, in two steps:
+    a ``PASSIVE`` checkpoint that waits for no reader or writer copies what is in the log (sqlite3 releases
+    the GIL meanwhile); then, once the log holds ``restart_frames`` or more, a second one under the
+    database's write lock copies the few frames committed during the first. The log starts over only at a
+    write that begins after a complete checkpoint, which under steady writes racing the first step never
+    happens (the log would only grow); the lock makes the next write such a one, and is held for the
+    remainder only.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        write_lock: Any,
+        interval: float | None = None,
+        restart_frames: int | None = None,
+    ) -> None:
+        self.path = path
+        self.write_lock = write_lock
+        self.interval = CHECKPOINT_INTERVAL_S if interval is None else interval
+        self.restart_frames = RESTART_FRAMES if restart_frames is None else restart_frames
+        self.checkpoints = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=30000")
+            while not self._stop.wait(self.interval):
+                self.checkpoint(conn)
+            self.checkpoint(conn, final=True)  # leave little for the next start to replay
+        except Exception:  # a checkpoint that cannot run leaves SQLite's WAL to grow, not data at risk
+            log.exception("SQLite checkpoints stopped")
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def checkpoint(self, conn: sqlite3.Connection, *, final: bool = False) -> None:
+        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if final or frames >= self.restart_frames:
+            with self.write_lock:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)" if final else "PRAGMA wal_checkpoint(PASSIVE)")
+        self.checkpoints += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -83,4 +149,5 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's thread does it, off the write path
     cur.close()

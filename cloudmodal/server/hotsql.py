@@ -148,6 +148,7 @@ class SqliteHotConnection:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=30000")
+                conn.execute("PRAGMA wal_autocheckpoint=0")  # see db.Checkpointer
                 self._conn = conn
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
