@@ -32,6 +32,8 @@ def default_settings(state_dir: Path, database_url: str | None = None, **overrid
     ):
         if os.environ.get(env):
             env_overrides[key] = float(os.environ[env])
+    if os.environ.get("CLOUDMODAL_BLOB_DIR"):
+        env_overrides["blob_dir"] = Path(os.environ["CLOUDMODAL_BLOB_DIR"])
     return Settings(database_url=url, state_dir=state_dir, **(env_overrides | overrides))
 
 

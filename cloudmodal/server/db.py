@@ -88,6 +88,80 @@ class Database:
         self.engine.dispose()
 
 
+class Leadership:
+    """Which of the control planes sharing a database reconciles it: the one holding this lock.
+
+    Two control planes on one database (a restart overlapping the old process, or several for availability)
+    may all serve the API, but only one may launch, stop and write off workers, or both would start a pool's
+    workers and each would write off the other's. PostgreSQL: a session-level advisory lock on a connection
+    of its own (released by the server when the holder dies). SQLite: an exclusive lock on a file beside the
+    database (released by the OS when the holder dies). ``held()`` tries to take the lock when not holding it,
+    and checks that it still holds it when it does.
+    """
+
+    KEY = 0x636D5F726563  # "cm_rec"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._conn: Any = None
+        self._file: Any = None
+        self.holding = False
+
+    def held(self) -> bool:
+        try:
+            self.holding = self._sqlite() if self.db.is_sqlite else self._postgres()
+        except Exception:
+            log.warning(
+                "could not check the reconciler lock; acting as a standby until it can", exc_info=True
+            )
+            self.release()
+            self.holding = False
+        return self.holding
+
+    def _sqlite(self) -> bool:
+        if self._file is None:
+            from filelock import FileLock
+
+            self._file = FileLock(f"{self.db.engine.url.database}.reconciler.lock")
+        if not self._file.is_locked:
+            from filelock import Timeout
+
+            try:
+                self._file.acquire(timeout=0)
+            except Timeout:
+                return False
+        return True
+
+    def _postgres(self) -> bool:
+        from sqlalchemy import text
+
+        if self._conn is not None:
+            try:
+                self._conn.execute(text("SELECT 1"))  # the lock lives as long as this session
+                return True
+            except Exception:
+                self.release()
+        conn = self.db.engine.connect()
+        got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.KEY}).scalar()
+        conn.commit()
+        if got:
+            self._conn = conn
+            return True
+        conn.close()
+        return False
+
+    def release(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.close()  # ends the session, and with it the advisory lock
+            except Exception:
+                pass
+        if self._file is not None and self._file.is_locked:
+            self._file.release()
+        self.holding = False
+
+
 class Checkpointer:
     """Moves SQLite's write-ahead log into the database file on a thread of its own.
 

@@ -29,11 +29,14 @@ from cloudmodal.providers.base import SupportsPreemptionNotice
 from cloudmodal.providers.gpu import summarize
 from cloudmodal.server import models
 from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView, per_worker_target
+from cloudmodal.server.db import Leadership
 from cloudmodal.server.service import LIVE_WORKER_STATES, ControlPlane
 from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState
 from cloudmodal.spec import FunctionSpec
 
 log = logging.getLogger("cloudmodal.reconciler")
+
+STANDBY_RETRY_S = 1.0  # how often a standby control plane tries to take over reconciling
 F = models.functions
 W = models.workers
 
@@ -138,6 +141,7 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self._last_housekeeping = 0.0
         self._lock = threading.Lock()
+        self.leadership = Leadership(cp.db)
         # This machine's worker budget: workers beyond the cores only add start-up cost and contention.
         self.max_workers = int(
             os.environ.get("CLOUDMODAL_LOCAL_MAX_WORKERS") or max(4, 2 * (os.cpu_count() or 1))
@@ -148,9 +152,13 @@ class Reconciler:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._adopt_orphans()
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this control plane reconciles its database (see :class:`~cloudmodal.server.db.Leadership`)."""
+        return self.leadership.holding
 
     def wake(self) -> None:
         self._wake.set()
@@ -184,13 +192,30 @@ class Reconciler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick(time.time())
-            except Exception:  # the loop must survive anything; the next tick retries
-                log.exception("reconciler tick failed")
-            self._wake.wait(self.cp.settings.reconcile_interval_s)
-            self._wake.clear()
+        leading: bool | None = None  # unknown until the first try
+        try:
+            while not self._stop.is_set():
+                try:
+                    if self.leadership.held():
+                        if not leading:  # taking over: what a previous leader left is ours to settle now
+                            leading = True
+                            self.cp.event(
+                                "control_plane.leader", f"{self.server_url} reconciles this database"
+                            )
+                            self._adopt_orphans()
+                        self.tick(time.time())
+                    elif leading is not False:
+                        leading = False
+                        log.info(
+                            "another control plane reconciles this database; %s serves the API only",
+                            self.server_url,
+                        )
+                except Exception:  # the loop must survive anything; the next tick retries
+                    log.exception("reconciler tick failed")
+                self._wake.wait(self.cp.settings.reconcile_interval_s if leading else STANDBY_RETRY_S)
+                self._wake.clear()
+        finally:
+            self.leadership.release()
 
     def _adopt_orphans(self) -> None:
         """After a restart, workers launched by a previous process keep running and heartbeating; they are

@@ -55,6 +55,8 @@ class Settings:
     crash_budget: int = DEFAULT_CRASH_BUDGET
     reconcile_interval_s: float = 0.25
     providers: list[str] = field(default_factory=lambda: ["local"])
+    # payloads over the inline limit: control planes that share a database must share this too
+    blob_dir: Path | None = None  # default: state_dir / "blobs"
 
 
 def _now() -> float:
@@ -163,7 +165,7 @@ class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.db = Database(settings.database_url)
-        self.blobs = BlobStore(settings.state_dir / "blobs")
+        self.blobs = BlobStore(settings.blob_dir or settings.state_dir / "blobs")
         self.hub = Hub()
         self.tokens = TokenStore(self.db)
         self._policies: dict[str, FunctionPolicy] = {}
