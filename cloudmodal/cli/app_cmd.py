@@ -34,6 +34,10 @@ def _pool_line(p: dict[str, Any]) -> str:
     market = ", ".join(f"{k} {w[k]}" for k in ("spot", "on-demand") if w.get(k))
     parts.append(f"{live} workers" + (f" ({detail}; {market})" if detail else ""))
     parts.append(f"{p['pending']} pending, {p['running']} running")
+    if p.get("desired") is not None and p["desired"] != live:
+        parts.append(f"scaling to {p['desired']}")
+    if p.get("fallen_back"):
+        parts.append(f"on-demand: spot fell back ({p.get('fallback_reason') or 'spot unavailable'})")
     return " · ".join(parts)
 
 

@@ -3,7 +3,8 @@
 The tables were SQLModel classes until every use turned out to be ``Model.__table__``: SQLModel (and the ORM it
 pulls in) cost a control plane ~100 ms of imports on each start, a sixth of a cold ``cloudmodal run``, for a
 declaration syntax. The columns, types, nullability, defaults and index names are the ones SQLModel derived
-(``tests/server/test_models.py`` pins the DDL), so databases created before the change are used as they are.
+(``tests/server/test_models.py`` pins the DDL), so databases created before the change are used as they are (tables added since, like ``pool``, are
+created on start).
 """
 
 from __future__ import annotations
@@ -178,6 +179,19 @@ workers = Table(
     _c("gpu", String, None, null=True),
     _c("host", String, ""),
     _c("pid", Integer, None, null=True),
+)
+
+pools = Table(
+    "pool",
+    metadata,
+    Column("function_id", String, primary_key=True),  # a function's workers are its pool
+    _c("app_id", String, index=True),
+    _c("desired", Integer, 0),  # the autoscaler's last decision
+    _c("workers", Integer, 0),  # live workers at that decision
+    _c("reason", String, ""),
+    _c("fallen_back", Boolean, False),  # on on-demand because spot kept failing (see market_state)
+    Column("market_state", JSON),  # spot.PoolMarketState.to_wire(): kept across restarts and take-overs
+    _c("updated_at", Float, 0.0),
 )
 
 events = Table(

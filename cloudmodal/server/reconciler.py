@@ -39,6 +39,7 @@ log = logging.getLogger("cloudmodal.reconciler")
 STANDBY_RETRY_S = 1.0  # how often a standby control plane tries to take over reconciling
 F = models.functions
 W = models.workers
+P = models.pools
 
 MAX_LAUNCH_TRIES = 12  # candidates tried per worker before backing off
 STARTUP_GRACE_S = (
@@ -142,6 +143,8 @@ class Reconciler:
         self._last_housekeeping = 0.0
         self._lock = threading.Lock()
         self.leadership = Leadership(cp.db)
+        self._pool_rows: dict[str, tuple[Any, ...]] = {}  # function id -> what its pool row says now
+        self._market_lock = threading.Lock()
         # This machine's worker budget: workers beyond the cores only add start-up cost and contention.
         self.max_workers = int(
             os.environ.get("CLOUDMODAL_LOCAL_MAX_WORKERS") or max(4, 2 * (os.cpu_count() or 1))
@@ -268,7 +271,7 @@ class Reconciler:
             return []
         from cloudmodal.placement import PlacementPolicy, rank
 
-        state = self.market_state.setdefault(fid, PoolMarketState())
+        state = self._market(fid)
         mode = "never" if force_on_demand else self.market_policy.spot_mode(spec.spot, state, now)
         clouds = None if spec.cloud in (None, "auto", "sim") else [spec.cloud]
         policy = PlacementPolicy(
@@ -387,6 +390,7 @@ class Reconciler:
             startup_s=self._startup_time(fid, ws),
         )
         decision = self.autoscaler.decide(snap, now)
+        self._record_pool(fid, fn[1], decision, len(ws), now)
         for wid in decision.terminate:
             if not wid.startswith("launching-"):
                 self.cp.drain_worker(wid, "scaled down: idle past scaledown_window")
@@ -434,6 +438,41 @@ class Reconciler:
         elif spec.gpu and self.clouds and spec.spot == "allow" and not self._launching.get(fid) and room > 0:
             self._move_back_to_spot(fid, fn, spec, ws, now)
 
+    # -- the pool's row --------------------------------------------------------------------------------------
+    def _market(self, fid: str) -> PoolMarketState:
+        """The pool's market history: in memory, or (first use after a start or a take-over) its row's."""
+        state = self.market_state.get(fid)
+        if state is None:
+            with self._market_lock:  # launch threads ask too: load once, share one state
+                state = self.market_state.get(fid)
+                if state is None:
+                    with self.cp.db.read() as conn:
+                        wire = conn.execute(select(P.c.market_state).where(P.c.function_id == fid)).scalar()
+                    state = PoolMarketState.from_wire(wire) if wire else PoolMarketState()
+                    self.market_state[fid] = state
+        return state
+
+    def _record_pool(self, fid: str, app_id: str, decision: Any, live: int, now: float) -> None:
+        """Write the pool's row when what it says changed: the decision (desired, live workers) or the market
+        history. The reason is written with them (it is formatted only then)."""
+        market = self._market(fid)
+        key = (decision.desired, live, market.fingerprint())
+        if self._pool_rows.get(fid) == key:
+            return
+        values = dict(
+            app_id=app_id,
+            desired=decision.desired,
+            workers=live,
+            reason=decision.reason,
+            fallen_back=market.fallen_back,
+            market_state=market.to_wire(),
+            updated_at=now,
+        )
+        with self.cp.db.write() as conn:
+            if conn.execute(P.update().where(P.c.function_id == fid).values(**values)).rowcount == 0:
+                conn.execute(P.insert().values(function_id=fid, **values))
+        self._pool_rows[fid] = key
+
     def _startup_time(self, fid: str, ws: list[Any]) -> float | None:
         """Median launch → ready of the function's recent workers (None before the first is ready). Seeded
         from the database the first time a function is seen, so a restart keeps its history."""
@@ -458,7 +497,7 @@ class Reconciler:
     def _move_back_to_spot(self, fid: str, fn: Any, spec: FunctionSpec, ws: list[Any], now: float) -> None:
         """A pool fallen back to on-demand probes spot now and then with one extra worker; once spot works
         again its on-demand workers above ``min_on_demand`` are replaced by spot ones, one at a time."""
-        state = self.market_state.setdefault(fid, PoolMarketState())
+        state = self._market(fid)
         live = [w for w in ws if w.state != "draining" and w.provider != "local"]
         if not any(w.market == "on-demand" for w in live):
             return
@@ -514,7 +553,7 @@ class Reconciler:
 
         def go() -> None:
             now = time.time()
-            state = self.market_state.setdefault(fid, PoolMarketState())
+            state = self._market(fid)
             choices = self._choices(spec, fid, cpu_fallback, now, force_on_demand)
             tried: list[str] = []
             if len(choices) > 1 or (choices and choices[0].offer is not None):
@@ -718,7 +757,7 @@ class Reconciler:
                     and_(W.c.function_id == fid, W.c.market == "spot", W.c.state.in_(("starting", "ready")))
                 )
             ).scalar_one()
-        state = self.market_state.setdefault(fid, PoolMarketState())
+        state = self._market(fid)
         offer = getattr(handle, "offer", None)
         key = offer.key(handle.market) if offer is not None and hasattr(offer, "key") else None
         msg = self.market_policy.record_preemption(state, now, spot_workers + 1, offer=key)

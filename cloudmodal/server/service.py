@@ -36,6 +36,7 @@ W = models.workers
 E = models.events
 L = models.logs
 D = models.deployments
+P = models.pools
 
 LIVE_WORKER_STATES = ("starting", "ready", "draining")
 
@@ -331,6 +332,12 @@ class ControlPlane:
                 q = q.where(A.c.state != "stopped")
             apps = [dict(r._mapping) for r in conn.execute(q).all()]
             fn_rows = conn.execute(select(F.c.id, F.c.app_id, F.c.name, F.c.parent_id, F.c.spec)).all()
+            pool_rows = {
+                r.function_id: r
+                for r in conn.execute(
+                    select(P.c.function_id, P.c.desired, P.c.reason, P.c.fallen_back, P.c.market_state)
+                ).all()
+            }
             worker_rows = conn.execute(
                 select(W.c.function_id, W.c.state, W.c.market, func.count())
                 .where(W.c.state.in_(LIVE_WORKER_STATES))
@@ -349,6 +356,7 @@ class ControlPlane:
                     continue
                 w = by_fn.get(fid, {})
                 pending, running = counts.get(fid, (0, 0))
+                row = pool_rows.get(fid)
                 pools.append(
                     dict(
                         function_id=fid,
@@ -357,6 +365,11 @@ class ControlPlane:
                         workers=w,
                         pending=pending,
                         running=running,
+                        # the autoscaler's last decision and the pool's market (None before its first)
+                        desired=row.desired if row else None,
+                        reason=row.reason if row else None,
+                        fallen_back=bool(row.fallen_back) if row else False,
+                        fallback_reason=(row.market_state or {}).get("fallback_reason") if row else None,
                     )
                 )
             a["pools"] = pools

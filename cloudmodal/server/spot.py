@@ -48,7 +48,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from cloudmodal.exception import InvalidError
 from cloudmodal.pricing.offers import ON_DEMAND, Offer, OfferKey
@@ -133,6 +133,51 @@ class PoolMarketState:
     @property
     def fallen_back(self) -> bool:
         return self.fallback_since is not None
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON-able, for the pool's row: a control plane that takes over keeps the pool's market history."""
+        return {
+            "spot_failures": list(self.spot_failures),
+            "preemptions": list(self.preemptions),
+            "preempted_offers": [list(k) if k is not None else None for k in self.preempted_offers],
+            "fallback_since": self.fallback_since,
+            "last_probe": self.last_probe,
+            "fallback_reason": self.fallback_reason,
+            "preemption_limit": self.preemption_limit,
+            "restored_at": self.restored_at,
+            "last_replace": self.last_replace,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> PoolMarketState:
+        times = [float(t) for t in d.get("preemptions") or ()]
+        offers = [OfferKey(*k) if k is not None else None for k in d.get("preempted_offers") or ()]
+        if len(offers) != len(times):
+            offers = [None] * len(times)
+        return cls(
+            spot_failures=deque(float(t) for t in d.get("spot_failures") or ()),
+            preemptions=deque(times),
+            fallback_since=d.get("fallback_since"),
+            last_probe=d.get("last_probe"),
+            fallback_reason=d.get("fallback_reason"),
+            preemption_limit=int(d.get("preemption_limit") or 0),
+            restored_at=d.get("restored_at"),
+            last_replace=d.get("last_replace"),
+            preempted_offers=deque(offers),
+        )
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        """Changes whenever the state does (cheap; to know when the pool's row is stale)."""
+        return (
+            len(self.spot_failures),
+            self.spot_failures[-1] if self.spot_failures else None,
+            len(self.preemptions),
+            self.preemptions[-1] if self.preemptions else None,
+            self.fallback_since,
+            self.last_probe,
+            self.restored_at,
+            self.last_replace,
+        )
 
 
 def _prune(times: deque[float], since: float) -> int:

@@ -15,6 +15,7 @@ from support import DL, OFFERS, A, B, C, sim_plane  # noqa: F401
 
 from cloudmodal.client.session import run_app
 from cloudmodal.server.app import ServerHandle
+from cloudmodal.server.reconciler import Reconciler
 
 
 def events(handle: ServerHandle, app_id: str, kinds: tuple[str, ...] | None = None) -> list[dict]:
@@ -147,12 +148,27 @@ def test_spot_fallback_to_on_demand_and_back(tmp_path):
                 raise
             kinds = [e["kind"] for e in events(handle, running.app_id)]
             assert "pool.spot_fallback" in kinds
+            # The pool's row says so (`cloudmodal app list`), and a control plane taking over would know it.
+            fid = sim_app.spot_or_not._function_id
+
+            def pool() -> dict:
+                apps = running.session.transport.get("/v1/apps")
+                return next(p for a in apps for p in a["pools"] if p["function_id"] == fid)
+
+            wait_for(lambda: pool()["fallen_back"], what="the pool row to show the fallback")
+            assert (
+                pool()["fallback_reason"] in ("launch failures", "preemptions")
+                and pool()["desired"] is not None
+            )
+            successor = Reconciler(cp, handle.reconciler.providers, handle.url)  # never started
+            assert successor._market(fid).fallen_back
             # Spot comes back: a probe finds it, and the on-demand worker is replaced by a spot one.
             sim.set_capacity({"market": "spot"}, True)
             wait_for(lambda: not live("on-demand") and live("spot"), timeout=40, what="the pool back on spot")
             assert sim_app.spot_or_not.remote(3) == 3
             kinds = [e["kind"] for e in events(handle, running.app_id)]
             assert "pool.spot_restored" in kinds
+            wait_for(lambda: not pool()["fallen_back"], what="the pool row to show spot again")
 
 
 def test_min_on_demand_keeps_an_on_demand_floor_beside_spot(tmp_path):

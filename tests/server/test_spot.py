@@ -405,3 +405,23 @@ def test_preemptions_by_offer(steps, expected, reclaimed):
     now = float(steps[-1][0])
     assert {k for k in (A, B) if policy.reclaimed(state, k, now)} == reclaimed
     assert len(state.preempted_offers) == len(state.preemptions)
+
+
+def test_market_state_survives_its_wire_form():
+    """A pool's market history is written to its row and read back by a control plane taking over."""
+    import json
+
+    from cloudmodal.pricing.offers import OfferKey
+    from cloudmodal.server.spot import PoolMarketState
+
+    key = OfferKey("aws", "us-east-1", "use1-az1", "g5.xlarge", "A10", 1, "spot")
+    s = PoolMarketState()
+    s.spot_failures.extend([10.0, 12.5])
+    s.preemptions.extend([11.0, 13.0])
+    s.preempted_offers.extend([key, None])
+    s.fallback_since, s.fallback_reason, s.preemption_limit, s.last_probe = 13.0, "preemptions", 3, 20.0
+    back = PoolMarketState.from_wire(json.loads(json.dumps(s.to_wire())))
+    assert back == s and back.fingerprint() == s.fingerprint() and back.fallen_back
+    assert PoolMarketState.from_wire({}) == PoolMarketState()
+    back.preemptions.append(30.0)
+    assert back.fingerprint() != s.fingerprint()

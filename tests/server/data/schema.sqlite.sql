@@ -144,6 +144,23 @@ CREATE INDEX ix_output_call ON output (call_id, id);
 -- default output.gen_index = -1
 -- default output.status = 'success'
 -- default output.created_at = 0.0
+CREATE TABLE pool (
+	function_id VARCHAR NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	desired INTEGER NOT NULL, 
+	workers INTEGER NOT NULL, 
+	reason VARCHAR NOT NULL, 
+	fallen_back BOOLEAN NOT NULL, 
+	market_state JSON, 
+	updated_at FLOAT NOT NULL, 
+	PRIMARY KEY (function_id)
+);
+CREATE INDEX ix_pool_app_id ON pool (app_id);
+-- default pool.desired = 0
+-- default pool.workers = 0
+-- default pool.reason = ''
+-- default pool.fallen_back = False
+-- default pool.updated_at = 0.0
 CREATE TABLE token (
 	id VARCHAR NOT NULL, 
 	name VARCHAR NOT NULL, 
