@@ -201,3 +201,41 @@ def test_stopping_answers_long_polls_instead_of_waiting_them_out(tmp_path: Path)
     t.join(20)  # far less than the poll's 50 s
     assert not t.is_alive()
     assert answers[0].status_code == 200 and msgpack.unpackb(answers[0].content) == []
+
+
+def _non_loopback_address() -> str | None:
+    """An address of this machine that is not loopback (where a client's requests come from it)."""
+    for probe in ("10.255.255.255", "192.168.255.255", "8.8.8.8"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.connect((probe, 9))  # UDP: no packet is sent, this only picks the outgoing interface
+            addr = s.getsockname()[0]
+        except OSError:
+            continue
+        finally:
+            s.close()
+        if not addr.startswith("127.") and addr != "0.0.0.0":
+            return addr
+    return None
+
+
+def test_anonymous_loopback_does_not_extend_beyond_loopback(tmp_path: Path) -> None:
+    """The embedded default lets loopback clients in without a token; a client reaching the server on
+    another address (here: this machine's own non-loopback address) needs one."""
+    addr = _non_loopback_address()
+    if addr is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    from cloudmodal.server.app import default_settings
+
+    handle = ServerHandle(
+        default_settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'cloudmodal.db'}"), host=addr
+    ).start_in_thread()
+    try:
+        assert handle.settings.allow_loopback_anonymous
+        r = httpx.get(handle.url + "/v1/apps")
+        assert r.status_code == 401, r.text
+        token = handle.cp.tokens.create("admin", "test")
+        assert httpx.get(handle.url + "/v1/apps", headers=bearer(token)).status_code == 200
+        assert httpx.get(handle.url + "/healthz").status_code == 200
+    finally:
+        handle.stop()
