@@ -390,7 +390,6 @@ class Reconciler:
             startup_s=self._startup_time(fid, ws),
         )
         decision = self.autoscaler.decide(snap, now)
-        self._record_pool(fid, fn[1], decision, len(ws), now)
         for wid in decision.terminate:
             if not wid.startswith("launching-"):
                 self.cp.drain_worker(wid, "scaled down: idle past scaledown_window")
@@ -437,6 +436,7 @@ class Reconciler:
                 self._launch(fid, fn, spec, force_on_demand=i < floor)
         elif spec.gpu and self.clouds and spec.spot == "allow" and not self._launching.get(fid) and room > 0:
             self._move_back_to_spot(fid, fn, spec, ws, now)
+        self._record_pool(fid, fn[1], decision, len(ws), now)  # after the launches: not on a cold start's path
 
     # -- the pool's row --------------------------------------------------------------------------------------
     def _market(self, fid: str) -> PoolMarketState:
