@@ -290,7 +290,9 @@ class Router:
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         try:
-            route, params = self.find(scope["method"], scope["path"])
+            method = scope["method"]
+            # HEAD is GET without the body (uvicorn leaves the body out), as health checkers expect
+            route, params = self.find("GET" if method == "HEAD" else method, scope["path"])
             self.authorize(route, scope, params)
             kwargs = self.arguments(route, scope, params)
             if route.body is not None or route.raw_body:

@@ -78,6 +78,8 @@ def test_routing_and_query_errors(locked: ServerHandle) -> None:
     assert r.status_code == 200 and msgpack.unpackb(r.content) == []
     r = httpx.get(locked.url + "/v1/apps/no-such-app", headers=h)
     assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+    r = httpx.head(locked.url + "/healthz")  # HEAD is GET without the body
+    assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0
 
 
 def test_tokens_are_required_and_scoped(locked: ServerHandle) -> None:
