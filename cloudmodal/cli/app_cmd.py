@@ -32,7 +32,7 @@ def _pool_line(p: dict[str, Any]) -> str:
     live = w.get("ready", 0) + w.get("starting", 0) + w.get("draining", 0)
     detail = ", ".join(f"{k} {w[k]}" for k in ("ready", "starting", "draining") if w.get(k))
     market = ", ".join(f"{k} {w[k]}" for k in ("spot", "on-demand") if w.get(k))
-    parts.append(f"{live} workers" + (f" ({detail}; {market})" if detail else ""))
+    parts.append(f"{live} worker{'' if live == 1 else 's'}" + (f" ({detail}; {market})" if detail else ""))
     parts.append(f"{p['pending']} pending, {p['running']} running")
     if p.get("desired") is not None and p["desired"] != live:
         parts.append(f"scaling to {p['desired']}")
