@@ -659,7 +659,7 @@ def _local_class():
 
 def test_app_level_defaults_merge_into_functions():
     app_secret = Secret.from_name("app-secret")
-    inline = Secret.from_dict({"TOKEN": "abc"})
+    inline = Secret.from_dict({"TOKEN": "s3cret-token"})  # not hex: no random name or hash can contain it
     img = Image.debian_slim("3.12").env({"HF_HOME": "/cache", "MODE": "image"})
     app = App(
         "merge",
@@ -681,9 +681,9 @@ def test_app_level_defaults_merge_into_functions():
     assert dict(s.env) == {"HF_HOME": "/cache", "MODE": "fn"}  # image env, function env= wins
     override = app.function(image=Image.debian_slim("3.11"), include_source=True, name="other")(square).spec
     assert override.image_hash == Image.debian_slim("3.11").hash and override.include_source is True
-    assert app.inline_secret_values() == {inline.name: {"TOKEN": "abc"}}
-    assert app.inline_secret_env(s) == {"TOKEN": "abc"}
-    assert "abc" not in str(s.to_wire())
+    assert app.inline_secret_values() == {inline.name: {"TOKEN": "s3cret-token"}}
+    assert app.inline_secret_env(s) == {"TOKEN": "s3cret-token"}
+    assert "s3cret-token" not in str(s.to_wire())
 
 
 def test_same_volume_twice_across_app_and_function():
