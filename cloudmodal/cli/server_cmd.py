@@ -150,12 +150,19 @@ def status() -> None:
         raise typer.Exit(1)
     try:
         t = Transport(ref.url, ref.token, reconnect_timeout=2)
-        t.get("/healthz")
+        health = t.get("/healthz")
         apps = t.get("/v1/apps", all=False)
     except Exception as e:
         fail(f"Control plane at {ref.url} does not answer: {e}")
         return
-    typer.echo(f"Control plane at {ref.url} ({ref.source}): up, {len(apps)} running/deployed app(s).")
+    role = {
+        True: "it scales the pools",
+        False: "standby: another control plane on its database scales the pools",
+    }.get(health.get("reconciling"), "")
+    typer.echo(
+        f"Control plane at {ref.url} ({ref.source}): up, {len(apps)} running/deployed app(s)"
+        + (f"; {role}." if role else ".")
+    )
 
 
 @app.command("token")

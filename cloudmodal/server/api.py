@@ -157,8 +157,15 @@ def build_routes(cp: ControlPlane) -> Router:
 
     @route("GET", "/healthz", "public")
     async def healthz() -> Raw:
-        """Liveness: ``{"ok": true, "time": ...}`` (JSON)."""
-        return Raw(json.dumps({"ok": True, "time": time.time()}).encode(), "application/json")
+        """Liveness: ``{"ok": true, "time": ..., "reconciling": ...}`` (JSON). ``reconciling``: whether this
+        control plane is the one that scales its database's pools (false: a standby serving the API)."""
+        rec = cp.reconciler
+        body = {
+            "ok": True,
+            "time": time.time(),
+            "reconciling": rec.leadership.holding if rec is not None else None,
+        }
+        return Raw(json.dumps(body).encode(), "application/json")
 
     # -- apps --------------------------------------------------------------------------------------------
     @route("POST", "/v1/apps", "admin", body=AppCreate)

@@ -105,7 +105,7 @@ class Leadership:
         self.db = db
         self._conn: Any = None
         self._file: Any = None
-        self.holding = False
+        self.holding: bool | None = None  # None until first tried
 
     def held(self) -> bool:
         try:

@@ -161,7 +161,7 @@ class Reconciler:
     @property
     def is_leader(self) -> bool:
         """Whether this control plane reconciles its database (see :class:`~cloudmodal.server.db.Leadership`)."""
-        return self.leadership.holding
+        return self.leadership.holding is True
 
     def wake(self) -> None:
         self._wake.set()
@@ -436,7 +436,9 @@ class Reconciler:
                 self._launch(fid, fn, spec, force_on_demand=i < floor)
         elif spec.gpu and self.clouds and spec.spot == "allow" and not self._launching.get(fid) and room > 0:
             self._move_back_to_spot(fid, fn, spec, ws, now)
-        self._record_pool(fid, fn[1], decision, len(ws), now)  # after the launches: not on a cold start's path
+        self._record_pool(
+            fid, fn[1], decision, len(ws), now
+        )  # after the launches: not on a cold start's path
 
     # -- the pool's row --------------------------------------------------------------------------------------
     def _market(self, fid: str) -> PoolMarketState:

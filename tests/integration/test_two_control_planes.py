@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import basic
+import httpx
 import pytest
 from support import start_server, use_server
 
@@ -41,6 +42,7 @@ def test_one_reconciles_and_the_other_takes_over(database_url: str, tmp_path: Pa
         b = start_server(tmp_path / "b", database_url, **shared)
         time.sleep(1.5)  # past the standby's retry interval: it has tried, and must have been refused
         assert a.reconciler.is_leader and not b.reconciler.is_leader
+        assert [httpx.get(h.url + "/healthz").json()["reconciling"] for h in (a, b)] == [True, False]
 
         # A call made through the standby runs on a worker the leader launched, and its answer comes back.
         with use_server(b), run_app(basic.app, show_logs=False):
