@@ -141,9 +141,10 @@ class Leadership:
                 return True
             except Exception:
                 self.release()
-        conn = self.db.engine.connect()
+        # Autocommit: the session holds the lock, and must not hold a transaction open (an idle transaction
+        # would keep PostgreSQL from vacuuming the queue's tables for as long as this control plane leads).
+        conn = self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.KEY}).scalar()
-        conn.commit()
         if got:
             self._conn = conn
             return True

@@ -11,6 +11,7 @@ from pathlib import Path
 import basic
 import httpx
 import pytest
+from sqlalchemy import text
 from support import start_server, use_server
 
 from cloudmodal.client.session import run_app
@@ -43,6 +44,15 @@ def test_one_reconciles_and_the_other_takes_over(database_url: str, tmp_path: Pa
         time.sleep(1.5)  # past the standby's retry interval: it has tried, and must have been refused
         assert a.reconciler.is_leader and not b.reconciler.is_leader
         assert [httpx.get(h.url + "/healthz").json()["reconciling"] for h in (a, b)] == [True, False]
+        if not a.cp.db.is_sqlite:  # the leader's lock session holds no transaction open (vacuum can run)
+            with a.cp.db.read() as conn:
+                idle = conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                        " WHERE l.locktype = 'advisory' AND a.state = 'idle in transaction'"
+                    )
+                ).scalar()
+            assert idle == 0
 
         # A call made through the standby runs on a worker the leader launched, and its answer comes back.
         with use_server(b), run_app(basic.app, show_logs=False):
