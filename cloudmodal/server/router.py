@@ -75,9 +75,8 @@ class Route:
     max_body: int = MAX_BODY
     websocket: bool = False  # also served as a WebSocket: each message a body, each reply {"ok": answer}
     segments: tuple[str, ...] = field(init=False)
-    query: dict[str, tuple[Any, Any]] = field(
-        init=False
-    )  # name -> (type, default or inspect.Parameter.empty)
+    # query parameter name -> (type, default, or inspect.Parameter.empty when required)
+    query: dict[str, tuple[Any, Any]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.segments = tuple(self.path.split("/"))
