@@ -225,7 +225,10 @@ class RunningApp:
                     proxy.flush()
             sys.stdout, sys.stderr = restore
 
-    def flush_logs(self, out: Any = None, wait: float = 0.1) -> None:
+    def flush_logs(self, out: Any = None, wait: float = 0.0) -> None:
+        """Print the log lines the control plane has not shown yet. Workers send an input's lines before its
+        result, so once the caller has its results nothing is missing; ``wait`` also waits for stragglers
+        (lines printed after a result, e.g. by a background thread)."""
         deadline = time.time() + wait
         while True:
             try:

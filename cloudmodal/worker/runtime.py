@@ -99,6 +99,7 @@ class Worker:
         self._defer_outputs = False  # the main loop will send them with its next claim
         self._logs: list[list[Any]] = []
         self._logs_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self.draining = threading.Event()
         self.stopped = threading.Event()
         self.avg_duration = 0.05
@@ -167,13 +168,14 @@ class Worker:
                 return
 
     def flush_logs(self) -> None:
-        with self._logs_lock:
-            lines, self._logs = self._logs, []
-        if lines:
-            try:
-                self.t.post(f"{self.base}/logs", {"lines": lines})
-            except Exception:
-                pass
+        with self._flush_lock:  # one batch in flight at a time: lines reach the control plane in order
+            with self._logs_lock:
+                lines, self._logs = self._logs, []
+            if lines:
+                try:
+                    self.t.post(f"{self.base}/logs", {"lines": lines})
+                except Exception:
+                    pass
 
     def _heartbeat_loop(self) -> None:
         while not self.stopped.wait(self.heartbeat_s):
@@ -222,6 +224,9 @@ class Worker:
                 self._sending = bool(batch)
             try:
                 if batch:
+                    # An input's log lines reach the control plane before its result, so a caller that has
+                    # the result can print the input's output without waiting for stragglers.
+                    self.flush_logs()
                     self.t.post(f"{self.base}/outputs", {"outputs": batch})
                 elif self.stopped.is_set():
                     return
@@ -297,6 +302,7 @@ class Worker:
         with self._out_cond:
             batch, self.outbox = self.outbox, []
         if batch:
+            self.flush_logs()  # before the results they belong to (see _sender_loop)
             self.t.post(f"{self.base}/outputs", {"outputs": batch})
 
     # -- running inputs -----------------------------------------------------------------------------------
@@ -519,6 +525,8 @@ class Worker:
             if single_use:
                 free = 1
             outputs = self._take_outbox_for_claim()
+            if outputs:
+                self.flush_logs()  # before the results they belong to (see _sender_loop)
             r = self.claims.call({"max": free, "wait": CLAIM_WAIT_S, "outputs": outputs})
             if r.get("drain"):
                 self.draining.set()

@@ -44,6 +44,34 @@ def test_run_hello_embedded(home):
     assert p.stdout.count("squaring 3") == 1  # the worker's print was streamed back, once
 
 
+LAST_WORDS = """
+import cloudmodal
+
+app = cloudmodal.App("last-words")
+
+
+@app.function()
+def speak(i: int) -> int:
+    print(f"last words {i}")  # printed right before the result: the run must still show it
+    return i
+
+
+@app.local_entrypoint()
+def main() -> None:
+    print("result", speak.remote(1))
+"""
+
+
+def test_a_print_just_before_the_last_result_is_shown_before_exit(home, tmp_path):
+    """Workers send an input's log lines before its result, so `cloudmodal run` exits as soon as it is
+    done without losing the last input's output (it used to wait a fixed 0.1 s for stragglers)."""
+    script = tmp_path / "last_words.py"
+    script.write_text(LAST_WORDS)
+    for _ in range(3):
+        out = cli("run", str(script), env=home).stdout
+        assert "result 1" in out and "last words 1" in out, out
+
+
 def test_run_single_function_with_typed_args(home):
     p = cli("run", "examples/hello.py::square", "--x", "12", env=home)
     assert p.stdout.strip().splitlines()[-1] == "144"
