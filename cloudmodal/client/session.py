@@ -49,7 +49,7 @@ class Session:
     def close(self) -> None:
         self.transport.close()
         if self.embedded is not None:
-            self.embedded.stop()
+            self.embedded.stop(wait=False)  # its workers are stopped; the server winds down on its own
             self.embedded = None
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)

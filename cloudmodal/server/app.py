@@ -117,13 +117,12 @@ class ServerHandle:
 
         self.server.handle_exit = handle_exit  # type: ignore[method-assign]
         self._thread: threading.Thread | None = None
+        self._detached = False
         self.cp.hub.notify = _chain_wake(self.cp.hub.notify, self.reconciler)  # type: ignore[method-assign]
 
     def start_in_thread(self) -> ServerHandle:
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, name="control-plane", daemon=True
-        )
+        self._thread = threading.Thread(target=self._serve, name="control-plane", daemon=True)
         self._thread.start()
         deadline = time.time() + 15
         while not self.server.started:
@@ -140,12 +139,29 @@ class ServerHandle:
         finally:
             self.reconciler.stop()
 
-    def stop(self) -> None:
+    def _serve(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            if self._detached:  # stop(wait=False): nobody joins this thread, so it closes up itself
+                self._close()
+
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop the reconciler (and its workers), then the server. ``wait=False``: return once the workers
+        are stopped and let the server finish its shutdown (~0.2 s: uvicorn's ticks) on its own thread; an
+        embedded control plane whose client is done has nobody left to answer."""
         self.reconciler.stop()
         self.cp.hub.close()  # long polls answer now instead of holding the shutdown for their timeouts
+        if not wait and self._thread is not None and self._thread.is_alive():
+            self._detached = True
+            self.server.should_exit = True
+            return
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._close()
+
+    def _close(self) -> None:
         self.sock.close()
         self.cp.db.dispose()
 

@@ -241,3 +241,18 @@ def test_anonymous_loopback_does_not_extend_beyond_loopback(tmp_path: Path) -> N
         assert httpx.get(handle.url + "/healthz").status_code == 200
     finally:
         handle.stop()
+
+
+def test_stop_without_waiting_still_shuts_the_server_down(tmp_path: Path) -> None:
+    """``stop(wait=False)`` (an embedded control plane whose client is done) returns once the reconciler is
+    stopped; the server then finishes its shutdown on its own thread and closes its socket and database."""
+    handle = start_server(tmp_path, f"sqlite:///{tmp_path / 'cloudmodal.db'}")
+    assert httpx.get(handle.url + "/healthz").status_code == 200
+    thread = handle._thread
+    assert thread is not None
+    handle.stop(wait=False)
+    thread.join(20)
+    assert not thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(handle.url + "/healthz", timeout=2)
+    assert handle.sock.fileno() == -1  # closed by the server thread itself
