@@ -140,7 +140,7 @@ class Leadership:
                 self._conn.execute(text("SELECT 1"))  # the lock lives as long as this session
                 return True
             except Exception:
-                self.release()
+                self.release()  # the session is gone, and its lock with it: try again below
         # Autocommit: the session holds the lock, and must not hold a transaction open (an idle transaction
         # would keep PostgreSQL from vacuuming the queue's tables for as long as this control plane leads).
         conn = self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
@@ -155,7 +155,10 @@ class Leadership:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             try:
-                conn.close()  # ends the session, and with it the advisory lock
+                # Closing would only return the session to the pool, still holding the lock: invalidating
+                # closes it (and with it the lock), and the pool makes a fresh one when needed.
+                conn.invalidate()
+                conn.close()
             except Exception:
                 pass
         if self._file is not None and self._file.is_locked:

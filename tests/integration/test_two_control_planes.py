@@ -76,3 +76,22 @@ def test_one_reconciles_and_the_other_takes_over(database_url: str, tmp_path: Pa
             a.stop()
         if b is not None:
             b.stop()
+
+
+def test_a_released_lock_is_free_at_once(database_url: str) -> None:
+    """Leadership released by a control plane that keeps running (its reconciler stopped) is free for
+    another at once, not when the process exits: the session holding it is closed, not pooled."""
+    from cloudmodal.server.db import Database, Leadership
+
+    one, two = Database(database_url), Database(database_url)
+    try:
+        first, second = Leadership(one), Leadership(two)
+        assert first.held() and first.held()  # taken, then confirmed
+        assert not second.held()
+        first.release()
+        assert second.held()
+        assert not first.held()
+        second.release()
+    finally:
+        one.dispose()
+        two.dispose()
