@@ -202,6 +202,9 @@ class Reconciler:
                     if self.leadership.held():
                         if not leading:  # taking over: what a previous leader left is ours to settle now
                             leading = True
+                            with self._market_lock:  # another leader may have written the pools' rows
+                                self.market_state.clear()
+                                self._pool_rows.clear()
                             self.cp.event(
                                 "control_plane.leader", f"{self.server_url} reconciles this database"
                             )
@@ -436,9 +439,8 @@ class Reconciler:
                 self._launch(fid, fn, spec, force_on_demand=i < floor)
         elif spec.gpu and self.clouds and spec.spot == "allow" and not self._launching.get(fid) and room > 0:
             self._move_back_to_spot(fid, fn, spec, ws, now)
-        self._record_pool(
-            fid, fn[1], decision, len(ws), now
-        )  # after the launches: not on a cold start's path
+        # after the launches: the row is not on a cold start's path
+        self._record_pool(fid, fn[1], decision, len(ws), now)
 
     # -- the pool's row --------------------------------------------------------------------------------------
     def _market(self, fid: str) -> PoolMarketState:
