@@ -227,6 +227,7 @@ class Worker:
         "idle_since",
         "replaces",
         "end",
+        "floor",
     )
 
     def __init__(self, wid: str, pool: Pool, c: Candidate, t: float, ready_at: float) -> None:
@@ -243,10 +244,13 @@ class Worker:
         pool.views[wid] = WorkerView(wid, "starting", t, None, 0, c.price)
         self.replaces: str | None = None
         self.end = math.inf
+        self.floor = False  # one of the pool's min_on_demand on-demand workers (see Sim._refloor)
 
 
 def _dispatch_key(w: Worker) -> tuple[float, float]:
-    return (w.price, w.launched)
+    """Inputs go to the cheapest first, the oldest among equals; the on-demand floor counts as free (it is
+    paid for whether it works or not), as in the control plane's hand-off."""
+    return (0.0 if w.floor else w.price, w.launched)
 
 
 class Pool:
@@ -747,7 +751,32 @@ class Sim:
         p.price_sum -= w.price
         if w.market == OD:
             p.od_ready -= 1
+        if w.floor:
+            w.floor = False
+            self._refloor(p, t)
         return busy
+
+    def _refloor(self, p: Pool, t: float) -> None:
+        """A floor worker left: the next cheapest ready on-demand worker joins the floor (the reconciler
+        recomputes the floor each tick), and the ready list is re-sorted with the busy set following it."""
+        od = sorted(
+            (x for x in p.ready if x.market == OD and not x.floor), key=lambda x: (x.price, x.launched)
+        )
+        need = p.min_od - sum(x.floor for x in p.ready)
+        if need <= 0 or not od:
+            return
+        for x in od[:need]:
+            x.floor = True
+        busy = set(map(id, p.ready[: p.m]))
+        p.ready.sort(key=_dispatch_key)
+        for k, x in enumerate(p.ready):
+            now_busy = k < p.m
+            if now_busy == (id(x) in busy) and not x.floor:
+                continue
+            x.idle_since = None if now_busy else (x.idle_since if id(x) not in busy else t)
+            p.views[x.id] = WorkerView(
+                x.id, "ready", x.launched, x.idle_since, 1 if now_busy else 0, x.price, x.floor
+            )
 
     def stop(self, p: Pool, w: Worker, t: float, *, finish: bool = False) -> None:
         """Stop a worker now (scale-down, cancel, replaced). ``finish``: a busy one finishes its inputs."""
@@ -896,16 +925,18 @@ class Sim:
             p.boot_est = sorted(p.boots)[len(p.boots) // 2]
         # Inputs go to the cheapest ready workers first (the control plane hands an input to the cheapest
         # parked worker), the oldest among equals: the ready list is kept in that order.
-        i = bisect.bisect(p.ready, (w.price, w.launched), key=_dispatch_key)
+        if p.min_od and w.market == OD and sum(x.floor for x in p.ready) < p.min_od:
+            w.floor = True
+        i = bisect.bisect(p.ready, _dispatch_key(w), key=_dispatch_key)
         p.ready.insert(i, w)
         if i < p.m:  # it takes the work of the dearest busy worker, which goes idle
             out = p.ready[p.m]
             out.idle_since = t
-            p.views[out.id] = WorkerView(out.id, "ready", out.launched, t, 0, out.price)
+            p.views[out.id] = WorkerView(out.id, "ready", out.launched, t, 0, out.price, out.floor)
             w.idle_since = None
-            p.views[w.id] = WorkerView(w.id, "ready", w.launched, None, 1, w.price)
+            p.views[w.id] = WorkerView(w.id, "ready", w.launched, None, 1, w.price, w.floor)
         else:
-            p.views[w.id] = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
+            p.views[w.id] = WorkerView(w.id, "ready", w.launched, t, 0, w.price, w.floor)
         p.slots += p.max_inputs
         p.price_sum += w.price
         if w.market == OD:
@@ -1111,12 +1142,12 @@ class Sim:
             for k in range(p.m, m):
                 w = ready[k]
                 w.idle_since = None
-                views[w.id] = WorkerView(w.id, "ready", w.launched, None, 1, w.price)
+                views[w.id] = WorkerView(w.id, "ready", w.launched, None, 1, w.price, w.floor)
         elif m < p.m:
             for k in range(m, p.m):
                 w = ready[k]
                 w.idle_since = t
-                p.views[w.id] = WorkerView(w.id, "ready", w.launched, t, 0, w.price)
+                p.views[w.id] = WorkerView(w.id, "ready", w.launched, t, 0, w.price, w.floor)
         p.m = m
         if p.draining:
             keep = []

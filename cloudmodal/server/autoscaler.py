@@ -44,7 +44,9 @@ Rules, in order:
    mixes them), then the **most recently started**. Kubernetes' ReplicaSet makes the same choice: long-lived
    workers have paid their cold start (``@enter`` hooks, model weights, compiled kernels, page cache) and have
    proven healthy, so the pool's stable core stays warm while the newest, least-invested workers absorb the
-   churn of a bursty load. Ties break on ``worker_id`` so decisions are deterministic.
+   churn of a bursty load. Ties break on ``worker_id`` so decisions are deterministic. Workers of the pool's
+   on-demand floor (``WorkerView.floor``: the ``min_on_demand`` the user asked to keep beside spot) go last
+   of all, so a shrinking pool keeps them while it keeps anything.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class WorkerView:
     idle_since: float | None = None
     in_flight: int = 0
     price_per_hour: float = 0.0
+    floor: bool = False  # one of the pool's min_on_demand on-demand workers: stopped after every other
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,8 @@ class ScaleDecision:
         return self.launch == 0 and not self.terminate
 
 
-def _stop_order(w: WorkerView) -> tuple[float, float, str]:
-    return (-w.price_per_hour, -w.started_at, w.worker_id)
+def _stop_order(w: WorkerView) -> tuple[bool, float, float, str]:
+    return (w.floor, -w.price_per_hour, -w.started_at, w.worker_id)
 
 
 class Autoscaler:

@@ -145,6 +145,7 @@ class Reconciler:
         self.leadership = Leadership(cp.db)
         self._pool_rows: dict[str, tuple[Any, ...]] = {}  # function id -> what its pool row says now
         self._market_lock = threading.Lock()
+        self._floors: dict[str, frozenset[str]] = {}  # function id -> the on-demand floor last set
         # This machine's worker budget: workers beyond the cores only add start-up cost and contention.
         self.max_workers = int(
             os.environ.get("CLOUDMODAL_LOCAL_MAX_WORKERS") or max(4, 2 * (os.cpu_count() or 1))
@@ -364,6 +365,7 @@ class Reconciler:
         self, fid: str, fn: Any, spec: FunctionSpec, pending: int, running: int, ws: list[Any], now: float
     ) -> None:
         target = per_worker_target(spec.concurrency, spec.batching)
+        floor = self._on_demand_floor(fid, spec, ws)
         views = [
             WorkerView(
                 worker_id=w.id,
@@ -372,6 +374,7 @@ class Reconciler:
                 idle_since=w.idle_since,
                 in_flight=w.in_flight,
                 price_per_hour=w.price_per_hour or 0.0,
+                floor=w.id in floor,
             )
             for w in ws
         ]
@@ -441,6 +444,26 @@ class Reconciler:
             self._move_back_to_spot(fid, fn, spec, ws, now)
         # after the launches: the row is not on a cold start's path
         self._record_pool(fid, fn[1], decision, len(ws), now)
+
+    def _on_demand_floor(self, fid: str, spec: FunctionSpec, ws: list[Any]) -> frozenset[str]:
+        """The pool's ``min_on_demand`` floor: its cheapest (then oldest) live on-demand cloud workers. The
+        autoscaler stops them last, and the control plane hands them inputs first: they are paid for whether
+        they work or not, so work they take lets a spot worker go idle and stop."""
+        floor: frozenset[str] = frozenset()
+        if spec.min_on_demand and spec.gpu and self.clouds:
+            od = sorted(
+                (
+                    w
+                    for w in ws
+                    if w.market == "on-demand" and w.provider != "local" and w.state in ("starting", "ready")
+                ),
+                key=lambda w: (w.price_per_hour or 0.0, w.started_at),
+            )
+            floor = frozenset(w.id for w in od[: spec.min_on_demand])
+        if self._floors.get(fid, frozenset()) != floor:  # tell the control plane what changed, only
+            self.cp.set_floor(fid, floor)
+            self._floors[fid] = floor
+        return floor
 
     # -- the pool's row --------------------------------------------------------------------------------------
     def _market(self, fid: str) -> PoolMarketState:

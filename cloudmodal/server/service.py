@@ -96,7 +96,9 @@ class ParkedClaim:
         self.done = asyncio.Event()
         self.rows: list[ClaimedInput] = []
         self.taken = False
-        self.price = 0.0  # the worker's price per hour (set when parked): the cheapest is handed inputs first
+        # what giving this worker work costs (set when parked): its price per hour, or 0 for a worker of its
+        # pool's on-demand floor (kept, and paid, whether it works or not); the lowest is handed inputs first
+        self.price = 0.0
 
 
 def _next_taker(parked: list[ParkedClaim]) -> int:
@@ -182,6 +184,7 @@ class ControlPlane:
             str, tuple[str, str]
         ] = {}  # worker id -> (function id, state), this process's view
         self._prices: dict[str, float] = {}  # worker id -> price per hour (which parked worker gets inputs)
+        self._floors: dict[str, frozenset[str]] = {}  # function id -> its on-demand floor's workers
         self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found nothing
         self._active_written: dict[str, float] = {}  # function id -> last_active_at last written
         self._service: dict[str, float] = {}  # function id -> mean seconds per input (workers' reports)
@@ -598,9 +601,18 @@ class ControlPlane:
 
     # -- the in-memory hand-off (see ParkedClaim / OutputMailbox) ------------------------------------------
     def park(self, pc: ParkedClaim) -> None:
-        pc.price = self._prices.get(pc.worker_id, 0.0)
+        floor = self._floors.get(pc.function_id)
+        pc.price = 0.0 if floor and pc.worker_id in floor else self._prices.get(pc.worker_id, 0.0)
         with self._lock:
             self._parked.setdefault(pc.function_id, []).append(pc)
+
+    def set_floor(self, function_id: str, worker_ids: frozenset[str]) -> None:
+        """The workers of the function's ``min_on_demand`` floor (the reconciler's choice): handed inputs
+        first, as if free, since the pool keeps them anyway."""
+        if worker_ids:
+            self._floors[function_id] = worker_ids
+        else:
+            self._floors.pop(function_id, None)
 
     def unpark(self, pc: ParkedClaim) -> bool:
         """Withdraw a parked claim; False when inputs were promised to it already (wait for ``pc.done``)."""

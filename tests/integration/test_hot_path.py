@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import basic
 import msgpack
@@ -174,43 +175,69 @@ def test_workers_report_service_time(app, control_plane):
     assert est is not None and 0.002 <= est < 0.5  # slow_identity sleeps 2 ms
 
 
-def test_inputs_go_to_the_cheapest_parked_worker_first(app, control_plane):
-    """Among idle workers, the cheapest is handed the next input (the most recently parked among equals):
-    the dearer ones stay idle, and the autoscaler stops the dearest idle workers first."""
+def _hand_out(
+    cp_url: str, state: Path, name: str, prices: dict[str, float], floor: frozenset[str] = frozenset()
+) -> list[str]:
+    """On a control plane of its own (no reconciler to drain or scale these pretend workers; database at
+    ``cp_url``), park one idle worker per price (in this order) on a function, then send one-input calls:
+    which worker each call's input was handed to (checked against the database, which records it claimed)."""
     import asyncio
 
-    from cloudmodal.server.service import ParkedClaim
+    from cloudmodal.server.app import default_settings
+    from cloudmodal.server.service import ControlPlane, ParkedClaim
 
-    cp = control_plane.cp
     basic.square.remote(2)
-    row = cp.function_row(basic.square._function_id)
-    fid = cp.create_function(
-        {"app_id": row["app_id"], "name": "square_priced", "spec": row["spec"], "module": row["module"]}
-    )["function_id"]
+    spec = basic.square.spec.to_wire()
+    cp = ControlPlane(default_settings(state, database_url=cp_url))
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    prices = {"ta-dear-1": 3.0, "ta-cheap": 1.0, "ta-dear-2": 3.0}
-    claims = {}
     try:
-        for wid, price in prices.items():  # parked in this order
-            cp.add_worker(wid, row["app_id"], fid, price_per_hour=price)
+        cp.create_app("ap-" + name, name, True)
+        fid = cp.create_function({"app_id": "ap-" + name, "name": name, "spec": spec})["function_id"]
+        cp.set_floor(fid, floor)
+        claims = {}
+        for wid, price in prices.items():
+            cp.add_worker(wid, "ap-" + name, fid, price_per_hour=price)
             cp.worker_ready(wid)
             claims[wid] = ParkedClaim(wid, fid, 1, loop, asyncio.Event())
             cp.park(claims[wid])
         got = []
-        for i in range(3):
-            cp.create_call(f"ca-priced-{i}", fid, "remote", [(0, None, b"x", None)])
+        for i in range(len(prices)):
+            cp.create_call(f"ca-{name}-{i}", fid, "remote", [(0, None, b"x", None)])
             taken = [wid for wid, pc in claims.items() if pc.taken and wid not in got]
             assert len(taken) == 1
             got += taken
-        assert got == ["ta-cheap", "ta-dear-2", "ta-dear-1"]
         with cp.db.read() as conn:
             I = models.inputs  # noqa: E741
             owners = dict(
                 conn.execute(select(I.c.call_id, I.c.worker_id).where(I.c.function_id == fid)).all()
             )
-        assert owners == {f"ca-priced-{i}": wid for i, wid in enumerate(got)}  # written claimed by them
+        assert owners == {f"ca-{name}-{i}": wid for i, wid in enumerate(got)}  # written claimed by them
+        return got
     finally:
-        for wid in prices:
-            cp.worker_stopped(wid, "test over", crashed=False)
         loop.call_soon_threadsafe(loop.stop)
+        cp.db.dispose()
+
+
+@pytest.fixture
+def own_database(control_plane, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh database of the kind the module's control plane uses."""
+    if control_plane.cp.db.is_sqlite:
+        return f"sqlite:///{tmp_path / 'own.db'}"
+    return request.getfixturevalue("new_postgres_database")()
+
+
+def test_inputs_go_to_the_cheapest_parked_worker_first(app, own_database, tmp_path):
+    """Among idle workers, the cheapest is handed the next input (the most recently parked among equals):
+    the dearer ones stay idle, and the autoscaler stops the dearest idle workers first."""
+    prices = {"ta-dear-1": 3.0, "ta-cheap": 1.0, "ta-dear-2": 3.0}
+    got = _hand_out(own_database, tmp_path, "priced", prices)
+    assert got == ["ta-cheap", "ta-dear-2", "ta-dear-1"]
+
+
+def test_the_on_demand_floor_is_handed_inputs_before_cheaper_spot_workers(app, own_database, tmp_path):
+    """A pool's min_on_demand workers are paid for whether they work or not: they take inputs first, so a
+    spot worker is the one that goes idle (and the autoscaler stops the floor last)."""
+    prices = {"ta-spot": 1.0, "ta-floor": 3.0, "ta-od-extra": 3.0}
+    got = _hand_out(own_database, tmp_path, "floored", prices, floor=frozenset({"ta-floor"}))
+    assert got == ["ta-floor", "ta-spot", "ta-od-extra"]

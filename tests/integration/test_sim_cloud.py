@@ -178,9 +178,13 @@ def test_min_on_demand_keeps_an_on_demand_floor_beside_spot(tmp_path):
             with handle.cp.db.read() as conn:
                 rows = conn.execute(
                     text(
-                        "select w.market from worker w join function f on f.id = w.function_id where f.name = 'floor_work' and w.provider = 'sim'"
+                        "select w.market, w.id, w.state from worker w join function f on f.id = w.function_id where f.name = 'floor_work' and w.provider = 'sim'"
                     )
                 ).all()
+            # The on-demand worker is the pool's floor: handed inputs first, stopped last.
+            fid = sim_app.floor_work._function_id
+            od_live = {r[1] for r in rows if r[0] == "on-demand" and r[2] in ("starting", "ready")}
+            wait_for(lambda: handle.cp._floors.get(fid) == od_live, what="the on-demand floor to be set")
     markets = [r[0] for r in rows]
     assert markets.count("on-demand") == 1, markets  # exactly the floor, not more
     assert markets.count("spot") >= 1, markets  # the rest on the cheaper spot market

@@ -158,6 +158,19 @@ CASES = [
         },
         (0, 0, ("od-new", "od-old", "spot-old")),
     ),
+    (
+        "the on-demand floor goes last, dear as it is",
+        S(window=10, min=1),
+        {
+            "workers": [
+                WorkerView("floor", "ready", 0.0, NOW - 50, 0, 3.0, floor=True),
+                ready("spot-old", 1, 50, price=1.0),
+                ready("od-above-floor", 2, 50, price=3.0),
+            ],
+            "last_active_ago": 50,
+        },
+        (1, 0, ("od-above-floor", "spot-old")),
+    ),
     ("batched target", S(), {"backlog": 33, "target": 8}, (5, 5, ())),
 ]
 
