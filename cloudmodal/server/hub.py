@@ -22,9 +22,13 @@ class Hub:
         self._loop = loop
 
     def notify(self, *keys: str) -> None:
-        loop = self._loop
         with self._lock:
             events = [e for k in keys for e in self._waiters.get(k, ())]
+        self._wake(events)
+
+    def _wake(self, events: list[asyncio.Event]) -> None:
+        """Set ``events`` on the server's loop (from any thread)."""
+        loop = self._loop
         if events and loop is not None and not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(_set_all, events)
@@ -44,12 +48,7 @@ class Hub:
         self.closing = True
         with self._lock:
             events = [e for s in self._waiters.values() for e in s]
-        loop = self._loop
-        if events and loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(_set_all, events)
-            except RuntimeError:
-                pass
+        self._wake(events)
 
     def unwatch(self, key: str, ev: asyncio.Event) -> None:
         with self._lock:
