@@ -2,8 +2,17 @@
 
 Each worker gets exactly the GPUs it asked for through ``CUDA_VISIBLE_DEVICES`` (NVML indices, with
 ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so CUDA numbers them the same way), runs in its own process group (so
-``terminate`` also stops anything it spawned) and writes stdout/stderr to ``<state_dir>/logs/<worker>.log``.
-A CPU-only worker sees no GPU unless the provider is built with ``expose_gpus_to_cpu_workers=True``.
+``terminate`` also stops anything it spawned) and writes stdout/stderr to ``<state_dir>/logs/<worker>.log``
+(the directories 0700, the logs 0600). A CPU-only worker sees no GPU unless the provider is built with
+``expose_gpus_to_cpu_workers=True``.
+
+A worker inherits this process's environment, less the control plane's own secrets
+(:data:`CONTROL_PLANE_ONLY_ENV`), plus the request's ``env``. The control-plane token in the request's env
+(``CLOUDMODAL_TOKEN``) is not put in the worker's environment, where ``/proc/<pid>/environ`` and every
+process the user's code starts would show it: it goes on the worker's stdin as one JSON line
+``{"CLOUDMODAL_TOKEN": ...}``, announced by ``CLOUDMODAL_CREDENTIALS=stdin`` (a standby worker gets it in the
+environment line it waits for, and keeps it out of its environment). A custom worker command (``argv``) reads
+it from there.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloudmodal.config import cache_dir
+from cloudmodal.config import cache_dir, open_private, private_dir
 from cloudmodal.gpu import GpuTier
 from cloudmodal.pricing.gpus import ANY
 from cloudmodal.providers.base import (
@@ -65,6 +74,32 @@ class LocalOffer:
 
 STANDBY_RESPAWN_DELAY_S = 1.0
 
+# The control plane's own secrets: never inherited by a worker (the user's code runs there).
+CONTROL_PLANE_ONLY_ENV = (
+    "CLOUDMODAL_TOKEN",
+    "CLOUDMODAL_TOKEN_FILE",
+    "CLOUDMODAL_CREDENTIALS",
+    "CLOUDMODAL_SECRET_KEY",
+    "CLOUDMODAL_SECRET_KEY_FILE",
+    "CLOUDMODAL_DATABASE_URL",
+    "PGPASSWORD",
+)
+TOKEN_ENV = "CLOUDMODAL_TOKEN"
+
+
+def _inherited_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for k in CONTROL_PLANE_ONLY_ENV:
+        env.pop(k, None)
+    return env
+
+
+def _log_dir(state_dir: Path) -> Path:
+    """``<state_dir>/logs``, both private to this user (a worker's log holds what the user's code printed)."""
+    private_dir(state_dir)
+    return private_dir(state_dir / "logs")
+
+
 # Standby interpreters started ahead of their provider, by state directory (see start_standby).
 _early_standby: dict[Path, tuple[subprocess.Popen[bytes], Path]] = {}
 
@@ -72,13 +107,13 @@ _early_standby: dict[Path, tuple[subprocess.Popen[bytes], Path]] = {}
 def _spawn_standby(state_dir: Path) -> tuple[subprocess.Popen[bytes], Path] | None:
     """A worker interpreter that imports the runtime now and waits on stdin for the environment of the
     worker it becomes; it exits when stdin closes (its parent gone). ``None`` where it cannot start."""
-    log_dir = state_dir / "logs"
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = _log_dir(state_dir)
         log_path = log_dir / f"standby-{os.getpid()}-{time.monotonic_ns()}.log"
-        with open(log_path, "ab") as log:
+        with open_private(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cloudmodal.worker", "--standby"],
+                env=_inherited_env(),  # what it becomes is sent on stdin; /proc/<pid>/environ keeps this
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -328,7 +363,7 @@ class LocalProvider(Provider, SupportsGpuInventory):
     def _child_env(
         self, req: LaunchRequest, indices: tuple[int, ...], cpu_fallback_used: bool
     ) -> dict[str, str]:
-        env = dict(os.environ)
+        env = _inherited_env()
         env.update({"PYTHONUNBUFFERED": "1", "CLOUDMODAL_WORKER_ID": req.worker_id})
         env.update(req.env)
         env["CLOUDMODAL_IS_REMOTE"] = "1"
@@ -398,13 +433,17 @@ class LocalProvider(Provider, SupportsGpuInventory):
                 return proc, log_path
             except (OSError, ValueError):
                 self._signal_group(proc, signal.SIGKILL)
+        env = self._child_env(req, indices, cpu_fallback_used)
+        token = env.pop(TOKEN_ENV, None)  # on stdin, not in the environment (see the module's docstring)
+        if token:
+            env["CLOUDMODAL_CREDENTIALS"] = "stdin"
         try:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "ab") as log:
+            _log_dir(self.state_dir)
+            with open_private(log_path, "ab") as log:
                 proc = subprocess.Popen(
                     [python, *req.argv],
-                    env=self._child_env(req, indices, cpu_fallback_used),
-                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    stdin=subprocess.PIPE if token else subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -416,6 +455,13 @@ class LocalProvider(Provider, SupportsGpuInventory):
                 f"Check that the interpreter exists and {log_dir} is writable.",
                 reason="spawn-failed",
             ) from exc
+        if token:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(json.dumps({TOKEN_ENV: token}).encode() + b"\n")
+                proc.stdin.close()
+            except (OSError, ValueError):
+                pass  # it exited already: describe() reports how
         return proc, log_path
 
     def _reap(self, worker_id: str) -> int | None:

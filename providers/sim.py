@@ -60,7 +60,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from cloudmodal.config import cache_dir
+from cloudmodal.config import cache_dir, open_private, private_dir
 from cloudmodal.exception import InvalidError
 from cloudmodal.pricing.offers import MARKETS, OfferKey, OfferTable
 from cloudmodal.providers.base import (
@@ -1186,9 +1186,11 @@ class SimProvider(Provider, SupportsSignals, SupportsPreemptionNotice):
     def _write_notices(files: list[tuple[Path, dict[str, Any]]]) -> None:
         for path, payload in files:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(path.parent.parent)  # the sim's state directory, then its notices/
+                private_dir(path.parent)
                 tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(payload) + "\n", encoding="utf-8")
+                with open_private(tmp, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(payload) + "\n")
                 os.replace(tmp, path)  # a watching worker never reads half a notice
             except OSError as e:
                 log.warning("could not write the preemption notice %s: %s", path, e)

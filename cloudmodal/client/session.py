@@ -65,11 +65,19 @@ def current_session(required: bool = True) -> Session | None:
     with _lock:
         if _current is not None:
             return _current
-        if in_worker() and os.environ.get("CLOUDMODAL_SERVER_URL"):
-            _current = Session(
-                Transport(os.environ["CLOUDMODAL_SERVER_URL"], os.environ.get("CLOUDMODAL_TOKEN"))
-            )
-            return _current
+        if in_worker():
+            # The worker runtime holds its credentials (they are kept out of the environment, so the user's
+            # code and its subprocesses do not see the token); a process it started has none of its own.
+            runtime = sys.modules.get("cloudmodal.worker.runtime")
+            creds = runtime.credentials() if runtime is not None else None
+            if creds is not None:
+                _current = Session(Transport(creds.url, creds.token))
+                return _current
+            if os.environ.get("CLOUDMODAL_SERVER_URL"):
+                _current = Session(
+                    Transport(os.environ["CLOUDMODAL_SERVER_URL"], os.environ.get("CLOUDMODAL_TOKEN"))
+                )
+                return _current
         ref = config.configured_server()
         if ref is not None:
             _current = Session(Transport(ref.url, ref.token))
@@ -104,10 +112,17 @@ def connect(embedded_ok: bool = True) -> Session:
             if os.environ.get("CLOUDMODAL_WORKER_RECONNECT_S")
             else {"worker_reconnect_s": EMBEDDED_WORKER_RECONNECT_S}
         )
+        # No anonymous access even here: another local user could reach this port. This process talks with
+        # the handle's random owner token; its workers get worker tokens from the reconciler.
         handle = ServerHandle(
-            default_settings(Path(tmp), database_url=f"sqlite:///{tmp}/cloudmodal.db", **quick)
+            default_settings(
+                Path(tmp),
+                database_url=f"sqlite:///{tmp}/cloudmodal.db",
+                allow_loopback_anonymous=False,
+                **quick,
+            )
         ).start_in_thread()
-        _current = Session(Transport(handle.url), embedded=handle, tmpdir=tmp)
+        _current = Session(Transport(handle.url, handle.token), embedded=handle, tmpdir=tmp)
         return _current
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ class Database:
                 url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=16, max_overflow=16
             )
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            _private_sqlite_files(self.engine.url.database)
         else:
             models.use_postgresql_partial_indexes()
             self.engine = create_engine(url, pool_size=16, max_overflow=16, pool_pre_ping=True)
@@ -43,6 +45,8 @@ class Database:
             threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         )
         models.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            models.add_missing_columns(conn)  # databases made by an earlier version
         self._hot: SqliteHotConnection | None = None
         if self.is_sqlite:
             if not self.engine.url.database or self.engine.url.database == ":memory:":
@@ -122,7 +126,7 @@ class Leadership:
         if self._file is None:
             from filelock import FileLock
 
-            self._file = FileLock(f"{self.db.engine.url.database}.reconciler.lock")
+            self._file = FileLock(f"{self.db.engine.url.database}.reconciler.lock", mode=0o600)
         if not self._file.is_locked:
             from filelock import Timeout
 
@@ -220,6 +224,29 @@ class Checkpointer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+def _private_sqlite_files(database: str | None) -> None:
+    """Create the SQLite database file 0600 before SQLite does (it would make it 0644 under the usual umask),
+    and take group/other access away from an existing one. SQLite gives the -wal and -shm files it creates
+    the database file's mode; ones left by an earlier run are tightened here too."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        fd = os.open(database, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return  # SQLite reports a database it cannot open better than we would
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError as e:
+        log.warning("could not make the database %s private (0600): %s", database, e)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal", ".reconciler.lock"):
+        with contextlib.suppress(OSError):
+            if os.stat(database + suffix).st_mode & 0o077:
+                os.chmod(database + suffix, 0o600)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]

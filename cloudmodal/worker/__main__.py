@@ -7,16 +7,19 @@ if __name__ == "__main__":
         import os
 
         from cloudmodal.client.transport import warm_up
-        from cloudmodal.worker.runtime import main
+        from cloudmodal.worker.runtime import TOKEN_ENV, main
 
         warm_up()
         line = sys.stdin.readline()
         if not line:
             raise SystemExit(0)
         env = json.loads(line)
+        # The token goes straight to the runtime: it never enters this process's environment, so neither
+        # the user's code nor anything it starts inherits it.
+        token = env.pop(TOKEN_ENV, None)
         os.environ.clear()
         os.environ.update(env)
-        raise SystemExit(main())
+        raise SystemExit(main(token=token))
     from cloudmodal.worker.runtime import main
 
     raise SystemExit(main())

@@ -6,10 +6,44 @@ import contextlib
 import importlib.util
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from cloudmodal.config import open_private, private_dir
 from cloudmodal.exception import ExecutionError
 from cloudmodal.serialization import deserialize
+
+
+def source_path(cache: Path, source_blob: object, source_name: object) -> Path:
+    """Where the shipped source ``source_name`` of blob ``source_blob`` goes: ``<cache>/src/<blob>/<name>``.
+
+    Both come from the function's row, which the worker does not trust to be well formed: each must be a
+    plain name (no directory part, no ``..``), and the path must stay inside ``<cache>/src``, or a crafted
+    definition could have the worker write the file anywhere its user can."""
+    for what, value, example in (
+        ("source_blob", source_blob, "a blob id like 'bl-0123abcd'"),
+        ("source_name", source_name, "the app's file name, like 'app.py'"),
+    ):
+        if (
+            not isinstance(value, str)
+            or value in ("", ".", "..")
+            or "/" in value
+            or "\\" in value
+            or "\0" in value
+            or os.path.basename(value) != value
+        ):
+            raise ExecutionError(
+                f"The function's {what} {value!r} is not a plain file name ({example}), so the worker will "
+                "not write it. Redeploy the app with `cloudmodal deploy` or `cloudmodal run`."
+            )
+    root = (cache / "src").resolve()
+    target = (root / source_blob / source_name).resolve()  # type: ignore[operator]
+    if not target.is_relative_to(root) or target.parent.parent != root:
+        raise ExecutionError(
+            f"The function's source {source_name!r} resolves to {target}, outside the worker's source cache "
+            f"{root}. Redeploy the app with `cloudmodal deploy` or `cloudmodal run`."
+        )
+    return target
 
 
 def load_module(transport: Any, defn: dict[str, Any]) -> Any:
@@ -20,12 +54,14 @@ def load_module(transport: Any, defn: dict[str, Any]) -> Any:
     if source_blob and source_name:
         from cloudmodal.config import cache_dir
 
-        target = cache_dir() / "src" / source_blob / source_name
+        target = source_path(cache_dir(), source_blob, source_name)
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(target.parent.parent)
+            private_dir(target.parent)
             data = transport.request("GET", f"/v1/blobs/{source_blob}", raw_response=True)
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(data)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            with open_private(tmp, "wb") as f:
+                f.write(data)
             os.replace(tmp, target)
         sys.path.insert(0, str(target.parent))
         if source_dir and os.path.isdir(source_dir):

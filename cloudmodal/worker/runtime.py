@@ -7,6 +7,7 @@ import asyncio
 import collections
 import inspect
 import io
+import json
 import os
 import signal
 import socket
@@ -171,9 +172,9 @@ class Worker:
         with self._flush_lock:  # one batch in flight at a time: lines reach the control plane in order
             with self._logs_lock:
                 lines, self._logs = self._logs, []
-            if lines:
+            for part in batches(lines, lambda x: len(x[2])):
                 try:
-                    self.t.post(f"{self.base}/logs", {"lines": lines})
+                    self.t.post(f"{self.base}/logs", {"lines": part})
                 except Exception:
                     pass
 
@@ -227,9 +228,11 @@ class Worker:
                     # An input's log lines reach the control plane before its result, so a caller that has
                     # the result can print the input's output without waiting for stragglers.
                     self.flush_logs()
-                    self.t.post(f"{self.base}/outputs", {"outputs": batch})
+                    self._post_outputs(batch)
                 elif self.stopped.is_set():
                     return
+            except Exception as e:  # the thread must live on: the unsent inputs' leases expire and requeue
+                print(f"[cloudmodal] sending outputs failed: {type(e).__name__}: {e}", file=sys.stderr)
             finally:
                 with self._out_cond:
                     self._sending = False
@@ -254,8 +257,13 @@ class Worker:
             if self._sending:
                 self._out_cond.notify()
                 return []
-            batch, self.outbox = self.outbox, []
+            n = len(batches(self.outbox, _row_size)[0]) if self.outbox else 0
+            batch, self.outbox = self.outbox[:n], self.outbox[n:]
         return batch
+
+    def _post_outputs(self, rows: list[list[Any]]) -> None:
+        for part in batches(rows, _row_size):
+            self.t.post(f"{self.base}/outputs", {"outputs": part})
 
     def _watchdog_loop(self) -> None:
         timeout = float(self.spec.timeout)
@@ -303,7 +311,7 @@ class Worker:
             batch, self.outbox = self.outbox, []
         if batch:
             self.flush_logs()  # before the results they belong to (see _sender_loop)
-            self.t.post(f"{self.base}/outputs", {"outputs": batch})
+            self._post_outputs(batch)
 
     # -- running inputs -----------------------------------------------------------------------------------
     def _load_args(self, w: Work) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -594,10 +602,119 @@ class Worker:
         return 0
 
 
-def main() -> int:
+# A request's body stays well under the control plane's cap for output and log posts (64 MiB): rows are
+# sent in batches of at most this many payload bytes (a single larger row is sent alone: payloads over 2 MiB
+# travel as blobs, so a row is never near the cap).
+POST_BATCH_BYTES = 32 * 1024 * 1024
+
+
+def batches(rows: list[Any], size: Any, limit: int = POST_BATCH_BYTES) -> list[list[Any]]:
+    """``rows`` split in order into runs of at most ``limit`` bytes by ``size(row)`` (each run non-empty)."""
+    out: list[list[Any]] = []
+    run: list[Any] = []
+    total = 0
+    for r in rows:
+        n = size(r) + 64
+        if run and total + n > limit:
+            out.append(run)
+            run, total = [], 0
+        run.append(r)
+        total += n
+    if run:
+        out.append(run)
+    return out
+
+
+def _row_size(row: list[Any]) -> int:
+    return len(row[2] or b"")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How this worker reaches its control plane. Kept here, not in ``os.environ``, so the user's code and
+    the processes it starts do not inherit the token; nested calls made by the user's code inside this
+    worker find it through :func:`credentials` (see ``cloudmodal.client.session.current_session``).
+
+    This keeps the token out of environments, ``/proc/<pid>/environ`` and child processes; it cannot keep
+    it from code running in this same process, which could read this module or the transport's memory."""
+
+    url: str
+    token: str | None
+    worker_id: str
+
+
+_credentials: Credentials | None = None
+
+TOKEN_ENV = "CLOUDMODAL_TOKEN"
+TOKEN_FILE_ENV = "CLOUDMODAL_TOKEN_FILE"  # a file holding the token (for providers on other machines)
+CREDENTIALS_ENV = "CLOUDMODAL_CREDENTIALS"  # "stdin": one JSON line {"CLOUDMODAL_TOKEN": ...} on stdin
+
+
+def credentials() -> Credentials | None:
+    """This worker's credentials, once :func:`main` has taken them; None outside a worker."""
+    return _credentials
+
+
+def take_token(environ: Any = None, stdin: Any = None) -> str | None:
+    """The control-plane token handed to this process, removed from ``environ`` (default ``os.environ``)
+    wherever it came from, so nothing started from here inherits it.
+
+    Sources, first found wins: one JSON line on stdin when ``CLOUDMODAL_CREDENTIALS=stdin`` (the local
+    provider: nothing in ``/proc/<pid>/environ``); a file named by ``CLOUDMODAL_TOKEN_FILE``; the
+    ``CLOUDMODAL_TOKEN`` variable itself (accepted, and removed)."""
+    env = os.environ if environ is None else environ
+    token = env.pop(TOKEN_ENV, None) or None
+    via = env.pop(CREDENTIALS_ENV, None)
+    path = env.pop(TOKEN_FILE_ENV, None)
+    if via == "stdin":
+        stream = sys.stdin if stdin is None else stdin
+        line = stream.readline() if stream is not None else ""
+        try:
+            private = json.loads(line) if line.strip() else {}
+        except ValueError:
+            private = None
+        if not isinstance(private, dict):
+            raise RuntimeError(
+                "The worker's credentials on stdin are not a JSON object; the provider that started this "
+                'worker must write one line like {"CLOUDMODAL_TOKEN": "..."} (see providers/local.py).'
+            )
+        token = private.get(TOKEN_ENV) or token
+        if stdin is None:
+            _stdin_to_devnull()
+    elif via:
+        raise RuntimeError(f"Unknown {CREDENTIALS_ENV}={via!r}; the only supported value is 'stdin'.")
+    if path and not token:
+        try:
+            token = open(path, encoding="utf-8").read().strip() or None
+        except OSError as e:
+            raise RuntimeError(
+                f"Cannot read the worker's token from {TOKEN_FILE_ENV}={path}: {e}. The provider must "
+                "write it there before the worker starts."
+            ) from e
+    return token
+
+
+def _stdin_to_devnull() -> None:
+    """The user's code reads an empty stdin, as before credentials came on it."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(fd, 0)
+        os.close(fd)
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - replaces the process's stdin for good
+    except OSError:
+        pass
+
+
+def main(token: str | None = None) -> int:
+    """Run this process as the worker its environment names. ``token``: already taken by the caller (the
+    standby path); else :func:`take_token` finds it."""
+    global _credentials
     url = os.environ["CLOUDMODAL_SERVER_URL"]
     worker_id = os.environ["CLOUDMODAL_WORKER_ID"]
-    w = Worker(url, os.environ.get("CLOUDMODAL_TOKEN"), worker_id)
+    taken = take_token()
+    token = token or taken
+    _credentials = Credentials(url, token, worker_id)
+    w = Worker(url, token, worker_id)
 
     def on_term(signum: int, _frame: Any) -> None:
         w.draining.set()

@@ -1,0 +1,46 @@
+"""How a worker takes its control-plane token: whichever way it came, it leaves the environment."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from cloudmodal.worker.runtime import take_token
+
+TOKEN = "cm_" + "t0k3n" * 8
+
+
+def test_from_stdin_line_removes_the_marker_and_any_env_copy() -> None:
+    env = {"CLOUDMODAL_CREDENTIALS": "stdin", "CLOUDMODAL_TOKEN": "cm_stale", "KEEP": "1"}
+    stdin = io.StringIO(json.dumps({"CLOUDMODAL_TOKEN": TOKEN}) + "\nnot for us\n")
+    assert take_token(env, stdin) == TOKEN
+    assert env == {"KEEP": "1"}
+    assert stdin.readline() == "not for us\n"  # exactly one line consumed
+
+
+def test_from_the_environment_is_accepted_and_removed() -> None:
+    env = {"CLOUDMODAL_TOKEN": TOKEN, "KEEP": "1"}
+    assert take_token(env, io.StringIO()) == TOKEN
+    assert env == {"KEEP": "1"}
+
+
+def test_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    env = {"CLOUDMODAL_TOKEN_FILE": str(path)}
+    assert take_token(env, io.StringIO()) == TOKEN
+    assert env == {}
+    with pytest.raises(RuntimeError, match="CLOUDMODAL_TOKEN_FILE"):
+        take_token({"CLOUDMODAL_TOKEN_FILE": str(tmp_path / "missing")}, io.StringIO())
+
+
+def test_none_and_malformed() -> None:
+    assert take_token({}, io.StringIO()) is None
+    assert take_token({"CLOUDMODAL_CREDENTIALS": "stdin"}, io.StringIO("")) is None
+    with pytest.raises(RuntimeError, match="not a JSON object"):
+        take_token({"CLOUDMODAL_CREDENTIALS": "stdin"}, io.StringIO("[1]\n"))
+    with pytest.raises(RuntimeError, match="Unknown CLOUDMODAL_CREDENTIALS"):
+        take_token({"CLOUDMODAL_CREDENTIALS": "fd:3"}, io.StringIO())
