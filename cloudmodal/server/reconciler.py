@@ -15,14 +15,15 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, func, select
 
-from cloudmodal.exception import Error, NoProviderError
+from cloudmodal.exception import Error, InvalidError, NoProviderError
 from cloudmodal.gpu import GpuTier
 from cloudmodal.ids import new_id
 from cloudmodal.providers.base import SupportsPreemptionNotice
@@ -32,6 +33,7 @@ from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView, p
 from cloudmodal.server.db import Leadership
 from cloudmodal.server.service import LIVE_WORKER_STATES, ControlPlane
 from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState
+from cloudmodal.server.wire_spec import validate_wire_spec
 from cloudmodal.spec import FunctionSpec
 
 log = logging.getLogger("cloudmodal.reconciler")
@@ -48,6 +50,7 @@ STARTUP_GRACE_S = (
 DRAIN_GRACE_S = 30.0
 LAUNCH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STARTUP_SAMPLES = 16  # the start-up estimate is the median launch → ready of this many recent workers
+MAX_ERROR_CHARS = 400  # of an exception's text in a pool.error event or a log line
 
 
 class StartupTimes:
@@ -153,6 +156,12 @@ class Reconciler:
         self._live_total = 0
         self._served: set[str] = set()  # functions with live workers at the last tick
         self._idle_elsewhere: list[tuple[float, str, str]] = []  # (idle since, worker id, function id)
+        # Failures are isolated per pool (and per global step, per worker) and reported once per distinct
+        # error, not on every tick: function id -> the error its pool last failed with.
+        self._pool_errors: dict[str, str] = {}
+        self._step_errors: dict[str, str] = {}  # global step or worker -> the error it last failed with
+        self._launch_errors: dict[str, str] = {}  # function id -> the error its last launch crashed with
+        self._spec_checks: dict[str, tuple[int, str | None]] = {}  # function id -> (version, why invalid)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -217,8 +226,10 @@ class Reconciler:
                             "another control plane reconciles this database; %s serves the API only",
                             self.server_url,
                         )
-                except Exception:  # the loop must survive anything; the next tick retries
-                    log.exception("reconciler tick failed")
+                except Exception as e:  # the loop must survive anything; the next tick retries
+                    self._failed("tick", e)
+                else:
+                    self._succeeded("tick")
                 self._wake.wait(self.cp.settings.reconcile_interval_s if leading else STANDBY_RETRY_S)
                 self._wake.clear()
         finally:
@@ -230,7 +241,94 @@ class Reconciler:
         with self.cp.db.read() as conn:
             rows = conn.execute(select(W.c.id).where(and_(W.c.state == "starting", W.c.pid.is_(None)))).all()
         for (wid,) in rows:
-            self.cp.worker_stopped(wid, "control plane restarted before the worker registered", crashed=False)
+            self._step(
+                f"worker {wid} (write-off)",
+                self.cp.worker_stopped,
+                wid,
+                "control plane restarted before the worker registered",
+                crashed=False,
+            )
+
+    # -- isolation: one failing pool, step or worker never stops the others -----------------------------------
+    def _step(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run one global step (or one worker's part of it); a failure is logged once per distinct error."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:
+            self._failed(name, e)
+        else:
+            self._succeeded(name)
+
+    def _failed(self, name: str, e: BaseException) -> None:
+        why = _describe_error(e)
+        if self._step_errors.get(name) != why:
+            self._step_errors[name] = why
+            log.error(
+                "reconciler: %s failed (logged again only if the error changes): %s", name, why, exc_info=e
+            )
+
+    def _succeeded(self, name: str) -> None:
+        if self._step_errors and self._step_errors.pop(name, None) is not None:
+            log.info("reconciler: %s works again", name)
+
+    @contextmanager
+    def _pool_guard(self, fid: str, name: str, app_id: str | None, failed: set[str]) -> Iterator[None]:
+        """Everything done for one pool in a tick runs under this: if it raises, that pool is skipped for this
+        tick (and reported once per distinct error); every other pool proceeds."""
+        try:
+            yield
+        except Exception as e:
+            failed.add(fid)
+            why = _describe_error(e)
+            if self._pool_errors.get(fid) == why:
+                return
+            self._pool_errors[fid] = why
+            log.error(
+                "reconciler: pool of function %s (%s) skipped, other pools proceed: %s",
+                name,
+                fid,
+                why,
+                exc_info=e,
+            )
+            self._report(
+                "pool.error",
+                f"function {name}: {why}. Its pool is skipped (no workers start or stop for it) until this is "
+                "fixed, e.g. by deploying the function again; other functions are not affected.",
+                app_id,
+                fid,
+            )
+
+    def _note_recoveries(self, fns: dict[str, Any], failed: set[str]) -> None:
+        for fid in [f for f in self._pool_errors if f not in failed]:
+            del self._pool_errors[fid]
+            fn = fns.get(fid)
+            if fn is None:  # stopped or gone: nothing to recover
+                continue
+            log.info("reconciler: pool of function %s (%s) works again", fn[7], fid)
+            self._report("pool.recovered", f"function {fn[7]}: its pool works again", fn[1], fid)
+        for fid in [f for f in self._spec_checks if f not in fns]:
+            del self._spec_checks[fid]
+
+    def _report(self, kind: str, message: str, app_id: str | None, fid: str) -> None:
+        try:
+            self.cp.event(kind, message, app_id=app_id, function_id=fid)
+        except Exception as e:  # the database may be what failed; the log line above still says it
+            log.warning("reconciler: could not record %s for %s: %s", kind, fid, _describe_error(e))
+
+    def _check_stored_spec(self, fid: str, fn: Any) -> None:
+        """Rows stored before the server validated specs (or written around it) may not hold what the
+        autoscaler needs: checked once per version, so that such a pool stops with an error naming the field
+        rather than failing somewhere deeper on every tick. Keys this version does not know are ignored."""
+        checked = self._spec_checks.get(fid)
+        if checked is None or checked[0] != fn[3]:
+            try:
+                validate_wire_spec(fn[5], ignore_unknown_keys=True)
+                checked = (fn[3], None)
+            except InvalidError as e:
+                checked = (fn[3], str(e))
+            self._spec_checks[fid] = checked
+        if checked[1] is not None:
+            raise InvalidError(f"its stored spec is invalid: {checked[1]}")
 
     # -- resource checks at function registration ---------------------------------------------------------
     def check_resources(self, spec: FunctionSpec, *, allow_cpu_fallback: bool) -> None:
@@ -311,11 +409,9 @@ class Reconciler:
         cp = self.cp
         if now - self._last_housekeeping > 1.0:
             self._last_housekeeping = now
-            _, dead_calls = cp.queue.requeue_expired(now)
-            if dead_calls:
-                cp.hub.notify(*[f"outputs:{c}" for c in dead_calls])
-            cp.stop_abandoned_apps()
-        self._reap(now)
+            self._step("requeueing expired leases", self._requeue_expired, now)
+            self._step("stopping abandoned apps", cp.stop_abandoned_apps)
+        self._step("reaping workers", self._reap, now)
         counts = cp.queue.counts()
         with cp.db.read() as conn:
             fns = {
@@ -329,6 +425,7 @@ class Reconciler:
                         F.c.last_active_at,
                         F.c.spec,
                         F.c.inline_env,
+                        F.c.name,
                     ).where(F.c.state == "active")
                 ).all()
             }
@@ -343,23 +440,38 @@ class Reconciler:
             for w in workers
             if w.state == "ready" and w.idle_since is not None
         )
+        failed: set[str] = set()  # pools that raised in this tick
         # Workers of stopped functions, or of an older version after a redeploy, drain.
         for fid, ws in by_fn.items():
             fn = fns.get(fid)
-            for w in ws:
-                if w.state == "draining":
-                    continue
-                if fn is None:
-                    cp.drain_worker(w.id, "app stopped")
-                elif w.function_version < fn[3]:
-                    cp.drain_worker(w.id, f"replaced by version {fn[3]}")
+            with self._pool_guard(fid, fn[7] if fn else fid, fn[1] if fn else ws[0].app_id, failed):
+                for w in ws:
+                    if w.state == "draining":
+                        continue
+                    if fn is None:
+                        cp.drain_worker(w.id, "app stopped")
+                    elif w.function_version < fn[3]:
+                        cp.drain_worker(w.id, f"replaced by version {fn[3]}")
         for fid, fn in fns.items():
-            pending, running = counts.get(fid, (0, 0))
-            spec = cp.spec_of(fid)
-            ws = [w for w in by_fn.get(fid, []) if w.function_version >= fn[3]]
-            if not (pending or running or ws or spec.autoscaler.min_containers or self._launching.get(fid)):
-                continue
-            self._scale(fid, fn, spec, pending, running, ws, now)
+            with self._pool_guard(fid, fn[7], fn[1], failed):
+                self._reconcile_pool(fid, fn, counts.get(fid, (0, 0)), by_fn.get(fid, []), now)
+        self._note_recoveries(fns, failed)
+
+    def _requeue_expired(self, now: float) -> None:
+        _, dead_calls = self.cp.queue.requeue_expired(now)
+        if dead_calls:
+            self.cp.hub.notify(*[f"outputs:{c}" for c in dead_calls])
+
+    def _reconcile_pool(
+        self, fid: str, fn: Any, counts: tuple[int, int], workers: list[Any], now: float
+    ) -> None:
+        pending, running = counts
+        self._check_stored_spec(fid, fn)
+        spec = self.cp.spec_of(fid)
+        ws = [w for w in workers if w.function_version >= fn[3]]
+        if not (pending or running or ws or spec.autoscaler.min_containers or self._launching.get(fid)):
+            return
+        self._scale(fid, fn, spec, pending, running, ws, now)
 
     def _scale(
         self, fid: str, fn: Any, spec: FunctionSpec, pending: int, running: int, ws: list[Any], now: float
@@ -557,10 +669,8 @@ class Reconciler:
     def _launch(self, fid: str, fn: Any, spec: FunctionSpec, *, force_on_demand: bool = False) -> None:
         from cloudmodal.providers.base import LaunchRequest, QuotaExceededError
 
-        with self._lock:
-            self._launching[fid] = self._launching.get(fid, 0) + 1
         app_id = fn[1]
-        cpu_fallback = (fn[6] or {}).get("CLOUDMODAL_CPU_FALLBACK") == "1"
+        cpu_fallback = self.cp.secrets.open_env(fn[6]).get("CLOUDMODAL_CPU_FALLBACK") == "1"
         worker_id = new_id("ta")
         token = self.cp.tokens.create(scope=f"worker:{worker_id}", name=worker_id)
         image = spec.image or {}
@@ -574,27 +684,30 @@ class Reconciler:
             "PYTHONUNBUFFERED": "1",
         }
         self.cp.add_worker(worker_id, app_id, fid, provider="-", market="", function_version=fn[3])
+        # counted once the launch is certain to run (a failure above must not leave the pool counted busy)
+        with self._lock:
+            self._launching[fid] = self._launching.get(fid, 0) + 1
         if force_on_demand:
             with self._lock:
                 self._od_launching[fid] = self._od_launching.get(fid, 0) + 1
 
         def go() -> None:
-            now = time.time()
-            state = self._market(fid)
-            choices = self._choices(spec, fid, cpu_fallback, now, force_on_demand)
             tried: list[str] = []
-            if len(choices) > 1 or (choices and choices[0].offer is not None):
-                top = "; ".join(f"{i + 1}) {c.describe()}" for i, c in enumerate(choices[:3]))
-                self.cp.event(
-                    "placement.ranked",
-                    f"worker {worker_id}: {len(choices)} candidates for gpu={','.join(str(t) for t in spec.gpu)}"
-                    + (" (on-demand floor)" if force_on_demand else "")
-                    + f": {top}",
-                    app_id=app_id,
-                    function_id=fid,
-                    worker_id=worker_id,
-                )
-            try:
+            try:  # everything, so that a failure anywhere still settles the launch count and the worker row
+                now = time.time()
+                state = self._market(fid)
+                choices = self._choices(spec, fid, cpu_fallback, now, force_on_demand)
+                if len(choices) > 1 or (choices and choices[0].offer is not None):
+                    top = "; ".join(f"{i + 1}) {c.describe()}" for i, c in enumerate(choices[:3]))
+                    self.cp.event(
+                        "placement.ranked",
+                        f"worker {worker_id}: {len(choices)} candidates for gpu={','.join(str(t) for t in spec.gpu)}"
+                        + (" (on-demand floor)" if force_on_demand else "")
+                        + f": {top}",
+                        app_id=app_id,
+                        function_id=fid,
+                        worker_id=worker_id,
+                    )
                 for i, choice in enumerate(choices[:MAX_LAUNCH_TRIES]):
                     req = LaunchRequest(
                         worker_id=worker_id,
@@ -663,9 +776,16 @@ class Reconciler:
                     function_id=fid,
                 )
             except Exception as e:  # a provider bug must not kill the loop
-                log.exception("launch crashed")
                 self._next_launch_at[fid] = time.time() + 5.0
-                self.cp.worker_stopped(worker_id, f"launch crashed: {e!r}", crashed=False)
+                why = _describe_error(e)
+                if self._launch_errors.get(fid) != why:  # once per distinct error, not every retry
+                    self._launch_errors[fid] = why
+                    log.error("launch for function %s crashed: %s", fid, why, exc_info=e)
+                    self._report("launch.crashed", f"starting a worker crashed: {why}", app_id, fid)
+                try:
+                    self.cp.worker_stopped(worker_id, f"launch crashed: {why}", crashed=False)
+                except Exception as e2:
+                    log.warning("could not write off worker %s: %s", worker_id, _describe_error(e2))
             finally:
                 with self._lock:
                     self._launching[fid] = max(0, self._launching.get(fid, 1) - 1)
@@ -685,6 +805,7 @@ class Reconciler:
         cpu_fallback: bool,
     ) -> None:
         self._launch_failures.pop(fid, None)
+        self._launch_errors.pop(fid, None)
         with self._lock:
             self.handles[worker_id] = (choice.provider, handle)
         if choice.market == "spot":
@@ -717,32 +838,7 @@ class Reconciler:
 
     def _reap(self, now: float) -> None:
         for wid, (prov, handle) in list(self.handles.items()):
-            status = prov.describe(handle)
-            if status.alive:
-                if isinstance(prov, SupportsPreemptionNotice) and wid not in self._noticed:
-                    at = prov.preemption_notice(handle)
-                    if at is not None:
-                        self._noticed.add(wid)
-                        self._on_preemption_notice(wid, handle, at, now)
-                continue
-            with self._lock:
-                self.handles.pop(wid, None)
-            state = self.cp.worker_state(wid)
-            if state in (None, "stopped"):
-                continue
-            if status.state == "preempted" or wid in self._noticed:
-                self._noticed.discard(wid)
-                self.cp.worker_stopped(
-                    wid, f"preempted ({status.detail or 'spot capacity reclaimed'})", crashed=False
-                )
-                continue
-            clean = state == "draining" and status.returncode == 0
-            self.cp.worker_stopped(
-                wid,
-                f"process exited with code {status.returncode}"
-                + (f" ({status.detail})" if status.detail else ""),
-                crashed=not clean,
-            )
+            self._step(f"worker {wid} (reap)", self._reap_one, wid, prov, handle, now)
         # Workers that went silent (hung, partitioned, or launched by a previous control plane and gone).
         cutoff = now - self.cp.settings.worker_timeout_s
         with self.cp.db.read() as conn:
@@ -752,14 +848,55 @@ class Reconciler:
                 )
             ).all()
         for wid, state, last_hb, _pid, started_at in rows:
-            if wid in self.handles and state == "starting" and now - started_at < STARTUP_GRACE_S:
-                continue
-            if state == "draining" and last_hb < now - DRAIN_GRACE_S - self.cp.settings.worker_timeout_s:
-                self._kill(wid)
-                self.cp.worker_stopped(wid, "did not finish draining in time", crashed=False)
-            elif last_hb < cutoff and (state != "starting" or now - started_at > STARTUP_GRACE_S):
-                self._kill(wid)
-                self.cp.worker_stopped(wid, f"no heartbeat for {now - last_hb:.0f} s", crashed=True)
+            self._step(
+                f"worker {wid} (heartbeat)", self._check_silent, wid, state, last_hb, started_at, now, cutoff
+            )
+        if self._step_errors:  # forget the failures of workers that are gone
+            known = set(self.handles) | {r[0] for r in rows}
+            for key in [
+                k for k in self._step_errors if k.startswith("worker ") and k.split()[1] not in known
+            ]:
+                del self._step_errors[key]
+
+    def _reap_one(self, wid: str, prov: Any, handle: Any, now: float) -> None:
+        status = prov.describe(handle)
+        if status.alive:
+            if isinstance(prov, SupportsPreemptionNotice) and wid not in self._noticed:
+                at = prov.preemption_notice(handle)
+                if at is not None:
+                    self._noticed.add(wid)
+                    self._on_preemption_notice(wid, handle, at, now)
+            return
+        with self._lock:
+            self.handles.pop(wid, None)
+        state = self.cp.worker_state(wid)
+        if state in (None, "stopped"):
+            return
+        if status.state == "preempted" or wid in self._noticed:
+            self._noticed.discard(wid)
+            self.cp.worker_stopped(
+                wid, f"preempted ({status.detail or 'spot capacity reclaimed'})", crashed=False
+            )
+            return
+        clean = state == "draining" and status.returncode == 0
+        self.cp.worker_stopped(
+            wid,
+            f"process exited with code {status.returncode}"
+            + (f" ({status.detail})" if status.detail else ""),
+            crashed=not clean,
+        )
+
+    def _check_silent(
+        self, wid: str, state: str, last_hb: float, started_at: float, now: float, cutoff: float
+    ) -> None:
+        if wid in self.handles and state == "starting" and now - started_at < STARTUP_GRACE_S:
+            return
+        if state == "draining" and last_hb < now - DRAIN_GRACE_S - self.cp.settings.worker_timeout_s:
+            self._kill(wid)
+            self.cp.worker_stopped(wid, "did not finish draining in time", crashed=False)
+        elif last_hb < cutoff and (state != "starting" or now - started_at > STARTUP_GRACE_S):
+            self._kill(wid)
+            self.cp.worker_stopped(wid, f"no heartbeat for {now - last_hb:.0f} s", crashed=True)
 
     def _on_preemption_notice(self, wid: str, handle: Any, at: float, now: float) -> None:
         """A spot worker will be reclaimed: it stops claiming, its inputs go back to the queue at once (not
@@ -810,6 +947,12 @@ class Reconciler:
                 entry[0].terminate(entry[1], grace_s=2.0)
             except Exception:
                 log.exception("terminate failed")
+
+
+def _describe_error(e: BaseException) -> str:
+    """An exception as one bounded line (type and message): what events and logs say about a failure."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def _no_gpu_message(tiers: tuple[GpuTier, ...], provider: Any) -> str:
