@@ -13,11 +13,14 @@ from typing import Any
 import uvicorn
 
 from cloudmodal.server.api import build_asgi
+from cloudmodal.server.limits import http_protocol
 from cloudmodal.server.service import ControlPlane, Settings
 
 
 def default_settings(state_dir: Path, database_url: str | None = None, **overrides: Any) -> Settings:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    from cloudmodal.config import private_dir
+
+    private_dir(state_dir)
     url = (
         database_url
         or os.environ.get("CLOUDMODAL_DATABASE_URL")
@@ -79,6 +82,9 @@ class ServerHandle:
     ) -> None:
         self.settings = settings
         self.cp = ControlPlane(settings)
+        # An owner token for this process's own clients (the embedded default's, tests'); a long-lived
+        # `server start` writes it to the 0600 server.json for the CLI of the same account.
+        self.token = self.cp.tokens.create("owner", "control plane")
         # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets of a TCP-protocol listener;
         # without it every response waits ~40 ms for the client's delayed ACK.
         self.sock = socket.socket(
@@ -101,11 +107,17 @@ class ServerHandle:
         self.api = build_asgi(self.cp)
         config = uvicorn.Config(
             self.api,
+            # closes connections whose request headers do not arrive in time (slow clients)
+            http=http_protocol(self.api.limits),
             log_level="warning",
             access_log=False,
             lifespan="on",
             timeout_keep_alive=65,
-            ws_max_size=1 << 30,  # a worker's claim carries its outputs (each up to 2 MiB inline)
+            # the client address is the socket's: X-Forwarded-For from a same-host proxy must not make a
+            # remote client look like loopback
+            proxy_headers=False,
+            # a message is a WebSocket route's body: the largest of their caps (a worker's claim carries outputs)
+            ws_max_size=max(r.max_body or 0 for r in self.api.routes if r.websocket),
             ws_per_message_deflate=False,  # pickles compress poorly; deflate would cost every message
         )
         self.server = uvicorn.Server(config)
