@@ -27,6 +27,10 @@ class AuthError(Error):
     """The control plane refused the credentials."""
 
 
+class PermissionDeniedError(AuthError):
+    """The credentials are valid but do not allow this operation on this object."""
+
+
 class ConnectionError(Error):  # noqa: A001 - Modal's name
     """The control plane could not be reached."""
 

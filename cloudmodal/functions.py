@@ -421,12 +421,9 @@ class Cls:
         if fid is None:
             session = self._session
             if self._from_name is not None or self.user_cls is None:
+                # the control plane copies the class's definition (code, secrets) from `parent_id`
                 parent = session.transport.get(f"/v1/functions/{self._function_id}")
-                body = {
-                    k: parent[k]
-                    for k in ("spec", "module", "source_name", "source_blob", "source_dir", "inline_env")
-                }
-                body |= {"app_id": parent["app_id"]}
+                body = {"spec": parent["spec"], "module": parent["module"], "app_id": parent["app_id"]}
             else:
                 body = _definition(
                     session,

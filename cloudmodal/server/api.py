@@ -7,109 +7,204 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
+from cloudmodal import exception as exc
 from cloudmodal.server.auth import is_loopback
-from cloudmodal.server.blobs import MAX_BLOB_SIZE
+from cloudmodal.server.blobs import INLINE_LIMIT, MAX_BLOB_SIZE
+from cloudmodal.server.limits import (
+    INT32_MAX,
+    SMALL_BODY,
+    AppName,
+    BlobId,
+    EnvName,
+    EnvValue,
+    FileName,
+    Id,
+    Int32,
+    MethodName,
+    ModulePath,
+    Name,
+    RowId,
+    Seconds,
+    ShortText,
+    Text,
+    Timestamp,
+    bounded_depth,
+)
 from cloudmodal.server.queue import OutputItem
-from cloudmodal.server.router import Access, HTTPError, Raw, Route, Router
+from cloudmodal.server.router import BodyStream, HTTPError, Raw, RawFile, Route, Router
+from cloudmodal.server.security import Access, Identity, identity_for, member_scope
 from cloudmodal.server.service import ControlPlane, OutputMailbox, ParkedClaim
 
 MAX_CLAIM = 1000
 MAX_LONG_POLL_S = 50.0
 GONE = ("draining", "stopped")  # worker states that get no more inputs
+ANONYMOUS_OWNER = Identity("owner", "anonymous", "owner")
 
 
 # -- request models ------------------------------------------------------------------------------------
+# Every field is bounded where it enters (see cloudmodal.server.limits): ids and names by pattern, integers by
+# the database columns they land in, floats finite, lists and texts by length. ``max_body`` is each model's
+# body cap; the router also bounds the bytes of all bodies in flight together.
+MiB = 1024 * 1024
+Spec = Annotated[dict[str, Any], bounded_depth()]  # its fields: the spec validator's
+
+
 class AppCreate(BaseModel):
-    app_id: str
-    name: str
+    max_body: ClassVar[int] = SMALL_BODY
+
+    app_id: Id
+    name: AppName
     ephemeral: bool = True
-    description: str = ""
+    description: Text = ""
 
 
 class FunctionCreate(BaseModel):
-    app_id: str
-    name: str
-    spec: dict[str, Any]
-    function_id: str | None = None
-    parent_id: str | None = None
-    module: str = ""
-    source_name: str | None = None
-    source_blob: str | None = None
-    source_dir: str | None = None
-    pickled_blob: str | None = None
-    inline_env: dict[str, str] = Field(default_factory=dict)
+    # inline_env alone may hold 256 values of 64 KiB
+    max_body: ClassVar[int] = 24 * MiB
+
+    app_id: Id
+    name: Name
+    spec: Spec
+    function_id: Id | None = None
+    parent_id: Id | None = None
+    module: ModulePath = ""
+    source_name: FileName | None = None  # written under the worker's source cache: a plain file name
+    source_blob: BlobId | None = None
+    source_dir: Text | None = None
+    pickled_blob: BlobId | None = None
+    inline_env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=256)
     allow_cpu_fallback: bool = False
-    cpu_fallback_note: str | None = None
+    cpu_fallback_note: Text | None = None
 
 
-InputTuple = tuple[int, str | None, bytes | None, str | None]  # idx, method, args, args_blob
+InputIdx = Annotated[int, Field(ge=0, le=INT32_MAX)]
+InlineBytes = Annotated[bytes, Field(max_length=INLINE_LIMIT)]  # larger payloads travel as blobs
+# idx, method, args, args_blob
+InputTuple = tuple[InputIdx, MethodName | None, InlineBytes | None, BlobId | None]
+MAX_INPUTS = 10_000  # inputs per request (a map's batches hold up to 2,000)
+# A map's input batch: up to MAP_BATCH_BYTES plus one inline input, with room for its framing.
+INPUTS_BODY = 16 * MiB
+CallKind = Literal["remote", "spawn", "map", "spawn_map"]
 
 
 class CallCreate(BaseModel):
-    call_id: str
-    function_id: str
-    kind: str = "remote"
-    inputs: list[InputTuple] = Field(default_factory=list)
-    wait: float = 0.0  # with one input: long-poll its outputs in the same request
+    max_body: ClassVar[int] = INPUTS_BODY
+
+    call_id: Id
+    function_id: Id
+    kind: CallKind = "remote"
+    inputs: list[InputTuple] = Field(default_factory=list, max_length=MAX_INPUTS)
+    wait: Seconds = 0.0  # with one input: long-poll its outputs in the same request
 
 
 class InputsPut(BaseModel):
-    function_id: str
-    inputs: list[InputTuple]
+    max_body: ClassVar[int] = INPUTS_BODY
+
+    function_id: Id
+    inputs: list[InputTuple] = Field(max_length=MAX_INPUTS)
 
 
 class OutputsGet(BaseModel):
-    after: int = 0
-    limit: int = 5000
-    timeout: float = 0.0
+    max_body: ClassVar[int] = SMALL_BODY
+
+    after: RowId = 0
+    limit: Annotated[int, Field(ge=1, le=10_000)] = 5000
+    timeout: Seconds = 0.0
 
 
 class DeployRecord(BaseModel):
-    functions: list[str]
+    max_body: ClassVar[int] = MiB
+
+    functions: list[Name] = Field(max_length=10_000)
 
 
 class WorkerRegister(BaseModel):
-    pid: int | None = None
-    host: str = ""
+    max_body: ClassVar[int] = SMALL_BODY
+
+    pid: Int32 | None = None
+    host: ShortText = ""
 
 
+OutputStatus = Literal["success", "failure", "timeout", "gen_item"]
+GenIndex = Annotated[int, Field(ge=-1, le=INT32_MAX)]
 OutputTuple = tuple[
-    int, str, bytes | None, str | None, int, bool
+    RowId, OutputStatus, InlineBytes | None, BlobId | None, GenIndex, bool
 ]  # input_id, status, data, blob, gen, retryable
+MAX_OUTPUTS = 10_000
+# A worker's outputs: each up to 2 MiB inline, several per request when inputs finish together.
+OUTPUTS_BODY = 64 * MiB
 
 
 class Claim(BaseModel):
-    max: int = 1
-    wait: float = 0.0
-    outputs: list[OutputTuple] = Field(default_factory=list)  # finished inputs, recorded before claiming
+    max_body: ClassVar[int] = OUTPUTS_BODY
+
+    max: Int32 = 1
+    wait: Seconds = 0.0
+    # finished inputs, recorded before claiming
+    outputs: list[OutputTuple] = Field(default_factory=list, max_length=MAX_OUTPUTS)
 
 
 class OutputsPost(BaseModel):
-    outputs: list[OutputTuple]
+    max_body: ClassVar[int] = OUTPUTS_BODY
+
+    outputs: list[OutputTuple] = Field(max_length=MAX_OUTPUTS)
 
 
 class Heartbeat(BaseModel):
-    in_flight: int = 0
+    max_body: ClassVar[int] = 4 * MiB
+
+    in_flight: Int32 = 0
     idle: bool = False
-    held: list[int] = Field(default_factory=list)  # input ids the worker holds: only their leases renew
-    served: int = 0  # inputs finished since the last heartbeat ...
-    busy_s: float = 0.0  # ... and the seconds they ran (the autoscaler's service-time estimate)
+    # input ids the worker holds: only their leases renew
+    held: list[RowId] = Field(default_factory=list, max_length=100_000)
+    served: Int32 = 0  # inputs finished since the last heartbeat ...
+    busy_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0  # ... and the seconds they ran
+
+
+MAX_LOG_LINE = 64 * 1024
+
+
+def _log_text(v: str) -> str:
+    """A log line as stored: NUL (which PostgreSQL text cannot hold) shown as U+FFFD, and cut to
+    MAX_LOG_LINE characters; a user's output is never refused for what it prints."""
+    if "\x00" in v:
+        v = v.replace("\x00", "\ufffd")
+    if len(v) > MAX_LOG_LINE:
+        v = v[:MAX_LOG_LINE] + f"... [{len(v) - MAX_LOG_LINE} more characters not kept]"
+    return v
+
+
+LogLine = tuple[Timestamp, Literal["stdout", "stderr"], Annotated[str, AfterValidator(_log_text)], Id | None]
 
 
 class LogsPost(BaseModel):
-    lines: list[tuple[float, str, str, str | None]]
+    max_body: ClassVar[int] = OUTPUTS_BODY
+
+    lines: list[LogLine] = Field(max_length=100_000)
 
 
 class Release(BaseModel):
-    input_ids: list[int]
+    max_body: ClassVar[int] = 4 * MiB
+
+    input_ids: list[RowId] = Field(max_length=100_000)
+
+
+class TokenCreate(BaseModel):
+    kind: Literal["owner", "member"] = "member"
+    apps: list[Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9._-]{1,64}$")]] | None = Field(
+        default=None, max_length=100
+    )
+    name: str = Field(default="", max_length=200)
 
 
 class Stopped(BaseModel):
-    reason: str = "exited"
+    max_body: ClassVar[int] = SMALL_BODY
+
+    reason: Text = "exited"
     crashed: bool = False
 
 
@@ -119,19 +214,20 @@ def build_asgi(cp: ControlPlane) -> Router:
 
 
 def build_routes(cp: ControlPlane) -> Router:
-    def authenticate(header: str, client: str | None) -> str:
-        """The scope a request may act in: its bearer token's, or admin for anonymous loopback where the
-        server allows it."""
-        if header.lower().startswith("bearer "):
-            scope = cp.tokens.scope_of(header[7:].strip())
-            if scope is None:
+    def authenticate(header: str, client: str | None) -> Identity:
+        """The identity of the request's bearer token; anonymous loopback acts as the owner only where the
+        server was explicitly started so (``--allow-anonymous-loopback``)."""
+        if header[:7].lower() == "bearer ":
+            who = cp.tokens.identify(header[7:].strip())
+            if who is None:
                 raise HTTPError(401, "Invalid or revoked token.")
-            return scope
+            return who
         if cp.settings.allow_loopback_anonymous and is_loopback(client):
-            return "admin"
+            return ANONYMOUS_OWNER
         raise HTTPError(
             401,
-            "Authentication required: send `Authorization: Bearer <token>` (see `cloudmodal server token`).",
+            "Authentication required: send `Authorization: Bearer <token>`. On the control plane's machine the "
+            "CLI reads the owner token from its state directory; `cloudmodal token create` makes tokens for others.",
         )
 
     routes: list[Route] = []
@@ -168,38 +264,47 @@ def build_routes(cp: ControlPlane) -> Router:
         return Raw(json.dumps(body).encode(), "application/json")
 
     # -- apps --------------------------------------------------------------------------------------------
-    @route("POST", "/v1/apps", "admin", body=AppCreate)
-    async def create_app(b: AppCreate) -> Any:
+    @route("POST", "/v1/apps", "member", body=AppCreate)
+    async def create_app(b: AppCreate, who: Identity) -> Any:
+        if not who.team_wide and (who.apps is None or b.name not in who.apps):
+            raise exc.PermissionDeniedError(f"This token may not create app {b.name!r}.")
         return await run(cp.create_app, b.app_id, b.name, b.ephemeral, b.description)
 
-    @route("GET", "/v1/apps", "admin")
-    async def list_apps(all: bool = True, limit: int = 100) -> Any:
-        return await run(cp.list_apps, all, limit)
+    @route("GET", "/v1/apps", "member")
+    async def list_apps(who: Identity, all: bool = True, limit: int = 100) -> Any:
+        apps = await run(cp.list_apps, all, limit)
+        return apps if who.team_wide else [a for a in apps if a["name"] in (who.apps or ())]
 
-    @route("GET", "/v1/apps/{name_or_id}", "admin")
-    async def get_app(name_or_id: str) -> Any:
-        return await run(cp.find_app, name_or_id)
+    @route("GET", "/v1/apps/{name_or_id}", "member")
+    async def get_app(name_or_id: str, who: Identity) -> Any:
+        return await run(cp.check_app, who, name_or_id)
 
-    @route("POST", "/v1/apps/{app_id}/heartbeat", "admin")
-    async def app_heartbeat(app_id: str) -> Any:
-        return {"state": await run(cp.app_heartbeat, app_id)}
+    @route("POST", "/v1/apps/{app_id}/heartbeat", "member")
+    async def app_heartbeat(app_id: str, who: Identity) -> Any:
+        a = await run(cp.check_app, who, app_id)
+        return {"state": await run(cp.app_heartbeat, a["id"])}
 
-    @route("POST", "/v1/apps/{app_id}/stop", "admin")
-    async def stop_app(app_id: str) -> Any:
-        a = await run(cp.find_app, app_id)
+    @route("POST", "/v1/apps/{app_id}/stop", "member")
+    async def stop_app(app_id: str, who: Identity) -> Any:
+        a = await run(cp.check_app, who, app_id)
         await run(cp.stop_app, a["id"])
         return {"stopped": a["id"]}
 
-    @route("POST", "/v1/apps/{app_id}/deployments", "admin", body=DeployRecord)
-    async def record_deployment(app_id: str, b: DeployRecord) -> Any:
-        return {"version": await run(cp.record_deployment, app_id, b.functions)}
+    @route("POST", "/v1/apps/{app_id}/deployments", "member", body=DeployRecord)
+    async def record_deployment(app_id: str, b: DeployRecord, who: Identity) -> Any:
+        a = await run(cp.check_app, who, app_id)
+        return {"version": await run(cp.record_deployment, a["id"], b.functions)}
 
-    @route("GET", "/v1/apps/{name_or_id}/history", "admin")
-    async def history(name_or_id: str) -> Any:
-        return await run(cp.history, name_or_id)
+    @route("GET", "/v1/apps/{name_or_id}/history", "member")
+    async def history(name_or_id: str, who: Identity) -> Any:
+        a = await run(cp.check_app, who, name_or_id)
+        return await run(cp.history, a["id"])
 
-    @route("GET", "/v1/apps/{app_id}/logs", "admin")
-    async def app_logs(app_id: str, after: int = 0, timeout: float = 0.0, limit: int = 1000) -> Any:
+    @route("GET", "/v1/apps/{app_id}/logs", "member")
+    async def app_logs(
+        app_id: str, who: Identity, after: int = 0, timeout: float = 0.0, limit: int = 1000
+    ) -> Any:
+        app_id = (await run(cp.check_app, who, app_id))["id"]
         key = f"logs:{app_id}"
         ev = cp.hub.watch(key)
         try:
@@ -214,23 +319,26 @@ def build_routes(cp: ControlPlane) -> Router:
             cp.hub.unwatch(key, ev)
         return rows
 
-    @route("GET", "/v1/apps/{app_id}/events", "admin")
-    async def app_events(app_id: str, after: int = 0, limit: int = 500) -> Any:
-        a = await run(cp.find_app, app_id)
+    @route("GET", "/v1/apps/{app_id}/events", "member")
+    async def app_events(app_id: str, who: Identity, after: int = 0, limit: int = 500) -> Any:
+        a = await run(cp.check_app, who, app_id)
         return await run(cp.events, a["id"], after, limit)
 
     # -- functions ---------------------------------------------------------------------------------------
-    @route("POST", "/v1/functions", "any", body=FunctionCreate)
-    async def create_function(b: FunctionCreate) -> Any:
-        return await run(cp.create_function, b.model_dump())
+    @route("POST", "/v1/functions", "caller", body=FunctionCreate)
+    async def create_function(b: FunctionCreate, who: Identity) -> Any:
+        """Register a function (owner, member); a worker may only instantiate a class (``parent_id``)."""
+        return await run(cp.create_function, b.model_dump(), who)
 
-    @route("GET", "/v1/functions/lookup", "any")
-    async def lookup_function(name: str, app_name: str | None = None, app_id: str | None = None) -> Any:
-        return await run(cp.lookup_function, app_name, name, app_id)
+    @route("GET", "/v1/functions/lookup", "caller")
+    async def lookup_function(
+        who: Identity, name: str, app_name: str | None = None, app_id: str | None = None
+    ) -> Any:
+        return await run(cp.lookup_function, app_name, name, app_id, who)
 
-    @route("GET", "/v1/functions/{function_id}", "any")
-    async def get_function(function_id: str) -> Any:
-        return await run(cp.function_row, function_id)
+    @route("GET", "/v1/functions/{function_id}", "caller")
+    async def get_function(function_id: str, who: Identity) -> Any:
+        return await run(cp.function_view, who, function_id)
 
     # -- calls -------------------------------------------------------------------------------------------
     async def _outputs(call_id: str, after: int, limit: int, timeout: float) -> list[Any]:
@@ -252,11 +360,28 @@ def build_routes(cp: ControlPlane) -> Router:
         finally:
             cp.hub.unwatch(key, ev)
 
-    @route("POST", "/v1/calls", "any", body=CallCreate, websocket=True)
-    async def create_call(b: CallCreate) -> dict[str, Any]:
+    def callable_by(who: Identity, function_id: str) -> None:
+        """Team-wide tokens call anything without a look-up (the warm path); others per security.py."""
+        if not who.team_wide:
+            cp.check_callable(who, function_id)
+
+    @route("POST", "/v1/calls", "caller", body=CallCreate, websocket=True)
+    async def create_call(b: CallCreate, who: Identity) -> dict[str, Any]:
         """Create a call with its inputs; with ``wait`` and one input, also its answer (``.remote()``)."""
+        if not who.team_wide:
+            await run(callable_by, who, b.function_id)
+        owner = who.kind == "owner"
         if b.wait <= 0 or len(b.inputs) != 1:
-            await short(cp.create_call, b.call_id, b.function_id, b.kind, b.inputs, rows=len(b.inputs))
+            await short(
+                cp.create_call,
+                b.call_id,
+                b.function_id,
+                b.kind,
+                b.inputs,
+                who.principal,
+                owner,
+                rows=len(b.inputs),
+            )
             out: dict[str, Any] = {"call_id": b.call_id}
             if b.wait > 0:
                 out["outputs"] = await _outputs(b.call_id, 0, 10000, b.wait)
@@ -267,7 +392,9 @@ def build_routes(cp: ControlPlane) -> Router:
         cp.open_mailbox(mb)
         cp.hub.watch(key, mb.wake)  # cancellations and crash errors notify without rows
         try:
-            existed = await short(cp.create_call, b.call_id, b.function_id, b.kind, b.inputs)
+            existed = await short(
+                cp.create_call, b.call_id, b.function_id, b.kind, b.inputs, who.principal, owner
+            )
             rows: list[Any] = []
             if existed:  # a re-sent request: its outputs may be written already
                 rows = [list(r) for r in await run(cp.queue.fetch_outputs, b.call_id, 0, 10000)]
@@ -293,36 +420,45 @@ def build_routes(cp: ControlPlane) -> Router:
             cp.close_mailbox(mb)
         return {"call_id": b.call_id, "outputs": rows}
 
-    @route("POST", "/v1/calls/{call_id}/inputs", "any", body=InputsPut)
-    async def put_inputs(call_id: str, b: InputsPut) -> Any:
-        return {"accepted": await run(cp.put_inputs, call_id, b.function_id, b.inputs)}
+    @route("POST", "/v1/calls/{call_id}/inputs", "caller", body=InputsPut)
+    async def put_inputs(call_id: str, b: InputsPut, who: Identity) -> Any:
+        """More inputs for a call: from the caller that created it."""
+        creator = None if who.kind == "owner" else who.principal
+        return {"accepted": await run(cp.put_inputs, call_id, b.function_id, b.inputs, creator)}
 
-    @route("POST", "/v1/calls/{call_id}/outputs", "any", body=OutputsGet)
-    async def get_outputs(call_id: str, b: OutputsGet) -> Any:
-        if b.after == 0:
-            await run(cp.call_row, call_id)  # 404 for unknown calls instead of a silent wait
+    @route("POST", "/v1/calls/{call_id}/outputs", "caller", body=OutputsGet)
+    async def get_outputs(call_id: str, b: OutputsGet, who: Identity) -> Any:
+        """A call's outputs after ``after``: for its creator and the team-wide tokens (404 for unknown calls
+        instead of a silent wait)."""
+        await short(cp.check_call, who, call_id)
         return {"outputs": await _outputs(call_id, b.after, b.limit, b.timeout)}
 
-    @route("GET", "/v1/calls/{call_id}", "any")
-    async def get_call(call_id: str) -> Any:
+    @route("GET", "/v1/calls/{call_id}", "caller")
+    async def get_call(call_id: str, who: Identity) -> Any:
+        await run(cp.check_call, who, call_id)
         row = await run(cp.call_row, call_id)
         total, done = await run(cp.queue.call_progress, call_id)
         return row | {"total": total, "done": done}
 
-    @route("POST", "/v1/calls/{call_id}/cancel", "any")
-    async def cancel_call(call_id: str) -> Any:
-        await run(cp.call_row, call_id)
+    @route("POST", "/v1/calls/{call_id}/cancel", "caller")
+    async def cancel_call(call_id: str, who: Identity) -> Any:
+        await run(cp.check_call, who, call_id)
         await run(cp.cancel_call, call_id)
         return {"cancelled": call_id}
 
     # -- blobs -------------------------------------------------------------------------------------------
-    @route("POST", "/v1/blobs", "any", raw_body=True, max_body=MAX_BLOB_SIZE)
-    async def put_blob(data: bytes) -> Any:
-        return {"blob_id": await run(cp.blobs.put, data)}
+    @route("POST", "/v1/blobs", "caller", raw_body=True, max_body=MAX_BLOB_SIZE)
+    async def put_blob(body: BodyStream) -> Any:
+        """Store the raw body (up to MAX_BLOB_SIZE bytes) as a blob; answers its content address. The body
+        streams to disk: an upload costs the server a write buffer, not its size in memory."""
+        return {"blob_id": await cp.blobs.put_stream(body, run)}
 
-    @route("GET", "/v1/blobs/{blob_id}", "any")
-    async def get_blob(blob_id: str) -> Raw:
-        return Raw(await run(cp.blobs.get, blob_id))
+    @route("GET", "/v1/blobs/{blob_id}", "caller")
+    async def get_blob(blob_id: str, who: Identity) -> RawFile:
+        """A blob: team-wide tokens read any; others only those their functions, inputs and calls reference."""
+        if not who.team_wide:
+            await run(cp.check_blob, who, blob_id)
+        return RawFile(await run(cp.blobs.path, blob_id))  # sent from the file in parts
 
     # -- workers -----------------------------------------------------------------------------------------
     @route("POST", "/v1/workers/{worker_id}/register", "worker", body=WorkerRegister)
@@ -415,9 +551,31 @@ def build_routes(cp: ControlPlane) -> Router:
         await run(lambda: cp.worker_stopped(worker_id, b.reason, crashed=b.crashed))
         return {}
 
-    @route("POST", "/v1/tokens", "admin")
-    async def create_token() -> Any:
-        return {"token": await run(cp.tokens.create, "admin", "cli")}
+    # -- tokens -----------------------------------------------------------------------------------------
+    @route("POST", "/v1/tokens", "owner", body=TokenCreate)
+    async def create_token(b: TokenCreate) -> Any:
+        """Mint an owner or member token (a member's optionally scoped to named apps). Shown once."""
+        scope = "owner" if b.kind == "owner" else member_scope(b.apps)
+        if b.kind == "owner" and b.apps:
+            raise exc.InvalidError(
+                "An owner token cannot be scoped to apps; make a member token (kind=member)."
+            )
+        token_id, token = await run(cp.tokens.create_token, scope, b.name)
+        who = identity_for(scope, token_id)
+        assert who is not None
+        apps = sorted(who.apps) if who.apps is not None else None
+        return {"token": token, "id": token_id, "kind": who.kind, "apps": apps}
+
+    @route("GET", "/v1/tokens", "owner")
+    async def list_tokens() -> Any:
+        """Every token's id, name, kind, apps and state (never the token)."""
+        return await run(cp.tokens.list)
+
+    @route("POST", "/v1/tokens/{token_id}/revoke", "owner")
+    async def revoke_token(token_id: str) -> Any:
+        """Revoke a token: every control plane on this database refuses it within seconds."""
+        await run(cp.tokens.revoke, token_id)
+        return {"revoked": token_id}
 
     router = Router(routes, authenticate, title="cloudmodal control plane", on_startup=cp.hub.bind)
     return router

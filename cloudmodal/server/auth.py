@@ -1,20 +1,29 @@
-"""Bearer-token authentication. Tokens are stored as SHA-256 hashes; loopback may go without one
-only when the server was started to allow it (the embedded default)."""
+"""Bearer tokens: minted once, stored as SHA-256 hashes, read back through a cache that forgets them within
+seconds so a revocation reaches every control plane sharing the database (and open WebSockets, which
+re-check their token on each message). Who a token's scope lets do what is :mod:`cloudmodal.server.security`."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
 import secrets
+import threading
 import time
+from typing import Any
 
 from sqlalchemy import select
 
+from cloudmodal.exception import NotFoundError
 from cloudmodal.ids import new_id
 from cloudmodal.server import models
 from cloudmodal.server.db import Database
+from cloudmodal.server.security import Identity, identity_for
 
 T = models.tokens
+
+# How long a token's answer is trusted without reading the database again: the bound on how late a
+# revocation made by another control plane takes effect here.
+AUTH_CACHE_S = 2.0
 
 
 def hash_token(token: str) -> str:
@@ -31,37 +40,97 @@ def is_loopback(host: str | None) -> bool:
 
 
 class TokenStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, cache_s: float = AUTH_CACHE_S) -> None:
         self.db = db
-        self._cache: dict[str, str | None] = {}  # hash -> scope (None = unknown/revoked)
+        self.cache_s = cache_s
+        # hash -> (identity, monotonic time the entry stops being trusted); unknown tokens are not cached, so a
+        # token minted on another control plane works here at once
+        self._cache: dict[str, tuple[Identity, float]] = {}
+        self._lock = threading.Lock()
 
-    def create(self, scope: str = "admin", name: str = "") -> str:
+    def create_token(self, scope: str, name: str = "") -> tuple[str, str]:
+        """Mint a token for ``scope``: (token id, the token). The token is shown once and never stored."""
+        if identity_for(scope, "tk_check") is None:
+            raise ValueError(f"invalid token scope {scope!r}")
         token = "cm_" + secrets.token_urlsafe(32)
+        token_id = new_id("tk")
         with self.db.write() as conn:
             conn.execute(
                 T.insert().values(
-                    id=new_id("tk"),
-                    name=name,
+                    id=token_id,
+                    name=name[:200],
                     token_hash=hash_token(token),
                     scope=scope,
                     created_at=time.time(),
                     revoked=False,
                 )
             )
-        return token
+        return token_id, token
 
-    def scope_of(self, token: str) -> str | None:
+    def create(self, scope: str = "owner", name: str = "") -> str:
+        return self.create_token(scope, name)[1]
+
+    def identify(self, token: str) -> Identity | None:
+        """The identity a token stands for, or None for an unknown or revoked one."""
         h = hash_token(token)
-        if h in self._cache:
-            return self._cache[h]
+        hit = self._cache.get(h)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
         with self.db.read() as conn:
-            row = conn.execute(select(T.c.scope, T.c.revoked).where(T.c.token_hash == h)).first()
-        scope = None if row is None or row[1] else row[0]
-        if scope is not None:
-            self._cache[h] = scope
-        return scope
+            row = conn.execute(select(T.c.id, T.c.scope, T.c.revoked).where(T.c.token_hash == h)).first()
+        who = None if row is None or row[2] else identity_for(row[1], row[0])
+        with self._lock:
+            if who is None:
+                self._cache.pop(h, None)
+            else:
+                if len(self._cache) > 100_000:  # bounded: entries of tokens nobody uses any more go
+                    self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+                self._cache[h] = (who, now + self.cache_s)
+        return who
+
+    def list(self) -> list[dict[str, Any]]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(T.c.id, T.c.name, T.c.scope, T.c.created_at, T.c.revoked).order_by(T.c.created_at)
+            ).all()
+        out = []
+        for tid, name, scope, created_at, revoked in rows:
+            who = identity_for(scope, tid)
+            out.append(
+                dict(
+                    id=tid,
+                    name=name,
+                    kind=who.kind if who else "invalid",
+                    apps=sorted(who.apps) if who and who.apps is not None else None,
+                    worker_id=who.worker_id if who else None,
+                    created_at=created_at,
+                    revoked=bool(revoked),
+                )
+            )
+        return out
+
+    def revoke(self, token_id: str) -> None:
+        with self.db.write() as conn:
+            n = conn.execute(T.update().where(T.c.id == token_id).values(revoked=True)).rowcount
+        if not n:
+            raise NotFoundError(f"Token {token_id!r} not found. `cloudmodal token list` shows the tokens.")
+        self._forget(lambda who: who.principal == token_id)
 
     def revoke_scope(self, scope: str) -> None:
         with self.db.write() as conn:
             conn.execute(T.update().where(T.c.scope == scope).values(revoked=True))
-        self._cache = {k: v for k, v in self._cache.items() if v != scope}
+        self._forget(lambda who: who.scope == scope)
+
+    def revoke_named(self, name: str, kind: str) -> int:
+        """Revoke every live token of ``kind`` called ``name`` (a restarted ``server start`` replaces its own)."""
+        n = 0
+        for t in self.list():
+            if t["name"] == name and t["kind"] == kind and not t["revoked"]:
+                self.revoke(t["id"])
+                n += 1
+        return n
+
+    def _forget(self, match: Any) -> None:
+        with self._lock:
+            self._cache = {k: v for k, v in self._cache.items() if not match(v[0])}

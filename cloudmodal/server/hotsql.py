@@ -34,7 +34,7 @@ INPUT_COLUMNS = (
     "created_at",
 )
 OUTPUT_COLUMNS = ("input_id", "call_id", "idx", "gen_index", "status", "data", "data_blob", "created_at")
-CALL_COLUMNS = ("id", "function_id", "app_id", "kind", "created_at", "num_inputs", "cancelled")
+CALL_COLUMNS = ("id", "function_id", "app_id", "kind", "created_at", "num_inputs", "cancelled", "created_by")
 
 
 class HotStatements(Protocol):
@@ -46,13 +46,16 @@ class HotStatements(Protocol):
     def insert_call(self, values: dict[str, Any]) -> bool:
         """Insert a call unless its id exists; whether it was inserted."""
 
+    def call_owner(self, call_id: str) -> tuple[str, str | None] | None:
+        """(function id, created by) of a call."""
+
     def touch_function(self, function_id: str, now: float) -> None: ...
 
     def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: bool) -> list[tuple[int, int]]:
         """Insert inputs, skipping an existing (call, idx); with ``returning``, the (id, idx) inserted."""
 
     def input_meta(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
-        """(id, call_id, idx, function_id, attempts, state) of inputs."""
+        """(id, call_id, idx, function_id, attempts, state, worker_id) of inputs."""
 
     def insert_outputs(self, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
         """Insert outputs, skipping an existing (input, gen_index); the (id, input_id, gen_index) inserted,
@@ -74,11 +77,16 @@ class SqliteHot:
 
     def insert_call(self, values: dict[str, Any]) -> bool:
         self.cur.execute(
-            'INSERT INTO "call" (id, function_id, app_id, kind, created_at, num_inputs, cancelled) '
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            'INSERT INTO "call" (id, function_id, app_id, kind, created_at, num_inputs, cancelled, created_by) '
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             tuple(values[c] for c in CALL_COLUMNS),
         )
         return self.cur.rowcount == 1
+
+    def call_owner(self, call_id: str) -> tuple[str, str | None] | None:
+        return self.cur.execute(
+            'SELECT function_id, created_by FROM "call" WHERE id = ?', (call_id,)
+        ).fetchone()
 
     def touch_function(self, function_id: str, now: float) -> None:
         self.cur.execute("UPDATE function SET last_active_at = ? WHERE id = ?", (now, function_id))
@@ -103,7 +111,7 @@ class SqliteHot:
     def input_meta(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
         marks = ", ".join("?" * len(ids))
         return self.cur.execute(
-            f"SELECT id, call_id, idx, function_id, attempts, state FROM input WHERE id IN ({marks})",
+            f"SELECT id, call_id, idx, function_id, attempts, state, worker_id FROM input WHERE id IN ({marks})",
             tuple(ids),
         ).fetchall()
 

@@ -33,9 +33,10 @@ class CoreHot:
     sql_touch = update(F).where(F.c.id == bindparam("fid")).values(last_active_at=bindparam("t"))
     sql_insert_input = postgresql.insert(I).on_conflict_do_nothing(index_elements=["call_id", "idx"])
     sql_insert_input_returning = sql_insert_input.returning(I.c.id, I.c.idx, sort_by_parameter_order=True)
-    sql_input_meta = select(I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state).where(
-        I.c.id.in_(ids)
-    )
+    sql_input_meta = select(
+        I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state, I.c.worker_id
+    ).where(I.c.id.in_(ids))
+    sql_call_owner = select(C.c.function_id, C.c.created_by).where(C.c.id == bindparam("cid"))
     sql_insert_output = (
         postgresql.insert(O)
         .on_conflict_do_nothing(index_elements=["input_id", "gen_index"])
@@ -58,6 +59,10 @@ class CoreHot:
 
     def insert_call(self, values: dict[str, Any]) -> bool:
         return self.conn.execute(self.sql_insert_call, values).rowcount == 1
+
+    def call_owner(self, call_id: str) -> tuple[str, str | None] | None:
+        row = self.conn.execute(self.sql_call_owner, {"cid": call_id}).first()
+        return (row[0], row[1]) if row is not None else None
 
     def touch_function(self, function_id: str, now: float) -> None:
         self.conn.execute(self.sql_touch, {"fid": function_id, "t": now})

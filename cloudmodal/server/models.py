@@ -113,6 +113,9 @@ calls = Table(
     _c("created_at", Float, 0.0),
     _c("num_inputs", Integer, 0),
     _c("cancelled", Boolean, False),
+    # who made the call: a token id, or "worker:<id>" for a nested call (only they, and the team-wide
+    # identities, read its outputs); NULL for calls made before calls had owners
+    _c("created_by", String, None, null=True),
 )
 
 inputs = Table(
@@ -230,3 +233,31 @@ def use_postgresql_partial_indexes() -> None:
         where = index.dialect_options["sqlite"]["where"]
         if where is not None:
             index.dialect_kwargs["postgresql_where"] = where
+
+
+def add_missing_columns(conn: Any) -> list[str]:
+    """Add the nullable columns a database created by an earlier version lacks (``create_all`` creates missing
+    tables only). Returns ``table.column`` for each column added.
+
+    The schema has grown by nullable columns only so far; a change of type or constraint needs a real
+    migration tool, which this is not."""
+    from sqlalchemy import inspect
+
+    insp = inspect(conn)
+    added = []
+    for table in metadata.sorted_tables:
+        if not insp.has_table(table.name):
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have:
+                continue
+            if not col.nullable:
+                raise RuntimeError(
+                    f"The database lacks column {table.name}.{col.name}, which cannot be added in place: "
+                    "migrate it, or start with a new database."
+                )
+            kind = col.type.compile(dialect=conn.dialect)
+            conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{col.name}" {kind}'))
+            added.append(f"{table.name}.{col.name}")
+    return added

@@ -211,7 +211,8 @@ class InputQueue:
     def complete_rows(
         self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None
     ) -> tuple[set[str], dict[str, list[list[Any]]]]:
-        """Record outputs; failures with retries left are requeued with backoff. Returns the touched call ids
+        """Record outputs of inputs ``worker_id`` holds (None: the control plane's own, for any input);
+        failures with retries left are requeued with backoff. Returns the touched call ids
         and the output rows written, per call, in the form :meth:`fetch_outputs` reads them (``[id, idx,
         gen_index, status, data, data_blob]``), so waiting callers can be answered without reading them back."""
         if not items:
@@ -228,6 +229,10 @@ class InputQueue:
                 m = meta.get(it.input_id)
                 if m is None or m[5] == DONE:
                     continue  # unknown, or already answered (a duplicate delivery)
+                if worker_id is not None and (m[6] != worker_id or m[5] != CLAIMED):
+                    # only the worker holding the input answers it: a worker whose lease was taken over
+                    # finished too late, and any other worker's answer is a forgery
+                    continue
                 if it.status in ("failure", "timeout") and it.retryable:
                     policy = self.policy_for(m[3])
                     if policy.retries is not None and m[4] < policy.retries.max_retries:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import threading
@@ -16,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 
-from cloudmodal.exception import InvalidError, NotFoundError
+from cloudmodal.exception import AlreadyExistsError, InvalidError, NotFoundError, PermissionDeniedError
 from cloudmodal.ids import new_id
 from cloudmodal.server import models
 from cloudmodal.server.auth import TokenStore
@@ -25,6 +24,15 @@ from cloudmodal.server.db import Database
 from cloudmodal.server.hotsql import HotStatements
 from cloudmodal.server.hub import Hub
 from cloudmodal.server.queue import DEFAULT_CRASH_BUDGET, ClaimedInput, FunctionPolicy, InputQueue, OutputItem
+from cloudmodal.server.secretbox import SecretBox
+from cloudmodal.server.security import (
+    FunctionFacts,
+    Identity,
+    WorkerFacts,
+    may_call,
+    may_read_call,
+    may_use_app,
+)
 from cloudmodal.spec import FunctionSpec
 
 log = logging.getLogger("cloudmodal.server")
@@ -39,13 +47,19 @@ D = models.deployments
 P = models.pools
 
 LIVE_WORKER_STATES = ("starting", "ready", "draining")
+# a function's row as the API shows it: never its secrets' values, nor where its code lives
+FUNCTION_VIEW = ("id", "app_id", "name", "parent_id", "spec", "module", "version", "state", "created_at")
+# what an instance of a parametrized class inherits from its class's function (never from the request)
+INHERITED = ("spec", "module", "source_name", "source_blob", "source_dir", "inline_env")
 
 
 @dataclass
 class Settings:
     database_url: str
     state_dir: Path
-    allow_loopback_anonymous: bool = True
+    # anonymous requests from loopback act as the owner: an explicit, warned-about opt-in only (any local user
+    # and any same-host proxy then controls the control plane)
+    allow_loopback_anonymous: bool = False
     lease_s: float = 30.0  # inputs claimed by a worker that stops heartbeating are requeued after this
     heartbeat_s: float = 3.0
     worker_timeout_s: float = 30.0  # a worker silent this long is considered dead
@@ -171,6 +185,7 @@ class ControlPlane:
         self.blobs = BlobStore(settings.blob_dir or settings.state_dir / "blobs")
         self.hub = Hub()
         self.tokens = TokenStore(self.db)
+        self.secrets = SecretBox.for_state_dir(settings.state_dir)
         self._policies: dict[str, FunctionPolicy] = {}
         self._specs: dict[str, FunctionSpec] = {}
         self.queue = InputQueue(self.db, self.policy_for)
@@ -188,6 +203,11 @@ class ControlPlane:
         self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found nothing
         self._active_written: dict[str, float] = {}  # function id -> last_active_at last written
         self._service: dict[str, float] = {}  # function id -> mean seconds per input (workers' reports)
+        # facts the access rules need, which never change for an id (see security.py)
+        self._stop_failed: set[str] = set()  # abandoned apps whose stop failed (logged once)
+        self._fn_facts: dict[str, FunctionFacts] = {}
+        self._worker_facts: dict[str, WorkerFacts] = {}
+        self._call_facts: dict[str, tuple[str, str | None]] = {}  # call id -> (function id, created by)
 
     # -- functions' policies (cached; a redeploy replaces them) ------------------------------------------
     def spec_of(self, function_id: str) -> FunctionSpec:
@@ -211,6 +231,129 @@ class ControlPlane:
                 p = FunctionPolicy(crash_budget=self.settings.crash_budget)
             self._policies[function_id] = p
         return p
+
+    # -- access: the facts security.py's rules decide on, and the checks handlers make ---------------------
+    FACTS_CACHE_MAX = 50_000
+
+    def _remember(self, cache: dict[str, Any], key: str, value: Any) -> None:
+        if len(cache) >= self.FACTS_CACHE_MAX:
+            cache.clear()  # a cache, not a record: anything dropped is read again
+        cache[key] = value
+
+    def function_facts(self, function_id: str) -> FunctionFacts:
+        got = self._fn_facts.get(function_id)
+        if got is None:
+            with self.db.read() as conn:
+                row = conn.execute(
+                    select(F.c.app_id, A.c.name, A.c.ephemeral)
+                    .select_from(F.join(A, A.c.id == F.c.app_id))
+                    .where(F.c.id == function_id)
+                ).first()
+            if row is None:
+                raise NotFoundError(f"Function {function_id} not found.")
+            got = FunctionFacts(function_id, row[0], row[1], not row[2])
+            self._remember(self._fn_facts, function_id, got)
+        return got
+
+    def worker_facts(self, worker_id: str) -> WorkerFacts:
+        got = self._worker_facts.get(worker_id)
+        if got is None:
+            row = self.worker_row(worker_id)
+            got = WorkerFacts(worker_id, row["function_id"], row["app_id"])
+            self._remember(self._worker_facts, worker_id, got)
+        return got
+
+    def _own(self, who: Identity) -> WorkerFacts | None:
+        return self.worker_facts(who.worker_id) if who.worker_id else None
+
+    def check_app(self, who: Identity, name_or_id: str) -> dict[str, Any]:
+        """The app, if ``who`` may manage or read it (else 404 / 403)."""
+        app = self.find_app(name_or_id)
+        if not may_use_app(who, app["name"]):
+            raise PermissionDeniedError(f"This token may not use app {app['name']!r}.")
+        return app
+
+    def check_callable(self, who: Identity, function_id: str) -> FunctionFacts:
+        facts = self.function_facts(function_id)
+        if not who.team_wide and not may_call(who, facts, self._own(who)):
+            raise PermissionDeniedError(f"This token may not call function {function_id}.")
+        return facts
+
+    def check_call(self, who: Identity, call_id: str) -> str:
+        """The call's function id, if ``who`` may read or cancel the call (else 404 / 403)."""
+        got = self._call_facts.get(call_id)
+        if got is None:
+            with self.db.read() as conn:
+                row = conn.execute(
+                    select(CA.c.function_id, CA.c.created_by).where(CA.c.id == call_id)
+                ).first()
+            if row is None:
+                raise NotFoundError(f"Function call {call_id!r} not found.")
+            got = (row[0], row[1])
+            self._remember(self._call_facts, call_id, got)
+        if who.kind != "owner" and not may_read_call(who, got[1], self.function_facts(got[0])):
+            raise PermissionDeniedError(f"This token may not read function call {call_id!r}.")
+        return got[0]
+
+    def check_blob(self, who: Identity, blob_id: str) -> None:
+        """Team-wide tokens read any blob; others only the blobs their functions, inputs and calls reference."""
+        if who.team_wide:
+            return
+        I = models.inputs  # noqa: E741
+        O = models.outputs  # noqa: E741
+        with self.db.read() as conn:
+            if who.kind == "worker":
+                own = self._own(who)
+                assert own is not None
+                ok = (
+                    conn.execute(
+                        select(F.c.id).where(
+                            and_(
+                                F.c.id == own.function_id,
+                                or_(F.c.source_blob == blob_id, F.c.pickled_blob == blob_id),
+                            )
+                        )
+                    ).first()
+                    or conn.execute(
+                        select(I.c.id)
+                        .where(and_(I.c.args_blob == blob_id, I.c.worker_id == own.worker_id))
+                        .limit(1)
+                    ).first()
+                    or conn.execute(
+                        select(O.c.id)
+                        .select_from(O.join(CA, CA.c.id == O.c.call_id))
+                        .where(and_(O.c.data_blob == blob_id, CA.c.created_by == who.principal))
+                        .limit(1)
+                    ).first()
+                )
+            else:  # a member scoped to named apps: their functions' code and their calls' outputs
+                apps = sorted(who.apps or ())
+                ok = (
+                    conn.execute(
+                        select(F.c.id)
+                        .select_from(F.join(A, A.c.id == F.c.app_id))
+                        .where(
+                            and_(
+                                A.c.name.in_(apps),
+                                or_(F.c.source_blob == blob_id, F.c.pickled_blob == blob_id),
+                            )
+                        )
+                        .limit(1)
+                    ).first()
+                    or conn.execute(
+                        select(O.c.id)
+                        .select_from(O.join(CA, CA.c.id == O.c.call_id).join(A, A.c.id == CA.c.app_id))
+                        .where(
+                            and_(
+                                O.c.data_blob == blob_id,
+                                or_(A.c.name.in_(apps), CA.c.created_by == who.principal),
+                            )
+                        )
+                        .limit(1)
+                    ).first()
+                )
+        if not ok:
+            raise PermissionDeniedError(f"This token may not read blob {blob_id}.")
 
     # -- events ------------------------------------------------------------------------------------------
     def event(
@@ -282,7 +425,9 @@ class ControlPlane:
 
     def record_deployment(self, app_id: str, functions: list[str]) -> int:
         with self.db.write() as conn:
-            version = conn.execute(select(A.c.version).where(A.c.id == app_id)).scalar_one()
+            version = conn.execute(select(A.c.version).where(A.c.id == app_id)).scalar_one_or_none()
+            if version is None:
+                raise NotFoundError(f"App {app_id} not found.")
             conn.execute(
                 D.insert().values(app_id=app_id, version=version, created_at=_now(), functions=functions)
             )
@@ -385,17 +530,43 @@ class ControlPlane:
         return [dict(r._mapping) for r in rows]
 
     # -- functions ---------------------------------------------------------------------------------------
-    def create_function(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_function(self, body: dict[str, Any], who: Identity | None = None) -> dict[str, Any]:
+        """Register (or update) a function. An instance of a parametrized class (``parent_id``) inherits its
+        class function's definition here, never from the request: a worker may create one (a nested call to a
+        class with parameters) without being able to supply code or read the class's secrets."""
+        from cloudmodal.server.wire_spec import validate_wire_spec
+
+        body = dict(body)
+        body.pop("sealed_env", None)  # set below for an inherited definition only, never by a request
         app_id = body["app_id"]
         name = body["name"]
-        spec = FunctionSpec.from_wire(body["spec"])  # validates the wire form
+        parent_id = body.get("parent_id")
+        if who is not None and who.kind == "worker" and not parent_id:
+            raise PermissionDeniedError("A worker may only create instances of a class (with `parent_id`).")
+        if parent_id:
+            parent = self.function_row(parent_id)
+            if who is not None:
+                self.check_callable(who, parent_id)
+            if parent["app_id"] != app_id:
+                raise InvalidError(
+                    f"Function {parent_id} (`parent_id`) belongs to another app than {app_id}."
+                )
+            body.update({k: parent[k] for k in INHERITED})
+            body["sealed_env"] = True  # the parent's inline_env is stored sealed already
+        else:
+            body["spec"] = validate_wire_spec(body["spec"])
+        if who is not None and who.kind == "member":
+            self.check_app(who, app_id)
+        spec = FunctionSpec.from_wire(body["spec"])
+        env = body.get("inline_env") or {}
+        stored_env = env if body.get("sealed_env") else self.secrets.seal_env(env)
         definition = {
-            k: body.get(k)
-            for k in ("spec", "module", "source_blob", "pickled_blob", "inline_env", "source_name")
-        }
-        definition_hash = hashlib.sha256(
+            k: body.get(k) for k in ("spec", "module", "source_blob", "pickled_blob", "source_name")
+        } | {"inline_env": self.secrets.open_env(stored_env)}
+        # keyed: the database never holds an unkeyed hash of a secret's value
+        definition_hash = self.secrets.fingerprint(
             json.dumps(definition, sort_keys=True, default=str).encode()
-        ).hexdigest()
+        )
         if self.reconciler is not None:
             self.reconciler.check_resources(spec, allow_cpu_fallback=bool(body.get("allow_cpu_fallback")))
         now = _now()
@@ -417,13 +588,17 @@ class ControlPlane:
                 source_blob=body.get("source_blob"),
                 source_dir=body.get("source_dir"),
                 pickled_blob=body.get("pickled_blob"),
-                inline_env=body.get("inline_env") or {},
-                parent_id=body.get("parent_id"),
+                inline_env=stored_env,
+                parent_id=parent_id,
                 state="active",
                 last_active_at=now,
             )
             if row is None:
                 fid = body.get("function_id") or new_id("fu")
+                if conn.execute(select(F.c.id).where(F.c.id == fid)).first() is not None:
+                    raise AlreadyExistsError(
+                        f"Function id {fid!r} is taken by another function; leave `function_id` out to get a new one."
+                    )
                 conn.execute(
                     F.insert().values(
                         id=fid,
@@ -438,6 +613,9 @@ class ControlPlane:
                 version = 1
             else:
                 fid = row[0]
+                if who is not None and who.kind == "worker" and row[1] != definition_hash:
+                    # a worker instantiates classes; it never changes an instance others use
+                    raise AlreadyExistsError(f"Function {name!r} exists with another definition.")
                 version = row[2] + (1 if row[1] != definition_hash else 0)
                 conn.execute(
                     update(F)
@@ -458,7 +636,14 @@ class ControlPlane:
             raise NotFoundError(f"Function {function_id} not found.")
         return dict(row._mapping)
 
-    def lookup_function(self, app_name: str | None, name: str, app_id: str | None = None) -> dict[str, Any]:
+    def function_view(self, who: Identity, function_id: str) -> dict[str, Any]:
+        """A function's row as ``who`` may see it: only functions it may call, never secrets or code."""
+        self.check_callable(who, function_id)
+        return _view(self.function_row(function_id))
+
+    def lookup_function(
+        self, app_name: str | None, name: str, app_id: str | None = None, who: Identity | None = None
+    ) -> dict[str, Any]:
         with self.db.read() as conn:
             if app_id:
                 app = conn.execute(select(A.c.id, A.c.name).where(A.c.id == app_id)).first()
@@ -484,12 +669,24 @@ class ControlPlane:
                 raise NotFoundError(
                     f"App {app_name!r} has no function or class {name!r}. It has: {', '.join(sorted(names)) or 'nothing'}."
                 )
-        return dict(row._mapping)
+        out = dict(row._mapping)
+        if who is not None:
+            self.check_callable(who, out["id"])
+            return _view(out)
+        return out
 
     # -- calls -------------------------------------------------------------------------------------------
-    def create_call(self, call_id: str, function_id: str, kind: str, inputs: list[Any] | None = None) -> bool:
+    def create_call(
+        self,
+        call_id: str,
+        function_id: str,
+        kind: str,
+        inputs: list[Any] | None = None,
+        created_by: str | None = None,
+        owner: bool = False,
+    ) -> bool:
         """Create a call (idempotent by id), and enqueue its first inputs in the same transaction.
-        Returns whether the call existed already (a re-sent request)."""
+        Returns whether the call existed already (a re-sent request: only its creator may re-send it)."""
         now = _now()
         leftover = False
         with self._handing_off() as assigned, self.db.hot() as hot:
@@ -509,8 +706,15 @@ class ControlPlane:
                     "created_at": now,
                     "num_inputs": 0,
                     "cancelled": False,
+                    "created_by": created_by,
                 }
             )
+            if existed:
+                self._same_caller(
+                    hot.call_owner(call_id), call_id, function_id, None if owner else created_by
+                )
+            else:
+                self._remember(self._call_facts, call_id, (function_id, created_by))
             if now - self._active_written.get(function_id, 0.0) >= 1.0:
                 # the autoscaler's "last active" needs seconds, not every call
                 hot.touch_function(function_id, now)
@@ -580,9 +784,33 @@ class ControlPlane:
             raise NotFoundError(f"Function call {call_id!r} not found.")
         return dict(row._mapping)
 
+    def _same_caller(
+        self, found: tuple[str, str | None] | None, call_id: str, function_id: str, created_by: str | None
+    ) -> None:
+        """Inputs for an existing call come from its creator (``created_by`` None: anyone, i.e. the owner), for
+        its function."""
+        if found is None:
+            raise NotFoundError(f"Function call {call_id!r} not found: create it first (POST /v1/calls).")
+        if created_by is not None and found[1] != created_by:
+            raise PermissionDeniedError(f"Function call {call_id!r} belongs to another caller.")
+        if found[0] != function_id:
+            raise InvalidError(f"Function call {call_id!r} is a call of {found[0]}, not of {function_id}.")
+
     def put_inputs(
-        self, call_id: str, function_id: str, inputs: list[tuple[int, str | None, bytes | None, str | None]]
+        self,
+        call_id: str,
+        function_id: str,
+        inputs: list[tuple[int, str | None, bytes | None, str | None]],
+        created_by: str | None = None,
     ) -> int:
+        got = self._call_facts.get(call_id)
+        if got is None:
+            with self.db.read() as conn:
+                row = conn.execute(
+                    select(CA.c.function_id, CA.c.created_by).where(CA.c.id == call_id)
+                ).first()
+            got = (row[0], row[1]) if row is not None else None
+        self._same_caller(got, call_id, function_id, created_by)
         with self._handing_off() as assigned, self.db.hot() as hot:
             leftover = self._enqueue(hot, call_id, function_id, inputs, assigned)
         self._inputs_arrived(function_id, wake_claimers=leftover)
@@ -699,6 +927,7 @@ class ControlPlane:
                 "version",
             )
         }
+        out["inline_env"] = self.secrets.open_env(fn["inline_env"])
         if fn["parent_id"]:
             parent = self.function_row(fn["parent_id"])
             out["parent_name"] = parent["name"]
@@ -950,14 +1179,23 @@ class ControlPlane:
                 )
             ).all()
         for (app_id,) in rows:
-            self.stop_app(
-                app_id,
-                reason=f"the client that ran this ephemeral app has been silent for {self.settings.client_timeout_s:.0f} s",
-            )
+            try:  # one app that cannot be stopped does not keep the others running
+                self.stop_app(
+                    app_id,
+                    reason=f"the client that ran this ephemeral app has been silent for {self.settings.client_timeout_s:.0f} s",
+                )
+            except Exception:
+                if app_id not in self._stop_failed:  # once per app, not every tick
+                    self._stop_failed.add(app_id)
+                    log.exception("stopping abandoned app %s failed", app_id)
 
     def purge_logs(self, older_than_s: float) -> None:
         with self.db.write() as conn:
             conn.execute(delete(L).where(L.c.ts < _now() - older_than_s))
+
+
+def _view(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in FUNCTION_VIEW}
 
 
 def _validate_name(name: str, what: str) -> None:

@@ -24,6 +24,7 @@ CREATE TABLE call (
 	created_at FLOAT NOT NULL, 
 	num_inputs INTEGER NOT NULL, 
 	cancelled BOOLEAN NOT NULL, 
+	created_by VARCHAR, 
 	PRIMARY KEY (id)
 );
 CREATE INDEX ix_call_app_id ON call (app_id);
