@@ -21,10 +21,12 @@ POSTGRES_URL = os.environ.get(
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Never touch the developer's ~/.cloudmodal; share one cache (built venvs, sources) per session."""
     home = tmp_path_factory.mktemp("cloudmodal-home")
-    old = {k: os.environ.get(k) for k in ("CLOUDMODAL_HOME", "CLOUDMODAL_CACHE_DIR", "CLOUDMODAL_SERVER_URL")}
+    keys = ("CLOUDMODAL_HOME", "CLOUDMODAL_CACHE_DIR", "CLOUDMODAL_SERVER_URL", "CLOUDMODAL_TOKEN")
+    old = {k: os.environ.get(k) for k in keys}
     os.environ["CLOUDMODAL_HOME"] = str(home / "home")
     os.environ["CLOUDMODAL_CACHE_DIR"] = str(home / "cache")
     os.environ.pop("CLOUDMODAL_SERVER_URL", None)
+    os.environ.pop("CLOUDMODAL_TOKEN", None)  # a developer's token must not reach the tests' servers
     yield
     for k, v in old.items():
         if v is None:

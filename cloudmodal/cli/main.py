@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cloudmodal.cli import app_cmd, run, server_cmd
+from cloudmodal.cli import app_cmd, run, server_cmd, token_cmd
 from cloudmodal.cli import offers as _offers
 from cloudmodal.cli import pricing as _pricing
 
@@ -23,6 +23,7 @@ app.command("deploy")(run.deploy_command)
 app.command("shell")(run.shell_command)
 app.add_typer(server_cmd.app, name="server")
 app.add_typer(app_cmd.app, name="app")
+app.add_typer(token_cmd.app, name="token")
 app.command("offers")(_offers.offers_command)
 app.add_typer(_pricing.app, name="pricing")
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import typer
 
@@ -26,6 +27,44 @@ def _write_info(info: dict[str, object]) -> None:
     os.replace(tmp, f)
 
 
+ANONYMOUS_WARNING = (
+    "WARNING: --allow-anonymous-loopback: any request from this machine's loopback address is the owner of "
+    "this control plane, without a token. Every local user, and anything that forwards traffic to loopback "
+    "(a reverse proxy, an SSH tunnel, a container port mapping), can then deploy and run code as this "
+    "account and read its secrets. Use it only on a single-user machine with no such forwarders."
+)
+
+
+def _owner_token_id(cp: Any, token: str) -> str | None:
+    """The id of a live owner token (None if unknown here, revoked already, or not an owner's)."""
+    who = cp.tokens.identify(token)
+    return who.principal if who is not None and who.kind == "owner" else None
+
+
+def _revoke_earlier_owner_token(cp: Any) -> None:
+    """An earlier `server start` of this state dir left its owner token in server.json (it was killed before
+    it could revoke it): revoke it before the file is replaced, or whoever read it keeps owner access."""
+    # Versions before owner tokens were per-process named theirs so and never revoked them.
+    cp.tokens.revoke_named("server start", "owner")
+    try:
+        previous = json.loads(config.server_file().read_text())
+    except (OSError, ValueError):
+        return
+    token = previous.get("token") if isinstance(previous, dict) else None
+    if not isinstance(token, str) or not token:
+        return
+    token_id = _owner_token_id(cp, token)
+    if token_id is not None:
+        cp.tokens.revoke(token_id)
+    elif previous.get("database_url") not in (None, cp.settings.database_url):
+        # (not naming that database: its URL may hold a password, and this goes to the terminal and log)
+        typer.echo(
+            "Note: the previous control plane of this state dir used another database; its owner token "
+            "there stays valid until revoked with `cloudmodal token revoke` against that control plane.",
+            err=True,
+        )
+
+
 @app.command("start")
 def start(
     host: str = typer.Option(
@@ -38,14 +77,25 @@ def start(
     foreground: bool = typer.Option(
         False, "--foreground", help="Serve in this process instead of in the background."
     ),
+    allow_anonymous_loopback: bool = typer.Option(
+        False,
+        "--allow-anonymous-loopback",
+        help="Let requests from loopback in without a token, as the owner. Unsafe on a machine with other "
+        "users or anything forwarding to loopback; by default every request needs a token (the CLI of this "
+        "account reads the owner token from server.json in the state dir).",
+    ),
 ) -> None:
-    """Start the control plane (in the background unless --foreground)."""
+    """Start the control plane (in the background unless --foreground). It writes an owner token to
+    server.json (mode 0600) in the state dir for the CLI and clients of this account."""
+    if allow_anonymous_loopback:
+        typer.secho(ANONYMOUS_WARNING, fg="red", err=True)
     ref = config.configured_server()
     if ref is not None and ref.source == "local-server" and not foreground:
         typer.echo(f"A control plane is already running at {ref.url}.")
         return
+    home = config.home()  # private (0700): it holds the owner token and the database
     if not foreground:
-        log_path = config.home() / "server.log"
+        log_path = home / "server.log"
         argv = [
             sys.executable,
             "-m",
@@ -60,7 +110,9 @@ def start(
         ]
         if database_url:
             argv += ["--database-url", database_url]
-        with open(log_path, "ab") as log:
+        if allow_anonymous_loopback:
+            argv.append("--allow-anonymous-loopback")
+        with config.open_private(log_path, "ab") as log:  # 0600, also if an older version made it 0644
             proc = subprocess.Popen(
                 argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
             )
@@ -74,18 +126,23 @@ def start(
                 fail(f"The control plane exited with code {proc.returncode}; see {log_path}.")
             time.sleep(0.1)
         fail(f"The control plane did not start within 30 s; see {log_path}.")
+    # Everything this process writes (database, WAL, blobs, worker state) is for this account only.
+    os.umask(0o077)
     from cloudmodal.server.app import ServerHandle, default_settings
     from cloudmodal.server.auth import is_loopback
 
     with user_errors():
-        settings = default_settings(config.home(), database_url=database_url, allow_loopback_anonymous=True)
+        settings = default_settings(
+            home, database_url=database_url, allow_loopback_anonymous=allow_anonymous_loopback
+        )
         handle = ServerHandle(settings, host=host, port=port)
-        token = handle.cp.tokens.create("admin", "server start")
+        _revoke_earlier_owner_token(handle.cp)
+        own_token_id = _owner_token_id(handle.cp, handle.token)
         _write_info(
             {
                 "url": handle.url,
                 "pid": os.getpid(),
-                "token": token,
+                "token": handle.token,
                 "host": host,
                 "port": handle.port,
                 "database_url": settings.database_url,
@@ -93,7 +150,8 @@ def start(
         )
         if not is_loopback(host):
             typer.echo(
-                "Listening beyond loopback: every request needs a bearer token (see ~/.cloudmodal/server.json).",
+                f"Listening beyond loopback: every request needs a bearer token (the owner token is in "
+                f"{config.server_file()}; `cloudmodal token create` makes tokens for others).",
                 err=True,
             )
 
@@ -105,6 +163,16 @@ def start(
         try:
             handle.serve_forever()
         finally:
+            # The owner token dies with this process: the next start mints its own.
+            if own_token_id is not None:
+                try:
+                    handle.cp.tokens.revoke(own_token_id)
+                except Exception as e:
+                    typer.echo(
+                        f"Could not revoke this control plane's owner token ({e}); revoke it with "
+                        f"`cloudmodal token revoke {own_token_id}` once the database answers.",
+                        err=True,
+                    )
             f = config.server_file()
             try:
                 if json.loads(f.read_text()).get("pid") == os.getpid():
@@ -167,13 +235,11 @@ def status() -> None:
 
 @app.command("token")
 def token() -> None:
-    """Print a new admin token for clients on other machines (store it; it is shown once)."""
-    from cloudmodal.client.session import current_session
+    """Print a new owner token, e.g. for your own clients on other machines (a shortcut for `cloudmodal token
+    create --owner`). It is shown once; give others member tokens (`cloudmodal token create`)."""
+    from cloudmodal.cli.token_cmd import create_token
 
-    with user_errors():
-        s = current_session()
-        assert s is not None
-        typer.echo(s.transport.post("/v1/tokens")["token"])
+    typer.echo(create_token("owner", None, "server token")["token"])
 
 
 def ensure_server() -> None:
@@ -184,4 +250,4 @@ def ensure_server() -> None:
         "No control plane running; starting one on this machine (`cloudmodal server stop` stops it).",
         err=True,
     )
-    start(host="127.0.0.1", port=0, database_url=None, foreground=False)
+    start(host="127.0.0.1", port=0, database_url=None, foreground=False, allow_anonymous_loopback=False)

@@ -34,6 +34,7 @@ def cli(
 def home(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ, CLOUDMODAL_HOME=str(tmp_path / "home"))
     env.pop("CLOUDMODAL_SERVER_URL", None)
+    env.pop("CLOUDMODAL_TOKEN", None)
     return env
 
 

@@ -73,3 +73,30 @@ def test_an_embedded_control_plane_gives_its_workers_a_short_reconnect_budget(mo
         assert s.embedded.settings.worker_reconnect_s == session.EMBEDDED_WORKER_RECONNECT_S
     finally:
         session.disconnect()
+
+
+def test_an_embedded_control_plane_refuses_anonymous_clients(monkeypatch, tmp_path) -> None:
+    """Another local user can reach the embedded control plane's loopback port: without the run's own
+    random token it gets nothing; the run's session uses that token, and each run has a different one."""
+    import httpx
+
+    from cloudmodal.client import session
+
+    monkeypatch.setenv("CLOUDMODAL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CLOUDMODAL_SERVER_URL", raising=False)
+    monkeypatch.delenv("CLOUDMODAL_TOKEN", raising=False)
+    tokens = []
+    for _ in range(2):
+        session.disconnect()
+        s = session.connect()
+        try:
+            url = s.embedded.url
+            assert httpx.get(url + "/v1/apps").status_code == 401
+            assert (
+                httpx.get(url + "/v1/apps", headers={"authorization": "Bearer cm_guess"}).status_code == 401
+            )
+            assert s.transport.get("/v1/apps") == []
+            tokens.append(s.embedded.token)
+        finally:
+            session.disconnect()
+    assert tokens[0] != tokens[1]

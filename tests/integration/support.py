@@ -23,15 +23,33 @@ def start_server(state_dir: Path, database_url: str, **settings: object) -> Serv
 
 
 @contextmanager
-def use_server(handle: ServerHandle) -> Iterator[ServerHandle]:
-    """Point this process's client at ``handle`` for the duration."""
-    os.environ["CLOUDMODAL_SERVER_URL"] = handle.url
+def client_env(url: str, token: str | None) -> Iterator[None]:
+    """Point this process's client at ``url``, authenticated with ``token``, for the duration; the previous
+    settings come back after."""
+    keys = ("CLOUDMODAL_SERVER_URL", "CLOUDMODAL_TOKEN")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ["CLOUDMODAL_SERVER_URL"] = url
+    if token is None:
+        os.environ.pop("CLOUDMODAL_TOKEN", None)
+    else:
+        os.environ["CLOUDMODAL_TOKEN"] = token
     session_mod.disconnect()
     try:
-        yield handle
+        yield
     finally:
         session_mod.disconnect()
-        os.environ.pop("CLOUDMODAL_SERVER_URL", None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def use_server(handle: ServerHandle) -> Iterator[ServerHandle]:
+    """Point this process's client at ``handle``, authenticated with its owner token, for the duration."""
+    with client_env(handle.url, handle.token):
+        yield handle
 
 
 D = "2026-01-01"
@@ -59,13 +77,10 @@ def sim_plane(tmp_path: Path, scenario: dict, **env: str) -> Iterator[tuple[Serv
         reconcile_interval_s=0.1,
     )
     handle = ServerHandle(settings, providers=providers).start_in_thread()
-    os.environ["CLOUDMODAL_SERVER_URL"] = handle.url
-    session_mod.disconnect()
     try:
-        yield handle, sim
+        with client_env(handle.url, handle.token):
+            yield handle, sim
     finally:
-        session_mod.disconnect()
-        os.environ.pop("CLOUDMODAL_SERVER_URL", None)
         handle.stop()
         for k, v in old.items():
             if v is None:

@@ -59,9 +59,10 @@ def test_worker_that_cannot_start_fails_inputs_instead_of_hanging(control_plane)
 def test_control_plane_rejects_garbage(control_plane):
     import httpx
 
-    r = httpx.post(control_plane.url + "/v1/calls", content=b"\xc1not-msgpack")
+    auth = {"authorization": f"Bearer {control_plane.token}"}
+    r = httpx.post(control_plane.url + "/v1/calls", content=b"\xc1not-msgpack", headers=auth)
     assert r.status_code == 400 and "Bad request body" in r.text
-    r = httpx.post(control_plane.url + "/v1/calls", content=b"\x80")  # empty msgpack map: missing fields
+    r = httpx.post(control_plane.url + "/v1/calls", content=b"\x80", headers=auth)  # missing fields
     assert r.status_code == 400
     assert httpx.get(control_plane.url + "/healthz").status_code == 200
 
@@ -73,8 +74,9 @@ def test_token_required_beyond_loopback_and_hashed(control_plane):
     with control_plane.cp.db.read() as conn:
         stored = [r[0] for r in conn.execute(text("select token_hash from token"))]
     assert token not in stored and all(len(h) == 64 for h in stored)
-    assert control_plane.cp.tokens.scope_of(token) == "admin"
-    assert control_plane.cp.tokens.scope_of("cm_wrong") is None
+    who = control_plane.cp.tokens.identify(token)
+    assert who is not None and who.kind == "owner"  # the legacy "admin" scope reads as the owner
+    assert control_plane.cp.tokens.identify("cm_wrong") is None
 
 
 _ = os

@@ -155,7 +155,9 @@ def test_a_bad_claim_body_is_an_error_reply_and_the_socket_stays_usable(app, con
     cp = control_plane.cp
     assert basic.square.remote(2) == 4
     wid = _parked_workers(cp, basic.square._function_id)[0]
-    with connect(control_plane.url.replace("http", "ws") + f"/v1/workers/{wid}-x/claim") as ws:
+    token = cp.tokens.create(f"worker:{wid}-x", "test")  # a worker route answers only its worker's token
+    url = control_plane.url.replace("http", "ws") + f"/v1/workers/{wid}-x/claim"
+    with connect(url, additional_headers={"authorization": f"Bearer {token}"}) as ws:
         ws.send(msgpack.packb({"max": "lots"}))
         reply = msgpack.unpackb(ws.recv(timeout=10))
         assert reply["status"] == 400 and "Bad request body" in reply["error"]["message"]

@@ -182,12 +182,14 @@ def test_stopping_answers_long_polls_instead_of_waiting_them_out(tmp_path: Path)
 
     handle = start_server(tmp_path, f"sqlite:///{tmp_path / 'cloudmodal.db'}")
     app = {"app_id": "ap-poll", "name": "poll"}
-    httpx.post(handle.url + "/v1/apps", content=msgpack.packb(app)).raise_for_status()
+    httpx.post(
+        handle.url + "/v1/apps", content=msgpack.packb(app), headers=bearer(handle.token)
+    ).raise_for_status()
     answers: list[httpx.Response] = []
     in_flight = threading.Event()
 
     def poll() -> None:
-        with httpx.Client(timeout=120) as c:
+        with httpx.Client(timeout=120, headers=bearer(handle.token)) as c:
             in_flight.set()
             answers.append(c.get(handle.url + "/v1/apps/ap-poll/logs", params={"timeout": 50}))
 
@@ -221,16 +223,41 @@ def _non_loopback_address() -> str | None:
     return None
 
 
+def test_loopback_clients_need_a_token_by_default(tmp_path: Path) -> None:
+    """No anonymous access by default, loopback included: another local user (or a same-host proxy) would
+    otherwise be the owner. The explicit opt-in lets loopback in (the control that this test would see the
+    old default)."""
+    handle = start_server(tmp_path / "default", f"sqlite:///{tmp_path / 'default.db'}")
+    try:
+        assert not handle.settings.allow_loopback_anonymous
+        r = httpx.get(handle.url + "/v1/apps")
+        assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"], r.text
+        assert httpx.get(handle.url + "/v1/apps", headers=bearer(handle.token)).status_code == 200
+        assert httpx.get(handle.url + "/healthz").status_code == 200  # liveness stays public
+    finally:
+        handle.stop()
+    opted_in = start_server(
+        tmp_path / "open", f"sqlite:///{tmp_path / 'open.db'}", allow_loopback_anonymous=True
+    )
+    try:
+        assert httpx.get(opted_in.url + "/v1/apps").status_code == 200
+    finally:
+        opted_in.stop()
+
+
 def test_anonymous_loopback_does_not_extend_beyond_loopback(tmp_path: Path) -> None:
-    """The embedded default lets loopback clients in without a token; a client reaching the server on
-    another address (here: this machine's own non-loopback address) needs one."""
+    """Where anonymous loopback is allowed (an explicit opt-in), a client reaching the server on another
+    address (here: this machine's own non-loopback address) still needs a token."""
     addr = _non_loopback_address()
     if addr is None:
         pytest.skip("this machine has no non-loopback IPv4 address to connect from")
     from cloudmodal.server.app import default_settings
 
     handle = ServerHandle(
-        default_settings(tmp_path, database_url=f"sqlite:///{tmp_path / 'cloudmodal.db'}"), host=addr
+        default_settings(
+            tmp_path, database_url=f"sqlite:///{tmp_path / 'cloudmodal.db'}", allow_loopback_anonymous=True
+        ),
+        host=addr,
     ).start_in_thread()
     try:
         assert handle.settings.allow_loopback_anonymous

@@ -128,6 +128,30 @@ def _start_server(home: Path, port: int, database_url: str) -> subprocess.Popen:
     raise AssertionError(f"server did not start: {proc.stdout.read().decode() if proc.stdout else ''}")
 
 
+def _member_token(home: Path) -> str:
+    """A member token made with the CLI (as the owner, from server.json): it outlives a restart of the
+    control plane, which revokes the owner token the killed one left in server.json."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CLOUDMODAL_SERVER_URL", "CLOUDMODAL_TOKEN")}
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloudmodal.cli.main",
+            "token",
+            "create",
+            "--member",
+            "--name",
+            "restart test",
+        ],
+        env=dict(env, CLOUDMODAL_HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_restart_the_control_plane_mid_map(tmp_path, backend, request, monkeypatch):
     db = (
@@ -138,6 +162,7 @@ def test_restart_the_control_plane_mid_map(tmp_path, backend, request, monkeypat
     port = _free_port()
     proc = _start_server(tmp_path, port, db)
     monkeypatch.setenv("CLOUDMODAL_SERVER_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("CLOUDMODAL_TOKEN", _member_token(tmp_path))
     session_mod.disconnect()
     results: list[int] = []
     restarted = threading.Event()
