@@ -50,6 +50,7 @@ from cloudmodal.server.security import Access, Identity, allows
 log = logging.getLogger("cloudmodal.server")
 
 MSGPACK = "application/msgpack"
+WS_RECHECK_S = 1.0  # how long an open WebSocket trusts the token it was opened with before checking again
 DEFAULT_MAX_BODY = 1 << 20  # a msgpack body whose model declares no ``max_body``
 FILE_CHUNK = 1 << 20  # a file answer is sent in parts of this size
 DOC_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect")
@@ -548,7 +549,7 @@ class Router:
             route, params = self.find("POST", scope["path"])
             if not route.websocket:
                 raise HTTPError(404, "Not Found")
-            self.authorize(route, scope, params)
+            who = self.authorize(route, scope, params)
         except HTTPError as e:
             detail = json.dumps({"detail": e.detail}).encode()
             await send(
@@ -562,6 +563,8 @@ class Router:
             return
         assert route.body is not None
         await send({"type": "websocket.accept"})
+        loop = asyncio.get_running_loop()
+        recheck_at = loop.time() + WS_RECHECK_S
         while True:
             message = await receive()
             if message["type"] != "websocket.receive":
@@ -571,9 +574,11 @@ class Router:
                 raw = (message.get("text") or "").encode()
             reply: dict[str, Any]
             try:
-                # the token is checked again on every message (cached for seconds), so revoking it, or the
-                # worker it belongs to stopping, ends an open socket's access as it ends a request's
-                who = self.authorize(route, scope, params)
+                # the token is checked again at least every WS_RECHECK_S, so revoking it, or the worker it
+                # belongs to stopping, ends an open socket's access within seconds as it ends a request's
+                if loop.time() >= recheck_at:
+                    who = self.authorize(route, scope, params)
+                    recheck_at = loop.time() + WS_RECHECK_S
                 extra = {"who": who} if route.wants_who else {}
                 assert route.max_body is not None
                 if len(raw) > route.max_body:
