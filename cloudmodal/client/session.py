@@ -80,7 +80,7 @@ def current_session(required: bool = True) -> Session | None:
                 return _current
         ref = config.configured_server()
         if ref is not None:
-            _current = Session(Transport(ref.url, ref.token))
+            _current = Session(Transport(ref.url, ref.token, refresh_token=_refresher(ref)))
             return _current
     if required:
         raise ExecutionError(
@@ -88,6 +88,19 @@ def current_session(required: bool = True) -> Session | None:
             "inside `with app.run():`, or start one with `cloudmodal server start`."
         )
     return None
+
+
+def _refresher(ref: config.ServerRef) -> Any:
+    """For this machine's `cloudmodal server start`: its current owner token, after a restart replaced (and
+    revoked) the one this process read."""
+    if ref.source != "local-server":
+        return None
+
+    def token() -> str | None:
+        now = config.configured_server()
+        return now.token if now is not None and now.source == "local-server" and now.url == ref.url else None
+
+    return token
 
 
 def connect(embedded_ok: bool = True) -> Session:

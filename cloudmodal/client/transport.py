@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -67,8 +68,18 @@ def warm_up() -> None:
 
 
 class Transport:
-    def __init__(self, url: str, token: str | None = None, *, reconnect_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        reconnect_timeout: float = 120.0,
+        refresh_token: Callable[[], str | None] | None = None,
+    ) -> None:
+        """``refresh_token``: where a newer token may be found when this one is refused (a restarted
+        ``cloudmodal server start`` on this machine writes a new owner token to its server.json)."""
         self.url = url.rstrip("/")
+        self.refresh_token = refresh_token
         headers = {"user-agent": "cloudmodal-client"}
         if token:
             headers["authorization"] = f"Bearer {token}"
@@ -90,6 +101,18 @@ class Transport:
             # connection that would never use it. Requests go only to base_url.
             verify=self.url.startswith("https://"),
         )
+
+    def refreshed(self) -> bool:
+        """Take a newer token from ``refresh_token`` after a 401; False when there is none."""
+        if self.refresh_token is None:
+            return False
+        token = self.refresh_token()
+        header = f"Bearer {token}" if token else None
+        if header is None or header == self._headers.get("authorization"):
+            return False
+        self._headers["authorization"] = header
+        self.http.headers["authorization"] = header
+        return True
 
     def close(self) -> None:
         with self._channels_lock:
@@ -119,6 +142,7 @@ class Transport:
             "content-type": "application/octet-stream" if raw_body is not None else "application/msgpack"
         }
         patience = _Patience(self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout)
+        refreshed = False
         while True:
             try:
                 resp = self.http.request(method, path, content=content, params=params, headers=headers)
@@ -130,6 +154,9 @@ class Transport:
                 continue
             if resp.status_code == 503 and not patience.expired():
                 patience.wait()
+                continue
+            if resp.status_code == 401 and not refreshed and self.refreshed():
+                refreshed = True
                 continue
             if resp.status_code >= 400:
                 raise _error_from(resp)
@@ -192,6 +219,7 @@ class Channel:
         patience = _Patience(self.t.reconnect_timeout if reconnect_timeout is None else reconnect_timeout)
         if self._pid != os.getpid():  # a forked child: the socket is the parent's, leave it to it
             self._ws, self._pid = None, os.getpid()
+        refreshed = False
         while True:
             try:
                 if self._ws is None:
@@ -212,6 +240,9 @@ class Channel:
                 if status == 503 and not patience.expired():
                     patience.wait()
                     continue
+                if status == 401 and not refreshed and self.t.refreshed():
+                    refreshed = True
+                    continue
                 raise _STATUS_ERRORS.get(status, exc.Error)(
                     f"Control plane refused {self.path}: HTTP {status} {e.response.body[:300]!r}"
                 ) from None
@@ -222,6 +253,9 @@ class Channel:
                 patience.wait()
         if "ok" in reply:
             return reply["ok"]
+        if reply.get("status") == 401 and self.t.refreshed():  # revoked while open: the server closed it
+            self.close()
+            return self.call(body, reconnect_timeout=reconnect_timeout)
         return_error = reply.get("error")
         if isinstance(return_error, dict):
             raise _ERRORS.get(return_error.get("type", ""), exc.Error)(return_error.get("message", ""))
