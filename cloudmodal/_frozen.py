@@ -16,7 +16,8 @@ class Frozen:
         raise AttributeError(self._immutable_message)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        slots: tuple[str, ...] = self.__slots__  # a subclass's own names; this base declares none
+        return {k: getattr(self, k) for k in slots}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

@@ -15,7 +15,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 from cloudmodal.exception import DeprecationError, InvalidError
 from cloudmodal.functions import Cls, Function
@@ -155,7 +155,7 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: object) -> bool:
+def _is_number(v: object) -> TypeGuard[int | float]:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -170,9 +170,9 @@ def _whole_seconds(where: str, option: str, v: object, *, allow_none: bool) -> i
             f"Pass a number of seconds from 1 to {MAX_TIMEOUT} (24 h); the default is 300. "
             "See https://modal.com/docs/guide/timeouts.",
         )
-    if not _is_number(v) or float(v) != int(v):  # type: ignore[arg-type]
+    if not _is_number(v) or float(v) != int(v):
         raise _fail(where, option, f"{v!r} is not a whole number of seconds.", f"E.g. {option}=600.")
-    n = int(v)  # type: ignore[arg-type]
+    n = int(v)
     if not 1 <= n <= MAX_TIMEOUT:
         raise _fail(
             where,
@@ -692,8 +692,14 @@ class App:
     @property
     def registered_web_endpoints(self) -> list[str]:
         """Names of the web endpoints: ``f`` for functions, ``Cls.method`` for class methods."""
-        out = [n for n, f in self._functions.items() if f.spec.web is not None]
-        out += [f"{n}.{m}" for n, c in self._classes.items() for m, _ in c.spec.web_methods]
+        out: list[str] = []
+        for n, f in self._functions.items():
+            assert f.spec is not None  # registered handles are this app's own: they always carry a spec
+            if f.spec.web is not None:
+                out.append(n)
+        for n, c in self._classes.items():
+            assert c.spec is not None  # as above
+            out += [f"{n}.{m}" for m, _ in c.spec.web_methods]
         return out
 
     def inline_secret_values(self) -> dict[str, dict[str, str]]:
@@ -1060,7 +1066,7 @@ class App:
                     f"@app.cls() decorates classes; {obj._name()} is a function. Use @app.function() for functions."
                 )
             concurrency = ConcurrencyConfig(obj.params.max_inputs, obj.params.target_inputs)  # type: ignore[arg-type]
-            user_cls = obj.user_cls
+            user_cls: type[object] = obj.user_cls
         elif isinstance(obj, type):
             user_cls = obj
         else:

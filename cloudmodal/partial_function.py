@@ -553,7 +553,7 @@ def _resolve_annotation(user_cls: type, owner: type, name: str) -> type:
             f"{tname} is not a supported cloudmodal.parameter() type. Use one of: int, str, bytes, bool "
             f"(parameter `{name}` of {user_cls.__name__})."
         )
-    return ann  # type: ignore[return-value]
+    return ann
 
 
 def _declared_parameters(user_cls: type) -> list[tuple[str, type | None, _Parameter]]:
@@ -630,7 +630,7 @@ def bind_parameters(
     return values
 
 
-def instantiate(user_cls: type, /, *args: Any, **params: Any) -> Any:
+def instantiate(user_cls: type[object], /, *args: Any, **params: Any) -> Any:
     """Create an instance of an ``@app.cls`` user class with its parameters set, without calling
     ``__init__`` (which such classes may not define). ``init=False`` attributes get their defaults."""
     values = bind_parameters(user_cls, args, params)

@@ -231,6 +231,7 @@ class Cron(Schedule):
 
     cron_string: str
     timezone: str
+    _tz: tzinfo
 
     def __init__(self, cron_string: str, timezone: str = "UTC") -> None:
         if not isinstance(cron_string, str):

@@ -389,11 +389,11 @@ def parse_gcp_vms(
         zone = (row[i_zone] or None) if i_zone is not None else None
         place = zone or region
         acc = row[i_acc]
-        host = _gcp_host(hosts.get(place, []), acc, int(count), host_cache.setdefault(place, {}))
-        if host is None:
+        paired = _gcp_host(hosts.get(place, []), acc, int(count), host_cache.setdefault(place, {}))
+        if paired is None:
             _bump(skipped, NO_HOST)
             continue
-        od, spot = _add(gpu_od, host[3]), _add(gpu_spot, host[4])
+        od, spot = _add(gpu_od, paired[3]), _add(gpu_spot, paired[4])
         if od is None and spot is None:
             _bump(skipped, NO_PRICE)
             continue
@@ -403,12 +403,12 @@ def parse_gcp_vms(
                 "gcp",
                 region,
                 zone,
-                host[0],
+                paired[0],
                 name,
                 int(count),
                 gmem,
-                host[1],
-                host[2],
+                paired[1],
+                paired[2],
                 od,
                 spot,
                 gpu_source,

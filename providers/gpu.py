@@ -51,7 +51,7 @@ def canonical_device_name(raw: str, memory_mib: int | None = None) -> str:
         stripped = re.sub(r"\b(NVIDIA|GeForce|Quadro|Tesla)\b", " ", raw, flags=re.IGNORECASE).strip()
         alt = catalog_name(stripped, memory_gb) if stripped else name
         if lookup(alt) is not None:
-            return lookup(alt).name  # type: ignore[union-attr]
+            return lookup(alt).name
     return name
 
 

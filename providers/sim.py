@@ -615,7 +615,7 @@ def _offer_key(offer: Any, market: str) -> OfferKey:
         return key(market)
     return OfferKey(
         offer.cloud, offer.region, offer.zone, offer.instance_type, offer.gpu or "", offer.gpu_count, market
-    )  # type: ignore[arg-type]
+    )
 
 
 def _price(offer: Any, market: str) -> float | None:
@@ -1223,7 +1223,7 @@ class SimProvider(Provider, SupportsSignals, SupportsPreemptionNotice):
                 if w.reclaim_at is not None:
                     detail += f"; preemption notice: reclaimed in {max(0.0, w.reclaim_at - now):.1f} s"
                 return WorkerStatus("running", None, detail)
-            return WorkerStatus(w.state, w.returncode, w.detail)  # type: ignore[arg-type]
+            return WorkerStatus(w.state, w.returncode, w.detail)
 
     def preemption_notice(self, handle: WorkerHandle) -> float | None:
         self.poll()

@@ -59,7 +59,7 @@ def parse_args(fn: Any, args: list[str], prog: str) -> dict[str, Any]:
             )
     cmd = click.Command(prog, params=params, callback=lambda **kw: kw, help=inspect.getdoc(fn))
     try:
-        return cmd.main(args=args, prog_name=prog, standalone_mode=False)  # type: ignore[no-any-return]
+        return cmd.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.UsageError as e:
         raise InvalidError(
             f"{e.format_message()}\nUsage: {prog} " + " ".join(_usage(p) for p in params)

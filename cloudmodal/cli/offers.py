@@ -12,8 +12,8 @@ from rich.table import Table
 DEFAULT_TOP = 20  # rows in the table view; JSON lists every candidate unless --top is given
 
 
-def _split(values: list[str] | None) -> list[str] | None:
-    out = [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+def _split(values: list[str] | None) -> frozenset[str] | None:
+    out = frozenset(v.strip() for item in values or [] for v in item.split(",") if v.strip())
     return out or None
 
 
@@ -108,7 +108,7 @@ def offers_command(
         ("spot $/h", {"justify": "right"}),
         ("market", {"no_wrap": True}),
     ):
-        t.add_column(col, **kw)  # type: ignore[arg-type]
+        t.add_column(col, **kw)
     for i, c in enumerate(shown, 1):
         o = c.offer
         od, sp = _money(o.price_ondemand), _money(o.price_spot)

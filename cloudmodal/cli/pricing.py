@@ -29,7 +29,7 @@ def refresh_command(
     ),
 ) -> None:
     """Download SkyPilot's public v8 GPU price catalogs into the local cache."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
     from cloudmodal.exception import Error
     from cloudmodal.pricing.catalog import catalog_dir
@@ -38,7 +38,7 @@ def refresh_command(
     err = Console(stderr=True)
     dest = directory or catalog_dir()
     wanted = _split(clouds) or list(DEFAULT_CLOUDS)
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
     with Progress(
         TextColumn("{task.description:<22}"),
         BarColumn(),

@@ -71,7 +71,7 @@ def start(
         "127.0.0.1", help="Address to listen on. Anything but loopback requires tokens for every request."
     ),
     port: int = typer.Option(8765, help="Port to listen on (0 = any free port)."),
-    database_url: str = typer.Option(
+    database_url: str | None = typer.Option(
         None, envvar="CLOUDMODAL_DATABASE_URL", help="SQLAlchemy URL (default: SQLite in CLOUDMODAL_HOME)."
     ),
     foreground: bool = typer.Option(

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from cloudmodal import config
 from cloudmodal.client.transport import Transport
@@ -57,6 +57,12 @@ class Session:
 
 def in_worker() -> bool:
     return bool(os.environ.get("CLOUDMODAL_WORKER_ID"))
+
+
+@overload
+def current_session(required: Literal[True] = True) -> Session: ...
+@overload
+def current_session(required: bool) -> Session | None: ...
 
 
 def current_session(required: bool = True) -> Session | None:
@@ -211,8 +217,8 @@ class RunningApp:
     def start_log_stream(self, out: Any = None) -> None:
         if out is None and not isinstance(sys.stdout, WholeLines):
             self._restore = (sys.stdout, sys.stderr)
-            sys.stdout = WholeLines(sys.stdout, self._print_lock)  # type: ignore[assignment]
-            sys.stderr = WholeLines(sys.stderr, self._print_lock)  # type: ignore[assignment]
+            sys.stdout = WholeLines(sys.stdout, self._print_lock)
+            sys.stderr = WholeLines(sys.stderr, self._print_lock)
 
         def stream() -> None:
             while not self._stop.is_set():

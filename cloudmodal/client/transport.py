@@ -204,11 +204,13 @@ class Channel:
         self.path = path
         self._ws: Any = None
         self._pid = os.getpid()
+        self._connect: Callable[..., Any] | None
         try:
             from websockets.sync.client import connect
+
+            self._connect = connect
         except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-            connect = None
-        self._connect = connect
+            self._connect = None
 
     def call(self, body: Any, *, reconnect_timeout: float | None = None) -> Any:
         if self._connect is None:

@@ -133,7 +133,7 @@ class ServerHandle:
         self.cp.hub.notify = _chain_wake(self.cp.hub.notify, self.reconciler)  # type: ignore[method-assign]
 
     def start_in_thread(self) -> ServerHandle:
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # uvicorn (>= 0.29) installs signal handlers only when it runs on the main thread, never here
         self._thread = threading.Thread(target=self._serve, name="control-plane", daemon=True)
         self._thread.start()
         deadline = time.time() + 15

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import BindParameter, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql
 
 from cloudmodal.server import models
@@ -27,7 +27,7 @@ class CoreHot:
     advisory lock per call makes a call's output ids commit in order.
     """
 
-    ids = bindparam("ids", expanding=True)
+    ids: BindParameter[Any] = bindparam("ids", expanding=True)
     sql_function_state = select(F.c.app_id, F.c.state).where(F.c.id == bindparam("fid"))
     sql_insert_call = postgresql.insert(C).on_conflict_do_nothing(index_elements=["id"])
     sql_touch = update(F).where(F.c.id == bindparam("fid")).values(last_active_at=bindparam("t"))

@@ -69,6 +69,8 @@ FileName = Annotated[
     AfterValidator(_plain_file_name),
 ]
 ModulePath = Annotated[str, StringConstraints(max_length=255, pattern=MODULE_PATTERN)]
+
+
 def _identifier(v: str) -> str:
     if not v.isidentifier():
         raise ValueError("should be a method name (a Python identifier)")

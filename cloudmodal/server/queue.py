@@ -12,7 +12,7 @@ its workers (``crash_budget`` times) ends as a ``WorkerCrashedError``.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +63,15 @@ class InputQueue:
         """``policy_for(function_id) -> FunctionPolicy`` supplies each function's retry policy."""
         self.db = db
         self.policy_for = policy_for
+        self._insert: Callable[..., Any]  # the dialect's insert(), with on_conflict_do_nothing()
         if db.is_sqlite:
-            from sqlalchemy.dialects.sqlite import insert
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            self._insert = sqlite_insert
         else:  # the PostgreSQL dialect only where it is used (importing it costs a cold start ~20 ms)
-            from sqlalchemy.dialects.postgresql import insert
-        self._insert = insert
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            self._insert = pg_insert
 
     def _order_outputs(self, conn: Any, call_ids: Any) -> None:
         """Readers page through a call's outputs by id. On PostgreSQL ids are drawn at insert but become

@@ -375,11 +375,11 @@ class Reconciler:
 
         state = self._market(fid)
         mode = "never" if force_on_demand else self.market_policy.spot_mode(spec.spot, state, now)
-        clouds = None if spec.cloud in (None, "auto", "sim") else [spec.cloud]
+        clouds = None if spec.cloud is None or spec.cloud in ("auto", "sim") else frozenset([spec.cloud])
         policy = PlacementPolicy(
             spot=mode,
             clouds=clouds,
-            regions=list(spec.region) or None,
+            regions=frozenset(spec.region) or None,
             max_price_per_hour=spec.max_price_per_hour,
         )
         blocked = frozenset() if ignore_blocks else self.blocks.active(now)
@@ -477,7 +477,7 @@ class Reconciler:
         self, fid: str, fn: Any, spec: FunctionSpec, pending: int, running: int, ws: list[Any], now: float
     ) -> None:
         target = per_worker_target(spec.concurrency, spec.batching)
-        floor = self._on_demand_floor(fid, spec, ws)
+        floor_ids = self._on_demand_floor(fid, spec, ws)
         views = [
             WorkerView(
                 worker_id=w.id,
@@ -486,7 +486,7 @@ class Reconciler:
                 idle_since=w.idle_since,
                 in_flight=w.in_flight,
                 price_per_hour=w.price_per_hour or 0.0,
-                floor=w.id in floor,
+                floor=w.id in floor_ids,
             )
             for w in ws
         ]
@@ -926,6 +926,7 @@ class Reconciler:
         key = offer.key(handle.market) if offer is not None and hasattr(offer, "key") else None
         msg = self.market_policy.record_preemption(state, now, spot_workers + 1, offer=key)
         if key is not None and self.market_policy.reclaimed(state, key, now):
+            assert offer is not None  # key is only set from an offer
             # One offer keeps losing this pool's workers: treat its spot capacity as gone for a while.
             until = self.market_policy.block_failed_launch(
                 self.blocks, key, now, "spot capacity keeps being reclaimed"

@@ -426,12 +426,14 @@ class Router:
             if route.wants_who:
                 kwargs["who"] = who
             held = 0  # bytes of the body budget this request holds until it is answered
+            max_body = route.max_body
+            assert max_body is not None  # Route.__post_init__ fills it in
             try:
                 if route.streams:
-                    _check_length(scope, route.max_body)
-                    kwargs["body"] = BodyStream(receive, route.max_body, self.limits.body_timeout_s)
+                    _check_length(scope, max_body)
+                    kwargs["body"] = BodyStream(receive, max_body, self.limits.body_timeout_s)
                 elif route.body is not None or route.raw_body:
-                    raw, held = await self._read_body(route.max_body, scope, receive)
+                    raw, held = await self._read_body(max_body, scope, receive)
                     if route.body is not None:
                         kwargs["b"] = validate(raw, route.body)
                     else:
@@ -684,7 +686,7 @@ def build_docs_app(routes: list[Route], title: str) -> Any:
         params = []
         for name in (s[1:-1] for s in r.segments if s.startswith("{")):
             pattern = BLOB_ID_PATTERN if name == "blob_id" else ID_PATTERN
-            annotation = typing.Annotated[hints.get(name, str), Path(pattern=pattern)]
+            annotation: Any = typing.Annotated[hints.get(name, str), Path(pattern=pattern)]
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
         for name, (typ, default) in r.query.items():
             low, high = r.bounds.get(name, (None, None))

@@ -1118,7 +1118,7 @@ class ControlPlane:
         self.event("function.failed", str(err), app_id=app_id, function_id=function_id)
         self.hub.notify(*[f"outputs:{c}" for c in calls])
 
-    def release_inputs(self, worker_id: str, input_ids: list[int]) -> int:
+    def release_inputs(self, worker_id: str, input_ids: list[int] | None) -> int:
         n, _ = self.queue.release_worker(worker_id, crashed=False, input_ids=input_ids)
         with self.db.read() as conn:
             fid = conn.execute(select(W.c.function_id).where(W.c.id == worker_id)).scalar_one_or_none()

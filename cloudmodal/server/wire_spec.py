@@ -80,11 +80,12 @@ def _short(v: object) -> str:
     return s if len(s) <= _SHORT else s[: _SHORT - 3] + "..."
 
 
-def _text(max_len: int, pattern: str = _NO_CONTROL, min_len: int = 1) -> Any:
-    return Annotated[StrictStr, StringConstraints(min_length=min_len, max_length=max_len, pattern=pattern)]
+def _text(max_len: int, pattern: str = _NO_CONTROL, min_len: int = 1) -> StringConstraints:
+    """A string's bounds, as in ``Annotated[StrictStr, _text(256)]``."""
+    return StringConstraints(min_length=min_len, max_length=max_len, pattern=pattern)
 
 
-def _check(fn: Callable[[Any], Any]) -> Any:
+def _check(fn: Callable[[Any], Any]) -> AfterValidator:
     """An after-validator from a function that raises InvalidError/ValueError: pydantic reports ValueError."""
 
     def run(v: Any) -> Any:
@@ -102,8 +103,9 @@ def _one_line(msg: str) -> str:
     return msg if len(msg) <= 200 else msg[:197] + "..."
 
 
-def _object_name(kind: str) -> Any:
-    return Annotated[_text(64), _check(lambda v: check_object_name(v, kind))]
+def _object_name(kind: str) -> AfterValidator:
+    """The validator of a ``kind`` object's name (after ``_text(64)``)."""
+    return _check(lambda v: check_object_name(v, kind))
 
 
 def _identifier(v: str) -> str:
@@ -131,13 +133,21 @@ def _env_key(k: str) -> str:
     return k
 
 
-Name = _text(256, _NO_SPACE)
-Identifier = Annotated[_text(256), AfterValidator(_identifier)]
+Name = Annotated[StrictStr, _text(256, _NO_SPACE)]
+Identifier = Annotated[StrictStr, _text(256), AfterValidator(_identifier)]
+SecretName = Annotated[StrictStr, _text(64), _object_name("Secret")]
+VolumeName = Annotated[StrictStr, _text(64), _object_name("Volume")]
 WebKind = Literal["fastapi_endpoint", "asgi_app", "wsgi_app", "web_server"]
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 assert set(get_args(HttpMethod)) == set(_pf_rules.HTTP_METHODS)
-EnvPair = tuple[Annotated[_text(256), AfterValidator(_env_key)], _text(65536, min_len=0)]
-VolumePair = tuple[Annotated[_text(1024), AfterValidator(_mount_path)], _object_name("Volume")]
+EnvPair = tuple[
+    Annotated[StrictStr, _text(256), AfterValidator(_env_key)], Annotated[StrictStr, _text(65536, min_len=0)]
+]
+VolumePair = tuple[Annotated[StrictStr, _text(1024), AfterValidator(_mount_path)], VolumeName]
+CloudName = Literal["aws", "gcp", "azure", "lambda", "local", "sim"]
+assert get_args(CloudName) == CLOUDS
+ImageWireVersion = Literal[1]
+assert get_args(ImageWireVersion) == (WIRE_VERSION,)
 
 
 class RetryModel(BaseModel):
@@ -182,7 +192,7 @@ class WebModel(BaseModel):
     model_config = _CFG
     kind: WebKind = Field(description="one of fastapi_endpoint, asgi_app, wsgi_app, web_server")
     method: HttpMethod = Field("GET", description=f"one of {', '.join(_pf_rules.HTTP_METHODS)}")
-    label: _text(63, _pf_rules._LABEL_RE.pattern) | None = Field(  # type: ignore[valid-type]
+    label: Annotated[StrictStr, _text(63, _pf_rules._LABEL_RE.pattern)] | None = Field(
         None, description="null or 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
     )
     port: StrictInt | None = Field(
@@ -203,13 +213,13 @@ class SpecModel(BaseModel):
 
     model_config = _CFG
     name: Name = Field(description="1-256 characters without spaces or control characters")
-    module: _text(256) = Field(description="a module name, 1-256 characters")  # type: ignore[valid-type]
+    module: Annotated[StrictStr, _text(256)] = Field(description="a module name, 1-256 characters")
     qualname: Name = Field(description="a qualified name, 1-256 characters without spaces")
     kind: Literal["function", "cls"] = "function"
-    source_file: _text(4096) | None = Field(  # type: ignore[valid-type]
+    source_file: Annotated[StrictStr, _text(4096)] | None = Field(
         None, description="null or the defining file's path, at most 4096 characters"
     )
-    gpu: list[_text(64)] = Field(  # type: ignore[valid-type]
+    gpu: list[Annotated[StrictStr, _text(64)]] = Field(
         default_factory=list,
         max_length=16,
         description=f"a list of GPU types like 'H100' or 'A100-80GB:2' (1 to {MAX_GPU_COUNT} GPUs each)",
@@ -248,7 +258,7 @@ class SpecModel(BaseModel):
         None, description="null or an object with max_retries, backoff_coefficient, initial_delay, max_delay"
     )
     autoscaler: AutoscalerModel = Field(
-        default_factory=AutoscalerModel,
+        default_factory=AutoscalerModel,  # type: ignore[arg-type]  # pydantic's overloads reject a model class
         description="an object with min_containers, max_containers, buffer_containers, scaledown_window",
     )
     concurrency: ConcurrencyModel | None = Field(
@@ -263,8 +273,10 @@ class SpecModel(BaseModel):
     image: dict[StrictStr, Any] | None = Field(
         None, description="null or the wire form of a cloudmodal.Image"
     )
-    image_hash: _text(64, _HEX64) | None = Field(None, description="null or 64 lowercase hex digits")  # type: ignore[valid-type]
-    secrets: list[_object_name("Secret")] = Field(  # type: ignore[valid-type]
+    image_hash: Annotated[StrictStr, _text(64, _HEX64)] | None = Field(
+        None, description="null or 64 lowercase hex digits"
+    )
+    secrets: list[SecretName] = Field(
         default_factory=list, max_length=256, description="a list of at most 256 distinct secret names"
     )
     env: list[EnvPair] = Field(
@@ -277,10 +289,8 @@ class SpecModel(BaseModel):
         max_length=64,
         description="a list of at most 64 [absolute mount path, volume name] pairs",
     )
-    cloud: Literal[CLOUDS] | None = Field(  # type: ignore[valid-type]
-        None, description=f"null or one of {', '.join(CLOUDS)}"
-    )
-    region: list[_text(64, _TRIMMED)] = Field(  # type: ignore[valid-type]
+    cloud: CloudName | None = Field(None, description=f"null or one of {', '.join(CLOUDS)}")
+    region: list[Annotated[StrictStr, _text(64, _TRIMMED)]] = Field(
         default_factory=list, max_length=32, description="a list of at most 32 region names"
     )
     spot: Literal["allow", "require", "never"] = Field("allow", description="one of allow, require, never")
@@ -309,16 +319,18 @@ class SpecModel(BaseModel):
     enable_memory_snapshot: StrictBool = False
     block_network: StrictBool = False
     include_source: StrictBool = True
-    experimental_options: list[tuple[_text(256), _text(4096, min_len=0)]] = Field(  # type: ignore[valid-type]
+    experimental_options: list[
+        tuple[Annotated[StrictStr, _text(256)], Annotated[StrictStr, _text(4096, min_len=0)]]
+    ] = Field(
         default_factory=list, max_length=64, description="a list of at most 64 [key, value] string pairs"
     )
     web_methods: list[tuple[Identifier, WebModel]] = Field(
         default_factory=list, max_length=1024, description="a list of [method name, web config] pairs"
     )
-    create_volumes: list[_object_name("Volume")] = Field(  # type: ignore[valid-type]
+    create_volumes: list[VolumeName] = Field(
         default_factory=list, max_length=64, description="a list of names of the volumes in volumes"
     )
-    routing_region: _text(64, _TRIMMED) | None = None  # type: ignore[valid-type]
+    routing_region: Annotated[StrictStr, _text(64, _TRIMMED)] | None = None
     restrict_modal_access: StrictBool = False
     restrict_output: StrictBool = False
     i6pn: StrictBool | None = None
@@ -327,8 +339,12 @@ class SpecModel(BaseModel):
 class CronModel(BaseModel):
     model_config = _CFG
     type: Literal["cron"]
-    cron_string: _text(256) = Field(description="a 5-field cron string such as '0 9 * * 1-5'")  # type: ignore[valid-type]
-    timezone: _text(64) = Field("UTC", description="an IANA timezone name such as 'UTC'")  # type: ignore[valid-type]
+    cron_string: Annotated[StrictStr, _text(256)] = Field(
+        description="a 5-field cron string such as '0 9 * * 1-5'"
+    )
+    timezone: Annotated[StrictStr, _text(64)] = Field(
+        "UTC", description="an IANA timezone name such as 'UTC'"
+    )
 
 
 _PERIOD_UNIT = Field(0, ge=0, le=BIG, description=f"a whole number from 0 to {BIG}")
@@ -349,21 +365,25 @@ class PeriodModel(BaseModel):
 class ImageBaseModel(BaseModel):
     model_config = _CFG
     kind: Literal["debian_slim"]
-    python_version: _text(16) = Field(description="a supported Python version such as '3.11'")  # type: ignore[valid-type]
+    python_version: Annotated[StrictStr, _text(16)] = Field(
+        description="a supported Python version such as '3.11'"
+    )
     force_build: StrictBool = False
 
 
 class ImageModel(BaseModel):
     model_config = _CFG
-    version: Literal[WIRE_VERSION] = Field(description=f"{WIRE_VERSION}")  # type: ignore[valid-type]
+    version: ImageWireVersion = Field(description=f"{WIRE_VERSION}")
     base: ImageBaseModel
     layers: list[dict[StrictStr, Any]] = Field(
         default_factory=list, max_length=1000, description="at most 1000 layers"
     )
-    hash: _text(64, _HEX64) = Field(description="64 lowercase hex digits")  # type: ignore[valid-type]
-    python_version: _text(16)  # type: ignore[valid-type]
-    pip_packages: list[_text(4096)] = Field(default_factory=list, max_length=10_000)  # type: ignore[valid-type]
-    env: dict[_text(256, _ENV_NAME_RE.pattern), _text(65536, min_len=0)] = Field(  # type: ignore[valid-type]
+    hash: Annotated[StrictStr, _text(64, _HEX64)] = Field(description="64 lowercase hex digits")
+    python_version: Annotated[StrictStr, _text(16)]
+    pip_packages: list[Annotated[StrictStr, _text(4096)]] = Field(default_factory=list, max_length=10_000)
+    env: dict[
+        Annotated[StrictStr, _text(256, _ENV_NAME_RE.pattern)], Annotated[StrictStr, _text(65536, min_len=0)]
+    ] = Field(
         default_factory=dict, max_length=1024, description="an object of variable names to string values"
     )
 
@@ -561,7 +581,8 @@ def _check_schedule(s: SpecModel) -> dict[str, Any] | None:
     if s.schedule is None:
         return None
     kind = s.schedule.get("type")
-    model: type[BaseModel] | None = {"cron": CronModel, "period": PeriodModel}.get(kind)  # type: ignore[arg-type]
+    models: dict[str, type[BaseModel]] = {"cron": CronModel, "period": PeriodModel}
+    model = models.get(kind) if isinstance(kind, str) else None  # a list or object is not hashable
     if model is None:
         raise _invalid("spec.schedule.type", f"{_short(kind)} is not 'cron' or 'period'")
     m = _validate(model, s.schedule, "spec.schedule")

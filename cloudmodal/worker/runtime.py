@@ -120,8 +120,8 @@ class Worker:
         self.heartbeat_s = float(defn.get("heartbeat_s", 3.0))
         for k, v in (defn.get("inline_env") or {}).items():
             os.environ[k] = v
-        sys.stdout = _LogTee(self, "stdout", sys.__stdout__)  # type: ignore[assignment]
-        sys.stderr = _LogTee(self, "stderr", sys.__stderr__)  # type: ignore[assignment]
+        sys.stdout = _LogTee(self, "stdout", sys.__stdout__)
+        sys.stderr = _LogTee(self, "stderr", sys.__stderr__)
         threading.Thread(target=self._log_loop, name="logs", daemon=True).start()
         from cloudmodal.worker.loader import load_target
 
@@ -325,11 +325,10 @@ class Worker:
         self, w: Work, status: str, value: Any, gen_index: int = -1, retryable: bool = True
     ) -> list[Any]:
         data = failure_payload(value) if status == "failure" else serialize(value)
-        blob = None
-        if len(data) > INLINE_LIMIT:
-            blob = self.t.request("POST", "/v1/blobs", raw_body=data)["blob_id"]
-            data = None
-        return [w.input_id, status, data, blob, gen_index, retryable]
+        if len(data) <= INLINE_LIMIT:
+            return [w.input_id, status, data, None, gen_index, retryable]
+        blob = self.t.request("POST", "/v1/blobs", raw_body=data)["blob_id"]
+        return [w.input_id, status, None, blob, gen_index, retryable]
 
     def _finish(self, w: Work, rows: list[list[Any]]) -> bool:
         with self._lock:
@@ -727,7 +726,8 @@ def main(token: str | None = None) -> int:
     except BaseException:
         tb = traceback.format_exc()
         try:
-            sys.__stderr__.write(tb)
+            if sys.__stderr__ is not None:  # None when the process was started without a stderr
+                sys.__stderr__.write(tb)
             w.log("stderr", tb.rstrip("\n"), None)
             w.flush_logs()
             w.t.post(

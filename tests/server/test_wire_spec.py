@@ -525,6 +525,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "generator",
     ),
     ("schedule unknown type", _set("schedule", {"type": "sometimes"}), "spec.schedule.type", "'cron'"),
+    ("schedule type not a string", _set("schedule", {"type": ["cron"]}), "spec.schedule.type", "'cron'"),
     (
         "cron never fires",
         _set("schedule", {"type": "cron", "cron_string": "0 0 31 2 *", "timezone": "UTC"}),
