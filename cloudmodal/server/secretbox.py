@@ -19,6 +19,8 @@ a control plane with another key cannot open what the others sealed, and says so
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
@@ -30,8 +32,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from cloudmodal.exception import Error
 
@@ -59,18 +59,23 @@ class SecretBox:
         where they came from, for error messages."""
         if not keys:
             raise SecretKeyError(f"No secret key in {source}. {_GENERATE_HINT}")
-        fernets = []
+        raws = []
         for i, k in enumerate(keys):
             raw = k.encode() if isinstance(k, str) else bytes(k)
-            try:
-                fernets.append(Fernet(raw))
-            except ValueError:
+            try:  # Fernet's own check, without importing cryptography (~8 ms) before a secret needs it
+                ok = len(base64.urlsafe_b64decode(raw)) == 32
+            except (binascii.Error, ValueError):
+                ok = False
+            if ok:
+                raws.append(raw)
+            else:
                 raise SecretKeyError(
                     f"Key #{i + 1} in {source} is not a valid Fernet key (32 url-safe base64-encoded bytes, "
                     f"44 characters). {_GENERATE_HINT}"
-                ) from None
+                )
         self.source = source
-        self._fernet = MultiFernet(fernets)
+        self._keys = raws
+        self._multi: Any = None  # a MultiFernet, built on first use
         # A key of its own for fingerprints, derived from the encrypting key, so a fingerprint says nothing
         # about the encryption key and the encryption key is used for one purpose only.
         first = keys[0].encode() if isinstance(keys[0], str) else bytes(keys[0])
@@ -90,15 +95,25 @@ class SecretBox:
 
     @staticmethod
     def generate_key() -> str:
-        return Fernet.generate_key().decode()
+        """A new Fernet key (what ``Fernet.generate_key`` makes: 32 random bytes, url-safe base64)."""
+        return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+    def _fernet(self) -> Any:
+        if self._multi is None:
+            from cryptography.fernet import Fernet, MultiFernet
+
+            self._multi = MultiFernet([Fernet(k) for k in self._keys])
+        return self._multi
 
     # -- bytes --------------------------------------------------------------------------------------------
     def seal(self, data: bytes) -> str:
-        return self._fernet.encrypt(data).decode()
+        return str(self._fernet().encrypt(data).decode())
 
     def open(self, token: str) -> bytes:
+        from cryptography.fernet import InvalidToken
+
         try:
-            return self._fernet.decrypt(token.encode() if isinstance(token, str) else token)
+            return bytes(self._fernet().decrypt(token.encode() if isinstance(token, str) else token))
         except InvalidToken:
             raise SecretKeyError(
                 f"A stored secret cannot be decrypted with the key(s) from {self.source}: it was sealed with "
@@ -207,7 +222,7 @@ def load_or_create_key_file(path: Path, *, wait_s: float = 5.0) -> list[str]:
 
 
 def _create_key_file(path: Path) -> None:
-    data = (Fernet.generate_key().decode() + "\n").encode()
+    data = (SecretBox.generate_key() + "\n").encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
