@@ -67,10 +67,16 @@ def test_one_reconciles_and_the_other_takes_over(database_url: str, tmp_path: Pa
         a.stop()
         a = None
         assert _until(lambda: b.reconciler.is_leader), "the standby did not take over"
-        with b.cp.db.read() as conn:
-            E = models.events  # noqa: N806
-            leaders = [r.message for r in conn.execute(E.select().where(E.c.kind == "control_plane.leader"))]
-        assert len(leaders) == 2 and leaders[1].startswith(b.url)
+
+        def leaders() -> list[str]:
+            with b.cp.db.read() as conn:
+                E = models.events  # noqa: N806
+                q = E.select().where(E.c.kind == "control_plane.leader")
+                return [r.message for r in conn.execute(q)]
+
+        # the new leader writes its event just after it takes the lock: wait for it rather than race it
+        assert _until(lambda: len(leaders()) == 2), leaders()
+        assert leaders()[1].startswith(b.url)
     finally:
         if a is not None:
             a.stop()
