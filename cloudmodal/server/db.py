@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,9 +42,7 @@ class Database:
         else:
             models.use_postgresql_partial_indexes()
             self.engine = create_engine(url, pool_size=16, max_overflow=16, pool_pre_ping=True)
-        self._write_lock: contextlib.AbstractContextManager[object] = (
-            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
-        )
+        self._write_lock: Any = WriteLock() if self.is_sqlite else contextlib.nullcontext()
         models.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
             models.add_missing_columns(conn)  # databases made by an earlier version
@@ -53,7 +52,7 @@ class Database:
                 raise ValueError(
                     "The control plane needs an SQLite database file, not an in-memory database."
                 )
-            self._hot = SqliteHotConnection(self.engine.url.database, self._write_lock)  # type: ignore[arg-type]
+            self._hot = SqliteHotConnection(self.engine.url.database, self._write_lock)
             self._checkpointer = Checkpointer(self.engine.url.database, self._write_lock)
 
     @contextlib.contextmanager
@@ -72,7 +71,7 @@ class Database:
         """SQLite with no write in progress: a short operation may run on the caller's thread (the
         server's event loop) instead of paying a thread hop. Never true on PostgreSQL, whose statements
         wait on the network."""
-        return self.is_sqlite and not self._write_lock.locked()  # type: ignore[attr-defined]
+        return self.is_sqlite and not self._write_lock.locked()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -170,6 +169,41 @@ class Leadership:
         self.holding = False
 
 
+class WriteLock:
+    """The in-process lock every SQLite write takes, with a way in for a thread that must not wait behind a
+    stream of writers.
+
+    A ``threading.Lock`` goes to whichever thread asks first after a release: a writer committing in a loop
+    re-takes it before a waiting thread has even woken, so under steady writes the checkpointer could wait for
+    the lock as long as the writes last (and the log grow all that while). :meth:`first` makes writers that
+    have not taken the lock yet step aside until it has been served."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wanted = 0  # threads waiting in first(); changed by them only
+
+    def __enter__(self) -> WriteLock:
+        while self._wanted:
+            time.sleep(0.0002)
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    @contextlib.contextmanager
+    def first(self) -> Iterator[None]:
+        self._wanted += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            self._wanted -= 1
+
+
 class Checkpointer:
     """Moves SQLite's write-ahead log into the database file on a thread of its own.
 
@@ -217,7 +251,7 @@ class Checkpointer:
     def checkpoint(self, conn: sqlite3.Connection, *, final: bool = False) -> None:
         _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if final or frames >= self.restart_frames:
-            with self.write_lock:
+            with self.write_lock.first():
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)" if final else "PRAGMA wal_checkpoint(PASSIVE)")
         self.checkpoints += 1
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -143,7 +142,7 @@ class SqliteHot:
 class SqliteHotConnection:
     """The dedicated sqlite3 connection of :class:`SqliteHot`, used only under the database's write lock."""
 
-    def __init__(self, path: str, write_lock: threading.Lock) -> None:
+    def __init__(self, path: str, write_lock: Any) -> None:
         self.path = path
         self.lock = write_lock
         self._conn: sqlite3.Connection | None = None
