@@ -7,6 +7,7 @@ what is wrong and how to fix it), and the result is a :class:`~cloudmodal.functi
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
@@ -46,7 +47,6 @@ __all__ = [
     "FUNCTION_OPTIONS",
     "CLS_OPTIONS",
     "WITH_OPTIONS",
-    "apply_options",
     # class helpers for the runtime (defined in cloudmodal.partial_function)
     "bind_parameters",
     "find_lifecycle_hooks",
@@ -339,8 +339,8 @@ def _check_env(where: str, env: object) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _check_options(where: str, kwargs: dict[str, Any], allowed: Sequence[str]) -> dict[str, Any]:
-    """Reject renamed/unknown keywords, validate and normalize every value. Returns a full options dict."""
+def _check_keys(where: str, kwargs: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    """Reject renamed and unknown keywords, naming the replacement or the closest valid one."""
     for key, value in kwargs.items():
         if key in _RENAMED:
             new, how = _RENAMED[key]
@@ -362,6 +362,12 @@ def _check_options(where: str, kwargs: dict[str, Any], allowed: Sequence[str]) -
             f"{where}() got an unexpected keyword argument {k!r}.{hint} Valid options: {', '.join(allowed)}."
         )
 
+
+def _check_options(where: str, kwargs: dict[str, Any], allowed: Sequence[str]) -> dict[str, Any]:
+    """Reject renamed/unknown keywords, validate and normalize every value, and check the values against each
+    other. Returns a full options dict. The decorators and ``with_options`` both come through here (see
+    :meth:`App._variant_spec`), so a variant can never hold a combination the decorator refuses."""
+    _check_keys(where, kwargs, allowed)
     o = dict(_DEFAULTS)
     o.update(kwargs)
     w = where
@@ -778,6 +784,7 @@ class App:
         def wrapper(f: Any) -> Function:
             spec, raw_f = self._function_spec(f, o)
             handle = Function._from_local(self, spec, raw_f)
+            handle._build = (f, dict(options))  # what with_options rebuilds from
             self._register(spec.name, handle, self._functions, "function")
             return handle
 
@@ -794,6 +801,7 @@ class App:
         def wrapper(obj: Any) -> Cls:
             spec, user_cls = self._cls_spec(obj, o)
             handle = Cls._from_local(self, spec, user_cls)
+            handle._build = (obj, dict(options))  # what with_options rebuilds from
             self._register(spec.name, handle, self._classes, "class")
             return handle
 
@@ -860,22 +868,60 @@ class App:
             )
         registry[tag] = handle
 
+    def _add_variant(self, handle: Function | Cls) -> None:
+        """Make a ``with_options`` variant part of this app, so that running or deploying the app registers it
+        like any decorated function (a variant made at module level is usable once the app runs). The same
+        options give the same name, so a repeated ``with_options`` replaces its earlier handle silently."""
+        assert handle.spec is not None
+        registry: dict[str, Any] = self._classes if isinstance(handle, Cls) else self._functions
+        registry[handle.spec.name] = handle
+
     # ---------------------------------------------------------------- spec building
 
-    def _common_fields(self, o: dict[str, Any], where: str) -> dict[str, Any]:
-        """Spec fields shared by functions and classes, with the App's defaults merged in."""
+    def _variant_spec(self, handle: Function | Cls, overrides: Mapping[str, Any], name: str) -> FunctionSpec:
+        """The spec of ``handle.with_options(**overrides)``, named ``name``: the decorator's own options with
+        ``overrides`` on top, checked and built by the decorator's code, so the checks exist once. As in Modal,
+        ``secrets`` and ``volumes`` replace the originals (the App's included) and ``env`` is merged over them;
+        a variant has no schedule (it belongs to the function it was made from)."""
+        assert handle.spec is not None and handle._build is not None
+        decorated, options = handle._build
+        where = f"{handle.spec.name}.with_options"
+        _check_keys(where, overrides, WITH_OPTIONS)
+        merged = {**options, **overrides}
+        if "env" in overrides:
+            merged["env"] = {
+                **dict(_check_env(where, options.get("env"))),
+                **dict(_check_env(where, overrides["env"])),
+            }
+        replace = frozenset(k for k in ("secrets", "volumes") if k in overrides)
+        if isinstance(handle, Cls):
+            o = _check_options(where, merged, CLS_OPTIONS)
+            spec, _ = self._cls_spec(decorated, o, replace=replace)
+        else:
+            merged.pop("schedule", None)
+            o = _check_options(where, merged, FUNCTION_OPTIONS)
+            spec, _ = self._function_spec(decorated, o, replace=replace)
+        return dataclasses.replace(spec, name=name)
+
+    def _common_fields(
+        self, o: dict[str, Any], where: str, replace: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
+        """Spec fields shared by functions and classes, with the App's defaults merged in (but for the fields
+        in ``replace``: a ``with_options`` variant's ``secrets``/``volumes`` replace the App's too)."""
         image = o["image"] or self._image
         if image is None:
             if self._default_image is None:
                 self._default_image = Image.debian_slim()
             image = self._default_image
         secrets: dict[str, Secret] = {}
-        for s in (*self._secrets, *o["secrets"]):
+        app_secrets = () if "secrets" in replace else self._secrets
+        for s in (*app_secrets, *o["secrets"]):
             secrets.setdefault(s.name, s)
         self._remember_inline(list(secrets.values()))
         self._remember_inline(image.secrets)
-        volumes = {**self._volumes, **o["volumes"]}
-        if o["volumes"] and self._volumes:
+        app_volumes = {} if "volumes" in replace else self._volumes
+        volumes = {**app_volumes, **o["volumes"]}
+        if o["volumes"] and app_volumes:
             volumes = _check_volumes(where, volumes)  # re-check duplicates across the merge
         cpu, cpu_limit = o["cpu"]
         memory, memory_limit = o["memory"]
@@ -942,7 +988,9 @@ class App:
                 f"class with @app.cls() and the method with @cloudmodal.method()."
             )
 
-    def _function_spec(self, f: Any, o: dict[str, Any]) -> tuple[FunctionSpec, Callable[..., Any]]:
+    def _function_spec(
+        self, f: Any, o: dict[str, Any], replace: frozenset[str] = frozenset()
+    ) -> tuple[FunctionSpec, Callable[..., Any]]:
         where = "@app.function"
         pf: _PartialFunction | None = None
         if isinstance(f, Function | Cls):
@@ -1019,7 +1067,7 @@ class App:
         if batching is not None:
             self._check_batched(raw_f, name, is_generator, skip_self=False)
 
-        fields = self._common_fields(o, where)
+        fields = self._common_fields(o, where, replace)
         spec = FunctionSpec(
             name=name,
             module=_module_name(raw_f),
@@ -1054,7 +1102,9 @@ class App:
         if not params:
             raise InvalidError(f"Batched function {name} must take at least one argument (a list of inputs).")
 
-    def _cls_spec(self, obj: Any, o: dict[str, Any]) -> tuple[FunctionSpec, type]:
+    def _cls_spec(
+        self, obj: Any, o: dict[str, Any], replace: frozenset[str] = frozenset()
+    ) -> tuple[FunctionSpec, type]:
         concurrency = None
         if isinstance(obj, Function | Cls):
             raise InvalidError(
@@ -1130,7 +1180,7 @@ class App:
                 self._check_batched(pf.raw_f, f"{cname}.{mname}", pf.is_generator, skip_self=True)
                 batching = BatchConfig(pf.params.max_batch_size or 1, pf.params.wait_ms or 0)
 
-        fields = self._common_fields(o, "@app.cls")
+        fields = self._common_fields(o, "@app.cls", replace)
         spec = FunctionSpec(
             name=cname,
             module=_module_name(user_cls),
@@ -1147,82 +1197,3 @@ class App:
             **fields,
         )
         return spec, user_cls
-
-
-def apply_options(spec: FunctionSpec, options: Mapping[str, Any], *, app: App | None = None) -> FunctionSpec:
-    """A copy of ``spec`` with ``options`` (a subset of :data:`WITH_OPTIONS`) validated and applied, for
-    ``Function.with_options`` / ``Cls.with_options``. As in Modal, ``secrets`` and ``volumes`` replace the
-    originals; ``env`` is merged over them. Inline secret values are remembered by ``app`` (if given) and in
-    the process-wide registry that :meth:`App.inline_secret_env` falls back to."""
-    import dataclasses
-
-    where = f"{spec.name}.with_options"
-    o = _check_options(where, dict(options), WITH_OPTIONS)
-    changes: dict[str, Any] = {}
-    if "gpu" in options:
-        changes["gpu"] = o["gpu"]
-    if "cpu" in options:
-        cpu, limit = o["cpu"]
-        changes["cpu"] = float(cpu) if cpu is not None else None
-        changes["cpu_limit"] = float(limit) if limit is not None else None
-    if "memory" in options:
-        changes["memory"], changes["memory_limit"] = o["memory"]
-    if "env" in options:
-        changes["env"] = tuple({**dict(spec.env), **dict(o["env"])}.items())
-    if "secrets" in options:
-        changes["secrets"] = tuple(dict.fromkeys(s.name for s in o["secrets"]))
-        if app is not None:
-            app._remember_inline(o["secrets"])
-    if "volumes" in options:
-        changes["volumes"] = tuple(sorted((p, v.name) for p, v in o["volumes"].items()))
-        changes["create_volumes"] = tuple(
-            sorted({v.name for v in o["volumes"].values() if v.create_if_missing})
-        )
-    if "retries" in options:
-        r = o["retries"]
-        if r is not None and r.max_retries > 0 and (spec.web is not None or spec.is_generator):
-            what = "Web endpoints" if spec.web is not None else "Generator functions"
-            raise InvalidError(
-                f"{what} do not support retries ({spec.name}). Remove retries=... from with_options."
-            )
-        changes["retries"] = r.to_policy() if r is not None else None
-    if "timeout" in options:
-        changes["timeout"] = o["timeout"]
-    if "region" in options:
-        changes["region"] = o["region"]
-    if "cloud" in options:
-        changes["cloud"] = o["cloud"]
-    if "spot" in options:
-        if spec.nonpreemptible and o["spot"] == "require":
-            raise _fail(
-                where,
-                "spot",
-                "spot='require' contradicts nonpreemptible=True.",
-                "Keep the on-demand default.",
-            )
-        changes["spot"] = "never" if spec.nonpreemptible else o["spot"]
-    if "max_price_per_hour" in options:
-        price = o["max_price_per_hour"]
-        changes["max_price_per_hour"] = float(price) if price is not None else None
-    scaling = {
-        k: options[k]
-        for k in ("min_containers", "max_containers", "buffer_containers", "scaledown_window")
-        if k in options
-    }
-    if scaling:
-        a = spec.autoscaler
-        new = AutoscalerSettings(
-            min_containers=scaling.get("min_containers", a.min_containers) or 0,
-            max_containers=scaling.get("max_containers", a.max_containers),
-            buffer_containers=scaling.get("buffer_containers", a.buffer_containers) or 0,
-            scaledown_window=scaling.get("scaledown_window", a.scaledown_window) or 60,
-        )
-        if new.max_containers is not None and new.min_containers > new.max_containers:
-            raise _fail(
-                where,
-                "min_containers",
-                f"`min_containers` ({new.min_containers}) cannot be greater than `max_containers` ({new.max_containers}).",
-                "Lower min_containers or raise max_containers.",
-            )
-        changes["autoscaler"] = new
-    return dataclasses.replace(spec, **changes)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from cloudmodal.exception import ExecutionError, InvalidError, NotFoundError
@@ -185,7 +184,11 @@ class Function(_Invocable):
         self._session: Any = None
         self._from_name = from_name
         self._display_name = spec.name if spec else (from_name[1] if from_name else "function")
-        self._variant_of: Function | None = None
+        self._allow_cpu_fallback = False
+        # set by @app.function: the decorated object and its options, which with_options rebuilds from
+        self._build: tuple[Any, dict[str, Any]] | None = None
+        self._variant_of: Function | None = None  # the decorated function this with_options variant is of
+        self._overrides: dict[str, Any] = {}  # ... and the options it changes
 
     @classmethod
     def _from_local(cls, app: Any, spec: FunctionSpec, raw_f: Any) -> Function:
@@ -221,6 +224,7 @@ class Function(_Invocable):
         )
         self._function_id = session.transport.post("/v1/functions", body)["function_id"]
         self._session = session
+        self._allow_cpu_fallback = allow_cpu_fallback
         return self._function_id
 
     def _unregister(self) -> None:
@@ -256,30 +260,45 @@ class Function(_Invocable):
         return self
 
     def with_options(self, **options: Any) -> Function:
-        """A variant of this function with other resources/settings; it gets its own pool of workers."""
-        if self.spec is None or self.app is None:
-            raise InvalidError("with_options needs a function defined in this program.")
-        from cloudmodal.app import WITH_OPTIONS, apply_options
-
-        allowed = set(WITH_OPTIONS)
-        bad = set(options) - allowed
-        if bad:
+        """A variant of this function with other resources/settings (:data:`cloudmodal.app.WITH_OPTIONS`); it
+        gets its own pool of workers. It belongs to the app like the function itself: made at module level, it
+        is registered when the app runs or deploys; made while the app runs, at once."""
+        root = self._variant_of or self
+        if root.spec is None or root.app is None or root._build is None:
             raise InvalidError(
-                f"with_options() got unknown option(s) {sorted(bad)}; allowed: {sorted(allowed)}."
+                f"{self._display_name}.with_options() needs a function decorated with @app.function in this "
+                "program; a function looked up by name keeps the options it was deployed with."
             )
-
-        spec = apply_options(self.spec, options)
-        suffix = hashlib.sha256(repr(sorted(options.items(), key=lambda kv: kv[0])).encode()).hexdigest()[:8]
-        spec = dataclasses.replace(spec, name=f"{self.spec.name}[{suffix}]")
-        variant = Function(spec=spec, app=self.app, raw_f=self.raw_f)
-        variant._variant_of = self
-        if (
-            self._session is not None
-            and self.app is not None
-            and getattr(self.app, "_running", None) is not None
-        ):
-            variant._register(self._session, self.app._running.app_id)
+        overrides = _merge_overrides(self._overrides, options)
+        spec = root.app._variant_spec(root, overrides, _variant_name(root.spec.name, overrides))
+        variant = Function(spec=spec, app=root.app, raw_f=root.raw_f)
+        variant._variant_of = root
+        variant._overrides = overrides
+        _attach_variant(root, variant)
         return variant
+
+
+def _merge_overrides(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
+    """Options of a variant of a variant: the later win, but ``env`` merges, as it does over the function's."""
+    out = {**earlier, **later}
+    if isinstance(earlier.get("env"), Mapping) and isinstance(later.get("env"), Mapping):
+        out["env"] = {**earlier["env"], **later["env"]}
+    return out
+
+
+def _variant_name(base: str, overrides: Mapping[str, Any]) -> str:
+    # The same options give the same name in every process: the worker that imports a module finds a module-level
+    # variant of a class by this name, and a repeated with_options reuses the function's row and pool.
+    digest = hashlib.sha256(repr(sorted(overrides.items(), key=lambda kv: kv[0])).encode()).hexdigest()
+    return f"{base}[{digest[:8]}]"
+
+
+def _attach_variant(root: Function | Cls, variant: Function | Cls) -> None:
+    """Add ``variant`` to its app, and register it with the control plane now if the app is running."""
+    root.app._add_variant(variant)
+    running = root.app._running
+    if running is not None:
+        variant._register(running.session, running.app_id, allow_cpu_fallback=root._allow_cpu_fallback)
 
 
 def _lookup(
@@ -360,7 +379,10 @@ class Cls:
         self._app_id: str | None = None
         self._allow_cpu_fallback = False
         self._instances: dict[str, str] = {}  # params hash -> function id
-        self._options: dict[str, Any] = {}
+        # as on Function: what with_options rebuilds from, and for a variant, its class and changed options
+        self._build: tuple[Any, dict[str, Any]] | None = None
+        self._variant_of: Cls | None = None
+        self._overrides: dict[str, Any] = {}
 
     @classmethod
     def _from_local(cls, app: Any, spec: FunctionSpec, user_cls: Any) -> Cls:
@@ -410,7 +432,23 @@ class Cls:
         return Obj(self, params)
 
     def with_options(self, **options: Any) -> Cls:
-        raise InvalidError("Cls.with_options is not supported yet: declare the options on @app.cls.")
+        """A variant of this class with other resources/settings (the options of ``Function.with_options``):
+        instances of it run on pools of their own, ``Model.with_options(gpu="L4")(size=2).predict.remote(x)``.
+        Registered with the app as ``Function.with_options`` variants are."""
+        root = self._variant_of or self
+        if root.spec is None or root.app is None or root._build is None:
+            name = root.spec.name if root.spec else (root._from_name[1] if root._from_name else "Cls")
+            raise InvalidError(
+                f"{name}.with_options() needs a class decorated with @app.cls in this program; a class looked "
+                "up by name keeps the options it was deployed with."
+            )
+        overrides = _merge_overrides(self._overrides, options)
+        spec = root.app._variant_spec(root, overrides, _variant_name(root.spec.name, overrides))
+        variant = Cls(spec=spec, app=root.app, user_cls=root.user_cls)
+        variant._variant_of = root
+        variant._overrides = overrides
+        _attach_variant(root, variant)
+        return variant
 
     def _instance_function(self, params: dict[str, Any]) -> str:
         from cloudmodal.serialization import serialize

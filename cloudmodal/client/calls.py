@@ -209,7 +209,11 @@ def _result(ok: bool, value: Any, return_exceptions: bool) -> Any:
 
 
 class _FeedState:
-    def __init__(self) -> None:
+    """Shared by a map's feeder thread and its reader. ``window`` caps the inputs sent but not yet read back
+    (None: no cap, for ``spawn_map``, whose results nobody reads here)."""
+
+    def __init__(self, window: int | None = MAP_WINDOW) -> None:
+        self.window = window
         self.cond = threading.Condition()
         self.sent = 0
         self.received = 0
@@ -239,9 +243,10 @@ def _feed(
             batch.append([idx, method, payload, blob])
             batch_bytes += len(payload) if payload else 64
             if len(batch) >= batch_limit or batch_bytes >= MAP_BATCH_BYTES:
-                with state.cond:
-                    while state.sent - state.received >= MAP_WINDOW and not state.abort:
-                        state.cond.wait(0.5)
+                if state.window is not None:
+                    with state.cond:
+                        while state.sent - state.received >= state.window and not state.abort:
+                            state.cond.wait(0.5)
                 session.transport.post(
                     f"/v1/calls/{call_id}/inputs", {"function_id": function_id, "inputs": batch}
                 )
@@ -267,8 +272,9 @@ def spawn_many(
 ) -> str:
     call_id = new_id("fc")
     session.transport.post("/v1/calls", {"call_id": call_id, "function_id": function_id, "kind": "spawn_map"})
-    state = _FeedState()
-    state.received = -(10**12)  # no flow control: nobody reads these results here
+    # No window: nobody reads these results here, so nothing would ever open one; the inputs are streamed in
+    # batches all the same, so the client's memory stays flat.
+    state = _FeedState(window=None)
     _feed(session, call_id, function_id, method, arg_tuples, kwargs, state)
     if state.error is not None:
         raise state.error

@@ -111,7 +111,8 @@ def load_target(transport: Any, defn: dict[str, Any]) -> tuple[str, Any, dict[st
     module = load_module(transport, defn)
     apps = _apps_in(module)
     if spec.kind == "cls":
-        name = defn.get("parent_name") or spec.name
+        # a with_options variant ("Cls[hash]") runs its class's code: the options changed only its spec
+        name = (defn.get("parent_name") or spec.name).split("[", 1)[0]
         for app in apps:
             handle = app.registered_classes.get(name)
             if handle is not None:

@@ -15,7 +15,7 @@ import pytest
 
 import cloudmodal
 from cloudmodal import App, Cron, Image, Period, Retries, Secret, Volume
-from cloudmodal.app import FUNCTION_OPTIONS, apply_options
+from cloudmodal.app import FUNCTION_OPTIONS
 from cloudmodal.exception import InvalidError
 from cloudmodal.server.wire_spec import MAX_SPEC_CHARS, validate_wire_spec
 from cloudmodal.spec import FunctionSpec
@@ -209,11 +209,10 @@ def decorated_specs(tmp_path: Path) -> list[FunctionSpec]:
         .spec,  # name "variant[...]"
         app.cls(enable_memory_snapshot=True)(cloudmodal.concurrent(max_inputs=4)(Snap)).spec,
     ]
-    base = fn(name="base", gpu="H100", min_containers=1, max_containers=4, env={"A": "1"})(square).spec
+    base = fn(name="base", gpu="H100", min_containers=1, max_containers=4, env={"A": "1"})(square)
     specs.append(
-        apply_options(
-            base,
-            {
+        base.with_options(
+            **{
                 "gpu": ["L4", "T4"],
                 "cpu": 2,
                 "memory": (512, 1024),
@@ -230,8 +229,8 @@ def decorated_specs(tmp_path: Path) -> list[FunctionSpec]:
                 "min_containers": 2,
                 "buffer_containers": 3,
                 "scaledown_window": 3600,
-            },
-        )
+            }
+        ).spec
     )
     return specs
 

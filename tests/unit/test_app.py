@@ -14,7 +14,7 @@ import pytest
 import cloudmodal
 from cloudmodal import App, Cron, Image, Period, Retries, Secret, Volume
 from cloudmodal._context import current_call_id, current_input_id
-from cloudmodal.app import CLS_OPTIONS, FUNCTION_OPTIONS, apply_options
+from cloudmodal.app import CLS_OPTIONS, FUNCTION_OPTIONS
 from cloudmodal.exception import DeprecationError, InvalidError
 from cloudmodal.functions import Cls, Function
 from cloudmodal.gpu import GpuTier
@@ -767,40 +767,6 @@ def test_include_merges_functions_classes_tags_and_secrets():
     assert App().include(other, inherit_tags=False).tags == {}
     with pytest.raises(InvalidError, match="expects a cloudmodal.App"):
         main.include("other")
-
-
-def test_apply_options_for_with_options():
-    app = App()
-    f = app.function(
-        gpu="H100", min_containers=1, max_containers=4, env={"A": "1"}, secrets=[Secret.from_name("a")]
-    )(square)
-    s = apply_options(
-        f.spec, {"gpu": ["L4", "T4"], "cpu": 2, "memory": (512, 1024), "timeout": 60, "max_containers": 8}
-    )
-    assert s.gpu == (GpuTier("L4"), GpuTier("T4")) and (s.cpu, s.memory, s.memory_limit, s.timeout) == (
-        2.0,
-        512,
-        1024,
-        60,
-    )
-    assert s.autoscaler == AutoscalerSettings(1, 8, 0, 60)
-    assert s.name == f.spec.name and f.spec.gpu == (GpuTier("H100"),)  # original untouched
-    inline = Secret.from_dict({"B": "2"})
-    s2 = apply_options(f.spec, {"secrets": [inline], "env": {"C": "3"}, "retries": 2, "region": "us-east-1"})
-    assert s2.secrets == (inline.name,)  # replaced, as in Modal
-    assert dict(s2.env) == {"A": "1", "C": "3"}  # merged
-    assert s2.retries == RetryPolicy(2, 1.0, 1.0, 60.0) and s2.region == ("us-east-1",)
-    assert app.inline_secret_env(s2) == {"B": "2"}  # resolved through the process-wide registry
-    with pytest.raises(InvalidError, match="unexpected keyword argument 'schedule'"):
-        apply_options(f.spec, {"schedule": Period(hours=1)})
-    with pytest.raises(
-        InvalidError, match=r"`min_containers` \(1\) cannot be greater than `max_containers` \(0\)|at least 1"
-    ):
-        apply_options(f.spec, {"max_containers": 0})
-    with pytest.raises(InvalidError, match="cannot be greater"):
-        apply_options(f.spec, {"min_containers": 9})
-    with pytest.raises(InvalidError, match="Generator functions do not support retries"):
-        apply_options(app.function()(countdown).spec, {"retries": 1})
 
 
 # ------------------------------------------------------------------------------------------ module-level API
