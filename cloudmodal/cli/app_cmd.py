@@ -8,12 +8,21 @@ import time
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from cloudmodal.cli.errors import user_errors
+from cloudmodal.cli.tables import WIDE_HELP, Column, print_table
 
 app = typer.Typer(help="Inspect and manage apps.", no_args_is_help=True)
+
+# Ids and names are copied into other commands: whole or not at all. A pool's status line is cut to fit.
+APP_COLUMNS = (
+    Column("App ID"),
+    Column("Name"),
+    Column("State", keep=1),
+    Column("Pools", keep=1, shrink=True),
+    Column("Created", keep=2),
+)
+HISTORY_COLUMNS = (Column("Version", "right"), Column("Deployed", keep=1), Column("Functions", shrink=True))
 
 
 def _session() -> Any:
@@ -45,6 +54,7 @@ def _pool_line(p: dict[str, Any]) -> str:
 def list_apps(
     as_json: bool = typer.Option(False, "--json"),
     all: bool = typer.Option(True, "--all/--running", help="Include stopped apps."),
+    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
     """Apps with their state and a status line per function pool."""
     with user_errors():
@@ -52,19 +62,14 @@ def list_apps(
     if as_json:
         typer.echo(json.dumps(apps, indent=2, default=str))
         return
-    t = Table("App ID", "Name", "State", "Created", "Pools")
+    rows = []
     for a in apps:
         pools = "\n".join(
             _pool_line(p) for p in a.get("pools", []) if "(" not in p["name"] or p["workers"] or p["pending"]
         )
-        t.add_row(
-            a["id"],
-            a["name"],
-            a["state"] + (f" v{a['version']}" if not a["ephemeral"] else ""),
-            _ts(a["created_at"]),
-            pools or "-",
-        )
-    Console().print(t)
+        state = a["state"] + (f" v{a['version']}" if not a["ephemeral"] else "")
+        rows.append([a["id"], a["name"], state, pools or "-", _ts(a["created_at"])])
+    print_table(APP_COLUMNS, rows, wide=wide)
 
 
 @app.command("logs")
@@ -97,17 +102,19 @@ def stop(app_ref: str = typer.Argument(...), yes: bool = typer.Option(False, "--
 
 
 @app.command("history")
-def history(app_ref: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+def history(
+    app_ref: str = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json"),
+    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
+) -> None:
     """Deployments of an app, newest first."""
     with user_errors():
         rows = _session().transport.get(f"/v1/apps/{app_ref}/history")
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
-    t = Table("Version", "Deployed", "Functions")
-    for r in rows:
-        t.add_row(str(r["version"]), _ts(r["created_at"]), ", ".join(r["functions"] or []))
-    Console().print(t)
+    table = [[str(r["version"]), _ts(r["created_at"]), ", ".join(r["functions"] or [])] for r in rows]
+    print_table(HISTORY_COLUMNS, table, wide=wide)
 
 
 @app.command("events")

@@ -7,9 +7,27 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
+
+from cloudmodal.cli.tables import WIDE_HELP, Cell, Column, print_table
 
 DEFAULT_TOP = 20  # rows in the table view; JSON lists every candidate unless --top is given
+
+# What a narrow terminal keeps (keep 0), then adds while there is room: where to launch and what it costs first.
+OFFER_COLUMNS = (
+    Column("#", "right"),
+    Column("cloud"),
+    Column("region/zone"),
+    Column("instance type"),
+    Column("$/h", "right"),
+    Column("market", keep=1),
+    Column("GPUs", keep=2),
+    Column("vCPUs", "right", keep=3),
+    Column("RAM GB", "right", keep=3),
+    Column("tier", keep=4),
+    Column("on-demand $/h", "right", keep=5),
+    Column("spot $/h", "right", keep=5),
+)
 
 
 def _split(values: list[str] | None) -> frozenset[str] | None:
@@ -40,6 +58,7 @@ def offers_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (every candidate unless --top is given)."),
     min_vcpus: float = typer.Option(0.0, "--min-vcpus", min=0, help="Minimum vCPUs of the machine."),
     min_memory: float = typer.Option(0.0, "--min-memory", min=0, help="Minimum RAM of the machine, GB."),
+    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
     """Rank cloud GPU offers for a fallback list of GPU types, cheapest first within each tier."""
     from cloudmodal.exception import Error, InvalidError
@@ -94,43 +113,34 @@ def offers_command(
             highlight=False,
         )
         return
-    t = Table(title=f"Offers for {' → '.join(map(str, tiers))}", title_justify="left")
-    for col, kw in (
-        ("#", {"justify": "right"}),
-        ("tier", {"no_wrap": True}),
-        ("cloud", {"no_wrap": True}),
-        ("region/zone", {"overflow": "fold"}),
-        ("instance type", {"overflow": "fold"}),
-        ("GPUs", {"no_wrap": True}),
-        ("vCPUs", {"justify": "right"}),
-        ("RAM GB", {"justify": "right"}),
-        ("on-demand $/h", {"justify": "right"}),
-        ("spot $/h", {"justify": "right"}),
-        ("market", {"no_wrap": True}),
-    ):
-        t.add_column(col, **kw)
+    rows: list[list[Cell]] = []
     for i, c in enumerate(shown, 1):
         o = c.offer
-        od, sp = _money(o.price_ondemand), _money(o.price_spot)
-        # The price this candidate is ranked by is in bold.
-        if c.market == "spot":
-            sp = f"[bold]{sp}[/bold]"
-        else:
-            od = f"[bold]{od}[/bold]"
-        t.add_row(
-            str(i),
-            str(c.tier),
-            o.cloud,
-            o.location,
-            o.instance_type,
-            f"{o.gpu_count}×{o.gpu}",
-            f"{o.vcpus:g}",
-            f"{o.memory_gb:g}",
-            od,
-            sp,
-            c.market,
+        price = o.price_spot if c.market == "spot" else o.price_ondemand
+        od, sp = Text(_money(o.price_ondemand)), Text(_money(o.price_spot))
+        (sp if c.market == "spot" else od).stylize("bold")  # the price this candidate is ranked by
+        rows.append(
+            [
+                str(i),
+                o.cloud,
+                o.location,
+                o.instance_type,
+                _money(price),
+                c.market,
+                f"{o.gpu_count}×{o.gpu}",
+                f"{o.vcpus:g}",
+                f"{o.memory_gb:g}",
+                str(c.tier),
+                od,
+                sp,
+            ]
         )
-    console.print(t)
     more = len(candidates) - len(shown)
-    if more > 0:
-        console.print(f"{more:,} more; use --top N to see them.", highlight=False)
+    print_table(
+        OFFER_COLUMNS,
+        rows,
+        wide=wide,
+        title=f"Offers for {' → '.join(map(str, tiers))}",
+        notes=[f"{more:,} more; use --top N to see them."] if more > 0 else [],
+        console=console,
+    )

@@ -7,9 +7,22 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
+
+from cloudmodal.cli.tables import WIDE_HELP, Cell, Column, print_table
 
 app = typer.Typer(help="Manage the GPU price catalogs.", no_args_is_help=True)
+
+# A narrow terminal keeps the counts and the start of the GPU list; the source path is in the title's directory.
+INFO_COLUMNS = (
+    Column("cloud"),
+    Column("date", keep=1),
+    Column("offers", "right", keep=1),
+    Column("rows", "right", keep=3),
+    Column("GPU types", keep=2, shrink=True),
+    Column("skipped", keep=4, shrink=True),
+    Column("source", keep=5),
+)
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -68,6 +81,7 @@ def info_command(
     directory: Path = typer.Option(
         None, "--dir", help="Catalog directory (default: $CLOUDMODAL_CATALOG_DIR, else the user cache)."
     ),
+    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
     """Show each cloud's catalog source, date, row and offer counts, and GPU types."""
     from cloudmodal.exception import Error
@@ -87,23 +101,19 @@ def info_command(
         }
         typer.echo(json.dumps(out, indent=2))
         return
-    t = Table(title=f"GPU price catalog: {d}", title_justify="left")
-    for col, kw in (
-        ("cloud", {}),
-        ("date", {}),
-        ("rows", {"justify": "right"}),
-        ("offers", {"justify": "right"}),
-        ("skipped", {}),
-        ("GPU types", {"overflow": "fold"}),
-        ("source", {"overflow": "fold"}),
-    ):
-        t.add_column(col, **kw)  # type: ignore[arg-type]
+    rows: list[list[Cell]] = []
     for s in table.summaries:
-        skipped = "; ".join(f"{n} {why}" for why, n in s.skipped.items())
         if s.error:
-            t.add_row(s.cloud, "", "", "", f"[red]{s.error}[/red]", "", s.source)
+            rows.append([s.cloud, "", "", "", "", Text(s.error, style="red"), s.source])
             continue
-        t.add_row(s.cloud, s.date, f"{s.rows:,}", f"{s.offers:,}", skipped, ", ".join(s.gpu_types), s.source)
-    console = Console()
-    console.print(t)
-    console.print(f"{len(table):,} offers, {len(table.gpu_types())} GPU types.", highlight=False)
+        skipped = "; ".join(f"{n} {why}" for why, n in s.skipped.items())
+        rows.append(
+            [s.cloud, s.date, f"{s.offers:,}", f"{s.rows:,}", ", ".join(s.gpu_types), skipped, s.source]
+        )
+    print_table(
+        INFO_COLUMNS,
+        rows,
+        wide=wide,
+        title=f"GPU price catalog: {d}",
+        notes=[f"{len(table):,} offers, {len(table.gpu_types())} GPU types."],
+    )

@@ -12,14 +12,22 @@ import re
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from cloudmodal.cli.errors import user_errors
+from cloudmodal.cli.tables import WIDE_HELP, Column, print_table
 
 app = typer.Typer(help="Create, list and revoke access tokens of the control plane.", no_args_is_help=True)
 
 _TOKEN_ID = re.compile(r"tk-[A-Za-z0-9]{1,64}")
+# The id is copied into `cloudmodal token revoke`: whole or not at all; the app list is cut to fit.
+TOKEN_COLUMNS = (
+    Column("ID"),
+    Column("Name", keep=1),
+    Column("Kind", keep=1),
+    Column("Apps", keep=2, shrink=True),
+    Column("Revoked", keep=2),
+    Column("Created", keep=3),
+)
 # Stored scopes list a member's apps comma-separated: an app name may not contain one.
 _FORBIDDEN_IN_APP = ","
 
@@ -100,6 +108,7 @@ def create(
 def list_tokens(
     as_json: bool = typer.Option(False, "--json"),
     workers: bool = typer.Option(False, "--workers", help="Also list the workers' own tokens."),
+    wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
     """The control plane's tokens (never the tokens themselves): id, name, kind, apps, created, revoked."""
     with user_errors():
@@ -109,21 +118,20 @@ def list_tokens(
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
-    t = Table()
-    t.add_column("ID", no_wrap=True, min_width=25)  # copied into `cloudmodal token revoke`: keep it whole
-    for title in ("Name", "Kind", "Apps", "Created", "Revoked"):
-        t.add_column(title)
+    table = []
     for r in rows:
         apps = r.get("apps")
-        t.add_row(
-            str(r.get("id", "")),
-            r.get("name") or "-",
-            str(r.get("kind", "")),
-            ", ".join(apps) if apps else ("all" if r.get("kind") != "worker" else "-"),
-            _ts(r.get("created_at")),
-            "yes" if r.get("revoked") else "no",
+        table.append(
+            [
+                str(r.get("id", "")),
+                r.get("name") or "-",
+                str(r.get("kind", "")),
+                ", ".join(apps) if apps else ("all" if r.get("kind") != "worker" else "-"),
+                "yes" if r.get("revoked") else "no",
+                _ts(r.get("created_at")),
+            ]
         )
-    Console().print(t)
+    print_table(TOKEN_COLUMNS, table, wide=wide)
 
 
 @app.command("revoke")
