@@ -16,6 +16,7 @@ from typing import Any, Literal, overload
 
 from cloudmodal import config
 from cloudmodal.client.transport import Transport
+from cloudmodal.client.unsupported import check_app
 from cloudmodal.exception import ExecutionError, InvalidError
 from cloudmodal.ids import new_id
 
@@ -311,6 +312,8 @@ def run_app(
     """Run an app ephemerally: register its functions, keep it alive, stop it (and its workers) at exit."""
     if gpu_fallback not in (None, "cpu"):
         raise InvalidError(f"gpu_fallback must be None or 'cpu', not {gpu_fallback!r}.")
+    # Before anything exists on the control plane (or an embedded one starts).
+    check_app(app, "run")
     allow_cpu = gpu_fallback == "cpu" or os.environ.get("CLOUDMODAL_GPU_FALLBACK") == "cpu"
     session = connect()
     app_id = new_id("ap")
@@ -345,6 +348,7 @@ def deploy(app: Any, *, name: str | None = None, allow_cpu_fallback: bool = Fals
         raise InvalidError(
             'A deployed app needs a name: `cloudmodal.App("my-app")` or `cloudmodal deploy --name NAME`.'
         )
+    check_app(app, "deploy")
     session = current_session()
     assert session is not None
     info = session.transport.post("/v1/apps", {"app_id": new_id("ap"), "name": name, "ephemeral": False})

@@ -1,0 +1,154 @@
+"""Refuse, before anything is registered, to run or deploy an app that declares features the runtime does not
+honour yet.
+
+The spec layer accepts and validates Modal's whole surface so that ported code decorates cleanly and the
+issues that build the runtime have a checked spec to read. But a declared feature nothing acts on is worse
+than an error: a ``schedule=`` that never fires, a volume that mounts nothing, a named secret whose variables
+are missing, a web endpoint nobody serves, a ``startup_timeout`` nobody reads. So
+:func:`check_app` fails the run (or the deployment) at once with a list of each function and feature, unless
+``CLOUDMODAL_ALLOW_INERT=1`` turns the error into a warning for development.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from cloudmodal.exception import InvalidError
+from cloudmodal.secret import inline_secret_registry
+from cloudmodal.spec import FunctionSpec, WebConfig
+
+ALLOW_ENV = "CLOUDMODAL_ALLOW_INERT"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+class InertFeatureWarning(UserWarning):
+    """An app runs with ``CLOUDMODAL_ALLOW_INERT=1`` although it declares features that do nothing yet."""
+
+
+@dataclass(frozen=True)
+class InertUse:
+    """One declared feature of one function (``where``) that the runtime would silently ignore."""
+
+    where: str  # "f", "Model" or "Model.web"
+    feature: str  # as the user wrote it, e.g. "schedule=Period(hours=1)"
+    why: str  # what does not happen, and which issue builds it
+    fix: str  # what to do instead
+
+    def line(self) -> str:
+        return f"  - {self.where}: {self.feature}: {self.why}; {self.fix}."
+
+
+def _schedule_text(wire: dict[str, Any]) -> str:
+    from cloudmodal.schedule import schedule_from_wire
+
+    try:
+        return repr(schedule_from_wire(wire))
+    except Exception:  # validated at decoration; a hand-built spec still deserves a readable message
+        return repr(wire)
+
+
+def _web_uses(where: str, web: WebConfig) -> InertUse:
+    return InertUse(
+        where,
+        f"@{web.kind}",
+        "web endpoints are not served yet (issue 13)",
+        "remove the web decorator and call the function with .remote()",
+    )
+
+
+def inert_uses(spec: FunctionSpec, inline_secret_names: set[str] | frozenset[str]) -> list[InertUse]:
+    """The features ``spec`` declares that nothing implements yet. ``inline_secret_names``: the generated names
+    of inline secrets (``Secret.from_dict`` and friends), which do reach the workers; every other name in
+    ``spec.secrets`` came from ``Secret.from_name``."""
+    name = spec.name
+    out: list[InertUse] = []
+    if spec.schedule is not None:
+        out.append(
+            InertUse(
+                name,
+                f"schedule={_schedule_text(spec.schedule)}",
+                "schedules never fire yet (issue 13)",
+                "remove schedule= and call the function yourself",
+            )
+        )
+    if spec.volumes:
+        mounts = ", ".join(f"{path!r}: Volume.from_name({vol!r})" for path, vol in spec.volumes)
+        out.append(
+            InertUse(
+                name,
+                f"volumes={{{mounts}}}",
+                "volumes mount nothing yet (issue 12)",
+                "remove volumes= and read or write the data another way (e.g. object storage from the function)",
+            )
+        )
+    named = [s for s in spec.secrets if s not in inline_secret_names]
+    if named:
+        out.append(
+            InertUse(
+                name,
+                ", ".join(f"Secret.from_name({s!r})" for s in named),
+                "named secrets resolve to nothing yet (issue 12)",
+                "pass the values inline instead: Secret.from_dict(...), Secret.from_local_environ([...]) or "
+                "Secret.from_dotenv()",
+            )
+        )
+    if spec.web is not None:
+        out.append(_web_uses(name, spec.web))
+    for method, web in spec.web_methods:
+        out.append(_web_uses(f"{name}.{method}", web))
+    if spec.startup_timeout is not None:
+        out.append(
+            InertUse(
+                name,
+                f"startup_timeout={spec.startup_timeout}",
+                "it is not enforced yet",
+                "remove it (timeout= still limits each input)",
+            )
+        )
+    return out
+
+
+def app_inert_uses(app: Any) -> list[InertUse]:
+    """Every inert feature of ``app``'s registered functions and classes, in declaration order."""
+    inline = set(inline_secret_registry())
+    values = getattr(app, "inline_secret_values", None)
+    if values is not None:
+        inline |= set(values())
+    out: list[InertUse] = []
+    for handle in list(app.registered_functions.values()) + list(app.registered_classes.values()):
+        if handle.spec is not None:
+            out += inert_uses(handle.spec, inline)
+    return out
+
+
+def allowed() -> bool:
+    """Whether ``CLOUDMODAL_ALLOW_INERT`` asks to run such apps anyway (read at each check, not at import)."""
+    return os.environ.get(ALLOW_ENV, "").strip().lower() in _TRUE
+
+
+def check_app(app: Any, action: str = "run") -> None:
+    """Raise :class:`InvalidError` if ``app`` declares features that would be silently ignored; with
+    ``CLOUDMODAL_ALLOW_INERT=1``, warn (:class:`InertFeatureWarning`) and return instead. ``action`` ("run" or
+    "deploy") only shapes the message. Call it before the app is created on the control plane."""
+    uses = app_inert_uses(app)
+    if not uses:
+        return
+    label = f"App {app.name!r}" if getattr(app, "name", None) else "This app"
+    lines = "\n".join(u.line() for u in uses)
+    if allowed():
+        warnings.warn(
+            f"{label} declares features that are not implemented yet; {ALLOW_ENV} is set, so they are ignored "
+            f"and the app will {action} without them:\n{lines}",
+            InertFeatureWarning,
+            stacklevel=2,
+        )
+        return
+    raise InvalidError(
+        f"Cannot {action} {label[0].lower() + label[1:]}: it declares features that are not implemented yet "
+        f"and would be silently ignored:\n{lines}\n"
+        f"Remove them and {action} without them. To {action} anyway while developing, with these features "
+        f"ignored, set {ALLOW_ENV}=1 (the error becomes a warning)."
+    )

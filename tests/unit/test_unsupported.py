@@ -1,0 +1,150 @@
+"""Declared-but-inert features (schedules, volumes, named secrets, web endpoints, startup_timeout) are refused
+when an app runs or deploys, naming each function and feature; CLOUDMODAL_ALLOW_INERT=1 makes it a warning.
+The spec layer still accepts them (tests/unit/test_app.py)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import cloudmodal
+from cloudmodal import App, Cron, Period, Secret, Volume
+from cloudmodal.client import session
+from cloudmodal.client.unsupported import ALLOW_ENV, InertFeatureWarning, app_inert_uses, check_app
+from cloudmodal.exception import InvalidError
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def no_args() -> None:
+    pass
+
+
+class Model:
+    @cloudmodal.method()
+    def predict(self, x: int) -> int:
+        return x
+
+    @cloudmodal.asgi_app(label="model-api")
+    def api(self) -> None:
+        pass
+
+
+class Plain:
+    @cloudmodal.method()
+    def predict(self, x: int) -> int:
+        return x
+
+
+@pytest.fixture(autouse=True)
+def _no_escape_hatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+
+
+def _uses(app: App) -> list[tuple[str, str]]:
+    return [(u.where, u.feature) for u in app_inert_uses(app)]
+
+
+def test_each_inert_feature_is_named_with_its_function() -> None:
+    app = App("inert")
+    app.function(name="tick", schedule=Period(hours=1))(no_args)
+    app.function(name="cron", schedule=Cron("0 9 * * 1-5"))(no_args)
+    app.function(name="vol", volumes={"/data": Volume.from_name("weights", create_if_missing=True)})(square)
+    app.function(name="sec", secrets=[Secret.from_name("openai"), Secret.from_dict({"MODE": "prod"})])(square)
+    app.function(name="web")(cloudmodal.fastapi_endpoint(method="POST")(square))
+    app.function(name="srv")(cloudmodal.web_server(8000)(no_args))
+    app.function(name="slow", startup_timeout=60)(square)
+    app.cls()(Model)
+    assert _uses(app) == [
+        ("tick", "schedule=Period(hours=1)"),
+        ("cron", "schedule=Cron('0 9 * * 1-5')"),
+        ("vol", "volumes={'/data': Volume.from_name('weights')}"),
+        ("sec", "Secret.from_name('openai')"),  # the inline secret next to it does reach the workers
+        ("web", "@fastapi_endpoint"),
+        ("srv", "@web_server"),
+        ("slow", "startup_timeout=60"),
+        ("Model.api", "@asgi_app"),
+    ]
+
+
+def test_app_level_secrets_and_volumes_count_for_every_function() -> None:
+    app = App("defaults", secrets=[Secret.from_name("team")], volumes={"/shared": Volume.from_name("shared")})
+    app.function()(square)
+    assert [f for _, f in _uses(app)] == [
+        "volumes={'/shared': Volume.from_name('shared')}",
+        "Secret.from_name('team')",
+    ]
+
+
+def test_what_works_is_accepted() -> None:
+    app = App("fine", secrets=[Secret.from_dict({"A": "1"})])
+    app.function(
+        gpu=["H100", "A100-80GB"],
+        retries=2,
+        timeout=60,
+        secrets=[Secret.from_dict({"B": "2"})],
+        env={"C": "3"},
+    )(square)
+    app.cls(max_containers=2)(Plain)
+    assert _uses(app) == []
+    check_app(app)  # no error, no warning
+
+
+def test_the_error_lists_every_use_and_says_what_to_do() -> None:
+    app = App("inert")
+    app.function(name="tick", schedule=Period(minutes=5), secrets=[Secret.from_name("openai")])(no_args)
+    app.function(name="web")(cloudmodal.fastapi_endpoint()(square))
+    with pytest.raises(InvalidError) as info:
+        check_app(app, "deploy")
+    msg = str(info.value)
+    assert msg.startswith("Cannot deploy app 'inert': it declares features that are not implemented yet")
+    assert (
+        "  - tick: schedule=Period(minutes=5): schedules never fire yet (issue 13); remove schedule=" in msg
+    )
+    assert "  - tick: Secret.from_name('openai'): named secrets resolve to nothing yet (issue 12)" in msg
+    assert "Secret.from_dict(...)" in msg
+    assert "  - web: @fastapi_endpoint: web endpoints are not served yet (issue 13)" in msg
+    assert "Remove them and deploy without them" in msg and f"set {ALLOW_ENV}=1" in msg
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES"])
+def test_escape_hatch_turns_the_error_into_a_warning(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    app = App()
+    app.function(volumes={"/d": Volume.from_name("d")})(square)
+    monkeypatch.setenv(ALLOW_ENV, value)
+    with pytest.warns(
+        InertFeatureWarning, match=re.escape(f"{ALLOW_ENV} is set, so they are ignored")
+    ) as rec:
+        check_app(app)
+    assert "square: volumes={'/d': Volume.from_name('d')}: volumes mount nothing yet (issue 12)" in str(
+        rec[0].message
+    )
+
+
+@pytest.mark.parametrize("value", ["", "0", "no"])
+def test_other_values_do_not_open_the_hatch(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    app = App()
+    app.function(startup_timeout=30)(square)
+    monkeypatch.setenv(ALLOW_ENV, value)
+    with pytest.raises(InvalidError, match="square: startup_timeout=30: it is not enforced yet"):
+        check_app(app)
+
+
+def test_run_and_deploy_refuse_before_touching_a_control_plane(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No control plane is configured: had either got past the check, it would have started an embedded one
+    # (run) or said that none is configured (deploy).
+    def no_plane(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the check must come before any connection")
+
+    monkeypatch.setattr(session, "connect", no_plane)
+    monkeypatch.setattr(session, "current_session", no_plane)
+    app = App("inert")
+    app.function(schedule=Period(hours=1))(no_args)
+    with pytest.raises(InvalidError, match="Cannot run app 'inert'"):
+        with app.run():
+            pass
+    with pytest.raises(InvalidError, match="Cannot deploy app 'inert'"):
+        app.deploy()
