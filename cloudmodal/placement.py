@@ -2,7 +2,9 @@
 
 ``rank(tiers, offers, ...)`` walks the user's GPU tiers in order and returns every launchable
 (offer, market) pair as a ranked :class:`Candidate`; with ``explain=True`` it also returns a
-:class:`Rejection` with a reason for each offer of a requested GPU type that was dropped.
+:class:`Rejection` with a reason for each offer of a requested GPU type that was dropped. ``walk(...)`` is
+the order one launch tries candidates in: ranked afresh whenever a list runs out, skipping what was blocked
+meanwhile (by this launch's failures or another's), at most ``max_tries`` of them.
 
 Matching follows SkyPilot: ``H100:2`` matches offers with exactly 2 H100s; ``ANY:2`` any GPU type, 2 of them.
 Order: tiers in the user's order, cheapest first within a tier, spot and on-demand as separate candidates
@@ -19,10 +21,10 @@ on-demand before spot, then cloud, region, zone and instance type names.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
 from cloudmodal.exception import InvalidError
 from cloudmodal.gpu import GpuTier
@@ -44,7 +46,10 @@ __all__ = [
     "Rejection",
     "SignalLike",
     "rank",
+    "walk",
 ]
+
+T = TypeVar("T")
 
 
 class SignalLike(Protocol):
@@ -430,3 +435,36 @@ def rank(
     if limit is not None:
         ranked = ranked[:limit]
     return Placement(tuple(tiers), policy, tuple(ranked), tuple(rejections or ()))
+
+
+def walk(
+    ranked: Callable[[], Iterable[T]],
+    key: Callable[[T], Hashable],
+    blocked: Callable[[T], bool],
+    max_tries: int,
+) -> Iterator[T]:
+    """The candidates one launch tries, in order, at most ``max_tries`` of them, each at most once.
+
+    ``ranked()`` gives the current ranking (it sees the blocks added so far); ``blocked(c)`` is asked just
+    before ``c`` is yielded, so a class blocked by a failure of this walk, or of a concurrent one sharing the
+    blocks, is skipped for the rest of the list without a try. When a list runs out the walk ranks again, so
+    a tier whose offers were blocked gives way to the next tier within the same walk; it ends when a
+    ranking has nothing left to try. The caller stops iterating once a launch succeeds.
+
+    >>> list(walk(lambda: [1, 2, 3, 4], key=lambda c: c, blocked=lambda c: c == 2, max_tries=2))
+    [1, 3]
+    """
+    tried: set[Hashable] = set()
+    while len(tried) < max_tries:
+        fresh = False
+        for c in ranked():
+            k = key(c)
+            if k in tried or blocked(c):
+                continue
+            tried.add(k)
+            fresh = True
+            yield c
+            if len(tried) >= max_tries:
+                return
+        if not fresh:
+            return

@@ -32,7 +32,7 @@ from cloudmodal.server import models
 from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView, per_worker_target
 from cloudmodal.server.db import Leadership
 from cloudmodal.server.service import LIVE_WORKER_STATES, ControlPlane
-from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState
+from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState, StockoutLog
 from cloudmodal.server.wire_spec import validate_wire_spec
 from cloudmodal.spec import FunctionSpec
 
@@ -44,6 +44,7 @@ W = models.workers
 P = models.pools
 
 MAX_LAUNCH_TRIES = 12  # candidates tried per worker before backing off
+LAUNCH_SPACING_S = (0.05, 1.0)  # between tries on one cloud in one walk: first gap, cap (doubling between)
 STARTUP_GRACE_S = (
     120.0  # a launched worker that never registers is replaced after this (plus startup_timeout)
 )
@@ -105,6 +106,11 @@ class _Choice:
     market: str = "on-demand"
     price: float = 0.0
     key: Any = None
+    tier_index: int = 0  # the tier's place in the function's gpu list
+
+    @property
+    def cloud(self) -> str:
+        return self.offer.cloud if self.offer is not None else self.provider.name
 
     def describe(self) -> str:
         if self.offer is None:
@@ -131,6 +137,13 @@ class Reconciler:
         self.market_policy = MarketPolicy(_market_settings())
         self.market_state: dict[str, PoolMarketState] = {}
         self.blocks = BlockList()
+        self.stockouts = StockoutLog()  # capacity failures by class (GPU type, market, cloud), every pool's
+        # Launch threads of every pool add blocks while others rank: the block list and stockouts are shared.
+        self._block_lock = threading.Lock()
+        # function id -> {spot replacement's worker id: the on-demand worker it replaces, drained once it is ready}
+        self._replacing: dict[str, dict[str, str]] = {}
+        # function id -> the tier its launches last tried (to say when they move on)
+        self._tiers: dict[str, int] = {}
         self.handles: dict[str, tuple[Any, Any]] = {}  # worker id -> (provider, handle)
         self._noticed: set[str] = set()
         self._launching: dict[str, int] = {}
@@ -382,11 +395,18 @@ class Reconciler:
             regions=frozenset(spec.region) or None,
             max_price_per_hour=spec.max_price_per_hour,
         )
-        blocked = frozenset() if ignore_blocks else self.blocks.active(now)
+        if ignore_blocks:
+            blocked: frozenset[Any] = frozenset()
+        else:
+            with self._block_lock:
+                blocked = self.blocks.active(now)
         out: list[_Choice] = []
         for prov in self.clouds:
             placement = rank(spec.gpu, self._table(prov), policy=policy, blocked=blocked, limit=limit)
-            out += [_Choice(prov, c.tier, c.offer, c.market, c.price, c.key) for c in placement.candidates]
+            out += [
+                _Choice(prov, c.tier, c.offer, c.market, c.price, c.key, c.tier_index)
+                for c in placement.candidates
+            ]
         if len(self.clouds) > 1:
             out.sort(key=lambda c: (c.price,))
         return out[:limit]
@@ -401,7 +421,7 @@ class Reconciler:
         out: list[_Choice] = []
         tier = self._local_tier(spec.gpu)
         if tier is not None:
-            out.append(_Choice(self.local, tier))
+            out.append(_Choice(self.local, tier, tier_index=spec.gpu.index(tier)))
         return out + self._cloud_choices(spec, fid, now, force_on_demand=force_on_demand)
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -477,6 +497,7 @@ class Reconciler:
         self, fid: str, fn: Any, spec: FunctionSpec, pending: int, running: int, ws: list[Any], now: float
     ) -> None:
         target = per_worker_target(spec.concurrency, spec.batching)
+        self._settle_replacements(fid, fn, ws)
         floor_ids = self._on_demand_floor(fid, spec, ws)
         views = [
             WorkerView(
@@ -653,21 +674,60 @@ class Reconciler:
         spot = next((c for c in self._cloud_choices(spec, fid, now) if c.market == "spot"), None)
         if spot is None:
             return
+        # Workers whose replacement is on its way are gone, for to_replace (and not replaced twice).
+        leaving = set(self._replacing.get(fid, {}).values())
         for wid in self.market_policy.to_replace(
-            state, [(w.id, w.market, w.price_per_hour) for w in live], spec.min_on_demand, spot.price, now
+            state,
+            [(w.id, w.market, w.price_per_hour) for w in live if w.id not in leaving],
+            spec.min_on_demand,
+            spot.price,
+            now,
         ):
+            new = self._launch(fid, fn, spec)
+            self._replacing.setdefault(fid, {})[new] = wid
             self.cp.event(
                 "pool.rebalance",
-                f"replacing on-demand worker {wid} by spot ({spot.describe()})",
+                f"replacing on-demand worker {wid} by spot ({spot.describe()}): launching {new}; {wid} keeps "
+                "serving until it is ready",
                 app_id=fn[1],
                 function_id=fid,
                 worker_id=wid,
+                replacement=new,
             )
-            self._launch(fid, fn, spec)
-            self.cp.drain_worker(wid, "replaced by a cheaper spot worker")
 
-    def _launch(self, fid: str, fn: Any, spec: FunctionSpec, *, force_on_demand: bool = False) -> None:
-        from cloudmodal.providers.base import LaunchRequest, QuotaExceededError
+    def _settle_replacements(self, fid: str, fn: Any, ws: list[Any]) -> None:
+        """Drain each on-demand worker whose spot replacement is ready (not before: the pool would be short
+        while the replacement boots); forget replacements that failed or stopped first (the worker stays)."""
+        pending = self._replacing.get(fid)
+        if not pending:
+            return
+        by_id = {w.id: w for w in ws}
+        for new, old in list(pending.items()):
+            w = by_id.get(new)
+            state = w.state if w is not None else self.cp.worker_state(new)
+            if state == "starting":
+                continue
+            del pending[new]
+            o = by_id.get(old)
+            if state != "ready" or w is None or w.market != "spot" or o is None:
+                continue  # failed, stopped, scaled down, came up on demand, or the old one is gone already
+            if o.state in ("starting", "ready"):
+                self.cp.drain_worker(old, "replaced by a cheaper spot worker")
+                self.cp.event(
+                    "pool.rebalanced",
+                    f"spot worker {new} is ready: draining on-demand worker {old}",
+                    app_id=fn[1],
+                    function_id=fid,
+                    worker_id=old,
+                    replacement=new,
+                )
+        if not pending:
+            self._replacing.pop(fid, None)
+
+    def _launch(self, fid: str, fn: Any, spec: FunctionSpec, *, force_on_demand: bool = False) -> str:
+        """Start one worker in the background (walking the candidates); returns its worker id."""
+        from cloudmodal.placement import walk
+        from cloudmodal.providers.base import LaunchRequest
 
         app_id = fn[1]
         cpu_fallback = self.cp.secrets.open_env(fn[6]).get("CLOUDMODAL_CPU_FALLBACK") == "1"
@@ -694,21 +754,41 @@ class Reconciler:
         def go() -> None:
             tried: list[str] = []
             try:  # everything, so that a failure anywhere still settles the launch count and the worker row
-                now = time.time()
                 state = self._market(fid)
-                choices = self._choices(spec, fid, cpu_fallback, now, force_on_demand)
-                if len(choices) > 1 or (choices and choices[0].offer is not None):
-                    top = "; ".join(f"{i + 1}) {c.describe()}" for i, c in enumerate(choices[:3]))
-                    self.cp.event(
-                        "placement.ranked",
-                        f"worker {worker_id}: {len(choices)} candidates for gpu={','.join(str(t) for t in spec.gpu)}"
-                        + (" (on-demand floor)" if force_on_demand else "")
-                        + f": {top}",
-                        app_id=app_id,
-                        function_id=fid,
-                        worker_id=worker_id,
-                    )
-                for i, choice in enumerate(choices[:MAX_LAUNCH_TRIES]):
+                ranked_once = False
+
+                def ranked() -> list[_Choice]:
+                    # Ranked afresh whenever the walk runs out of candidates: blocks added meanwhile (by this
+                    # walk or a concurrent one) take the offers and classes out of stock off the list.
+                    nonlocal ranked_once
+                    choices = self._choices(spec, fid, cpu_fallback, time.time(), force_on_demand)
+                    if not ranked_once and (len(choices) > 1 or (choices and choices[0].offer is not None)):
+                        top = "; ".join(f"{i + 1}) {c.describe()}" for i, c in enumerate(choices[:3]))
+                        self.cp.event(
+                            "placement.ranked",
+                            f"worker {worker_id}: {len(choices)} candidates for gpu={','.join(str(t) for t in spec.gpu)}"
+                            + (" (on-demand floor)" if force_on_demand else "")
+                            + f": {top}",
+                            app_id=app_id,
+                            function_id=fid,
+                            worker_id=worker_id,
+                        )
+                    ranked_once = True
+                    return choices
+
+                def blocked(c: _Choice) -> bool:
+                    if c.key is None:
+                        return False
+                    with self._block_lock:
+                        return c.key in self.blocks.active(time.time())
+
+                per_cloud: dict[str, int] = {}  # failed tries of this walk on each cloud
+                for choice in walk(ranked, _choice_key, blocked, MAX_LAUNCH_TRIES):
+                    failures_here = per_cloud.get(choice.cloud, 0)
+                    if failures_here:  # no hot loops on one cloud (clouds rate-limit launches per account)
+                        first, cap = LAUNCH_SPACING_S
+                        time.sleep(min(first * 2 ** (failures_here - 1), cap))
+                    self._note_tier(fid, app_id, spec, choice, worker_id)
                     req = LaunchRequest(
                         worker_id=worker_id,
                         app_id=app_id,
@@ -726,18 +806,11 @@ class Reconciler:
                     try:
                         handle = choice.provider.launch(req)
                     except Error as e:
+                        per_cloud[choice.cloud] = failures_here + 1
                         reason = getattr(e, "reason", None) or type(e).__name__
                         tried.append(f"{choice.describe()}: {reason}")
                         if choice.key is not None:
-                            quota = isinstance(e, QuotaExceededError)
-                            self.market_policy.block_failed_launch(
-                                self.blocks,
-                                choice.key,
-                                time.time(),
-                                f"{type(e).__name__}: {reason}",
-                                quota=quota,
-                                offers=self._table(choice.provider) if quota else (),
-                            )
+                            self._block_after_failure(fid, app_id, choice, e, reason)
                         if choice.market == "spot":
                             msg = self.market_policy.record_spot_failure(state, time.time())
                             if msg:
@@ -745,20 +818,17 @@ class Reconciler:
                         self.cp.event(
                             "launch.failed",
                             f"{choice.describe()}: {type(e).__name__} ({reason}): {e}"
-                            + (
-                                f"; trying the next of {len(choices)} candidates"
-                                if i + 1 < len(choices)
-                                else ""
-                            ),
+                            + ("; trying the next candidate" if len(tried) < MAX_LAUNCH_TRIES else ""),
                             app_id=app_id,
                             function_id=fid,
                             worker_id=worker_id,
                             offer=_offer_dict(choice),
                             reason=reason,
                         )
-                        if i + 1 < len(choices):
-                            time.sleep(min(0.05 * 2**i, 1.0))  # backoff between candidates: no hot loops
                         continue
+                    if choice.key is not None:
+                        with self._block_lock:
+                            self.market_policy.record_launch_success(self.stockouts, choice.key)
                     self._launched(
                         fid, app_id, worker_id, choice, handle, state, cpu_fallback and bool(spec.gpu)
                     )
@@ -793,6 +863,75 @@ class Reconciler:
                         self._od_launching[fid] = max(0, self._od_launching.get(fid, 1) - 1)
 
         self._pool.submit(go)
+        return worker_id
+
+    def _block_after_failure(self, fid: str, app_id: str, choice: _Choice, e: Error, reason: str) -> None:
+        """Block what a failed launch rules out: the offer, its quota scope, and (rule 5 of
+        :mod:`cloudmodal.server.spot`) the class of offers a run of capacity failures shows out of stock."""
+        from cloudmodal.providers.base import NoCapacityError, QuotaExceededError
+
+        now = time.time()
+        quota = isinstance(e, QuotaExceededError)
+        with self._block_lock:
+            self.market_policy.block_failed_launch(
+                self.blocks,
+                choice.key,
+                now,
+                f"{type(e).__name__}: {reason}",
+                quota=quota,
+                offers=self._table(choice.provider) if quota else (),
+            )
+            if not isinstance(e, NoCapacityError):
+                return
+            classes = self.market_policy.record_stockout(
+                self.stockouts, self.blocks, choice.key, now, self._cloud_offers()
+            )
+        for c, until, why in classes:
+            self.cp.event(
+                "placement.class_blocked",
+                f"{c.describe()} blocked for {until - now:.0f} s: {why}; launches skip its offers until then",
+                app_id=app_id,
+                function_id=fid,
+                gpu=c.gpu,
+                market=c.market,
+                cloud=c.cloud,
+                until=until,
+            )
+
+    def _cloud_offers(self) -> list[Any]:
+        """Every offer the enabled clouds sell (what a class block covers)."""
+        return [o for prov in self.clouds for o in self._table(prov).offers]
+
+    def _note_tier(self, fid: str, app_id: str, spec: FunctionSpec, choice: _Choice, worker_id: str) -> None:
+        """Say (once per move) when a pool's launches move on to a later tier, and why: the classes of the
+        earlier tiers that are blocked."""
+        ti = choice.tier_index
+        with self._lock:
+            prev = self._tiers.get(fid, 0)
+            if ti == prev:
+                return
+            self._tiers[fid] = ti
+        if ti < prev or not spec.gpu:  # back to an earlier tier: worker.launched says where
+            return
+        skipped = spec.gpu[:ti]
+        types = {t.type for t in skipped}
+        with self._block_lock:
+            classes = [(c, why) for c, _until, why in self.stockouts.active(time.time()) if c.gpu in types]
+        because = (
+            "; ".join(f"{c.describe()} blocked ({why})" for c, why in classes)
+            or "every candidate of it is blocked or was tried"
+        )
+        self.cp.event(
+            "placement.next_tier",
+            f"worker {worker_id}: gpu {', '.join(str(t) for t in skipped)} is out of stock ({because}); "
+            f"moving on to tier {ti + 1}, {choice.tier}: {choice.describe()}",
+            app_id=app_id,
+            function_id=fid,
+            worker_id=worker_id,
+            tier=str(choice.tier),
+            tier_index=ti,
+            blocked=[c.describe() for c, _ in classes],
+        )
 
     def _launched(
         self,
@@ -928,9 +1067,10 @@ class Reconciler:
         if key is not None and self.market_policy.reclaimed(state, key, now):
             assert offer is not None  # key is only set from an offer
             # One offer keeps losing this pool's workers: treat its spot capacity as gone for a while.
-            until = self.market_policy.block_failed_launch(
-                self.blocks, key, now, "spot capacity keeps being reclaimed"
-            )
+            with self._block_lock:
+                until = self.market_policy.block_failed_launch(
+                    self.blocks, key, now, "spot capacity keeps being reclaimed"
+                )
             self.cp.event(
                 "offer.blocked",
                 f"{offer.cloud} {offer.zone or offer.region} {offer.instance_type} spot blocked for {until - now:.0f} s: its workers keep being preempted",
@@ -998,6 +1138,11 @@ def _cheapest_offers(tiers: tuple[GpuTier, ...], n: int = 3) -> list[str]:
         o = c.offer
         out.append(f"{c.tier} on {o.cloud} {o.region} {o.instance_type}: ${c.price:.2f}/h ({c.market})")
     return out
+
+
+def _choice_key(c: _Choice) -> Any:
+    """What a walk tries at most once: the offer in its market, or the provider and tier without an offer."""
+    return c.key if c.key is not None else (c.provider.name, str(c.tier))
 
 
 def _offer_dict(choice: _Choice) -> dict[str, Any] | None:

@@ -30,6 +30,13 @@ Rules:
    failure blocks every offer of the same cloud, GPU type and market for ``block_quota_s`` (spot and
    on-demand quotas are separate on AWS, GCP and Azure). :class:`BlockList` keeps the entries and hands
    placement the active set.
+5. **Blocked classes.** A GPU type can be out of stock on a whole cloud, or everywhere, and a catalog lists
+   hundreds of offers of it: blocking them one failed launch at a time never reaches the next tier. So
+   :meth:`MarketPolicy.record_stockout` counts capacity failures by class: ``class_stockouts`` distinct offers
+   of one GPU type and market on one cloud failing within ``window_s`` (with no launch of that class
+   succeeding in between) block the class on that cloud, and ``type_stockouts`` such offers on any clouds
+   block the GPU type in that market on every cloud, both for ``block_capacity_s``. A tier then costs at most
+   ``type_stockouts`` failed launches per market before the walk moves on (:meth:`MarketPolicy.tier_bound`).
 
 >>> p, s = MarketPolicy(MarketSettings(failure_threshold=2)), PoolMarketState()
 >>> p.record_spot_failure(s, 0.0) is None, p.record_spot_failure(s, 10.0) is not None
@@ -48,7 +55,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from cloudmodal.exception import InvalidError
 from cloudmodal.pricing.offers import ON_DEMAND, Offer, OfferKey
@@ -62,6 +69,8 @@ __all__ = [
     "MarketSettings",
     "PoolMarketState",
     "SpotMode",
+    "StockoutClass",
+    "StockoutLog",
     "quota_scope",
 ]
 
@@ -95,9 +104,13 @@ class MarketSettings:
     preemption_fraction: float = 0.25  # ... or this fraction of the pool's live spot workers, if more
     replace_margin: float = 0.10  # replace on-demand by spot only when spot is this much cheaper
     replace_interval_s: float = 10.0  # at most one replacement this often
+    # Stockouts by class (rule 5): distinct offers out of capacity within window_s that block a GPU type and
+    # market on one cloud, and on every cloud.
+    class_stockouts: int = 3
+    type_stockouts: int = 6
 
     def __post_init__(self) -> None:
-        for name in ("failure_threshold", "preemption_threshold"):
+        for name in ("failure_threshold", "preemption_threshold", "class_stockouts", "type_stockouts"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InvalidError(f"Invalid MarketSettings.{name} {v!r}: give a whole number ≥ 1.")
@@ -195,6 +208,41 @@ def _prune_preemptions(state: PoolMarketState, since: float) -> int:
         times.popleft()
         offers.popleft()
     return len(times)
+
+
+class StockoutClass(NamedTuple):
+    """Offers of one GPU type in one market, on one cloud (``cloud`` None: on every cloud)."""
+
+    gpu: str
+    market: str
+    cloud: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.gpu} {self.market} on {self.cloud or 'every cloud'}"
+
+
+@dataclass
+class StockoutLog:
+    """Capacity failures by class, and the classes blocked (owned by the caller: one per control plane, since
+    a cloud's stock is the same for every pool). Updated by :meth:`MarketPolicy.record_stockout`."""
+
+    # (cloud, gpu, market) -> offer -> when it last failed; (None, gpu, market) counts every cloud.
+    failures: dict[tuple[str | None, str, str], dict[OfferKey, float]] = field(default_factory=dict)
+    blocked: dict[StockoutClass, tuple[float, str]] = field(default_factory=dict)  # -> (until, reason)
+
+    def active(self, now: float) -> list[tuple[StockoutClass, float, str]]:
+        """Classes blocked at ``now`` as ``(class, until, reason)``; expired ones are dropped."""
+        for c in [c for c, (until, _) in self.blocked.items() if until <= now]:
+            del self.blocked[c]
+        return [(c, until, why) for c, (until, why) in self.blocked.items()]
+
+    def covering(self, key: OfferKey, now: float) -> StockoutClass | None:
+        """The blocked class ``key`` belongs to, if any (the cloud's first, then every cloud's)."""
+        for c in (StockoutClass(key.gpu, key.market, key.cloud), StockoutClass(key.gpu, key.market)):
+            got = self.blocked.get(c)
+            if got is not None and got[0] > now:
+                return c
+        return None
 
 
 class MarketPolicy:
@@ -350,6 +398,59 @@ class MarketPolicy:
             return []
         state.last_replace = now
         return [wid]
+
+    # -- stockouts by class -------------------------------------------------------------------------------
+    def record_stockout(
+        self, log: StockoutLog, blocks: BlockList, key: OfferKey, now: float, offers: Iterable[Offer] = ()
+    ) -> list[tuple[StockoutClass, float, str]]:
+        """A launch of ``key`` failed for capacity (the caller blocks the offer itself with
+        :meth:`block_failed_launch`). Returns the classes this blocks now, as ``(class, until, reason)``; each
+        class's offers among ``offers`` (every offer the caller could launch) go into ``blocks``."""
+        s = self.settings
+        out: list[tuple[StockoutClass, float, str]] = []
+        scopes: tuple[tuple[str | None, int], ...] = (
+            (key.cloud, s.class_stockouts),
+            (None, s.type_stockouts),
+        )
+        offers = list(offers)
+        for cloud, threshold in scopes:
+            c = StockoutClass(key.gpu, key.market, cloud)
+            failed = log.failures.setdefault((cloud, key.gpu, key.market), {})
+            failed[key] = now
+            for k in [k for k, t in failed.items() if t <= now - s.window_s]:
+                del failed[k]
+            if len(failed) < threshold or log.covering(key, now) in (c, StockoutClass(key.gpu, key.market)):
+                continue
+            clouds = sorted({k.cloud for k in failed})
+            reason = (
+                f"{len(failed)} {key.gpu} {key.market} offers out of capacity within {_fmt_s(s.window_s)}"
+                f" on {', '.join(clouds)}"
+            )
+            until = now + s.block_capacity_s
+            failed.clear()  # counted afresh once the block ends
+            log.blocked[c] = (until, reason)
+            scope = [
+                o.key(key.market)
+                for o in offers
+                if o.gpu == key.gpu
+                and (cloud is None or o.cloud == cloud)
+                and o.price(key.market) is not None
+            ]
+            blocks.block_all([key, *scope], until, f"{c.describe()} blocked: {reason}")
+            out.append((c, until, reason))
+        return out
+
+    @staticmethod
+    def record_launch_success(log: StockoutLog, key: OfferKey) -> None:
+        """A launch of ``key`` succeeded: its class is not out of stock, so its failures stop counting."""
+        log.failures.pop((key.cloud, key.gpu, key.market), None)
+        log.failures.pop((None, key.gpu, key.market), None)
+
+    def tier_bound(self, markets: int = 2) -> int:
+        """Failed launches a tier out of stock everywhere costs at most before a walk reaches the next tier
+        (``markets``: how many markets the pool may use), when its launches run one at a time; each launch
+        already on its way when a class is blocked may add one more."""
+        return max(int(markets), 1) * self.settings.type_stockouts
 
     # -- blocking -----------------------------------------------------------------------------------------
     def block_failed_launch(
