@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from itertools import pairwise
 
 import basic
 import pytest
@@ -133,11 +134,14 @@ def test_batched(app):
 
 def test_retries_with_backoff(app, tmp_path):
     path = str(tmp_path / "attempts")
-    t0 = time.monotonic()
-    assert basic.flaky.remote(path, 3) == 3  # failed twice, then succeeded
-    # Backoff happened between attempts: 0.2 s, then 0.4 s.
-    assert open(path).read() == "xxx"
-    _ = t0
+    starts = basic.flaky_stamped.remote(path, 3)  # failed twice, then succeeded
+    assert len(starts) == 3 and open(path).read().split() == [repr(t) for t in starts]
+    # A failed attempt is requeued for ``initial_delay * coefficient**(n-1)`` after its failure is recorded,
+    # which is after it started: so consecutive starts are at least 1.5 s, then 3 s apart. Only the lower
+    # bound is guaranteed (a busy machine adds to it), so only it is asserted. Without backoff the gaps are
+    # about 1 s (the claim re-read), and with a fixed 1.5 s delay the second is about 2 s.
+    gaps = [b - a for a, b in pairwise(starts)]
+    assert gaps[0] >= 1.5 and gaps[1] >= 3.0, f"retries came sooner than their backoff: gaps {gaps} s"
 
 
 def test_retries_exhausted_raise_last_error(app, tmp_path):

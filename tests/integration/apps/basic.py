@@ -76,6 +76,22 @@ def flaky(path: str, succeed_on: int) -> int:
     return n
 
 
+# Delays above the claim handler's 1 s re-read: an input requeued without backoff is found by that re-read,
+# so shorter delays would leave gaps no test could tell from no backoff at all.
+@app.function(retries=cloudmodal.Retries(max_retries=2, backoff_coefficient=2.0, initial_delay=1.5))
+def flaky_stamped(path: str, succeed_on: int) -> list[float]:
+    """Like ``flaky``, but each attempt appends its start time (one line) and success returns them all: the
+    gaps between attempts, which the backoff keeps at least ``initial_delay * backoff_coefficient**(n-1)``."""
+    start = time.time()
+    with open(path, "a+") as f:
+        f.write(f"{start!r}\n")
+        f.seek(0)
+        starts = [float(line) for line in f.read().split()]
+    if len(starts) < succeed_on:
+        raise RuntimeError(f"attempt {len(starts)} failed")
+    return starts
+
+
 @app.function(timeout=2)
 def sleepy(seconds: float) -> str:
     time.sleep(seconds)
