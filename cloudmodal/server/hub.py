@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 
 
 class Hub:
@@ -34,6 +35,17 @@ class Hub:
                 loop.call_soon_threadsafe(_set_all, events)
             except RuntimeError:
                 pass
+
+    def later(self, delay_s: float, fn: Callable[..., object], *args: object) -> None:
+        """Call ``fn(*args)`` on the server's loop in ``delay_s`` seconds (from any thread); nothing before the
+        loop is bound or after it is closed."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(loop.call_later, max(0.0, delay_s), fn, *args)
+        except RuntimeError:
+            pass
 
     def watch(self, key: str, ev: asyncio.Event | None = None) -> asyncio.Event:
         """Register an event (new, or one already watching other keys) to be set when ``key`` is notified."""

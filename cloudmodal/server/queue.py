@@ -214,13 +214,14 @@ class InputQueue:
 
     def complete_rows(
         self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None
-    ) -> tuple[set[str], dict[str, list[list[Any]]]]:
+    ) -> tuple[set[str], dict[str, list[list[Any]]], dict[str, float]]:
         """Record outputs of inputs ``worker_id`` holds (None: the control plane's own, for any input);
         failures with retries left are requeued with backoff. Returns the touched call ids
         and the output rows written, per call, in the form :meth:`fetch_outputs` reads them (``[id, idx,
-        gen_index, status, data, data_blob]``), so waiting callers can be answered without reading them back."""
+        gen_index, status, data, data_blob]``), so waiting callers can be answered without reading them back;
+        and, per function, when the first input requeued for a retry becomes claimable."""
         if not items:
-            return set(), {}
+            return set(), {}, {}
         now = time.time() if now is None else now
         ids = list({it.input_id for it in items})
         written: dict[str, list[list[Any]]] = {}
@@ -268,7 +269,11 @@ class InputQueue:
                 hot.inputs_done(done_ids)
             for input_id, attempt, available_at in requeue:
                 hot.requeue(input_id, attempt, available_at)
-        return {meta[i][1] for i in ids if i in meta}, written
+        retry_at: dict[str, float] = {}  # function id -> when its first requeued input becomes claimable
+        for input_id, _attempt, available_at in requeue:
+            fid = meta[input_id][3]
+            retry_at[fid] = min(available_at, retry_at.get(fid, available_at))
+        return {meta[i][1] for i in ids if i in meta}, written, retry_at
 
     def release_worker(
         self,

@@ -991,11 +991,16 @@ class ControlPlane:
             return conn.execute(select(W.c.state).where(W.c.id == worker_id)).scalar_one_or_none()
 
     def post_outputs(self, worker_id: str, items: list[OutputItem]) -> None:
-        call_ids, written = self.queue.complete_rows(worker_id, items)
+        call_ids, written, retry_at = self.queue.complete_rows(worker_id, items)
         self._deliver(written)
         self.hub.notify(*[f"outputs:{c}" for c in call_ids])
-        if any(it.status in ("failure", "timeout") for it in items):
-            self.hub.notify("reconcile")  # retries with backoff become claimable later
+        if retry_at:
+            self.hub.notify("reconcile")
+            now = _now()
+            for fid, at in retry_at.items():
+                # a retry's backoff ends with nobody announcing it: wake the function's waiting workers then,
+                # rather than leaving it to their periodic re-read (up to a second later)
+                self.hub.later(at - now, self.inputs_pending, fid)
 
     def heartbeat(
         self,
