@@ -32,6 +32,11 @@ def default_settings(state_dir: Path, database_url: str | None = None, **overrid
         ("worker_timeout_s", "CLOUDMODAL_WORKER_TIMEOUT_S"),
         ("heartbeat_s", "CLOUDMODAL_HEARTBEAT_S"),
         ("worker_reconnect_s", "CLOUDMODAL_WORKER_RECONNECT_S"),
+        ("retention_calls_ephemeral_s", "CLOUDMODAL_RETENTION_CALLS_EPHEMERAL_S"),
+        ("retention_calls_deployed_s", "CLOUDMODAL_RETENTION_CALLS_DEPLOYED_S"),
+        ("retention_logs_ephemeral_s", "CLOUDMODAL_RETENTION_LOGS_EPHEMERAL_S"),
+        ("retention_logs_deployed_s", "CLOUDMODAL_RETENTION_LOGS_DEPLOYED_S"),
+        ("retention_interval_s", "CLOUDMODAL_RETENTION_INTERVAL_S"),
     ):
         if os.environ.get(env):
             env_overrides[key] = float(os.environ[env])

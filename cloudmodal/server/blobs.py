@@ -7,6 +7,7 @@ allowed size costs the server a write buffer, not its size in memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -54,6 +55,7 @@ class BlobWriter:
         path = self.store._path(blob_id)
         if path.exists():
             os.unlink(self.tmp)
+            _touch(path)
         else:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.replace(self.tmp, path)
@@ -94,6 +96,7 @@ class BlobStore:
     def put(self, data: bytes) -> str:
         blob_id = blob_id_of(hashlib.sha256(data))
         if self._path(blob_id).exists():
+            _touch(self._path(blob_id))
             return blob_id
         w = BlobWriter(self)
         try:
@@ -133,3 +136,10 @@ class BlobStore:
         if not p.exists():
             raise NotFoundError(f"Blob {blob_id} not found.")
         return p
+
+
+def _touch(path: Path) -> None:
+    """A blob uploaded again is new again: retention (which goes by a file's age once nothing references it)
+    must not delete it before the call that uploaded it refers to it."""
+    with contextlib.suppress(OSError):
+        os.utime(path)

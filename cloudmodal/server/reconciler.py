@@ -31,6 +31,7 @@ from cloudmodal.providers.gpu import summarize
 from cloudmodal.server import models
 from cloudmodal.server.autoscaler import Autoscaler, PoolSnapshot, WorkerView, per_worker_target
 from cloudmodal.server.db import Leadership
+from cloudmodal.server.retention import Pruner
 from cloudmodal.server.service import LIVE_WORKER_STATES, ControlPlane
 from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState, StockoutLog
 from cloudmodal.server.wire_spec import validate_wire_spec
@@ -157,6 +158,7 @@ class Reconciler:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_housekeeping = 0.0
+        self.pruner = Pruner(cp)  # retention: old calls, logs and blobs
         self._lock = threading.Lock()
         self.leadership = Leadership(cp.db)
         self._pool_rows: dict[str, tuple[Any, ...]] = {}  # function id -> what its pool row says now
@@ -431,6 +433,7 @@ class Reconciler:
             self._last_housekeeping = now
             self._step("requeueing expired leases", self._requeue_expired, now)
             self._step("stopping abandoned apps", cp.stop_abandoned_apps)
+            self.pruner.maybe_start(now, self._step)  # about once a minute, on its own thread
         self._step("reaping workers", self._reap, now)
         counts = cp.queue.counts()
         with cp.db.read() as conn:

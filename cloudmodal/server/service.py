@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 
 from cloudmodal.exception import AlreadyExistsError, InvalidError, NotFoundError, PermissionDeniedError
 from cloudmodal.ids import new_id
@@ -72,6 +72,14 @@ class Settings:
     providers: list[str] = field(default_factory=lambda: ["local"])
     # payloads over the inline limit: control planes that share a database must share this too
     blob_dir: Path | None = None  # default: state_dir / "blobs"
+    # retention (cloudmodal/server/retention.py): finished calls (with their inputs, outputs and blobs) are
+    # kept this long after their last activity; logs and events of ephemeral runs this long after they stop,
+    # everyone else's this long after they were written
+    retention_calls_ephemeral_s: float = 86400.0
+    retention_calls_deployed_s: float = 7 * 86400.0
+    retention_logs_ephemeral_s: float = 86400.0
+    retention_logs_deployed_s: float = 30 * 86400.0
+    retention_interval_s: float = 60.0  # how often the reconciling control plane prunes
 
 
 def _now() -> float:
@@ -1193,10 +1201,6 @@ class ControlPlane:
                 if app_id not in self._stop_failed:  # once per app, not every tick
                     self._stop_failed.add(app_id)
                     log.exception("stopping abandoned app %s failed", app_id)
-
-    def purge_logs(self, older_than_s: float) -> None:
-        with self.db.write() as conn:
-            conn.execute(delete(L).where(L.c.ts < _now() - older_than_s))
 
 
 def _view(row: dict[str, Any]) -> dict[str, Any]:
