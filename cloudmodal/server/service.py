@@ -278,13 +278,27 @@ class ControlPlane:
         """The app, if ``who`` may manage or read it (else 404 / 403)."""
         app = self.find_app(name_or_id)
         if not may_use_app(who, app["name"]):
-            raise PermissionDeniedError(f"This token may not use app {app['name']!r}.")
+            raise PermissionDeniedError(
+                f"This token may not use app {app['name']!r}"
+                + (f": it is scoped to apps {', '.join(sorted(who.apps))}." if who.apps else ".")
+                + " `cloudmodal token create --app NAME` makes a token for it."
+            )
         return app
 
     def check_callable(self, who: Identity, function_id: str) -> FunctionFacts:
         facts = self.function_facts(function_id)
         if not who.team_wide and not may_call(who, facts, self._own(who)):
-            raise PermissionDeniedError(f"This token may not call function {function_id}.")
+            raise PermissionDeniedError(
+                f"This token may not call function {function_id} of app {facts.app_name!r}"
+                + (
+                    f": it is scoped to apps {', '.join(sorted(who.apps))}."
+                    if who.apps
+                    else " (a worker calls its own app's functions and deployed apps')."
+                    if who.kind == "worker"
+                    else "."
+                )
+                + " `cloudmodal token create --app NAME` makes a token for it."
+            )
         return facts
 
     def check_call(self, who: Identity, call_id: str) -> str:
