@@ -263,19 +263,13 @@ class Function(_Invocable):
         """A variant of this function with other resources/settings (:data:`cloudmodal.app.WITH_OPTIONS`); it
         gets its own pool of workers. It belongs to the app like the function itself: made at module level, it
         is registered when the app runs or deploys; made while the app runs, at once."""
-        root = self._variant_of or self
-        if root.spec is None or root.app is None or root._build is None:
-            raise InvalidError(
-                f"{self._display_name}.with_options() needs a function decorated with @app.function in this "
-                "program; a function looked up by name keeps the options it was deployed with."
-            )
-        overrides = _merge_overrides(self._overrides, options)
-        spec = root.app._variant_spec(root, overrides, _variant_name(root.spec.name, overrides))
-        variant = Function(spec=spec, app=root.app, raw_f=root.raw_f)
-        variant._variant_of = root
-        variant._overrides = overrides
-        _attach_variant(root, variant)
-        return variant
+        return _make_variant(
+            self,
+            options,
+            f"{self._display_name}.with_options() needs a function decorated with @app.function in this "
+            "program; a function looked up by name keeps the options it was deployed with.",
+            lambda root, spec: Function(spec=spec, app=root.app, raw_f=root.raw_f),
+        )
 
 
 def _merge_overrides(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
@@ -436,19 +430,14 @@ class Cls:
         instances of it run on pools of their own, ``Model.with_options(gpu="L4")(size=2).predict.remote(x)``.
         Registered with the app as ``Function.with_options`` variants are."""
         root = self._variant_of or self
-        if root.spec is None or root.app is None or root._build is None:
-            name = root.spec.name if root.spec else (root._from_name[1] if root._from_name else "Cls")
-            raise InvalidError(
-                f"{name}.with_options() needs a class decorated with @app.cls in this program; a class looked "
-                "up by name keeps the options it was deployed with."
-            )
-        overrides = _merge_overrides(self._overrides, options)
-        spec = root.app._variant_spec(root, overrides, _variant_name(root.spec.name, overrides))
-        variant = Cls(spec=spec, app=root.app, user_cls=root.user_cls)
-        variant._variant_of = root
-        variant._overrides = overrides
-        _attach_variant(root, variant)
-        return variant
+        name = root.spec.name if root.spec else (root._from_name[1] if root._from_name else "Cls")
+        return _make_variant(
+            self,
+            options,
+            f"{name}.with_options() needs a class decorated with @app.cls in this program; a class looked "
+            "up by name keeps the options it was deployed with.",
+            lambda root, spec: Cls(spec=spec, app=root.app, user_cls=root.user_cls),
+        )
 
     def _instance_function(self, params: dict[str, Any]) -> str:
         from cloudmodal.serialization import serialize
@@ -480,6 +469,22 @@ class Cls:
             fid = session.transport.post("/v1/functions", body)["function_id"]
             self._instances[key] = fid
         return fid
+
+
+def _make_variant(handle: Any, options: dict[str, Any], refusal: str, make: Any) -> Any:
+    """A ``with_options`` variant of a decorated function or class ``handle`` (a variant of a variant derives
+    from the same root, its options merged): ``make(root, spec)`` builds the handle, which is attached to the
+    root so the app registers it. ``refusal``: the error for a handle that was not decorated here."""
+    root = handle._variant_of or handle
+    if root.spec is None or root.app is None or root._build is None:
+        raise InvalidError(refusal)
+    overrides = _merge_overrides(handle._overrides, options)
+    spec = root.app._variant_spec(root, overrides, _variant_name(root.spec.name, overrides))
+    variant = make(root, spec)
+    variant._variant_of = root
+    variant._overrides = overrides
+    _attach_variant(root, variant)
+    return variant
 
 
 def _check_params(spec: FunctionSpec, params: dict[str, Any]) -> dict[str, Any]:
