@@ -360,16 +360,11 @@ def build_routes(cp: ControlPlane) -> Router:
         finally:
             cp.hub.unwatch(key, ev)
 
-    def callable_by(who: Identity, function_id: str) -> None:
-        """Team-wide tokens call anything without a look-up (the warm path); others per security.py."""
-        if not who.team_wide:
-            cp.check_callable(who, function_id)
-
     @route("POST", "/v1/calls", "caller", body=CallCreate, websocket=True)
     async def create_call(b: CallCreate, who: Identity) -> dict[str, Any]:
         """Create a call with its inputs; with ``wait`` and one input, also its answer (``.remote()``)."""
-        if not who.team_wide:
-            await run(callable_by, who, b.function_id)
+        if not who.team_wide:  # team-wide tokens call anything without a look-up (the warm path)
+            await run(cp.check_callable, who, b.function_id)
         owner = who.kind == "owner"
         if b.wait <= 0 or len(b.inputs) != 1:
             await short(

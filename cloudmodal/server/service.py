@@ -301,8 +301,8 @@ class ControlPlane:
             )
         return facts
 
-    def check_call(self, who: Identity, call_id: str) -> str:
-        """The call's function id, if ``who`` may read or cancel the call (else 404 / 403)."""
+    def _call_owner(self, call_id: str) -> tuple[str, str | None] | None:
+        """(function id, created by) of a call, None for an unknown one (cached: neither ever changes)."""
         got = self._call_facts.get(call_id)
         if got is None:
             with self.db.read() as conn:
@@ -310,9 +310,16 @@ class ControlPlane:
                     select(CA.c.function_id, CA.c.created_by).where(CA.c.id == call_id)
                 ).first()
             if row is None:
-                raise NotFoundError(f"Function call {call_id!r} not found.")
+                return None
             got = (row[0], row[1])
             self._remember(self._call_facts, call_id, got)
+        return got
+
+    def check_call(self, who: Identity, call_id: str) -> str:
+        """The call's function id, if ``who`` may read or cancel the call (else 404 / 403)."""
+        got = self._call_owner(call_id)
+        if got is None:
+            raise NotFoundError(f"Function call {call_id!r} not found.")
         if who.kind != "owner" and not may_read_call(who, got[1], self.function_facts(got[0])):
             raise PermissionDeniedError(f"This token may not read function call {call_id!r}.")
         return got[0]
@@ -825,14 +832,7 @@ class ControlPlane:
         inputs: list[tuple[int, str | None, bytes | None, str | None]],
         created_by: str | None = None,
     ) -> int:
-        got = self._call_facts.get(call_id)
-        if got is None:
-            with self.db.read() as conn:
-                row = conn.execute(
-                    select(CA.c.function_id, CA.c.created_by).where(CA.c.id == call_id)
-                ).first()
-            got = (row[0], row[1]) if row is not None else None
-        self._same_caller(got, call_id, function_id, created_by)
+        self._same_caller(self._call_owner(call_id), call_id, function_id, created_by)
         with self._handing_off() as assigned, self.db.hot() as hot:
             leftover = self._enqueue(hot, call_id, function_id, inputs, assigned)
         self._inputs_arrived(function_id, wake_claimers=leftover)
