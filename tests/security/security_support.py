@@ -3,17 +3,18 @@ tokens as the reconciler mints them, and waits on the database."""
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
 import msgpack
+import sec_victim
 from sqlalchemy import select
+from support import client_env
 
-from cloudmodal.client import session as session_mod
+from cloudmodal.ids import new_id
 from cloudmodal.server import models
 from cloudmodal.server.app import ServerHandle
 
@@ -67,23 +68,24 @@ def decode(r: httpx.Response) -> Any:
     return msgpack.unpackb(r.content, raw=False) if r.content else None
 
 
-@contextmanager
-def as_client(url: str, token: str) -> Iterator[None]:
+def as_client(url: str, token: str) -> AbstractContextManager[None]:
     """This process's cloudmodal client talks to ``url`` with ``token`` for the duration."""
-    keys = ("CLOUDMODAL_SERVER_URL", "CLOUDMODAL_TOKEN")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["CLOUDMODAL_SERVER_URL"] = url
-    os.environ["CLOUDMODAL_TOKEN"] = token
-    session_mod.disconnect()
-    try:
-        yield
-    finally:
-        session_mod.disconnect()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return client_env(url, token)
+
+
+def make_app_function_call(owner: Api, name: str) -> tuple[str, str, str, dict[str, Any]]:
+    """A deployed app ``name`` with the function ``ping`` and one call of it without inputs (nothing runs):
+    (app id, function id, call id, the function's wire spec), for cases that need ids that exist."""
+    app_id = new_id("ap")
+    assert owner.post("/v1/apps", {"app_id": app_id, "name": name, "ephemeral": False}).status_code == 200
+    spec = sec_victim.ping.spec.to_wire()
+    r = owner.post("/v1/functions", {"app_id": app_id, "name": "ping", "spec": spec, "module": "sec_victim"})
+    assert r.status_code == 200, r.text
+    fid = decode(r)["function_id"]
+    call_id = new_id("fc")
+    r = owner.post("/v1/calls", {"call_id": call_id, "function_id": fid, "kind": "spawn", "inputs": []})
+    assert r.status_code == 200, r.text
+    return app_id, fid, call_id, spec
 
 
 def live_worker_of(handle: ServerHandle, function_id: str, timeout: float = 60.0) -> dict[str, Any]:

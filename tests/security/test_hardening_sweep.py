@@ -18,8 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-import sec_victim
-from security_support import Api, decode, owner_token, until
+from security_support import Api, decode, make_app_function_call, owner_token, until
 from support import start_server
 
 from cloudmodal.client.transport import Transport
@@ -105,17 +104,7 @@ class Known:
 @pytest.fixture(scope="module")
 def known(owner: Api) -> Known:
     """An app, a function and a call (no inputs: nothing runs) for the cases that need real ids."""
-    app_id = new_id("ap")
-    assert (
-        owner.post("/v1/apps", {"app_id": app_id, "name": "sec-sweep", "ephemeral": False}).status_code == 200
-    )
-    spec = sec_victim.ping.spec.to_wire()
-    r = owner.post("/v1/functions", {"app_id": app_id, "name": "ping", "spec": spec, "module": "sec_victim"})
-    assert r.status_code == 200, r.text
-    fid = decode(r)["function_id"]
-    call_id = new_id("fc")
-    r = owner.post("/v1/calls", {"call_id": call_id, "function_id": fid, "kind": "spawn", "inputs": []})
-    assert r.status_code == 200, r.text
+    app_id, fid, call_id, spec = make_app_function_call(owner, "sec-sweep")
     return Known(app_id, fid, call_id, spec)
 
 

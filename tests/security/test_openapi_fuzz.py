@@ -19,13 +19,11 @@ import msgpack
 import pytest
 import requests
 import schemathesis
-import sec_victim
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from security_support import Api, decode, owner_token
+from security_support import Api, decode, make_app_function_call, owner_token
 
-from cloudmodal.ids import new_id
 from cloudmodal.server.app import ServerHandle
 
 EXAMPLES = 10  # per operation, generation mode (positive, negative) and ids (random, real)
@@ -85,17 +83,7 @@ def real_ids(owner: Api) -> dict[str, str]:
     """Ids of objects that exist, for path parameters: random ids mostly stop at a 404, real ones take the
     generated query and body past the look-up. The app is stopped first, so inputs the run sends are refused
     instead of launching workers (reads of it, its function, call and blob still go all the way)."""
-    app_id = new_id("ap")
-    assert (
-        owner.post("/v1/apps", {"app_id": app_id, "name": "sec-fuzz", "ephemeral": False}).status_code == 200
-    )
-    spec = sec_victim.ping.spec.to_wire()
-    r = owner.post("/v1/functions", {"app_id": app_id, "name": "ping", "spec": spec, "module": "sec_victim"})
-    assert r.status_code == 200, r.text
-    fid = decode(r)["function_id"]
-    call_id = new_id("fc")
-    r = owner.post("/v1/calls", {"call_id": call_id, "function_id": fid, "kind": "spawn", "inputs": []})
-    assert r.status_code == 200, r.text
+    app_id, fid, call_id, _ = make_app_function_call(owner, "sec-fuzz")
     r = owner.http.post("/v1/blobs", content=b"fuzz", headers={"content-type": "application/octet-stream"})
     assert r.status_code == 200, r.text
     blob_id = decode(r)["blob_id"]
