@@ -113,6 +113,7 @@ def start(
         if allow_anonymous_loopback:
             argv.append("--allow-anonymous-loopback")
         with config.open_private(log_path, "ab") as log:  # 0600, also if an older version made it 0644
+            log_start = log.tell()
             proc = subprocess.Popen(
                 argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
             )
@@ -123,7 +124,11 @@ def start(
                 typer.echo(f"Control plane running at {ref.url} (pid {proc.pid}); logs in {log_path}.")
                 return
             if proc.poll() is not None:
-                fail(f"The control plane exited with code {proc.returncode}; see {log_path}.")
+                fail(
+                    f"The control plane exited with code {proc.returncode}"
+                    + _log_tail(log_path, log_start)
+                    + f"\n(the whole log: {log_path})"
+                )
             time.sleep(0.1)
         fail(f"The control plane did not start within 30 s; see {log_path}.")
     # Everything this process writes (database, WAL, blobs, worker state) is for this account only.
@@ -135,7 +140,10 @@ def start(
         settings = default_settings(
             home, database_url=database_url, allow_loopback_anonymous=allow_anonymous_loopback
         )
-        handle = ServerHandle(settings, host=host, port=port)
+        handle = ServerHandle(settings, host=host, port=port)  # applies pending migrations (see migrate)
+        upgraded = handle.cp.db.upgraded
+        if upgraded is not None and not upgraded.created:
+            typer.echo(f"{upgraded.describe()}.", err=True)
         _revoke_earlier_owner_token(handle.cp)
         own_token_id = _owner_token_id(handle.cp, handle.token)
         _write_info(
@@ -179,6 +187,72 @@ def start(
                     f.unlink()
             except (OSError, ValueError):
                 pass
+
+
+def _log_tail(path: Any, start: int, lines: int = 15) -> str:
+    """The last lines the control plane wrote to its log since ``start`` (where its error is), as ':\n...'."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            text = fh.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return (":\n" + "\n".join(text.splitlines()[-lines:])) if text else ""
+
+
+@app.command("migrate")
+def migrate(
+    database_url: str | None = typer.Option(
+        None, envvar="CLOUDMODAL_DATABASE_URL", help="SQLAlchemy URL (default: SQLite in CLOUDMODAL_HOME)."
+    ),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="Only say whether the database needs migrating (exit 1 if it does); change nothing.",
+    ),
+) -> None:
+    """Bring the control plane's database to this release's schema (`server start` does it too). Stop the
+    control planes that use it first: they run the previous release's code."""
+    from pathlib import Path
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from cloudmodal.server import migrations
+
+    url = database_url or f"sqlite:///{config.home() / 'cloudmodal.db'}"
+    with user_errors():
+        if check:
+            engine = create_engine(url, poolclass=NullPool)
+            database = engine.url.database
+            if engine.url.get_backend_name() == "sqlite" and not (database and Path(database).exists()):
+                typer.echo(
+                    f"No database at {database}: a control plane creates it at schema revision "
+                    f"{migrations.HEAD} when it starts."
+                )
+                return
+            revision = migrations.stored_revision(engine)
+            engine.dispose()
+            if revision == migrations.HEAD:
+                typer.echo(f"The database is at schema revision {revision}, this release's.")
+                return
+            if revision is not None and migrations.is_newer(revision):
+                fail(migrations.newer_message(revision, ""))
+            typer.echo(
+                f"The database is at schema revision {revision or 'none (0.1.0, or empty)'}; this release "
+                f"needs {migrations.HEAD}: `cloudmodal server migrate` upgrades it."
+            )
+            raise typer.Exit(1)
+        from cloudmodal.server.db import Database
+
+        db = Database(url)
+        db.dispose()
+        if db.upgraded is None:
+            typer.echo(
+                f"The database is at schema revision {migrations.HEAD}, this release's: nothing to do."
+            )
+        else:
+            typer.echo(f"{db.upgraded.describe()}.")
 
 
 @app.command("stop")

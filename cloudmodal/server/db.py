@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 
-from cloudmodal.server import models  # registers the tables
+from cloudmodal.server import migrations, models
 from cloudmodal.server.hotsql import HotStatements, SqliteHotConnection
 
 log = logging.getLogger("cloudmodal.server")
@@ -30,28 +30,36 @@ class Database:
     writes in-process with a lock. PostgreSQL needs no lock (claims use ``FOR UPDATE SKIP LOCKED``).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        """Open the database at ``url`` and make it this release's schema (see :mod:`.migrations`): a new
+        database is created, an older one upgraded (``migrate=False``: refused instead), a newer one
+        refused. ``upgraded`` says what was done (None: the database was at this release's schema)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             self.engine: Engine = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=16, max_overflow=16
             )
+            if not self.engine.url.database or self.engine.url.database == ":memory:":
+                raise ValueError(
+                    "The control plane needs an SQLite database file, not an in-memory database."
+                )
             event.listen(self.engine, "connect", _sqlite_pragmas)
             _private_sqlite_files(self.engine.url.database)
         else:
             models.use_postgresql_partial_indexes()
             self.engine = create_engine(url, pool_size=16, max_overflow=16, pool_pre_ping=True)
         self._write_lock: Any = WriteLock() if self.is_sqlite else contextlib.nullcontext()
-        models.metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
-            models.add_missing_columns(conn)  # databases made by an earlier version
+        try:
+            self.upgraded = migrations.ensure(self.engine, apply=migrate)
+        except BaseException:
+            self.engine.dispose()
+            raise
+        if self.upgraded is not None:
+            log.info("%s", self.upgraded.describe())
         self._hot: SqliteHotConnection | None = None
         if self.is_sqlite:
-            if not self.engine.url.database or self.engine.url.database == ":memory:":
-                raise ValueError(
-                    "The control plane needs an SQLite database file, not an in-memory database."
-                )
+            assert self.engine.url.database is not None
             self._hot = SqliteHotConnection(self.engine.url.database, self._write_lock)
             self._checkpointer = Checkpointer(self.engine.url.database, self._write_lock)
 

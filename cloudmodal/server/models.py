@@ -1,228 +1,242 @@
-"""Control-plane tables, declared with SQLAlchemy Core; every query (hot path or not) is Core on these.
+"""Control-plane tables as SQLModel classes: one typed row class per table, also usable as the read APIs'
+response schemas.
 
-The tables were SQLModel classes until every use turned out to be ``Model.__table__``: SQLModel (and the ORM it
-pulls in) cost a control plane ~100 ms of imports on each start, a sixth of a cold ``cloudmodal run``, for a
-declaration syntax. The columns, types, nullability, defaults and index names are the ones SQLModel derived
-(``tests/server/test_models.py`` pins the DDL), so databases created before the change are used as they are (tables added since, like ``pool``, are
-created on start).
+Queries are SQLAlchemy Core on each class's table (``models.apps`` is ``App.__table__``, and so on), whose
+column names, types, nullability, defaults and index names ``tests/server/test_models.py`` pins. The schema
+changes only through a migration (:mod:`cloudmodal.server.migrations`): ``Database`` upgrades an older
+database on start, and a test checks that these classes and the newest migration agree.
+
+States are stored as plain values (``'running'``, ``0``): the columns are ``str``/``int`` and their defaults
+the values of the enums in :mod:`.states`, which compare equal to what is read back.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Pydantic would evaluate each field's annotation from its string
+# (a compile() per field), which costs a control plane's start more than the classes themselves.
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    Float,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    UniqueConstraint,
-    text,
-)
+from sqlalchemy import JSON, Column, Index, LargeBinary, MetaData, Table, UniqueConstraint, text
+from sqlmodel import Field, SQLModel
+from sqlmodel.main import SQLModelConfig
 
-metadata = MetaData()
-
-_UNSET: Any = object()
+from cloudmodal.server.states import AppState, FunctionState, InputState, OutputStatus, WorkerState
 
 
-def _c(name: str, kind: Any, default: Any = _UNSET, *, null: bool = False, **kw: Any) -> Column[Any]:
-    """A column as SQLModel derived it from a field: NOT NULL unless the field was optional, the field's
-    default as the column's (Python-side) default."""
-    if default is not _UNSET:
-        kw["default"] = default
-    return Column(name, kind, nullable=null, **kw)
+class Row(SQLModel):
+    """The tables' base: Pydantic builds a model's validator when it is first used (a read API's response,
+    ``model_validate``), not when a control plane imports the tables."""
+
+    model_config = SQLModelConfig(from_attributes=True, defer_build=True)
 
 
-def _pk_int() -> Column[Any]:
-    return Column("id", Integer, primary_key=True)
+class Token(Row, table=True):
+    """A bearer token, by the hash of its secret (the token itself is never stored)."""
+
+    id: str = Field(primary_key=True)
+    name: str = ""
+    token_hash: str = Field(index=True, unique=True)  # sha256 hex
+    scope: str = "admin"  # "owner", "member" or "worker:<worker id>" (security.py)
+    created_at: float = 0.0
+    revoked: bool = False
 
 
-def _pk_str() -> Column[Any]:
-    return Column("id", String, primary_key=True)
+class App(Row, table=True):
+    """An app: ephemeral while its client runs it, or deployed (``state``: an :class:`AppState`)."""
+
+    id: str = Field(primary_key=True)
+    name: str = Field(index=True)
+    state: str = AppState.RUNNING.value
+    ephemeral: bool = True
+    created_at: float = 0.0
+    stopped_at: float | None = None
+    client_heartbeat_at: float | None = None
+    version: int = 1
+    description: str = ""
 
 
-tokens = Table(
-    "token",
-    metadata,
-    _pk_str(),
-    _c("name", String, ""),
-    _c("token_hash", String, index=True, unique=True),  # sha256 hex; the token itself is never stored
-    _c("scope", String, "admin"),  # "admin" or "worker:<worker id>"
-    _c("created_at", Float, 0.0),
-    _c("revoked", Boolean, False),
-)
+class Deployment(Row, table=True):
+    """One deployment of an app: its version and the functions it deployed."""
 
-apps = Table(
-    "app",
-    metadata,
-    _pk_str(),
-    _c("name", String, index=True),
-    _c("state", String, "running"),  # running | deployed | stopped
-    _c("ephemeral", Boolean, True),
-    _c("created_at", Float, 0.0),
-    _c("stopped_at", Float, None, null=True),
-    _c("client_heartbeat_at", Float, None, null=True),
-    _c("version", Integer, 1),
-    _c("description", String, ""),
-)
+    id: int | None = Field(default=None, primary_key=True)
+    app_id: str = Field(index=True)
+    version: int = 1
+    created_at: float = 0.0
+    functions: list[str] | None = Field(default=None, sa_column=Column(JSON))
 
-deployments = Table(
-    "deployment",
-    metadata,
-    _pk_int(),
-    _c("app_id", String, index=True),
-    _c("version", Integer, 1),
-    _c("created_at", Float, 0.0),
-    Column("functions", JSON),
-)
 
-functions = Table(
-    "function",
-    metadata,
-    _pk_str(),
-    _c("app_id", String, index=True),
-    _c("name", String),  # "f", "Cls", or "Cls(params-hash)" for a parameterized class instance
-    _c("parent_id", String, None, null=True),  # class function a parameterized instance belongs to
-    Column("spec", JSON),
-    _c("module", String, ""),
-    _c("source_name", String, None, null=True),  # file name of the shipped source
-    _c("source_blob", String, None, null=True),
-    _c("source_dir", String, None, null=True),  # where the source lives on the client's host (local provider)
-    _c("pickled_blob", String, None, null=True),  # serialized=True functions, parameters of class instances
-    Column("inline_env", JSON),
-    _c("definition_hash", String, ""),
-    _c("version", Integer, 1),
-    _c("created_at", Float, 0.0),
-    _c("last_active_at", Float, 0.0),
-    _c("state", String, "active"),  # active | stopped
-)
+class Function(Row, table=True):
+    """A function of an app (``state``: a :class:`FunctionState`), with its wire spec and where its source
+    is."""
 
-calls = Table(
-    "call",
-    metadata,
-    _pk_str(),
-    _c("function_id", String, index=True),
-    _c("app_id", String, index=True),
-    _c("kind", String, "remote"),  # remote | map | spawn | spawn_map | schedule
-    _c("created_at", Float, 0.0),
-    _c("num_inputs", Integer, 0),
-    _c("cancelled", Boolean, False),
+    id: str = Field(primary_key=True)
+    app_id: str = Field(index=True)
+    name: str  # "f", "Cls", or "Cls(params-hash)" for a parameterized class instance
+    parent_id: str | None = None  # class function a parameterized instance belongs to
+    spec: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # wire_spec.FunctionSpec
+    module: str = ""
+    source_name: str | None = None  # file name of the shipped source
+    source_blob: str | None = None
+    source_dir: str | None = None  # where the source lives on the client's host (local provider)
+    pickled_blob: str | None = None  # serialized=True functions, parameters of class instances
+    inline_env: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
+    definition_hash: str = ""
+    version: int = 1
+    created_at: float = 0.0
+    last_active_at: float = 0.0
+    state: str = FunctionState.ACTIVE.value
+
+
+class Call(Row, table=True):
+    """One ``.remote()``, ``.map()``, ``.spawn()``… of a function: a batch of inputs."""
+
+    id: str = Field(primary_key=True)
+    function_id: str = Field(index=True)
+    app_id: str = Field(index=True)
+    kind: str = "remote"  # remote | map | spawn | spawn_map | schedule
+    created_at: float = 0.0
+    num_inputs: int = 0
+    cancelled: bool = False
     # who made the call: a token id, or "worker:<id>" for a nested call (only they, and the team-wide
     # identities, read its outputs); NULL for calls made before calls had owners
-    _c("created_by", String, None, null=True),
-)
+    created_by: str | None = None
 
-inputs = Table(
-    "input",
-    metadata,
-    _pk_int(),
-    _c("call_id", String),
-    _c("function_id", String),
-    _c("idx", Integer),
-    _c("method", String, None, null=True),
-    Column("args", LargeBinary),
-    _c("args_blob", String, None, null=True),
-    _c("state", Integer, 0),  # 0 pending, 1 claimed, 2 done
-    _c("attempts", Integer, 0),  # retries consumed by user exceptions and timeouts
-    _c("crashes", Integer, 0),  # worker deaths while running it (never counted against Retries)
-    _c("worker_id", String, None, null=True),
-    _c("lease_expires", Float, 0.0),
-    _c("available_at", Float, 0.0),
-    _c("created_at", Float, 0.0),
-    UniqueConstraint("call_id", "idx"),
-    # Partial indexes: only unfinished inputs are ever looked up by state, and finished ones pile up.
-    Index("ix_input_pending", "function_id", "id", sqlite_where=text("state = 0")),
-    Index("ix_input_open", "function_id", "state", sqlite_where=text("state < 2")),
-    Index("ix_input_call", "call_id", "state"),
-    Index("ix_input_worker", "worker_id", "state"),
-)
 
-outputs = Table(
-    "output",
-    metadata,
-    _pk_int(),
-    _c("input_id", Integer),
-    _c("call_id", String),
-    _c("idx", Integer),
-    _c("gen_index", Integer, -1),  # -1: the input's final output; 0..n: generator items
-    _c("status", String, "success"),  # success | failure | timeout | crashed | cancelled | gen_item
-    Column("data", LargeBinary),
-    _c("data_blob", String, None, null=True),
-    _c("created_at", Float, 0.0),
-    UniqueConstraint("input_id", "gen_index"),
-    Index("ix_output_call", "call_id", "id"),
-)
+class Input(Row, table=True):
+    """One input of a call, in the durable queue (``state``: an :class:`InputState`)."""
 
-workers = Table(
-    "worker",
-    metadata,
-    _pk_str(),
-    _c("app_id", String, index=True),
-    _c("function_id", String, index=True),
-    _c("provider", String, "local"),
-    _c("instance_id", String, ""),
-    _c("state", String, "starting"),  # starting | ready | draining | stopped
-    _c("function_version", Integer, 1),
-    _c("started_at", Float, 0.0),
-    _c("ready_at", Float, None, null=True),
-    _c("last_heartbeat", Float, 0.0),
-    _c("idle_since", Float, None, null=True),
-    _c("in_flight", Integer, 0),
-    _c("stopped_at", Float, None, null=True),
-    _c("stop_reason", String, None, null=True),
-    Column("offer", JSON),
-    _c("market", String, "on-demand"),
-    _c("price_per_hour", Float, 0.0),
-    _c("gpu", String, None, null=True),
-    _c("host", String, ""),
-    _c("pid", Integer, None, null=True),
-)
+    __table_args__ = (
+        UniqueConstraint("call_id", "idx"),
+        # Partial indexes: only unfinished inputs are ever looked up by state, and finished ones pile up.
+        # PostgreSQL's WHERE is added by use_postgresql_partial_indexes().
+        Index("ix_input_pending", "function_id", "id", sqlite_where=text("state = 0")),
+        Index("ix_input_open", "function_id", "state", sqlite_where=text("state < 2")),
+        Index("ix_input_call", "call_id", "state"),
+        Index("ix_input_worker", "worker_id", "state"),
+    )
 
-pools = Table(
-    "pool",
-    metadata,
-    Column("function_id", String, primary_key=True),  # a function's workers are its pool
-    _c("app_id", String, index=True),
-    _c("desired", Integer, 0),  # the autoscaler's last decision
-    _c("workers", Integer, 0),  # live workers at that decision
-    _c("reason", String, ""),
-    _c("fallen_back", Boolean, False),  # on on-demand because spot kept failing (see market_state)
-    Column("market_state", JSON),  # spot.PoolMarketState.to_wire(): kept across restarts and take-overs
-    _c("updated_at", Float, 0.0),
-)
+    id: int | None = Field(default=None, primary_key=True)
+    call_id: str
+    function_id: str
+    idx: int
+    method: str | None = None
+    args: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    args_blob: str | None = None
+    state: int = InputState.PENDING.value
+    attempts: int = 0  # retries consumed by user exceptions and timeouts
+    crashes: int = 0  # worker deaths while running it (never counted against Retries)
+    worker_id: str | None = None
+    lease_expires: float = 0.0
+    available_at: float = 0.0
+    created_at: float = 0.0
 
-events = Table(
-    "event",
-    metadata,
-    _pk_int(),
-    _c("app_id", String, None, null=True),
-    _c("function_id", String, None, null=True),
-    _c("ts", Float, 0.0),
-    _c("kind", String, ""),
-    _c("message", String, ""),
-    Column("data", JSON),
-    Index("ix_event_app", "app_id", "id"),
-)
 
-logs = Table(
-    "log",
-    metadata,
-    _pk_int(),
-    _c("app_id", String, ""),
-    _c("function_id", String, None, null=True),
-    _c("worker_id", String, None, null=True),
-    _c("call_id", String, None, null=True),
-    _c("stream", String, "stdout"),
-    _c("ts", Float, 0.0),
-    _c("text", String, ""),
-    Index("ix_log_app", "app_id", "id"),
-)
+class Output(Row, table=True):
+    """An input's result (``gen_index`` -1), or one item of a generator (``status``: an
+    :class:`OutputStatus`)."""
+
+    __table_args__ = (
+        UniqueConstraint("input_id", "gen_index"),
+        Index("ix_output_call", "call_id", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    input_id: int
+    call_id: str
+    idx: int
+    gen_index: int = -1  # -1: the input's final output; 0..n: generator items
+    status: str = OutputStatus.SUCCESS.value
+    data: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    data_blob: str | None = None
+    created_at: float = 0.0
+
+
+class Worker(Row, table=True):
+    """A worker of a function's pool, from launch to stop (``state``: a :class:`WorkerState`)."""
+
+    id: str = Field(primary_key=True)
+    app_id: str = Field(index=True)
+    function_id: str = Field(index=True)
+    provider: str = "local"
+    instance_id: str = ""
+    state: str = WorkerState.STARTING.value
+    function_version: int = 1
+    started_at: float = 0.0
+    ready_at: float | None = None
+    last_heartbeat: float = 0.0
+    idle_since: float | None = None
+    in_flight: int = 0
+    stopped_at: float | None = None
+    stop_reason: str | None = None
+    offer: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    market: str = "on-demand"
+    price_per_hour: float = 0.0
+    gpu: str | None = None
+    host: str = ""
+    pid: int | None = None
+
+
+class Pool(Row, table=True):
+    """A function's workers as a pool: the autoscaler's last decision and the pool's spot market history."""
+
+    function_id: str = Field(primary_key=True)
+    app_id: str = Field(index=True)
+    desired: int = 0  # the autoscaler's last decision
+    workers: int = 0  # live workers at that decision
+    reason: str = ""
+    fallen_back: bool = False  # on on-demand because spot kept failing (see market_state)
+    # spot.PoolMarketState.to_wire(): kept across restarts and take-overs
+    market_state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    updated_at: float = 0.0
+
+
+class Event(Row, table=True):
+    """Something an app's user should be able to see happened (``cloudmodal app events``)."""
+
+    __table_args__ = (Index("ix_event_app", "app_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    app_id: str | None = None
+    function_id: str | None = None
+    ts: float = 0.0
+    kind: str = ""
+    message: str = ""
+    data: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class Log(Row, table=True):
+    """A line a worker printed (``cloudmodal app logs``)."""
+
+    __table_args__ = (Index("ix_log_app", "app_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    app_id: str = ""
+    function_id: str | None = None
+    worker_id: str | None = None
+    call_id: str | None = None
+    stream: str = "stdout"
+    ts: float = 0.0
+    text: str = ""
+
+
+metadata: MetaData = SQLModel.metadata
+
+
+def _table(model: type[Row]) -> Table:
+    table: Table = model.__table__  # type: ignore[attr-defined]  # set by SQLAlchemy's mapping
+    return table
+
+
+# The tables, for SQLAlchemy Core queries.
+tokens = _table(Token)
+apps = _table(App)
+deployments = _table(Deployment)
+functions = _table(Function)
+calls = _table(Call)
+inputs = _table(Input)
+outputs = _table(Output)
+workers = _table(Worker)
+pools = _table(Pool)
+events = _table(Event)
+logs = _table(Log)
 
 
 def use_postgresql_partial_indexes() -> None:
@@ -233,31 +247,3 @@ def use_postgresql_partial_indexes() -> None:
         where = index.dialect_options["sqlite"]["where"]
         if where is not None:
             index.dialect_kwargs["postgresql_where"] = where
-
-
-def add_missing_columns(conn: Any) -> list[str]:
-    """Add the nullable columns a database created by an earlier version lacks (``create_all`` creates missing
-    tables only). Returns ``table.column`` for each column added.
-
-    The schema has grown by nullable columns only so far; a change of type or constraint needs a real
-    migration tool, which this is not."""
-    from sqlalchemy import inspect
-
-    insp = inspect(conn)
-    added = []
-    for table in metadata.sorted_tables:
-        if not insp.has_table(table.name):
-            continue
-        have = {c["name"] for c in insp.get_columns(table.name)}
-        for col in table.columns:
-            if col.name in have:
-                continue
-            if not col.nullable:
-                raise RuntimeError(
-                    f"The database lacks column {table.name}.{col.name}, which cannot be added in place: "
-                    "migrate it, or start with a new database."
-                )
-            kind = col.type.compile(dialect=conn.dialect)
-            conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{col.name}" {kind}'))
-            added.append(f"{table.name}.{col.name}")
-    return added

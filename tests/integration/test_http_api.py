@@ -70,6 +70,8 @@ def test_routing_and_query_errors(locked: ServerHandle) -> None:
     assert (r.status_code, r.json()) == (404, {"detail": "Not Found"})
     r = httpx.get(locked.url + "/v1/calls", headers=h)  # the path exists for POST only
     assert (r.status_code, r.json()) == (405, {"detail": "Method Not Allowed"})
+    r = httpx.get(locked.url + "/v1/apps/", headers=h)  # not redirected to /v1/apps
+    assert (r.status_code, r.json()) == (404, {"detail": "Not Found"})
     r = httpx.get(locked.url + "/v1/apps", params={"limit": "many"}, headers=h)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "limit"]
     r = httpx.get(locked.url + "/v1/functions/lookup", headers=h)  # `name` is required
@@ -115,9 +117,14 @@ def test_websocket_routes_authenticate_at_the_handshake(locked: ServerHandle) ->
         ws.send(b"\xc1garbage")  # a bad message gets an error reply; the socket stays open
         reply = msgpack.unpackb(ws.recv(timeout=10), raw=False)
         assert reply["status"] == 400 and "Bad request body" in reply["error"]["message"]
-    with pytest.raises(InvalidStatus) as e:
-        ws_connect(ws_url + "/v1/apps", additional_headers=bearer(admin)).close()  # not a WebSocket route
-    assert e.value.response.status_code == 404
+    for path in ("/v1/apps", "/v1/nothing-here"):  # not a WebSocket route; no route at all
+        with pytest.raises(InvalidStatus) as e:
+            ws_connect(ws_url + path, additional_headers=bearer(admin)).close()
+        assert e.value.response.status_code == 404
+        assert json.loads(e.value.response.body or b"{}") == {"detail": "Not Found"}, path
+    with pytest.raises(InvalidStatus) as e:  # an id that cannot exist: refused before authentication
+        ws_connect(ws_url + "/v1/workers/..wk/claim").close()
+    assert e.value.response.status_code == 404 and b"Invalid worker_id" in (e.value.response.body or b"")
 
 
 def test_blob_over_the_limit_is_refused_from_its_header(locked: ServerHandle) -> None:
@@ -151,7 +158,7 @@ LEAN_START = textwrap.dedent(
     if __name__ == "__main__":
         with run_app(app, show_logs=False) as running:
             result = double.remote(21)
-            heavy = ["fastapi", "sqlmodel", "sqlalchemy.orm", "sqlalchemy.dialects.postgresql", "pynvml"]
+            heavy = ["fastapi", "alembic", "sqlalchemy.dialects.postgresql", "pynvml"]
             loaded = [m for m in heavy if m in sys.modules]
             import httpx
             url = running.session.transport.url
@@ -162,9 +169,10 @@ LEAN_START = textwrap.dedent(
 )
 
 
-def test_embedded_start_imports_no_web_framework_or_orm(tmp_path: Path) -> None:
+def test_embedded_start_imports_no_web_framework_or_migration_tool(tmp_path: Path) -> None:
     """A cold start pays for what it uses: the embedded control plane serves its first call without
-    importing FastAPI, an ORM, the PostgreSQL dialect or NVML; ``/openapi.json`` still works (built then)."""
+    importing FastAPI, alembic (a new database needs no migration), the PostgreSQL dialect or NVML;
+    ``/openapi.json`` still works (built then)."""
     script = tmp_path / "lean.py"
     script.write_text(LEAN_START)
     out = subprocess.run(

@@ -1,7 +1,7 @@
 """The control-plane schema is pinned: DDL and column defaults on both databases match the files in
-``data/`` (the schema SQLModel derived before the tables became SQLAlchemy Core, so databases created then
-are used as they are). Regenerate deliberately with ``python tests/server/test_models.py`` after a schema
-change, and say in the commit how existing databases are migrated."""
+``data/``. A change to them is a schema change: it needs a migration (``python -m cloudmodal.server.migrations
+new "..."``, see :mod:`cloudmodal.server.migrations`), then regenerate these files deliberately with ``python
+tests/server/test_models.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import MetaData, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateIndex, CreateTable
 
@@ -19,9 +19,9 @@ from cloudmodal.server.db import Database
 DATA = Path(__file__).parent / "data"
 
 
-def schema(dialect: object) -> str:
+def schema(dialect: object, metadata: MetaData = models.metadata) -> str:
     out = []
-    for t in sorted(models.metadata.tables.values(), key=lambda t: t.name):
+    for t in sorted(metadata.tables.values(), key=lambda t: t.name):
         out.append(str(CreateTable(t).compile(dialect=dialect)).strip() + ";")
         for ix in sorted(t.indexes, key=lambda i: str(i.name)):
             out.append(str(CreateIndex(ix).compile(dialect=dialect)).strip() + ";")

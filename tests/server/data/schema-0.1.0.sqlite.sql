@@ -1,0 +1,213 @@
+CREATE TABLE app (
+	id VARCHAR NOT NULL, 
+	name VARCHAR NOT NULL, 
+	state VARCHAR NOT NULL, 
+	ephemeral BOOLEAN NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	stopped_at FLOAT, 
+	client_heartbeat_at FLOAT, 
+	version INTEGER NOT NULL, 
+	description VARCHAR NOT NULL, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX ix_app_name ON app (name);
+-- default app.state = 'running'
+-- default app.ephemeral = True
+-- default app.created_at = 0.0
+-- default app.version = 1
+-- default app.description = ''
+CREATE TABLE call (
+	id VARCHAR NOT NULL, 
+	function_id VARCHAR NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	kind VARCHAR NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	num_inputs INTEGER NOT NULL, 
+	cancelled BOOLEAN NOT NULL, 
+	created_by VARCHAR, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX ix_call_app_id ON call (app_id);
+CREATE INDEX ix_call_function_id ON call (function_id);
+-- default call.kind = 'remote'
+-- default call.created_at = 0.0
+-- default call.num_inputs = 0
+-- default call.cancelled = False
+CREATE TABLE deployment (
+	id INTEGER NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	version INTEGER NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	functions JSON, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX ix_deployment_app_id ON deployment (app_id);
+-- default deployment.version = 1
+-- default deployment.created_at = 0.0
+CREATE TABLE event (
+	id INTEGER NOT NULL, 
+	app_id VARCHAR, 
+	function_id VARCHAR, 
+	ts FLOAT NOT NULL, 
+	kind VARCHAR NOT NULL, 
+	message VARCHAR NOT NULL, 
+	data JSON, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX ix_event_app ON event (app_id, id);
+-- default event.ts = 0.0
+-- default event.kind = ''
+-- default event.message = ''
+CREATE TABLE function (
+	id VARCHAR NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	name VARCHAR NOT NULL, 
+	parent_id VARCHAR, 
+	spec JSON, 
+	module VARCHAR NOT NULL, 
+	source_name VARCHAR, 
+	source_blob VARCHAR, 
+	source_dir VARCHAR, 
+	pickled_blob VARCHAR, 
+	inline_env JSON, 
+	definition_hash VARCHAR NOT NULL, 
+	version INTEGER NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	last_active_at FLOAT NOT NULL, 
+	state VARCHAR NOT NULL, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX ix_function_app_id ON function (app_id);
+-- default function.module = ''
+-- default function.definition_hash = ''
+-- default function.version = 1
+-- default function.created_at = 0.0
+-- default function.last_active_at = 0.0
+-- default function.state = 'active'
+CREATE TABLE input (
+	id INTEGER NOT NULL, 
+	call_id VARCHAR NOT NULL, 
+	function_id VARCHAR NOT NULL, 
+	idx INTEGER NOT NULL, 
+	method VARCHAR, 
+	args BLOB, 
+	args_blob VARCHAR, 
+	state INTEGER NOT NULL, 
+	attempts INTEGER NOT NULL, 
+	crashes INTEGER NOT NULL, 
+	worker_id VARCHAR, 
+	lease_expires FLOAT NOT NULL, 
+	available_at FLOAT NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	PRIMARY KEY (id), 
+	UNIQUE (call_id, idx)
+);
+CREATE INDEX ix_input_call ON input (call_id, state);
+CREATE INDEX ix_input_open ON input (function_id, state) WHERE state < 2;
+CREATE INDEX ix_input_pending ON input (function_id, id) WHERE state = 0;
+CREATE INDEX ix_input_worker ON input (worker_id, state);
+-- default input.state = 0
+-- default input.attempts = 0
+-- default input.crashes = 0
+-- default input.lease_expires = 0.0
+-- default input.available_at = 0.0
+-- default input.created_at = 0.0
+CREATE TABLE log (
+	id INTEGER NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	function_id VARCHAR, 
+	worker_id VARCHAR, 
+	call_id VARCHAR, 
+	stream VARCHAR NOT NULL, 
+	ts FLOAT NOT NULL, 
+	text VARCHAR NOT NULL, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX ix_log_app ON log (app_id, id);
+-- default log.app_id = ''
+-- default log.stream = 'stdout'
+-- default log.ts = 0.0
+-- default log.text = ''
+CREATE TABLE output (
+	id INTEGER NOT NULL, 
+	input_id INTEGER NOT NULL, 
+	call_id VARCHAR NOT NULL, 
+	idx INTEGER NOT NULL, 
+	gen_index INTEGER NOT NULL, 
+	status VARCHAR NOT NULL, 
+	data BLOB, 
+	data_blob VARCHAR, 
+	created_at FLOAT NOT NULL, 
+	PRIMARY KEY (id), 
+	UNIQUE (input_id, gen_index)
+);
+CREATE INDEX ix_output_call ON output (call_id, id);
+-- default output.gen_index = -1
+-- default output.status = 'success'
+-- default output.created_at = 0.0
+CREATE TABLE pool (
+	function_id VARCHAR NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	desired INTEGER NOT NULL, 
+	workers INTEGER NOT NULL, 
+	reason VARCHAR NOT NULL, 
+	fallen_back BOOLEAN NOT NULL, 
+	market_state JSON, 
+	updated_at FLOAT NOT NULL, 
+	PRIMARY KEY (function_id)
+);
+CREATE INDEX ix_pool_app_id ON pool (app_id);
+-- default pool.desired = 0
+-- default pool.workers = 0
+-- default pool.reason = ''
+-- default pool.fallen_back = False
+-- default pool.updated_at = 0.0
+CREATE TABLE token (
+	id VARCHAR NOT NULL, 
+	name VARCHAR NOT NULL, 
+	token_hash VARCHAR NOT NULL, 
+	scope VARCHAR NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	revoked BOOLEAN NOT NULL, 
+	PRIMARY KEY (id)
+);
+CREATE UNIQUE INDEX ix_token_token_hash ON token (token_hash);
+-- default token.name = ''
+-- default token.scope = 'admin'
+-- default token.created_at = 0.0
+-- default token.revoked = False
+CREATE TABLE worker (
+	id VARCHAR NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	function_id VARCHAR NOT NULL, 
+	provider VARCHAR NOT NULL, 
+	instance_id VARCHAR NOT NULL, 
+	state VARCHAR NOT NULL, 
+	function_version INTEGER NOT NULL, 
+	started_at FLOAT NOT NULL, 
+	ready_at FLOAT, 
+	last_heartbeat FLOAT NOT NULL, 
+	idle_since FLOAT, 
+	in_flight INTEGER NOT NULL, 
+	stopped_at FLOAT, 
+	stop_reason VARCHAR, 
+	offer JSON, 
+	market VARCHAR NOT NULL, 
+	price_per_hour FLOAT NOT NULL, 
+	gpu VARCHAR, 
+	host VARCHAR NOT NULL, 
+	pid INTEGER, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX ix_worker_app_id ON worker (app_id);
+CREATE INDEX ix_worker_function_id ON worker (function_id);
+-- default worker.provider = 'local'
+-- default worker.instance_id = ''
+-- default worker.state = 'starting'
+-- default worker.function_version = 1
+-- default worker.started_at = 0.0
+-- default worker.last_heartbeat = 0.0
+-- default worker.in_flight = 0
+-- default worker.market = 'on-demand'
+-- default worker.price_per_hour = 0.0
+-- default worker.host = ''
