@@ -1,6 +1,6 @@
 """HTTP API of the control plane: the route table. Bodies are msgpack (binary payloads travel as raw bytes,
 never base64); request models are pydantic, and the OpenAPI schema at ``/openapi.json`` documents every route
-(see :mod:`cloudmodal.server.router`, which serves the table)."""
+(see :mod:`cloudmodal.server.router`, which serves the table on Starlette)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 from cloudmodal import exception as exc
 from cloudmodal.server.auth import is_loopback
 from cloudmodal.server.blobs import INLINE_LIMIT, MAX_BLOB_SIZE
+from cloudmodal.server.http_body import BodyStream
+from cloudmodal.server.http_errors import HTTPError
 from cloudmodal.server.limits import (
     INT32_MAX,
     SMALL_BODY,
@@ -35,7 +37,7 @@ from cloudmodal.server.limits import (
     bounded_depth,
 )
 from cloudmodal.server.queue import OutputItem
-from cloudmodal.server.router import BodyStream, HTTPError, Raw, RawFile, Route, Router
+from cloudmodal.server.router import Raw, RawFile, Route, TableApp
 from cloudmodal.server.security import Access, Identity, identity_for, member_scope
 from cloudmodal.server.service import ControlPlane, OutputMailbox, ParkedClaim
 
@@ -208,12 +210,12 @@ class Stopped(BaseModel):
     crashed: bool = False
 
 
-def build_asgi(cp: ControlPlane) -> Router:
-    """The ASGI application to serve: :func:`build_routes` behind a :class:`Router`."""
+def build_asgi(cp: ControlPlane) -> TableApp:
+    """The ASGI application to serve: :func:`build_routes`' table on Starlette."""
     return build_routes(cp)
 
 
-def build_routes(cp: ControlPlane) -> Router:
+def build_routes(cp: ControlPlane) -> TableApp:
     def authenticate(header: str, client: str | None) -> Identity:
         """The identity of the request's bearer token; anonymous loopback acts as the owner only where the
         server was explicitly started so (``--allow-anonymous-loopback``)."""
@@ -268,77 +270,77 @@ def build_routes(cp: ControlPlane) -> Router:
     async def create_app(b: AppCreate, who: Identity) -> Any:
         if not who.team_wide and (who.apps is None or b.name not in who.apps):
             raise exc.PermissionDeniedError(f"This token may not create app {b.name!r}.")
-        return await run(cp.create_app, b.app_id, b.name, b.ephemeral, b.description)
+        return await run(cp.apps.create_app, b.app_id, b.name, b.ephemeral, b.description)
 
     @route("GET", "/v1/apps", "member")
     async def list_apps(who: Identity, all: bool = True, limit: int = 100) -> Any:
-        apps = await run(cp.list_apps, all, limit)
+        apps = await run(cp.apps.list_apps, all, limit)
         return apps if who.team_wide else [a for a in apps if a["name"] in (who.apps or ())]
 
     @route("GET", "/v1/apps/{name_or_id}", "member")
     async def get_app(name_or_id: str, who: Identity) -> Any:
-        return await run(cp.check_app, who, name_or_id)
+        return await run(cp.access.check_app, who, name_or_id)
 
     @route("POST", "/v1/apps/{app_id}/heartbeat", "member")
     async def app_heartbeat(app_id: str, who: Identity) -> Any:
-        a = await run(cp.check_app, who, app_id)
-        return {"state": await run(cp.app_heartbeat, a["id"])}
+        a = await run(cp.access.check_app, who, app_id)
+        return {"state": await run(cp.apps.app_heartbeat, a["id"])}
 
     @route("POST", "/v1/apps/{app_id}/stop", "member")
     async def stop_app(app_id: str, who: Identity) -> Any:
-        a = await run(cp.check_app, who, app_id)
-        await run(cp.stop_app, a["id"])
+        a = await run(cp.access.check_app, who, app_id)
+        await run(cp.apps.stop_app, a["id"])
         return {"stopped": a["id"]}
 
     @route("POST", "/v1/apps/{app_id}/deployments", "member", body=DeployRecord)
     async def record_deployment(app_id: str, b: DeployRecord, who: Identity) -> Any:
-        a = await run(cp.check_app, who, app_id)
-        return {"version": await run(cp.record_deployment, a["id"], b.functions)}
+        a = await run(cp.access.check_app, who, app_id)
+        return {"version": await run(cp.apps.record_deployment, a["id"], b.functions)}
 
     @route("GET", "/v1/apps/{name_or_id}/history", "member")
     async def history(name_or_id: str, who: Identity) -> Any:
-        a = await run(cp.check_app, who, name_or_id)
-        return await run(cp.history, a["id"])
+        a = await run(cp.access.check_app, who, name_or_id)
+        return await run(cp.apps.history, a["id"])
 
     @route("GET", "/v1/apps/{app_id}/logs", "member")
     async def app_logs(
         app_id: str, who: Identity, after: int = 0, timeout: float = 0.0, limit: int = 1000
     ) -> Any:
-        app_id = (await run(cp.check_app, who, app_id))["id"]
+        app_id = (await run(cp.access.check_app, who, app_id))["id"]
         key = f"logs:{app_id}"
         ev = cp.hub.watch(key)
         try:
-            rows = await run(cp.logs, app_id, after, limit)
+            rows = await run(cp.activity.logs, app_id, after, limit)
             if not rows and timeout > 0 and not cp.hub.closing:
                 try:
                     await asyncio.wait_for(ev.wait(), min(timeout, MAX_LONG_POLL_S))
                 except TimeoutError:
                     pass
-                rows = await run(cp.logs, app_id, after, limit)
+                rows = await run(cp.activity.logs, app_id, after, limit)
         finally:
             cp.hub.unwatch(key, ev)
         return rows
 
     @route("GET", "/v1/apps/{app_id}/events", "member")
     async def app_events(app_id: str, who: Identity, after: int = 0, limit: int = 500) -> Any:
-        a = await run(cp.check_app, who, app_id)
-        return await run(cp.events, a["id"], after, limit)
+        a = await run(cp.access.check_app, who, app_id)
+        return await run(cp.activity.events, a["id"], after, limit)
 
     # -- functions ---------------------------------------------------------------------------------------
     @route("POST", "/v1/functions", "caller", body=FunctionCreate)
     async def create_function(b: FunctionCreate, who: Identity) -> Any:
         """Register a function (owner, member); a worker may only instantiate a class (``parent_id``)."""
-        return await run(cp.create_function, b.model_dump(), who)
+        return await run(cp.functions.create_function, b.model_dump(), who)
 
     @route("GET", "/v1/functions/lookup", "caller")
     async def lookup_function(
         who: Identity, name: str, app_name: str | None = None, app_id: str | None = None
     ) -> Any:
-        return await run(cp.lookup_function, app_name, name, app_id, who)
+        return await run(cp.functions.lookup_function, app_name, name, app_id, who)
 
     @route("GET", "/v1/functions/{function_id}", "caller")
     async def get_function(function_id: str, who: Identity) -> Any:
-        return await run(cp.function_view, who, function_id)
+        return await run(cp.functions.function_view, who, function_id)
 
     # -- calls -------------------------------------------------------------------------------------------
     async def _outputs(call_id: str, after: int, limit: int, timeout: float) -> list[Any]:
@@ -364,11 +366,11 @@ def build_routes(cp: ControlPlane) -> Router:
     async def create_call(b: CallCreate, who: Identity) -> dict[str, Any]:
         """Create a call with its inputs; with ``wait`` and one input, also its answer (``.remote()``)."""
         if not who.team_wide:  # team-wide tokens call anything without a look-up (the warm path)
-            await run(cp.check_callable, who, b.function_id)
+            await run(cp.access.check_callable, who, b.function_id)
         owner = who.kind == "owner"
         if b.wait <= 0 or len(b.inputs) != 1:
             await short(
-                cp.create_call,
+                cp.calls.create_call,
                 b.call_id,
                 b.function_id,
                 b.kind,
@@ -388,7 +390,7 @@ def build_routes(cp: ControlPlane) -> Router:
         cp.hub.watch(key, mb.wake)  # cancellations and crash errors notify without rows
         try:
             existed = await short(
-                cp.create_call, b.call_id, b.function_id, b.kind, b.inputs, who.principal, owner
+                cp.calls.create_call, b.call_id, b.function_id, b.kind, b.inputs, who.principal, owner
             )
             rows: list[Any] = []
             if existed:  # a re-sent request: its outputs may be written already
@@ -425,20 +427,20 @@ def build_routes(cp: ControlPlane) -> Router:
     async def get_outputs(call_id: str, b: OutputsGet, who: Identity) -> Any:
         """A call's outputs after ``after``: for its creator and the team-wide tokens (404 for unknown calls
         instead of a silent wait)."""
-        await short(cp.check_call, who, call_id)
+        await short(cp.access.check_call, who, call_id)
         return {"outputs": await _outputs(call_id, b.after, b.limit, b.timeout)}
 
     @route("GET", "/v1/calls/{call_id}", "caller")
     async def get_call(call_id: str, who: Identity) -> Any:
-        await run(cp.check_call, who, call_id)
-        row = await run(cp.call_row, call_id)
+        await run(cp.access.check_call, who, call_id)
+        row = await run(cp.calls.call_row, call_id)
         total, done = await run(cp.queue.call_progress, call_id)
         return row | {"total": total, "done": done}
 
     @route("POST", "/v1/calls/{call_id}/cancel", "caller")
     async def cancel_call(call_id: str, who: Identity) -> Any:
-        await run(cp.check_call, who, call_id)
-        await run(cp.cancel_call, call_id)
+        await run(cp.access.check_call, who, call_id)
+        await run(cp.calls.cancel_call, call_id)
         return {"cancelled": call_id}
 
     # -- blobs -------------------------------------------------------------------------------------------
@@ -452,17 +454,17 @@ def build_routes(cp: ControlPlane) -> Router:
     async def get_blob(blob_id: str, who: Identity) -> RawFile:
         """A blob: team-wide tokens read any; others only those their functions, inputs and calls reference."""
         if not who.team_wide:
-            await run(cp.check_blob, who, blob_id)
+            await run(cp.access.check_blob, who, blob_id)
         return RawFile(await run(cp.blobs.path, blob_id))  # sent from the file in parts
 
     # -- workers -----------------------------------------------------------------------------------------
     @route("POST", "/v1/workers/{worker_id}/register", "worker", body=WorkerRegister)
     async def register(worker_id: str, b: WorkerRegister) -> Any:
-        return await run(cp.register_worker, worker_id, b.pid, b.host)
+        return await run(cp.workers.register_worker, worker_id, b.pid, b.host)
 
     @route("POST", "/v1/workers/{worker_id}/ready", "worker")
     async def ready(worker_id: str) -> Any:
-        await run(cp.worker_ready, worker_id)
+        await run(cp.workers.worker_ready, worker_id)
         return {}
 
     def _output_items(rows: list[OutputTuple]) -> list[OutputItem]:
@@ -473,7 +475,7 @@ def build_routes(cp: ControlPlane) -> Router:
         """Record finished inputs, then claim up to ``max`` inputs, long-polling up to ``wait`` seconds."""
         if b.outputs:
             await short(cp.post_outputs, worker_id, _output_items(b.outputs), rows=len(b.outputs))
-        fid, state = cp.worker_function(worker_id)
+        fid, state = cp.workers.worker_function(worker_id)
         if state in GONE:
             return {"inputs": [], "drain": True}
         max_n = max(1, min(b.max, MAX_CLAIM))
@@ -495,7 +497,7 @@ def build_routes(cp: ControlPlane) -> Router:
                 remaining = deadline - time.monotonic()
                 if rows or remaining <= 0 or dev.is_set() or cp.hub.closing:
                     break
-                if cp.worker_function(worker_id)[1] in GONE:
+                if cp.workers.worker_function(worker_id)[1] in GONE:
                     # stopped while this claim waited (its process died): never park for it again
                     dev.set()
                     break
@@ -530,20 +532,22 @@ def build_routes(cp: ControlPlane) -> Router:
 
     @route("POST", "/v1/workers/{worker_id}/heartbeat", "worker", body=Heartbeat)
     async def heartbeat(worker_id: str, b: Heartbeat) -> Any:
-        return await run(lambda: cp.heartbeat(worker_id, b.in_flight, b.idle, b.held, b.served, b.busy_s))
+        return await run(
+            lambda: cp.workers.heartbeat(worker_id, b.in_flight, b.idle, b.held, b.served, b.busy_s)
+        )
 
     @route("POST", "/v1/workers/{worker_id}/logs", "worker", body=LogsPost)
     async def worker_logs(worker_id: str, b: LogsPost) -> Any:
-        await run(cp.add_logs, worker_id, [list(x) for x in b.lines])
+        await run(cp.activity.add_logs, worker_id, [list(x) for x in b.lines])
         return {}
 
     @route("POST", "/v1/workers/{worker_id}/release", "worker", body=Release)
     async def release(worker_id: str, b: Release) -> Any:
-        return {"requeued": await run(cp.release_inputs, worker_id, b.input_ids)}
+        return {"requeued": await run(cp.workers.release_inputs, worker_id, b.input_ids)}
 
     @route("POST", "/v1/workers/{worker_id}/stopped", "worker", body=Stopped)
     async def stopped(worker_id: str, b: Stopped) -> Any:
-        await run(lambda: cp.worker_stopped(worker_id, b.reason, crashed=b.crashed))
+        await run(lambda: cp.workers.worker_stopped(worker_id, b.reason, crashed=b.crashed))
         return {}
 
     # -- tokens -----------------------------------------------------------------------------------------
@@ -572,5 +576,5 @@ def build_routes(cp: ControlPlane) -> Router:
         await run(cp.tokens.revoke, token_id)
         return {"revoked": token_id}
 
-    router = Router(routes, authenticate, title="cloudmodal control plane", on_startup=cp.hub.bind)
+    router = TableApp(routes, authenticate, title="cloudmodal control plane", on_startup=cp.hub.bind)
     return router

@@ -6,14 +6,14 @@ server it may hold.
   naming the field before anything reaches the database.
 - **Bodies.** msgpack bodies are unpacked with explicit limits (lengths, nesting, element count); the bytes
   buffered for bodies in flight share one process-wide :class:`BodyBudget`.
-- **Time.** :func:`http_protocol` closes connections whose request headers do not arrive in time (the router
-  times out stalled bodies itself); both are set by :class:`EdgeLimits`.
+- **Time.** :func:`http_protocol` closes connections whose request headers do not arrive in time (uvicorn's
+  protocol, below Starlette); a body that stalls is answered 408 where it is read
+  (:mod:`cloudmodal.server.http_body`); both are set by :class:`EdgeLimits`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -261,26 +261,15 @@ class EdgeLimits:
 
     @classmethod
     def from_env(cls) -> EdgeLimits:
-        from cloudmodal.exception import InvalidError
+        from cloudmodal.settings import settings
 
-        values: dict[str, Any] = {}
-        for key, env, typ in (
-            ("header_timeout_s", "CLOUDMODAL_HEADER_TIMEOUT_S", float),
-            ("body_timeout_s", "CLOUDMODAL_BODY_TIMEOUT_S", float),
-            ("body_budget_bytes", "CLOUDMODAL_BODY_BUDGET_BYTES", int),
-            ("budget_wait_s", "CLOUDMODAL_BODY_BUDGET_WAIT_S", float),
-        ):
-            raw = os.environ.get(env)
-            if not raw:
-                continue
-            try:
-                value = typ(raw)
-            except ValueError:
-                value = -1
-            if not 0 < value < 1e15:
-                raise InvalidError(f"{env}={raw!r} is invalid: expected a positive {typ.__name__}.")
-            values[key] = value
-        return cls(**values)
+        s = settings()  # the ranges are checked there, with an error naming the variable
+        return cls(
+            header_timeout_s=s.header_timeout_s,
+            body_timeout_s=s.body_timeout_s,
+            body_budget_bytes=s.body_budget_bytes,
+            budget_wait_s=s.body_budget_wait_s,
+        )
 
 
 # -- slow clients --------------------------------------------------------------------------------------------

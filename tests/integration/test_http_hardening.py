@@ -348,16 +348,16 @@ def test_largest_accepted_values_fit_the_database(
         url = request.getfixturevalue("new_postgres_database")()
     cp = ControlPlane(default_settings(tmp_path, database_url=url))
     try:
-        cp.create_app("ap-edge", "edge", True)
-        fid = cp.create_function({"app_id": "ap-edge", "name": "f", "spec": basic.square.spec.to_wire()})[
-            "function_id"
-        ]
+        cp.apps.create_app("ap-edge", "edge", True)
+        fid = cp.functions.create_function(
+            {"app_id": "ap-edge", "name": "f", "spec": basic.square.spec.to_wire()}
+        )["function_id"]
         put = InputsPut.model_validate({"function_id": fid, "inputs": [[INT32_MAX, "m", b"", None]]})
-        cp.create_call("fc-edge", fid, "map", put.inputs)
+        cp.calls.create_call("fc-edge", fid, "map", put.inputs)
         get = OutputsGet.model_validate({"after": INT32_MAX, "limit": 10_000})
         assert cp.queue.fetch_outputs("fc-edge", get.after, get.limit) == []
-        assert cp.logs("ap-edge", INT32_MAX, 10_000) == []
-        assert cp.events("ap-edge", INT32_MAX, 10_000) == []
+        assert cp.activity.logs("ap-edge", INT32_MAX, 10_000) == []
+        assert cp.activity.events("ap-edge", INT32_MAX, 10_000) == []
         with pytest.raises(ValueError):
             OutputsGet.model_validate({"after": INT32_MAX + 1})
         with pytest.raises(ValueError):

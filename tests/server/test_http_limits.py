@@ -108,3 +108,68 @@ def test_edge_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("CLOUDMODAL_BODY_TIMEOUT_S", "soon")
     with pytest.raises(exc.InvalidError, match="CLOUDMODAL_BODY_TIMEOUT_S"):
         EdgeLimits.from_env()
+
+
+async def _noop() -> None:
+    """A handler for routing tests."""
+
+
+def test_the_route_index_matches_as_starlettes_router_would() -> None:
+    """The table's index finds, for every method and path, the route Starlette's own matching (every route
+    in order) finds: table order decides between a literal and a parameter (``lookup`` before
+    ``{function_id}`` registered after a templated route of the same length), 405 where only the method
+    differs, nothing for an empty segment or a trailing slash."""
+    from starlette.routing import Match
+
+    from cloudmodal.server.router import TableApp
+
+    table = [
+        Route("GET", "/v1/apps/{name_or_id}", "public", _noop),
+        Route("GET", "/v1/functions/lookup", "public", _noop),
+        Route("GET", "/v1/functions/{function_id}", "public", _noop),
+        Route("POST", "/v1/calls", "public", _noop, websocket=False),
+        Route("POST", "/v1/calls/{call_id}/inputs", "public", _noop),
+        Route("GET", "/v1/calls/{call_id}", "public", _noop),
+        Route("POST", "/v1/workers/{worker_id}/claim", "public", _noop),
+    ]
+    index = TableApp(table, lambda header, client: api.ANONYMOUS_OWNER, limits=EdgeLimits()).router.routes[0]
+    served = index.routes  # type: ignore[attr-defined]
+
+    def linear(scope: dict[str, object]) -> tuple[Match, object]:
+        partial: tuple[Match, object] = (Match.NONE, None)
+        for route in served:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return match, route
+            if match is Match.PARTIAL and partial[0] is Match.NONE:
+                partial = match, route
+        return partial
+
+    paths = [
+        "/v1/functions/lookup",
+        "/v1/functions/fu-1",
+        "/v1/apps/lookup",
+        "/v1/apps/",
+        "/v1/apps",
+        "/v1/calls",
+        "/v1/calls/",
+        "/v1/calls/fc-1",
+        "/v1/calls/fc-1/inputs",
+        "/v1/calls//inputs",
+        "/v1/workers/wk-1/claim",
+        "/v1/workers/wk-1/claim/",
+        "/openapi.json",
+        "/docs",
+        "/nothing",
+        "/",
+    ]
+    for kind in ("http", "websocket"):
+        for method in ("GET", "POST", "HEAD", "DELETE"):
+            for path in paths:
+                scope: dict[str, object] = {"type": kind, "method": method, "path": path, "root_path": ""}
+                match, child = index.matches(scope)
+                expected, route = linear(scope)
+                assert match is expected, (kind, method, path)
+                assert child.get("cloudmodal.route") is route, (kind, method, path)
+    lookup = {"type": "http", "method": "GET", "path": "/v1/functions/lookup", "root_path": ""}
+    assert index.matches(lookup)[1]["cloudmodal.route"].path == "/v1/functions/lookup"
