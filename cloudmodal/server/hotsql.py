@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-PENDING, CLAIMED, DONE = 0, 1, 2
+from cloudmodal.server.states import InputState
 
 INPUT_COLUMNS = (
     "call_id",
@@ -127,16 +127,18 @@ class SqliteHot:
                 out.append((got[0], got[1], got[2]))
         return out
 
+    _INPUTS_DONE = f"UPDATE input SET state = {InputState.DONE:d}, args = NULL WHERE id IN "
+
     def inputs_done(self, ids: Sequence[int]) -> None:
-        marks = ", ".join("?" * len(ids))
-        self.cur.execute(f"UPDATE input SET state = {DONE}, args = NULL WHERE id IN ({marks})", tuple(ids))
+        self.cur.execute(f"{self._INPUTS_DONE}({', '.join('?' * len(ids))})", tuple(ids))
+
+    _REQUEUE = (
+        f"UPDATE input SET state = {InputState.PENDING:d}, worker_id = NULL, attempts = ?, available_at = ? "
+        f"WHERE id = ? AND state < {InputState.DONE:d}"
+    )
 
     def requeue(self, input_id: int, attempt: int, available_at: float) -> None:
-        self.cur.execute(
-            f"UPDATE input SET state = {PENDING}, worker_id = NULL, attempts = ?, available_at = ? "
-            f"WHERE id = ? AND state < {DONE}",
-            (attempt, available_at, input_id),
-        )
+        self.cur.execute(self._REQUEUE, (attempt, available_at, input_id))
 
 
 class SqliteHotConnection:

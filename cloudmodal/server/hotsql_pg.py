@@ -11,7 +11,7 @@ from sqlalchemy import BindParameter, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql
 
 from cloudmodal.server import models
-from cloudmodal.server.hotsql import DONE, PENDING
+from cloudmodal.server.states import InputState
 
 I = models.inputs  # noqa: E741
 O = models.outputs  # noqa: E741
@@ -42,11 +42,16 @@ class CoreHot:
         .on_conflict_do_nothing(index_elements=["input_id", "gen_index"])
         .returning(O.c.id, O.c.input_id, O.c.gen_index, sort_by_parameter_order=True)
     )
-    sql_inputs_done = update(I).where(I.c.id.in_(ids)).values(state=DONE, args=None)
+    sql_inputs_done = update(I).where(I.c.id.in_(ids)).values(state=InputState.DONE, args=None)
     sql_requeue = (
         update(I)
-        .where((I.c.id == bindparam("iid")) & (I.c.state < DONE))
-        .values(state=PENDING, worker_id=None, attempts=bindparam("attempt"), available_at=bindparam("at"))
+        .where((I.c.id == bindparam("iid")) & (I.c.state < InputState.DONE))
+        .values(
+            state=InputState.PENDING,
+            worker_id=None,
+            attempts=bindparam("attempt"),
+            available_at=bindparam("at"),
+        )
     )
     sql_advisory = text("SELECT pg_advisory_xact_lock(hashtext(:c))")
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, delete, exists, not_, or_, select
 
 from cloudmodal.server import models
+from cloudmodal.server.states import AppState, FunctionState, InputState, WorkerState
 
 if TYPE_CHECKING:
     from cloudmodal.server.service import ControlPlane
@@ -43,7 +44,6 @@ I = models.inputs  # noqa: E741
 O = models.outputs  # noqa: E741
 W, P, D, E, L = models.workers, models.pools, models.deployments, models.events, models.logs
 
-DONE, CLAIMED = 2, 1
 BATCH = 500  # rows per delete transaction: milliseconds of the write lock, not seconds
 CALL_SCAN = 200  # calls examined per read
 
@@ -108,7 +108,10 @@ def _finished_calls(conn: Any, cutoff: float, ephemeral: bool, after: str) -> li
         and_(
             I.c.call_id == C.c.id,
             # a cancelled call's pending inputs never run; its claimed ones may still be on a worker
-            or_(I.c.state == CLAIMED, and_(I.c.state < DONE, C.c.cancelled.is_(False))),
+            or_(
+                I.c.state == InputState.CLAIMED,
+                and_(I.c.state < InputState.DONE, C.c.cancelled.is_(False)),
+            ),
         )
     )
     recent_input = exists().where(and_(I.c.call_id == C.c.id, I.c.created_at >= cutoff))
@@ -200,7 +203,7 @@ def expired_apps(
     for app_id, ephemeral, state, stopped_at, created_at in rows:
         if (
             ephemeral
-            and state == "stopped"
+            and state == AppState.STOPPED
             and (stopped_at if stopped_at is not None else created_at) < now - ephemeral_s
         ):
             out.append(app_id)
@@ -235,15 +238,15 @@ def _remove_app(cp: ControlPlane, app_id: str) -> bool:
         busy = conn.execute(
             select(
                 exists().where(C.c.app_id == app_id)
-                | exists().where(and_(W.c.app_id == app_id, W.c.state != "stopped"))
-                | exists().where(and_(F.c.app_id == app_id, F.c.state == "active"))
+                | exists().where(and_(W.c.app_id == app_id, W.c.state != WorkerState.STOPPED))
+                | exists().where(and_(F.c.app_id == app_id, F.c.state == FunctionState.ACTIVE))
             )
         ).scalar()
         if busy:
             return False
         for table in (W, P, D, F):
             conn.execute(delete(table).where(table.c.app_id == app_id))
-        conn.execute(delete(A).where(and_(A.c.id == app_id, A.c.state == "stopped")))
+        conn.execute(delete(A).where(and_(A.c.id == app_id, A.c.state == AppState.STOPPED)))
     return True
 
 

@@ -194,7 +194,7 @@ def test_logs_reach_the_control_plane(app, control_plane):
     basic.printer.remote("hello-logs")
     deadline = time.time() + 10
     while time.time() < deadline:
-        rows = control_plane.cp.logs(app.app_id)
+        rows = control_plane.cp.activity.logs(app.app_id)
         if any("log line: hello-logs" in r["text"] for r in rows):
             return
         time.sleep(0.1)

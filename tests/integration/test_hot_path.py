@@ -100,7 +100,7 @@ def test_a_drained_worker_gets_no_more_inputs(app, control_plane):
     parked = _parked_workers(cp, fid)
     assert parked
     for wid in parked:
-        cp.drain_worker(wid, "test: drained while parked")
+        cp.workers.drain_worker(wid, "test: drained while parked")
     # the next input goes to a new worker, not to the drained one's claim
     with cp._lock:
         assert all(pc.worker_id not in parked for pc in cp._parked.get(fid, ()))
@@ -182,9 +182,9 @@ def test_workers_report_service_time(app, control_plane):
     elapsed = time.time() - t0
     fid = basic.slow_identity._function_id
     deadline = time.monotonic() + 60
-    while cp.service_time_estimate(fid) is None and time.monotonic() < deadline:
+    while cp.workers.service_time_estimate(fid) is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    est = cp.service_time_estimate(fid)
+    est = cp.workers.service_time_estimate(fid)
     # slow_identity sleeps 2 ms: no input ran shorter. Each ran within the map, so none ran longer than the
     # whole map took; an estimate that counted idle or claim time, or used the wrong unit, would exceed it.
     # (A constant upper bound would be a claim about how busy the machine is.)
@@ -208,18 +208,20 @@ def _hand_out(
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     try:
-        cp.create_app("ap-" + name, name, True)
-        fid = cp.create_function({"app_id": "ap-" + name, "name": name, "spec": spec})["function_id"]
+        cp.apps.create_app("ap-" + name, name, True)
+        fid = cp.functions.create_function({"app_id": "ap-" + name, "name": name, "spec": spec})[
+            "function_id"
+        ]
         cp.set_floor(fid, floor)
         claims = {}
         for wid, price in prices.items():
-            cp.add_worker(wid, "ap-" + name, fid, price_per_hour=price)
-            cp.worker_ready(wid)
+            cp.workers.add_worker(wid, "ap-" + name, fid, price_per_hour=price)
+            cp.workers.worker_ready(wid)
             claims[wid] = ParkedClaim(wid, fid, 1, loop, asyncio.Event())
             cp.park(claims[wid])
         got = []
         for i in range(len(prices)):
-            cp.create_call(f"ca-{name}-{i}", fid, "remote", [(0, None, b"x", None)])
+            cp.calls.create_call(f"ca-{name}-{i}", fid, "remote", [(0, None, b"x", None)])
             taken = [wid for wid, pc in claims.items() if pc.taken and wid not in got]
             assert len(taken) == 1
             got += taken

@@ -67,7 +67,7 @@ def _insert_function(cp: Any, app_id: str, name: str, spec: dict[str, Any]) -> s
 
 
 def _events(cp: Any, app_id: str, kind: str, fid: str) -> list[dict[str, Any]]:
-    return [e for e in cp.events(app_id, 0, 10_000) if e["kind"] == kind and e["function_id"] == fid]
+    return [e for e in cp.activity.events(app_id, 0, 10_000) if e["kind"] == kind and e["function_id"] == fid]
 
 
 def _wait_for(what: str, cond: Any, timeout_s: float = 30.0) -> Any:
@@ -83,7 +83,7 @@ def _wait_for(what: str, cond: Any, timeout_s: float = 30.0) -> Any:
 def test_a_broken_pool_is_skipped_reported_once_and_others_are_served(control_plane: Any) -> None:
     cp = control_plane.cp
     app_id = new_id("ap")
-    cp.create_app(app_id, f"stored-before-validation-{app_id[-6:]}", ephemeral=False)
+    cp.apps.create_app(app_id, f"stored-before-validation-{app_id[-6:]}", ephemeral=False)
     bad = {kind: _insert_function(cp, app_id, kind, spec) for kind, spec in _broken_specs().items()}
 
     # Each broken pool is reported on its app's event log, naming the function and what is wrong.
@@ -108,9 +108,9 @@ def test_a_broken_pool_is_skipped_reported_once_and_others_are_served(control_pl
 
     # Deploying the function again with a valid spec clears it, and that is noted once too.
     good = basic.square.spec.to_wire()
-    fixed = cp.create_function({"app_id": app_id, "name": "wrong_type", "spec": good})
+    fixed = cp.functions.create_function({"app_id": app_id, "name": "wrong_type", "spec": good})
     assert fixed["function_id"] == bad["wrong_type"] and fixed["version"] == 2
     _wait_for("pool.recovered", lambda: _events(cp, app_id, "pool.recovered", bad["wrong_type"]))
     assert len(_events(cp, app_id, "pool.error", bad["wrong_type"])) == 1
     assert not _events(cp, app_id, "pool.recovered", bad["unparsable"])
-    cp.stop_app(app_id, reason="test over")
+    cp.apps.stop_app(app_id, reason="test over")

@@ -19,7 +19,7 @@ from cloudmodal.server.reconciler import Reconciler
 
 
 def events(handle: ServerHandle, app_id: str, kinds: tuple[str, ...] | None = None) -> list[dict]:
-    return [e for e in handle.cp.events(app_id, limit=10_000) if kinds is None or e["kind"] in kinds]
+    return [e for e in handle.cp.activity.events(app_id, limit=10_000) if kinds is None or e["kind"] in kinds]
 
 
 def wait_for(pred: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:

@@ -121,11 +121,13 @@ def target(plane: ServerHandle, owner: Api, apps: None) -> Target:
     # the tenant's worker sees its secret (so it is there to be stolen from the function row)
     assert call.get(timeout=120) == hashlib.sha256(sec_tenant.SECRET_VALUE.encode()).hexdigest()
     fid = sec_tenant.secret_digest._function_id
-    row = plane.cp.function_row(fid)  # from the database: the API need not show anyone the source blob
+    row = plane.cp.functions.function_row(
+        fid
+    )  # from the database: the API need not show anyone the source blob
     assert sec_victim.ping.remote(2) == 2
     own_fid = sec_victim.ping._function_id
     worker = live_worker_of(plane, own_fid)
-    own = plane.cp.function_row(own_fid)
+    own = plane.cp.functions.function_row(own_fid)
     assert row["source_blob"] and own["source_blob"] and row["source_blob"] != own["source_blob"]
     return Target(
         app_id=row["app_id"],

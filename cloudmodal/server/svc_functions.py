@@ -1,0 +1,238 @@
+"""Functions: registration (and redefinition), look-ups, and the parsed specs and retry policies the hot path
+reads from memory (cached per function id; a registration replaces them)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, select, update
+
+from cloudmodal.exception import AlreadyExistsError, InvalidError, NotFoundError, PermissionDeniedError
+from cloudmodal.ids import new_id
+from cloudmodal.server import models
+from cloudmodal.server.queue import FunctionPolicy
+from cloudmodal.server.security import Identity
+from cloudmodal.server.states import AppState, FunctionState
+from cloudmodal.spec import FunctionSpec
+
+if TYPE_CHECKING:
+    from cloudmodal.server.service import ControlPlane
+
+A = models.apps
+F = models.functions
+
+# a function's row as the API shows it: never its secrets' values, nor where its code lives
+FUNCTION_VIEW = ("id", "app_id", "name", "parent_id", "spec", "module", "version", "state", "created_at")
+# what an instance of a parametrized class inherits from its class's function (never from the request)
+INHERITED = ("spec", "module", "source_name", "source_blob", "source_dir", "inline_env")
+# what a worker is told about the function it serves when it registers
+WORKER_DEFINITION = (
+    "id",
+    "app_id",
+    "name",
+    "parent_id",
+    "spec",
+    "module",
+    "source_name",
+    "source_blob",
+    "source_dir",
+    "pickled_blob",
+    "inline_env",
+    "version",
+)
+
+
+class Functions:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self._specs: dict[str, FunctionSpec] = {}
+        self._policies: dict[str, FunctionPolicy] = {}
+
+    # -- specs and policies (cached; a registration replaces them) ----------------------------------------
+    def spec_of(self, function_id: str) -> FunctionSpec:
+        spec = self._specs.get(function_id)
+        if spec is None:
+            with self.cp.db.read() as conn:
+                row = conn.execute(select(F.c.spec, F.c.parent_id).where(F.c.id == function_id)).first()
+            if row is None:
+                raise NotFoundError(f"Function {function_id} not found.")
+            spec = FunctionSpec.from_wire(row[0])
+            self._specs[function_id] = spec
+        return spec
+
+    def policy_for(self, function_id: str) -> FunctionPolicy:
+        p = self._policies.get(function_id)
+        if p is None:
+            crash_budget = self.cp.settings.crash_budget
+            try:
+                spec = self.spec_of(function_id)
+                p = FunctionPolicy(retries=spec.retries, crash_budget=crash_budget)
+            except NotFoundError:
+                p = FunctionPolicy(crash_budget=crash_budget)
+            self._policies[function_id] = p
+        return p
+
+    # -- registration ------------------------------------------------------------------------------------
+    def create_function(self, body: dict[str, Any], who: Identity | None = None) -> dict[str, Any]:
+        """Register (or update) a function. An instance of a parametrized class (``parent_id``) inherits its
+        class function's definition here, never from the request: a worker may create one (a nested call to a
+        class with parameters) without being able to supply code or read the class's secrets."""
+        from cloudmodal.server.wire_spec import validate_wire_spec
+
+        cp = self.cp
+        body = dict(body)
+        body.pop("sealed_env", None)  # set below for an inherited definition only, never by a request
+        app_id = body["app_id"]
+        name = body["name"]
+        parent_id = body.get("parent_id")
+        if who is not None and who.kind == "worker" and not parent_id:
+            raise PermissionDeniedError("A worker may only create instances of a class (with `parent_id`).")
+        if parent_id:
+            parent = self.function_row(parent_id)
+            if who is not None:
+                cp.access.check_callable(who, parent_id)
+            if parent["app_id"] != app_id:
+                raise InvalidError(
+                    f"Function {parent_id} (`parent_id`) belongs to another app than {app_id}."
+                )
+            body.update({k: parent[k] for k in INHERITED})
+            body["sealed_env"] = True  # the parent's inline_env is stored sealed already
+        else:
+            body["spec"] = validate_wire_spec(body["spec"])
+        if who is not None and who.kind == "member":
+            cp.access.check_app(who, app_id)
+        spec = FunctionSpec.from_wire(body["spec"])
+        env = body.get("inline_env") or {}
+        stored_env = env if body.get("sealed_env") else cp.secrets.seal_env(env)
+        definition = {
+            k: body.get(k) for k in ("spec", "module", "source_blob", "pickled_blob", "source_name")
+        } | {"inline_env": cp.secrets.open_env(stored_env)}
+        # keyed: the database never holds an unkeyed hash of a secret's value
+        definition_hash = cp.secrets.fingerprint(json.dumps(definition, sort_keys=True, default=str).encode())
+        if cp.reconciler is not None:
+            cp.reconciler.check_resources(spec, allow_cpu_fallback=bool(body.get("allow_cpu_fallback")))
+        now = time.time()
+        with cp.db.write() as conn:
+            app_state = conn.execute(select(A.c.state).where(A.c.id == app_id)).scalar_one_or_none()
+            if app_state is None:
+                raise NotFoundError(f"App {app_id} not found.")
+            if app_state == AppState.STOPPED:
+                raise InvalidError(f"App {app_id} is stopped; start a new run.")
+            row = conn.execute(
+                select(F.c.id, F.c.definition_hash, F.c.version).where(
+                    and_(F.c.app_id == app_id, F.c.name == name)
+                )
+            ).first()
+            values = dict(
+                spec=body["spec"],
+                module=body.get("module") or "",
+                source_name=body.get("source_name"),
+                source_blob=body.get("source_blob"),
+                source_dir=body.get("source_dir"),
+                pickled_blob=body.get("pickled_blob"),
+                inline_env=stored_env,
+                parent_id=parent_id,
+                state=FunctionState.ACTIVE,
+                last_active_at=now,
+            )
+            if row is None:
+                fid = body.get("function_id") or new_id("fu")
+                if conn.execute(select(F.c.id).where(F.c.id == fid)).first() is not None:
+                    raise AlreadyExistsError(
+                        f"Function id {fid!r} is taken by another function; leave `function_id` out to get a new one."
+                    )
+                conn.execute(
+                    F.insert().values(
+                        id=fid,
+                        app_id=app_id,
+                        name=name,
+                        definition_hash=definition_hash,
+                        version=1,
+                        created_at=now,
+                        **values,
+                    )
+                )
+                version = 1
+            else:
+                fid = row[0]
+                if who is not None and who.kind == "worker" and row[1] != definition_hash:
+                    # a worker instantiates classes; it never changes an instance others use
+                    raise AlreadyExistsError(f"Function {name!r} exists with another definition.")
+                version = row[2] + (1 if row[1] != definition_hash else 0)
+                conn.execute(
+                    update(F)
+                    .where(F.c.id == fid)
+                    .values(definition_hash=definition_hash, version=version, **values)
+                )
+        self._specs.pop(fid, None)
+        self._policies.pop(fid, None)
+        if body.get("cpu_fallback_note"):
+            cp.activity.event(
+                "function.cpu_fallback", body["cpu_fallback_note"], app_id=app_id, function_id=fid
+            )
+        cp.hub.notify("reconcile")
+        return {"function_id": fid, "version": version}
+
+    # -- look-ups ----------------------------------------------------------------------------------------
+    def function_row(self, function_id: str) -> dict[str, Any]:
+        with self.cp.db.read() as conn:
+            row = conn.execute(select(F).where(F.c.id == function_id)).first()
+        if row is None:
+            raise NotFoundError(f"Function {function_id} not found.")
+        return dict(row._mapping)
+
+    def function_view(self, who: Identity, function_id: str) -> dict[str, Any]:
+        """A function's row as ``who`` may see it: only functions it may call, never secrets or code."""
+        self.cp.access.check_callable(who, function_id)
+        return _view(self.function_row(function_id))
+
+    def lookup_function(
+        self, app_name: str | None, name: str, app_id: str | None = None, who: Identity | None = None
+    ) -> dict[str, Any]:
+        """A deployed app's function or class by name (or, with ``app_id``, any app's); with ``who``, as that
+        caller may see it."""
+        with self.cp.db.read() as conn:
+            if app_id:
+                app = conn.execute(select(A.c.id, A.c.name).where(A.c.id == app_id)).first()
+            else:
+                app = conn.execute(
+                    select(A.c.id, A.c.name).where(and_(A.c.name == app_name, A.c.state == AppState.DEPLOYED))
+                ).first()
+            if app is None:
+                raise NotFoundError(
+                    f"No deployed app named {app_name!r}. Deploy it with `cloudmodal deploy FILE`; "
+                    "`cloudmodal app list` shows the apps there are."
+                )
+            row = conn.execute(
+                select(F).where(and_(F.c.app_id == app[0], F.c.name == name, F.c.parent_id.is_(None)))
+            ).first()
+            if row is None:
+                names = [
+                    r[0]
+                    for r in conn.execute(
+                        select(F.c.name).where(and_(F.c.app_id == app[0], F.c.parent_id.is_(None)))
+                    ).all()
+                ]
+                raise NotFoundError(
+                    f"App {app_name!r} has no function or class {name!r}. It has: {', '.join(sorted(names)) or 'nothing'}."
+                )
+        out = dict(row._mapping)
+        if who is not None:
+            self.cp.access.check_callable(who, out["id"])
+            return _view(out)
+        return out
+
+    def worker_definition(self, function_id: str) -> dict[str, Any]:
+        """What a worker registering for the function is told: its definition, with its secrets opened."""
+        fn = self.function_row(function_id)
+        out = {k: fn[k] for k in WORKER_DEFINITION}
+        out["inline_env"] = self.cp.secrets.open_env(fn["inline_env"])
+        if fn["parent_id"]:
+            out["parent_name"] = self.function_row(fn["parent_id"])["name"]
+        return out
+
+
+def _view(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in FUNCTION_VIEW}
