@@ -57,9 +57,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cloudmodal.server.states import WorkerState
 from cloudmodal.spec import AutoscalerSettings, BatchConfig, ConcurrencyConfig
 
-WorkerPoolState = Literal["starting", "ready", "draining"]
+# A live worker's state: a WorkerState member, or its value as a row reads back.
+WorkerPoolState = (
+    Literal[WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING]
+    | Literal["starting", "ready", "draining"]
+)
 
 MIN_DRAIN_HORIZON_S = 1.0  # the shortest horizon rule 1 drains a backlog over (a sanity floor on start-up)
 DEFAULT_DRAIN_HORIZON_S = 30.0  # rule 1's horizon while the pool's start-up is unknown
@@ -208,8 +213,8 @@ class Autoscaler:
         hi = s.max_containers if s.max_containers is not None else math.inf
         desired = int(min(max(want, lo), hi))
 
-        starting = [w for w in snapshot.workers if w.state == "starting"]
-        ready = [w for w in snapshot.workers if w.state == "ready"]
+        starting = [w for w in snapshot.workers if w.state == WorkerState.STARTING]
+        ready = [w for w in snapshot.workers if w.state == WorkerState.READY]
         capacity = len(starting) + len(ready)
 
         launch = max(desired - capacity, 0)

@@ -78,7 +78,7 @@ def rows(handle: ServerHandle, sql: str, **params: object) -> list:
 
 
 def event_log(handle: ServerHandle, app_id: str) -> str:
-    evs = handle.cp.events(app_id, limit=10_000)
+    evs = handle.cp.activity.events(app_id, limit=10_000)
     return "\n".join(f"{e['kind']}: {e['message'][:200]}" for e in evs[-40:])
 
 
@@ -115,7 +115,7 @@ def test_map_completes_on_the_second_tier_when_the_first_is_out_of_stock_everywh
             sim.preempt(first[0][0], notice_s=0.3)  # at least one preemption mid-map, whatever the timing
             mapper.join(timeout=90)
             assert not mapper.is_alive(), "the map did not finish in 90 s\n" + event_log(handle, app_id)
-            evs = handle.cp.events(app_id, limit=10_000)
+            evs = handle.cp.activity.events(app_id, limit=10_000)
             (attempts,) = rows(handle, "select coalesce(sum(attempts), 0) from input")[0]
             h100 = rows(handle, "select count(*) from worker where gpu = 'H100' and ready_at is not null")
     assert results == [x * x for x in range(n)]  # every input, exactly once, in order
@@ -164,7 +164,9 @@ def test_moving_back_to_spot_drains_the_on_demand_worker_once_its_replacement_is
             ((stopped_at, stop_reason),) = wait_for(
                 od_stopped, 40, "the on-demand worker to be replaced", lambda: event_log(handle, app_id)
             )
-            rebalance = [e for e in handle.cp.events(app_id, limit=10_000) if e["kind"] == "pool.rebalance"]
+            rebalance = [
+                e for e in handle.cp.activity.events(app_id, limit=10_000) if e["kind"] == "pool.rebalance"
+            ]
             assert rebalance and stop_reason == "replaced by a cheaper spot worker", stop_reason
             # The replacement: the spot worker launched when the move back was decided (a probe came earlier).
             ts = rebalance[0]["ts"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from cloudmodal.server.reconciler import Reconciler, StartupTimes
+from cloudmodal.server.estimates import StartupTimes
+from cloudmodal.server.reconciler import Reconciler
 
 
 def test_startup_estimate_is_the_median_of_recent_boots():
@@ -54,12 +55,14 @@ def test_service_time_is_the_control_plane_s_average_of_what_workers_report(tmp_
     cp = ControlPlane(Settings(database_url=f"sqlite:///{tmp_path / 'cp.db'}", state_dir=tmp_path))
     r = _reconciler(cp)
     assert r._service_time("f") is None  # nothing reported yet
-    cp._record_service("f", 10, 20.0)  # ten inputs, 2 s each
+    cp.workers.record_service("f", 10, 20.0)  # ten inputs, 2 s each
     assert r._service_time("f") == 2.0 and r._service_time("g") is None
-    cp._record_service("f", cp.SERVICE_HALF_LIFE, cp.SERVICE_HALF_LIFE * 4.0)  # a half-life of 4 s inputs
+    cp.workers.record_service(
+        "f", cp.workers.SERVICE_HALF_LIFE, cp.workers.SERVICE_HALF_LIFE * 4.0
+    )  # a half-life of 4 s inputs
     assert r._service_time("f") == 3.0  # halfway from 2 s to 4 s
-    cp._record_service("f", 1, 1000.0)  # one outlier barely moves it
-    assert 3.0 < r._service_time("f") < 3.0 + 1000.0 * (1 - 0.5 ** (1 / cp.SERVICE_HALF_LIFE)) + 1e-9
+    cp.workers.record_service("f", 1, 1000.0)  # one outlier barely moves it
+    assert 3.0 < r._service_time("f") < 3.0 + 1000.0 * (1 - 0.5 ** (1 / cp.workers.SERVICE_HALF_LIFE)) + 1e-9
     cp.db.dispose()
 
 

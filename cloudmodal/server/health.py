@@ -1,0 +1,174 @@
+"""The reconciler's watch over workers: reaping exited ones, replacing silent ones, preemption notices.
+
+- A worker whose process exited without saying goodbye crashed: its inputs are requeued at once, counted
+  against their crash budget (never against the user's Retries). One that exits while draining, with code 0,
+  stopped cleanly; one its cloud reclaimed was preempted.
+- A worker silent for ``worker_timeout_s`` (hung, partitioned, or launched by a previous control plane and
+  gone) is killed and written off; one that does not finish draining in time too.
+- A spot worker with a preemption notice stops claiming, its inputs go back to the queue at once, and the
+  spot policy counts the preemption (which may block its offer, or fall the pool back to on-demand).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import and_, func, select
+
+from cloudmodal.pricing.offers import SPOT
+from cloudmodal.providers.base import SupportsPreemptionNotice
+from cloudmodal.server import models
+from cloudmodal.server.reconciler_base import ReconcilerBase
+from cloudmodal.server.service import LIVE_WORKER_STATES
+from cloudmodal.server.states import WorkerState
+
+log = logging.getLogger("cloudmodal.reconciler")
+
+W = models.workers
+STARTUP_GRACE_S = (
+    120.0  # a launched worker that never registers is replaced after this (plus startup_timeout)
+)
+DRAIN_GRACE_S = 30.0
+
+
+class Health(ReconcilerBase):
+    """Reaping, silent workers and preemption notices (a part of the reconciler)."""
+
+    def _adopt_orphans(self) -> None:
+        """After a restart, workers launched by a previous process keep running and heartbeating; they are
+        adopted by heartbeat. Workers that never registered are written off."""
+        with self.cp.db.read() as conn:
+            rows = conn.execute(
+                select(W.c.id).where(and_(W.c.state == WorkerState.STARTING, W.c.pid.is_(None)))
+            ).all()
+        for (wid,) in rows:
+            self._step(
+                f"worker {wid} (write-off)",
+                self.cp.workers.worker_stopped,
+                wid,
+                "control plane restarted before the worker registered",
+                crashed=False,
+            )
+
+    def _reap(self, now: float) -> None:
+        for wid, (prov, handle) in list(self.handles.items()):
+            self._step(f"worker {wid} (reap)", self._reap_one, wid, prov, handle, now)
+        # Workers that went silent (hung, partitioned, or launched by a previous control plane and gone).
+        cutoff = now - self.cp.settings.worker_timeout_s
+        with self.cp.db.read() as conn:
+            rows = conn.execute(
+                select(W.c.id, W.c.state, W.c.last_heartbeat, W.c.pid, W.c.started_at).where(
+                    W.c.state.in_(LIVE_WORKER_STATES)
+                )
+            ).all()
+        for wid, state, last_hb, _pid, started_at in rows:
+            self._step(
+                f"worker {wid} (heartbeat)", self._check_silent, wid, state, last_hb, started_at, now, cutoff
+            )
+        if self._step_errors:  # forget the failures of workers that are gone
+            known = set(self.handles) | {r[0] for r in rows}
+            for key in [
+                k for k in self._step_errors if k.startswith("worker ") and k.split()[1] not in known
+            ]:
+                del self._step_errors[key]
+
+    def _reap_one(self, wid: str, prov: Any, handle: Any, now: float) -> None:
+        status = prov.describe(handle)
+        if status.alive:
+            if isinstance(prov, SupportsPreemptionNotice) and wid not in self._noticed:
+                at = prov.preemption_notice(handle)
+                if at is not None:
+                    self._noticed.add(wid)
+                    self._on_preemption_notice(wid, handle, at, now)
+            return
+        with self._lock:
+            self.handles.pop(wid, None)
+        state = self.cp.workers.worker_state(wid)
+        if state in (None, WorkerState.STOPPED):
+            return
+        if status.state == "preempted" or wid in self._noticed:
+            self._noticed.discard(wid)
+            self.cp.workers.worker_stopped(
+                wid, f"preempted ({status.detail or 'spot capacity reclaimed'})", crashed=False
+            )
+            return
+        clean = state == WorkerState.DRAINING and status.returncode == 0
+        self.cp.workers.worker_stopped(
+            wid,
+            f"process exited with code {status.returncode}"
+            + (f" ({status.detail})" if status.detail else ""),
+            crashed=not clean,
+        )
+
+    def _check_silent(
+        self, wid: str, state: str, last_hb: float, started_at: float, now: float, cutoff: float
+    ) -> None:
+        starting = state == WorkerState.STARTING
+        if wid in self.handles and starting and now - started_at < STARTUP_GRACE_S:
+            return
+        if (
+            state == WorkerState.DRAINING
+            and last_hb < now - DRAIN_GRACE_S - self.cp.settings.worker_timeout_s
+        ):
+            self._kill(wid)
+            self.cp.workers.worker_stopped(wid, "did not finish draining in time", crashed=False)
+        elif last_hb < cutoff and (not starting or now - started_at > STARTUP_GRACE_S):
+            self._kill(wid)
+            self.cp.workers.worker_stopped(wid, f"no heartbeat for {now - last_hb:.0f} s", crashed=True)
+
+    def _on_preemption_notice(self, wid: str, handle: Any, at: float, now: float) -> None:
+        """A spot worker will be reclaimed: it stops claiming, its inputs go back to the queue at once (not
+        after a lease), and the autoscaler, no longer counting it, starts a replacement right away."""
+        row = self.cp.workers.worker_row(wid)
+        fid = row["function_id"]
+        self.cp.workers.drain_worker(wid, f"preemption notice: reclaimed in {max(0.0, at - now):.0f} s")
+        n = self.cp.workers.release_inputs(wid, None)
+        self.cp.activity.event(
+            "worker.preempted",
+            f"worker {wid} ({row.get('gpu') or ''} {row.get('market')}) got a preemption notice; {n} inputs requeued; replacing it",
+            app_id=row["app_id"],
+            function_id=fid,
+            worker_id=wid,
+            requeued=n,
+        )
+        with self.cp.db.read() as conn:
+            spot_workers = conn.execute(
+                select(func.count())
+                .select_from(W)
+                .where(
+                    and_(
+                        W.c.function_id == fid,
+                        W.c.market == SPOT,
+                        W.c.state.in_((WorkerState.STARTING, WorkerState.READY)),
+                    )
+                )
+            ).scalar_one()
+        state = self._market(fid)
+        offer = getattr(handle, "offer", None)
+        key = offer.key(handle.market) if offer is not None and hasattr(offer, "key") else None
+        msg = self.market_policy.record_preemption(state, now, spot_workers + 1, offer=key)
+        if key is not None and self.market_policy.reclaimed(state, key, now):
+            assert offer is not None  # key is only set from an offer
+            # One offer keeps losing this pool's workers: treat its spot capacity as gone for a while.
+            with self._block_lock:
+                until = self.market_policy.block_failed_launch(
+                    self.blocks, key, now, "spot capacity keeps being reclaimed"
+                )
+            self.cp.activity.event(
+                "offer.blocked",
+                f"{offer.cloud} {offer.zone or offer.region} {offer.instance_type} spot blocked for {until - now:.0f} s: its workers keep being preempted",
+                app_id=row["app_id"],
+                function_id=fid,
+            )
+        if msg:
+            self.cp.activity.event("pool.spot_fallback", msg, app_id=row["app_id"], function_id=fid)
+        self.wake()
+
+    def _kill(self, wid: str) -> None:
+        entry = self.handles.pop(wid, None)
+        if entry is not None:
+            try:
+                entry[0].terminate(entry[1], grace_s=2.0)
+            except Exception:
+                log.exception("terminate failed")

@@ -1,0 +1,468 @@
+"""The reconciler's launches: where a worker may start, and the failover walk that starts it.
+
+A launch runs in the background (on the reconciler's executor). It walks the candidates
+(:func:`~cloudmodal.server.scaling_rules.launch_walk`): this machine when it has the GPU, then cloud offers in
+placement's order; each failure blocks what it rules out (the offer, its quota scope, a class out of stock)
+and the walk moves on, ranking again when a list runs out, so a tier out of stock gives way to the next. A
+walk that starts nothing writes the worker off and backs the pool's launches off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from cloudmodal.exception import Error, NoProviderError
+from cloudmodal.gpu import GpuTier
+from cloudmodal.ids import new_id
+from cloudmodal.pricing.offers import ON_DEMAND
+from cloudmodal.providers.gpu import summarize
+from cloudmodal.server import models
+from cloudmodal.server.reconciler_base import ReconcilerBase, describe_error
+from cloudmodal.server.scaling_rules import (
+    MAX_LAUNCH_TRIES,
+    RANK_LIMIT,
+    launch_backoff,
+    launch_mode,
+    launch_spacing,
+    launch_walk,
+    record_launch_failure,
+    record_launch_success,
+)
+from cloudmodal.server.spot import PoolMarketState
+from cloudmodal.spec import FunctionSpec
+
+log = logging.getLogger("cloudmodal.reconciler")
+
+W = models.workers
+CRASH_BACKOFF_S = 5.0  # a launch that crashed (a bug, not a provider's refusal) retries after this
+
+
+@dataclass
+class _Choice:
+    """One way to start a worker: a provider, and for clouds the offer and market placement ranked."""
+
+    provider: Any
+    tier: GpuTier | None
+    offer: Any = None
+    market: str = ON_DEMAND
+    price: float = 0.0
+    key: Any = None
+    tier_index: int = 0  # the tier's place in the function's gpu list
+
+    @property
+    def cloud(self) -> str:
+        return self.offer.cloud if self.offer is not None else self.provider.name
+
+    def describe(self) -> str:
+        if self.offer is None:
+            return f"{self.provider.name}" + (f" {self.tier}" if self.tier else " (CPU)")
+        o = self.offer
+        return (
+            f"{o.cloud} {o.zone or o.region} {o.instance_type} {self.tier} {self.market} ${self.price:.2f}/h"
+        )
+
+
+class Launcher(ReconcilerBase):
+    """Candidates and launches (a part of the reconciler)."""
+
+    # -- resource checks at function registration ---------------------------------------------------------
+    def check_resources(self, spec: FunctionSpec, *, allow_cpu_fallback: bool) -> None:
+        if not spec.gpu or allow_cpu_fallback:
+            return
+        if self._local_tier(spec.gpu) is not None:
+            return
+        if self._cloud_choices(spec, "", self.clock(), ignore_blocks=True, limit=1):
+            return
+        raise NoProviderError(_no_gpu_message(spec.gpu, self.local))
+
+    # -- candidates ------------------------------------------------------------------------------------------
+    def _local_tier(self, tiers: tuple[GpuTier, ...]) -> GpuTier | None:
+        can = getattr(self.local, "can_satisfy", None)
+        if can is None:
+            return None
+        for t in tiers:
+            if can((t,)):
+                return t
+        return None
+
+    def _table(self, provider: Any) -> Any:
+        table = self._tables.get(provider.name)
+        if table is None:
+            from cloudmodal.pricing.offers import OfferTable
+
+            offers = provider.offers()
+            table = offers if isinstance(offers, OfferTable) else OfferTable(offers)
+            self._tables[provider.name] = table
+        return table
+
+    def _cloud_offers(self) -> list[Any]:
+        """Every offer the enabled clouds sell (what a class block covers)."""
+        return [o for prov in self.clouds for o in self._table(prov).offers]
+
+    def _cloud_choices(
+        self,
+        spec: FunctionSpec,
+        fid: str,
+        now: float,
+        *,
+        ignore_blocks: bool = False,
+        force_on_demand: bool = False,
+        limit: int = RANK_LIMIT,
+    ) -> list[_Choice]:
+        if not self.clouds or not spec.gpu:
+            return []
+        from cloudmodal.placement import PlacementPolicy, rank
+
+        mode = launch_mode(spec.spot, self.market_policy, self._market(fid), now, on_demand=force_on_demand)
+        clouds = None if spec.cloud is None or spec.cloud in ("auto", "sim") else frozenset([spec.cloud])
+        policy = PlacementPolicy(
+            spot=mode,
+            clouds=clouds,
+            regions=frozenset(spec.region) or None,
+            max_price_per_hour=spec.max_price_per_hour,
+        )
+        if ignore_blocks:
+            blocked: frozenset[Any] = frozenset()
+        else:
+            with self._block_lock:
+                blocked = self.blocks.active(now)
+        out: list[_Choice] = []
+        for prov in self.clouds:
+            placement = rank(spec.gpu, self._table(prov), policy=policy, blocked=blocked, limit=limit)
+            out += [
+                _Choice(prov, c.tier, c.offer, c.market, c.price, c.key, c.tier_index)
+                for c in placement.candidates
+            ]
+        if len(self.clouds) > 1:
+            out.sort(key=lambda c: (c.price,))
+        return out[:limit]
+
+    def _choices(
+        self, spec: FunctionSpec, fid: str, cpu_fallback: bool, now: float, force_on_demand: bool
+    ) -> list[_Choice]:
+        """Where to try to start the next worker, best first: this machine when it has the GPU (it costs
+        nothing), then cloud offers in placement's order (tiers in the user's order, cheapest first)."""
+        if not spec.gpu or cpu_fallback:
+            return [_Choice(self.provider, None)]
+        out: list[_Choice] = []
+        tier = self._local_tier(spec.gpu)
+        if tier is not None:
+            out.append(_Choice(self.local, tier, tier_index=spec.gpu.index(tier)))
+        return out + self._cloud_choices(spec, fid, now, force_on_demand=force_on_demand)
+
+    # -- launching -------------------------------------------------------------------------------------------
+    def _launch(self, fid: str, fn: Any, spec: FunctionSpec, *, force_on_demand: bool = False) -> str:
+        """Start one worker in the background (walking the candidates); returns its worker id."""
+        from cloudmodal.providers.base import LaunchRequest
+
+        app_id = fn[1]
+        cpu_fallback = self.cp.secrets.open_env(fn[6]).get("CLOUDMODAL_CPU_FALLBACK") == "1"
+        worker_id = new_id("ta")
+        token = self.cp.tokens.create(scope=f"worker:{worker_id}", name=worker_id)
+        image = spec.image or {}
+        env = {
+            "CLOUDMODAL_SERVER_URL": self.server_url,
+            "CLOUDMODAL_TOKEN": token,
+            "CLOUDMODAL_WORKER_ID": worker_id,
+            "CLOUDMODAL_FUNCTION_ID": fid,
+            "CLOUDMODAL_APP_ID": app_id,
+            "CLOUDMODAL_WORKER_RECONNECT_S": f"{self.cp.settings.worker_reconnect_s:g}",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.cp.workers.add_worker(worker_id, app_id, fid, provider="-", market="", function_version=fn[3])
+        # counted once the launch is certain to run (a failure above must not leave the pool counted busy)
+        with self._lock:
+            self._launching[fid] = self._launching.get(fid, 0) + 1
+            if force_on_demand:
+                self._od_launching[fid] = self._od_launching.get(fid, 0) + 1
+
+        def go() -> None:
+            tried: list[str] = []
+            try:  # everything, so that a failure anywhere still settles the launch count and the worker row
+                state = self._market(fid)
+                ranked_once = False
+
+                def ranked() -> list[_Choice]:
+                    # Ranked afresh whenever the walk runs out of candidates: blocks added meanwhile (by this
+                    # walk or a concurrent one) take the offers and classes out of stock off the list.
+                    nonlocal ranked_once
+                    choices = self._choices(spec, fid, cpu_fallback, self.clock(), force_on_demand)
+                    if not ranked_once and (len(choices) > 1 or (choices and choices[0].offer is not None)):
+                        top = "; ".join(f"{i + 1}) {c.describe()}" for i, c in enumerate(choices[:3]))
+                        self.cp.activity.event(
+                            "placement.ranked",
+                            f"worker {worker_id}: {len(choices)} candidates for gpu={','.join(str(t) for t in spec.gpu)}"
+                            + (" (on-demand floor)" if force_on_demand else "")
+                            + f": {top}",
+                            app_id=app_id,
+                            function_id=fid,
+                            worker_id=worker_id,
+                        )
+                    ranked_once = True
+                    return choices
+
+                def blocked(c: _Choice) -> bool:
+                    if c.key is None:
+                        return False
+                    with self._block_lock:
+                        return c.key in self.blocks.active(self.clock())
+
+                per_cloud: dict[str, int] = {}  # failed tries of this walk on each cloud
+                for choice in launch_walk(ranked, _choice_key, blocked, MAX_LAUNCH_TRIES):
+                    failures_here = per_cloud.get(choice.cloud, 0)
+                    if failures_here:  # no hot loops on one cloud (clouds rate-limit launches per account)
+                        self.sleep(launch_spacing(failures_here))
+                    self._note_tier(fid, app_id, spec, choice, worker_id)
+                    req = LaunchRequest(
+                        worker_id=worker_id,
+                        app_id=app_id,
+                        function_id=fid,
+                        gpu=choice.tier,
+                        offer=choice.offer,
+                        market=choice.market,
+                        cpu=spec.cpu,
+                        memory_mb=spec.memory,
+                        image_hash=spec.image_hash,
+                        pip_packages=tuple(image.get("pip_packages") or ()),
+                        env=env,
+                        argv=("-m", "cloudmodal.worker"),
+                    )
+                    try:
+                        handle = choice.provider.launch(req)
+                    except Error as e:
+                        per_cloud[choice.cloud] = failures_here + 1
+                        reason = getattr(e, "reason", None) or type(e).__name__
+                        tried.append(f"{choice.describe()}: {reason}")
+                        self._launch_failed(fid, app_id, state, choice, e, reason)
+                        self.cp.activity.event(
+                            "launch.failed",
+                            f"{choice.describe()}: {type(e).__name__} ({reason}): {e}"
+                            + ("; trying the next candidate" if len(tried) < MAX_LAUNCH_TRIES else ""),
+                            app_id=app_id,
+                            function_id=fid,
+                            worker_id=worker_id,
+                            offer=_offer_dict(choice),
+                            reason=reason,
+                        )
+                        continue
+                    self._launched(
+                        fid, app_id, worker_id, choice, handle, state, cpu_fallback and bool(spec.gpu)
+                    )
+                    return
+                n = self._launch_failures.get(fid, 0) + 1
+                self._launch_failures[fid] = n
+                delay = launch_backoff(n)
+                self._next_launch_at[fid] = self.clock() + delay
+                why = "; ".join(tried[-5:]) or "no candidate offers (all blocked or none match)"
+                self.cp.workers.worker_stopped(worker_id, f"launch failed: {why}", crashed=False)
+                self.cp.activity.event(
+                    "launch.exhausted",
+                    f"no candidate could start a worker ({len(tried)} tried); retrying in {delay:g} s. {why}",
+                    app_id=app_id,
+                    function_id=fid,
+                )
+            except Exception as e:  # a provider bug must not kill the loop
+                self._next_launch_at[fid] = self.clock() + CRASH_BACKOFF_S
+                why = describe_error(e)
+                if self._launch_errors.get(fid) != why:  # once per distinct error, not every retry
+                    self._launch_errors[fid] = why
+                    log.error("launch for function %s crashed: %s", fid, why, exc_info=e)
+                    self._report("launch.crashed", f"starting a worker crashed: {why}", app_id, fid)
+                try:
+                    self.cp.workers.worker_stopped(worker_id, f"launch crashed: {why}", crashed=False)
+                except Exception as e2:
+                    log.warning("could not write off worker %s: %s", worker_id, describe_error(e2))
+            finally:
+                with self._lock:
+                    self._launching[fid] = max(0, self._launching.get(fid, 1) - 1)
+                    if force_on_demand:
+                        self._od_launching[fid] = max(0, self._od_launching.get(fid, 1) - 1)
+
+        self._pool.submit(go)
+        return worker_id
+
+    def _launch_failed(
+        self, fid: str, app_id: str, state: PoolMarketState, choice: _Choice, e: Error, reason: str
+    ) -> None:
+        """Record what a failed launch rules out (:func:`~cloudmodal.server.scaling_rules.record_launch_failure`):
+        the offer, its quota scope, the class of offers a run of capacity failures shows out of stock, and a
+        spot failure against the pool's market; and say so in events."""
+        from cloudmodal.providers.base import NoCapacityError, QuotaExceededError
+
+        now = self.clock()
+        quota = isinstance(e, QuotaExceededError)
+        capacity = isinstance(e, NoCapacityError)
+        with self._block_lock:
+            got = record_launch_failure(
+                self.market_policy,
+                self.blocks,
+                state,
+                choice.key,
+                choice.market,
+                now,
+                f"{type(e).__name__}: {reason}",
+                quota=quota,
+                capacity=capacity,
+                quota_offers=self._table(choice.provider) if quota and choice.key is not None else (),
+                stockouts=self.stockouts,
+                class_offers=self._cloud_offers() if capacity and choice.key is not None else (),
+            )
+        for c, until, why in got.classes:
+            self.cp.activity.event(
+                "placement.class_blocked",
+                f"{c.describe()} blocked for {until - now:.0f} s: {why}; launches skip its offers until then",
+                app_id=app_id,
+                function_id=fid,
+                gpu=c.gpu,
+                market=c.market,
+                cloud=c.cloud,
+                until=until,
+            )
+        if got.spot_fallback:
+            self.cp.activity.event("pool.spot_fallback", got.spot_fallback, app_id=app_id, function_id=fid)
+
+    def _note_tier(self, fid: str, app_id: str, spec: FunctionSpec, choice: _Choice, worker_id: str) -> None:
+        """Say (once per move) when a pool's launches move on to a later tier, and why: the classes of the
+        earlier tiers that are blocked."""
+        ti = choice.tier_index
+        with self._lock:
+            prev = self._tiers.get(fid, 0)
+            if ti == prev:
+                return
+            self._tiers[fid] = ti
+        if ti < prev or not spec.gpu:  # back to an earlier tier: worker.launched says where
+            return
+        skipped = spec.gpu[:ti]
+        types = {t.type for t in skipped}
+        with self._block_lock:
+            classes = [(c, why) for c, _until, why in self.stockouts.active(self.clock()) if c.gpu in types]
+        because = (
+            "; ".join(f"{c.describe()} blocked ({why})" for c, why in classes)
+            or "every candidate of it is blocked or was tried"
+        )
+        self.cp.activity.event(
+            "placement.next_tier",
+            f"worker {worker_id}: gpu {', '.join(str(t) for t in skipped)} is out of stock ({because}); "
+            f"moving on to tier {ti + 1}, {choice.tier}: {choice.describe()}",
+            app_id=app_id,
+            function_id=fid,
+            worker_id=worker_id,
+            tier=str(choice.tier),
+            tier_index=ti,
+            blocked=[c.describe() for c, _ in classes],
+        )
+
+    def _launched(
+        self,
+        fid: str,
+        app_id: str,
+        worker_id: str,
+        choice: _Choice,
+        handle: Any,
+        state: PoolMarketState,
+        cpu_fallback: bool,
+    ) -> None:
+        with self._block_lock:
+            restored = record_launch_success(
+                self.market_policy,
+                state,
+                choice.key,
+                choice.market,
+                self.clock(),
+                stockouts=self.stockouts,
+            )
+        self._launch_failures.pop(fid, None)
+        self._launch_errors.pop(fid, None)
+        with self._lock:
+            self.handles[worker_id] = (choice.provider, handle)
+        if restored:
+            self.cp.activity.event("pool.spot_restored", restored, app_id=app_id, function_id=fid)
+        with self.cp.db.write() as conn:
+            conn.execute(
+                W.update()
+                .where(W.c.id == worker_id)
+                .values(
+                    provider=choice.provider.name,
+                    instance_id=handle.instance_id,
+                    price_per_hour=handle.price_per_hour,
+                    market=handle.market,
+                    gpu=str(choice.tier) if choice.tier else None,
+                    offer=_offer_dict(choice),
+                )
+            )
+        self.cp.activity.event(
+            "worker.launched",
+            f"worker {worker_id} launched: {choice.describe()}" + (" (CPU fallback)" if cpu_fallback else ""),
+            app_id=app_id,
+            function_id=fid,
+            worker_id=worker_id,
+            offer=_offer_dict(choice),
+            market=handle.market,
+            price_per_hour=handle.price_per_hour,
+        )
+
+
+def _choice_key(c: _Choice) -> Any:
+    """What a walk tries at most once: the offer in its market, or the provider and tier without an offer."""
+    return c.key if c.key is not None else (c.provider.name, str(c.tier))
+
+
+def _offer_dict(choice: _Choice) -> dict[str, Any] | None:
+    o = choice.offer
+    if o is None:
+        return {"cloud": choice.provider.name, "gpu": str(choice.tier) if choice.tier else None}
+    return {
+        "cloud": o.cloud,
+        "region": o.region,
+        "zone": o.zone,
+        "instance_type": o.instance_type,
+        "gpu": str(choice.tier),
+        "market": choice.market,
+        "price_per_hour": choice.price,
+    }
+
+
+def _no_gpu_message(tiers: tuple[GpuTier, ...], provider: Any) -> str:
+    want = ", ".join(str(t) for t in tiers)
+    have = ""
+    inv = getattr(provider, "gpu_inventory", None)
+    if inv is not None:
+        try:
+            have = summarize(inv())
+        except Exception:
+            have = "unknown"
+    lines = [
+        f"No enabled provider can run gpu={want!r}: this machine has {have or 'no GPUs'} and no cloud is enabled."
+    ]
+    offers = _cheapest_offers(tiers)
+    if offers:
+        lines.append("Cheapest cloud offers for it:")
+        lines.extend(f"  {o}" for o in offers)
+    lines.append(
+        "To run it: enable a cloud (`pip install 'cloudmodal[aws]'` and configure credentials), "
+        "or pass `--gpu-fallback cpu` to `cloudmodal run` (or set CLOUDMODAL_GPU_FALLBACK=cpu) to run it on CPU "
+        "for development."
+    )
+    return "\n".join(lines)
+
+
+def _cheapest_offers(tiers: tuple[GpuTier, ...], n: int = 3) -> list[str]:
+    try:
+        from cloudmodal.placement import PlacementPolicy, rank
+        from cloudmodal.pricing.catalog import load_offer_table
+    except ImportError:
+        return []
+    try:
+        table = load_offer_table()
+        placement = rank(tiers, table, policy=PlacementPolicy())
+    except Error:
+        return ["(no price catalog here: run `cloudmodal pricing refresh` to see cloud offers)"]
+    except Exception:
+        return []
+    out = []
+    for c in placement.candidates[:n]:
+        o = c.offer
+        out.append(f"{c.tier} on {o.cloud} {o.region} {o.instance_type}: ${c.price:.2f}/h ({c.market})")
+    return out
