@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from cloudmodal._partial import Decorated
+from cloudmodal._user_class import instantiate, run_lifecycle_hooks
 from cloudmodal.exception import ExecutionError, InvalidError, NotFoundError
 from cloudmodal.spec import FunctionSpec
 
@@ -26,6 +27,8 @@ class _Dual:
 
 def _to_thread(fn: Any) -> Any:
     async def aio(*args: Any, **kwargs: Any) -> Any:
+        import asyncio  # only async callers need it; `import cloudmodal` stays without it
+
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     return aio
@@ -165,8 +168,10 @@ def _source_of(spec: FunctionSpec) -> dict[str, Any]:
     return {"module": spec.module, "source_file": spec.source_file}
 
 
-class Function(_Invocable):
+class Function(_Invocable, Decorated):
     """A handle to a decorated function: call it with ``.remote``, ``.map``, ``.spawn``…"""
+
+    _decorator_name = "@app.function"
 
     def __init__(
         self,
@@ -300,6 +305,7 @@ def _lookup(
 ) -> tuple[Any, dict[str, Any]]:
     """Find a function's row: a deployed app's by name, or (inside a worker) one of the worker's own app."""
     from cloudmodal.client.session import current_session, in_worker
+    from cloudmodal.settings import settings
 
     session = current_session()
     if from_name is not None:
@@ -308,7 +314,7 @@ def _lookup(
         )
     if in_worker() and spec is not None:
         return session, session.transport.get(
-            "/v1/functions/lookup", app_id=os.environ.get("CLOUDMODAL_APP_ID"), name=spec.name
+            "/v1/functions/lookup", app_id=settings().app_id, name=spec.name
         )
     raise ExecutionError(
         f"{what} is not part of a running app. Call it inside `with app.run():`, from a `@app.local_entrypoint` "
@@ -352,9 +358,11 @@ def _definition(
     }
 
 
-class Cls:
+class Cls(Decorated):
     """A handle to a class decorated with ``@app.cls``. Instantiate it with parameters, then call methods:
     ``Model(size=2).predict.remote(x)``."""
+
+    _decorator_name = "@app.cls"
 
     def __init__(
         self,
@@ -547,8 +555,6 @@ class Obj:
 
     def _local_instance(self) -> Any:
         if self._local is None:
-            from cloudmodal.partial_function import instantiate, run_lifecycle_hooks
-
             self._local = instantiate(self._cls.user_cls, **self._params)
             run_lifecycle_hooks(self._local, "enter")
         return self._local

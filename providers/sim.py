@@ -3,7 +3,7 @@
 It serves every offer of a real price catalog (aws, gcp, azure, lambda, runpod...) as if each were a cloud, and
 each launch starts a REAL local worker process (through :class:`~cloudmodal.providers.local.LocalProvider`), so
 the control plane, the queue and the workers run exactly as they do on a cloud. What a cloud does to a
-launch is scripted by a :class:`SimScenario`:
+launch is scripted by a :class:`~cloudmodal.providers.sim_scenario.SimScenario`:
 
 - **provisioning delays**: a launch returns at once with a handle in state ``"provisioning"``; the worker
   process starts after the delay (a background thread starts it; so does any ``describe``/``poll`` that
@@ -22,19 +22,9 @@ seeded and never global: the n-th draw for a given purpose and offer (the jitter
 ``aws:p5.48xlarge:spot``, say) is the same in every run with the same seed, whatever the worker ids and however
 launches on different offers interleave.
 
-A scenario comes from a dict, a JSON or TOML file, or the environment (:meth:`SimProvider.from_env`:
-``CLOUDMODAL_SIM_SCENARIO`` is a path or inline JSON, ``CLOUDMODAL_SIM_SEED`` an integer)::
-
-    {
-      "notice_s": 30,
-      "provisioning": {"delay_s": 20, "jitter_s": 5,
-                       "rules": [{"match": {"cloud": "lambda"}, "delay_s": 60}]},
-      "capacity": [{"match": {"cloud": "aws", "instance_type": "p5.48xlarge", "market": "spot"},
-                    "mode": "none", "from_s": 10, "until_s": 40},
-                   {"match": {"cloud": "gcp", "gpu": "H100"}, "mode": "fail_prob", "p": 0.3}],
-      "quota": [{"match": {"cloud": "azure"}, "max_gpus": 8, "per": ["region"]}],
-      "preemption": [{"match": {"gpu": ["A100-*", "H100"]}, "every_s": 30, "jitter_s": 10, "notice_s": 5}]
-    }
+A scenario (its schema and an example: :mod:`cloudmodal.providers.sim_scenario`) comes from a dict, a JSON
+or TOML file, or the environment (:meth:`SimProvider.from_env`: ``CLOUDMODAL_SIM_SCENARIO`` is a path or
+inline JSON, ``CLOUDMODAL_SIM_SEED`` an integer).
 
 Workers see no GPU (``CUDA_VISIBLE_DEVICES=""``): the machines are simulated. Each gets
 ``CLOUDMODAL_SIM_OFFER`` (the offer key), ``CLOUDMODAL_SIM_MARKET`` and ``CLOUDMODAL_SIM_NOTICE_FILE``, a path
@@ -44,7 +34,6 @@ endpoint would announce it.
 
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import itertools
 import json
@@ -54,14 +43,12 @@ import random
 import signal
 import threading
 import time
-import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from cloudmodal.config import cache_dir, open_private, private_dir
-from cloudmodal.exception import InvalidError
 from cloudmodal.pricing.offers import MARKETS, OfferKey, OfferTable
 from cloudmodal.providers.base import (
     LaunchRequest,
@@ -78,18 +65,43 @@ from cloudmodal.providers.base import (
 )
 from cloudmodal.providers.envs import resolve_python
 from cloudmodal.providers.local import LocalProvider
+from cloudmodal.providers.sim_scenario import (
+    CAPACITY_MODES,
+    MATCH_FIELDS,
+    PREEMPTION_SCOPES,
+    QUOTA_PER_FIELDS,
+    SCENARIO_ENV,
+    CapacityRule,
+    DelayRule,
+    Match,
+    PreemptionRule,
+    Provisioning,
+    QuotaRule,
+    SimScenario,
+)
+
+__all__ = [
+    "CAPACITY_MODES",
+    "MATCH_FIELDS",
+    "NOTICE_FILE_ENV",
+    "PREEMPTION_SCOPES",
+    "QUOTA_PER_FIELDS",
+    "SCENARIO_ENV",
+    "SEED_ENV",
+    "CapacityRule",
+    "DelayRule",
+    "Match",
+    "PreemptionRule",
+    "Provisioning",
+    "QuotaRule",
+    "SimProvider",
+    "SimScenario",
+]
 
 log = logging.getLogger(__name__)
 
-SCENARIO_ENV = "CLOUDMODAL_SIM_SCENARIO"
 SEED_ENV = "CLOUDMODAL_SIM_SEED"
 NOTICE_FILE_ENV = "CLOUDMODAL_SIM_NOTICE_FILE"
-
-MATCH_FIELDS = ("cloud", "region", "zone", "instance_type", "gpu", "gpu_count", "market")
-_PATTERN_FIELDS = ("cloud", "region", "zone", "instance_type", "gpu")
-QUOTA_PER_FIELDS = ("cloud", "region", "zone", "instance_type", "gpu", "market")
-CAPACITY_MODES = ("none", "fail_prob")
-PREEMPTION_SCOPES = ("worker", "fleet")
 
 # The reason codes the real clouds give, so events read as they would in production.
 _CAPACITY_REASONS = {
@@ -108,502 +120,8 @@ _QUOTA_REASONS = {
 _REAP_EVERY_S = 0.25  # how often poll() looks for worker processes that exited on their own
 
 
-# --- scenario: validation helpers -------------------------------------------------------------------------
-
-
-def _table(d: Any, where: str, allowed: Sequence[str]) -> Mapping[str, Any]:
-    if not isinstance(d, Mapping):
-        raise InvalidError(f"{where} must be a table (JSON object), got {type(d).__name__}: {d!r}.")
-    unknown = sorted(str(k) for k in d if k not in allowed)
-    if unknown:
-        raise InvalidError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(allowed)}.")
-    return d
-
-
-def _items(d: Any, where: str) -> list[Any]:
-    """A list of tables; a single table is a list of one (TOML's ``[preemption]`` vs ``[[preemption]]``)."""
-    if d is None:
-        return []
-    if isinstance(d, Mapping):
-        return [d]
-    if isinstance(d, list | tuple):
-        return list(d)
-    raise InvalidError(f"{where} must be a list of tables, got {type(d).__name__}: {d!r}.")
-
-
-def _number(value: Any, where: str, *, minimum: float = 0.0, maximum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidError(f"{where} must be a number, got {value!r}.")
-    v = float(value)
-    if v != v or v < minimum or (maximum is not None and v > maximum):
-        rng = f"between {minimum:g} and {maximum:g}" if maximum is not None else f"at least {minimum:g}"
-        raise InvalidError(f"{where} must be {rng}, got {value!r}.")
-    return v
-
-
-def _opt_number(value: Any, where: str, **kw: Any) -> float | None:
-    return None if value is None else _number(value, where, **kw)
-
-
-def _window(from_s: float | None, until_s: float | None, where: str) -> None:
-    if from_s is not None and until_s is not None and until_s <= from_s:
-        raise InvalidError(f"{where}: until_s ({until_s:g}) must be after from_s ({from_s:g}).")
-
-
-def _located(where: str, e: InvalidError) -> InvalidError:
-    """``e`` with ``where`` in front, once (nested tables already name their place)."""
-    msg = str(e)
-    return InvalidError(msg if msg.startswith(where) else f"{where}: {msg}")
-
-
 def _in_window(t: float, from_s: float | None, until_s: float | None) -> bool:
     return (from_s is None or t >= from_s) and (until_s is None or t < until_s)
-
-
-# --- scenario: values ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Match:
-    """Which offers (in which market) a rule applies to; unset fields match anything.
-
-    String fields take one pattern or a sequence of them: shell-style wildcards, case-insensitive. An offer
-    without a zone never matches a ``zone`` pattern.
-
-    >>> Match(cloud="aws", gpu=["H100", "A100-*"], market="spot").to_dict()
-    {'cloud': 'aws', 'gpu': ['H100', 'A100-*'], 'market': 'spot'}
-    """
-
-    cloud: str | tuple[str, ...] | None = None
-    region: str | tuple[str, ...] | None = None
-    zone: str | tuple[str, ...] | None = None
-    instance_type: str | tuple[str, ...] | None = None
-    gpu: str | tuple[str, ...] | None = None
-    gpu_count: int | None = None
-    market: Market | None = None
-
-    _lowered: tuple[tuple[str, tuple[str, ...]], ...] = field(
-        default=(), init=False, repr=False, compare=False
-    )
-
-    def __post_init__(self) -> None:
-        lowered = []
-        for name in _PATTERN_FIELDS:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            items = (value,) if isinstance(value, str) else tuple(value)
-            if not items or not all(isinstance(p, str) and p for p in items):
-                raise InvalidError(
-                    f"match.{name} must be a pattern or a non-empty list of them, got {value!r}."
-                )
-            object.__setattr__(self, name, items)
-            lowered.append((name, tuple(p.lower() for p in items)))
-        object.__setattr__(self, "_lowered", tuple(lowered))
-        if self.gpu_count is not None and (
-            isinstance(self.gpu_count, bool) or not isinstance(self.gpu_count, int) or self.gpu_count < 1
-        ):
-            raise InvalidError(
-                f"match.gpu_count must be a whole number of GPUs (1 or more), got {self.gpu_count!r}."
-            )
-        if self.market is not None and self.market not in MARKETS:
-            raise InvalidError(f"match.market must be one of {', '.join(MARKETS)}, got {self.market!r}.")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, where: str = "match") -> Match:
-        if d is None:
-            return cls()
-        d = _table(d, where, MATCH_FIELDS)
-        try:
-            return cls(**d)
-        except InvalidError as e:
-            raise _located(where, e) from None
-
-    def matches(self, offer: Any, market: str) -> bool:
-        if self.market is not None and market != self.market:
-            return False
-        if self.gpu_count is not None and getattr(offer, "gpu_count", None) != self.gpu_count:
-            return False
-        for name, patterns in self._lowered:
-            value = getattr(offer, name, None)
-            if value is None:
-                return False
-            value = str(value).lower()
-            if not any(fnmatch.fnmatchcase(value, p) for p in patterns):
-                return False
-        return True
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in MATCH_FIELDS:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            out[name] = (value[0] if len(value) == 1 else list(value)) if isinstance(value, tuple) else value
-        return out
-
-
-@dataclass(frozen=True)
-class DelayRule:
-    """Provisioning delay for the offers a ``match`` selects: ``delay_s`` ± uniform ``jitter_s``."""
-
-    match: Match = field(default_factory=Match)
-    delay_s: float = 0.0
-    jitter_s: float = 0.0
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> DelayRule:
-        d = _table(d, where, ("match", "delay_s", "jitter_s"))
-        return cls(
-            match=Match.from_dict(d.get("match"), f"{where}.match"),
-            delay_s=_number(d.get("delay_s", 0.0), f"{where}.delay_s"),
-            jitter_s=_number(d.get("jitter_s", 0.0), f"{where}.jitter_s"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"match": self.match.to_dict(), "delay_s": self.delay_s, "jitter_s": self.jitter_s}
-
-
-@dataclass(frozen=True)
-class Provisioning:
-    """How long a launch takes before its worker process starts: the first matching rule, else the default."""
-
-    delay_s: float = 0.0
-    jitter_s: float = 0.0
-    rules: tuple[DelayRule, ...] = ()
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, where: str = "provisioning") -> Provisioning:
-        if d is None:
-            return cls()
-        d = _table(d, where, ("delay_s", "jitter_s", "rules"))
-        return cls(
-            delay_s=_number(d.get("delay_s", 0.0), f"{where}.delay_s"),
-            jitter_s=_number(d.get("jitter_s", 0.0), f"{where}.jitter_s"),
-            rules=tuple(
-                DelayRule.from_dict(r, f"{where}.rules[{i}]")
-                for i, r in enumerate(_items(d.get("rules"), where))
-            ),
-        )
-
-    def rule_for(self, offer: Any, market: str) -> tuple[float, float]:
-        for r in self.rules:
-            if r.match.matches(offer, market):
-                return r.delay_s, r.jitter_s
-        return self.delay_s, self.jitter_s
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "delay_s": self.delay_s,
-            "jitter_s": self.jitter_s,
-            "rules": [r.to_dict() for r in self.rules],
-        }
-
-
-@dataclass(frozen=True)
-class CapacityRule:
-    """Launches of matching offers fail with :class:`NoCapacityError` while ``from_s <= t < until_s``:
-    always (``mode="none"``) or with probability ``p`` (``mode="fail_prob"``). ``reason`` overrides the
-    cloud's usual code (``InsufficientInstanceCapacity``, ``ZONE_RESOURCE_POOL_EXHAUSTED``...)."""
-
-    match: Match = field(default_factory=Match)
-    mode: Literal["none", "fail_prob"] = "none"
-    p: float = 1.0
-    from_s: float | None = None
-    until_s: float | None = None
-    reason: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in CAPACITY_MODES:
-            raise InvalidError(
-                f"capacity mode must be one of {', '.join(CAPACITY_MODES)}, got {self.mode!r}."
-            )
-        _number(self.p, "capacity p", maximum=1.0)
-        _window(self.from_s, self.until_s, "capacity rule")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> CapacityRule:
-        d = _table(d, where, ("match", "mode", "p", "from_s", "until_s", "reason"))
-        try:
-            return cls(
-                match=Match.from_dict(d.get("match"), f"{where}.match"),
-                mode=d.get("mode", "none"),
-                p=_number(d.get("p", 1.0), f"{where}.p", maximum=1.0),
-                from_s=_opt_number(d.get("from_s"), f"{where}.from_s"),
-                until_s=_opt_number(d.get("until_s"), f"{where}.until_s"),
-                reason=d.get("reason"),
-            )
-        except InvalidError as e:
-            raise _located(where, e) from None
-
-    def active(self, t: float) -> bool:
-        return _in_window(t, self.from_s, self.until_s)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"match": self.match.to_dict(), "mode": self.mode}
-        if self.mode == "fail_prob":
-            out["p"] = self.p
-        for k in ("from_s", "until_s", "reason"):
-            if getattr(self, k) is not None:
-                out[k] = getattr(self, k)
-        return out
-
-
-@dataclass(frozen=True)
-class QuotaRule:
-    """At most ``max_gpus`` GPUs (and/or ``max_instances`` workers) alive at once across the matching offers;
-    ``per`` splits that into one bucket per value of those fields (``per=("cloud",)``: each cloud its own
-    cap). A launch that would go over raises :class:`QuotaExceededError`."""
-
-    match: Match = field(default_factory=Match)
-    max_gpus: int | None = None
-    max_instances: int | None = None
-    per: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_gpus is None and self.max_instances is None:
-            raise InvalidError("a quota rule needs max_gpus or max_instances.")
-        for name in ("max_gpus", "max_instances"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise InvalidError(f"quota {name} must be a whole number (0 or more), got {v!r}.")
-        per = (self.per,) if isinstance(self.per, str) else tuple(self.per)
-        bad = [p for p in per if p not in QUOTA_PER_FIELDS]
-        if bad:
-            raise InvalidError(
-                f"quota per: unknown field(s) {', '.join(map(str, bad))}; valid: {', '.join(QUOTA_PER_FIELDS)}."
-            )
-        object.__setattr__(self, "per", per)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> QuotaRule:
-        d = _table(d, where, ("match", "max_gpus", "max_instances", "per"))
-        try:
-            return cls(
-                match=Match.from_dict(d.get("match"), f"{where}.match"),
-                max_gpus=d.get("max_gpus"),
-                max_instances=d.get("max_instances"),
-                per=d.get("per", ()),
-            )
-        except InvalidError as e:
-            raise _located(where, e) from None
-
-    def bucket(self, offer: Any, market: str) -> tuple[Any, ...]:
-        return tuple(market if f == "market" else getattr(offer, f, None) for f in self.per)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"match": self.match.to_dict()}
-        for k in ("max_gpus", "max_instances"):
-            if getattr(self, k) is not None:
-                out[k] = getattr(self, k)
-        if self.per:
-            out["per"] = list(self.per)
-        return out
-
-
-@dataclass(frozen=True)
-class PreemptionRule:
-    """When matching spot workers are reclaimed. Exactly one of:
-
-    - ``every_s`` (± uniform ``jitter_s``): with ``scope="worker"`` (default) each worker gets its notice that
-      long after it starts running; with ``scope="fleet"`` one running, not yet noticed worker (chosen by the
-      seeded generator) gets a notice at each tick of that period;
-    - ``rate_per_hour``: the same with exponentially distributed intervals (a Poisson process);
-    - ``at_s``: explicit times (fleet scope): at each, one running matching worker gets a notice.
-
-    The worker is SIGKILLed ``notice_s`` after its notice (default: the scenario's ``notice_s``). Only
-    notices inside ``from_s <= t < until_s`` are given; a per-worker interval starts at ``from_s`` at the
-    earliest.
-    """
-
-    match: Match = field(default_factory=Match)
-    every_s: float | None = None
-    jitter_s: float = 0.0
-    rate_per_hour: float | None = None
-    at_s: tuple[float, ...] = ()
-    scope: Literal["worker", "fleet"] | None = None
-    notice_s: float | None = None
-    from_s: float | None = None
-    until_s: float | None = None
-    reason: str | None = None
-
-    def __post_init__(self) -> None:
-        given = [k for k in ("every_s", "rate_per_hour") if getattr(self, k) is not None]
-        given += ["at_s"] if self.at_s else []
-        if len(given) != 1:
-            raise InvalidError(
-                "a preemption rule needs exactly one of every_s, rate_per_hour or at_s"
-                + (f" (got {', '.join(given)})." if given else ".")
-            )
-        if self.every_s is not None and self.every_s <= 0:
-            raise InvalidError(f"preemption every_s must be above 0, got {self.every_s!r}.")
-        if self.rate_per_hour is not None and self.rate_per_hour <= 0:
-            raise InvalidError(f"preemption rate_per_hour must be above 0, got {self.rate_per_hour!r}.")
-        object.__setattr__(self, "at_s", tuple(sorted(float(t) for t in self.at_s)))
-        scope = self.scope or ("fleet" if self.at_s else "worker")
-        if scope not in PREEMPTION_SCOPES:
-            raise InvalidError(
-                f"preemption scope must be one of {', '.join(PREEMPTION_SCOPES)}, got {scope!r}."
-            )
-        if self.at_s and scope != "fleet":
-            raise InvalidError("preemption at_s are times since the provider started: scope must be 'fleet'.")
-        object.__setattr__(self, "scope", scope)
-        if self.match.market not in (None, "spot"):
-            raise InvalidError(
-                "preemption rules apply to spot workers only: leave match.market unset or 'spot'."
-            )
-        _window(self.from_s, self.until_s, "preemption rule")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> PreemptionRule:
-        keys = (
-            "match",
-            "every_s",
-            "jitter_s",
-            "rate_per_hour",
-            "at_s",
-            "scope",
-            "notice_s",
-            "from_s",
-            "until_s",
-            "reason",
-        )
-        d = _table(d, where, keys)
-        at_s = d.get("at_s", ())
-        if not isinstance(at_s, list | tuple):
-            raise InvalidError(f"{where}.at_s must be a list of times in seconds, got {at_s!r}.")
-        try:
-            return cls(
-                match=Match.from_dict(d.get("match"), f"{where}.match"),
-                every_s=_opt_number(d.get("every_s"), f"{where}.every_s"),
-                jitter_s=_number(d.get("jitter_s", 0.0), f"{where}.jitter_s"),
-                rate_per_hour=_opt_number(d.get("rate_per_hour"), f"{where}.rate_per_hour"),
-                at_s=tuple(_number(t, f"{where}.at_s[{i}]") for i, t in enumerate(at_s)),
-                scope=d.get("scope"),
-                notice_s=_opt_number(d.get("notice_s"), f"{where}.notice_s"),
-                from_s=_opt_number(d.get("from_s"), f"{where}.from_s"),
-                until_s=_opt_number(d.get("until_s"), f"{where}.until_s"),
-                reason=d.get("reason"),
-            )
-        except InvalidError as e:
-            raise _located(where, e) from None
-
-    def interval(self, rng: random.Random) -> float:
-        """Seconds to the next notice (per worker: from its start; fleet: from the previous tick)."""
-        if self.rate_per_hour is not None:
-            return rng.expovariate(self.rate_per_hour / 3600.0)
-        assert self.every_s is not None
-        return max(0.0, self.every_s + rng.uniform(-self.jitter_s, self.jitter_s))
-
-    def describe(self) -> str:
-        if self.at_s:
-            return "at " + ", ".join(f"{t:g}" for t in self.at_s) + " s"
-        if self.rate_per_hour is not None:
-            return f"{self.rate_per_hour:g}/h per {self.scope}"
-        return (
-            f"every {self.every_s:g}"
-            + (f"±{self.jitter_s:g}" if self.jitter_s else "")
-            + f" s per {self.scope}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"match": self.match.to_dict(), "scope": self.scope}
-        if self.every_s is not None:
-            out["every_s"] = self.every_s
-            out["jitter_s"] = self.jitter_s
-        if self.rate_per_hour is not None:
-            out["rate_per_hour"] = self.rate_per_hour
-        if self.at_s:
-            out["at_s"] = list(self.at_s)
-        for k in ("notice_s", "from_s", "until_s", "reason"):
-            if getattr(self, k) is not None:
-                out[k] = getattr(self, k)
-        return out
-
-
-@dataclass(frozen=True)
-class SimScenario:
-    """What the simulated clouds do to launches and spot workers (see the module docstring for an example).
-
-    ``notice_s``: the preemption notice period for :meth:`SimProvider.preempt` and rules that set none.
-    """
-
-    provisioning: Provisioning = field(default_factory=Provisioning)
-    capacity: tuple[CapacityRule, ...] = ()
-    quota: tuple[QuotaRule, ...] = ()
-    preemption: tuple[PreemptionRule, ...] = ()
-    notice_s: float = 30.0
-
-    KEYS = ("provisioning", "capacity", "quota", "preemption", "notice_s")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SimScenario:
-        d = _table(d, "scenario", cls.KEYS)
-        return cls(
-            provisioning=Provisioning.from_dict(d.get("provisioning")),
-            capacity=tuple(
-                CapacityRule.from_dict(r, f"capacity[{i}]")
-                for i, r in enumerate(_items(d.get("capacity"), "capacity"))
-            ),
-            quota=tuple(
-                QuotaRule.from_dict(r, f"quota[{i}]") for i, r in enumerate(_items(d.get("quota"), "quota"))
-            ),
-            preemption=tuple(
-                PreemptionRule.from_dict(r, f"preemption[{i}]")
-                for i, r in enumerate(_items(d.get("preemption"), "preemption"))
-            ),
-            notice_s=_number(d.get("notice_s", 30.0), "notice_s"),
-        )
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> SimScenario:
-        """A scenario from a ``.json`` or ``.toml`` file (other suffixes: JSON, then TOML)."""
-        p = Path(path).expanduser()
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise InvalidError(
-                f"Cannot read the sim scenario {p}: {e.strerror or e}. Set {SCENARIO_ENV} to a JSON or TOML file "
-                "or to inline JSON."
-            ) from None
-        return cls.from_dict(_parse(text, p.suffix.lower(), str(p)))
-
-    @classmethod
-    def load(cls, source: SimScenario | Mapping[str, Any] | str | os.PathLike[str]) -> SimScenario:
-        """A scenario from a scenario, a dict, inline JSON (text starting with ``{``) or a file path."""
-        if isinstance(source, SimScenario):
-            return source
-        if isinstance(source, Mapping):
-            return cls.from_dict(source)
-        if isinstance(source, str) and source.lstrip().startswith("{"):
-            return cls.from_dict(_parse(source, ".json", "inline scenario"))
-        return cls.from_file(source)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "provisioning": self.provisioning.to_dict(),
-            "capacity": [r.to_dict() for r in self.capacity],
-            "quota": [r.to_dict() for r in self.quota],
-            "preemption": [r.to_dict() for r in self.preemption],
-            "notice_s": self.notice_s,
-        }
-
-
-def _parse(text: str, suffix: str, where: str) -> Any:
-    errors: list[str] = []
-    parsers: list[tuple[str, Callable[[str], Any]]] = [("JSON", json.loads), ("TOML", tomllib.loads)]
-    if suffix == ".toml":
-        parsers.reverse()
-    if suffix in (".json", ".toml"):
-        parsers = parsers[:1]
-    for kind, parse in parsers:
-        try:
-            return parse(text)
-        except (ValueError, tomllib.TOMLDecodeError) as e:
-            errors.append(f"{kind}: {e}")
-    raise InvalidError(
-        f"The sim scenario in {where} is not valid {' or '.join(k for k, _ in parsers)}: {'; '.join(errors)}."
-    )
 
 
 # --- the provider -------------------------------------------------------------------------------------------
@@ -732,16 +250,14 @@ class SimProvider(Provider, SupportsSignals, SupportsPreemptionNotice):
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> SimProvider:
         """A provider configured by ``CLOUDMODAL_SIM_SCENARIO`` (a JSON/TOML path, or inline JSON) and
         ``CLOUDMODAL_SIM_SEED``; ``kwargs`` go to the constructor (they win over the environment)."""
-        env = os.environ if environ is None else environ
-        raw = (env.get(SCENARIO_ENV) or "").strip()
+        from cloudmodal.settings import settings
+
+        s = settings(environ)
+        raw = (s.sim_scenario or "").strip()
         if raw and "scenario" not in kwargs:
             kwargs["scenario"] = SimScenario.load(raw)
-        seed = (env.get(SEED_ENV) or "").strip()
-        if seed and "seed" not in kwargs:
-            try:
-                kwargs["seed"] = int(seed)
-            except ValueError:
-                raise InvalidError(f"{SEED_ENV} must be an integer, got {seed!r}.") from None
+        if s.sim_seed is not None and "seed" not in kwargs:
+            kwargs["seed"] = s.sim_seed
         return cls(**kwargs)
 
     # --- time and randomness (callers hold the lock) --------------------------------------------------------

@@ -616,7 +616,7 @@ def test_from_env(tmp_path, monkeypatch):
     monkeypatch.delenv(SEED_ENV, raising=False)
     sim = SimProvider.from_env(offers=OFFERS, state_dir=tmp_path / "sim")
     assert sim.scenario.notice_s == 3 and sim.seed == 0
-    with pytest.raises(InvalidError, match="CLOUDMODAL_SIM_SEED must be an integer"):
+    with pytest.raises(InvalidError, match="CLOUDMODAL_SIM_SEED=.x. is invalid"):
         SimProvider.from_env({SEED_ENV: "x"}, offers=OFFERS)
     with pytest.raises(InvalidError, match="Cannot read the sim scenario"):
         SimProvider.from_env({SCENARIO_ENV: str(tmp_path / "missing.json")}, offers=OFFERS)
@@ -626,27 +626,88 @@ def test_from_env(tmp_path, monkeypatch):
     ("scenario", "message"),
     [
         ({"capacty": []}, "unknown key(s) capacty; valid keys: provisioning, capacity"),
-        ({"capacity": [{"mode": "sometimes"}]}, "capacity[0]: capacity mode must be one of none, fail_prob"),
-        ({"capacity": [{"mode": "fail_prob", "p": 1.5}]}, "capacity[0].p must be between 0 and 1"),
-        ({"capacity": [{"from_s": 40, "until_s": 10}]}, "until_s (10) must be after from_s (40)"),
+        (
+            {"capacity": [{"mode": "sometimes"}]},
+            "capacity[0].mode: must be one of none, fail_prob, got 'sometimes'",
+        ),
+        ({"capacity": [{"mode": "fail_prob", "p": 1.5}]}, "capacity[0].p: must be between 0 and 1, got 1.5"),
+        (
+            {"capacity": [{"from_s": 40, "until_s": 10}]},
+            "capacity[0]: until_s (10) must be after from_s (40)",
+        ),
         (
             {"capacity": [{"match": {"cloud": "aws", "gpus": "H100"}}]},
-            "capacity[0].match: unknown key(s) gpus",
+            "capacity[0].match: unknown key(s) gpus; valid keys: cloud, region, zone, instance_type, gpu,",
         ),
-        ({"capacity": [{"match": {"market": "reserved"}}]}, "match.market must be one of spot, on-demand"),
+        (
+            {"capacity": [{"match": {"market": "reserved"}}]},
+            "capacity[0].match.market: must be one of spot, on-demand",
+        ),
+        (
+            {"capacity": [{"match": {"cloud": []}}]},
+            "capacity[0].match.cloud: must be a pattern or a non-empty list",
+        ),
+        (
+            {"capacity": [{"match": {"gpu_count": 0}}]},
+            "match.gpu_count: must be a whole number of GPUs (1 or more)",
+        ),
+        ({"capacity": 5}, "capacity: must be a list of tables (JSON objects), got int"),
         ({"quota": [{"match": {"cloud": "aws"}}]}, "quota[0]: a quota rule needs max_gpus or max_instances"),
-        ({"quota": [{"max_gpus": 4, "per": ["account"]}]}, "unknown field(s) account"),
-        ({"preemption": [{"notice_s": 5}]}, "needs exactly one of every_s, rate_per_hour or at_s"),
-        ({"preemption": [{"every_s": 5, "at_s": [1]}]}, "(got every_s, at_s)"),
+        (
+            {"quota": [{"max_gpus": 4, "per": ["account"]}]},
+            "quota[0].per: unknown field(s) account; valid: cloud,",
+        ),
+        (
+            {"quota": [{"max_gpus": True}]},
+            "quota[0].max_gpus: must be a whole number of GPUs (0 or more), got True",
+        ),
+        (
+            {"preemption": [{"notice_s": 5}]},
+            "needs exactly one of every_s, rate_per_hour or at_s, e.g. every_s =",
+        ),
+        ({"preemption": [{"every_s": 5, "at_s": [1]}]}, "(got every_s, at_s); keep one"),
         ({"preemption": [{"every_s": 5, "match": {"market": "on-demand"}}]}, "spot workers only"),
-        ({"provisioning": {"delay_s": -1}}, "provisioning.delay_s must be at least 0"),
-        ({"provisioning": {"delay_s": "slow"}}, "provisioning.delay_s must be a number"),
+        (
+            {"preemption": {"at_s": [1], "scope": "worker"}},
+            "preemption[0]: at_s are times since the provider",
+        ),
+        ({"provisioning": {"delay_s": -1}}, "provisioning.delay_s: must be at least 0, got -1"),
+        (
+            {"provisioning": {"delay_s": "slow"}},
+            "provisioning.delay_s: must be a number, got 'slow'; write it without",
+        ),
+        (
+            {"provisioning": {"rules": {"matcher": 2}}},
+            "provisioning.rules[0]: unknown key(s) matcher; valid keys: match,",
+        ),
+        ({"notice_s": float("nan")}, "notice_s: must be a number, got nan"),
     ],
 )
 def test_invalid_scenarios_name_the_problem(scenario, message):
     with pytest.raises(InvalidError) as e:
         SimScenario.from_dict(scenario)
     assert message in str(e.value)
+
+
+def test_invalid_scenario_lists_every_problem_and_names_the_file(tmp_path):
+    bad = {"capacity": [{"mode": "none", "p": 2, "reason": 3}], "quota": [{"match": {}}]}
+    with pytest.raises(InvalidError) as e:
+        SimScenario.from_dict(bad)
+    msg = str(e.value)
+    assert "capacity[0].p: must be between 0 and 1, got 2" in msg
+    assert "capacity[0].reason:" in msg and "quota[0]: a quota rule needs max_gpus" in msg
+    path = tmp_path / "bad.toml"
+    path.write_text('[[capacity]]\nmode = "sometimes"\n')
+    with pytest.raises(
+        InvalidError, match=r"Invalid sim scenario .*bad\.toml: capacity\[0\]\.mode: must be one of"
+    ):
+        SimScenario.load(str(path))
+
+
+def test_null_tables_mean_defaults():
+    sc = SimScenario.from_dict({"provisioning": None, "capacity": [{"match": None}], "preemption": None})
+    assert sc.provisioning == SimScenario().provisioning and sc.preemption == ()
+    assert sc.capacity[0].match == Match() and sc.capacity[0].mode == "none"
 
 
 def test_invalid_scenario_text():

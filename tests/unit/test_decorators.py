@@ -397,3 +397,25 @@ def test_enter_hook_errors_propagate():
 
     with pytest.raises(ValueError, match="no weights"):
         run_lifecycle_hooks(instantiate(Broken), "enter")
+
+
+def test_markers_refuse_to_go_on_top_of_a_handle():
+    app = cloudmodal.App()
+
+    @app.function(serialized=True)
+    def f():
+        return 1
+
+    with pytest.raises(InvalidError, match=r"Cannot stack `@cloudmodal.method` on top of `@app.function`"):
+        cloudmodal.method()(f)
+
+    @app.cls(serialized=True)
+    class C:
+        @cloudmodal.method()
+        def g(self):
+            return 1
+
+    with pytest.raises(
+        InvalidError, match=r"(?s)on top of `@app.cls`. Swap the order:.*@app.cls\(\).*class C"
+    ):
+        cloudmodal.concurrent(max_inputs=2)(C)

@@ -1,0 +1,185 @@
+"""Renderers of an :class:`~cloudmodal.image.Image` recipe: the bash setup script a fresh node runs
+(SkyPilot's ``setup``) and a Dockerfile. They read the recipe's data (Python version, hash, layers) and
+write text; nothing here runs anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _canonical(obj: Any) -> str:
+    # The same canonical JSON as the recipe's own (cloudmodal.image), so run_function steps embed the
+    # arguments exactly as they were hashed.
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def venv_dir(image_hash: str) -> str:
+    """Where :func:`setup_script` puts the virtualenv of the image ``image_hash`` on a node (a shell
+    expression)."""
+    return f"$HOME/.cloudmodal/venv-{image_hash[:12]}"
+
+
+def setup_script(
+    python_version: str,
+    image_hash: str,
+    layers: Sequence[Mapping[str, Any]],
+    *,
+    cloudmodal_requirement: str | None = None,
+) -> str:
+    """A bash script that prepares a fresh Debian/Ubuntu node (SkyPilot's ``setup``).
+
+    It creates a virtualenv with ``python_version`` at :func:`venv_dir` (with uv, which fetches the
+    interpreter if the node lacks it), then replays the layers: apt packages (with sudo when not root),
+    pip/uv installs, commands, ``export``s. ``cloudmodal_requirement`` (e.g. ``"cloudmodal==0.1.0"``) is
+    installed first, so that ``run_function`` steps and the worker can import cloudmodal.
+    """
+    pv = python_version
+    venv = venv_dir(image_hash)
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# cloudmodal image {image_hash[:12]} (python {pv}); generated from the recipe, do not edit.",
+        "set -euo pipefail",
+        'if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi',
+        "export DEBIAN_FRONTEND=noninteractive",
+        f'export CLOUDMODAL_VENV="{venv}"',
+        'export PATH="$HOME/.local/bin:$PATH"',
+        "if ! command -v uv >/dev/null 2>&1; then",
+        "  python3 -m pip install --quiet uv || python3 -m pip install --quiet --user uv \\",
+        "    || python3 -m pip install --quiet --user --break-system-packages uv",
+        "fi",
+        'if [ ! -x "$CLOUDMODAL_VENV/bin/python" ]; then',
+        f'  uv venv --seed --python {shlex.quote(pv)} "$CLOUDMODAL_VENV"',
+        "fi",
+        'export VIRTUAL_ENV="$CLOUDMODAL_VENV"',
+        'export PATH="$CLOUDMODAL_VENV/bin:$PATH"',
+    ]
+    if cloudmodal_requirement:
+        lines.append(
+            f'uv pip install --python "$CLOUDMODAL_VENV/bin/python" {shlex.quote(cloudmodal_requirement)}'
+        )
+    for layer in layers:
+        lines.append(f"# {layer['op']}")
+        body = shell_steps(layer, docker=False)
+        if layer.get("env"):
+            exports = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in layer["env"].items())
+            lines.append(f"( {exports}; " + " && ".join(body) + " )")
+        else:
+            lines.extend(body)
+    return "\n".join(lines) + "\n"
+
+
+def dockerfile(python_version: str, image_hash: str, layers: Sequence[Mapping[str, Any]]) -> str:
+    """A Dockerfile for the recipe, on ``python:X.Y-slim-bookworm``."""
+    lines = [
+        f"# cloudmodal image {image_hash[:12]}; generated from the recipe, do not edit.",
+        f"FROM python:{python_version}-slim-bookworm",
+    ]
+    for layer in layers:
+        op = layer["op"]
+        if op == "env":
+            lines.append("ENV " + " ".join(f"{k}={json.dumps(v)}" for k, v in layer["vars"].items()))
+        elif op == "workdir":
+            lines.append(f"WORKDIR {layer['path']}")
+        elif op == "add_local_python_source":
+            lines.append(
+                f"# add_local_python_source({', '.join(layer['modules'])}): added by cloudmodal at start"
+            )
+        else:
+            steps = shell_steps(layer, docker=True)
+            prefix = "".join(f"export {k}={shlex.quote(v)} && " for k, v in layer.get("env", {}).items())
+            for step in steps:
+                lines.append(f"RUN {prefix}{step}")
+    return "\n".join(lines) + "\n"
+
+
+def shell_steps(layer: Mapping[str, Any], *, docker: bool) -> list[str]:
+    """Shell command lines for one layer. ``docker``: root, system Python, one line per RUN."""
+    op = layer["op"]
+    py = "python" if docker else '"$CLOUDMODAL_VENV/bin/python"'
+    uv_target = "--system" if docker else '--python "$CLOUDMODAL_VENV/bin/python"'
+    sudo = "" if docker else "$SUDO "
+    if op == "apt_install":
+        pkgs = shlex.join(layer["packages"])
+        cmd = (
+            f"{sudo}apt-get update -q && {sudo}apt-get install -y -q --no-install-recommends {pkgs}"
+            if not docker
+            else f"apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+            f"--no-install-recommends {pkgs} && rm -rf /var/lib/apt/lists/*"
+        )
+        return [cmd]
+    if op in ("pip_install", "uv_pip_install", "pip_install_requirements"):
+        opts: list[str] = []
+        for key, flag in (
+            ("index_url", "--index-url"),
+            ("extra_index_url", "--extra-index-url"),
+            ("find_links", "--find-links"),
+        ):
+            if key in layer:
+                opts += [flag, layer[key]]
+        if layer.get("pre"):
+            opts.append("--pre")
+        opts += layer.get("extra_options", [])
+        steps: list[str] = []
+        req_args: list[str] = []
+        files = layer.get("requirements", [])
+        if op == "pip_install_requirements":
+            files = [{"path": layer["path"], "content": layer["content"]}]
+        for req in files:
+            digest = hashlib.sha256(req["content"].encode()).hexdigest()[:12]
+            target = f"/tmp/cloudmodal-{digest}-{req['path']}"
+            b64 = base64.b64encode(req["content"].encode()).decode()
+            steps.append(f"echo {b64} | base64 -d > {shlex.quote(target)}")
+            req_args += ["-r", target]
+        args = shlex.join(opts + req_args + layer.get("packages", []))
+        if op == "uv_pip_install":
+            uv = f"uv=={layer['uv_version']}" if "uv_version" in layer else "uv"
+            if docker:
+                steps.append(
+                    f"python -m pip install --no-cache-dir {shlex.quote(uv)} && uv pip install {uv_target} {args}"
+                )
+            else:
+                if "uv_version" in layer:
+                    steps.append(f"{py} -m pip install --quiet {shlex.quote(uv)}")
+                    steps.append(f"{py} -m uv pip install {uv_target} {args}")
+                else:
+                    steps.append(f"uv pip install {uv_target} {args}")
+        else:
+            nocache = " --no-cache-dir" if docker else ""
+            steps.append(f"{py} -m pip install{nocache} {args}")
+        return [" && ".join(steps)] if docker else steps
+    if op == "run_commands":
+        cmds = layer["commands"]
+        if docker:
+            return [
+                c if "\n" not in c else f"echo {base64.b64encode(c.encode()).decode()} | base64 -d | sh -e"
+                for c in cmds
+            ]
+        return list(cmds)
+    if op == "env":
+        return [f"export {k}={shlex.quote(v)}" for k, v in layer["vars"].items()]
+    if op == "workdir":
+        p = shlex.quote(layer["path"])
+        return [
+            f'mkdir -p {p} 2>/dev/null || {{ {sudo}mkdir -p {p} && {sudo}chown "$(id -u):$(id -g)" {p}; }}',
+            f"cd {p}",
+        ]
+    if op == "add_local_python_source":
+        return [
+            f": add_local_python_source {shlex.quote(' '.join(layer['modules']))} is shipped by the client"
+        ]
+    if op == "run_function":
+        code = (
+            "import functools, importlib, json, sys; sys.path.insert(0, ''); "
+            f"f = functools.reduce(getattr, {layer['qualname']!r}.split('.'), "
+            f"importlib.import_module({layer['module']!r})); "
+            "f = f.get_raw_f() if hasattr(f, 'get_raw_f') else f; "
+            f"f(*json.loads({_canonical(layer['args'])!r}), **json.loads({_canonical(layer['kwargs'])!r}))"
+        )
+        return [f"timeout {int(layer['timeout'])} {py} -c {shlex.quote(code)}"]
+    raise ValueError(f"unknown image layer {op!r}")  # pragma: no cover
