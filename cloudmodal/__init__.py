@@ -15,7 +15,6 @@ Importing this package stays light: no web framework, database, HTTP client or c
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from cloudmodal import exception
@@ -75,7 +74,9 @@ __all__ = [
 
 def is_local() -> bool:
     """True on the machine that runs ``cloudmodal run``/``deploy``; False inside a worker."""
-    return os.environ.get("CLOUDMODAL_IS_REMOTE") != "1"
+    from cloudmodal.settings import settings
+
+    return not settings().is_remote
 
 
 def current_input_id() -> str | None:

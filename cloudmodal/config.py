@@ -57,13 +57,24 @@ def open_private(path: str | os.PathLike[str], mode: str = "ab", **kwargs: Any) 
 def home() -> Path:
     """State directory: ``CLOUDMODAL_HOME`` or ``~/.cloudmodal``, private to this user (0700): it holds the
     database, the secret key and the owner token."""
-    return private_dir(os.environ.get("CLOUDMODAL_HOME") or Path.home() / ".cloudmodal")
+    from cloudmodal.settings import settings
+
+    return private_dir(settings().home or Path.home() / ".cloudmodal")
+
+
+def cache_base() -> Path:
+    """The cache directory's path (not created): ``CLOUDMODAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/cloudmodal``,
+    else ``~/.cache/cloudmodal``."""
+    from cloudmodal.settings import settings
+
+    configured = settings().cache_dir
+    if configured is not None:
+        return configured
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cloudmodal"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("CLOUDMODAL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "cloudmodal"
-    )
+    base = cache_base()
     # Made private when created; a cache directory set up on purpose (shared between users) is kept as is.
     return private_dir(base, tighten=False)
 
@@ -82,9 +93,11 @@ class ServerRef:
 def configured_server() -> ServerRef | None:
     """The control plane to use: ``CLOUDMODAL_SERVER_URL`` (+ ``CLOUDMODAL_TOKEN``), else a running
     ``cloudmodal server start``; None means "start an embedded one"."""
-    url = os.environ.get("CLOUDMODAL_SERVER_URL")
-    if url:
-        return ServerRef(url.rstrip("/"), os.environ.get("CLOUDMODAL_TOKEN") or None, "env")
+    from cloudmodal.settings import settings
+
+    s = settings()
+    if s.server_url:
+        return ServerRef(s.server_url.rstrip("/"), s.token, "env")
     f = server_file()
     if f.exists():
         try:

@@ -67,16 +67,17 @@ class CatalogFormatError(InvalidError):
 def default_catalog_dir() -> Path:
     """The user cache's ``catalogs/v8``: under ``$CLOUDMODAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/cloudmodal``,
     else ``~/.cache/cloudmodal`` (as :func:`cloudmodal.config.cache_dir`)."""
-    base = os.environ.get("CLOUDMODAL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cloudmodal"
-    )
-    return Path(base) / "catalogs" / SCHEMA_VERSION
+    from cloudmodal.config import cache_base
+
+    return cache_base() / "catalogs" / SCHEMA_VERSION
 
 
 def catalog_dir() -> Path:
     """Where offers are read from: ``$CLOUDMODAL_CATALOG_DIR``, else the user cache."""
-    env = os.environ.get(CATALOG_DIR_ENV)
-    return Path(env).expanduser() if env else default_catalog_dir()
+    from cloudmodal.settings import settings
+
+    configured = settings().catalog_dir
+    return configured.expanduser() if configured is not None else default_catalog_dir()
 
 
 def _not_found(directory: Path, why: str) -> CatalogNotFoundError:

@@ -241,8 +241,10 @@ def detect_gpus(environ: Mapping[str, str] | None = None) -> list[GpuDevice]:
     Filtered by the parent's ``CUDA_VISIBLE_DEVICES``. Never raises except for a malformed
     ``CLOUDMODAL_FAKE_GPUS`` (a developer's typo should be loud).
     """
+    from cloudmodal.settings import settings
+
     env = os.environ if environ is None else environ
-    fake = env.get(FAKE_GPUS_ENV)
+    fake = settings(env).fake_gpus
     if fake is not None and fake.strip():
         devices = parse_fake_gpus(fake)
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -14,18 +13,26 @@ from cloudmodal.ids import new_id
 from cloudmodal.serialization import deserialize, load_failure, serialize_args
 
 INLINE_LIMIT = 2 * 1024 * 1024  # larger arguments go to the blob store
-MAX_ARG_SIZE = 1024 * 1024 * 1024
 MAP_WINDOW = 50_000  # inputs in flight per map: the client's memory stays flat however long the map is
 MAP_BATCH_MAX = 2000
 MAP_BATCH_BYTES = 8 * 1024 * 1024
 LONG_POLL_S = 50.0
 
 
+def payload_limit() -> int:
+    """The largest pickled argument this client sends: ``CLOUDMODAL_MAX_PAYLOAD_BYTES`` (default 1 GiB)."""
+    from cloudmodal.settings import settings
+
+    return settings().max_payload_bytes
+
+
 def encode_input(
-    session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    session: Any, args: tuple[Any, ...], kwargs: dict[str, Any], limit: int | None = None
 ) -> tuple[bytes | None, str | None]:
+    """``limit``: :func:`payload_limit`, read once by callers that encode many inputs."""
     data = serialize_args(args, kwargs)
-    limit = int(os.environ.get("CLOUDMODAL_MAX_PAYLOAD_BYTES") or MAX_ARG_SIZE)
+    if limit is None:
+        limit = payload_limit()
     if len(data) > limit:
         from cloudmodal.exception import RequestSizeError
 
@@ -236,10 +243,11 @@ def _feed(
     batch_limit = 64  # small first batch: workers start on it while the rest is pickled
     idx = -1
     try:
+        size_limit = payload_limit()
         for idx, args in enumerate(arg_tuples):
             if state.abort:
                 return
-            payload, blob = encode_input(session, tuple(args), kwargs)
+            payload, blob = encode_input(session, tuple(args), kwargs, size_limit)
             batch.append([idx, method, payload, blob])
             batch_bytes += len(payload) if payload else 64
             if len(batch) >= batch_limit or batch_bytes >= MAP_BATCH_BYTES:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import shutil
 import sys
 import tempfile
@@ -57,7 +56,9 @@ class Session:
 
 
 def in_worker() -> bool:
-    return bool(os.environ.get("CLOUDMODAL_WORKER_ID"))
+    from cloudmodal.settings import settings
+
+    return bool(settings().worker_id)
 
 
 @overload
@@ -80,10 +81,11 @@ def current_session(required: bool = True) -> Session | None:
             if creds is not None:
                 _current = Session(Transport(creds.url, creds.token))
                 return _current
-            if os.environ.get("CLOUDMODAL_SERVER_URL"):
-                _current = Session(
-                    Transport(os.environ["CLOUDMODAL_SERVER_URL"], os.environ.get("CLOUDMODAL_TOKEN"))
-                )
+            from cloudmodal.settings import settings
+
+            s = settings()
+            if s.server_url:
+                _current = Session(Transport(s.server_url, s.token))
                 return _current
         ref = config.configured_server()
         if ref is not None:
@@ -125,11 +127,12 @@ def connect(embedded_ok: bool = True) -> Session:
         # The local provider's first worker interpreter starts now, importing while the control plane does.
         start_standby(Path(tmp) / "workers")
         from cloudmodal.server.app import ServerHandle, default_settings
+        from cloudmodal.settings import settings
 
         # An embedded control plane dies with this process: its workers should not wait ten minutes for it.
         quick = (
             {}
-            if os.environ.get("CLOUDMODAL_WORKER_RECONNECT_S")
+            if settings().is_set("worker_reconnect_s")
             else {"worker_reconnect_s": EMBEDDED_WORKER_RECONNECT_S}
         )
         # No anonymous access even here: another local user could reach this port. This process talks with
@@ -314,7 +317,9 @@ def run_app(
         raise InvalidError(f"gpu_fallback must be None or 'cpu', not {gpu_fallback!r}.")
     # Before anything exists on the control plane (or an embedded one starts).
     check_app(app, "run")
-    allow_cpu = gpu_fallback == "cpu" or os.environ.get("CLOUDMODAL_GPU_FALLBACK") == "cpu"
+    from cloudmodal.settings import settings
+
+    allow_cpu = gpu_fallback == "cpu" or settings().gpu_fallback == "cpu"
     session = connect()
     app_id = new_id("ap")
     session.transport.post("/v1/apps", {"app_id": app_id, "name": name or _app_name(app), "ephemeral": True})

@@ -11,7 +11,6 @@ are missing, a web endpoint nobody serves, a ``startup_timeout`` nobody reads. S
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,6 @@ from cloudmodal.secret import inline_secret_registry
 from cloudmodal.spec import FunctionSpec, WebConfig
 
 ALLOW_ENV = "CLOUDMODAL_ALLOW_INERT"
-_TRUE = frozenset({"1", "true", "yes", "on"})
 
 
 class InertFeatureWarning(UserWarning):
@@ -126,7 +124,9 @@ def app_inert_uses(app: Any) -> list[InertUse]:
 
 def allowed() -> bool:
     """Whether ``CLOUDMODAL_ALLOW_INERT`` asks to run such apps anyway (read at each check, not at import)."""
-    return os.environ.get(ALLOW_ENV, "").strip().lower() in _TRUE
+    from cloudmodal.settings import settings
+
+    return settings().allow_inert
 
 
 def check_app(app: Any, action: str = "run") -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -21,39 +20,37 @@ def default_settings(state_dir: Path, database_url: str | None = None, **overrid
     from cloudmodal.config import private_dir
 
     private_dir(state_dir)
-    url = (
-        database_url
-        or os.environ.get("CLOUDMODAL_DATABASE_URL")
-        or f"sqlite:///{state_dir / 'cloudmodal.db'}"
-    )
-    env_overrides: dict[str, Any] = {}
-    for key, env in (
-        ("lease_s", "CLOUDMODAL_LEASE_S"),
-        ("worker_timeout_s", "CLOUDMODAL_WORKER_TIMEOUT_S"),
-        ("heartbeat_s", "CLOUDMODAL_HEARTBEAT_S"),
-        ("worker_reconnect_s", "CLOUDMODAL_WORKER_RECONNECT_S"),
-        ("retention_calls_ephemeral_s", "CLOUDMODAL_RETENTION_CALLS_EPHEMERAL_S"),
-        ("retention_calls_deployed_s", "CLOUDMODAL_RETENTION_CALLS_DEPLOYED_S"),
-        ("retention_logs_ephemeral_s", "CLOUDMODAL_RETENTION_LOGS_EPHEMERAL_S"),
-        ("retention_logs_deployed_s", "CLOUDMODAL_RETENTION_LOGS_DEPLOYED_S"),
-        ("retention_interval_s", "CLOUDMODAL_RETENTION_INTERVAL_S"),
-    ):
-        if os.environ.get(env):
-            env_overrides[key] = float(os.environ[env])
-    if os.environ.get("CLOUDMODAL_BLOB_DIR"):
-        env_overrides["blob_dir"] = Path(os.environ["CLOUDMODAL_BLOB_DIR"])
+    from cloudmodal.settings import settings as env_settings
+
+    env = env_settings()
+    url = database_url or env.database_url or f"sqlite:///{state_dir / 'cloudmodal.db'}"
+    env_overrides: dict[str, Any] = {
+        key: getattr(env, key)
+        for key in (
+            "lease_s",
+            "worker_timeout_s",
+            "heartbeat_s",
+            "worker_reconnect_s",
+            "retention_calls_ephemeral_s",
+            "retention_calls_deployed_s",
+            "retention_logs_ephemeral_s",
+            "retention_logs_deployed_s",
+            "retention_interval_s",
+        )
+        if env.is_set(key)
+    }
+    if env.blob_dir is not None:
+        env_overrides["blob_dir"] = env.blob_dir
     return Settings(database_url=url, state_dir=state_dir, **(env_overrides | overrides))
 
 
 def make_providers(settings: Settings) -> dict[str, Any]:
     """The enabled providers: ``CLOUDMODAL_PROVIDERS`` (comma-separated; default ``local``)."""
     from cloudmodal.exception import InvalidError
+    from cloudmodal.settings import settings as env_settings
 
-    names = [
-        n.strip()
-        for n in (os.environ.get("CLOUDMODAL_PROVIDERS") or ",".join(settings.providers)).split(",")
-        if n.strip()
-    ]
+    env = env_settings()
+    names = list(env.providers if env.is_set("providers") else settings.providers)
     out: dict[str, Any] = {}
     for name in names:
         if name == "local":

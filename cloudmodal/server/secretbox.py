@@ -86,11 +86,13 @@ class SecretBox:
     def for_state_dir(cls, state_dir: Path, environ: Mapping[str, str] | None = None) -> SecretBox:
         """The control plane's box: keys from ``CLOUDMODAL_SECRET_KEY``, else from the key file
         (``CLOUDMODAL_SECRET_KEY_FILE`` or ``<state_dir>/secret.key``, created 0600 when missing)."""
-        env = os.environ if environ is None else environ
-        raw = (env.get(KEY_ENV) or "").strip()
+        from cloudmodal.settings import settings
+
+        s = settings(environ)
+        raw = (s.secret_key or "").strip()
         if raw:
             return cls(_split_keys(raw), source=f"${KEY_ENV}")
-        path = Path(env.get(KEY_FILE_ENV) or Path(state_dir) / KEY_FILE_NAME)
+        path = s.secret_key_file or Path(state_dir) / KEY_FILE_NAME
         return cls(load_or_create_key_file(path), source=str(path))
 
     @staticmethod

@@ -7,9 +7,14 @@ if __name__ == "__main__":
         import os
 
         from cloudmodal.client.transport import warm_up
+        from cloudmodal.settings import settings
         from cloudmodal.worker.runtime import TOKEN_ENV, main
 
         warm_up()
+        try:
+            settings()  # pydantic-settings loads now, not after the job arrives
+        except ValueError:
+            pass  # a bad variable is reported when the worker reads it
         line = sys.stdin.readline()
         if not line:
             raise SystemExit(0)

@@ -81,11 +81,17 @@ class _LogTee(io.TextIOBase):
 
 
 class Worker:
-    def __init__(self, url: str, token: str | None, worker_id: str) -> None:
+    def __init__(
+        self, url: str, token: str | None, worker_id: str, reconnect_timeout: float | None = None
+    ) -> None:
+        """``reconnect_timeout``: how long to keep trying to reach a control plane that went away
+        (default ``CLOUDMODAL_WORKER_RECONNECT_S``)."""
+        if reconnect_timeout is None:
+            from cloudmodal.settings import settings
+
+            reconnect_timeout = settings().worker_reconnect_s
         self.worker_id = worker_id
-        self.t = Transport(
-            url, token, reconnect_timeout=float(os.environ.get("CLOUDMODAL_WORKER_RECONNECT_S", "600"))
-        )
+        self.t = Transport(url, token, reconnect_timeout=reconnect_timeout)
         self.base = f"/v1/workers/{worker_id}"
         self.claims = self.t.channel(f"{self.base}/claim")  # the main loop's claims, over a WebSocket
         self._tls = threading.local()
@@ -661,10 +667,13 @@ def take_token(environ: Any = None, stdin: Any = None) -> str | None:
     Sources, first found wins: one JSON line on stdin when ``CLOUDMODAL_CREDENTIALS=stdin`` (the local
     provider: nothing in ``/proc/<pid>/environ``); a file named by ``CLOUDMODAL_TOKEN_FILE``; the
     ``CLOUDMODAL_TOKEN`` variable itself (accepted, and removed)."""
+    from cloudmodal.settings import settings
+
     env = os.environ if environ is None else environ
-    token = env.pop(TOKEN_ENV, None) or None
-    via = env.pop(CREDENTIALS_ENV, None)
-    path = env.pop(TOKEN_FILE_ENV, None)
+    s = settings(env)
+    token, via, path = s.token, s.credentials, s.token_file
+    for name in (TOKEN_ENV, CREDENTIALS_ENV, TOKEN_FILE_ENV):
+        env.pop(name, None)
     if via == "stdin":
         stream = sys.stdin if stdin is None else stdin
         line = stream.readline() if stream is not None else ""
@@ -708,12 +717,19 @@ def main(token: str | None = None) -> int:
     """Run this process as the worker its environment names. ``token``: already taken by the caller (the
     standby path); else :func:`take_token` finds it."""
     global _credentials
-    url = os.environ["CLOUDMODAL_SERVER_URL"]
-    worker_id = os.environ["CLOUDMODAL_WORKER_ID"]
+    from cloudmodal.settings import settings
+
+    s = settings()
+    url, worker_id = s.server_url, s.worker_id
+    if not url or not worker_id:
+        raise RuntimeError(
+            "CLOUDMODAL_SERVER_URL and CLOUDMODAL_WORKER_ID are not set: a worker is started by a control "
+            "plane's provider, which sets them."
+        )
     taken = take_token()
     token = token or taken
     _credentials = Credentials(url, token, worker_id)
-    w = Worker(url, token, worker_id)
+    w = Worker(url, token, worker_id, s.worker_reconnect_s)
 
     def on_term(signum: int, _frame: Any) -> None:
         w.draining.set()
