@@ -57,21 +57,21 @@ def main() -> int:
         time.sleep(0.02)
 
     app_id = new_id("ap")
-    cp.create_app(app_id, "scalebench", ephemeral=False)  # deployed: no client heartbeat keeps it alive
+    cp.apps.create_app(app_id, "scalebench", ephemeral=False)  # deployed: no client heartbeat keeps it alive
     spec = FunctionSpec(
         name="noop",
         module="scalebench",
         qualname="noop",
         autoscaler=AutoscalerSettings(min_containers=a.workers, max_containers=a.workers),
     )
-    fid = cp.create_function(
+    fid = cp.functions.create_function(
         {"app_id": app_id, "name": "noop", "spec": spec.to_wire(), "module": "scalebench"}
     )["function_id"]
     workers = []
     for _ in range(a.workers):
         wid = new_id("ta")
         token = cp.tokens.create(scope=f"worker:{wid}", name=wid)
-        cp.add_worker(wid, app_id, fid, provider="scalebench", market="", function_version=1)
+        cp.workers.add_worker(wid, app_id, fid, provider="scalebench", market="", function_version=1)
         workers.append([wid, token])
     info = {
         "url": handle.url,

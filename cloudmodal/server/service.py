@@ -19,6 +19,7 @@ from cloudmodal.server.db import Database
 from cloudmodal.server.hotsql import HotStatements
 from cloudmodal.server.hub import Hub
 from cloudmodal.server.queue import DEFAULT_CRASH_BUDGET, ClaimedInput, InputQueue, OutputItem
+from cloudmodal.server.scaling_rules import dispatch_price
 from cloudmodal.server.secretbox import SecretBox
 from cloudmodal.server.svc_access import Access
 from cloudmodal.server.svc_activity import Activity
@@ -196,60 +197,6 @@ class ControlPlane:
         self._prices: dict[str, float] = {}  # worker id -> price per hour (which parked worker gets inputs)
         self._floors: dict[str, frozenset[str]] = {}  # function id -> its on-demand floor's workers
         self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found nothing
-        self._delegate()
-
-    def _delegate(self) -> None:
-        """The services' operations under the control plane's own names, for the callers (HTTP handlers, the
-        reconciler's steps, tests, benchmarks) that still call them there; new code calls the service."""
-        apps, functions, calls, workers, access, activity = (
-            self.apps,
-            self.functions,
-            self.calls,
-            self.workers,
-            self.access,
-            self.activity,
-        )
-        self.create_app = apps.create_app
-        self.record_deployment = apps.record_deployment
-        self.app_heartbeat = apps.app_heartbeat
-        self.find_app = apps.find_app
-        self.stop_app = apps.stop_app
-        self.list_apps = apps.list_apps
-        self.history = apps.history
-        self.stop_abandoned_apps = apps.stop_abandoned_apps
-        self.spec_of = functions.spec_of
-        self.policy_for = functions.policy_for
-        self.create_function = functions.create_function
-        self.function_row = functions.function_row
-        self.function_view = functions.function_view
-        self.lookup_function = functions.lookup_function
-        self.create_call = calls.create_call
-        self.call_row = calls.call_row
-        self.cancel_call = calls.cancel_call
-        self.add_worker = workers.add_worker
-        self.register_worker = workers.register_worker
-        self.worker_ready = workers.worker_ready
-        self.worker_row = workers.worker_row
-        self.worker_function = workers.worker_function
-        self.worker_state = workers.worker_state
-        self.heartbeat = workers.heartbeat
-        self.service_time_estimate = workers.service_time_estimate
-        self._record_service = workers.record_service
-        self.drain_worker = workers.drain_worker
-        self.worker_stopped = workers.worker_stopped
-        self.release_inputs = workers.release_inputs
-        self.function_facts = access.function_facts
-        self.worker_facts = access.worker_facts
-        self.check_app = access.check_app
-        self.check_callable = access.check_callable
-        self.check_call = access.check_call
-        self.check_blob = access.check_blob
-        self.event = activity.event
-        self.events = activity.events
-        self.add_logs = activity.add_logs
-        self.logs = activity.logs
-
-    SERVICE_HALF_LIFE = Workers.SERVICE_HALF_LIFE
 
     # -- the in-memory hand-off (see ParkedClaim / OutputMailbox) ------------------------------------------
     @contextlib.contextmanager
@@ -344,7 +291,7 @@ class ControlPlane:
 
     def park(self, pc: ParkedClaim) -> None:
         floor = self._floors.get(pc.function_id)
-        pc.price = 0.0 if floor and pc.worker_id in floor else self._prices.get(pc.worker_id, 0.0)
+        pc.price = dispatch_price(self._prices.get(pc.worker_id, 0.0), bool(floor) and pc.worker_id in floor)
         with self._lock:
             self._parked.setdefault(pc.function_id, []).append(pc)
 
