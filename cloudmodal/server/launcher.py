@@ -109,13 +109,21 @@ class Launcher(ReconcilerBase):
         *,
         ignore_blocks: bool = False,
         force_on_demand: bool = False,
+        spot_only: bool = False,
         limit: int = RANK_LIMIT,
     ) -> list[_Choice]:
         if not self.clouds or not spec.gpu:
             return []
         from cloudmodal.placement import PlacementPolicy, rank
 
-        mode = launch_mode(spec.spot, self.market_policy, self._market(fid), now, on_demand=force_on_demand)
+        mode = launch_mode(
+            spec.spot,
+            self.market_policy,
+            self._market(fid),
+            now,
+            on_demand=force_on_demand,
+            spot_only=spot_only,
+        )
         clouds = None if spec.cloud is None or spec.cloud in ("auto", "sim") else frozenset([spec.cloud])
         policy = PlacementPolicy(
             spot=mode,
@@ -140,10 +148,19 @@ class Launcher(ReconcilerBase):
         return out[:limit]
 
     def _choices(
-        self, spec: FunctionSpec, fid: str, cpu_fallback: bool, now: float, force_on_demand: bool
+        self,
+        spec: FunctionSpec,
+        fid: str,
+        cpu_fallback: bool,
+        now: float,
+        force_on_demand: bool,
+        spot_only: bool = False,
     ) -> list[_Choice]:
         """Where to try to start the next worker, best first: this machine when it has the GPU (it costs
-        nothing), then cloud offers in placement's order (tiers in the user's order, cheapest first)."""
+        nothing), then cloud offers in placement's order (tiers in the user's order, cheapest first).
+        ``spot_only``: cloud spot offers only."""
+        if spot_only:
+            return [] if not spec.gpu or cpu_fallback else self._cloud_choices(spec, fid, now, spot_only=True)
         if not spec.gpu or cpu_fallback:
             return [_Choice(self.provider, None)]
         out: list[_Choice] = []
@@ -153,8 +170,13 @@ class Launcher(ReconcilerBase):
         return out + self._cloud_choices(spec, fid, now, force_on_demand=force_on_demand)
 
     # -- launching -------------------------------------------------------------------------------------------
-    def _launch(self, fid: str, fn: Any, spec: FunctionSpec, *, force_on_demand: bool = False) -> str:
-        """Start one worker in the background (walking the candidates); returns its worker id."""
+    def _launch(
+        self, fid: str, fn: Any, spec: FunctionSpec, *, force_on_demand: bool = False, spot_only: bool = False
+    ) -> str:
+        """Start one worker in the background (walking the candidates); returns its worker id.
+
+        ``spot_only``: a worker wanted only if it runs on spot (a probe, a replacement of an on-demand
+        worker); when no spot offer starts, the launch ends there, without backing off the pool's launches."""
         from cloudmodal.providers.base import LaunchRequest
 
         app_id = fn[1]
@@ -188,7 +210,7 @@ class Launcher(ReconcilerBase):
                     # Ranked afresh whenever the walk runs out of candidates: blocks added meanwhile (by this
                     # walk or a concurrent one) take the offers and classes out of stock off the list.
                     nonlocal ranked_once
-                    choices = self._choices(spec, fid, cpu_fallback, self.clock(), force_on_demand)
+                    choices = self._choices(spec, fid, cpu_fallback, self.clock(), force_on_demand, spot_only)
                     if not ranked_once and (len(choices) > 1 or (choices and choices[0].offer is not None)):
                         top = "; ".join(f"{i + 1}) {c.describe()}" for i, c in enumerate(choices[:3]))
                         self.cp.activity.event(
@@ -249,6 +271,17 @@ class Launcher(ReconcilerBase):
                         continue
                     self._launched(
                         fid, app_id, worker_id, choice, handle, state, cpu_fallback and bool(spec.gpu)
+                    )
+                    return
+                if spot_only:
+                    why = "; ".join(tried[-5:]) or "no spot offer to try"
+                    self.cp.workers.worker_stopped(worker_id, f"no spot worker started: {why}", crashed=False)
+                    self.cp.activity.event(
+                        "launch.spot_unavailable",
+                        f"worker {worker_id} was wanted on spot only and no spot offer started "
+                        f"({len(tried)} tried); the pool stays as it is. {why}",
+                        app_id=app_id,
+                        function_id=fid,
                     )
                     return
                 n = self._launch_failures.get(fid, 0) + 1

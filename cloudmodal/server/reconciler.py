@@ -435,9 +435,9 @@ class Reconciler(Launcher, Health, Estimates):
                 app_id=fn[1],
                 function_id=fid,
             )
-            self._launch(fid, fn, spec)
+            self._launch(fid, fn, spec, spot_only=True)
         for wid in move.replace:
-            new = self._launch(fid, fn, spec)
+            new = self._launch(fid, fn, spec, spot_only=True)
             self._replacing.setdefault(fid, {})[new] = wid
             self.cp.activity.event(
                 "pool.rebalance",

@@ -84,13 +84,22 @@ class PoolWorker(NamedTuple):
 
 # -- the launch walk ---------------------------------------------------------------------------------------
 def launch_mode(
-    requested: SpotMode, policy: MarketPolicy, state: PoolMarketState, now: float, *, on_demand: bool = False
+    requested: SpotMode,
+    policy: MarketPolicy,
+    state: PoolMarketState,
+    now: float,
+    *,
+    on_demand: bool = False,
+    spot_only: bool = False,
 ) -> SpotMode:
     """The ``PlacementPolicy(spot=...)`` of a ranking for a launch: "never" for a launch of the on-demand
-    floor, else what the pool's spot policy allows now (a due probe is used by this call)."""
+    floor; "require" for a launch that only makes sense on spot (a probe of a fallen-back pool, a spot worker
+    replacing an on-demand one: on demand it would be one more worker nobody asked for); else what the pool's
+    spot policy allows now. A due probe is used by this call in both of the last two cases."""
     if on_demand:
         return "never"
-    return policy.spot_mode(requested, state, now)
+    mode = policy.spot_mode(requested, state, now)
+    return "require" if spot_only else mode
 
 
 def launch_walk(

@@ -326,6 +326,28 @@ def test_moving_back_to_spot_drains_the_on_demand_worker_only_once_its_replaceme
     assert p.events("pool.rebalanced")
 
 
+def test_a_spot_probe_that_finds_no_spot_adds_no_on_demand_worker(make: Callable[..., Pool]) -> None:
+    """A fallen-back pool's probe is one extra worker wanted on spot only: while spot stays out, each probe
+    tries spot offers and ends there, instead of walking on to on-demand and growing the pool."""
+    p = make(gpu_spec(), failure_threshold=1, block_capacity_s=1.0, probe_interval_s=5.0)
+    p.cloud.out = lambda key: key.market == "spot"
+    p.call(1)
+    p.tick()
+    (od,) = p.live()
+    assert od.market == "on-demand" and p.events("pool.spot_fallback")
+    p.ready(od.id)
+    p.claim(od.id)  # busy: the autoscaler wants exactly this one worker
+    for _ in range(3):
+        tried = len(p.cloud.tries)
+        p.tick(6.0)  # past the probe interval and the blocks
+        probe_tries = p.cloud.tries[tried:]
+        assert probe_tries and {t.market for t in probe_tries} == {"spot"}
+        assert [w.id for w in p.live()] == [od.id]
+    assert len(p.events("pool.spot_probe")) == 3
+    assert len(p.events("launch.spot_unavailable")) == 3
+    assert not p.events("launch.exhausted")  # a failed probe does not back off the pool's own launches
+
+
 def test_a_silent_worker_is_reaped_after_the_timeout_and_its_input_requeued(
     make: Callable[..., Pool],
 ) -> None:
