@@ -179,8 +179,8 @@ class Launcher(ReconcilerBase):
         worker); when no spot offer starts, the launch ends there, without backing off the pool's launches."""
         from cloudmodal.providers.base import LaunchRequest
 
-        app_id = fn[1]
-        cpu_fallback = self.cp.secrets.open_env(fn[6]).get("CLOUDMODAL_CPU_FALLBACK") == "1"
+        app_id = fn.app_id
+        cpu_fallback = self.cp.secrets.open_env(fn.inline_env).get("CLOUDMODAL_CPU_FALLBACK") == "1"
         worker_id = new_id("ta")
         token = self.cp.tokens.create(scope=f"worker:{worker_id}", name=worker_id)
         image = spec.image or {}
@@ -193,7 +193,9 @@ class Launcher(ReconcilerBase):
             "CLOUDMODAL_WORKER_RECONNECT_S": f"{self.cp.settings.worker_reconnect_s:g}",
             "PYTHONUNBUFFERED": "1",
         }
-        self.cp.workers.add_worker(worker_id, app_id, fid, provider="-", market="", function_version=fn[3])
+        self.cp.workers.add_worker(
+            worker_id, app_id, fid, provider="-", market="", function_version=fn.version
+        )
         # counted once the launch is certain to run (a failure above must not leave the pool counted busy)
         with self._lock:
             self._launching[fid] = self._launching.get(fid, 0) + 1

@@ -188,8 +188,8 @@ class Reconciler(Launcher, Health, Estimates):
             fn = fns.get(fid)
             if fn is None:  # stopped or gone: nothing to recover
                 continue
-            log.info("reconciler: pool of function %s (%s) works again", fn[7], fid)
-            self._report("pool.recovered", f"function {fn[7]}: its pool works again", fn[1], fid)
+            log.info("reconciler: pool of function %s (%s) works again", fn.name, fid)
+            self._report("pool.recovered", f"function {fn.name}: its pool works again", fn.app_id, fid)
         for fid in [f for f in self._spec_checks if f not in fns]:
             del self._spec_checks[fid]
 
@@ -198,12 +198,12 @@ class Reconciler(Launcher, Health, Estimates):
         autoscaler needs: checked once per version, so that such a pool stops with an error naming the field
         rather than failing somewhere deeper on every tick. Keys this version does not know are ignored."""
         checked = self._spec_checks.get(fid)
-        if checked is None or checked[0] != fn[3]:
+        if checked is None or checked[0] != fn.version:
             try:
-                validate_wire_spec(fn[5], ignore_unknown_keys=True)
-                checked = (fn[3], None)
+                validate_wire_spec(fn.spec, ignore_unknown_keys=True)
+                checked = (fn.version, None)
             except InvalidError as e:
-                checked = (fn[3], str(e))
+                checked = (fn.version, str(e))
             self._spec_checks[fid] = checked
         if checked[1] is not None:
             raise InvalidError(f"its stored spec is invalid: {checked[1]}")
@@ -220,7 +220,7 @@ class Reconciler(Launcher, Health, Estimates):
         counts = cp.queue.counts()
         with cp.db.read() as conn:
             fns = {
-                r[0]: r
+                r.id: r
                 for r in conn.execute(
                     select(
                         F.c.id,
@@ -251,16 +251,16 @@ class Reconciler(Launcher, Health, Estimates):
         # Workers of stopped functions, or of an older version after a redeploy, drain.
         for fid, ws in by_fn.items():
             fn = fns.get(fid)
-            with self._pool_guard(fid, fn[7] if fn else fid, fn[1] if fn else ws[0].app_id, failed):
+            with self._pool_guard(fid, fn.name if fn else fid, fn.app_id if fn else ws[0].app_id, failed):
                 for w in ws:
                     if w.state == WorkerState.DRAINING:
                         continue
                     if fn is None:
                         cp.workers.drain_worker(w.id, "app stopped")
-                    elif w.function_version < fn[3]:
-                        cp.workers.drain_worker(w.id, f"replaced by version {fn[3]}")
+                    elif w.function_version < fn.version:
+                        cp.workers.drain_worker(w.id, f"replaced by version {fn.version}")
         for fid, fn in fns.items():
-            with self._pool_guard(fid, fn[7], fn[1], failed):
+            with self._pool_guard(fid, fn.name, fn.app_id, failed):
                 self._reconcile_pool(fid, fn, counts.get(fid, (0, 0)), by_fn.get(fid, []), now)
         self._note_recoveries(fns, failed)
 
@@ -275,7 +275,7 @@ class Reconciler(Launcher, Health, Estimates):
         pending, running = counts
         self._check_stored_spec(fid, fn)
         spec = self.cp.functions.spec_of(fid)
-        ws = [w for w in workers if w.function_version >= fn[3]]
+        ws = [w for w in workers if w.function_version >= fn.version]
         if not (pending or running or ws or spec.autoscaler.min_containers or self._launching.get(fid)):
             return
         self._scale(fid, fn, spec, pending, running, ws, now)
@@ -313,7 +313,7 @@ class Reconciler(Launcher, Health, Estimates):
             backlog=pending,
             in_flight=running,
             workers=views,
-            last_active_at=fn[4],
+            last_active_at=fn.last_active_at,
             settings=spec.autoscaler,
             per_worker_target=target,
             service_time_s=self._service_time(fid),
@@ -326,7 +326,7 @@ class Reconciler(Launcher, Health, Estimates):
                 self.cp.activity.event(
                     "pool.scale_down",
                     f"draining idle worker {wid}",
-                    app_id=fn[1],
+                    app_id=fn.app_id,
                     function_id=fid,
                     worker_id=wid,
                 )
@@ -360,7 +360,7 @@ class Reconciler(Launcher, Health, Estimates):
             self.cp.activity.event(
                 "pool.scale_up",
                 f"launching {launch} worker(s): {decision.reason}",
-                app_id=fn[1],
+                app_id=fn.app_id,
                 function_id=fid,
                 desired=decision.desired,
             )
@@ -369,7 +369,7 @@ class Reconciler(Launcher, Health, Estimates):
         elif spec.gpu and self.clouds and spec.spot == "allow" and not self._launching.get(fid) and room > 0:
             self._move_back_to_spot(fid, fn, spec, ws, now)
         # after the launches: the row is not on a cold start's path
-        self._record_pool(fid, fn[1], decision, len(ws), now)
+        self._record_pool(fid, fn.app_id, decision, len(ws), now)
 
     def _on_demand_floor(self, fid: str, spec: FunctionSpec, ws: list[Any]) -> frozenset[str]:
         """The pool's ``min_on_demand`` floor: its cheapest (then oldest) live on-demand cloud workers. The
@@ -432,7 +432,7 @@ class Reconciler(Launcher, Health, Estimates):
             self.cp.activity.event(
                 "pool.spot_probe",
                 "trying spot again with one extra worker",
-                app_id=fn[1],
+                app_id=fn.app_id,
                 function_id=fid,
             )
             self._launch(fid, fn, spec, spot_only=True)
@@ -443,7 +443,7 @@ class Reconciler(Launcher, Health, Estimates):
                 "pool.rebalance",
                 f"replacing on-demand worker {wid} by spot ({spot[0].describe()}): launching {new}; {wid} "
                 "keeps serving until it is ready",
-                app_id=fn[1],
+                app_id=fn.app_id,
                 function_id=fid,
                 worker_id=wid,
                 replacement=new,
@@ -466,7 +466,7 @@ class Reconciler(Launcher, Health, Estimates):
             self.cp.activity.event(
                 "pool.rebalanced",
                 f"spot worker {new} is ready: draining on-demand worker {old}",
-                app_id=fn[1],
+                app_id=fn.app_id,
                 function_id=fid,
                 worker_id=old,
                 replacement=new,

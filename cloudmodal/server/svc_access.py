@@ -54,7 +54,7 @@ class Access:
                 ).first()
             if row is None:
                 raise NotFoundError(f"Function {function_id} not found.")
-            got = FunctionFacts(function_id, row[0], row[1], not row[2])
+            got = FunctionFacts(function_id, row.app_id, row.name, not row.ephemeral)
             self._remember(self._fn_facts, function_id, got)
         return got
 
@@ -110,7 +110,7 @@ class Access:
                 ).first()
             if row is None:
                 return None
-            got = (row[0], row[1])
+            got = (row.function_id, row.created_by)
             self._remember(self._call_facts, call_id, got)
         return got
 

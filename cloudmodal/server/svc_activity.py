@@ -59,7 +59,7 @@ class Activity:
                 .order_by(E.c.id)
                 .limit(limit)
             ).all()
-        return [dict(id=r[0], ts=r[1], kind=r[2], function_id=r[3], message=r[4], data=r[5]) for r in rows]
+        return [dict(r._mapping) for r in rows]
 
     # -- workers' output ---------------------------------------------------------------------------------
     def add_logs(self, worker_id: str, lines: list[list[Any]]) -> None:
@@ -75,8 +75,8 @@ class Activity:
                 L.insert(),
                 [
                     dict(
-                        app_id=row[0],
-                        function_id=row[1],
+                        app_id=row.app_id,
+                        function_id=row.function_id,
                         worker_id=worker_id,
                         ts=ts,
                         stream=stream,
@@ -86,7 +86,7 @@ class Activity:
                     for ts, stream, text, call_id in lines
                 ],
             )
-        self.cp.hub.notify(f"logs:{row[0]}")
+        self.cp.hub.notify(f"logs:{row.app_id}")
 
     def logs(self, app_id: str, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         with self.cp.db.read() as conn:
@@ -96,7 +96,4 @@ class Activity:
                 .order_by(L.c.id)
                 .limit(limit)
             ).all()
-        return [
-            dict(id=r[0], ts=r[1], stream=r[2], text=r[3], function_id=r[4], worker_id=r[5], call_id=r[6])
-            for r in rows
-        ]
+        return [dict(r._mapping) for r in rows]

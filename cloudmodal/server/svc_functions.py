@@ -58,7 +58,7 @@ class Functions:
                 row = conn.execute(select(F.c.spec, F.c.parent_id).where(F.c.id == function_id)).first()
             if row is None:
                 raise NotFoundError(f"Function {function_id} not found.")
-            spec = FunctionSpec.from_wire(row[0])
+            spec = FunctionSpec.from_wire(row.spec)
             self._specs[function_id] = spec
         return spec
 
@@ -156,11 +156,11 @@ class Functions:
                 )
                 version = 1
             else:
-                fid = row[0]
-                if who is not None and who.kind == "worker" and row[1] != definition_hash:
+                fid = row.id
+                if who is not None and who.kind == "worker" and row.definition_hash != definition_hash:
                     # a worker instantiates classes; it never changes an instance others use
                     raise AlreadyExistsError(f"Function {name!r} exists with another definition.")
-                version = row[2] + (1 if row[1] != definition_hash else 0)
+                version = row.version + (1 if row.definition_hash != definition_hash else 0)
                 conn.execute(
                     update(F)
                     .where(F.c.id == fid)
