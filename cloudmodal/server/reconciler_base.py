@@ -35,6 +35,9 @@ P = models.pools
 MAX_ERROR_CHARS = 400  # of an exception's text in a pool.error event or a log line
 
 
+LAUNCH_THREADS = 8  # launches in flight at once, all pools together (each walk blocks one while it tries)
+
+
 def _default_max_workers() -> int:
     return max(4, 2 * (os.cpu_count() or 1))
 
@@ -118,7 +121,7 @@ class ReconcilerBase:
         ] = {}  # launches forced on-demand (the min_on_demand floor) in flight
         self._launch_failures: dict[str, int] = {}
         self._next_launch_at: dict[str, float] = {}
-        self._pool: Executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="launch")
+        self._pool: Executor = executor or ThreadPoolExecutor(LAUNCH_THREADS, thread_name_prefix="launch")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
