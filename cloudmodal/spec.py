@@ -110,8 +110,8 @@ class FunctionSpec:
     block_network: bool = False
     include_source: bool = True
     experimental_options: tuple[tuple[str, str], ...] = ()
-    # Modal options accepted and validated that the runtime does not act on yet (refused at run time, see
-    # cloudmodal/client/unsupported.py), and per-method web configs for @app.cls classes (each web method is its own endpoint).
+    # Modal options accepted and validated for compatibility (placement and networking hints a single
+    # control plane has no use for), and per-method web configs for @app.cls classes (each web method is its own endpoint).
     web_methods: tuple[tuple[str, WebConfig], ...] = ()
     create_volumes: tuple[str, ...] = ()  # volume names declared with create_if_missing=True
     routing_region: str | None = None
