@@ -83,6 +83,7 @@ def build_docs_app(routes: list[Route], title: str) -> Any:
             openapi_extra=extra or None,
             dependencies=[] if r.access == "public" else [Depends(bearer)],
             response_class=_response_class(),
+            response_model=r.response,
             description=(inspect.getdoc(r.handler) or "") + f"\n\nAccess: {r.access}.",
         )
     return app
@@ -90,9 +91,11 @@ def build_docs_app(routes: list[Route], title: str) -> Any:
 
 @functools.cache
 def _response_class() -> Any:
-    from fastapi.responses import Response
+    from fastapi.responses import JSONResponse
 
-    class MsgpackResponse(Response):
+    # A JSONResponse subclass only so that FastAPI documents the route's response model; the answers are
+    # msgpack, sent by the router, never by this class.
+    class MsgpackResponse(JSONResponse):
         media_type = MSGPACK
 
     return MsgpackResponse

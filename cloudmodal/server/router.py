@@ -102,7 +102,8 @@ class Route:
     bounds one).
 
     ``max_body``: the body's cap; by default the model's ``max_body`` class variable, else
-    ``DEFAULT_MAX_BODY``."""
+    ``DEFAULT_MAX_BODY``. ``response``: the answer's type (a model, or ``list[Model]``) for the OpenAPI
+    document; a read route's rows are documented by the table models they are read from."""
 
     method: str
     path: str
@@ -112,6 +113,7 @@ class Route:
     raw_body: bool = False
     max_body: int | None = None
     websocket: bool = False  # also served as a WebSocket: each message a body, each reply {"ok": answer}
+    response: Any = None
     segments: tuple[str, ...] = field(init=False)
     path_params: tuple[str, ...] = field(init=False)  # the path's ``{names}``, in order
     wants_who: bool = field(init=False)  # the handler takes the caller's Identity as ``who``

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgpack
@@ -62,6 +63,42 @@ def test_openapi_documents_every_route(locked: ServerHandle) -> None:
     assert {p["name"] for p in logs["parameters"]} == {"app_id", "after", "timeout", "limit"}
     docs = httpx.get(locked.url + "/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_read_routes_answer_what_their_documented_row_models_declare(tmp_path: Path) -> None:
+    """A read route's OpenAPI response is the table model its rows come from, and what it answers carries only
+    fields that model declares (docs and answers cannot drift apart)."""
+    from cloudmodal.server import models
+
+    locked = start_server(tmp_path, f"sqlite:///{tmp_path / 'cloudmodal.db'}", allow_loopback_anonymous=False)
+    try:
+        _check_read_models(locked, models)
+    finally:
+        locked.stop()
+
+
+def _check_read_models(locked: ServerHandle, models: Any) -> None:
+    doc = httpx.get(locked.url + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+
+    def documented(path: str) -> set[str]:
+        content = doc["paths"][path]["get"]["responses"]["200"]["content"]["application/msgpack"]["schema"]
+        ref = (content.get("items") or content)["$ref"].rsplit("/", 1)[-1]
+        return set(schemas[ref]["properties"])
+
+    h = bearer(locked.cp.tokens.create("admin", "test"))
+    app = {"app_id": "ap-docs", "name": "docs"}
+    httpx.post(locked.url + "/v1/apps", content=msgpack.packb(app), headers=h).raise_for_status()
+    locked.cp.activity.event("test.kind", "something happened", app_id="ap-docs", n=1)
+    events = msgpack.unpackb(httpx.get(locked.url + "/v1/apps/ap-docs/events", headers=h).content)
+    assert events and set(events[0]) <= documented("/v1/apps/{app_id}/events") == set(
+        models.Event.model_fields
+    )
+    history = msgpack.unpackb(httpx.get(locked.url + "/v1/apps/ap-docs/history", headers=h).content)
+    assert documented("/v1/apps/{name_or_id}/history") == set(models.Deployment.model_fields)
+    assert all(set(row) <= set(models.Deployment.model_fields) for row in history)
+    assert documented("/v1/apps/{app_id}/logs") == set(models.Log.model_fields)
+    assert documented("/v1/calls/{call_id}") == set(models.Call.model_fields)
 
 
 def test_routing_and_query_errors(locked: ServerHandle) -> None:
