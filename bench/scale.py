@@ -125,6 +125,7 @@ class Bench:
     paced_fraction: float
     url: str
     tmp: Path
+    profile: str | None = None  # the control plane's CPU profile (pstats) is written here
     db_name: str = ""
     server: subprocess.Popen[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -205,6 +206,7 @@ class Bench:
             str(self.workers),
             "--info",
             str(info),
+            *(["--profile", self.profile] if self.profile else []),
         )
         self.expect(self.server, "READY", "the control plane")
         self.info = json.loads(info.read_text())
@@ -287,7 +289,7 @@ class Bench:
         if self.server is not None and self.server.poll() is None:
             self.server.send_signal(signal.SIGTERM)
             try:
-                self.server.wait(timeout=30)
+                self.server.wait(timeout=300 if self.profile else 30)  # writing a profile takes a while
             except subprocess.TimeoutExpired:
                 self.server.kill()
         if self.db_name:
@@ -382,7 +384,9 @@ def analyse(outs: list[dict[str, Any]], claims_by_call: dict[str, list[tuple[int
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="scalebench-"))
-    b = Bench(a.workers, a.callers, a.inputs, a.worker_procs, a.work_ms, a.paced_fraction, pg_url(), tmp)
+    b = Bench(
+        a.workers, a.callers, a.inputs, a.worker_procs, a.work_ms, a.paced_fraction, pg_url(), tmp, a.profile
+    )
     res: dict[str, Any] = {
         "workers": a.workers,
         "callers": a.callers,
@@ -548,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=4.0)
     p.add_argument("--quick", action="store_true", help="100 workers, 10,000 inputs: well under a minute")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--profile",
+        help="write the control plane's CPU profile, all threads, here (pstats; needs yappi importable)",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.workers, a.inputs, a.paced_s, a.idle_s, a.settle_s = 100, 10_000, 4.0, 3.0, 3.5

@@ -11,6 +11,9 @@ process. The reconciler's local worker budget is 0, so it never starts a real on
 reconciler holds its leadership: a new leader writes off workers that never registered
 (``Reconciler._adopt_orphans``).
 
+With ``--profile FILE`` (needs ``yappi`` importable), every thread's CPU time is profiled and written to FILE
+(pstats format) when it stops.
+
 It writes ``--info`` (JSON: url, owner token, function id, worker ids and tokens), prints ``READY`` and serves
 until SIGTERM or SIGINT.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,7 +35,13 @@ def main() -> int:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--info", required=True)
+    p.add_argument("--profile", default=None)
     a = p.parse_args()
+    if a.profile:
+        import yappi
+
+        yappi.set_clock_type("cpu")
+        yappi.start(builtins=True)
 
     from cloudmodal.ids import new_id
     from cloudmodal.providers.local import LocalProvider
@@ -85,11 +95,16 @@ def main() -> int:
     with os.fdopen(fd, "w") as f:
         json.dump(info, f)
     print("READY", flush=True)
+    # uvicorn re-raises the SIGTERM it shut down on once it has: exit through the clean-up below instead
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         handle.server.run(sockets=[handle.sock])  # SIGTERM/SIGINT: uvicorn's graceful exit
     finally:
         handle.reconciler.stop()
         handle.cp.db.dispose()
+        if a.profile:
+            yappi.stop()
+            yappi.get_func_stats().save(a.profile, type="pstat")
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from cloudmodal import exception as exc
+from cloudmodal.server import models
 from cloudmodal.server.auth import is_loopback
 from cloudmodal.server.blobs import INLINE_LIMIT, MAX_BLOB_SIZE
 from cloudmodal.server.http_body import BodyStream
@@ -297,12 +298,12 @@ def build_routes(cp: ControlPlane) -> TableApp:
         a = await run(cp.access.check_app, who, app_id)
         return {"version": await run(cp.apps.record_deployment, a["id"], b.functions)}
 
-    @route("GET", "/v1/apps/{name_or_id}/history", "member")
+    @route("GET", "/v1/apps/{name_or_id}/history", "member", response=list[models.Deployment])
     async def history(name_or_id: str, who: Identity) -> Any:
         a = await run(cp.access.check_app, who, name_or_id)
         return await run(cp.apps.history, a["id"])
 
-    @route("GET", "/v1/apps/{app_id}/logs", "member")
+    @route("GET", "/v1/apps/{app_id}/logs", "member", response=list[models.Log])
     async def app_logs(
         app_id: str, who: Identity, after: int = 0, timeout: float = 0.0, limit: int = 1000
     ) -> Any:
@@ -321,7 +322,7 @@ def build_routes(cp: ControlPlane) -> TableApp:
             cp.hub.unwatch(key, ev)
         return rows
 
-    @route("GET", "/v1/apps/{app_id}/events", "member")
+    @route("GET", "/v1/apps/{app_id}/events", "member", response=list[models.Event])
     async def app_events(app_id: str, who: Identity, after: int = 0, limit: int = 500) -> Any:
         a = await run(cp.access.check_app, who, app_id)
         return await run(cp.activity.events, a["id"], after, limit)
@@ -430,7 +431,7 @@ def build_routes(cp: ControlPlane) -> TableApp:
         await short(cp.access.check_call, who, call_id)
         return {"outputs": await _outputs(call_id, b.after, b.limit, b.timeout)}
 
-    @route("GET", "/v1/calls/{call_id}", "caller")
+    @route("GET", "/v1/calls/{call_id}", "caller", response=models.Call)
     async def get_call(call_id: str, who: Identity) -> Any:
         await run(cp.access.check_call, who, call_id)
         row = await run(cp.calls.call_row, call_id)
@@ -493,7 +494,6 @@ def build_routes(cp: ControlPlane) -> TableApp:
                 ev.clear()
                 if look:
                     rows = await short(cp.claim, worker_id, fid, max_n, rows=max_n)
-                look = True
                 remaining = deadline - time.monotonic()
                 if rows or remaining <= 0 or dev.is_set() or cp.hub.closing:
                     break
@@ -503,17 +503,27 @@ def build_routes(cp: ControlPlane) -> TableApp:
                     break
                 pc = ParkedClaim(worker_id, fid, max_n, loop, ev)
                 cp.park(pc)
+                timed_out = False
                 try:
-                    # also re-read now and then: inputs may be pending that nobody announced here
-                    await asyncio.wait_for(ev.wait(), min(remaining, 1.0))
+                    # the whole wait: woken by inputs handed over or announced, a drain, the server closing,
+                    # or the function's periodic re-read (ControlPlane.park)
+                    await asyncio.wait_for(ev.wait(), remaining)
                 except TimeoutError:
-                    pass
+                    timed_out = True
                 finally:
                     if not cp.unpark(pc):
                         await pc.done.wait()  # inputs were promised: they are being written
                 if pc.rows:
                     rows = pc.rows
                     break
+                if cp.workers.worker_function(worker_id)[1] in GONE:
+                    dev.set()
+                    break
+                if timed_out:
+                    break  # nothing came: the worker claims again at once, and the periodic re-read looks
+                # announced inputs cleared the function's empty mark: look; a periodic re-read looks unless a
+                # claim of the function found it empty moments ago (one re-read serves every parked claim)
+                look = cp.claim_may_find(fid)
         finally:
             cp.hub.unwatch(key, ev)
             cp.hub.unwatch(drain_key, ev)

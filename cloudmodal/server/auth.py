@@ -24,6 +24,10 @@ T = models.tokens
 # How long a token's answer is trusted without reading the database again: the bound on how late a
 # revocation made by another control plane takes effect here.
 AUTH_CACHE_S = 2.0
+# Tokens used within this long are re-validated together, off the event loop, before their entries expire
+# (see TokenStore.identify); one query per REFRESH_CHUNK tokens.
+RECENT_S = 30.0
+REFRESH_CHUNK = 500
 
 
 def hash_token(token: str) -> str:
@@ -46,7 +50,12 @@ class TokenStore:
         # hash -> (identity, monotonic time the entry stops being trusted); unknown tokens are not cached, so a
         # token minted on another control plane works here at once
         self._cache: dict[str, tuple[Identity, float]] = {}
+        self._used: dict[str, float] = {}  # hash -> monotonic time it was last presented
         self._lock = threading.Lock()
+        self._refreshed_at = 0.0  # when the last re-validation started (monotonic)
+        self._refreshing = False
+        self._forgets = 0  # bumped by every local revocation: a re-validation read before it is not applied
+        self.reads = 0  # tokens read one at a time (a statistic: tests count them)
 
     def create_token(self, scope: str, name: str = "") -> tuple[str, str]:
         """Mint a token for ``scope``: (token id, the token). The token is shown once and never stored."""
@@ -75,8 +84,12 @@ class TokenStore:
         h = hash_token(token)
         hit = self._cache.get(h)
         now = time.monotonic()
+        if now - self._refreshed_at >= self.cache_s / 2 and not self._refreshing and self._used:
+            self._start_refresh(now)
         if hit is not None and hit[1] > now:
+            self._used[h] = now
             return hit[0]
+        self.reads += 1
         with self.db.read() as conn:
             row = conn.execute(select(T.c.id, T.c.scope, T.c.revoked).where(T.c.token_hash == h)).first()
         who = None if row is None or row[2] else identity_for(row[1], row[0])
@@ -87,7 +100,58 @@ class TokenStore:
                 if len(self._cache) > 100_000:  # bounded: entries of tokens nobody uses any more go
                     self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
                 self._cache[h] = (who, now + self.cache_s)
+                self._used[h] = now
         return who
+
+    # Every token presented within RECENT_S is re-validated in one query (per REFRESH_CHUNK) every half cache
+    # period, on a thread of its own, so that the tokens of a busy control plane (a worker's heartbeats come
+    # every 3 s, longer than the cache keeps an entry) are answered from the cache instead of by a read on the
+    # caller's thread (the event loop). An entry stays trusted until cache_s after the start of the query
+    # that validated it: a revocation made anywhere takes effect here within cache_s either way. Nothing runs
+    # while no token is presented; an entry the re-validation misses (it is late or failed) is read as before.
+    def _start_refresh(self, now: float) -> None:
+        with self._lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+            self._refreshed_at = now
+        threading.Thread(target=self._refresh, name="cm-token-refresh", daemon=True).start()
+
+    def _refresh(self) -> None:
+        try:
+            with self._lock:
+                started = time.monotonic()
+                gen = self._forgets
+                cutoff = started - RECENT_S
+                used = dict(self._used)  # one C-level copy: identify() records uses without the lock
+                for h, t in used.items():
+                    if t <= cutoff:
+                        self._used.pop(h, None)
+                hashes = [h for h, t in used.items() if t > cutoff and h in self._cache]
+            found: dict[str, Identity | None] = {}
+            for i in range(0, len(hashes), REFRESH_CHUNK):
+                chunk = hashes[i : i + REFRESH_CHUNK]
+                with self.db.read() as conn:
+                    rows = conn.execute(
+                        select(T.c.token_hash, T.c.id, T.c.scope, T.c.revoked).where(
+                            T.c.token_hash.in_(chunk)
+                        )
+                    ).all()
+                found.update({h: None for h in chunk})
+                found.update({r[0]: None if r[3] else identity_for(r[2], r[1]) for r in rows})
+            with self._lock:
+                if gen != self._forgets:
+                    return  # a token was revoked here meanwhile: these answers may predate it
+                until = started + self.cache_s
+                for h, who in found.items():
+                    if who is None:
+                        self._cache.pop(h, None)
+                    elif h in self._cache:
+                        self._cache[h] = (who, until)
+        except Exception:
+            pass  # the entries expire and are read one at a time, as without re-validation
+        finally:
+            self._refreshing = False
 
     def list(self) -> list[dict[str, Any]]:
         with self.db.read() as conn:
@@ -133,4 +197,5 @@ class TokenStore:
 
     def _forget(self, match: Any) -> None:
         with self._lock:
+            self._forgets += 1
             self._cache = {k: v for k, v in self._cache.items() if not match(v[0])}

@@ -1,13 +1,17 @@
 """The hot statements on PostgreSQL (see :mod:`cloudmodal.server.hotsql`): prebuilt SQLAlchemy Core
-statements in an ordinary transaction. A module of its own so that SQLite deployments (the embedded default)
-never import the PostgreSQL dialect."""
+statements in an ordinary transaction, and for the statements whose size grows with a batch (inserting
+inputs and outputs, reading and finishing inputs by id) plain SQL on the transaction's psycopg connection
+with one array per column or list of ids. A batch's statement is then the same short text whatever its size:
+psycopg parses it once and caches it, instead of parsing (with a Python regex) the multi-``VALUES`` or
+expanded-``IN`` text SQLAlchemy renders for each batch, and no SQLAlchemy bind parameter is made per value.
+A module of its own so that SQLite deployments (the embedded default) never import the PostgreSQL dialect."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BindParameter, bindparam, select, text, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql
 
 from cloudmodal.server import models
@@ -19,6 +23,37 @@ C = models.calls
 F = models.functions
 
 
+def _arrays_insert(table: Any, columns: Sequence[str], conflict: str, returning: str) -> str:
+    """``INSERT ... SELECT * FROM unnest(<one array per column>)``: a batch of rows as one array per column."""
+    dialect = postgresql.dialect()
+    casts = ", ".join(f"%s::{table.c[c].type.compile(dialect=dialect)}[]" for c in columns)
+    cols = ", ".join(columns)
+    return (
+        f'INSERT INTO "{table.name}" ({cols}) SELECT * FROM unnest({casts}) '
+        f"ON CONFLICT ({conflict}) DO NOTHING RETURNING {returning}"
+    )
+
+
+# the columns InputQueue writes for an input, and the outputs' (complete_rows), in their rows' key order
+INPUT_COLUMNS = (
+    "call_id",
+    "function_id",
+    "idx",
+    "method",
+    "args",
+    "args_blob",
+    "state",
+    "attempts",
+    "crashes",
+    "worker_id",
+    "lease_expires",
+    "available_at",
+    "created_at",
+)
+OUTPUT_COLUMNS = ("input_id", "call_id", "idx", "gen_index", "status", "data", "data_blob", "created_at")
+FLOAT_COLUMNS = frozenset({"lease_expires", "available_at", "created_at"})  # psycopg will not mix int/float
+
+
 class CoreHot:
     """:class:`HotStatements` as prebuilt SQLAlchemy Core statements (PostgreSQL).
 
@@ -27,22 +62,10 @@ class CoreHot:
     advisory lock per call makes a call's output ids commit in order.
     """
 
-    ids: BindParameter[Any] = bindparam("ids", expanding=True)
     sql_function_state = select(F.c.app_id, F.c.state).where(F.c.id == bindparam("fid"))
     sql_insert_call = postgresql.insert(C).on_conflict_do_nothing(index_elements=["id"])
     sql_touch = update(F).where(F.c.id == bindparam("fid")).values(last_active_at=bindparam("t"))
-    sql_insert_input = postgresql.insert(I).on_conflict_do_nothing(index_elements=["call_id", "idx"])
-    sql_insert_input_returning = sql_insert_input.returning(I.c.id, I.c.idx, sort_by_parameter_order=True)
-    sql_input_meta = select(
-        I.c.id, I.c.call_id, I.c.idx, I.c.function_id, I.c.attempts, I.c.state, I.c.worker_id
-    ).where(I.c.id.in_(ids))
     sql_call_owner = select(C.c.function_id, C.c.created_by).where(C.c.id == bindparam("cid"))
-    sql_insert_output = (
-        postgresql.insert(O)
-        .on_conflict_do_nothing(index_elements=["input_id", "gen_index"])
-        .returning(O.c.id, O.c.input_id, O.c.gen_index, sort_by_parameter_order=True)
-    )
-    sql_inputs_done = update(I).where(I.c.id.in_(ids)).values(state=InputState.DONE, args=None)
     sql_requeue = (
         update(I)
         .where((I.c.id == bindparam("iid")) & (I.c.state < InputState.DONE))
@@ -53,10 +76,34 @@ class CoreHot:
             available_at=bindparam("at"),
         )
     )
-    sql_advisory = text("SELECT pg_advisory_xact_lock(hashtext(:c))")
+    raw_insert_inputs = _arrays_insert(I, INPUT_COLUMNS, "call_id, idx", "id, idx")
+    raw_insert_outputs = _arrays_insert(O, OUTPUT_COLUMNS, "input_id, gen_index", "id, input_id, gen_index")
+    raw_input_meta = (
+        f'SELECT id, call_id, idx, function_id, attempts, state, worker_id FROM "{I.name}" '
+        "WHERE id = ANY(%s::bigint[])"
+    )
+    raw_inputs_done = (
+        f'UPDATE "{I.name}" SET state = {int(InputState.DONE)}, args = NULL WHERE id = ANY(%s::bigint[])'
+    )
+    raw_advisory = "SELECT pg_advisory_xact_lock(hashtext(%s))"
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        self._cur: Any = None
+
+    def _raw(self) -> Any:
+        """A cursor on the transaction's own psycopg connection (same transaction as ``conn``)."""
+        if self._cur is None:
+            self._cur = self.conn.connection.driver_connection.cursor()
+        return self._cur
+
+    @staticmethod
+    def _columns(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[list[Any]]:
+        out = [[r[c] for r in rows] for c in columns]
+        for i, c in enumerate(columns):
+            if c in FLOAT_COLUMNS:
+                out[i] = [float(v) for v in out[i]]
+        return out
 
     def function_state(self, function_id: str) -> tuple[str, str] | None:
         row = self.conn.execute(self.sql_function_state, {"fid": function_id}).first()
@@ -73,22 +120,27 @@ class CoreHot:
         self.conn.execute(self.sql_touch, {"fid": function_id, "t": now})
 
     def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: bool) -> list[tuple[int, int]]:
-        if not returning:
-            self.conn.execute(self.sql_insert_input, list(rows))
+        if not rows:
             return []
-        return [(r[0], r[1]) for r in self.conn.execute(self.sql_insert_input_returning, list(rows)).all()]
+        cur = self._raw()
+        cur.execute(self.raw_insert_inputs, self._columns(rows, INPUT_COLUMNS))
+        got = cur.fetchall()
+        return [(r[0], r[1]) for r in got] if returning else []
 
     def input_meta(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in self.conn.execute(self.sql_input_meta, {"ids": list(ids)}).all()]
+        cur = self._raw()
+        cur.execute(self.raw_input_meta, [list(ids)])
+        return [tuple(r) for r in cur.fetchall()]
 
     def insert_outputs(self, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
+        cur = self._raw()
         for cid in sorted({r["call_id"] for r in rows}):
-            self.conn.execute(self.sql_advisory, {"c": cid})
-        got = self.conn.execute(self.sql_insert_output, list(rows)).all()
-        return sorted((r[0], r[1], r[2]) for r in got)
+            cur.execute(self.raw_advisory, [cid])
+        cur.execute(self.raw_insert_outputs, self._columns(rows, OUTPUT_COLUMNS))
+        return sorted((r[0], r[1], r[2]) for r in cur.fetchall())
 
     def inputs_done(self, ids: Sequence[int]) -> None:
-        self.conn.execute(self.sql_inputs_done, {"ids": list(ids)})
+        self._raw().execute(self.raw_inputs_done, [list(ids)])
 
     def requeue(self, input_id: int, attempt: int, available_at: float) -> None:
         self.conn.execute(self.sql_requeue, {"iid": input_id, "attempt": attempt, "at": available_at})

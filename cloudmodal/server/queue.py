@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, select, text, update
+from sqlalchemy import ARRAY, Integer, and_, any_, bindparam, func, select, text, update
 
 from cloudmodal.server import models
 from cloudmodal.server.db import Database
@@ -73,6 +73,27 @@ class InputQueue:
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
             self._insert = pg_insert
+        # built once: a claim is on every worker's path
+        sub = (
+            select(I.c.id)
+            .where(
+                and_(
+                    I.c.function_id == bindparam("fid"),
+                    I.c.state == InputState.PENDING,
+                    I.c.available_at <= bindparam("now"),
+                )
+            )
+            .order_by(I.c.id)
+            .limit(bindparam("n"))
+        )
+        if not db.is_sqlite:
+            sub = sub.with_for_update(skip_locked=True)
+        self._claim_stmt = (
+            update(I)
+            .where(I.c.id.in_(sub.scalar_subquery()))
+            .values(state=InputState.CLAIMED, worker_id=bindparam("wid"), lease_expires=bindparam("lease"))
+            .returning(I.c.id, I.c.call_id, I.c.idx, I.c.method, I.c.args, I.c.args_blob, I.c.attempts)
+        )
 
     def _order_outputs(self, conn: Any, call_ids: Any) -> None:
         """Readers page through a call's outputs by id. On PostgreSQL ids are drawn at insert but become
@@ -146,13 +167,30 @@ class InputQueue:
         without a second transaction), inside the caller's transaction. Re-sent ``idx``es are skipped."""
         if not items:
             return []
+        return self.put_claimed_many(hot, call_id, function_id, [(worker_id, items)], lease_s)[0]
+
+    def put_claimed_many(
+        self,
+        hot: HotStatements,
+        call_id: str,
+        function_id: str,
+        chunks: Sequence[tuple[str, Sequence[tuple[int, str | None, bytes | None, str | None]]]],
+        lease_s: float,
+    ) -> list[list[ClaimedInput]]:
+        """:meth:`put_claimed` for several workers' ``(worker_id, items)`` in one statement: each worker's
+        claimed inputs, in ``chunks``' order."""
         now = time.time()
-        rows = self._input_rows(call_id, function_id, items, now, worker_id, now + lease_s)
-        by_idx = {int(idx): int(iid) for iid, idx in hot.insert_inputs(rows, returning=True)}
+        rows: list[dict[str, Any]] = []
+        for worker_id, items in chunks:
+            rows += self._input_rows(call_id, function_id, items, now, worker_id, now + lease_s)
+        by_idx = {int(idx): int(iid) for iid, idx in hot.insert_inputs(rows, returning=True)} if rows else {}
         return [
-            ClaimedInput(by_idx[idx], call_id, idx, method, args, blob, 0)
-            for idx, method, args, blob in items
-            if idx in by_idx
+            [
+                ClaimedInput(by_idx[idx], call_id, idx, method, args, blob, 0)
+                for idx, method, args, blob in items
+                if idx in by_idx
+            ]
+            for _, items in chunks
         ]
 
     # -- consumers ---------------------------------------------------------------------------------------
@@ -160,24 +198,9 @@ class InputQueue:
         self, function_id: str, worker_id: str, max_n: int, lease_s: float, now: float | None = None
     ) -> list[ClaimedInput]:
         now = time.time() if now is None else now
-        sub = (
-            select(I.c.id)
-            .where(
-                and_(I.c.function_id == function_id, I.c.state == InputState.PENDING, I.c.available_at <= now)
-            )
-            .order_by(I.c.id)
-            .limit(max_n)
-        )
-        if not self.db.is_sqlite:
-            sub = sub.with_for_update(skip_locked=True)
-        stmt = (
-            update(I)
-            .where(I.c.id.in_(sub.scalar_subquery()))
-            .values(state=InputState.CLAIMED, worker_id=worker_id, lease_expires=now + lease_s)
-            .returning(I.c.id, I.c.call_id, I.c.idx, I.c.method, I.c.args, I.c.args_blob, I.c.attempts)
-        )
+        params = {"fid": function_id, "now": now, "n": max_n, "wid": worker_id, "lease": now + lease_s}
         with self.db.write() as conn:
-            rows = conn.execute(stmt).all()
+            rows = conn.execute(self._claim_stmt, params).all()
         out = [ClaimedInput(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
         out.sort(key=lambda c: c.input_id)
         return out
@@ -216,12 +239,15 @@ class InputQueue:
         now = time.time() if now is None else now
         if not held:
             return 0
+        ids = list(held)
+        # PostgreSQL: the ids as one array, not an expanded IN list whose text changes with its length
+        held_ids = (
+            I.c.id.in_(ids) if self.db.is_sqlite else I.c.id == any_(bindparam("ids", ids, ARRAY(Integer)))
+        )
         with self.db.write() as conn:
             return conn.execute(
                 update(I)
-                .where(
-                    and_(I.c.worker_id == worker_id, I.c.state == InputState.CLAIMED, I.c.id.in_(list(held)))
-                )
+                .where(and_(I.c.worker_id == worker_id, I.c.state == InputState.CLAIMED, held_ids))
                 .values(lease_expires=now + lease_s)
             ).rowcount
 

@@ -64,6 +64,12 @@ def _now() -> float:
     return time.time()
 
 
+# How often the claims parked on a function re-read the database for inputs nobody announced here (another
+# control-plane process wrote them, a lease expired): one parked claim of the function, woken this often,
+# looks for all of them.
+REREAD_S = 1.0
+
+
 # -- in-memory hand-off ---------------------------------------------------------------------------------
 # The database is the record; these are shortcuts within one control-plane process. A worker long-polling
 # for work parks a ParkedClaim: new inputs for its function are written to the database already claimed by
@@ -197,6 +203,10 @@ class ControlPlane:
         self._prices: dict[str, float] = {}  # worker id -> price per hour (which parked worker gets inputs)
         self._floors: dict[str, frozenset[str]] = {}  # function id -> its on-demand floor's workers
         self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found nothing
+        self._rereading: set[str] = set()  # functions whose periodic re-read timer is armed (see park)
+        # statistics (tests count them): claims that read the database, and claims parked
+        self.claim_reads = 0
+        self.claim_parks = 0
 
     # -- the in-memory hand-off (see ParkedClaim / OutputMailbox) ------------------------------------------
     @contextlib.contextmanager
@@ -234,18 +244,23 @@ class ControlPlane:
                 takers.append(pc)
                 want -= pc.max_n
         i = 0
+        chunks: list[tuple[str, list[Any]]] = []
+        for pc in takers:
+            chunk = inputs[i : i + pc.max_n]
+            i += len(chunk)
+            chunks.append((pc.worker_id, chunk))
         try:
-            for pc in takers:
-                chunk = inputs[i : i + pc.max_n]
-                i += len(chunk)
-                rows = self.queue.put_claimed(
-                    hot, call_id, function_id, chunk, pc.worker_id, self.settings.lease_s
-                )
-                assigned.append((pc, rows))
+            # one INSERT for every taker's inputs, not one per taker
+            per_taker = (
+                self.queue.put_claimed_many(hot, call_id, function_id, chunks, self.settings.lease_s)
+                if takers
+                else []
+            )
         except BaseException:
-            for pc in takers[len(assigned) :]:
+            for pc in takers:
                 _call_soon(pc.loop, _settle_claim, pc, [])
             raise
+        assigned.extend(zip(takers, per_taker, strict=True))
         rest = inputs[i:]
         if rest:
             self.queue.put(call_id, function_id, rest, hot=hot)
@@ -277,6 +292,7 @@ class ControlPlane:
         self.hub.notify(f"inputs:{function_id}")
 
     def claim(self, worker_id: str, function_id: str, max_n: int) -> list[Any]:
+        self.claim_reads += 1  # unlocked: a statistic
         rows = self.queue.claim(function_id, worker_id, max_n, self.settings.lease_s)
         if len(rows) < max_n:
             self._claimed_empty[function_id] = _now()
@@ -290,10 +306,34 @@ class ControlPlane:
         return t is None or _now() - t > within_s
 
     def park(self, pc: ParkedClaim) -> None:
+        """Park a claim until inputs are handed to it or its waiter is woken. While any claim is parked on
+        the function, one of them is woken every REREAD_S to re-read the database (:meth:`_reread`), so
+        idle workers cost one claim transaction a second per function, not one per worker."""
         floor = self._floors.get(pc.function_id)
-        pc.price = dispatch_price(self._prices.get(pc.worker_id, 0.0), bool(floor) and pc.worker_id in floor)
+        pc.price = dispatch_price(
+            self._prices.get(pc.worker_id, 0.0), floor is not None and pc.worker_id in floor
+        )
+        fid = pc.function_id
         with self._lock:
-            self._parked.setdefault(pc.function_id, []).append(pc)
+            self.claim_parks += 1
+            self._parked.setdefault(fid, []).append(pc)
+            arm = fid not in self._rereading
+            self._rereading.add(fid)
+        if arm:
+            _call_soon(pc.loop, pc.loop.call_later, REREAD_S, self._reread, fid)
+
+    def _reread(self, function_id: str) -> None:
+        """The function's periodic re-read (on the event loop): wake its most recently parked claim, which
+        claims from the database unless another claim found it empty moments ago (:meth:`claim_may_find`)
+        and parks again; the timer stops once no claim is parked on the function."""
+        with self._lock:
+            parked = self._parked.get(function_id)
+            if not parked:
+                self._rereading.discard(function_id)
+                return
+            pc = parked[-1]
+        _call_soon(pc.loop, pc.wake.set)
+        asyncio.get_running_loop().call_later(REREAD_S, self._reread, function_id)
 
     def unpark(self, pc: ParkedClaim) -> bool:
         """Withdraw a parked claim; False when inputs were promised to it already (wait for ``pc.done``)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 
 from cloudmodal.exception import NotFoundError
 from cloudmodal.server import models
@@ -20,6 +20,23 @@ if TYPE_CHECKING:
 W = models.workers
 
 LIVE_WORKER_STATES = (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING)
+
+
+def _beat(idle: bool) -> Any:
+    """A heartbeat in one statement: idle since the first idle heartbeat of a run of them, else not idle."""
+    return (
+        update(W)
+        .where(W.c.id == bindparam("wid"))
+        .values(
+            last_heartbeat=bindparam("now"),
+            in_flight=bindparam("n"),
+            idle_since=func.coalesce(W.c.idle_since, bindparam("now")) if idle else None,
+        )
+        .returning(W.c.state, W.c.function_id)
+    )
+
+
+_BEAT_IDLE, _BEAT_BUSY = _beat(True), _beat(False)
 
 
 class Workers:
@@ -131,20 +148,12 @@ class Workers:
         now = time.time()
         with self.cp.db.write() as conn:
             row = conn.execute(
-                select(W.c.state, W.c.idle_since, W.c.function_id, W.c.function_version).where(
-                    W.c.id == worker_id
-                )
+                _BEAT_IDLE if idle else _BEAT_BUSY, {"wid": worker_id, "now": now, "n": in_flight}
             ).first()
-            if row is None:
-                return {"drain": True, "cancel": []}
-            if served > 0:
-                self.record_service(row[2], served, busy_s)
-            idle_since = (row[1] or now) if idle else None
-            conn.execute(
-                update(W)
-                .where(W.c.id == worker_id)
-                .values(last_heartbeat=now, in_flight=in_flight, idle_since=idle_since)
-            )
+        if row is None:
+            return {"drain": True, "cancel": []}
+        if served > 0:
+            self.record_service(row[1], served, busy_s)
         self.cp.queue.renew(worker_id, held or [], self.cp.settings.lease_s, now)
         with self._lock:
             cancel = sorted(self._cancel_requests.pop(worker_id, set()))
@@ -215,7 +224,8 @@ class Workers:
         n, dead_calls = cp.queue.release_worker(worker_id, crashed=crashed)
         cp.tokens.revoke_scope(f"worker:{worker_id}")
         self._set_state(worker_id, row[2], WorkerState.STOPPED)
-        cp.hub.notify(*[f"outputs:{c}" for c in dead_calls], "reconcile")
+        # its claim waiting here answers now (drain) instead of at the end of its wait
+        cp.hub.notify(*[f"outputs:{c}" for c in dead_calls], "reconcile", f"drain:{worker_id}")
         cp.inputs_pending(row[2])
         msg = f"worker {worker_id} stopped: {reason}" + (f"; {n} inputs requeued" if n else "")
         cp.activity.event(
