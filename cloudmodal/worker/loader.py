@@ -58,6 +58,9 @@ def load_module(transport: Any, defn: dict[str, Any]) -> Any:
         if not target.exists():
             private_dir(target.parent.parent)
             private_dir(target.parent)
+            # the bytecode Python writes beside the source on import: as private as the source (its files take
+            # the source's 0600 mode; the directory would take the umask's)
+            private_dir(target.parent / "__pycache__")
             data = transport.request("GET", f"/v1/blobs/{source_blob}", raw_response=True)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             with open_private(tmp, "wb") as f:

@@ -93,6 +93,10 @@ def test_a_plain_name_is_written_privately_in_the_cache_and_imported(tmp_path: P
         sys.path[:] = [p for p in sys.path if not p.startswith(str(cache))]
     target = cache / "src" / "bl-abc123" / "app.py"
     assert target.read_bytes() == SOURCE
-    assert files_under(tmp_path) == {str(target.relative_to(tmp_path))}
-    for d in (cache, cache / "src", target.parent):
-        assert os.stat(d).st_mode & 0o077 == 0, d
+    # the source, and the bytecode Python wrote beside it unless PYTHONDONTWRITEBYTECODE is set
+    written = files_under(tmp_path) - {str(target.relative_to(tmp_path))}
+    assert all(Path(f).parent.name == "__pycache__" and f.endswith(".pyc") for f in written), written
+    for p in (cache, cache / "src", target.parent, target.parent / "__pycache__", target):
+        assert os.stat(p).st_mode & 0o077 == 0, p
+    for f in written:
+        assert os.stat(tmp_path / f).st_mode & 0o077 == 0, f
