@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql
 
 from cloudmodal.server import models
+from cloudmodal.server.hotsql import INPUT_COLUMNS, OUTPUT_COLUMNS
 from cloudmodal.server.states import InputState
 
 I = models.inputs  # noqa: E741
@@ -34,23 +35,6 @@ def _arrays_insert(table: Any, columns: Sequence[str], conflict: str, returning:
     )
 
 
-# the columns InputQueue writes for an input, and the outputs' (complete_rows), in their rows' key order
-INPUT_COLUMNS = (
-    "call_id",
-    "function_id",
-    "idx",
-    "method",
-    "args",
-    "args_blob",
-    "state",
-    "attempts",
-    "crashes",
-    "worker_id",
-    "lease_expires",
-    "available_at",
-    "created_at",
-)
-OUTPUT_COLUMNS = ("input_id", "call_id", "idx", "gen_index", "status", "data", "data_blob", "created_at")
 FLOAT_COLUMNS = frozenset({"lease_expires", "available_at", "created_at"})  # psycopg will not mix int/float
 
 

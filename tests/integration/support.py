@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cloudmodal.client import session as session_mod
 from cloudmodal.pricing.offers import Offer
@@ -63,10 +64,16 @@ OFFERS = [A, B, DL, C]
 
 
 @contextmanager
-def sim_plane(tmp_path: Path, scenario: dict, **env: str) -> Iterator[tuple[ServerHandle, SimProvider]]:
+def sim_plane(
+    tmp_path: Path, scenario: dict, *, offers: Any = None, **env: str
+) -> Iterator[tuple[ServerHandle, SimProvider]]:
+    """A control plane with the local provider (no GPUs) and a sim cloud selling ``offers`` (default
+    :data:`OFFERS`) under ``scenario``; ``env`` is set while it runs."""
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    sim = SimProvider(offers=OFFERS, scenario=scenario, state_dir=tmp_path / "sim", seed=1)
+    sim = SimProvider(
+        offers=OFFERS if offers is None else offers, scenario=scenario, state_dir=tmp_path / "sim", seed=1
+    )
     providers = {"local": LocalProvider(state_dir=tmp_path / "local", gpus=[]), "sim": sim}
     settings = default_settings(
         tmp_path,

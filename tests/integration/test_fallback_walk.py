@@ -6,7 +6,6 @@ Real control plane, real worker processes; the `sim` provider decides capacity, 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,13 +16,12 @@ import fallback_app
 import move_back_app
 import pytest
 from sqlalchemy import text
-from support import OFFERS, client_env, sim_plane
+from support import OFFERS, sim_plane
 
 from cloudmodal.client.session import run_app
 from cloudmodal.pricing.catalog import CATALOG_DIR_ENV, load_offer_table
-from cloudmodal.providers.local import LocalProvider
 from cloudmodal.providers.sim import SimProvider
-from cloudmodal.server.app import ServerHandle, default_settings
+from cloudmodal.server.app import ServerHandle
 
 # The shared catalog snapshot beside the checkout (as tests/conftest.py's SHARED finds it): over 200 H100 offers.
 V8 = Path(__file__).resolve().parents[2].parent / "shared" / "pricing" / "catalogs" / "v8"
@@ -46,30 +44,10 @@ def catalog_plane(tmp_path: Path, scenario: dict, **env: str) -> Iterator[tuple[
     """A control plane whose sim cloud sells every offer of the shared catalog."""
     if not V8.is_dir():
         pytest.skip(f"needs the shared price catalog snapshot at {V8}, which is absent here")
-    env = {CATALOG_DIR_ENV: str(V8), **env}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    sim = SimProvider(offers=load_offer_table(V8), scenario=scenario, state_dir=tmp_path / "sim", seed=1)
-    providers = {"local": LocalProvider(state_dir=tmp_path / "local", gpus=[]), "sim": sim}
-    settings = default_settings(
-        tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'cp.db'}",
-        lease_s=6.0,
-        heartbeat_s=0.5,
-        worker_timeout_s=15.0,
-        reconcile_interval_s=0.1,
-    )
-    handle = ServerHandle(settings, providers=providers).start_in_thread()
-    try:
-        with client_env(handle.url, handle.token):
-            yield handle, sim
-    finally:
-        handle.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with sim_plane(
+        tmp_path, scenario, offers=load_offer_table(V8), **{CATALOG_DIR_ENV: str(V8), **env}
+    ) as got:
+        yield got
 
 
 def rows(handle: ServerHandle, sql: str, **params: object) -> list:
