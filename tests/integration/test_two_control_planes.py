@@ -50,6 +50,7 @@ def test_one_reconciles_and_the_other_takes_over(database_url: str, tmp_path: Pa
                     text(
                         "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
                         " WHERE l.locktype = 'advisory' AND a.state = 'idle in transaction'"
+                        " AND a.datname = current_database()"  # pg_locks is cluster-wide: other tests' too
                     )
                 ).scalar()
             assert idle == 0
