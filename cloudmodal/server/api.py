@@ -40,7 +40,7 @@ from cloudmodal.server.limits import (
 from cloudmodal.server.queue import OutputItem
 from cloudmodal.server.router import Raw, RawFile, Route, TableApp
 from cloudmodal.server.security import Access, Identity, identity_for, member_scope
-from cloudmodal.server.service import ControlPlane, OutputMailbox, ParkedClaim
+from cloudmodal.server.service import ControlPlane, OutputMailbox, ParkedClaim, WorkerOp, WorkerOpResult
 
 MAX_CLAIM = 1000
 MAX_LONG_POLL_S = 50.0
@@ -253,6 +253,14 @@ def build_routes(cp: ControlPlane) -> TableApp:
         if rows <= SHORT_ROWS and cp.db.write_idle():
             return fn(*args)
         return await run(fn, *args)
+
+    async def worker_op(op: WorkerOp, rows: int) -> WorkerOpResult:
+        """A worker's request on an input's path (outputs, a claim, a heartbeat). PostgreSQL: written with the
+        other workers' concurrent requests in one transaction (:mod:`.group_commit`). SQLite, one writer
+        anyway: alone, as :func:`short` runs it."""
+        if cp.db.is_sqlite:
+            return (await short(cp.worker_ops, [op], rows=rows))[0]
+        return await cp.commits.run(op)
 
     @route("GET", "/healthz", "public")
     async def healthz() -> Raw:
@@ -474,10 +482,11 @@ def build_routes(cp: ControlPlane) -> TableApp:
     @route("POST", "/v1/workers/{worker_id}/claim", "worker", body=Claim, websocket=True)
     async def claim(worker_id: str, b: Claim) -> dict[str, Any]:
         """Record finished inputs, then claim up to ``max`` inputs, long-polling up to ``wait`` seconds."""
-        if b.outputs:
-            await short(cp.post_outputs, worker_id, _output_items(b.outputs), rows=len(b.outputs))
+        outputs = _output_items(b.outputs)
         fid, state = cp.workers.worker_function(worker_id)
         if state in GONE:
+            if outputs:
+                await worker_op(WorkerOp(worker_id, outputs), len(outputs))
             return {"inputs": [], "drain": True}
         max_n = max(1, min(b.max, MAX_CLAIM))
         key = f"inputs:{fid}"
@@ -492,8 +501,11 @@ def build_routes(cp: ControlPlane) -> TableApp:
             look = cp.claim_may_find(fid)
             while not dev.is_set():
                 ev.clear()
-                if look:
-                    rows = await short(cp.claim, worker_id, fid, max_n, rows=max_n)
+                if look or outputs:
+                    # the outputs it carries and the claim in one write
+                    op = WorkerOp(worker_id, outputs, (fid, max_n) if look else None)
+                    outputs = []
+                    rows = (await worker_op(op, max_n + len(op.outputs))).claimed
                 remaining = deadline - time.monotonic()
                 if rows or remaining <= 0 or dev.is_set() or cp.hub.closing:
                     break
@@ -537,14 +549,13 @@ def build_routes(cp: ControlPlane) -> TableApp:
 
     @route("POST", "/v1/workers/{worker_id}/outputs", "worker", body=OutputsPost)
     async def post_outputs(worker_id: str, b: OutputsPost) -> Any:
-        await short(cp.post_outputs, worker_id, _output_items(b.outputs), rows=len(b.outputs))
+        await worker_op(WorkerOp(worker_id, _output_items(b.outputs)), len(b.outputs))
         return {}
 
     @route("POST", "/v1/workers/{worker_id}/heartbeat", "worker", body=Heartbeat)
     async def heartbeat(worker_id: str, b: Heartbeat) -> Any:
-        return await run(
-            lambda: cp.workers.heartbeat(worker_id, b.in_flight, b.idle, b.held, b.served, b.busy_s)
-        )
+        op = WorkerOp(worker_id, beat=(b.in_flight, b.idle, b.held, b.served, b.busy_s))
+        return (await worker_op(op, 1 + len(b.held))).beat
 
     @route("POST", "/v1/workers/{worker_id}/logs", "worker", body=LogsPost)
     async def worker_logs(worker_id: str, b: LogsPost) -> Any:

@@ -177,6 +177,7 @@ class ServerHandle:
 
     def _close(self) -> None:
         self.sock.close()
+        self.cp.commits.close()
         self.cp.db.dispose()
 
 

@@ -64,6 +64,19 @@ class HotStatements(Protocol):
 
     def requeue(self, input_id: int, attempt: int, available_at: float) -> None: ...
 
+    def claim_slots(
+        self, function_id: str, now: float, lease_expires: float, slots: Sequence[str]
+    ) -> list[tuple[Any, ...]]:
+        """Claim up to ``len(slots)`` of the function's claimable inputs, oldest first, the k-th for worker
+        ``slots[k]``: ``(id, call_id, idx, method, args, args_blob, attempts, worker_id)`` of each."""
+
+    def beat_workers(self, beats: Sequence[tuple[str, int, bool]], now: float) -> list[tuple[str, str, str]]:
+        """Heartbeats ``(worker id, in flight, idle)``: last heartbeat, in flight and idle since (kept from
+        the first idle heartbeat of a run of them) of each; ``(id, state, function_id)`` of those found."""
+
+    def renew_leases(self, held: Sequence[tuple[int, str]], lease_expires: float) -> int:
+        """Extend the leases of ``(input id, worker id)``: only inputs claimed by that worker."""
+
 
 class SqliteHot:
     """:class:`HotStatements` as plain SQL on a sqlite3 cursor inside ``BEGIN IMMEDIATE``."""
@@ -139,6 +152,46 @@ class SqliteHot:
 
     def requeue(self, input_id: int, attempt: int, available_at: float) -> None:
         self.cur.execute(self._REQUEUE, (attempt, available_at, input_id))
+
+    _CLAIMABLE = (
+        f"SELECT id FROM input WHERE function_id = ? AND state = {InputState.PENDING:d} AND available_at <= ? "
+        "ORDER BY id LIMIT ?"
+    )
+    _CLAIM_ONE = (
+        f"UPDATE input SET state = {InputState.CLAIMED:d}, worker_id = ?, lease_expires = ? WHERE id = ? "
+        "RETURNING id, call_id, idx, method, args, args_blob, attempts, worker_id"
+    )
+
+    def claim_slots(
+        self, function_id: str, now: float, lease_expires: float, slots: Sequence[str]
+    ) -> list[tuple[Any, ...]]:
+        ids = [r[0] for r in self.cur.execute(self._CLAIMABLE, (function_id, now, len(slots))).fetchall()]
+        return [
+            self.cur.execute(self._CLAIM_ONE, (wid, lease_expires, iid)).fetchone()
+            for iid, wid in zip(ids, slots, strict=False)
+        ]
+
+    _BEAT = (
+        "UPDATE worker SET last_heartbeat = ?, in_flight = ?, "
+        "idle_since = CASE WHEN ? THEN coalesce(idle_since, ?) ELSE NULL END WHERE id = ? "
+        "RETURNING id, state, function_id"
+    )
+
+    def beat_workers(self, beats: Sequence[tuple[str, int, bool]], now: float) -> list[tuple[str, str, str]]:
+        out = []
+        for wid, n, idle in beats:
+            got = self.cur.execute(self._BEAT, (now, n, idle, now, wid)).fetchone()
+            if got is not None:
+                out.append((got[0], got[1], got[2]))
+        return out
+
+    _RENEW = f"UPDATE input SET lease_expires = ? WHERE id = ? AND worker_id = ? AND state = {InputState.CLAIMED:d}"
+
+    def renew_leases(self, held: Sequence[tuple[int, str]], lease_expires: float) -> int:
+        if not held:
+            return 0
+        self.cur.executemany(self._RENEW, [(lease_expires, iid, wid) for iid, wid in held])
+        return self.cur.rowcount
 
 
 class SqliteHotConnection:

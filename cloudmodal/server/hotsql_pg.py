@@ -22,6 +22,7 @@ I = models.inputs  # noqa: E741
 O = models.outputs  # noqa: E741
 C = models.calls
 F = models.functions
+W = models.workers
 
 
 def _arrays_insert(table: Any, columns: Sequence[str], conflict: str, returning: str) -> str:
@@ -70,6 +71,26 @@ class CoreHot:
         f'UPDATE "{I.name}" SET state = {int(InputState.DONE)}, args = NULL WHERE id = ANY(%s::bigint[])'
     )
     raw_advisory = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+    # the k-th claimable input (oldest first; rows another transaction holds are skipped) for the k-th slot
+    raw_claim_slots = (
+        f'WITH picked AS (SELECT id, row_number() OVER (ORDER BY id) AS k FROM (SELECT id FROM "{I.name}" '
+        f"WHERE function_id = %(fid)s AND state = {int(InputState.PENDING)} AND available_at <= %(now)s "
+        "ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED) AS s) "
+        f'UPDATE "{I.name}" AS i SET state = {int(InputState.CLAIMED)}, worker_id = (%(slots)s::text[])[p.k], '
+        "lease_expires = %(lease)s FROM picked AS p WHERE i.id = p.id "
+        "RETURNING i.id, i.call_id, i.idx, i.method, i.args, i.args_blob, i.attempts, i.worker_id"
+    )
+    raw_beat_workers = (
+        f'UPDATE "{W.name}" AS w SET last_heartbeat = %(now)s, in_flight = b.n, '
+        "idle_since = CASE WHEN b.idle THEN coalesce(w.idle_since, %(now)s) ELSE NULL END "
+        "FROM unnest(%(wids)s::text[], %(ns)s::int[], %(idles)s::bool[]) AS b(id, n, idle) WHERE w.id = b.id "
+        "RETURNING w.id, w.state, w.function_id"
+    )
+    raw_renew = (
+        f'UPDATE "{I.name}" AS i SET lease_expires = %(lease)s '
+        "FROM unnest(%(ids)s::bigint[], %(wids)s::text[]) AS h(id, wid) "
+        f"WHERE i.id = h.id AND i.worker_id = h.wid AND i.state = {int(InputState.CLAIMED)}"
+    )
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
@@ -128,3 +149,36 @@ class CoreHot:
 
     def requeue(self, input_id: int, attempt: int, available_at: float) -> None:
         self.conn.execute(self.sql_requeue, {"iid": input_id, "attempt": attempt, "at": available_at})
+
+    def claim_slots(
+        self, function_id: str, now: float, lease_expires: float, slots: Sequence[str]
+    ) -> list[tuple[Any, ...]]:
+        if not slots:
+            return []
+        cur = self._raw()
+        params = {"fid": function_id, "now": float(now), "n": len(slots), "slots": list(slots)}
+        cur.execute(self.raw_claim_slots, params | {"lease": float(lease_expires)})
+        return [tuple(r) for r in cur.fetchall()]
+
+    def beat_workers(self, beats: Sequence[tuple[str, int, bool]], now: float) -> list[tuple[str, str, str]]:
+        if not beats:
+            return []
+        cur = self._raw()
+        cur.execute(
+            self.raw_beat_workers,
+            {
+                "now": float(now),
+                "wids": [b[0] for b in beats],
+                "ns": [int(b[1]) for b in beats],
+                "idles": [bool(b[2]) for b in beats],
+            },
+        )
+        return [(r[0], r[1], r[2]) for r in cur.fetchall()]
+
+    def renew_leases(self, held: Sequence[tuple[int, str]], lease_expires: float) -> int:
+        if not held:
+            return 0
+        cur = self._raw()
+        params = {"lease": float(lease_expires), "ids": [h[0] for h in held], "wids": [h[1] for h in held]}
+        cur.execute(self.raw_renew, params)
+        return cur.rowcount

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ARRAY, Integer, and_, any_, bindparam, func, select, text, update
+from sqlalchemy import and_, bindparam, func, select, text, update
 
 from cloudmodal.server import models
 from cloudmodal.server.db import Database
@@ -233,86 +233,104 @@ class InputQueue:
             out.setdefault(fid, [0, 0])[state] += n
         return {k: (v[0], v[1]) for k, v in out.items()}
 
-    def renew(self, worker_id: str, held: Sequence[int], lease_s: float, now: float | None = None) -> int:
-        """Extend the leases of the inputs the worker says it holds. Inputs claimed for it that it does not
-        hold (the claim's reply was lost, e.g. in a control-plane restart) are left to expire and requeue."""
-        now = time.time() if now is None else now
-        if not held:
-            return 0
-        ids = list(held)
-        # PostgreSQL: the ids as one array, not an expanded IN list whose text changes with its length
-        held_ids = (
-            I.c.id.in_(ids) if self.db.is_sqlite else I.c.id == any_(bindparam("ids", ids, ARRAY(Integer)))
-        )
-        with self.db.write() as conn:
-            return conn.execute(
-                update(I)
-                .where(and_(I.c.worker_id == worker_id, I.c.state == InputState.CLAIMED, held_ids))
-                .values(lease_expires=now + lease_s)
-            ).rowcount
-
     def complete_rows(
         self, worker_id: str | None, items: Sequence[OutputItem], now: float | None = None
     ) -> tuple[set[str], dict[str, list[list[Any]]], dict[str, float]]:
-        """Record outputs of inputs ``worker_id`` holds (None: the control plane's own, for any input);
-        failures with retries left are requeued with backoff. Returns the touched call ids
-        and the output rows written, per call, in the form :meth:`fetch_outputs` reads them (``[id, idx,
-        gen_index, status, data, data_blob]``), so waiting callers can be answered without reading them back;
-        and, per function, when the first input requeued for a retry becomes claimable."""
+        """Record outputs of inputs ``worker_id`` holds (None: the control plane's own, for any input) in a
+        transaction of their own: :meth:`complete_in`."""
+        if not items:
+            return set(), {}, {}
+        with self.db.hot() as hot:
+            return self.complete_in(hot, [(worker_id, it) for it in items], now)
+
+    def complete_in(
+        self,
+        hot: HotStatements,
+        items: Sequence[tuple[str | None, OutputItem]],
+        now: float | None = None,
+    ) -> tuple[set[str], dict[str, list[list[Any]]], dict[str, float]]:
+        """Record ``(worker id, output)`` pairs in ``hot``'s transaction, each for an input that worker holds
+        (worker None: the control plane's own, for any input); failures with retries left are requeued with
+        backoff. Returns the touched call ids and the output rows written, per call, in the form
+        :meth:`fetch_outputs` reads them (``[id, idx, gen_index, status, data, data_blob]``), so waiting
+        callers can be answered without reading them back; and, per function, when the first input requeued
+        for a retry becomes claimable."""
         if not items:
             return set(), {}, {}
         now = time.time() if now is None else now
-        ids = list({it.input_id for it in items})
+        ids = list({it.input_id for _, it in items})
         written: dict[str, list[list[Any]]] = {}
-        with self.db.hot() as hot:
-            meta = {r[0]: r for r in hot.input_meta(ids)}
-            out_rows: list[dict[str, Any]] = []
-            done_ids: list[int] = []
-            requeue: list[tuple[int, int, float]] = []
-            for it in items:
-                m = meta.get(it.input_id)
-                if m is None or m[5] == InputState.DONE:
-                    continue  # unknown, or already answered (a duplicate delivery)
-                if worker_id is not None and (m[6] != worker_id or m[5] != InputState.CLAIMED):
-                    # only the worker holding the input answers it: a worker whose lease was taken over
-                    # finished too late, and any other worker's answer is a forgery
+        meta = {r[0]: r for r in hot.input_meta(ids)}
+        out_rows: list[dict[str, Any]] = []
+        done_ids: list[int] = []
+        requeue: list[tuple[int, int, float]] = []
+        for worker_id, it in items:
+            m = meta.get(it.input_id)
+            if m is None or m[5] == InputState.DONE:
+                continue  # unknown, or already answered (a duplicate delivery)
+            if worker_id is not None and (m[6] != worker_id or m[5] != InputState.CLAIMED):
+                # only the worker holding the input answers it: a worker whose lease was taken over
+                # finished too late, and any other worker's answer is a forgery
+                continue
+            if it.status in RETRYABLE and it.retryable:
+                policy = self.policy_for(m[3])
+                if policy.retries is not None and m[4] < policy.retries.max_retries:
+                    attempt = m[4] + 1
+                    requeue.append((it.input_id, attempt, now + policy.retries.delay_for(attempt)))
                     continue
-                if it.status in RETRYABLE and it.retryable:
-                    policy = self.policy_for(m[3])
-                    if policy.retries is not None and m[4] < policy.retries.max_retries:
-                        attempt = m[4] + 1
-                        requeue.append((it.input_id, attempt, now + policy.retries.delay_for(attempt)))
-                        continue
-                out_rows.append(
-                    {
-                        "input_id": it.input_id,
-                        "call_id": m[1],
-                        "idx": m[2],
-                        "gen_index": it.gen_index,
-                        "status": it.status,
-                        "data": it.data,
-                        "data_blob": it.data_blob,
-                        "created_at": now,
-                    }
+            out_rows.append(
+                {
+                    "input_id": it.input_id,
+                    "call_id": m[1],
+                    "idx": m[2],
+                    "gen_index": it.gen_index,
+                    "status": it.status,
+                    "data": it.data,
+                    "data_blob": it.data_blob,
+                    "created_at": now,
+                }
+            )
+            if it.gen_index < 0:
+                done_ids.append(it.input_id)
+        if out_rows:
+            by_key = {(r["input_id"], r["gen_index"]): r for r in out_rows}
+            for oid, input_id, gen_index in hot.insert_outputs(out_rows):
+                r = by_key[(input_id, gen_index)]
+                written.setdefault(r["call_id"], []).append(
+                    [oid, r["idx"], gen_index, r["status"], r["data"], r["data_blob"]]
                 )
-                if it.gen_index < 0:
-                    done_ids.append(it.input_id)
-            if out_rows:
-                by_key = {(r["input_id"], r["gen_index"]): r for r in out_rows}
-                for oid, input_id, gen_index in hot.insert_outputs(out_rows):
-                    r = by_key[(input_id, gen_index)]
-                    written.setdefault(r["call_id"], []).append(
-                        [oid, r["idx"], gen_index, r["status"], r["data"], r["data_blob"]]
-                    )
-            if done_ids:
-                hot.inputs_done(done_ids)
-            for input_id, attempt, available_at in requeue:
-                hot.requeue(input_id, attempt, available_at)
+        if done_ids:
+            hot.inputs_done(done_ids)
         retry_at: dict[str, float] = {}  # function id -> when its first requeued input becomes claimable
-        for input_id, _attempt, available_at in requeue:
+        for input_id, attempt, available_at in requeue:
+            hot.requeue(input_id, attempt, available_at)
             fid = meta[input_id][3]
             retry_at[fid] = min(available_at, retry_at.get(fid, available_at))
         return {meta[i][1] for i in ids if i in meta}, written, retry_at
+
+    def claim_in(
+        self,
+        hot: HotStatements,
+        function_id: str,
+        takers: Sequence[tuple[str, int]],
+        lease_s: float,
+        now: float | None = None,
+    ) -> list[list[ClaimedInput]]:
+        """Claims of several workers ``(worker id, up to n)`` on one function in ``hot``'s transaction, served
+        oldest input first in ``takers``' order: each taker's inputs."""
+        now = time.time() if now is None else now
+        slots = [wid for wid, n in takers for _ in range(max(int(n), 1))]
+        got: dict[str, list[ClaimedInput]] = {}
+        for r in hot.claim_slots(function_id, now, now + lease_s, slots):
+            got.setdefault(r[7], []).append(ClaimedInput(r[0], r[1], r[2], r[3], r[4], r[5], r[6]))
+        for rows in got.values():
+            rows.sort(key=lambda c: c.input_id, reverse=True)
+        out = []
+        for wid, n in takers:
+            # a worker named twice gets its inputs in order, each claim up to its own n
+            rows = got.get(wid, [])
+            out.append([rows.pop() for _ in range(min(max(int(n), 1), len(rows)))])
+        return out
 
     def release_worker(
         self,

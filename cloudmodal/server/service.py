@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from cloudmodal.server.auth import TokenStore
 from cloudmodal.server.blobs import BlobStore
 from cloudmodal.server.db import Database
+from cloudmodal.server.group_commit import GroupCommit
 from cloudmodal.server.hotsql import HotStatements
 from cloudmodal.server.hub import Hub
 from cloudmodal.server.queue import DEFAULT_CRASH_BUDGET, ClaimedInput, InputQueue, OutputItem
@@ -28,7 +30,17 @@ from cloudmodal.server.svc_calls import Calls
 from cloudmodal.server.svc_functions import Functions
 from cloudmodal.server.svc_workers import LIVE_WORKER_STATES, Workers
 
-__all__ = ["LIVE_WORKER_STATES", "ControlPlane", "OutputMailbox", "ParkedClaim", "Settings"]
+__all__ = [
+    "LIVE_WORKER_STATES",
+    "ControlPlane",
+    "OutputMailbox",
+    "ParkedClaim",
+    "Settings",
+    "WorkerOp",
+    "WorkerOpResult",
+]
+
+log = logging.getLogger("cloudmodal.server")
 
 
 @dataclass
@@ -62,6 +74,24 @@ class Settings:
 
 def _now() -> float:
     return time.time()
+
+
+@dataclass(slots=True)
+class WorkerOp:
+    """One worker request on an input's path: outputs to record, then (optionally) a claim of up to ``n``
+    inputs of a function, and (optionally) a heartbeat ``(in flight, idle, input ids held, inputs served,
+    seconds they ran)``."""
+
+    worker_id: str
+    outputs: list[OutputItem] = field(default_factory=list)
+    claim: tuple[str, int] | None = None
+    beat: tuple[int, bool, list[int], int, float] | None = None
+
+
+@dataclass(slots=True)
+class WorkerOpResult:
+    claimed: list[ClaimedInput]
+    beat: dict[str, Any] | None = None  # the heartbeat's answer
 
 
 # How often the claims parked on a function re-read the database for inputs nobody announced here (another
@@ -202,8 +232,11 @@ class ControlPlane:
         self._mailboxes: dict[str, list[OutputMailbox]] = {}  # call id -> waiting callers
         self._prices: dict[str, float] = {}  # worker id -> price per hour (which parked worker gets inputs)
         self._floors: dict[str, frozenset[str]] = {}  # function id -> its on-demand floor's workers
-        self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found nothing
+        self._claimed_empty: dict[str, float] = {}  # function id -> when a claim last found too few
+        self._arrived: dict[str, float] = {}  # function id -> when inputs were last announced
         self._rereading: set[str] = set()  # functions whose periodic re-read timer is armed (see park)
+        # workers' requests written together (PostgreSQL; see worker_ops)
+        self.commits: GroupCommit[WorkerOp, WorkerOpResult] = GroupCommit(self.worker_ops)
         # statistics (tests count them): claims that read the database, and claims parked
         self.claim_reads = 0
         self.claim_parks = 0
@@ -288,22 +321,65 @@ class ControlPlane:
 
     def inputs_pending(self, function_id: str) -> None:
         """Inputs of the function may be waiting in the database: long-polling workers claim at once."""
-        self._claimed_empty.pop(function_id, None)
+        self._arrived[function_id] = _now()
         self.hub.notify(f"inputs:{function_id}")
 
-    def claim(self, worker_id: str, function_id: str, max_n: int) -> list[Any]:
-        self.claim_reads += 1  # unlocked: a statistic
-        rows = self.queue.claim(function_id, worker_id, max_n, self.settings.lease_s)
-        if len(rows) < max_n:
-            self._claimed_empty[function_id] = _now()
-        return rows
+    def claim(self, worker_id: str, function_id: str, max_n: int) -> list[ClaimedInput]:
+        """Up to ``max_n`` of the function's claimable inputs for the worker."""
+        return self.worker_ops([WorkerOp(worker_id, claim=(function_id, max_n))])[0].claimed
+
+    def worker_ops(self, ops: Sequence[WorkerOp]) -> list[WorkerOpResult]:
+        """Workers' requests in one transaction: every op's outputs first, then the claims (one statement
+        per function), then the heartbeats (one statement for all); then what follows a commit (outputs
+        handed to waiting callers, empty functions marked, heartbeats answered). Raises only when nothing was
+        committed. On PostgreSQL the server sends concurrent requests through :attr:`commits`, which batches
+        them (:mod:`.group_commit`); on SQLite each is a batch of one."""
+        now = _now()  # before the transaction: an arrival announced after it is newer (see claim_may_find)
+        outputs = [(op.worker_id, it) for op in ops for it in op.outputs]
+        # function id -> its claims: (op index, worker id, up to n)
+        claims: dict[str, list[tuple[int, str, int]]] = {}
+        beats: list[tuple[int, str, tuple[int, bool, list[int], int, float]]] = []
+        for i, op in enumerate(ops):
+            if op.claim is not None:
+                claims.setdefault(op.claim[0], []).append((i, op.worker_id, max(1, op.claim[1])))
+            if op.beat is not None:
+                beats.append((i, op.worker_id, op.beat))
+        claimed: list[list[ClaimedInput]] = [[] for _ in ops]
+        found: list[tuple[str, str] | None] = []
+        with self.db.hot() as hot:
+            call_ids, written, retry_at = self.queue.complete_in(hot, outputs, now)
+            for fid, takers in claims.items():
+                got = self.queue.claim_in(
+                    hot, fid, [(w, n) for _, w, n in takers], self.settings.lease_s, now
+                )
+                for (i, _, _), rows in zip(takers, got, strict=True):
+                    claimed[i] = rows
+            if beats:
+                found = self.workers.beat_in(hot, [(w, b[0], b[1], b[2]) for _, w, b in beats], now)
+        # committed: what follows must not raise (the batch is not written again)
+        results = [WorkerOpResult(rows) for rows in claimed]
+        try:
+            self.claim_reads += sum(len(t) for t in claims.values())  # unlocked: a statistic
+            for fid, takers in claims.items():
+                if sum(len(claimed[i]) for i, _, _ in takers) < sum(n for _, _, n in takers):
+                    self._claimed_empty[fid] = now
+                else:
+                    self._claimed_empty.pop(fid, None)  # served in full: there may be more
+            if outputs:
+                self._after_outputs(call_ids, written, retry_at)
+            for (i, w, b), row in zip(beats, found, strict=True):
+                results[i].beat = self.workers.beat_answer(w, row, b[3], b[4])
+        except Exception:
+            log.exception("after committing workers' requests")
+        return results
 
     def claim_may_find(self, function_id: str, within_s: float = 0.5) -> bool:
         """False when a claim found nothing moments ago and no input arrived since: a worker can park at
         once without an empty claim transaction. Inputs made pending by paths that do not say so (another
         control-plane process, a retry's backoff ending) are found by the parked claim's periodic re-read."""
         t = self._claimed_empty.get(function_id)
-        return t is None or _now() - t > within_s
+        # the mark is when the empty claim's transaction began: inputs announced since may be there
+        return t is None or t <= self._arrived.get(function_id, 0.0) or _now() - t > within_s
 
     def park(self, pc: ParkedClaim) -> None:
         """Park a claim until inputs are handed to it or its waiter is woken. While any claim is parked on
@@ -376,7 +452,11 @@ class ControlPlane:
 
     def post_outputs(self, worker_id: str, items: list[OutputItem]) -> None:
         """A worker's outputs: recorded, handed to the callers waiting in a mailbox, announced to the rest."""
-        call_ids, written, retry_at = self.queue.complete_rows(worker_id, items)
+        self.worker_ops([WorkerOp(worker_id, outputs=items)])
+
+    def _after_outputs(
+        self, call_ids: set[str], written: dict[str, list[list[Any]]], retry_at: dict[str, float]
+    ) -> None:
         self._deliver(written)
         self.hub.notify(*[f"outputs:{c}" for c in call_ids])
         if retry_at:

@@ -6,37 +6,22 @@ when its workers cannot even start."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy import and_, select, update
 
 from cloudmodal.exception import NotFoundError
 from cloudmodal.server import models
 from cloudmodal.server.states import WorkerState
 
 if TYPE_CHECKING:
+    from cloudmodal.server.hotsql import HotStatements
     from cloudmodal.server.service import ControlPlane
 
 W = models.workers
 
 LIVE_WORKER_STATES = (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING)
-
-
-def _beat(idle: bool) -> Any:
-    """A heartbeat in one statement: idle since the first idle heartbeat of a run of them, else not idle."""
-    return (
-        update(W)
-        .where(W.c.id == bindparam("wid"))
-        .values(
-            last_heartbeat=bindparam("now"),
-            in_flight=bindparam("n"),
-            idle_since=func.coalesce(W.c.idle_since, bindparam("now")) if idle else None,
-        )
-        .returning(W.c.state, W.c.function_id)
-    )
-
-
-_BEAT_IDLE, _BEAT_BUSY = _beat(True), _beat(False)
 
 
 class Workers:
@@ -143,18 +128,34 @@ class Workers:
         served: int = 0,
         busy_s: float = 0.0,
     ) -> dict[str, Any]:
-        """Record a worker's heartbeat and renew the leases of the inputs it holds; answers whether it should
-        drain, and which of its inputs to interrupt."""
-        now = time.time()
-        with self.cp.db.write() as conn:
-            row = conn.execute(
-                _BEAT_IDLE if idle else _BEAT_BUSY, {"wid": worker_id, "now": now, "n": in_flight}
-            ).first()
+        """Record a worker's heartbeat and renew the leases of the inputs it holds, in a transaction of its
+        own; answers whether it should drain, and which of its inputs to interrupt."""
+        with self.cp.db.hot() as hot:
+            (row,) = self.beat_in(hot, [(worker_id, in_flight, idle, held or [])], time.time())
+        return self.beat_answer(worker_id, row, served, busy_s)
+
+    def beat_in(
+        self, hot: HotStatements, beats: Sequence[tuple[str, int, bool, Sequence[int]]], now: float
+    ) -> list[tuple[str, str] | None]:
+        """Heartbeats ``(worker id, in flight, idle, input ids held)`` in ``hot``'s transaction: each worker's
+        (state, function id), None for a worker not found. The leases of the inputs each found worker says
+        it holds are renewed; inputs claimed for it that it does not hold (the claim's reply was lost, e.g. in
+        a control-plane restart) are left to expire and requeue."""
+        found = {r[0]: (r[1], r[2]) for r in hot.beat_workers([(b[0], b[1], b[2]) for b in beats], now)}
+        hot.renew_leases(
+            [(iid, b[0]) for b in beats if b[0] in found for iid in b[3]], now + self.cp.settings.lease_s
+        )
+        return [found.get(b[0]) for b in beats]
+
+    def beat_answer(
+        self, worker_id: str, row: tuple[str, str] | None, served: int, busy_s: float
+    ) -> dict[str, Any]:
+        """A recorded heartbeat's answer: drain (the worker is draining, stopped or unknown) and the inputs
+        to interrupt; what it served feeds the function's service-time estimate."""
         if row is None:
             return {"drain": True, "cancel": []}
         if served > 0:
             self.record_service(row[1], served, busy_s)
-        self.cp.queue.renew(worker_id, held or [], self.cp.settings.lease_s, now)
         with self._lock:
             cancel = sorted(self._cancel_requests.pop(worker_id, set()))
         return {"drain": row[0] in (WorkerState.DRAINING, WorkerState.STOPPED), "cancel": cancel}
