@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -16,6 +17,7 @@ INLINE_LIMIT = 2 * 1024 * 1024  # larger arguments go to the blob store
 MAP_WINDOW = 50_000  # inputs in flight per map: the client's memory stays flat however long the map is
 MAP_BATCH_MAX = 2000
 MAP_BATCH_BYTES = 8 * 1024 * 1024
+MAP_LINGER_S = 0.005  # how long a map's input batch waits for more inputs once none is ready
 LONG_POLL_S = 50.0
 
 
@@ -229,6 +231,84 @@ class _FeedState:
         self.abort = False
 
 
+class _Ready:
+    """A map's inputs, pickled by its producer thread and waiting to be sent: at most one batch's worth
+    (``MAP_BATCH_MAX`` inputs or ``MAP_BATCH_BYTES``) ahead of the sender, so the client's memory stays flat."""
+
+    def __init__(self, state: _FeedState) -> None:
+        self.state = state
+        self.cond = threading.Condition()
+        self.items: collections.deque[tuple[list[Any], int]] = collections.deque()
+        self.bytes = 0
+        self.ended = False
+        self.count = 0  # inputs produced
+        self.error: BaseException | None = None
+
+    def put(self, item: list[Any], size: int) -> bool:
+        """False once the map was abandoned."""
+        with self.cond:
+            while (
+                len(self.items) >= MAP_BATCH_MAX or self.bytes >= MAP_BATCH_BYTES
+            ) and not self.state.abort:
+                self.cond.wait(0.5)
+            if self.state.abort:
+                return False
+            self.items.append((item, size))
+            self.bytes += size
+            self.count += 1
+            self.cond.notify_all()
+            return True
+
+    def end(self, error: BaseException | None = None) -> None:
+        with self.cond:
+            self.ended = True
+            self.error = error
+            self.cond.notify_all()
+
+    def take(self, limit: int) -> tuple[list[list[Any]], bool]:
+        """The next batch: waits for a first input, then up to ``MAP_LINGER_S`` for more until ``limit``
+        inputs or ``MAP_BATCH_BYTES`` are ready. Also whether the producer is done (nothing more will come)."""
+        with self.cond:
+            while not self.items and not self.ended and not self.state.abort:
+                self.cond.wait(0.5)
+            deadline = time.monotonic() + MAP_LINGER_S
+            while len(self.items) < limit and self.bytes < MAP_BATCH_BYTES and not self.ended:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.state.abort:
+                    break
+                self.cond.wait(remaining)
+            batch: list[list[Any]] = []
+            size = 0
+            while self.items and len(batch) < limit and (not batch or size < MAP_BATCH_BYTES):
+                item, n = self.items.popleft()
+                batch.append(item)
+                size += n
+            self.bytes -= size
+            self.cond.notify_all()
+            return batch, self.ended and not self.items
+
+
+def _produce(
+    session: Any,
+    method: str | None,
+    arg_tuples: Iterable[tuple[Any, ...]],
+    kwargs: dict[str, Any],
+    ready: _Ready,
+) -> None:
+    """Iterate a map's arguments and pickle them (in a thread of their own: a slow producer never holds back
+    inputs that are ready to go)."""
+    try:
+        size_limit = payload_limit()
+        for idx, args in enumerate(arg_tuples):
+            payload, blob = encode_input(session, tuple(args), kwargs, size_limit)
+            if not ready.put([idx, method, payload, blob], len(payload) if payload else 64):
+                break
+    except BaseException as e:  # surfaces in the consumer
+        ready.end(e)
+    else:
+        ready.end()
+
+
 def _feed(
     session: Any,
     call_id: str,
@@ -238,19 +318,20 @@ def _feed(
     kwargs: dict[str, Any],
     state: _FeedState,
 ) -> None:
-    batch: list[list[Any]] = []
-    batch_bytes = 0
+    """Send a map's inputs in batches: a batch goes once it is full (64 inputs at first, then twice as many
+    each time up to ``MAP_BATCH_MAX``, or ``MAP_BATCH_BYTES``) or once no more input has come for
+    ``MAP_LINGER_S``. A slow producer's inputs are sent as they come instead of waiting for a batch to fill;
+    a fast producer's pile up while a batch is in flight and go in the next one."""
+    ready = _Ready(state)
+    producer = threading.Thread(
+        target=_produce, args=(session, method, arg_tuples, kwargs, ready), name="map-producer", daemon=True
+    )
+    producer.start()
     batch_limit = 64  # small first batch: workers start on it while the rest is pickled
-    idx = -1
     try:
-        size_limit = payload_limit()
-        for idx, args in enumerate(arg_tuples):
-            if state.abort:
-                return
-            payload, blob = encode_input(session, tuple(args), kwargs, size_limit)
-            batch.append([idx, method, payload, blob])
-            batch_bytes += len(payload) if payload else 64
-            if len(batch) >= batch_limit or batch_bytes >= MAP_BATCH_BYTES:
+        while not state.abort:
+            batch, done = ready.take(batch_limit)
+            if batch:
                 if state.window is not None:
                     with state.cond:
                         while state.sent - state.received >= state.window and not state.abort:
@@ -259,15 +340,14 @@ def _feed(
                     f"/v1/calls/{call_id}/inputs", {"function_id": function_id, "inputs": batch}
                 )
                 state.sent += len(batch)
-                batch, batch_bytes = [], 0
                 batch_limit = min(batch_limit * 2, MAP_BATCH_MAX)
-        if batch:
-            session.transport.post(
-                f"/v1/calls/{call_id}/inputs", {"function_id": function_id, "inputs": batch}
-            )
-            state.sent += len(batch)
-        state.total = idx + 1
+            if done:
+                if ready.error is not None:
+                    raise ready.error
+                state.total = ready.count
+                return
     except BaseException as e:  # surfaces in the consumer
+        state.abort = True  # the producer stops too
         state.error = e
 
 

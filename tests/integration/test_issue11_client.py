@@ -95,3 +95,40 @@ def test_deploying_registers_module_level_variants(control_plane: None) -> None:
 def test_a_class_variant_made_while_the_app_runs(cls_app: Any) -> None:
     made_now = cls_app.Scaler.with_options(env={"MODE": "now"})
     assert made_now(factor=1).scale.remote(4) == ("now", 4)
+
+
+def test_a_slow_producers_inputs_are_sent_as_they_come(running) -> None:
+    """A map over a producer slower than the cluster: each input is sent once no more is ready, not when a
+    batch of them has filled. This producer yields its second input only after the first result is back, so
+    a client that waits to fill a batch never gets there."""
+    first_back = threading.Event()
+
+    def producer() -> Iterator[int]:
+        yield 3
+        first_back.wait(25)
+        yield 4
+
+    def go() -> None:
+        got = []
+        for r in m.mode.map(producer()):
+            got.append(r)
+            first_back.set()
+        assert got == [("base", 9), ("base", 16)]
+        assert first_back.is_set()
+
+    _within(20, go)
+
+
+def test_a_producers_error_reaches_the_caller_and_stops_the_map(running) -> None:
+    """The producer runs in a thread of its own: its exception still surfaces in the caller's loop."""
+
+    def producer() -> Iterator[int]:
+        yield from range(100)
+        raise LookupError("producer broke after 100")
+
+    def go() -> None:
+        with pytest.raises(LookupError, match="producer broke after 100"):
+            for _ in m.mode.map(producer()):
+                pass
+
+    _within(30, go)
