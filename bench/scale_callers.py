@@ -5,7 +5,8 @@ reader long-polling ``POST /v1/calls/{id}/outputs`` and unpickling each result i
 
 The only addition is a recording ``Transport`` that time-stamps each input batch's ``POST`` (``time.monotonic()``
 when it is sent and when it is answered) with the indexes it carried. ``--rate`` paces the map's argument
-iterator (inputs per second), as a producer slower than the cluster would; without it the map runs flat out.
+iterator (inputs per second), as a producer slower than the cluster would, and records when each input was
+produced; without it the map runs flat out.
 Each result must be the input's own argument (the simulated worker echoes it); the count of wrong or missing
 results is reported, never assumed.
 
@@ -59,13 +60,15 @@ class Session:
         raise RuntimeError("scale bench outputs are small: no blobs")
 
 
-def paced(n: int, rate: float | None) -> Iterator[tuple[int]]:
+def paced(n: int, rate: float | None, produced: list[float]) -> Iterator[tuple[int]]:
+    """``range(n)`` as argument tuples, ``rate`` a second at most; when each was produced goes in ``produced``."""
     start = time.monotonic()
     for i in range(n):
         if rate and i % 16 == 0:
             ahead = start + i / rate - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
+        produced.append(time.monotonic())
         yield (i,)
 
 
@@ -84,12 +87,20 @@ def main() -> int:
     sys.stdin.readline()
     wrong = 0
     got = 0
+    produced: list[float] = []
     error = None
     t_start = time.monotonic()
     cpu0 = time.process_time()
     try:
         for i, value in enumerate(
-            run_map(Session(t), a.function_id, None, paced(a.inputs, a.rate or None), {}, order_outputs=True)
+            run_map(
+                Session(t),
+                a.function_id,
+                None,
+                paced(a.inputs, a.rate or None, produced),
+                {},
+                order_outputs=True,
+            )
         ):
             got += 1
             if value != ((i,), {}):
@@ -105,6 +116,7 @@ def main() -> int:
                 {
                     "call_id": t.call_id,
                     "puts": t.puts,
+                    "produced": produced,
                     "got": got,
                     "wrong": wrong,
                     "error": error,
