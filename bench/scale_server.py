@@ -46,6 +46,7 @@ def main() -> int:
     from cloudmodal.ids import new_id
     from cloudmodal.providers.local import LocalProvider
     from cloudmodal.server.app import ServerHandle, default_settings, quiet_logs
+    from cloudmodal.server.gc_tuning import ServerGC
     from cloudmodal.spec import AutoscalerSettings, FunctionSpec
 
     quiet_logs()
@@ -94,6 +95,8 @@ def main() -> int:
     fd = os.open(a.info, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(info, f)
+    # the garbage collector tuned for serving, as `cloudmodal server start` does (ServerHandle.serve_forever)
+    ServerGC().install()
     print("READY", flush=True)
     # uvicorn re-raises the SIGTERM it shut down on once it has: exit through the clean-up below instead
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

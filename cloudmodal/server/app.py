@@ -147,11 +147,18 @@ class ServerHandle:
         return self
 
     def serve_forever(self) -> None:
+        """Serve on this thread until a signal stops the server: this process is the control plane's (``server
+        start``), so its garbage collector is tuned for serving (:mod:`.gc_tuning`)."""
+        from cloudmodal.server.gc_tuning import ServerGC
+
+        gc_tuning = ServerGC()
+        gc_tuning.install()
         self.reconciler.start()
         try:
             self.server.run(sockets=[self.sock])
         finally:
             self.reconciler.stop()
+            gc_tuning.uninstall()
 
     def _serve(self) -> None:
         try:

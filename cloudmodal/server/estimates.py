@@ -35,6 +35,10 @@ class StartupTimes:
     def known(self, function_id: str) -> bool:
         return function_id in self._boots
 
+    def newest(self, function_id: str) -> float:
+        """The latest ready_at taken: workers ready before it are counted already, or too old to count."""
+        return self._newest.get(function_id, -math.inf)
+
     def seed(self, function_id: str, rows: Iterable[tuple[str, float, float | None]]) -> None:
         """Start a function's history from (worker id, started_at, ready_at) rows, oldest first."""
         self._boots.setdefault(function_id, {})
@@ -82,7 +86,10 @@ class Estimates:
                     .limit(times.keep)
                 ).all()
             times.seed(fid, reversed([tuple(r) for r in rows]))
-        for w in sorted((w for w in ws if w.ready_at is not None), key=lambda w: w.ready_at):
+        newest = times.newest(fid)
+        for w in sorted(
+            (w for w in ws if w.ready_at is not None and w.ready_at >= newest), key=lambda w: w.ready_at
+        ):
             times.observe(fid, w.id, w.started_at, w.ready_at)
         return times.estimate(fid)
 

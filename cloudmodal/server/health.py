@@ -54,20 +54,24 @@ class Health(ReconcilerBase):
     def _reap(self, now: float) -> None:
         for wid, (prov, handle) in list(self.handles.items()):
             self._step(f"worker {wid} (reap)", self._reap_one, wid, prov, handle, now)
-        # Workers that went silent (hung, partitioned, or launched by a previous control plane and gone).
+        # Workers that went silent (hung, partitioned, or launched by a previous control plane and gone): only
+        # those whose last heartbeat is older than the timeout are candidates (a draining worker's limit is
+        # later still), so a tick costs nothing per worker that is heartbeating.
         cutoff = now - self.cp.settings.worker_timeout_s
         with self.cp.db.read() as conn:
             rows = conn.execute(
-                select(W.c.id, W.c.state, W.c.last_heartbeat, W.c.pid, W.c.started_at).where(
-                    W.c.state.in_(LIVE_WORKER_STATES)
+                select(W.c.id, W.c.state, W.c.last_heartbeat, W.c.started_at).where(
+                    and_(W.c.state.in_(LIVE_WORKER_STATES), W.c.last_heartbeat < cutoff)
                 )
             ).all()
-        for wid, state, last_hb, _pid, started_at in rows:
+        for wid, state, last_hb, started_at in rows:
             self._step(
                 f"worker {wid} (heartbeat)", self._check_silent, wid, state, last_hb, started_at, now, cutoff
             )
         if self._step_errors:  # forget the failures of workers that are gone
-            known = set(self.handles) | {r[0] for r in rows}
+            with self.cp.db.read() as conn:
+                live = conn.execute(select(W.c.id).where(W.c.state.in_(LIVE_WORKER_STATES))).scalars()
+                known = set(self.handles) | set(live)
             for key in [
                 k for k in self._step_errors if k.startswith("worker ") and k.split()[1] not in known
             ]:

@@ -74,6 +74,27 @@ W = models.workers
 P = models.pools
 
 
+# what a tick reads of each live worker (not its offer, whose JSON would be decoded for every worker every tick)
+TICK_WORKER_COLUMNS = (
+    W.c.id,
+    W.c.app_id,
+    W.c.function_id,
+    W.c.provider,
+    W.c.state,
+    W.c.function_version,
+    W.c.started_at,
+    W.c.ready_at,
+    W.c.idle_since,
+    W.c.in_flight,
+    W.c.market,
+    W.c.price_per_hour,
+)
+# a tick's share of the reconciler thread's time at most: with many workers a tick costs more, and the loop
+# waits longer after it, so the reconciler never takes more than this of the process's one Python core
+# (a cold start's poke still wakes it at once)
+MAX_DUTY = 0.1
+
+
 def _pool_worker(w: Any) -> PoolWorker:
     """A worker row as the scaling rules see it."""
     return PoolWorker(
@@ -128,6 +149,7 @@ class Reconciler(Launcher, Health, Estimates):
         leading: bool | None = None  # unknown until the first try
         try:
             while not self._stop.is_set():
+                busy = 0.0
                 try:
                     if self.leadership.held():
                         if not leading:  # taking over: what a previous leader left is ours to settle now
@@ -139,7 +161,9 @@ class Reconciler(Launcher, Health, Estimates):
                                 "control_plane.leader", f"{self.server_url} reconciles this database"
                             )
                             self._adopt_orphans()
+                        started = time.monotonic()
                         self.tick(self.clock())
+                        busy = time.monotonic() - started
                     elif leading is not False:
                         leading = False
                         log.info(
@@ -150,7 +174,12 @@ class Reconciler(Launcher, Health, Estimates):
                     self._failed("tick", e)
                 else:
                     self._succeeded("tick")
-                self._wake.wait(self.cp.settings.reconcile_interval_s if leading else STANDBY_RETRY_S)
+                if leading:
+                    self._wake.wait(
+                        max(self.cp.settings.reconcile_interval_s, busy * (1 - MAX_DUTY) / MAX_DUTY)
+                    )
+                else:
+                    self._wake.wait(STANDBY_RETRY_S)
                 self._wake.clear()
         finally:
             self.leadership.release()
@@ -234,7 +263,9 @@ class Reconciler(Launcher, Health, Estimates):
                     ).where(F.c.state == FunctionState.ACTIVE)
                 ).all()
             }
-            workers = conn.execute(select(W).where(W.c.state.in_(LIVE_WORKER_STATES))).all()
+            workers = conn.execute(
+                select(*TICK_WORKER_COLUMNS).where(W.c.state.in_(LIVE_WORKER_STATES))
+            ).all()
         by_fn: dict[str, list[Any]] = {}
         for w in workers:
             by_fn.setdefault(w.function_id, []).append(w)
