@@ -23,7 +23,8 @@ Processes (all on this machine):
 Phases: idle (control plane up, no worker connected: the RSS baseline); connected (every worker registered,
 heartbeating and parked on a claim; RSS and the idle CPU cost of the connections); flat out (the callers map
 ``--inputs`` in all as fast as the system takes them: throughput, and latency that includes queueing); paced
-(the same at ``--paced-fraction`` of the flat-out throughput: latency when the system keeps up).
+(the same at each ``--paced-fraction`` of the flat-out throughput, 10 %, 25 % and 50 % by default: latency
+against load when the system keeps up).
 
 Run: ``.venv/bin/python bench/scale.py [--workers 1000] [--callers 4] [--inputs 50000] [--quick]``. PostgreSQL
 is ``$CLOUDMODAL_BENCH_POSTGRES_URL``, else ``$CLOUDMODAL_TEST_POSTGRES_URL``, else
@@ -122,7 +123,7 @@ class Bench:
     inputs: int
     worker_procs: int
     work_ms: float
-    paced_fraction: float
+    paced_fraction: list[float]
     url: str
     tmp: Path
     profile: str | None = None  # the control plane's CPU profile (pstats) is written here
@@ -428,16 +429,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         )
         phases: dict[str, tuple[list[dict[str, Any]], CpuSample, CpuSample]] = {}
         phases["flat out"] = b.run_callers(a.inputs, None, "flat")
-        paced_rate = None
+        offered: dict[str, float] = {}
         res["rss_after_load_kb"] = status_kb(spid, "VmRSS")
-        if a.paced_fraction > 0:
-            # the rate comes from the callers' own view (results per second) to avoid reading the claims now
-            o = phases["flat out"][0]
-            flat_rate = sum(x["got"] for x in o) / (max(x["end"] for x in o) - min(x["start"] for x in o))
-            paced_rate = a.paced_fraction * flat_rate
-            n_paced = max(a.callers, min(a.inputs, int(paced_rate * a.paced_s)))
-            b.say(f"paced: {n_paced} inputs at {paced_rate:.0f}/s ...")
-            phases["paced"] = b.run_callers(n_paced, paced_rate, "paced")
+        # the rates come from the callers' own view (results per second) to avoid reading the claims now
+        o = phases["flat out"][0]
+        flat_rate = sum(x["got"] for x in o) / (max(x["end"] for x in o) - min(x["start"] for x in o))
+        for fraction in a.paced_fraction:
+            name = f"paced {fraction:.0%}"
+            offered[name] = rate = fraction * flat_rate
+            n_paced = max(a.callers, min(a.inputs, int(rate * a.paced_s)))
+            b.say(f"{name}: {n_paced} inputs at {rate:.0f}/s ...")
+            phases[name] = b.run_callers(n_paced, rate, name.replace(" ", "-").replace("%", "pct"))
         res["rss_peak_kb"] = status_kb(spid, "VmHWM")
         claims = b.stop_workers()
         by_call: dict[str, list[tuple[int, float]]] = {}
@@ -457,8 +459,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             # one Python process runs Python code on one core at a time (the GIL): its ceiling on a core of
             # its own, were nothing else (PostgreSQL, the clients) competing for it
             r["cp_ceiling_per_s"] = 1000 / cp_ms if cp_ms > 0 else float("nan")
-            if name == "paced":
-                r["offered_per_s"] = paced_rate
+            if name in offered:
+                r["offered_per_s"] = offered[name]
             res["phases"][name] = r
         res["errors"] = b.log[:20]
     finally:
@@ -543,6 +545,13 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fractions(text: str) -> list[float]:
+    out = [float(x) for x in text.split(",") if x.strip()]
+    if any(not 0 <= x <= 1 for x in out):
+        raise argparse.ArgumentTypeError("each paced fraction is between 0 and 1")
+    return [x for x in out if x > 0]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=1000)
@@ -552,7 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--worker-procs", type=int, default=4)
     p.add_argument("--work-ms", type=float, default=0.0, help="how long each input 'runs' on a worker")
-    p.add_argument("--paced-fraction", type=float, default=0.5, help="0: no paced phase")
+    p.add_argument(
+        "--paced-fraction",
+        type=_fractions,
+        default=[0.1, 0.25, 0.5],
+        help="paced phases, each at this fraction of the flat-out rate (comma-separated; 0: none)",
+    )
     p.add_argument("--paced-s", type=float, default=10.0, help="length of the paced phase")
     p.add_argument(
         "--idle-s", type=float, default=5.0, help="CPU window with every worker connected and idle"

@@ -157,6 +157,21 @@ def _settle_claim(pc: ParkedClaim, rows: list[ClaimedInput]) -> None:
     pc.wake.set()
 
 
+def _settle_each(settled: list[tuple[ParkedClaim, list[ClaimedInput]]]) -> None:
+    for pc, rows in settled:
+        _settle_claim(pc, rows)
+
+
+def _settle_all(settled: list[tuple[ParkedClaim, list[ClaimedInput]]]) -> None:
+    """Settle parked claims from any thread: one call onto each event loop for all of its claims (not a
+    wake-up of the loop per claim)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[ParkedClaim, list[ClaimedInput]]]] = {}
+    for pc, rows in settled:
+        by_loop.setdefault(pc.loop, []).append((pc, rows))
+    for loop, items in by_loop.items():
+        _call_soon(loop, _settle_each, items)
+
+
 class OutputMailbox:
     """Output rows of one call, delivered as they commit, for a caller long-polling it."""
 
@@ -250,11 +265,9 @@ class ControlPlane:
         try:
             yield assigned
         except BaseException:
-            for pc, _ in assigned:
-                _call_soon(pc.loop, _settle_claim, pc, [])
+            _settle_all([(pc, []) for pc, _ in assigned])
             raise
-        for pc, rows in assigned:
-            _call_soon(pc.loop, _settle_claim, pc, rows)
+        _settle_all(assigned)
 
     def enqueue(
         self,
@@ -290,8 +303,7 @@ class ControlPlane:
                 else []
             )
         except BaseException:
-            for pc in takers:
-                _call_soon(pc.loop, _settle_claim, pc, [])
+            _settle_all([(pc, []) for pc in takers])
             raise
         assigned.extend(zip(takers, per_taker, strict=True))
         rest = inputs[i:]
