@@ -259,6 +259,8 @@ def build_routes(cp: ControlPlane) -> TableApp:
         other workers' concurrent requests in one transaction (:mod:`.group_commit`). SQLite, one writer
         anyway: alone, as :func:`short` runs it."""
         if cp.db.is_sqlite:
+            # a short op on the event loop: ``rows`` is its largest part (a claim and the outputs it carries
+            # were two short writes before they were one)
             return (await short(cp.worker_ops, [op], rows=rows))[0]
         return await cp.commits.run(op)
 
@@ -505,7 +507,7 @@ def build_routes(cp: ControlPlane) -> TableApp:
                     # the outputs it carries and the claim in one write
                     op = WorkerOp(worker_id, outputs, (fid, max_n) if look else None)
                     outputs = []
-                    rows = (await worker_op(op, max_n + len(op.outputs))).claimed
+                    rows = (await worker_op(op, max(max_n if look else 0, len(op.outputs)))).claimed
                 remaining = deadline - time.monotonic()
                 if rows or remaining <= 0 or dev.is_set() or cp.hub.closing:
                     break

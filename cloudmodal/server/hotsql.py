@@ -153,23 +153,28 @@ class SqliteHot:
     def requeue(self, input_id: int, attempt: int, available_at: float) -> None:
         self.cur.execute(self._REQUEUE, (attempt, available_at, input_id))
 
-    _CLAIMABLE = (
-        f"SELECT id FROM input WHERE function_id = ? AND state = {InputState.PENDING:d} AND available_at <= ? "
-        "ORDER BY id LIMIT ?"
-    )
-    _CLAIM_ONE = (
-        f"UPDATE input SET state = {InputState.CLAIMED:d}, worker_id = ?, lease_expires = ? WHERE id = ? "
-        "RETURNING id, call_id, idx, method, args, args_blob, attempts, worker_id"
+    _CLAIM = (
+        f"UPDATE input SET state = {InputState.CLAIMED:d}, worker_id = ?, lease_expires = ? WHERE id IN "
+        f"(SELECT id FROM input WHERE function_id = ? AND state = {InputState.PENDING:d} AND available_at <= ? "
+        "ORDER BY id LIMIT ?) RETURNING id, call_id, idx, method, args, args_blob, attempts, worker_id"
     )
 
     def claim_slots(
         self, function_id: str, now: float, lease_expires: float, slots: Sequence[str]
     ) -> list[tuple[Any, ...]]:
-        ids = [r[0] for r in self.cur.execute(self._CLAIMABLE, (function_id, now, len(slots))).fetchall()]
-        return [
-            self.cur.execute(self._CLAIM_ONE, (wid, lease_expires, iid)).fetchone()
-            for iid, wid in zip(ids, slots, strict=False)
-        ]
+        # one statement per run of one worker's slots (SQLite is the only writer: the oldest rows are free)
+        out: list[tuple[Any, ...]] = []
+        i = 0
+        while i < len(slots):
+            j = i
+            while j < len(slots) and slots[j] == slots[i]:
+                j += 1
+            got = self.cur.execute(self._CLAIM, (slots[i], lease_expires, function_id, now, j - i)).fetchall()
+            out += sorted(got)
+            if len(got) < j - i:
+                break  # the function has no more
+            i = j
+        return out
 
     _BEAT = (
         "UPDATE worker SET last_heartbeat = ?, in_flight = ?, "
