@@ -56,11 +56,11 @@ class HotStatements(Protocol):
     def input_meta(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
         """(id, call_id, idx, function_id, attempts, state, worker_id) of inputs."""
 
-    def insert_outputs(self, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
-        """Insert outputs, skipping an existing (input, gen_index); the (id, input_id, gen_index) inserted,
-        in id order."""
-
-    def inputs_done(self, ids: Sequence[int]) -> None: ...
+    def insert_outputs(
+        self, rows: Sequence[dict[str, Any]], done_ids: Sequence[int] = ()
+    ) -> list[tuple[int, int, int]]:
+        """Insert outputs, skipping an existing (input, gen_index), and mark the inputs ``done_ids`` done;
+        the (id, input_id, gen_index) inserted, in id order."""
 
     def requeue(self, input_id: int, attempt: int, available_at: float) -> None: ...
 
@@ -70,12 +70,17 @@ class HotStatements(Protocol):
         """Claim up to ``len(slots)`` of the function's claimable inputs, oldest first, the k-th for worker
         ``slots[k]``: ``(id, call_id, idx, method, args, args_blob, attempts, worker_id)`` of each."""
 
-    def beat_workers(self, beats: Sequence[tuple[str, int, bool]], now: float) -> list[tuple[str, str, str]]:
+    def beat_workers(
+        self,
+        beats: Sequence[tuple[str, int, bool]],
+        now: float,
+        held: Sequence[tuple[int, str]] = (),
+        lease_expires: float = 0.0,
+    ) -> list[tuple[str, str, str]]:
         """Heartbeats ``(worker id, in flight, idle)``: last heartbeat, in flight and idle since (kept from
-        the first idle heartbeat of a run of them) of each; ``(id, state, function_id)`` of those found."""
-
-    def renew_leases(self, held: Sequence[tuple[int, str]], lease_expires: float) -> int:
-        """Extend the leases of ``(input id, worker id)``: only inputs claimed by that worker."""
+        the first idle heartbeat of a run of them) of each; ``(id, state, function_id)`` of those found. The
+        leases of ``held`` ``(input id, worker id)`` are extended to ``lease_expires``: only inputs claimed
+        by that worker, of workers found."""
 
 
 class SqliteHot:
@@ -132,18 +137,19 @@ class SqliteHot:
         "ON CONFLICT (input_id, gen_index) DO NOTHING RETURNING id, input_id, gen_index"
     )
 
-    def insert_outputs(self, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    _INPUTS_DONE = f"UPDATE input SET state = {InputState.DONE:d}, args = NULL WHERE id IN "
+
+    def insert_outputs(
+        self, rows: Sequence[dict[str, Any]], done_ids: Sequence[int] = ()
+    ) -> list[tuple[int, int, int]]:
         out = []
         for r in rows:
             got = self.cur.execute(self._INSERT_OUTPUT, tuple(r[c] for c in OUTPUT_COLUMNS)).fetchone()
             if got is not None:
                 out.append((got[0], got[1], got[2]))
+        if done_ids:
+            self.cur.execute(f"{self._INPUTS_DONE}({', '.join('?' * len(done_ids))})", tuple(done_ids))
         return out
-
-    _INPUTS_DONE = f"UPDATE input SET state = {InputState.DONE:d}, args = NULL WHERE id IN "
-
-    def inputs_done(self, ids: Sequence[int]) -> None:
-        self.cur.execute(f"{self._INPUTS_DONE}({', '.join('?' * len(ids))})", tuple(ids))
 
     _REQUEUE = (
         f"UPDATE input SET state = {InputState.PENDING:d}, worker_id = NULL, attempts = ?, available_at = ? "
@@ -182,21 +188,25 @@ class SqliteHot:
         "RETURNING id, state, function_id"
     )
 
-    def beat_workers(self, beats: Sequence[tuple[str, int, bool]], now: float) -> list[tuple[str, str, str]]:
+    def beat_workers(
+        self,
+        beats: Sequence[tuple[str, int, bool]],
+        now: float,
+        held: Sequence[tuple[int, str]] = (),
+        lease_expires: float = 0.0,
+    ) -> list[tuple[str, str, str]]:
         out = []
         for wid, n, idle in beats:
             got = self.cur.execute(self._BEAT, (now, n, idle, now, wid)).fetchone()
             if got is not None:
                 out.append((got[0], got[1], got[2]))
+        found = {r[0] for r in out}
+        renew = [(lease_expires, iid, wid) for iid, wid in held if wid in found]
+        if renew:
+            self.cur.executemany(self._RENEW, renew)
         return out
 
     _RENEW = f"UPDATE input SET lease_expires = ? WHERE id = ? AND worker_id = ? AND state = {InputState.CLAIMED:d}"
-
-    def renew_leases(self, held: Sequence[tuple[int, str]], lease_expires: float) -> int:
-        if not held:
-            return 0
-        self.cur.executemany(self._RENEW, [(lease_expires, iid, wid) for iid, wid in held])
-        return self.cur.rowcount
 
 
 class SqliteHotConnection:

@@ -63,14 +63,17 @@ class CoreHot:
     )
     raw_insert_inputs = _arrays_insert(I, INPUT_COLUMNS, "call_id, idx", "id, idx")
     raw_insert_outputs = _arrays_insert(O, OUTPUT_COLUMNS, "input_id, gen_index", "id, input_id, gen_index")
+    # the same, and the inputs answered marked done, in one statement (one round trip)
+    raw_insert_outputs_done = (
+        f'WITH done AS (UPDATE "{I.name}" SET state = {int(InputState.DONE)}, args = NULL '
+        "WHERE id = ANY(%s::bigint[])) " + raw_insert_outputs
+    )
     raw_input_meta = (
         f'SELECT id, call_id, idx, function_id, attempts, state, worker_id FROM "{I.name}" '
         "WHERE id = ANY(%s::bigint[])"
     )
-    raw_inputs_done = (
-        f'UPDATE "{I.name}" SET state = {int(InputState.DONE)}, args = NULL WHERE id = ANY(%s::bigint[])'
-    )
-    raw_advisory = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+    # the calls' locks in one statement, in a fixed order (two writers never wait on each other in a cycle)
+    raw_advisory = "SELECT pg_advisory_xact_lock(hashtext(c)) FROM unnest(%s::text[]) AS c ORDER BY c"
     # the k-th claimable input (oldest first; rows another transaction holds are skipped) for the k-th slot
     raw_claim_slots = (
         f'WITH picked AS (SELECT id, row_number() OVER (ORDER BY id) AS k FROM (SELECT id FROM "{I.name}" '
@@ -80,16 +83,17 @@ class CoreHot:
         "lease_expires = %(lease)s FROM picked AS p WHERE i.id = p.id "
         "RETURNING i.id, i.call_id, i.idx, i.method, i.args, i.args_blob, i.attempts, i.worker_id"
     )
+    # heartbeats, and the leases of the inputs each worker found holds, in one statement
     raw_beat_workers = (
-        f'UPDATE "{W.name}" AS w SET last_heartbeat = %(now)s, in_flight = b.n, '
+        f'WITH b AS (UPDATE "{W.name}" AS w SET last_heartbeat = %(now)s, in_flight = b.n, '
         "idle_since = CASE WHEN b.idle THEN coalesce(w.idle_since, %(now)s) ELSE NULL END "
         "FROM unnest(%(wids)s::text[], %(ns)s::int[], %(idles)s::bool[]) AS b(id, n, idle) WHERE w.id = b.id "
-        "RETURNING w.id, w.state, w.function_id"
-    )
-    raw_renew = (
-        f'UPDATE "{I.name}" AS i SET lease_expires = %(lease)s '
-        "FROM unnest(%(ids)s::bigint[], %(wids)s::text[]) AS h(id, wid) "
-        f"WHERE i.id = h.id AND i.worker_id = h.wid AND i.state = {int(InputState.CLAIMED)}"
+        "RETURNING w.id, w.state, w.function_id), "
+        f'r AS (UPDATE "{I.name}" AS i SET lease_expires = %(lease)s '
+        "FROM unnest(%(ids)s::bigint[], %(hwids)s::text[]) AS h(id, wid) "
+        f"WHERE i.id = h.id AND i.worker_id = h.wid AND i.state = {int(InputState.CLAIMED)} "
+        "AND h.wid IN (SELECT id FROM b)) "
+        "SELECT id, state, function_id FROM b"
     )
 
     def __init__(self, conn: Any) -> None:
@@ -137,15 +141,17 @@ class CoreHot:
         cur.execute(self.raw_input_meta, [list(ids)])
         return [tuple(r) for r in cur.fetchall()]
 
-    def insert_outputs(self, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    def insert_outputs(
+        self, rows: Sequence[dict[str, Any]], done_ids: Sequence[int] = ()
+    ) -> list[tuple[int, int, int]]:
         cur = self._raw()
-        for cid in sorted({r["call_id"] for r in rows}):
-            cur.execute(self.raw_advisory, [cid])
-        cur.execute(self.raw_insert_outputs, self._columns(rows, OUTPUT_COLUMNS))
+        cur.execute(self.raw_advisory, [sorted({r["call_id"] for r in rows})])
+        columns = self._columns(rows, OUTPUT_COLUMNS)
+        if done_ids:
+            cur.execute(self.raw_insert_outputs_done, [list(done_ids), *columns])
+        else:
+            cur.execute(self.raw_insert_outputs, columns)
         return sorted((r[0], r[1], r[2]) for r in cur.fetchall())
-
-    def inputs_done(self, ids: Sequence[int]) -> None:
-        self._raw().execute(self.raw_inputs_done, [list(ids)])
 
     def requeue(self, input_id: int, attempt: int, available_at: float) -> None:
         self.conn.execute(self.sql_requeue, {"iid": input_id, "attempt": attempt, "at": available_at})
@@ -160,7 +166,13 @@ class CoreHot:
         cur.execute(self.raw_claim_slots, params | {"lease": float(lease_expires)})
         return [tuple(r) for r in cur.fetchall()]
 
-    def beat_workers(self, beats: Sequence[tuple[str, int, bool]], now: float) -> list[tuple[str, str, str]]:
+    def beat_workers(
+        self,
+        beats: Sequence[tuple[str, int, bool]],
+        now: float,
+        held: Sequence[tuple[int, str]] = (),
+        lease_expires: float = 0.0,
+    ) -> list[tuple[str, str, str]]:
         if not beats:
             return []
         cur = self._raw()
@@ -171,14 +183,9 @@ class CoreHot:
                 "wids": [b[0] for b in beats],
                 "ns": [int(b[1]) for b in beats],
                 "idles": [bool(b[2]) for b in beats],
+                "lease": float(lease_expires),
+                "ids": [h[0] for h in held],
+                "hwids": [h[1] for h in held],
             },
         )
         return [(r[0], r[1], r[2]) for r in cur.fetchall()]
-
-    def renew_leases(self, held: Sequence[tuple[int, str]], lease_expires: float) -> int:
-        if not held:
-            return 0
-        cur = self._raw()
-        params = {"lease": float(lease_expires), "ids": [h[0] for h in held], "wids": [h[1] for h in held]}
-        cur.execute(self.raw_renew, params)
-        return cur.rowcount

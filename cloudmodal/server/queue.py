@@ -294,13 +294,11 @@ class InputQueue:
                 done_ids.append(it.input_id)
         if out_rows:
             by_key = {(r["input_id"], r["gen_index"]): r for r in out_rows}
-            for oid, input_id, gen_index in hot.insert_outputs(out_rows):
+            for oid, input_id, gen_index in hot.insert_outputs(out_rows, done_ids):
                 r = by_key[(input_id, gen_index)]
                 written.setdefault(r["call_id"], []).append(
                     [oid, r["idx"], gen_index, r["status"], r["data"], r["data_blob"]]
                 )
-        if done_ids:
-            hot.inputs_done(done_ids)
         retry_at: dict[str, float] = {}  # function id -> when its first requeued input becomes claimable
         for input_id, attempt, available_at in requeue:
             hot.requeue(input_id, attempt, available_at)

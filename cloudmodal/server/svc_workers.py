@@ -141,10 +141,13 @@ class Workers:
         (state, function id), None for a worker not found. The leases of the inputs each found worker says
         it holds are renewed; inputs claimed for it that it does not hold (the claim's reply was lost, e.g. in
         a control-plane restart) are left to expire and requeue."""
-        found = {r[0]: (r[1], r[2]) for r in hot.beat_workers([(b[0], b[1], b[2]) for b in beats], now)}
-        hot.renew_leases(
-            [(iid, b[0]) for b in beats if b[0] in found for iid in b[3]], now + self.cp.settings.lease_s
+        rows = hot.beat_workers(
+            [(b[0], b[1], b[2]) for b in beats],
+            now,
+            [(iid, b[0]) for b in beats for iid in b[3]],
+            now + self.cp.settings.lease_s,
         )
+        found = {r[0]: (r[1], r[2]) for r in rows}
         return [found.get(b[0]) for b in beats]
 
     def beat_answer(
