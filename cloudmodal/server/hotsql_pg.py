@@ -8,7 +8,7 @@ A module of its own so that SQLite deployments (the embedded default) never impo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
@@ -141,11 +141,16 @@ class CoreHot:
         cur.execute(self.raw_input_meta, [list(ids)])
         return [tuple(r) for r in cur.fetchall()]
 
+    def lock_calls(self, call_ids: Iterable[str]) -> None:
+        """Make these calls' output ids commit in id order (see the class): their transaction-scoped
+        advisory locks, taken in one statement in a fixed order."""
+        self._raw().execute(self.raw_advisory, [sorted(set(call_ids))])
+
     def insert_outputs(
         self, rows: Sequence[dict[str, Any]], done_ids: Sequence[int] = ()
     ) -> list[tuple[int, int, int]]:
+        self.lock_calls(r["call_id"] for r in rows)
         cur = self._raw()
-        cur.execute(self.raw_advisory, [sorted({r["call_id"] for r in rows})])
         columns = self._columns(rows, OUTPUT_COLUMNS)
         if done_ids:
             cur.execute(self.raw_insert_outputs_done, [list(done_ids), *columns])

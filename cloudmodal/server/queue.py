@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, select, text, update
+from sqlalchemy import and_, func, select, update
 
 from cloudmodal.server import models
 from cloudmodal.server.db import Database
@@ -73,36 +73,15 @@ class InputQueue:
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
             self._insert = pg_insert
-        # built once: a claim is on every worker's path
-        sub = (
-            select(I.c.id)
-            .where(
-                and_(
-                    I.c.function_id == bindparam("fid"),
-                    I.c.state == InputState.PENDING,
-                    I.c.available_at <= bindparam("now"),
-                )
-            )
-            .order_by(I.c.id)
-            .limit(bindparam("n"))
-        )
-        if not db.is_sqlite:
-            sub = sub.with_for_update(skip_locked=True)
-        self._claim_stmt = (
-            update(I)
-            .where(I.c.id.in_(sub.scalar_subquery()))
-            .values(state=InputState.CLAIMED, worker_id=bindparam("wid"), lease_expires=bindparam("lease"))
-            .returning(I.c.id, I.c.call_id, I.c.idx, I.c.method, I.c.args, I.c.args_blob, I.c.attempts)
-        )
 
     def _order_outputs(self, conn: Any, call_ids: Any) -> None:
-        """Readers page through a call's outputs by id. On PostgreSQL ids are drawn at insert but become
-        visible at commit, so two writers could commit out of order and a reader would skip a row for good.
-        A transaction-scoped advisory lock per call makes a call's output ids commit in order."""
+        """Readers page through a call's outputs by id: on PostgreSQL a call's output ids are made to commit
+        in order (:meth:`CoreHot.lock_calls <cloudmodal.server.hotsql_pg.CoreHot.lock_calls>`)."""
         if self.db.is_sqlite:
             return  # SQLite has a single writer: commit order is id order already
-        for cid in sorted(set(call_ids)):
-            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:c))"), {"c": cid})
+        from cloudmodal.server.hotsql_pg import CoreHot
+
+        CoreHot(conn).lock_calls(call_ids)
 
     # -- producers ---------------------------------------------------------------------------------------
     @staticmethod
@@ -197,13 +176,9 @@ class InputQueue:
     def claim(
         self, function_id: str, worker_id: str, max_n: int, lease_s: float, now: float | None = None
     ) -> list[ClaimedInput]:
-        now = time.time() if now is None else now
-        params = {"fid": function_id, "now": now, "n": max_n, "wid": worker_id, "lease": now + lease_s}
-        with self.db.write() as conn:
-            rows = conn.execute(self._claim_stmt, params).all()
-        out = [ClaimedInput(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
-        out.sort(key=lambda c: c.input_id)
-        return out
+        """Up to ``max_n`` of the function's claimable inputs for one worker, in a transaction of its own."""
+        with self.db.hot() as hot:
+            return self.claim_in(hot, function_id, [(worker_id, max_n)], lease_s, now)[0]
 
     def pending_count(self, function_id: str, now: float | None = None) -> int:
         now = time.time() if now is None else now

@@ -119,21 +119,6 @@ class Workers:
             self._workers[worker_id] = (function_id, state)
 
     # -- while it runs -----------------------------------------------------------------------------------
-    def heartbeat(
-        self,
-        worker_id: str,
-        in_flight: int,
-        idle: bool,
-        held: list[int] | None = None,
-        served: int = 0,
-        busy_s: float = 0.0,
-    ) -> dict[str, Any]:
-        """Record a worker's heartbeat and renew the leases of the inputs it holds, in a transaction of its
-        own; answers whether it should drain, and which of its inputs to interrupt."""
-        with self.cp.db.hot() as hot:
-            (row,) = self.beat_in(hot, [(worker_id, in_flight, idle, held or [])], time.time())
-        return self.beat_answer(worker_id, row, served, busy_s)
-
     def beat_in(
         self, hot: HotStatements, beats: Sequence[tuple[str, int, bool, Sequence[int]]], now: float
     ) -> list[tuple[str, str] | None]:
