@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Connection, Engine
 
 from cloudmodal.server import migrations, models
@@ -20,6 +20,7 @@ from cloudmodal.server.hotsql import HotStatements, SqliteHotConnection
 log = logging.getLogger("cloudmodal.server")
 
 CHECKPOINT_INTERVAL_S = 0.5
+IDLE_PING_S = 2.0  # a pooled PostgreSQL connection idle this long is pinged before it is handed out
 RESTART_FRAMES = 1000  # WAL pages past which a checkpoint completes under the write lock (SQLite's default)
 
 
@@ -48,7 +49,8 @@ class Database:
             _private_sqlite_files(self.engine.url.database)
         else:
             models.use_postgresql_partial_indexes()
-            self.engine = create_engine(url, pool_size=16, max_overflow=16, pool_pre_ping=True)
+            self.engine = create_engine(url, pool_size=16, max_overflow=16)
+            ping_idle_connections(self.engine)
         self._write_lock: Any = WriteLock() if self.is_sqlite else contextlib.nullcontext()
         try:
             self.upgraded = migrations.ensure(self.engine, apply=migrate)
@@ -64,14 +66,23 @@ class Database:
             self._checkpointer = Checkpointer(self.engine.url.database, self._write_lock)
 
     @contextlib.contextmanager
-    def hot(self) -> Iterator[HotStatements]:
-        """A write transaction for the statements on every call's path (see :mod:`.hotsql`)."""
+    def hot(self, *, one_statement: bool = False) -> Iterator[HotStatements]:
+        """A write transaction for the statements on every call's path (see :mod:`.hotsql`).
+
+        ``one_statement``: the caller runs a single statement, which on PostgreSQL is then its own
+        transaction (autocommit: no ``BEGIN`` and ``COMMIT`` round trips; one round trip in all). Each
+        round trip costs a thread waiting on the network and then on the GIL, which on a busy control
+        plane is most of a short transaction's latency."""
         if self._hot is not None:
             with self._hot.transaction() as h:
                 yield h
-        else:
-            from cloudmodal.server.hotsql_pg import CoreHot
+            return
+        from cloudmodal.server.hotsql_pg import CoreHot
 
+        if one_statement:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                yield CoreHot(conn, one_statement=True)
+        else:
             with self.engine.begin() as conn:
                 yield CoreHot(conn)
 
@@ -97,6 +108,31 @@ class Database:
             self._checkpointer.stop()
             self._hot.close()
         self.engine.dispose()
+
+
+def ping_idle_connections(engine: Engine, idle_s: float = IDLE_PING_S) -> None:
+    """Check a pooled connection before handing it out only when it has sat idle ``idle_s`` or more (the
+    database may have restarted or closed it meanwhile): a dead one is replaced, as ``pool_pre_ping``
+    does. Unlike ``pool_pre_ping``, a connection in steady use is not pinged, which would be a round trip
+    on every transaction of the hot path. A connection that breaks while in use fails its transaction
+    either way (:class:`~sqlalchemy.exc.DBAPIError` with ``connection_invalidated``) and is discarded."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
+        record.info["cloudmodal_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("cloudmodal_idle_since")
+        if since is None or time.monotonic() - since < idle_s:
+            return  # new, or in use moments ago
+        try:
+            dbapi_conn.execute("SELECT 1")
+            if not dbapi_conn.autocommit:
+                dbapi_conn.rollback()
+        except Exception as e:
+            # the pool discards this connection and checks out another (up to three tries)
+            raise exc.DisconnectionError(f"pooled connection is dead: {e}") from e
 
 
 class Leadership:

@@ -50,8 +50,9 @@ class HotStatements(Protocol):
 
     def touch_function(self, function_id: str, now: float) -> None: ...
 
-    def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: bool) -> list[tuple[int, int]]:
-        """Insert inputs, skipping an existing (call, idx); with ``returning``, the (id, idx) inserted."""
+    def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: int) -> list[tuple[int, int]]:
+        """Insert inputs, skipping an existing (call, idx): the (id, idx) inserted of at least the first
+        ``returning`` rows (more may come back; 0: none wanted)."""
 
     def input_meta(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
         """(id, call_id, idx, function_id, attempts, state, worker_id) of inputs."""
@@ -113,16 +114,15 @@ class SqliteHot:
         "ON CONFLICT (call_id, idx) DO NOTHING"
     )
 
-    def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: bool) -> list[tuple[int, int]]:
+    def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: int) -> list[tuple[int, int]]:
         params = [tuple(r[c] for c in INPUT_COLUMNS) for r in rows]
-        if not returning:
-            self.cur.executemany(self._INSERT_INPUT, params)
-            return []
         out = []
-        for p in params:
+        for p in params[:returning]:
             got = self.cur.execute(self._INSERT_INPUT + " RETURNING id, idx", p).fetchone()
             if got is not None:
                 out.append((got[0], got[1]))
+        if len(params) > returning:
+            self.cur.executemany(self._INSERT_INPUT, params[returning:])
         return out
 
     def input_meta(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:

@@ -96,12 +96,27 @@ class CoreHot:
         "SELECT id, state, function_id FROM b"
     )
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, *, one_statement: bool = False) -> None:
+        """``one_statement``: ``conn`` is in autocommit mode and may run one statement (its own
+        transaction); a second one raises instead of committing apart from the first."""
         self.conn = conn
         self._cur: Any = None
+        self._left: int | None = 1 if one_statement else None
+
+    def _spend(self) -> None:
+        if self._left is not None:
+            if self._left <= 0:
+                raise RuntimeError("a second statement in a one-statement transaction")
+            self._left -= 1
+
+    def _core(self, statement: Any, params: dict[str, Any]) -> Any:
+        self._spend()
+        return self.conn.execute(statement, params)
 
     def _raw(self) -> Any:
-        """A cursor on the transaction's own psycopg connection (same transaction as ``conn``)."""
+        """A cursor on the transaction's own psycopg connection (same transaction as ``conn``), for one
+        statement."""
+        self._spend()
         if self._cur is None:
             self._cur = self.conn.connection.driver_connection.cursor()
         return self._cur
@@ -115,20 +130,20 @@ class CoreHot:
         return out
 
     def function_state(self, function_id: str) -> tuple[str, str] | None:
-        row = self.conn.execute(self.sql_function_state, {"fid": function_id}).first()
+        row = self._core(self.sql_function_state, {"fid": function_id}).first()
         return None if row is None else (row[0], row[1])
 
     def insert_call(self, values: dict[str, Any]) -> bool:
-        return self.conn.execute(self.sql_insert_call, values).rowcount == 1
+        return self._core(self.sql_insert_call, values).rowcount == 1
 
     def call_owner(self, call_id: str) -> tuple[str, str | None] | None:
-        row = self.conn.execute(self.sql_call_owner, {"cid": call_id}).first()
+        row = self._core(self.sql_call_owner, {"cid": call_id}).first()
         return (row[0], row[1]) if row is not None else None
 
     def touch_function(self, function_id: str, now: float) -> None:
-        self.conn.execute(self.sql_touch, {"fid": function_id, "t": now})
+        self._core(self.sql_touch, {"fid": function_id, "t": now})
 
-    def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: bool) -> list[tuple[int, int]]:
+    def insert_inputs(self, rows: Sequence[dict[str, Any]], *, returning: int) -> list[tuple[int, int]]:
         if not rows:
             return []
         cur = self._raw()
@@ -159,7 +174,7 @@ class CoreHot:
         return sorted((r[0], r[1], r[2]) for r in cur.fetchall())
 
     def requeue(self, input_id: int, attempt: int, available_at: float) -> None:
-        self.conn.execute(self.sql_requeue, {"iid": input_id, "attempt": attempt, "at": available_at})
+        self._core(self.sql_requeue, {"iid": input_id, "attempt": attempt, "at": available_at})
 
     def claim_slots(
         self, function_id: str, now: float, lease_expires: float, slots: Sequence[str]

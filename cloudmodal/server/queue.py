@@ -127,10 +127,10 @@ class InputQueue:
             return 0
         rows = self._input_rows(call_id, function_id, items, time.time())
         if hot is not None:
-            hot.insert_inputs(rows, returning=False)
+            hot.insert_inputs(rows, returning=0)
         else:
             with self.db.hot() as h:
-                h.insert_inputs(rows, returning=False)
+                h.insert_inputs(rows, returning=0)
         return len(rows)
 
     def put_claimed(
@@ -155,14 +155,21 @@ class InputQueue:
         function_id: str,
         chunks: Sequence[tuple[str, Sequence[tuple[int, str | None, bytes | None, str | None]]]],
         lease_s: float,
+        pending: Sequence[tuple[int, str | None, bytes | None, str | None]] = (),
     ) -> list[list[ClaimedInput]]:
-        """:meth:`put_claimed` for several workers' ``(worker_id, items)`` in one statement: each worker's
-        claimed inputs, in ``chunks``' order."""
+        """:meth:`put_claimed` for several workers' ``(worker_id, items)``, and the ``pending`` items
+        (:meth:`put`), in one statement: each worker's claimed inputs, in ``chunks``' order."""
         now = time.time()
         rows: list[dict[str, Any]] = []
         for worker_id, items in chunks:
             rows += self._input_rows(call_id, function_id, items, now, worker_id, now + lease_s)
-        by_idx = {int(idx): int(iid) for iid, idx in hot.insert_inputs(rows, returning=True)} if rows else {}
+        claimed = len(rows)
+        if pending:
+            rows += self._input_rows(call_id, function_id, pending, now)
+        if not rows:
+            return []
+        got = hot.insert_inputs(rows, returning=claimed)
+        by_idx = {int(idx): int(iid) for iid, idx in got}
         return [
             [
                 ClaimedInput(by_idx[idx], call_id, idx, method, args, blob, 0)

@@ -295,20 +295,16 @@ class ControlPlane:
             chunk = inputs[i : i + pc.max_n]
             i += len(chunk)
             chunks.append((pc.worker_id, chunk))
+        rest = inputs[i:]
         try:
-            # one INSERT for every taker's inputs, not one per taker
-            per_taker = (
-                self.queue.put_claimed_many(hot, call_id, function_id, chunks, self.settings.lease_s)
-                if takers
-                else []
+            # one INSERT for every taker's inputs and the rest: one statement whatever the takers
+            per_taker = self.queue.put_claimed_many(
+                hot, call_id, function_id, chunks, self.settings.lease_s, pending=rest
             )
         except BaseException:
             _settle_all([(pc, []) for pc in takers])
             raise
         assigned.extend(zip(takers, per_taker, strict=True))
-        rest = inputs[i:]
-        if rest:
-            self.queue.put(call_id, function_id, rest, hot=hot)
         return bool(rest)
 
     def put_inputs(
@@ -320,7 +316,8 @@ class ControlPlane:
     ) -> int:
         """More inputs for an existing call, from its creator."""
         self.access.check_same_caller(self.access.call_owner(call_id), call_id, function_id, created_by)
-        with self.handing_off() as assigned, self.db.hot() as hot:
+        # enqueue is one statement: on PostgreSQL one round trip, its own transaction
+        with self.handing_off() as assigned, self.db.hot(one_statement=True) as hot:
             leftover = self.enqueue(hot, call_id, function_id, inputs, assigned)
         self.inputs_arrived(function_id, wake_claimers=leftover)
         return len(inputs)
