@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from cloudmodal import exception as exc
 from cloudmodal.server import models
-from cloudmodal.server.auth import is_loopback
+from cloudmodal.server.auth import NOT_CACHED, is_loopback
 from cloudmodal.server.blobs import INLINE_LIMIT, MAX_BLOB_SIZE
 from cloudmodal.server.http_body import BodyStream
 from cloudmodal.server.http_errors import HTTPError
@@ -38,7 +38,7 @@ from cloudmodal.server.limits import (
     bounded_depth,
 )
 from cloudmodal.server.queue import OutputItem
-from cloudmodal.server.router import Raw, RawFile, Route, TableApp
+from cloudmodal.server.router import NeedsIO, Raw, RawFile, Route, TableApp
 from cloudmodal.server.security import Access, Identity, identity_for, member_scope
 from cloudmodal.server.service import ControlPlane, OutputMailbox, ParkedClaim, WorkerOp, WorkerOpResult
 
@@ -217,11 +217,14 @@ def build_asgi(cp: ControlPlane) -> TableApp:
 
 
 def build_routes(cp: ControlPlane) -> TableApp:
-    def authenticate(header: str, client: str | None) -> Identity:
+    def authenticate(header: str, client: str | None, may_block: bool) -> Identity:
         """The identity of the request's bearer token; anonymous loopback acts as the owner only where the
-        server was explicitly started so (``--allow-anonymous-loopback``)."""
+        server was explicitly started so (``--allow-anonymous-loopback``). Without ``may_block``, only from
+        the token cache (:class:`NeedsIO` where the database must be read)."""
         if header[:7].lower() == "bearer ":
-            who = cp.tokens.identify(header[7:].strip())
+            who = cp.tokens.identify(header[7:].strip(), read=may_block)
+            if who is NOT_CACHED:
+                raise NeedsIO
             if who is None:
                 raise HTTPError(401, "Invalid or revoked token.")
             return who
@@ -481,11 +484,16 @@ def build_routes(cp: ControlPlane) -> TableApp:
     def _output_items(rows: list[OutputTuple]) -> list[OutputItem]:
         return [OutputItem(i, s, d, bl, g, r) for i, s, d, bl, g, r in rows]
 
+    async def _worker_function(worker_id: str) -> tuple[str, str]:
+        """(function id, state) of a worker: from memory on the event loop, else read on the thread pool."""
+        got = cp.workers.cached_function(worker_id)
+        return got if got is not None else await run(cp.workers.worker_function, worker_id)
+
     @route("POST", "/v1/workers/{worker_id}/claim", "worker", body=Claim, websocket=True)
     async def claim(worker_id: str, b: Claim) -> dict[str, Any]:
         """Record finished inputs, then claim up to ``max`` inputs, long-polling up to ``wait`` seconds."""
         outputs = _output_items(b.outputs)
-        fid, state = cp.workers.worker_function(worker_id)
+        fid, state = await _worker_function(worker_id)
         if state in GONE:
             if outputs:
                 await worker_op(WorkerOp(worker_id, outputs), len(outputs))
@@ -511,7 +519,7 @@ def build_routes(cp: ControlPlane) -> TableApp:
                 remaining = deadline - time.monotonic()
                 if rows or remaining <= 0 or dev.is_set() or cp.hub.closing:
                     break
-                if cp.workers.worker_function(worker_id)[1] in GONE:
+                if (await _worker_function(worker_id))[1] in GONE:
                     # stopped while this claim waited (its process died): never park for it again
                     dev.set()
                     break
@@ -530,7 +538,7 @@ def build_routes(cp: ControlPlane) -> TableApp:
                 if pc.rows:
                     rows = pc.rows
                     break
-                if cp.workers.worker_function(worker_id)[1] in GONE:
+                if (await _worker_function(worker_id))[1] in GONE:
                     dev.set()
                     break
                 if timed_out:

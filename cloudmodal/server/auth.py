@@ -28,6 +28,16 @@ AUTH_CACHE_S = 2.0
 # (see TokenStore.identify); one query per REFRESH_CHUNK tokens.
 RECENT_S = 30.0
 REFRESH_CHUNK = 500
+REFRESHER_IDLE_S = 60.0  # the re-validation thread ends after this long without work
+
+
+class _NotCached:
+    def __repr__(self) -> str:
+        return "NOT_CACHED"
+
+
+# TokenStore.identify(read=False)'s answer for a token it would have to read from the database
+NOT_CACHED: Any = _NotCached()
 
 
 def hash_token(token: str) -> str:
@@ -54,6 +64,8 @@ class TokenStore:
         self._lock = threading.Lock()
         self._refreshed_at = 0.0  # when the last re-validation started (monotonic)
         self._refreshing = False
+        self._wake = threading.Event()  # wakes the re-validation thread
+        self._refresher: threading.Thread | None = None
         self._forgets = 0  # bumped by every local revocation: a re-validation read before it is not applied
         self.reads = 0  # tokens read one at a time (a statistic: tests count them)
 
@@ -79,8 +91,10 @@ class TokenStore:
     def create(self, scope: str = "owner", name: str = "") -> str:
         return self.create_token(scope, name)[1]
 
-    def identify(self, token: str) -> Identity | None:
-        """The identity a token stands for, or None for an unknown or revoked one."""
+    def identify(self, token: str, *, read: bool = True) -> Identity | None:
+        """The identity a token stands for, or None for an unknown or revoked one. ``read=False``: from
+        the cache only, :data:`NOT_CACHED` where the database would have to be read (the event loop's
+        form: it then asks again on a thread)."""
         h = hash_token(token)
         hit = self._cache.get(h)
         now = time.monotonic()
@@ -89,6 +103,8 @@ class TokenStore:
         if hit is not None and hit[1] > now:
             self._used[h] = now
             return hit[0]
+        if not read:
+            return NOT_CACHED
         self.reads += 1
         with self.db.read() as conn:
             row = conn.execute(select(T.c.id, T.c.scope, T.c.revoked).where(T.c.token_hash == h)).first()
@@ -115,7 +131,25 @@ class TokenStore:
                 return
             self._refreshing = True
             self._refreshed_at = now
-        threading.Thread(target=self._refresh, name="cm-token-refresh", daemon=True).start()
+            if self._refresher is None:
+                # one thread for the store's life, woken for each re-validation: starting a thread waits
+                # until it runs, which a busy process makes its caller (the event loop) wait for
+                self._refresher = threading.Thread(
+                    target=self._refresh_loop, name="cm-token-refresh", daemon=True
+                )
+                self._refresher.start()
+        self._wake.set()
+
+    def _refresh_loop(self) -> None:
+        while True:
+            if not self._wake.wait(REFRESHER_IDLE_S):
+                with self._lock:
+                    if self._wake.is_set():
+                        continue
+                    self._refresher = None  # idle (no token presented): the next refresh starts one again
+                    return
+            self._wake.clear()
+            self._refresh()
 
     def _refresh(self) -> None:
         try:

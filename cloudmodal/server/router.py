@@ -327,19 +327,25 @@ class _Docs:
         await self.table.docs_app()(inner, receive, send)
 
 
+class NeedsIO(Exception):
+    """Raised by ``authenticate`` called with ``may_block`` false when its answer needs blocking work."""
+
+
 class TableApp:
     """The ASGI application serving a route table (HTTP and WebSocket) on a Starlette router, with its
     lifespan and the lazily built OpenAPI documentation.
 
-    ``authenticate(header, client_host) -> Identity`` raises :class:`HTTPError` (401) for a missing or bad
-    token. ``on_startup`` runs on the serving event loop before the first request; the thread pool of
-    :meth:`run` is shut down with the server.
+    ``authenticate(header, client_host, may_block) -> Identity`` raises :class:`HTTPError` (401) for a
+    missing or bad token; called on the event loop with ``may_block`` false, it raises :class:`NeedsIO`
+    where answering needs blocking work (a token not in its cache), and is then called again on the thread
+    pool with ``may_block`` true. ``on_startup`` runs on the serving event loop before the first request;
+    the thread pool of :meth:`run` is shut down with the server.
     """
 
     def __init__(
         self,
         routes: list[Route],
-        authenticate: Callable[[str, str | None], Identity],
+        authenticate: Callable[[str, str | None, bool], Identity],
         *,
         title: str = "API",
         on_startup: Callable[[asyncio.AbstractEventLoop], None] | None = None,
@@ -399,13 +405,19 @@ class TableApp:
             self._executor = None
 
     # -- requests -----------------------------------------------------------------------------------------
-    def authorize(self, route: Route, conn: HTTPConnection, params: dict[str, str]) -> Identity | None:
+    async def authorize(self, route: Route, conn: HTTPConnection, params: dict[str, str]) -> Identity | None:
         """The caller's identity (None on public routes); 401 without a valid token, 403 when the route's
-        access level (:mod:`cloudmodal.server.security`) excludes it."""
+        access level (:mod:`cloudmodal.server.security`) excludes it. A token answered from memory is
+        answered on the event loop; one that needs the database is read on the thread pool, so the event
+        loop never waits on the database (nor on a free connection of its pool)."""
         if route.access == "public":
             return None
         client = conn.client
-        who = self.authenticate(conn.headers.get("authorization", ""), client.host if client else None)
+        header, host = conn.headers.get("authorization", ""), client.host if client else None
+        try:
+            who = self.authenticate(header, host, False)
+        except NeedsIO:
+            who = await self.run(self.authenticate, header, host, True)
         denied = allows(route.access, who, params.get("worker_id"))
         if denied is not None:
             raise HTTPError(403, denied)
@@ -433,7 +445,7 @@ class TableApp:
             params = request.path_params
             if params:
                 _check_path(params)
-            who = self.authorize(route, request, params)
+            who = await self.authorize(route, request, params)
             kwargs = self.arguments(route, request, params)
             if route.wants_who:
                 kwargs["who"] = who
@@ -478,7 +490,7 @@ class TableApp:
         params = websocket.path_params
         try:
             _check_path(params)
-            who = self.authorize(route, websocket, params)
+            who = await self.authorize(route, websocket, params)
         except HTTPError as e:
             await websocket.send_denial_response(JSONResponse({"detail": e.detail}, e.status_code, e.headers))
             return
@@ -500,7 +512,7 @@ class TableApp:
                     # the token is checked again at least every WS_RECHECK_S, so revoking it, or the worker
                     # it belongs to stopping, ends an open socket's access within seconds as it ends a request's
                     if loop.time() >= recheck_at:
-                        who = self.authorize(route, websocket, params)
+                        who = await self.authorize(route, websocket, params)
                         recheck_at = loop.time() + WS_RECHECK_S
                     if len(raw) > cap:
                         raise exc.RequestSizeError(

@@ -97,6 +97,10 @@ class Workers:
             raise NotFoundError(f"Worker {worker_id} not found.")
         return dict(row._mapping)
 
+    def cached_function(self, worker_id: str) -> tuple[str, str] | None:
+        """(function id, state) of a worker from this process's view; None where it has none yet."""
+        return self._workers.get(worker_id)
+
     def worker_function(self, worker_id: str) -> tuple[str, str]:
         """(function id, state) of a worker, from this process's view when it has one."""
         got = self._workers.get(worker_id)
