@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 import time
@@ -21,11 +22,23 @@ MAP_LINGER_S = 0.005  # how long a map's input batch waits for more inputs once 
 LONG_POLL_S = 50.0
 
 
+_limit_seen: tuple[str | None, int] | None = None  # (the variable's text, the limit it gave)
+
+
 def payload_limit() -> int:
-    """The largest pickled argument this client sends: ``CLOUDMODAL_MAX_PAYLOAD_BYTES`` (default 1 GiB)."""
+    """The largest pickled argument this client sends: ``CLOUDMODAL_MAX_PAYLOAD_BYTES`` (default 1 GiB),
+    read at each call. The settings are parsed again only when the variable's text changed: reading them
+    scans the whole environment, a cost on every ``.remote()``."""
+    global _limit_seen
+    raw = os.environ.get("CLOUDMODAL_MAX_PAYLOAD_BYTES")
+    seen = _limit_seen
+    if seen is not None and seen[0] == raw:
+        return seen[1]
     from cloudmodal.settings import settings
 
-    return settings().max_payload_bytes
+    limit = settings().max_payload_bytes
+    _limit_seen = (raw, limit)
+    return limit
 
 
 def encode_input(
