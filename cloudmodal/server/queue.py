@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, or_, select, update
 
 from cloudmodal.server import models
 from cloudmodal.server.db import Database
@@ -30,6 +30,10 @@ C = models.calls
 
 DEFAULT_CRASH_BUDGET = 3
 RETRYABLE = (OutputStatus.FAILURE, OutputStatus.TIMEOUT)  # the ends a function's Retries may retry
+
+
+# inline output bytes one read of a call's outputs returns at most (past its first row)
+OUTPUTS_READ_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -457,16 +461,36 @@ class InputQueue:
         return list({r[1] for r in rows})
 
     # -- results -----------------------------------------------------------------------------------------
-    def fetch_outputs(self, call_id: str, after_id: int, limit: int) -> list[tuple[Any, ...]]:
-        with self.db.read() as conn:
-            return list(
-                conn.execute(
-                    select(O.c.id, O.c.idx, O.c.gen_index, O.c.status, O.c.data, O.c.data_blob)
-                    .where(and_(O.c.call_id == call_id, O.c.id > after_id))
-                    .order_by(O.c.id)
-                    .limit(limit)
-                ).all()
+    def fetch_outputs(
+        self, call_id: str, after_id: int, limit: int, max_bytes: int = OUTPUTS_READ_BYTES
+    ) -> list[tuple[Any, ...]]:
+        """A call's outputs after ``after_id`` in id order: up to ``limit`` rows and, past the first row,
+        no more than ``max_bytes`` of inline data in all (each row may carry up to 2 MiB: a page of 10,000
+        would otherwise be read into the control plane's memory at once). The caller pages on by id."""
+        size = func.coalesce(func.length(O.c.data), 0)
+        page = (
+            select(
+                O.c.id,
+                O.c.idx,
+                O.c.gen_index,
+                O.c.status,
+                O.c.data,
+                O.c.data_blob,
+                func.sum(size).over(order_by=O.c.id).label("upto"),
+                func.row_number().over(order_by=O.c.id).label("k"),
             )
+            .where(and_(O.c.call_id == call_id, O.c.id > after_id))
+            .order_by(O.c.id)
+            .limit(limit)
+            .subquery()
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(page.c.id, page.c.idx, page.c.gen_index, page.c.status, page.c.data, page.c.data_blob)
+                .where(or_(page.c.upto <= max_bytes, page.c.k == 1))
+                .order_by(page.c.id)
+            ).all()
+        return [tuple(r) for r in rows]
 
     def call_progress(self, call_id: str) -> tuple[int, int]:
         """(inputs known, inputs finished) of a call."""

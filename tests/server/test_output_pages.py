@@ -1,0 +1,74 @@
+"""A read of a call's outputs is bounded in bytes as well as rows: past its first row it stops before the
+inline data would exceed the bound, and the caller pages on by id, on both databases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudmodal.server.app import default_settings
+from cloudmodal.server.queue import OutputItem
+from cloudmodal.server.service import ControlPlane
+from cloudmodal.server.states import OutputStatus
+from cloudmodal.spec import FunctionSpec
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def cp(database_url: str, tmp_path: Path) -> Iterator[ControlPlane]:
+    plane = ControlPlane(default_settings(tmp_path, database_url=database_url))
+    assert plane.apps.create_app("ap-o", "output-pages", True)["state"] == "running"
+    try:
+        yield plane
+    finally:
+        plane.commits.close()
+        plane.db.dispose()
+
+
+def _answered(cp: ControlPlane, sizes: list[int]) -> list[int]:
+    """A call whose inputs are answered with outputs of these sizes: the inputs' ids."""
+    spec = FunctionSpec(name="f", module="m", qualname="f").to_wire()
+    fid = cp.functions.create_function({"app_id": "ap-o", "name": "f", "spec": spec})["function_id"]
+    cp.workers.add_worker("wk-o", "ap-o", fid)
+    cp.workers.worker_ready("wk-o")
+    cp.calls.create_call("ca-o", fid, "map", [(i, None, b"x", None) for i in range(len(sizes))])
+    ids = [c.input_id for c in cp.claim("wk-o", fid, len(sizes))]
+    assert len(ids) == len(sizes)
+    for iid, n in zip(ids, sizes, strict=True):
+        cp.post_outputs("wk-o", [OutputItem(iid, OutputStatus.SUCCESS, bytes([iid % 251]) * n)])
+    return ids
+
+
+def _pages(cp: ControlPlane, max_bytes: int, limit: int = 100) -> list[list[int]]:
+    """Every page of the call's outputs (as their sizes) read the way callers read: by id after the last."""
+    pages, after = [], 0
+    while rows := cp.queue.fetch_outputs("ca-o", after, limit, max_bytes=max_bytes):
+        pages.append([len(r[4]) for r in rows])
+        after = rows[-1][0]
+    return pages
+
+
+def test_a_read_stops_before_its_bytes_exceed_the_bound_and_paging_reads_every_output(
+    cp: ControlPlane,
+) -> None:
+    _answered(cp, [MIB] * 5 + [10, 10])
+    assert _pages(cp, int(2.5 * MIB)) == [[MIB, MIB], [MIB, MIB], [MIB, 10, 10]]
+    assert _pages(cp, 100 * MIB) == [[MIB] * 5 + [10, 10]]  # under the bound: rows are the only limit
+    assert _pages(cp, 100 * MIB, limit=3) == [[MIB] * 3, [MIB, MIB, 10], [10]]
+
+
+def test_a_row_larger_than_the_bound_is_read_alone(cp: ControlPlane) -> None:
+    _answered(cp, [3 * MIB, 10, 2 * MIB])
+    assert _pages(cp, MIB) == [[3 * MIB], [10], [2 * MIB]]
+
+
+def test_the_data_read_is_the_data_written(cp: ControlPlane) -> None:
+    ids = _answered(cp, [MIB, 7, MIB])
+    rows = cp.queue.fetch_outputs("ca-o", 0, 100, max_bytes=int(1.5 * MIB))
+    rows += cp.queue.fetch_outputs("ca-o", rows[-1][0], 100, max_bytes=int(1.5 * MIB))
+    assert [(r[1], bytes(r[4])) for r in rows] == [
+        (i, bytes([iid % 251]) * n) for i, (iid, n) in enumerate(zip(ids, [MIB, 7, MIB], strict=True))
+    ]
