@@ -35,14 +35,18 @@ _STATUS_ERRORS = {
 
 
 class _Patience:
-    """Retries until a deadline, with exponential backoff between them (50 ms doubling to 2 s)."""
+    """Retries until a deadline, with exponential backoff between them (50 ms doubling to 2 s). ``owner``'s
+    :attr:`Transport.give_up_at`, when set, is a deadline for every retry in progress too."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, owner: Transport | None = None) -> None:
         self.deadline = time.monotonic() + timeout
         self.delay = 0.05
+        self.owner = owner
 
     def expired(self) -> bool:
-        return time.monotonic() > self.deadline
+        now = time.monotonic()
+        cut = self.owner.give_up_at if self.owner is not None else None
+        return now > self.deadline or (cut is not None and now > cut)
 
     def wait(self) -> None:
         time.sleep(self.delay)
@@ -84,6 +88,9 @@ class Transport:
         if token:
             headers["authorization"] = f"Bearer {token}"
         self.reconnect_timeout = reconnect_timeout
+        # a deadline (monotonic) after which no request retries any more, those waiting included: a worker
+        # told to stop gives up on an unreachable control plane within its grace instead of its patience
+        self.give_up_at: float | None = None
         self._local = threading.local()
         self._channels: list[dict[str, Channel]] = []  # every thread's channels, closed with the transport
         self._channels_lock = threading.Lock()
@@ -141,7 +148,7 @@ class Transport:
         headers = {
             "content-type": "application/octet-stream" if raw_body is not None else "application/msgpack"
         }
-        patience = _Patience(self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout)
+        patience = _Patience(self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout, self)
         refreshed = False
         while True:
             try:
@@ -218,7 +225,9 @@ class Channel:
         from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
         data = msgpack.packb(body, use_bin_type=True)
-        patience = _Patience(self.t.reconnect_timeout if reconnect_timeout is None else reconnect_timeout)
+        patience = _Patience(
+            self.t.reconnect_timeout if reconnect_timeout is None else reconnect_timeout, self.t
+        )
         if self._pid != os.getpid():  # a forked child: the socket is the parent's, leave it to it
             self._ws, self._pid = None, os.getpid()
         refreshed = False

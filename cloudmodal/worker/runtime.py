@@ -26,6 +26,7 @@ from cloudmodal.serialization import deserialize, failure_payload, serialize, ti
 from cloudmodal.spec import FunctionSpec
 
 INLINE_LIMIT = 2 * 1024 * 1024
+TERM_GRACE_S = 10.0  # after SIGTERM, how long requests to the control plane keep retrying
 CLAIM_WAIT_S = 10.0
 MAX_PREFETCH = 500
 
@@ -733,6 +734,9 @@ def main(token: str | None = None) -> int:
 
     def on_term(signum: int, _frame: Any) -> None:
         w.draining.set()
+        # what is left to say (outputs, "stopped") gets TERM_GRACE_S to reach the control plane: an
+        # orphaned worker whose control plane is gone exits instead of retrying for worker_reconnect_s
+        w.t.give_up_at = time.monotonic() + TERM_GRACE_S
         with w._cond:
             w._cond.notify_all()
 
