@@ -1,5 +1,6 @@
-"""A read of a call's outputs is bounded in bytes as well as rows: past its first row it stops before the
-inline data would exceed the bound, and the caller pages on by id, on both databases."""
+"""A read of a call's outputs is bounded in bytes as well as rows: it ends at the row that brings the inline
+data read to the bound (each row's predecessors in the page hold less than the bound), and the caller pages
+on by id, on both databases."""
 
 from __future__ import annotations
 
@@ -51,18 +52,19 @@ def _pages(cp: ControlPlane, max_bytes: int, limit: int = 100) -> list[list[int]
     return pages
 
 
-def test_a_read_stops_before_its_bytes_exceed_the_bound_and_paging_reads_every_output(
+def test_a_read_ends_at_the_row_that_reaches_the_bound_and_paging_reads_every_output(
     cp: ControlPlane,
 ) -> None:
     _answered(cp, [MIB] * 5 + [10, 10])
-    assert _pages(cp, int(2.5 * MIB)) == [[MIB, MIB], [MIB, MIB], [MIB, 10, 10]]
+    assert _pages(cp, int(2.5 * MIB)) == [[MIB, MIB, MIB], [MIB, MIB, 10, 10]]
+    assert _pages(cp, 2 * MIB) == [[MIB, MIB], [MIB, MIB], [MIB, 10, 10]]
     assert _pages(cp, 100 * MIB) == [[MIB] * 5 + [10, 10]]  # under the bound: rows are the only limit
     assert _pages(cp, 100 * MIB, limit=3) == [[MIB] * 3, [MIB, MIB, 10], [10]]
 
 
-def test_a_row_larger_than_the_bound_is_read_alone(cp: ControlPlane) -> None:
-    _answered(cp, [3 * MIB, 10, 2 * MIB])
-    assert _pages(cp, MIB) == [[3 * MIB], [10], [2 * MIB]]
+def test_a_row_larger_than_the_bound_ends_its_page(cp: ControlPlane) -> None:
+    _answered(cp, [3 * MIB, 10, 2 * MIB, 10])
+    assert _pages(cp, MIB) == [[3 * MIB], [10, 2 * MIB], [10]]
 
 
 def test_the_data_read_is_the_data_written(cp: ControlPlane) -> None:
