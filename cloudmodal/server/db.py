@@ -202,6 +202,14 @@ class Leadership:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             try:
+                # Unlocked first, so another control plane can take it the moment this returns (the server
+                # ends a closed session's locks only once its backend notices the close).
+                from sqlalchemy import text
+
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.KEY})
+            except Exception:
+                pass  # the session is gone already, and its lock with it
+            try:
                 # Closing would only return the session to the pool, still holding the lock: invalidating
                 # closes it (and with it the lock), and the pool makes a fresh one when needed.
                 conn.invalidate()
