@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import create_engine, event, exc
+from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import Connection, Engine
 
 from cloudmodal.server import migrations, models
@@ -180,8 +180,6 @@ class Leadership:
         return True
 
     def _postgres(self) -> bool:
-        from sqlalchemy import text
-
         if self._conn is not None:
             try:
                 self._conn.execute(text("SELECT 1"))  # the lock lives as long as this session
@@ -204,8 +202,6 @@ class Leadership:
             try:
                 # Unlocked first, so another control plane can take it the moment this returns (the server
                 # ends a closed session's locks only once its backend notices the close).
-                from sqlalchemy import text
-
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.KEY})
             except Exception:
                 pass  # the session is gone already, and its lock with it

@@ -167,12 +167,12 @@ class InputQueue:
         rows: list[dict[str, Any]] = []
         for worker_id, items in chunks:
             rows += self._input_rows(call_id, function_id, items, now, worker_id, now + lease_s)
-        claimed = len(rows)
+        n_claimed = len(rows)
         if pending:
             rows += self._input_rows(call_id, function_id, pending, now)
         if not rows:
             return []
-        got = hot.insert_inputs(rows, returning=claimed)
+        got = hot.insert_inputs(rows, returning=n_claimed)
         by_idx = {int(idx): int(iid) for iid, idx in got}
         return [
             [

@@ -13,6 +13,8 @@ from cloudmodal.pricing.offers import Offer
 from cloudmodal.providers.local import LocalProvider
 from cloudmodal.providers.sim import SimProvider
 from cloudmodal.server.app import ServerHandle, default_settings
+from cloudmodal.server.service import ControlPlane
+from cloudmodal.spec import FunctionSpec
 
 
 def start_server(state_dir: Path, database_url: str, **settings: object) -> ServerHandle:
@@ -94,3 +96,25 @@ def sim_plane(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def bare_plane(state_dir: Path, database_url: str, app_id: str, **settings: Any) -> Iterator[ControlPlane]:
+    """A control plane object with no server nor reconciler (its Python API only), with one running app."""
+    plane = ControlPlane(default_settings(state_dir, database_url=database_url, **settings))
+    assert plane.apps.create_app(app_id, app_id, True)["state"] == "running"
+    try:
+        yield plane
+    finally:
+        plane.commits.close()
+        plane.db.dispose()
+
+
+def function_with_workers(cp: ControlPlane, app_id: str, name: str, workers: list[str]) -> str:
+    """A function of ``app_id`` with these workers registered and ready: its id."""
+    spec = FunctionSpec(name=name, module="m", qualname=name).to_wire()
+    fid = cp.functions.create_function({"app_id": app_id, "name": name, "spec": spec})["function_id"]
+    for wid in workers:
+        cp.workers.add_worker(wid, app_id, fid)
+        cp.workers.worker_ready(wid)
+    return fid

@@ -8,33 +8,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import bare_plane, function_with_workers
 
-from cloudmodal.server.app import default_settings
 from cloudmodal.server.queue import OutputItem
 from cloudmodal.server.service import ControlPlane
 from cloudmodal.server.states import OutputStatus
-from cloudmodal.spec import FunctionSpec
 
 MIB = 1024 * 1024
 
 
 @pytest.fixture
 def cp(database_url: str, tmp_path: Path) -> Iterator[ControlPlane]:
-    plane = ControlPlane(default_settings(tmp_path, database_url=database_url))
-    assert plane.apps.create_app("ap-o", "output-pages", True)["state"] == "running"
-    try:
+    with bare_plane(tmp_path, database_url, "ap-o") as plane:
         yield plane
-    finally:
-        plane.commits.close()
-        plane.db.dispose()
 
 
 def _answered(cp: ControlPlane, sizes: list[int]) -> list[int]:
     """A call whose inputs are answered with outputs of these sizes: the inputs' ids."""
-    spec = FunctionSpec(name="f", module="m", qualname="f").to_wire()
-    fid = cp.functions.create_function({"app_id": "ap-o", "name": "f", "spec": spec})["function_id"]
-    cp.workers.add_worker("wk-o", "ap-o", fid)
-    cp.workers.worker_ready("wk-o")
+    fid = function_with_workers(cp, "ap-o", "f", ["wk-o"])
     cp.calls.create_call("ca-o", fid, "map", [(i, None, b"x", None) for i in range(len(sizes))])
     ids = [c.input_id for c in cp.claim("wk-o", fid, len(sizes))]
     assert len(ids) == len(sizes)

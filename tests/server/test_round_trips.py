@@ -14,8 +14,8 @@ import httpx
 import psycopg
 import pytest
 from sqlalchemy import create_engine, text
+from support import bare_plane, function_with_workers
 
-from cloudmodal.server.app import default_settings
 from cloudmodal.server.auth import NOT_CACHED, TokenStore
 from cloudmodal.server.db import Database, ping_idle_connections
 from cloudmodal.server.http_errors import HTTPError
@@ -23,29 +23,14 @@ from cloudmodal.server.router import NeedsIO, Route, TableApp
 from cloudmodal.server.security import Identity, identity_for
 from cloudmodal.server.service import ControlPlane, ParkedClaim
 from cloudmodal.server.states import InputState
-from cloudmodal.spec import FunctionSpec
 
 WAIT = 10.0
 
 
 @pytest.fixture
 def cp(database_url: str, tmp_path: Path) -> Iterator[ControlPlane]:
-    plane = ControlPlane(default_settings(tmp_path, database_url=database_url))
-    assert plane.apps.create_app("ap-r", "round-trips", True)["state"] == "running"
-    try:
+    with bare_plane(tmp_path, database_url, "ap-r") as plane:
         yield plane
-    finally:
-        plane.commits.close()
-        plane.db.dispose()
-
-
-def _function(cp: ControlPlane, workers: list[str]) -> str:
-    spec = FunctionSpec(name="f", module="m", qualname="f").to_wire()
-    fid = cp.functions.create_function({"app_id": "ap-r", "name": "f", "spec": spec})["function_id"]
-    for wid in workers:
-        cp.workers.add_worker(wid, "ap-r", fid)
-        cp.workers.worker_ready(wid)
-    return fid
 
 
 def test_a_put_hands_inputs_to_parked_workers_and_leaves_the_rest_pending_in_one_statement(
@@ -53,7 +38,7 @@ def test_a_put_hands_inputs_to_parked_workers_and_leaves_the_rest_pending_in_one
 ) -> None:
     """Two parked workers take 2 + 3 inputs of a put of 8, the other 3 are left pending: all in the one
     statement the put may send (on PostgreSQL a second statement raises instead of committing apart)."""
-    fid = _function(cp, ["wk-a", "wk-b"])
+    fid = function_with_workers(cp, "ap-r", "f", ["wk-a", "wk-b"])
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     try:

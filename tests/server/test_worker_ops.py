@@ -11,34 +11,23 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from support import bare_plane, function_with_workers
 
-from cloudmodal.server.app import default_settings
 from cloudmodal.server.queue import OutputItem
 from cloudmodal.server.service import ControlPlane, WorkerOp
 from cloudmodal.server.states import InputState, OutputStatus
-from cloudmodal.spec import FunctionSpec
 
 LEASE_S = 30.0
 
 
 @pytest.fixture
 def cp(database_url: str, tmp_path: Path) -> Iterator[ControlPlane]:
-    plane = ControlPlane(default_settings(tmp_path, database_url=database_url, lease_s=LEASE_S))
-    assert plane.apps.create_app("ap-w", "worker-ops", True)["state"] == "running"
-    try:
+    with bare_plane(tmp_path, database_url, "ap-w", lease_s=LEASE_S) as plane:
         yield plane
-    finally:
-        plane.commits.close()
-        plane.db.dispose()
 
 
 def _function(cp: ControlPlane, name: str, workers: list[str]) -> str:
-    spec = FunctionSpec(name=name, module="m", qualname=name).to_wire()
-    fid = cp.functions.create_function({"app_id": "ap-w", "name": name, "spec": spec})["function_id"]
-    for wid in workers:
-        cp.workers.add_worker(wid, "ap-w", fid)
-        cp.workers.worker_ready(wid)
-    return fid
+    return function_with_workers(cp, "ap-w", name, workers)
 
 
 def _call(cp: ControlPlane, call_id: str, fid: str, n: int) -> None:
