@@ -172,6 +172,9 @@ class Worker(Row, table=True):
     gpu: str | None = None
     host: str = ""
     pid: int | None = None
+    # The provider's WorkerHandle.to_wire(): how a restarted or standby control plane finds the worker's
+    # machine again (a cloud node, a local process) to watch and stop it.
+    handle: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class Pool(Row, table=True):
@@ -186,6 +189,14 @@ class Pool(Row, table=True):
     # spot.PoolMarketState.to_wire(): kept across restarts and take-overs
     market_state: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     updated_at: float = 0.0
+
+
+class Setting(Row, table=True):
+    """A value the control planes sharing this database agree on (``control_plane_id``: the id every cloud
+    node they launch is tagged with)."""
+
+    key: str = Field(primary_key=True)
+    value: str = ""
 
 
 class Event(Row, table=True):
@@ -235,6 +246,7 @@ inputs = _table(Input)
 outputs = _table(Output)
 workers = _table(Worker)
 pools = _table(Pool)
+settings = _table(Setting)
 events = _table(Event)
 logs = _table(Log)
 

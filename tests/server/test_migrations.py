@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, inspect, select, text
+from sqlalchemy import MetaData, create_engine, func, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
@@ -232,9 +232,13 @@ def _release_database(kind: str, tmp_path: Path, new_pg: Callable[[], str] | Non
     url = _url(kind, tmp_path, new_pg)
     engine = _legacy(url, [])
     source = create_engine(f"sqlite:///{RELEASE_DB}", poolclass=NullPool)
+    saved = MetaData()
+    saved.reflect(source)  # 0.1.0's own tables: later releases add tables and columns it never had
     with source.connect() as src, engine.begin() as dst:
         for table in models.metadata.sorted_tables:
-            rows = [dict(r) for r in src.execute(select(table)).mappings()]
+            if table.name not in saved.tables:
+                continue
+            rows = [dict(r) for r in src.execute(select(saved.tables[table.name])).mappings()]
             if rows:
                 dst.execute(table.insert(), rows)
             pk = list(table.primary_key.columns)

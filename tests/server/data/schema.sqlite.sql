@@ -162,6 +162,12 @@ CREATE INDEX ix_pool_app_id ON pool (app_id);
 -- default pool.reason = ''
 -- default pool.fallen_back = False
 -- default pool.updated_at = 0.0
+CREATE TABLE setting (
+	"key" VARCHAR NOT NULL, 
+	value VARCHAR NOT NULL, 
+	PRIMARY KEY ("key")
+);
+-- default setting.value = ''
 CREATE TABLE token (
 	id VARCHAR NOT NULL, 
 	name VARCHAR NOT NULL, 
@@ -197,6 +203,7 @@ CREATE TABLE worker (
 	gpu VARCHAR, 
 	host VARCHAR NOT NULL, 
 	pid INTEGER, 
+	handle JSON, 
 	PRIMARY KEY (id)
 );
 CREATE INDEX ix_worker_app_id ON worker (app_id);
