@@ -158,6 +158,8 @@ class LaunchRequest:
     pip_packages: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     argv: tuple[str, ...] = DEFAULT_WORKER_ARGV
+    # The image recipe (``Image`` as the wire spec carries it): what a cloud node installs before the worker.
+    image: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,6 +179,47 @@ class WorkerHandle:
     launched_at: float
     gpu_indices: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain JSON data, stored with the worker row so that a restarted control plane finds the worker."""
+        offer = self.offer
+        if offer is not None and hasattr(offer, "to_dict"):
+            offer = offer.to_dict()
+        elif offer is not None and not isinstance(offer, dict):
+            offer = None  # an offer this module cannot store: the row keeps its own copy
+        return {
+            "worker_id": self.worker_id,
+            "provider": self.provider,
+            "instance_id": self.instance_id,
+            "offer": offer,
+            "market": self.market,
+            "price_per_hour": self.price_per_hour,
+            "launched_at": self.launched_at,
+            "gpu_indices": list(self.gpu_indices),
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> WorkerHandle:
+        offer = d.get("offer")
+        if isinstance(offer, dict):
+            try:
+                from cloudmodal.pricing.offers import Offer
+
+                offer = Offer(**offer)
+            except TypeError:
+                pass  # not a catalog offer: kept as the dict it was stored as
+        return cls(
+            worker_id=str(d["worker_id"]),
+            provider=str(d["provider"]),
+            instance_id=str(d["instance_id"]),
+            offer=offer,
+            market=d.get("market") or "on-demand",
+            price_per_hour=float(d.get("price_per_hour") or 0.0),
+            launched_at=float(d.get("launched_at") or 0.0),
+            gpu_indices=tuple(int(i) for i in d.get("gpu_indices") or ()),
+            extra=dict(d.get("extra") or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -257,6 +300,15 @@ class SupportsSignals(abc.ABC):
     @abc.abstractmethod
     def signals(self) -> list[Signal]:
         """Current observations; may be cached by the provider. Raises only :class:`ProviderError`."""
+
+
+class SupportsInventory(abc.ABC):
+    """The provider can list every worker machine it runs for one control plane, including ones the control
+    plane has lost track of (it crashed between asking for a machine and recording it)."""
+
+    @abc.abstractmethod
+    def inventory(self, control_plane_id: str) -> list[WorkerHandle]:
+        """A handle for every live machine tagged with ``control_plane_id`` (``worker_id`` from its tags)."""
 
 
 class SupportsPreemptionNotice(abc.ABC):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -14,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from cloudmodal.ids import new_id
+from cloudmodal.server import models
 from cloudmodal.server.auth import TokenStore
 from cloudmodal.server.blobs import BlobStore
 from cloudmodal.server.db import Database
@@ -255,6 +261,24 @@ class ControlPlane:
         # statistics (tests count them): claims that read the database, and claims parked
         self.claim_reads = 0
         self.claim_parks = 0
+
+    @functools.cached_property
+    def control_plane_id(self) -> str:
+        """The id every control plane sharing this database tags its cloud nodes with: made by the first one,
+        read by the others (a standby that takes over finds the nodes of the one it replaces)."""
+        S = models.settings
+        key = "control_plane_id"
+        with self.db.read() as conn:
+            found = conn.execute(select(S.c.value).where(S.c.key == key)).scalar()
+        if found:
+            return str(found)
+        try:
+            with self.db.write() as conn:
+                conn.execute(S.insert().values(key=key, value=new_id("cp")))
+        except IntegrityError:
+            pass  # another control plane made it first: read theirs
+        with self.db.read() as conn:
+            return str(conn.execute(select(S.c.value).where(S.c.key == key)).scalar_one())
 
     # -- the in-memory hand-off (see ParkedClaim / OutputMailbox) ------------------------------------------
     @contextlib.contextmanager
