@@ -196,6 +196,13 @@ class Release(BaseModel):
     input_ids: list[RowId] = Field(max_length=100_000)
 
 
+class Preempting(BaseModel):
+    max_body: ClassVar[int] = SMALL_BODY
+
+    at: float = Field(ge=0)  # when the cloud will reclaim the node (epoch seconds)
+    source: Text = ""  # where the notice came from ("aws": IMDS spot/instance-action, ...)
+
+
 class TokenCreate(BaseModel):
     kind: Literal["owner", "member"] = "member"
     apps: list[Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9._-]{1,64}$")]] | None = Field(
@@ -575,6 +582,16 @@ def build_routes(cp: ControlPlane) -> TableApp:
     @route("POST", "/v1/workers/{worker_id}/release", "worker", body=Release)
     async def release(worker_id: str, b: Release) -> Any:
         return {"requeued": await run(cp.workers.release_inputs, worker_id, b.input_ids)}
+
+    @route("POST", "/v1/workers/{worker_id}/preempting", "worker", body=Preempting)
+    async def preempting(worker_id: str, b: Preempting) -> Any:
+        """The worker's node got its cloud's preemption notice: it stops claiming, its inputs go back to the
+        queue now, and a replacement starts (see Health.on_worker_notice)."""
+        rec = cp.reconciler
+        if rec is None:
+            await run(cp.workers.drain_worker, worker_id, "preemption notice")
+            return {"requeued": await run(cp.workers.release_inputs, worker_id, None)}
+        return {"requeued": await run(rec.on_worker_notice, worker_id, b.at, b.source)}
 
     @route("POST", "/v1/workers/{worker_id}/stopped", "worker", body=Stopped)
     async def stopped(worker_id: str, b: Stopped) -> Any:

@@ -47,6 +47,7 @@ def default_settings(state_dir: Path, database_url: str | None = None, **overrid
 def make_providers(settings: Settings) -> dict[str, Any]:
     """The enabled providers: ``CLOUDMODAL_PROVIDERS`` (comma-separated; default ``local``)."""
     from cloudmodal.exception import InvalidError
+    from cloudmodal.providers.clouds import CLOUDS, driver_class
     from cloudmodal.settings import settings as env_settings
 
     env = env_settings()
@@ -61,9 +62,23 @@ def make_providers(settings: Settings) -> dict[str, Any]:
             from cloudmodal.providers.sim import SimProvider
 
             out[name] = SimProvider.from_env(state_dir=settings.state_dir / "sim")
+        elif name in CLOUDS:
+            from cloudmodal.providers.cloud import CloudProvider
+
+            out[name] = CloudProvider(
+                driver_class(name)(),
+                state_dir=settings.state_dir / "clouds" / name,
+                node_server_url=env.node_server_url,
+                ssh_config=str(env.ssh_config) if env.ssh_config is not None else None,
+                node_python=env.node_python,
+                ssh_user=env.node_ssh_user,
+                bootstrap_options=(
+                    {"system_site_packages": True, "install_dependencies": False} if env.node_prepared else None
+                ),
+            )
         else:
             raise InvalidError(
-                f"Unknown provider {name!r} in CLOUDMODAL_PROVIDERS; available here: local, sim."
+                f"Unknown provider {name!r} in CLOUDMODAL_PROVIDERS; available: local, sim, {', '.join(CLOUDS)}."
             )
     if "local" not in out:
         from cloudmodal.providers.local import LocalProvider

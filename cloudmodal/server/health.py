@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import and_, func, select
 
 from cloudmodal.pricing.offers import SPOT
-from cloudmodal.providers.base import SupportsPreemptionNotice
+from cloudmodal.providers.base import SupportsInventory, SupportsPreemptionNotice, WorkerHandle
+from cloudmodal.providers.nodes import worker_key
 from cloudmodal.server import models
 from cloudmodal.server.reconciler_base import ReconcilerBase
 from cloudmodal.server.service import LIVE_WORKER_STATES
@@ -36,13 +37,24 @@ class Health(ReconcilerBase):
     """Reaping, silent workers and preemption notices (a part of the reconciler)."""
 
     def _adopt_orphans(self) -> None:
-        """After a restart, workers launched by a previous process keep running and heartbeating; they are
-        adopted by heartbeat. Workers that never registered are written off."""
+        """On start and on take-over: settle what a previous control plane left.
+
+        Workers that registered keep running and heartbeating: their handles are read back from their rows,
+        so that this control plane watches and stops their machines (and re-opens a node's tunnel). Workers
+        that never registered are written off (their tokens were only in the previous process's memory).
+        Then every provider that can list its machines is asked for this control plane's: a machine with no
+        live worker row is terminated (see :meth:`_settle_inventory`)."""
+        for prov in self.providers.values():
+            bind = getattr(prov, "bind", None)
+            if bind is not None:
+                bind(self.cp.control_plane_id, self.server_url)
         with self.cp.db.read() as conn:
             rows = conn.execute(
                 select(W.c.id).where(and_(W.c.state == WorkerState.STARTING, W.c.pid.is_(None)))
             ).all()
         for (wid,) in rows:
+            if wid in self.handles:  # launched by this process (a leader that lost and regained the lock)
+                continue
             self._step(
                 f"worker {wid} (write-off)",
                 self.cp.workers.worker_stopped,
@@ -50,6 +62,74 @@ class Health(ReconcilerBase):
                 "control plane restarted before the worker registered",
                 crashed=False,
             )
+        with self.cp.db.read() as conn:
+            live = conn.execute(
+                select(W.c.id, W.c.provider, W.c.handle).where(
+                    and_(W.c.state.in_(LIVE_WORKER_STATES), W.c.handle.is_not(None))
+                )
+            ).all()
+        for wid, provider, wire in live:
+            if wid not in self.handles and provider in self.providers:
+                self._step(f"worker {wid} (adopt)", self._adopt, wid, self.providers[provider], wire)
+        self._step("listing provider machines", self._settle_inventory)
+
+    def _adopt(self, wid: str, prov: Any, wire: dict[str, Any]) -> None:
+        handle = WorkerHandle.from_wire(wire)
+        adopt = getattr(prov, "adopt", None)
+        if adopt is not None:
+            adopt(handle)
+        with self._lock:
+            self.handles.setdefault(wid, (prov, handle))
+
+    def _settle_inventory(self) -> None:
+        """Every machine a provider runs for this control plane either belongs to a live worker row (adopted,
+        if this process does not watch it yet) or is terminated: a paid machine never outlives the control
+        plane's knowledge of it (a crash between asking the cloud for a node and recording it leaves one)."""
+        self._last_inventory = self.clock()
+        cp_id = self.cp.control_plane_id
+        for prov in self.providers.values():
+            if not isinstance(prov, SupportsInventory):
+                continue
+            machines = prov.inventory(cp_id)
+            if not machines:
+                continue
+            with self.cp.db.read() as conn:
+                rows = conn.execute(
+                    select(W.c.id, W.c.handle).where(
+                        and_(W.c.provider.in_((prov.name, "-")), W.c.state.in_(LIVE_WORKER_STATES))
+                    )
+                ).all()
+            live = {worker_key(wid): (wid, wire) for wid, wire in rows}
+            with self._lock:
+                watched = {worker_key(wid) for wid in self.handles}
+            for m in machines:
+                key = worker_key(m.worker_id)
+                if key in watched:
+                    continue
+                if key in live:
+                    wid, wire = live[key]
+                    if wire is not None:
+                        self._step(f"worker {wid} (adopt)", self._adopt, wid, prov, wire)
+                    continue  # a launch in flight: its handle is recorded when it returns
+                self._step(f"machine {m.instance_id} (orphan)", self._terminate_orphan, prov, m)
+
+    def _terminate_orphan(self, prov: Any, m: WorkerHandle) -> None:
+        prov.terminate(m, grace_s=0.0)
+        log.warning(
+            "terminated %s machine %s: no live worker of this control plane runs on it",
+            prov.name,
+            m.instance_id,
+        )
+        self.cp.activity.event(
+            "machine.orphan_terminated",
+            f"{prov.name} machine {m.instance_id} (worker {m.worker_id}) was running with no live worker of "
+            "this control plane on it (a launch interrupted by a restart, or a worker written off): terminated",
+            app_id=m.extra.get("app_id"),
+            function_id=m.extra.get("function_id"),
+            worker_id=m.worker_id,
+            provider=prov.name,
+            instance_id=m.instance_id,
+        )
 
     def _reap(self, now: float) -> None:
         for wid, (prov, handle) in list(self.handles.items()):
@@ -78,7 +158,11 @@ class Health(ReconcilerBase):
                 del self._step_errors[key]
 
     def _reap_one(self, wid: str, prov: Any, handle: Any, now: float) -> None:
+        extra = dict(handle.extra) if isinstance(prov, SupportsInventory) else None
         status = prov.describe(handle)
+        if extra is not None and handle.extra != extra:  # what a restarted control plane needs to find it
+            with self.cp.db.write() as conn:
+                conn.execute(W.update().where(W.c.id == wid).values(handle=handle.to_wire()))
         if status.alive:
             if isinstance(prov, SupportsPreemptionNotice) and wid not in self._noticed:
                 at = prov.preemption_notice(handle)
@@ -121,7 +205,22 @@ class Health(ReconcilerBase):
             self._kill(wid)
             self.cp.workers.worker_stopped(wid, f"no heartbeat for {now - last_hb:.0f} s", crashed=True)
 
-    def _on_preemption_notice(self, wid: str, handle: Any, at: float, now: float) -> None:
+    def on_worker_notice(self, wid: str, at: float, source: str) -> int:
+        """A worker says its node will be reclaimed at ``at`` (it read its cloud's notice): as a notice the
+        provider reported. Once per worker; returns the inputs requeued."""
+        with self._lock:
+            if wid in self._noticed:
+                return 0
+            self._noticed.add(wid)
+            entry = self.handles.get(wid)
+        row = self.cp.workers.worker_row(wid)
+        handle = entry[1] if entry is not None else None
+        if handle is None and row.get("handle"):
+            handle = WorkerHandle.from_wire(row["handle"])
+        log.info("worker %s: preemption notice from %s, reclaimed at %.0f", wid, source or "its node", at)
+        return self._on_preemption_notice(wid, handle, at, self.clock())
+
+    def _on_preemption_notice(self, wid: str, handle: Any, at: float, now: float) -> int:
         """A spot worker will be reclaimed: it stops claiming, its inputs go back to the queue at once (not
         after a lease), and the autoscaler, no longer counting it, starts a replacement right away."""
         row = self.cp.workers.worker_row(wid)
@@ -168,6 +267,7 @@ class Health(ReconcilerBase):
         if msg:
             self.cp.activity.event("pool.spot_fallback", msg, app_id=row["app_id"], function_id=fid)
         self.wake()
+        return n
 
     def _kill(self, wid: str) -> None:
         entry = self.handles.pop(wid, None)

@@ -69,6 +69,7 @@ __all__ = [
 log = logging.getLogger("cloudmodal.reconciler")
 
 STANDBY_RETRY_S = 1.0  # how often a standby control plane tries to take over reconciling
+INVENTORY_INTERVAL_S = 60.0  # how often every provider is asked which machines it runs for this control plane
 F = models.functions
 W = models.workers
 P = models.pools
@@ -129,6 +130,9 @@ class Reconciler(Launcher, Health, Estimates):
         if self._thread is not None:
             self._thread.join(timeout=10)
         if terminate_workers:
+            # Launches in flight end at their next candidate (see Launcher._launch) and are waited for, so
+            # that a node a cloud is creating right now is recorded, and terminated below with the rest.
+            self._pool.shutdown(wait=True, cancel_futures=True)
             handles = list(self.handles.items())
             for wid, _ in handles:
                 self.cp.workers.drain_worker(wid, "control plane shutting down")
@@ -245,6 +249,8 @@ class Reconciler(Launcher, Health, Estimates):
             self._step("requeueing expired leases", self._requeue_expired, now)
             self._step("stopping abandoned apps", cp.apps.stop_abandoned_apps)
             self.pruner.maybe_start(now, self._step)  # about once a minute, on its own thread
+            if now - self._last_inventory > INVENTORY_INTERVAL_S:
+                self._step("listing provider machines", self._settle_inventory)
         self._step("reaping workers", self._reap, now)
         counts = cp.queue.counts()
         with cp.db.read() as conn:

@@ -126,6 +126,7 @@ class ReconcilerBase:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_housekeeping = 0.0
+        self._last_inventory = 0.0  # when the providers' machines were last listed (Health._settle_inventory)
         self.pruner = Pruner(cp)  # retention: old calls, logs and blobs
         self._lock = threading.Lock()
         self.leadership = Leadership(cp.db)
@@ -141,6 +142,9 @@ class ReconcilerBase:
         self._pool_errors: dict[str, str] = {}
         self._step_errors: dict[str, str] = {}  # global step or worker -> the error it last failed with
         self._launch_errors: dict[str, str] = {}  # function id -> the error its last launch crashed with
+        # provider name -> (when fetched, its live signals): read by ranking, refreshed by launches
+        self._signals: dict[str, tuple[float, list[Any]]] = {}
+        self._signals_lock = threading.Lock()
         self._spec_checks: dict[str, tuple[int, str | None]] = {}  # function id -> (version, why invalid)
 
     def wake(self) -> None:

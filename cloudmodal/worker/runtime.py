@@ -714,6 +714,17 @@ def _stdin_to_devnull() -> None:
         pass
 
 
+def watch_preemption(w: Worker, source: str) -> Any:
+    """On a cloud node: watch the cloud's metadata for a preemption notice and tell the control plane at once
+    (it stops giving this worker inputs, requeues the ones it holds and starts a replacement)."""
+    from cloudmodal.worker.preemption import watcher_from_env
+
+    def on_notice(at: float) -> None:
+        w.t.post(f"{w.base}/preempting", {"at": at, "source": source}, reconnect_timeout=10)
+
+    return watcher_from_env(on_notice)
+
+
 def main(token: str | None = None) -> int:
     """Run this process as the worker its environment names. ``token``: already taken by the caller (the
     standby path); else :func:`take_token` finds it."""
@@ -741,6 +752,7 @@ def main(token: str | None = None) -> int:
             w._cond.notify_all()
 
     signal.signal(signal.SIGTERM, on_term)
+    watch_preemption(w, s.preemption_source or "")
     try:
         w.setup()
     except BaseException:

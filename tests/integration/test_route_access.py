@@ -47,6 +47,7 @@ EXPECTED = {
     ("POST", "/v1/workers/{worker_id}/heartbeat"): "worker",
     ("POST", "/v1/workers/{worker_id}/logs"): "worker",
     ("POST", "/v1/workers/{worker_id}/release"): "worker",
+    ("POST", "/v1/workers/{worker_id}/preempting"): "worker",
     ("POST", "/v1/workers/{worker_id}/stopped"): "worker",
     ("POST", "/v1/tokens"): "owner",
     ("GET", "/v1/tokens"): "owner",
