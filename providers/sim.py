@@ -297,6 +297,8 @@ class SimProvider(Provider, SupportsSignals, SupportsPreemptionNotice):
         now = self._clock()
         t = now - self.started_at
         with self._lock:
+            if not self.scenario.signals:
+                return []
             if (
                 not self._overrides
                 and not self.scenario.quota

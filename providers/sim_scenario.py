@@ -439,6 +439,8 @@ class SimScenario(_Table):
     """What the simulated clouds do to launches and spot workers (see the module docstring for an example).
 
     ``notice_s``: the preemption notice period for :meth:`SimProvider.preempt` and rules that set none.
+    ``signals``: whether the sim's live signals report its outages and quotas (placement then skips those offers
+    without trying them); ``false`` is a cloud whose signals lag, where placement learns from failed launches.
     """
 
     provisioning: Provisioning = Provisioning()
@@ -446,6 +448,7 @@ class SimScenario(_Table):
     quota: Annotated[tuple[QuotaRule, ...], BeforeValidator(_tables)] = ()
     preemption: Annotated[tuple[PreemptionRule, ...], BeforeValidator(_tables)] = ()
     notice_s: Seconds = 30.0
+    signals: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -485,6 +488,7 @@ class SimScenario(_Table):
             "quota": [r.to_dict() for r in self.quota],
             "preemption": [r.to_dict() for r in self.preemption],
             "notice_s": self.notice_s,
+            "signals": self.signals,
         }
 
 

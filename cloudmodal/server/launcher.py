@@ -10,6 +10,7 @@ walk that starts nothing writes the worker off and backs the pool's launches off
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ from cloudmodal.spec import FunctionSpec
 log = logging.getLogger("cloudmodal.reconciler")
 
 W = models.workers
+SIGNAL_REFRESH_S = 60.0  # a launch fetches the clouds' live signals again when they are older than this
+SIGNAL_MAX_AGE_S = 600.0  # ranking ignores a signal observed longer ago than this
 CRASH_BACKOFF_S = 5.0  # a launch that crashed (a bug, not a provider's refusal) retries after this
 
 
@@ -138,13 +141,22 @@ class Launcher(ReconcilerBase):
                 blocked = self.blocks.active(now)
         out: list[_Choice] = []
         for prov in self.clouds:
-            placement = rank(spec.gpu, self._table(prov), policy=policy, blocked=blocked, limit=limit)
+            placement = rank(
+                spec.gpu,
+                self._table(prov),
+                policy=policy,
+                blocked=blocked,
+                signals=() if ignore_blocks else self._fresh_signals(prov),
+                limit=limit,
+            )
             out += [
                 _Choice(prov, c.tier, c.offer, c.market, c.price, c.key, c.tier_index)
                 for c in placement.candidates
             ]
-        if len(self.clouds) > 1:
-            out.sort(key=lambda c: (c.price,))
+        if (
+            len(self.clouds) > 1
+        ):  # one list as placement orders one cloud's: the user's tiers first, then price
+            out.sort(key=lambda c: (c.tier_index, c.price))
         return out[:limit]
 
     def _choices(
@@ -168,6 +180,38 @@ class Launcher(ReconcilerBase):
         if tier is not None:
             out.append(_Choice(self.local, tier, tier_index=spec.gpu.index(tier)))
         return out + self._cloud_choices(spec, fid, now, force_on_demand=force_on_demand)
+
+    # -- live signals ----------------------------------------------------------------------------------------
+    def _fresh_signals(self, prov: Any) -> list[Any]:
+        """``prov``'s live signals as last fetched, without those older than :data:`SIGNAL_MAX_AGE_S`: ranking
+        reads them and never waits for a cloud (see :meth:`_refresh_signals`)."""
+        fetched = self._signals.get(prov.name)
+        if fetched is None:
+            return []
+        now = time.time()
+        return [s for s in fetched[1] if now - (s.observed_at or fetched[0]) <= SIGNAL_MAX_AGE_S]
+
+    def _refresh_signals(self) -> None:
+        """Fetch the enabled clouds' signals (availability, spot prices, quota) when older than
+        :data:`SIGNAL_REFRESH_S`. Runs on a launch's thread before it ranks; a cloud that fails keeps its
+        last signals (they age out) and the failure is reported once."""
+        from cloudmodal.providers.base import SupportsSignals
+
+        for prov in self.clouds:
+            if not isinstance(prov, SupportsSignals):
+                continue
+            with self._signals_lock:
+                at = self._signals.get(prov.name, (0.0, []))[0]
+                if time.time() - at < SIGNAL_REFRESH_S:
+                    continue
+                try:
+                    got = list(prov.signals())
+                except Exception as e:
+                    self._signals[prov.name] = (time.time(), self._signals.get(prov.name, (0.0, []))[1])
+                    self._failed(f"signals of {prov.name}", e)
+                    continue
+                self._succeeded(f"signals of {prov.name}")
+                self._signals[prov.name] = (time.time(), got)
 
     # -- launching -------------------------------------------------------------------------------------------
     def _launch(
@@ -205,6 +249,8 @@ class Launcher(ReconcilerBase):
         def go() -> None:
             tried: list[str] = []
             try:  # everything, so that a failure anywhere still settles the launch count and the worker row
+                if spec.gpu and not cpu_fallback:
+                    self._refresh_signals()
                 state = self._market(fid)
                 ranked_once = False
 
@@ -235,9 +281,13 @@ class Launcher(ReconcilerBase):
 
                 per_cloud: dict[str, int] = {}  # failed tries of this walk on each cloud
                 for choice in launch_walk(ranked, _choice_key, blocked, MAX_LAUNCH_TRIES):
+                    if self._stop.is_set():  # the control plane is stopping: start nothing more
+                        tried.append("the control plane stopped")
+                        break
                     failures_here = per_cloud.get(choice.cloud, 0)
-                    if failures_here:  # no hot loops on one cloud (clouds rate-limit launches per account)
-                        self.sleep(launch_spacing(failures_here))
+                    gap = launch_spacing(failures_here)
+                    if gap:  # no hot loops on one cloud (clouds rate-limit launches per account)
+                        self.sleep(gap)
                     self._note_tier(fid, app_id, spec, choice, worker_id)
                     req = LaunchRequest(
                         worker_id=worker_id,
@@ -252,6 +302,7 @@ class Launcher(ReconcilerBase):
                         pip_packages=tuple(image.get("pip_packages") or ()),
                         env=env,
                         argv=("-m", "cloudmodal.worker"),
+                        image=image,
                     )
                     try:
                         handle = choice.provider.launch(req)
@@ -425,6 +476,7 @@ class Launcher(ReconcilerBase):
                     market=handle.market,
                     gpu=str(choice.tier) if choice.tier else None,
                     offer=_offer_dict(choice),
+                    handle=handle.to_wire(),
                 )
             )
         self.cp.activity.event(

@@ -64,7 +64,9 @@ C = TypeVar("C")
 
 MAX_LAUNCH_TRIES = 12  # candidates one worker's launch tries before the pool backs off
 RANK_LIMIT = 12  # candidates per ranking (placement's ``limit=``)
-LAUNCH_SPACING_S = (0.05, 1.0)  # between tries on one cloud in one walk: first gap, cap (doubling between)
+# Between tries on one cloud in one walk: tries without a gap (an account's API request bucket takes a short
+# burst, and a capacity error is answered at once), then the first gap, doubling up to the cap.
+LAUNCH_SPACING_S = (3, 0.1, 1.0)
 LAUNCH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after 1, 2, ... walks in a row that started nothing
 
 _LIVE = (WorkerState.STARTING, WorkerState.READY)
@@ -121,11 +123,11 @@ def launch_walk(
 
 def launch_spacing(failures_here: int) -> float:
     """Seconds to wait before the next try on a cloud where this walk already failed ``failures_here``
-    times (clouds rate-limit launches per account): 0 before the first, then doubling up to a cap."""
-    if failures_here <= 0:
+    times (clouds rate-limit launches per account): none for the first few, then doubling up to a cap."""
+    free, first, cap = LAUNCH_SPACING_S
+    if failures_here <= free:
         return 0.0
-    first, cap = LAUNCH_SPACING_S
-    return float(min(first * 2 ** (failures_here - 1), cap))
+    return float(min(first * 2 ** (failures_here - free - 1), cap))
 
 
 def launch_backoff(failed_walks: int) -> float:

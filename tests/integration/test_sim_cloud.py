@@ -35,6 +35,19 @@ def wait_for(pred: Callable[[], object], timeout: float = 30.0, what: str = "con
 LAUNCH_KINDS = ("launch.failed", "worker.launched")
 
 
+def test_live_signals_keep_placement_off_offers_out_of_capacity(tmp_path):
+    """When the cloud's live signals show an outage, placement skips those offers: nothing is tried there."""
+    scenario = {"capacity": [{"match": {"zone": "use1-az1"}, "mode": "none"}]}
+    with sim_plane(tmp_path, scenario) as (handle, _sim):
+        with run_app(sim_app.app, show_logs=False) as running:
+            assert sim_app.on_demand_fallback_list.remote(7) == 7
+            evs = events(handle, running.app_id, LAUNCH_KINDS)
+            ranked = events(handle, running.app_id, ("placement.ranked",))
+    assert [e["kind"] for e in evs] == ["worker.launched"]
+    assert "aws usw2-az1 g5.xlarge A10 on-demand $1.10/h" in evs[0]["message"]
+    assert "use1-az1" not in ranked[0]["message"] and "1) aws usw2-az1" in ranked[0]["message"]
+
+
 @pytest.mark.parametrize(
     "unavailable, expect_failed, expect_launched",
     [
@@ -57,7 +70,8 @@ def test_failover_walks_the_tier_then_the_next_tier(tmp_path, unavailable, expec
         "capacity": [
             {"match": {"zone": z} if z != "us-east-1" else {"cloud": "lambda"}, "mode": "none"}
             for z in unavailable
-        ]
+        ],
+        "signals": False,  # the cloud's live signals do not show the outage: launches find it
     }
     with sim_plane(tmp_path, scenario) as (handle, _sim):
         with run_app(sim_app.app, show_logs=False) as running:
