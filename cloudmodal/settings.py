@@ -131,8 +131,63 @@ class Settings(BaseSettings):
     )
     providers: Annotated[tuple[str, ...], NoDecode] = _var(
         ("local",),
-        "the providers to launch workers with, comma-separated: `local`, `sim` (`local` is always added, for "
-        "CPU-only work)",
+        "the providers to launch workers with, comma-separated: `local`, `sim`, `aws`, `gcp`, `azure`, `lambda` "
+        "(`local` is always added, for CPU-only work; `cloudmodal setup` says which clouds are usable)",
+        group="control plane",
+    )
+    node_server_url: str | None = _var(
+        None,
+        "the URL cloud nodes reach this control plane at (unset: each node reaches it through a reverse SSH "
+        "tunnel over its SSH connection, so a control plane behind NAT works)",
+        group="control plane",
+    )
+    ssh_config: Path | None = _var(
+        None,
+        "an OpenSSH client config file used for every SSH connection to cloud nodes (bastions, jump hosts)",
+        group="control plane",
+    )
+    any_skypilot: bool = _var(
+        False,
+        "`1`: use an installed SkyPilot other than the version cloudmodal is built against (its provisioner "
+        "is SkyPilot's internal layer: expect breakage)",
+        group="control plane",
+    )
+    lambda_api_endpoint: str | None = _var(
+        None,
+        "Lambda Cloud's API base URL (unset: Lambda's own; set for a proxy or a test double)",
+        group="control plane",
+    )
+    gcp_api_endpoint: str | None = _var(
+        None,
+        "the Google Cloud API root for Compute Engine calls (unset: Google's own; set for a proxy, a private "
+        "endpoint or a test double)",
+        group="control plane",
+    )
+    azure_arm_endpoint: str | None = _var(
+        None,
+        "the Azure Resource Manager endpoint (unset: Azure's public cloud; set for sovereign clouds, a proxy or a "
+        "test double)",
+        group="control plane",
+    )
+    azure_arm_ca_bundle: Path | None = _var(
+        None,
+        "a CA bundle to verify `CLOUDMODAL_AZURE_ARM_ENDPOINT`'s certificate with (unset: the system's)",
+        group="control plane",
+    )
+    node_ssh_user: str | None = _var(
+        None,
+        "the SSH login on cloud nodes (unset: the one of the cloud's image, e.g. `ubuntu`)",
+        group="control plane",
+    )
+    node_prepared: bool = _var(
+        False,
+        "`1`: the nodes' Python already has cloudmodal's dependencies (a prepared image, or nodes without "
+        "internet): image environments see its packages and nothing is downloaded for cloudmodal itself",
+        group="control plane",
+    )
+    node_python: str = _var(
+        "python3",
+        "the Python interpreter on cloud nodes that their image environments are made from",
         group="control plane",
     )
     lease_s: float = _seconds(30.0, "how long a claimed input is leased to its worker", group="control plane")
@@ -228,6 +283,19 @@ class Settings(BaseSettings):
     )
     token_file: Path | None = _var(
         None, "a file holding the worker's token (cloud nodes)", group="worker", set_by_cloudmodal=True
+    )
+    preemption_source: str | None = _var(
+        None,
+        "the cloud whose preemption notices the worker watches on its node: `aws` (IMDS spot instance-action), "
+        "`gcp` (metadata `preempted`), `azure` (Scheduled Events)",
+        group="worker",
+        set_by_cloudmodal=True,
+    )
+    metadata_url: str | None = _var(
+        None,
+        "the base URL of the node's metadata service (unset: the cloud's link-local address)",
+        group="worker",
+        set_by_cloudmodal=True,
     )
     is_remote: bool = _var(
         False,
