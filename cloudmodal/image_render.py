@@ -31,16 +31,34 @@ def setup_script(
     layers: Sequence[Mapping[str, Any]],
     *,
     cloudmodal_requirement: str | None = None,
+    python: str | None = None,
+    system_site_packages: bool = False,
+    requirements: Sequence[str] = (),
 ) -> str:
     """A bash script that prepares a fresh Debian/Ubuntu node (SkyPilot's ``setup``).
 
     It creates a virtualenv with ``python_version`` at :func:`venv_dir` (with uv, which fetches the
     interpreter if the node lacks it), then replays the layers: apt packages (with sudo when not root),
     pip/uv installs, commands, ``export``s. ``cloudmodal_requirement`` (e.g. ``"cloudmodal==0.1.0"``) is
-    installed first, so that ``run_function`` steps and the worker can import cloudmodal.
+    installed first, so that ``run_function`` steps and the worker can import cloudmodal; ``requirements``
+    (cloudmodal's own dependencies, when cloudmodal itself is shipped as source) too.
+
+    ``python``: an interpreter already on the node to make the virtualenv with (``python -m venv``) instead
+    of uv and ``python_version``; then uv is fetched only if a layer uses it. ``system_site_packages``: the
+    virtualenv also sees that interpreter's packages — its base installation's (``--system-site-packages``)
+    and, when it is itself a virtualenv, its own site-packages (a ``.pth`` file) — so a node whose Python
+    already has every package needs no download (the test nodes).
     """
     pv = python_version
     venv = venv_dir(image_hash)
+    needs_uv = python is None or any(
+        layer["op"] == "uv_pip_install" and "uv_version" not in layer for layer in layers
+    )
+    needs_pip = bool(cloudmodal_requirement or requirements) or any(
+        layer["op"] in ("pip_install", "pip_install_requirements")
+        or (layer["op"] == "uv_pip_install" and "uv_version" in layer)
+        for layer in layers
+    )
     lines = [
         "#!/usr/bin/env bash",
         f"# cloudmodal image {image_hash[:12]} (python {pv}); generated from the recipe, do not edit.",
@@ -49,20 +67,55 @@ def setup_script(
         "export DEBIAN_FRONTEND=noninteractive",
         f'export CLOUDMODAL_VENV="{venv}"',
         'export PATH="$HOME/.local/bin:$PATH"',
-        "if ! command -v uv >/dev/null 2>&1; then",
-        "  python3 -m pip install --quiet uv || python3 -m pip install --quiet --user uv \\",
-        "    || python3 -m pip install --quiet --user --break-system-packages uv",
-        "fi",
-        'if [ ! -x "$CLOUDMODAL_VENV/bin/python" ]; then',
-        f'  uv venv --seed --python {shlex.quote(pv)} "$CLOUDMODAL_VENV"',
+    ]
+    if needs_uv:
+        lines += [
+            "if ! command -v uv >/dev/null 2>&1; then",
+            "  python3 -m pip install --quiet uv || python3 -m pip install --quiet --user uv \\",
+            "    || python3 -m pip install --quiet --user --break-system-packages uv",
+            "fi",
+        ]
+    if python is not None and needs_pip:
+        # also when an earlier try left a venv without pip (its ensurepip was missing)
+        lines.append(
+            'if [ ! -x "$CLOUDMODAL_VENV/bin/python" ] '
+            '|| ! "$CLOUDMODAL_VENV/bin/python" -m pip --version >/dev/null 2>&1; then'
+        )
+    else:
+        lines.append('if [ ! -x "$CLOUDMODAL_VENV/bin/python" ]; then')
+    if python is None:
+        lines.append(f'  uv venv --seed --python {shlex.quote(pv)} "$CLOUDMODAL_VENV"')
+    else:
+        flags = ("--system-site-packages " if system_site_packages else "") + (
+            "" if needs_pip else "--without-pip "
+        )
+        make = f'{shlex.quote(python)} -m venv {flags}"$CLOUDMODAL_VENV"'
+        lines += [
+            f"  if ! {make}; then",
+            # Debian and Ubuntu ship venv's pip bootstrap (ensurepip) apart, in python3-venv
+            '    rm -rf "$CLOUDMODAL_VENV"',
+            "    $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends python3-venv",
+            f"    {make}",
+            "  fi",
+        ]
+        if system_site_packages:
+            # A venv made from a venv's interpreter sees only the *base* installation's packages: list the
+            # interpreter's own site-packages in a .pth file too (plain paths: their .pth files do not run).
+            lines.append(
+                f"  {shlex.quote(python)} -c {shlex.quote(_BASE_SITE_PTH)} "
+                '"$("$CLOUDMODAL_VENV/bin/python" -c \'import sysconfig; print(sysconfig.get_paths()["purelib"])\')"'
+            )
+    lines += [
         "fi",
         'export VIRTUAL_ENV="$CLOUDMODAL_VENV"',
         'export PATH="$CLOUDMODAL_VENV/bin:$PATH"',
     ]
-    if cloudmodal_requirement:
-        lines.append(
-            f'uv pip install --python "$CLOUDMODAL_VENV/bin/python" {shlex.quote(cloudmodal_requirement)}'
-        )
+    first = ([cloudmodal_requirement] if cloudmodal_requirement else []) + list(requirements)
+    if first:
+        if python is None:
+            lines.append(f'uv pip install --python "$CLOUDMODAL_VENV/bin/python" {shlex.join(first)}')
+        else:
+            lines.append(f'"$CLOUDMODAL_VENV/bin/python" -m pip install --quiet {shlex.join(first)}')
     for layer in layers:
         lines.append(f"# {layer['op']}")
         body = shell_steps(layer, docker=False)
@@ -72,6 +125,15 @@ def setup_script(
         else:
             lines.extend(body)
     return "\n".join(lines) + "\n"
+
+
+# Run by the node's interpreter with the new venv's site-packages as argv[1]: write a .pth file there that
+# lists the interpreter's own site-packages directories.
+_BASE_SITE_PTH = (
+    "import os, site, sys; "
+    'open(os.path.join(sys.argv[1], "_cloudmodal_base_site.pth"), "w")'
+    '.write("".join(p + chr(10) for p in site.getsitepackages()))'
+)
 
 
 def dockerfile(python_version: str, image_hash: str, layers: Sequence[Mapping[str, Any]]) -> str:
