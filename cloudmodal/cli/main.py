@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cloudmodal.cli import app_cmd, run, server_cmd, token_cmd
+from cloudmodal.cli import app_cmd, run, server_cmd, setup_cmd, token_cmd
 from cloudmodal.cli import offers as _offers
 from cloudmodal.cli import pricing as _pricing
 
@@ -26,6 +26,7 @@ app.add_typer(app_cmd.app, name="app")
 app.add_typer(token_cmd.app, name="token")
 app.command("offers")(_offers.offers_command)
 app.add_typer(_pricing.app, name="pricing")
+app.command("setup")(setup_cmd.setup_command)
 
 
 def main() -> None:

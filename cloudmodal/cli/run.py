@@ -87,6 +87,21 @@ def deploy_command(
     gpu_fallback: str = typer.Option(
         None, "--gpu-fallback", help="'cpu': run GPU functions on CPU when no provider has the GPU."
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Show where each function would run now and what it costs; contact nothing, launch nothing.",
+    ),
+    fallbacks: int = typer.Option(
+        5, "--fallbacks", min=0, help="With --dry-run: how many fallback offers to show after the chosen one."
+    ),
+    all_clouds: bool = typer.Option(
+        False,
+        "--all-clouds",
+        help="With --dry-run: plan over every catalog cloud, not only the enabled ones.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
+    wide: bool = typer.Option(False, "--wide", help="With --dry-run: show every column in full."),
 ) -> None:
     """Deploy an app to the control plane: its functions stay up and callable with Function.from_name."""
     from rich.console import Console
@@ -95,6 +110,17 @@ def deploy_command(
     from cloudmodal.cli.server_cmd import ensure_server
     from cloudmodal.client.session import deploy
 
+    if dry_run:
+        from cloudmodal.cli.plan import deploy_plan
+
+        with user_errors():
+            deploy_plan(
+                app_ref, name=name, fallbacks=fallbacks, all_clouds=all_clouds, as_json=as_json, wide=wide
+            )
+        return
+    if as_json or all_clouds or wide:
+        typer.secho("Error: --json, --all-clouds and --wide go with --dry-run.", fg="red", err=True)
+        raise typer.Exit(2)
     with user_errors():
         path, _ = parse_ref(app_ref)
         ensure_server()
