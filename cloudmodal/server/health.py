@@ -132,6 +132,7 @@ class Health(ReconcilerBase):
         )
 
     def _reap(self, now: float) -> None:
+        self._release_machines()
         for wid, (prov, handle) in list(self.handles.items()):
             self._step(f"worker {wid} (reap)", self._reap_one, wid, prov, handle, now)
         # Workers that went silent (hung, partitioned, or launched by a previous control plane and gone): only
@@ -156,6 +157,29 @@ class Health(ReconcilerBase):
                 k for k in self._step_errors if k.startswith("worker ") and k.split()[1] not in known
             ]:
                 del self._step_errors[key]
+
+    def _release_machines(self) -> None:
+        """A cloud node outlives its worker's process: once the worker has stopped (drained on scale-down,
+        exited, written off), its node is terminated here. One query for every watched cloud worker."""
+        with self._lock:
+            machines = {wid: e for wid, e in self.handles.items() if isinstance(e[0], SupportsInventory)}
+        if not machines:
+            return
+        with self.cp.db.read() as conn:
+            live = set(
+                conn.execute(
+                    select(W.c.id).where(and_(W.c.id.in_(list(machines)), W.c.state.in_(LIVE_WORKER_STATES)))
+                ).scalars()
+            )
+        for wid, (prov, handle) in machines.items():
+            if wid not in live:
+                self._step(f"worker {wid} (release)", self._release, wid, prov, handle)
+
+    def _release(self, wid: str, prov: Any, handle: Any) -> None:
+        prov.terminate(handle, grace_s=0.0)
+        with self._lock:
+            self.handles.pop(wid, None)
+        log.info("worker %s stopped: its %s machine %s terminated", wid, prov.name, handle.instance_id)
 
     def _reap_one(self, wid: str, prov: Any, handle: Any, now: float) -> None:
         extra = dict(handle.extra) if isinstance(prov, SupportsInventory) else None

@@ -203,3 +203,20 @@ def test_spot_notice_requeues_at_once_and_a_replacement_finishes(
     assert preempted[0]["data"]["requeued"] >= 0
     assert len(launched) >= 2  # the replacement
     assert used == 0  # no user retry consumed
+
+
+def test_a_worker_scaled_down_gives_its_node_back(aws: Any, sandbox: dict[str, Any], tmp_path: Path) -> None:
+    """The node outlives the worker's process: when the pool scales down, the control plane terminates it."""
+    with cloud_plane(tmp_path, {"aws": aws_provider(sandbox, tmp_path)}) as handle:
+        with run_app(cloud_app.app, show_logs=False) as running:
+            assert cloud_app.brief.remote(1) == 2
+            (inst,) = moto_instances(aws)
+            wait_for(
+                lambda: not moto_instances(aws) and not handle.reconciler.handles,
+                60,
+                "the idle worker's node to be terminated",
+            )
+            stopped = events(handle, running.app_id, "worker.stopped")
+    (gone,) = [i for i in moto_instances(aws, live=False) if i["InstanceId"] == inst["InstanceId"]]
+    assert gone["State"]["Name"] in ("shutting-down", "terminated")
+    assert stopped and any(w in stopped[0]["message"] for w in ("idle", "drained")), stopped

@@ -18,3 +18,8 @@ def where(x: int) -> dict:
 def slow_spot(x: int) -> int:
     time.sleep(0.5)
     return x
+
+
+@app.function(gpu="H100:8", spot="never", scaledown_window=2)
+def brief(x: int) -> int:
+    return x + 1
