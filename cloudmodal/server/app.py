@@ -73,7 +73,9 @@ def make_providers(settings: Settings) -> dict[str, Any]:
                 node_python=env.node_python,
                 ssh_user=env.node_ssh_user,
                 bootstrap_options=(
-                    {"system_site_packages": True, "install_dependencies": False} if env.node_prepared else None
+                    {"system_site_packages": True, "install_dependencies": False}
+                    if env.node_prepared
+                    else None
                 ),
             )
         else:

@@ -247,7 +247,9 @@ def test_a_restarted_control_plane_adopts_the_worker_that_registered(
         try:
             inst = _deploy_and_wait_for_instance(aws, port, _member_token(env), monkeypatch)
             (ready,) = wait_for(
-                lambda: [w for w in _workers(database_url) if w["state"] == "ready"], 90, "the worker to register"
+                lambda: [w for w in _workers(database_url) if w["state"] == "ready"],
+                90,
+                "the worker to register",
             )
             _kill(proc)  # the tunnel (an ssh child of the control plane) dies with it; the worker does not
             proc = _start(env, port, database_url)
