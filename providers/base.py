@@ -259,6 +259,9 @@ class Provider(abc.ABC):
     """Where workers run. Implementations must be safe to call from several threads."""
 
     name: str = "provider"
+    # Whether this provider's workers are processes of this machine (they count against its worker budget,
+    # CLOUDMODAL_LOCAL_MAX_WORKERS); a cloud's run on their own nodes.
+    workers_on_this_machine: ClassVar[bool] = True
 
     @abc.abstractmethod
     def offers(self) -> list[Any]:

@@ -84,6 +84,8 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
     (e.g. ``system_site_packages`` for nodes whose Python already has cloudmodal's dependencies).
     """
 
+    workers_on_this_machine = False
+
     def __init__(
         self,
         driver: NodeDriver,

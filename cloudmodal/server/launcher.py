@@ -80,6 +80,16 @@ class Launcher(ReconcilerBase):
             return
         raise NoProviderError(_no_gpu_message(spec.gpu, self.local))
 
+    def _runs_here(self, fn: Any, spec: FunctionSpec) -> bool:
+        """Whether the pool's workers start on this machine (CPU work, a GPU this machine has, CPU fallback,
+        no cloud enabled, a simulated cloud) rather than on cloud nodes: only those count against this
+        machine's budget."""
+        if not spec.gpu or self._local_tier(spec.gpu) is not None:
+            return True
+        if not self.clouds or any(getattr(p, "workers_on_this_machine", True) for p in self.clouds):
+            return True
+        return self.cp.secrets.open_env(fn.inline_env).get("CLOUDMODAL_CPU_FALLBACK") == "1"
+
     # -- candidates ------------------------------------------------------------------------------------------
     def _local_tier(self, tiers: tuple[GpuTier, ...]) -> GpuTier | None:
         can = getattr(self.local, "can_satisfy", None)

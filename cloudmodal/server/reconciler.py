@@ -157,6 +157,7 @@ class Reconciler(Launcher, Health, Estimates):
                 try:
                     if self.leadership.held():
                         if not leading:  # taking over: what a previous leader left is ours to settle now
+                            took_over_at = time.time()
                             leading = True
                             with self._market_lock:  # another leader may have written the pools' rows
                                 self.market_state.clear()
@@ -164,7 +165,7 @@ class Reconciler(Launcher, Health, Estimates):
                             self.cp.activity.event(
                                 "control_plane.leader", f"{self.server_url} reconciles this database"
                             )
-                            self._adopt_orphans()
+                            self._adopt_orphans(before=took_over_at)
                         started = time.monotonic()
                         self.tick(self.clock())
                         busy = time.monotonic() - started
@@ -275,7 +276,10 @@ class Reconciler(Launcher, Health, Estimates):
         by_fn: dict[str, list[Any]] = {}
         for w in workers:
             by_fn.setdefault(w.function_id, []).append(w)
-        self._live_total = len(workers) + sum(self._launching.values())
+        # This machine's worker budget counts the workers that run here (cloud workers run on their nodes).
+        self._live_total = sum(1 for w in workers if w.provider == "local") + sum(
+            n for f, n in self._launching.items() if f not in self._cloud_pools
+        )
         self._served = {
             w.function_id for w in workers if w.state in (WorkerState.STARTING, WorkerState.READY)
         }
@@ -368,8 +372,14 @@ class Reconciler(Launcher, Health, Estimates):
                     worker_id=wid,
                 )
         launch = decision.launch
-        room = self.max_workers - self._live_total
-        if launch > room:
+        on_this_machine = self._runs_here(fn, spec)
+        if on_this_machine:
+            self._cloud_pools.discard(fid)
+        else:
+            self._cloud_pools.add(fid)
+        # room on this machine for more workers; None: the pool's workers run elsewhere (no budget here)
+        room = self.max_workers - self._live_total if on_this_machine else None
+        if room is not None and launch > room:
             # Make room by stopping workers that sit idle in other pools (longest idle first).
             for _since, wid, other in list(self._idle_elsewhere):
                 if room >= launch:
@@ -383,7 +393,8 @@ class Reconciler(Launcher, Health, Estimates):
                 )
             launch = max(0, room)
         if launch > 0 and now >= self._next_launch_at.get(fid, 0.0):
-            self._live_total += launch
+            if on_this_machine:
+                self._live_total += launch
             floor = (
                 on_demand_launches(
                     self.market_policy,
@@ -403,7 +414,13 @@ class Reconciler(Launcher, Health, Estimates):
             )
             for i in range(launch):
                 self._launch(fid, fn, spec, force_on_demand=i < floor)
-        elif spec.gpu and self.clouds and spec.spot == "allow" and not self._launching.get(fid) and room > 0:
+        elif (
+            spec.gpu
+            and self.clouds
+            and spec.spot == "allow"
+            and not self._launching.get(fid)
+            and (room is None or room > 0)
+        ):
             self._move_back_to_spot(fid, fn, spec, ws, now)
         # after the launches: the row is not on a cold start's path
         self._record_pool(fid, fn.app_id, decision, len(ws), now)

@@ -134,7 +134,8 @@ class ReconcilerBase:
         self._market_lock = threading.Lock()
         self._floors: dict[str, frozenset[str]] = {}  # function id -> the on-demand floor last set
         self.max_workers = self.settings.max_workers
-        self._live_total = 0
+        self._live_total = 0  # workers on this machine, and launches in flight for it (its budget)
+        self._cloud_pools: set[str] = set()  # function ids whose workers run on cloud nodes
         self._served: set[str] = set()  # functions with live workers at the last tick
         self._idle_elsewhere: list[tuple[float, str, str]] = []  # (idle since, worker id, function id)
         # Failures are isolated per pool (and per global step, per worker) and reported once per distinct

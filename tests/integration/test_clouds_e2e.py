@@ -220,3 +220,17 @@ def test_a_worker_scaled_down_gives_its_node_back(aws: Any, sandbox: dict[str, A
     (gone,) = [i for i in moto_instances(aws, live=False) if i["InstanceId"] == inst["InstanceId"]]
     assert gone["State"]["Name"] in ("shutting-down", "terminated")
     assert stopped and any(w in stopped[0]["message"] for w in ("idle", "drained")), stopped
+
+
+def test_cloud_workers_do_not_count_against_this_machines_worker_budget(
+    aws: Any, sandbox: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLOUDMODAL_LOCAL_MAX_WORKERS bounds the worker processes of the control plane's machine; a pool whose
+    workers run on cloud nodes is bounded by its own max_containers only."""
+    monkeypatch.setenv("CLOUDMODAL_LOCAL_MAX_WORKERS", "1")
+    with cloud_plane(tmp_path, {"aws": aws_provider(sandbox, tmp_path)}) as handle:
+        with run_app(cloud_app.app, show_logs=False):
+            assert list(cloud_app.wide.map(range(12))) == list(range(12))
+        with handle.cp.db.read() as conn:
+            n = conn.execute(text("select count(*) from worker where provider = 'aws'")).scalar_one()
+    assert n >= 2  # more than the budget of 1 (3 when the first decision sees every input)

@@ -23,3 +23,9 @@ def slow_spot(x: int) -> int:
 @app.function(gpu="H100:8", spot="never", scaledown_window=2)
 def brief(x: int) -> int:
     return x + 1
+
+
+@app.function(gpu="H100:8", spot="never", max_containers=3)
+def wide(x: int) -> int:
+    time.sleep(0.3)
+    return x
