@@ -36,22 +36,24 @@ DRAIN_GRACE_S = 30.0
 class Health(ReconcilerBase):
     """Reaping, silent workers and preemption notices (a part of the reconciler)."""
 
-    def _adopt_orphans(self) -> None:
+    def _adopt_orphans(self, before: float | None = None) -> None:
         """On start and on take-over: settle what a previous control plane left.
 
         Workers that registered keep running and heartbeating: their handles are read back from their rows,
         so that this control plane watches and stops their machines (and re-opens a node's tunnel). Workers
         that never registered are written off (their tokens were only in the previous process's memory).
         Then every provider that can list its machines is asked for this control plane's: a machine with no
-        live worker row is terminated (see :meth:`_settle_inventory`)."""
+        live worker row is terminated (see :meth:`_settle_inventory`). ``before``: when this control plane took
+        over; workers added since are its own (launches it started, or workers added through its API)."""
         for prov in self.providers.values():
             bind = getattr(prov, "bind", None)
             if bind is not None:
                 bind(self.cp.control_plane_id, self.server_url)
         with self.cp.db.read() as conn:
-            rows = conn.execute(
-                select(W.c.id).where(and_(W.c.state == WorkerState.STARTING, W.c.pid.is_(None)))
-            ).all()
+            unregistered = and_(W.c.state == WorkerState.STARTING, W.c.pid.is_(None))
+            if before is not None:
+                unregistered = and_(unregistered, W.c.started_at < before)
+            rows = conn.execute(select(W.c.id).where(unregistered)).all()
         for (wid,) in rows:
             if wid in self.handles:  # launched by this process (a leader that lost and regained the lock)
                 continue

@@ -65,7 +65,7 @@ def test_map_completes_on_the_second_tier_when_the_first_is_out_of_stock_everywh
         "capacity": [{"match": {"gpu": "H100"}, "mode": "none"}],
         "signals": False,  # the outage shows only in failed launches: this is about the walk through them
         "provisioning": {"delay_s": 0.2},
-        "preemption": [{"match": {"market": "spot"}, "every_s": 2.5, "jitter_s": 0.5, "notice_s": 0.3}],
+        "preemption": [{"match": {"market": "spot"}, "every_s": 4.0, "jitter_s": 0.5, "notice_s": 0.3}],
     }
     # Spot launch failures of H100 must not switch the pool to on-demand before it reaches A100-80GB, whose
     # cheapest offers are spot: that is where the preemptions hit.
