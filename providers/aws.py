@@ -22,6 +22,7 @@ Every SDK error is mapped into the :class:`~cloudmodal.providers.base.ProviderEr
 from __future__ import annotations
 
 import builtins
+import copy
 import csv
 import logging
 import threading
@@ -51,6 +52,7 @@ SSH_USER = "ubuntu"
 IMAGE_TAGS = {"x86_64": "skypilot:custom-gpu-ubuntu", "arm64": "skypilot:custom-gpu-ubuntu-arm64"}
 IMAGES_FILE = "images.csv"
 ROOT_DEVICE = "/dev/sda1"  # the root device of Ubuntu AMIs (SkyPilot's images included)
+BOOTSTRAP_TTL_S = 600.0  # how long a region and zone's bootstrap (security group, subnets) is reused
 DEFAULT_DISK_GB = 256  # SkyPilot's default disk size
 # One security group per VPC shared by every node (SSH in, all traffic within the group). SkyPilot creates it
 # on first use and, as it is not "managed by SkyPilot", neither blocks on nor deletes it at terminate.
@@ -140,6 +142,8 @@ class AwsNodes(NodeDriver):
         # in one region at once could both create them (AWS refuses the second). One bootstrap per region
         # at a time; RunInstances itself runs in parallel.
         self._bootstrap_locks: dict[str, threading.Lock] = {}
+        # (region, zone) -> (when, node_config fields, provider_config fields) SkyPilot's bootstrap filled in
+        self._bootstrap_cache: dict[tuple[str, Any], tuple[float, dict[str, Any], dict[str, Any]]] = {}
         self._signals_lock = threading.Lock()
         self._zone_ids: dict[str, dict[str, str]] = {}  # region -> zone name -> zone id
         self._images: dict[tuple[str, str], str] | None = None  # (tag, region) -> AMI
@@ -419,21 +423,62 @@ class AwsNodes(NodeDriver):
             region = offer.region
             with self._lock:
                 region_lock = self._bootstrap_locks.setdefault(region, threading.Lock())
-            with region_lock:
-                # SkyPilot's API server clears its request-scoped caches before each request. Of those, only
-                # the VPC's route tables (which decide whether a subnet is public) can go stale between our
-                # launches; clearing them all would also drop SkyPilot's per-thread boto3 sessions, and
-                # rebuilding them (reloading EC2's service model) made a launch 3-4x slower (bench/launch.py).
-                from sky.provision.aws import config as sky_aws_config
-
-                sky_aws_config._get_route_tables.cache_clear()
-                config = prov.bootstrap_instances(CLOUD, region, name, config)
-            record = prov.run_instances(CLOUD, region, name, name, config)
+            key = (region, config.provider_config.get("availability_zone"))
+            for fresh in (False, True):
+                with region_lock:
+                    ready, cached = self._bootstrapped_config(prov, region, name, key, config, fresh=fresh)
+                try:
+                    record = prov.run_instances(CLOUD, region, name, name, ready)
+                    break
+                except Exception as e:
+                    with self._lock:  # the network it found may be what failed: look again next time
+                        self._bootstrap_cache.pop(key, None)
+                    # a subnet or security group deleted since the bootstrap was reused: bootstrap again, once
+                    if not (cached and (aws_error_code(e)[0] or "").endswith(".NotFound")):
+                        raise
         instance_id = record.head_instance_id or (record.created_instance_ids or [None])[0]
         if instance_id:
             self._restore_name(region, instance_id, name)
         zone = offer.zone or self.zone_id(region, record.zone)
         return NodeRef(cloud=CLOUD, region=region, zone=zone, cluster=name, instance_id=instance_id)
+
+    def _bootstrapped_config(
+        self, prov: Any, region: str, name: str, key: tuple[str, Any], config: Any, *, fresh: bool = False
+    ) -> tuple[Any, bool]:
+        """``config`` completed by SkyPilot's bootstrap (the security group, the zone's subnets, the instance
+        profile), run once per region and zone every :data:`BOOTSTRAP_TTL_S` and reused between: it answers
+        the same for every launch there and costs ten requests, which, under the region's lock, made
+        concurrent launches wait for each other (bench/launch.py). Called under the region's lock. Returns the
+        config and whether it came from the cache; ``fresh``: bootstrap whatever the cache holds."""
+        with self._lock:
+            cached = None if fresh else self._bootstrap_cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < BOOTSTRAP_TTL_S:
+            _, node_fields, provider_fields = cached
+            config = copy.deepcopy(config)
+            config.node_config.update(copy.deepcopy(node_fields))
+            config.provider_config.update(copy.deepcopy(provider_fields))
+            return config, True
+        # SkyPilot's API server clears its request-scoped caches before each request. Of those, only the
+        # VPC's route tables (which decide whether a subnet is public) can go stale between our bootstraps;
+        # clearing them all would also drop SkyPilot's per-thread boto3 sessions, and rebuilding them
+        # (reloading EC2's service model) made a launch 3-4x slower (bench/launch.py).
+        from sky.provision.aws import config as sky_aws_config
+
+        sky_aws_config._get_route_tables.cache_clear()
+        done = prov.bootstrap_instances(CLOUD, region, name, config)
+        node_fields = {k: v for k, v in done.node_config.items() if config.node_config.get(k) != v}
+        provider_fields = {
+            k: v for k, v in done.provider_config.items() if config.provider_config.get(k) != v
+        }
+        with self._lock:
+            self._bootstrap_cache[key] = (time.monotonic(), node_fields, provider_fields)
+        return done, False
+
+    def forget_network(self) -> None:
+        """Bootstrap again on the next launch in each region and zone (the account's VPCs, subnets or security
+        groups changed; a launch that finds one gone does this by itself)."""
+        with self._lock:
+            self._bootstrap_cache.clear()
 
     def _restore_name(self, region: str, instance_id: str, name: str) -> None:
         """SkyPilot renames its head node ``sky-<cluster>-head``; the console should show our name."""

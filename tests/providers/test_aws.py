@@ -86,7 +86,9 @@ def shared_driver(aws: MotoEc2, catalog: Path) -> Iterator[AwsNodes]:
 
 @pytest.fixture
 def driver(fake: MotoEc2, shared_driver: AwsNodes) -> AwsNodes:
-    """One driver for the module (as the control plane keeps one); tests of caches make their own."""
+    """One driver for the module (as the control plane keeps one); tests of caches make their own. The fake's
+    account may have been reset (new VPCs): the driver bootstraps afresh for each test."""
+    shared_driver.forget_network()
     return shared_driver
 
 
@@ -434,3 +436,18 @@ def test_parallel_creates_from_threads(driver: AwsNodes) -> None:
     assert errors == []
     listed = {i.ref.instance_id for i in driver.list({TAG_CONTROL_PLANE: CP})}
     assert listed == {r.instance_id for r in refs} and len(listed) == len(zones)
+
+
+def test_a_region_is_bootstrapped_once_and_a_vanished_subnet_bootstraps_again(
+    driver: AwsNodes, fake: MotoEc2
+) -> None:
+    launch(driver, request(offer(driver), worker="wk-1", market="on-demand"))
+    bootstraps = len(fake.requests("DescribeVpcs"))
+    launch(driver, request(offer(driver), worker="wk-2", market="on-demand"))
+    assert len(fake.requests("DescribeVpcs")) == bootstraps  # the second launch reused the bootstrap
+    fake.reset()  # a new account: the cached subnet and security group are gone
+    ref = launch(driver, request(offer(driver), worker="wk-3", market="on-demand"))
+    statuses = [r["status"] for r in fake.requests("RunInstances")]
+    assert (
+        statuses == [400, 200] and ref.instance_id
+    )  # refused once (InvalidSubnetID.NotFound), then launched
