@@ -142,8 +142,11 @@ class AwsNodes(NodeDriver):
         # in one region at once could both create them (AWS refuses the second). One bootstrap per region
         # at a time; RunInstances itself runs in parallel.
         self._bootstrap_locks: dict[str, threading.Lock] = {}
-        # (region, zone) -> (when, node_config fields, provider_config fields) SkyPilot's bootstrap filled in
-        self._bootstrap_cache: dict[tuple[str, Any], tuple[float, dict[str, Any], dict[str, Any]]] = {}
+        # (region, None) -> (when, node_config and provider_config fields SkyPilot's bootstrap filled in, the
+        # zone of each subnet it found)
+        self._bootstrap_cache: dict[
+            tuple[str, Any], tuple[float, dict[str, Any], dict[str, Any], dict[str, str]]
+        ] = {}
         self._signals_lock = threading.Lock()
         self._zone_ids: dict[str, dict[str, str]] = {}  # region -> zone name -> zone id
         self._images: dict[tuple[str, str], str] | None = None  # (tag, region) -> AMI
@@ -432,7 +435,7 @@ class AwsNodes(NodeDriver):
                     break
                 except Exception as e:
                     with self._lock:  # the network it found may be what failed: look again next time
-                        self._bootstrap_cache.pop(key, None)
+                        self._bootstrap_cache.pop((region, None), None)
                     # a subnet or security group deleted since the bootstrap was reused: bootstrap again, once
                     if not (cached and (aws_error_code(e)[0] or "").endswith(".NotFound")):
                         raise
@@ -445,34 +448,55 @@ class AwsNodes(NodeDriver):
     def _bootstrapped_config(
         self, prov: Any, region: str, name: str, key: tuple[str, Any], config: Any, *, fresh: bool = False
     ) -> tuple[Any, bool]:
-        """``config`` completed by SkyPilot's bootstrap (the security group, the zone's subnets, the instance
-        profile), run once per region and zone every :data:`BOOTSTRAP_TTL_S` and reused between: it answers
-        the same for every launch there and costs ten requests, which, under the region's lock, made
-        concurrent launches wait for each other (bench/launch.py). Called under the region's lock. Returns the
-        config and whether it came from the cache; ``fresh``: bootstrap whatever the cache holds."""
+        """``config`` completed by SkyPilot's bootstrap (the security group, the instance profile, the subnets
+        of its zone). The bootstrap runs once per region (for all its zones) every :data:`BOOTSTRAP_TTL_S` and
+        is reused between: it answers the same for every launch there and costs ten requests, which, under the
+        region's lock, made concurrent launches wait for each other and every try of a failover walk repeat it
+        (bench/launch.py). Called under the region's lock. Returns the config and whether it came from the
+        cache; ``fresh``: bootstrap whatever the cache holds."""
+        zone = config.provider_config.get("availability_zone")
         with self._lock:
-            cached = None if fresh else self._bootstrap_cache.get(key)
-        if cached is not None and time.monotonic() - cached[0] < BOOTSTRAP_TTL_S:
-            _, node_fields, provider_fields = cached
-            config = copy.deepcopy(config)
-            config.node_config.update(copy.deepcopy(node_fields))
-            config.provider_config.update(copy.deepcopy(provider_fields))
-            return config, True
-        # SkyPilot's API server clears its request-scoped caches before each request. Of those, only the
-        # VPC's route tables (which decide whether a subnet is public) can go stale between our bootstraps;
-        # clearing them all would also drop SkyPilot's per-thread boto3 sessions, and rebuilding them
-        # (reloading EC2's service model) made a launch 3-4x slower (bench/launch.py).
-        from sky.provision.aws import config as sky_aws_config
+            cached = None if fresh else self._bootstrap_cache.get((region, None))
+        reused = cached is not None and time.monotonic() - cached[0] < BOOTSTRAP_TTL_S
+        if not reused:
+            # SkyPilot's API server clears its request-scoped caches before each request. Of those, only the
+            # VPC's route tables (which decide whether a subnet is public) can go stale between bootstraps;
+            # clearing them all would also drop SkyPilot's per-thread boto3 sessions, and rebuilding them
+            # (reloading EC2's service model) made a launch 3-4x slower (bench/launch.py).
+            from sky.provision.aws import config as sky_aws_config
 
-        sky_aws_config._get_route_tables.cache_clear()
-        done = prov.bootstrap_instances(CLOUD, region, name, config)
-        node_fields = {k: v for k, v in done.node_config.items() if config.node_config.get(k) != v}
-        provider_fields = {
-            k: v for k, v in done.provider_config.items() if config.provider_config.get(k) != v
-        }
-        with self._lock:
-            self._bootstrap_cache[key] = (time.monotonic(), node_fields, provider_fields)
-        return done, False
+            sky_aws_config._get_route_tables.cache_clear()
+            whole = copy.deepcopy(config)
+            whole.provider_config["availability_zone"] = None  # every zone's public subnets
+            done = prov.bootstrap_instances(CLOUD, region, name, whole)
+            node_fields = {k: v for k, v in done.node_config.items() if whole.node_config.get(k) != v}
+            provider_fields = {
+                k: v for k, v in done.provider_config.items() if whole.provider_config.get(k) != v
+            }
+            subnets = list(node_fields.get("SubnetIds") or [])
+            zones: dict[str, str] = {}
+            if subnets:
+                resp = self._client("ec2", region).describe_subnets(SubnetIds=subnets)
+                zones = {sn["SubnetId"]: sn["AvailabilityZone"] for sn in resp.get("Subnets", [])}
+            cached = (time.monotonic(), node_fields, provider_fields, zones)
+            with self._lock:
+                self._bootstrap_cache[(region, None)] = cached
+        assert cached is not None
+        _, node_fields, provider_fields, zones = cached
+        ready = copy.deepcopy(config)
+        ready.node_config.update(copy.deepcopy(node_fields))
+        ready.provider_config.update({k: v for k, v in provider_fields.items() if k != "availability_zone"})
+        if zone is not None:
+            in_zone = [sn for sn in ready.node_config.get("SubnetIds") or [] if zones.get(sn) == zone]
+            if not in_zone:
+                raise ProviderError(
+                    f"AWS: no public subnet of the VPC in {zone} ({region}), so no node can start there. Fix: "
+                    "add a subnet in that zone with a route to an internet gateway, or let cloudmodal use the "
+                    "region's other zones.",
+                    reason="NoSubnetInZone",
+                )
+            ready.node_config["SubnetIds"] = in_zone
+        return ready, reused
 
     def forget_network(self) -> None:
         """Bootstrap again on the next launch in each region and zone (the account's VPCs, subnets or security
