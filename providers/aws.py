@@ -434,10 +434,13 @@ class AwsNodes(NodeDriver):
                     record = prov.run_instances(CLOUD, region, name, name, ready)
                     break
                 except Exception as e:
-                    with self._lock:  # the network it found may be what failed: look again next time
+                    # A subnet or security group deleted since the bootstrap: bootstrap again, once. (Other
+                    # errors, capacity above all, say nothing about the network: the bootstrap stays.)
+                    if not (aws_error_code(e)[0] or "").endswith(".NotFound"):
+                        raise
+                    with self._lock:
                         self._bootstrap_cache.pop((region, None), None)
-                    # a subnet or security group deleted since the bootstrap was reused: bootstrap again, once
-                    if not (cached and (aws_error_code(e)[0] or "").endswith(".NotFound")):
+                    if not cached:
                         raise
         instance_id = record.head_instance_id or (record.created_instance_ids or [None])[0]
         if instance_id:
