@@ -17,6 +17,7 @@ from cloudmodal.providers.base import (
     NoCapacityError,
     ProviderError,
     QuotaExceededError,
+    exception_chain,
 )
 
 CREDENTIALS_FIX = (
@@ -76,19 +77,9 @@ _TRANSIENT = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutErro
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what caused it (SkyPilot wraps boto's ClientError in RuntimeError or SystemExit)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        yield cur
-        cur = cur.__cause__ or cur.__context__
-
-
 def aws_error_code(exc: BaseException) -> tuple[str | None, str]:
     """(EC2 error code, its message) of the first botocore ``ClientError`` in ``exc``'s chain."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         response = getattr(e, "response", None)
         if isinstance(response, dict) and isinstance(response.get("Error"), dict):
             err = response["Error"]
@@ -98,7 +89,7 @@ def aws_error_code(exc: BaseException) -> tuple[str | None, str]:
 
 def map_aws_error(exc: BaseException, *, offer: Any | None = None, doing: str = "") -> ProviderError:
     """The :class:`ProviderError` for an exception from boto3 or SkyPilot's AWS provisioner."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, ProviderError):
             return e
     where = f" while {doing}" if doing else ""
@@ -106,7 +97,7 @@ def map_aws_error(exc: BaseException, *, offer: Any | None = None, doing: str = 
         where += f" ({offer.instance_type} in {getattr(offer, 'zone', None) or offer.region})"
     code, message = aws_error_code(exc)
     if code is None:
-        names = [type(e).__name__ for e in _chain(exc)]
+        names = [type(e).__name__ for e in exception_chain(exc)]
         hit = next((n for n in names if n in _NO_CREDENTIALS), None)
         if hit is not None or "InvalidCloudCredentials" in names:
             code, message = "NoCredentials", "no usable AWS credentials were found"

@@ -8,7 +8,6 @@ driver gives for missing or refused credentials.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from cloudmodal.providers.base import (
@@ -17,6 +16,7 @@ from cloudmodal.providers.base import (
     NoCapacityError,
     ProviderError,
     QuotaExceededError,
+    exception_chain,
 )
 
 LOGIN_FIX = (
@@ -51,24 +51,11 @@ _FIXES: dict[type[ProviderError], str] = {
 }
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every exception it wraps (SkyPilot re-raises with ``from``; pools keep ``__context__``)."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-
-
 def azure_error_code(exc: BaseException) -> tuple[str | None, str, BaseException | None]:
     """The Azure error code and message in ``exc``'s chain, and the SDK exception carrying them."""
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, HttpResponseError):
             err = getattr(e, "error", None)
             code = getattr(err, "code", None)
@@ -102,7 +89,7 @@ def map_azure_error(exc: BaseException, *, offer: Any | None = None, doing: str)
         return ProviderError(
             f"Azure failed to {doing}{where}: {code}: {message.strip()}", offer=offer, reason=code
         )
-    if any(isinstance(e, TimeoutError) for e in _chain(exc)):
+    if any(isinstance(e, TimeoutError) for e in exception_chain(exc)):
         return LaunchTimeoutError(f"Azure timed out to {doing}{where}: {exc}", offer=offer, reason="timeout")
     return ProviderError(
         f"Azure failed to {doing}{where}: {type(exc).__name__}: {exc}", offer=offer, reason=type(exc).__name__

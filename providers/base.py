@@ -92,6 +92,20 @@ class ImageBuildError(ProviderError):
     """The worker's image (environment) could not be built; the message carries the build output's tail."""
 
 
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps (``__cause__``, then ``__context__``), each once: SDK errors reach a
+    provider's edge wrapped by SkyPilot (``raise ... from``) or raised while another was handled."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+
+
 @contextmanager
 def map_errors(
     mapping: Mapping[type[BaseException], type[ProviderError]],

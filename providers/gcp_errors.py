@@ -19,6 +19,7 @@ from cloudmodal.providers.base import (
     NoCapacityError,
     ProviderError,
     QuotaExceededError,
+    exception_chain,
 )
 
 CREDENTIALS_FIX = (
@@ -55,22 +56,12 @@ ERRORS: dict[str, type[ProviderError]] = {
 }
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and its causes/contexts, each once."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        yield cur
-        cur = cur.__cause__ or cur.__context__
-
-
 def gcp_error_codes(exc: BaseException) -> tuple[list[str], int | None, str]:
     """Every GCP code found in ``exc`` and its causes, the HTTP status if any, and GCP's message."""
     codes: list[str] = []
     status: int | None = None
     message = ""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         errors = getattr(e, "errors", None)  # sky.provision.common.ProvisionerError
         if isinstance(errors, list):
             for item in errors:

@@ -199,7 +199,7 @@ class Release(BaseModel):
 class Preempting(BaseModel):
     max_body: ClassVar[int] = SMALL_BODY
 
-    at: float = Field(ge=0)  # when the cloud will reclaim the node (epoch seconds)
+    at: Timestamp  # when the cloud will reclaim the node
     source: Text = ""  # where the notice came from ("aws": IMDS spot/instance-action, ...)
 
 

@@ -5,7 +5,7 @@
 ...]}`` (SkyPilot's *set* of resources: the cheapest of them, on demand), and writes one JSON object ``{id: result}`` to ``OUT.json`` (SkyPilot prints its own progress on stdout), each result
 ``{"price": $/h, "cloud", "region", "zone", "instance_type", "accelerators"}`` or ``{"error": "..."}``.
 
-It follows the checked recipe of ``/work/shared/TESTING.md`` (SkyPilot 0.14.1; private seams, pin the version):
+It follows the checked recipe of ``../shared/TESTING.md`` (SkyPilot 0.14.1; private seams, pin the version):
 the caller gives this process a sandbox ``HOME`` (SkyPilot reads it when imported); the catalog is copied to
 ``$HOME/.sky/catalogs/v8`` without ``.meta`` checksums, so it is never downloaded again; the clouds are marked
 enabled in SkyPilot's local state; the AWS zone-id mapping (which shells out to the AWS CLI) is the identity.
