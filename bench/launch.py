@@ -463,6 +463,9 @@ def phase_failover(
         settings=ReconcilerSettings(market=market, max_workers=4),
     )
     try:
+        # A running control plane: its start-up inventory (every region listed for tagged machines) is done
+        # by a first tick, before the call arrives.
+        rec.tick(time.time())
         cp.apps.create_app("ap-failover", "failover", False)
         spec = FunctionSpec(
             name="f", module="m", qualname="f", gpu=parse_gpu(["A10G"]), cloud="aws", spot="never"
@@ -484,15 +487,27 @@ def phase_failover(
                 break
             time.sleep(0.005)
         to_ok = time.perf_counter() - t0
+        # The worker's own node (a hedged round may also start surplus nodes, which it terminates at once).
+        while time.perf_counter() < deadline and not rec.handles:
+            time.sleep(0.005)
+        kept = next(iter(rec.handles.values()))[1].instance_id if rec.handles else None
+        rec.stop(terminate_workers=False)  # the round is over: no request of the walk is in flight now
         runs = run_instances_log(fake)
         log = fake.requests()
-        found = live_instances(fake, (REGION, REGION2))
+        found = [i for i in live_instances(fake, (REGION, REGION2)) if i["InstanceId"] == kept]
     finally:
         rec.stop(terminate_workers=False)
         cp.db.dispose()
     names = zone_names(fake)
     ok = [r for r in runs if r.get("status") == 200]
-    spacing = sum(launch_spacing(k) for k in range(failing + 1))
+    # The walk's rounds: one try, then (after that capacity failure) up to launch_hedge at once; the spacing
+    # before a round grows with the rounds that failed before it.
+    hedge = rec.settings.launch_hedge
+    widths, left = [], failing + 1
+    while left > 0:
+        widths.append(min(left, 1 if not widths else hedge))
+        left -= widths[-1]
+    spacing = sum(launch_spacing(k) for k in range(len(widths)))
     return {
         "failing_zones": failing,
         "to_ok_run_instances_polled_s": to_ok,
@@ -509,8 +524,10 @@ def phase_failover(
             k: v / max(1, len(runs))
             for k, v in Counter(r["action"] for r in log if not ok or r["at"] <= ok[0]["at"]).items()
         },
-        "run_instances": [(r["zone"], r["status"]) for r in runs],
+        "run_instances": [(r["zone"], r.get("status")) for r in runs],
+        "surplus_nodes": max(0, len([r for r in runs if r.get("status") == 200]) - 1),
         "walk_spacing_s": spacing,
+        "rounds": widths,
         "class_stockouts": market.class_stockouts,
     }
 
@@ -596,7 +613,7 @@ def phase_sky_failover(fake: MotoEc2, catalog: Path, state: Path, latency: float
         "region1_s": steps[0],
         "region2_s": steps[1] if len(steps) > 1 else None,
         "errors": errors,
-        "run_instances": [(r["zone"], r["status"]) for r in runs],
+        "run_instances": [(r["zone"], r.get("status")) for r in runs],
         "failures_before_ok": len([r for r in runs if r.get("status") != 200]),
         "first_to_ok_run_instances_s": (ok[0]["at"] - runs[0]["at"]) if ok and runs else None,
         "instance_zone": found[0]["Placement"]["AvailabilityZone"] if found else None,
@@ -957,7 +974,10 @@ def report_latency(r: dict[str, Any], x: dict[str, Any]) -> list[str]:
             f"{f['first_to_ok_run_instances_s']:.3f}s, of it the walk's deliberate spacing "
             f"{f['walk_spacing_s']:.2f}s); landed in "
             f"{f['instance_zone']} (expected {f['expected_zone']})",
-            "  RunInstances: " + ", ".join(f"{z} {st}" for z, st in f["run_instances"]),
+            "  RunInstances: "
+            + ", ".join(f"{z} {st}" for z, st in f["run_instances"])
+            + f" (rounds of {', '.join(str(w) for w in f['rounds'])} at once; "
+            f"{f['surplus_nodes']} surplus node(s) started and terminated)",
             "  requests before the first RunInstances: "
             + ", ".join(f"{a} {c}" for a, c in sorted(f["requests_before_first_run_instances"].items())),
             "  requests per try (up to the successful RunInstances): "

@@ -261,6 +261,21 @@ class Settings(BaseSettings):
         group="control plane",
         gt=0,
     )
+    launch_threads: int = _var(
+        64,
+        "launches in flight at once, all pools together (a walk holds one while it waits on a cloud's API)",
+        group="control plane",
+        gt=0,
+        le=1024,
+    )
+    launch_hedge: int = _var(
+        4,
+        "after a capacity failure, how many cloud candidates a launch tries at once (1: one at a time); a "
+        "surplus node that also starts is terminated at once, billed the cloud's minimum (about a minute)",
+        group="control plane",
+        ge=1,
+        le=16,
+    )
     spot_settings: Annotated[dict[str, Any] | None, NoDecode] = _var(
         None,
         'the spot policy\'s thresholds, windows and block times as a JSON object, e.g. `{"probe_interval_s": 60}`',

@@ -174,6 +174,9 @@ class LaunchRequest:
     argv: tuple[str, ...] = DEFAULT_WORKER_ARGV
     # The image recipe (``Image`` as the wire spec carries it): what a cloud node installs before the worker.
     image: dict[str, Any] = field(default_factory=dict)
+    # Which try of the worker's launch walk this is (0, 1, ...): tries of one walk can run at once (a hedged
+    # round), so a provider that names machines after the worker tells them apart by it.
+    attempt: int = 0
 
 
 @dataclass
@@ -276,6 +279,10 @@ class Provider(abc.ABC):
     # Whether this provider's workers are processes of this machine (they count against its worker budget,
     # CLOUDMODAL_LOCAL_MAX_WORKERS); a cloud's run on their own nodes.
     workers_on_this_machine: ClassVar[bool] = True
+    # Whether several tries of one worker's launch may run at once (a hedged round): each makes its own
+    # machine (told apart by ``LaunchRequest.attempt``), and ``discard(handle)`` terminates a surplus one
+    # without touching the worker's own node.
+    hedged_tries: ClassVar[bool] = False
 
     @abc.abstractmethod
     def offers(self) -> list[Any]:

@@ -49,6 +49,7 @@ from cloudmodal.providers.nodes import (
     node_name,
     node_tags,
     parse_node_name,
+    same_node,
     worker_key,
 )
 
@@ -85,6 +86,7 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
     """
 
     workers_on_this_machine = False
+    hedged_tries = True
 
     def __init__(
         self,
@@ -114,7 +116,7 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}  # worker id -> this process's knowledge of its node
-        self._listed: dict[str, NodeInfo] = {}  # worker key -> the node as last listed
+        self._listed: dict[str, list[NodeInfo]] = {}  # worker key -> its nodes as last listed (see _info)
         self._listed_at = 0.0
         self._signals: tuple[float, list[Signal]] = (0.0, [])
         self._key: tuple[Path, str] | None = None
@@ -151,7 +153,7 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
                 f"the {self.name} provider was not bound to a control plane (bind() first)", reason="unbound"
             )
         _, public_key = self.ssh_key()
-        name = node_name(self.control_plane_id, req.worker_id)
+        name = node_name(self.control_plane_id, req.worker_id, req.attempt)
         ref = self.driver.create(
             req, name=name, tags=node_tags(self.control_plane_id, req), ssh_public_key=public_key
         )
@@ -184,17 +186,22 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
             if not force and time.time() - self._listed_at < self.list_interval_s:
                 return  # another thread just did
             infos = self.driver.list({TAG_CONTROL_PLANE: self.control_plane_id})
-            listed: dict[str, NodeInfo] = {}
+            listed: dict[str, list[NodeInfo]] = {}
             for info in infos:
                 key = _key_of(info, self.control_plane_id)
                 if key:
-                    listed[key] = info
+                    listed.setdefault(key, []).append(info)
             self._listed = listed
             self._listed_at = time.time()
 
     def _info(self, handle: WorkerHandle) -> NodeInfo | None:
         self._refresh()
-        return self._listed.get(worker_key(handle.worker_id))
+        # A worker has one node, but a hedged launch round may have made siblings (tagged with the same
+        # worker, named apart) that are being terminated: only the handle's own node counts.
+        ref = NodeRef.from_wire(handle.extra["node"])
+        return next(
+            (i for i in self._listed.get(worker_key(handle.worker_id), ()) if same_node(i.ref, ref)), None
+        )
 
     def describe(self, handle: WorkerHandle) -> WorkerStatus:
         info = self._info(handle)
@@ -308,14 +315,25 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
             node = self._nodes.pop(handle.worker_id, None)
         if node is not None and node.bootstrap is not None:
             node.bootstrap.stop()
-        self.driver.terminate(NodeRef.from_wire(handle.extra["node"]))
+        self.discard(handle)
+
+    def discard(self, handle: WorkerHandle) -> None:
+        """Terminate the node of ``handle`` alone: a surplus sibling of a hedged launch round, whose worker
+        lives on another node (its bootstrap and this process's state of it are the sibling's, and stay)."""
+        ref = NodeRef.from_wire(handle.extra["node"])
+        self.driver.terminate(ref)
+        key = worker_key(handle.worker_id)
         with self._lock:
-            self._listed.pop(worker_key(handle.worker_id), None)
+            left = [i for i in self._listed.get(key, ()) if not same_node(i.ref, ref)]
+            if left:
+                self._listed[key] = left
+            else:
+                self._listed.pop(key, None)
 
     def inventory(self, control_plane_id: str) -> list[WorkerHandle]:
         self._refresh(force=True)
         out = []
-        for key, info in self._listed.items():
+        for key, info in ((k, i) for k, infos in self._listed.items() for i in infos):
             wid = info.tags.get(TAG_WORKER) or key
             out.append(
                 WorkerHandle(

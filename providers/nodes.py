@@ -51,14 +51,16 @@ def node_tags(control_plane_id: str, req: LaunchRequest) -> dict[str, str]:
     }
 
 
-def node_name(control_plane_id: str, worker_id: str) -> str:
-    """A node's (cluster's) name: ``cm-<8 hex of the control plane id>-<worker id>``, lower-case.
+def node_name(control_plane_id: str, worker_id: str, attempt: int = 0) -> str:
+    """A node's (cluster's) name: ``cm-<8 hex of the control plane id>-<worker id>``, lower-case, with
+    ``-t<attempt>`` for a launch walk's later tries (tries of one walk may run at once and must not share a
+    name: SkyPilot would take a sibling's node for its own).
 
     Valid as a SkyPilot cluster name, a GCP instance name and a Lambda instance name, and enough on its own
     to find a node's control plane and worker where a cloud keeps no tags (Lambda).
     """
     cp = hashlib.sha256(control_plane_id.encode()).hexdigest()[:8]
-    return f"{NAME_PREFIX}-{cp}-{worker_key(worker_id)}"
+    return f"{NAME_PREFIX}-{cp}-{worker_key(worker_id)}" + (f"-t{attempt}" if attempt else "")
 
 
 _NAME = re.compile(rf"^{NAME_PREFIX}-([0-9a-f]{{8}})-([a-z0-9]+)(?:-.*)?$")
@@ -163,3 +165,10 @@ class NodeDriver(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook with a sensible default
         """Release clients and threads. Idempotent."""
+
+
+def same_node(a: NodeRef, b: NodeRef) -> bool:
+    """Whether two refs name one node: by the cloud's instance id where both have one, else by name."""
+    if a.instance_id and b.instance_id:
+        return a.instance_id == b.instance_id
+    return a.cluster == b.cluster

@@ -18,7 +18,7 @@ from sqlalchemy import and_, func, select
 
 from cloudmodal.pricing.offers import SPOT
 from cloudmodal.providers.base import SupportsInventory, SupportsPreemptionNotice, WorkerHandle
-from cloudmodal.providers.nodes import worker_key
+from cloudmodal.providers.nodes import NodeRef, same_node, worker_key
 from cloudmodal.server import models
 from cloudmodal.server.reconciler_base import ReconcilerBase
 from cloudmodal.server.service import LIVE_WORKER_STATES
@@ -102,30 +102,46 @@ class Health(ReconcilerBase):
                     )
                 ).all()
             live = {worker_key(wid): (wid, wire) for wid, wire in rows}
+            adopted: set[str] = set()
             with self._lock:
-                watched = {worker_key(wid) for wid in self.handles}
+                watched = {worker_key(wid): h.extra.get("node") for wid, (_p, h) in self.handles.items()}
             for m in machines:
                 key = worker_key(m.worker_id)
+                # A worker's node is the one its handle names; another machine tagged with the same worker is a
+                # surplus sibling of a hedged launch round that was not terminated (a crash mid-round).
                 if key in watched:
+                    if _other_node(m, watched[key]):
+                        self._step(f"machine {m.instance_id} (orphan)", self._terminate_orphan, prov, m, True)
                     continue
                 if key in live:
                     wid, wire = live[key]
-                    if wire is not None:
+                    if wire is None:
+                        continue  # a launch in flight: its handle is recorded when it returns
+                    if _other_node(m, (wire.get("extra") or {}).get("node")):
+                        self._step(f"machine {m.instance_id} (orphan)", self._terminate_orphan, prov, m, True)
+                    elif key not in adopted:
+                        adopted.add(key)
                         self._step(f"worker {wid} (adopt)", self._adopt, wid, prov, wire)
-                    continue  # a launch in flight: its handle is recorded when it returns
+                    continue
                 self._step(f"machine {m.instance_id} (orphan)", self._terminate_orphan, prov, m)
 
-    def _terminate_orphan(self, prov: Any, m: WorkerHandle) -> None:
-        prov.terminate(m, grace_s=0.0)
-        log.warning(
-            "terminated %s machine %s: no live worker of this control plane runs on it",
-            prov.name,
-            m.instance_id,
+    def _terminate_orphan(self, prov: Any, m: WorkerHandle, sibling: bool = False) -> None:
+        """``sibling``: the machine's worker is live on another node, whose state in the provider stays."""
+        if sibling and hasattr(prov, "discard"):
+            prov.discard(m)
+        else:
+            prov.terminate(m, grace_s=0.0)
+        why = (
+            "tagged with a live worker that runs on another node (a surplus of a hedged launch round that a "
+            "crash left behind)"
+            if sibling
+            else "running with no live worker of this control plane on it (a launch interrupted by a restart, "
+            "or a worker written off)"
         )
+        log.warning("terminated %s machine %s: %s", prov.name, m.instance_id, why)
         self.cp.activity.event(
             "machine.orphan_terminated",
-            f"{prov.name} machine {m.instance_id} (worker {m.worker_id}) was running with no live worker of "
-            "this control plane on it (a launch interrupted by a restart, or a worker written off): terminated",
+            f"{prov.name} machine {m.instance_id} (worker {m.worker_id}) was {why}: terminated",
             app_id=m.extra.get("app_id"),
             function_id=m.extra.get("function_id"),
             worker_id=m.worker_id,
@@ -302,3 +318,12 @@ class Health(ReconcilerBase):
                 entry[0].terminate(entry[1], grace_s=2.0)
             except Exception:
                 log.exception("terminate failed")
+
+
+def _other_node(m: WorkerHandle, node: Any) -> bool:
+    """Whether machine ``m`` (from an inventory) is not the node ``node`` names (a handle's ``extra["node"]``);
+    False where either names none (providers without node refs)."""
+    mine = m.extra.get("node")
+    if not isinstance(node, dict) or not isinstance(mine, dict):
+        return False
+    return not same_node(NodeRef.from_wire(mine), NodeRef.from_wire(node))

@@ -10,7 +10,9 @@ walk that starts nothing writes the worker off and backs the pool's launches off
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,7 +233,7 @@ class Launcher(ReconcilerBase):
 
         ``spot_only``: a worker wanted only if it runs on spot (a probe, a replacement of an on-demand
         worker); when no spot offer starts, the launch ends there, without backing off the pool's launches."""
-        from cloudmodal.providers.base import LaunchRequest
+        from cloudmodal.providers.base import LaunchRequest, NoCapacityError
 
         app_id = fn.app_id
         cpu_fallback = self.cp.secrets.open_env(fn.inline_env).get("CLOUDMODAL_CPU_FALLBACK") == "1"
@@ -289,53 +291,101 @@ class Launcher(ReconcilerBase):
                     with self._block_lock:
                         return c.key in self.blocks.active(self.clock())
 
-                per_cloud: dict[str, int] = {}  # failed tries of this walk on each cloud
-                for choice in launch_walk(ranked, _choice_key, blocked, MAX_LAUNCH_TRIES):
+                walk = iter(launch_walk(ranked, _choice_key, blocked, MAX_LAUNCH_TRIES))
+                held: list[_Choice] = []  # a candidate pulled for a round it could not join
+                rounds_failed: dict[str, int] = {}  # rounds of this walk that failed on each cloud
+                hedge = 1  # candidates per round: more once the walk meets a capacity failure
+                attempt = 0
+                while True:
                     if self._stop.is_set():  # the control plane is stopping: start nothing more
                         tried.append("the control plane stopped")
                         break
-                    failures_here = per_cloud.get(choice.cloud, 0)
-                    gap = launch_spacing(failures_here)
+                    batch = _next_round(walk, held, hedge, blocked)
+                    if not batch:
+                        break
+                    gap = max(launch_spacing(rounds_failed.get(c.cloud, 0)) for c in batch)
                     if gap:  # no hot loops on one cloud (clouds rate-limit launches per account)
                         self.sleep(gap)
-                    self._note_tier(fid, app_id, spec, choice, worker_id)
-                    req = LaunchRequest(
-                        worker_id=worker_id,
-                        app_id=app_id,
-                        function_id=fid,
-                        gpu=choice.tier,
-                        offer=choice.offer,
-                        market=choice.market,
-                        cpu=spec.cpu,
-                        memory_mb=spec.memory,
-                        image_hash=spec.image_hash,
-                        pip_packages=tuple(image.get("pip_packages") or ()),
-                        env=env,
-                        argv=("-m", "cloudmodal.worker"),
-                        image=image,
-                    )
-                    try:
-                        handle = choice.provider.launch(req)
-                    except Error as e:
-                        per_cloud[choice.cloud] = failures_here + 1
-                        reason = getattr(e, "reason", None) or type(e).__name__
-                        tried.append(f"{choice.describe()}: {reason}")
-                        self._launch_failed(fid, app_id, state, choice, e, reason)
+                    for c in batch:
+                        self._note_tier(fid, app_id, spec, c, worker_id)
+                    reqs = [
+                        LaunchRequest(
+                            worker_id=worker_id,
+                            app_id=app_id,
+                            function_id=fid,
+                            gpu=c.tier,
+                            offer=c.offer,
+                            market=c.market,
+                            cpu=spec.cpu,
+                            memory_mb=spec.memory,
+                            image_hash=spec.image_hash,
+                            pip_packages=tuple(image.get("pip_packages") or ()),
+                            env=env,
+                            argv=("-m", "cloudmodal.worker"),
+                            image=image,
+                            attempt=attempt + i,
+                        )
+                        for i, c in enumerate(batch)
+                    ]
+                    attempt += len(batch)
+                    if len(batch) > 1:
                         self.cp.activity.event(
-                            "launch.failed",
-                            f"{choice.describe()}: {type(e).__name__} ({reason}): {e}"
-                            + ("; trying the next candidate" if len(tried) < MAX_LAUNCH_TRIES else ""),
+                            "launch.hedged",
+                            f"worker {worker_id}: trying {len(batch)} candidates at once after a capacity "
+                            f"failure: {'; '.join(c.describe() for c in batch)}",
                             app_id=app_id,
                             function_id=fid,
                             worker_id=worker_id,
-                            offer=_offer_dict(choice),
-                            reason=reason,
                         )
-                        continue
-                    self._launched(
-                        fid, app_id, worker_id, choice, handle, state, cpu_fallback and bool(spec.gpu)
-                    )
-                    return
+                    winner: tuple[_Choice, Any] | None = None
+                    surplus: list[tuple[_Choice, Any]] = []
+                    crash: BaseException | None = None
+                    failed_on: set[str] = set()
+                    for choice, handle, err in _try_round(batch, reqs):
+                        if isinstance(err, Error):
+                            failed_on.add(choice.cloud)
+                            if isinstance(err, NoCapacityError) and choice.provider.hedged_tries:
+                                hedge = max(1, self.settings.launch_hedge)
+                            reason = getattr(err, "reason", None) or type(err).__name__
+                            tried.append(f"{choice.describe()}: {reason}")
+                            self._launch_failed(fid, app_id, state, choice, err, reason)
+                            self.cp.activity.event(
+                                "launch.failed",
+                                f"{choice.describe()}: {type(err).__name__} ({reason}): {err}"
+                                + ("; trying the next candidate" if len(tried) < MAX_LAUNCH_TRIES else ""),
+                                app_id=app_id,
+                                function_id=fid,
+                                worker_id=worker_id,
+                                offer=_offer_dict(choice),
+                                reason=reason,
+                            )
+                        elif err is not None:
+                            crash = crash or err
+                        elif winner is None:  # the round's best-ranked success is the worker's node
+                            winner = (choice, handle)
+                        else:
+                            surplus.append((choice, handle))
+                    for cloud in failed_on:
+                        rounds_failed[cloud] = rounds_failed.get(cloud, 0) + 1
+                    if winner is not None:
+                        self._launched(
+                            fid,
+                            app_id,
+                            worker_id,
+                            winner[0],
+                            winner[1],
+                            state,
+                            cpu_fallback and bool(spec.gpu),
+                        )
+                        for choice, handle in surplus:
+                            self._discard_surplus(app_id, fid, worker_id, choice, handle, winner[0])
+                        if crash is not None:
+                            log.error(
+                                "a hedged launch try crashed: %s", describe_error(crash), exc_info=crash
+                            )
+                        return
+                    if crash is not None:
+                        raise crash
                 if spot_only:
                     why = "; ".join(tried[-5:]) or "no spot offer to try"
                     self.cp.workers.worker_stopped(worker_id, f"no spot worker started: {why}", crashed=False)
@@ -419,6 +469,34 @@ class Launcher(ReconcilerBase):
         if got.spot_fallback:
             self.cp.activity.event("pool.spot_fallback", got.spot_fallback, app_id=app_id, function_id=fid)
 
+    def _discard_surplus(
+        self, app_id: str, fid: str, worker_id: str, choice: _Choice, handle: Any, kept: _Choice
+    ) -> None:
+        """Terminate a node that started in the same hedged round as the worker's own (see
+        ``ReconcilerSettings.launch_hedge``). Should the call fail, the node is still tagged with the worker and
+        is not the node its row names, so the next inventory terminates it."""
+        prov = choice.provider
+        try:
+            if hasattr(prov, "discard"):
+                prov.discard(handle)
+            else:
+                prov.terminate(handle, grace_s=0.0)
+            outcome = "terminated at once"
+        except Exception as e:
+            outcome = f"not terminated yet ({describe_error(e)}); the next inventory terminates it"
+        self.cp.activity.event(
+            "launch.hedge_surplus",
+            f"worker {worker_id}: {choice.describe()} also started in the hedged round that gave "
+            f"{kept.describe()} (kept: ranked first); node {handle.instance_id} {outcome}, billed the "
+            f"cloud's minimum (about a minute at ${handle.price_per_hour:.2f}/h)",
+            app_id=app_id,
+            function_id=fid,
+            worker_id=worker_id,
+            instance_id=handle.instance_id,
+            offer=_offer_dict(choice),
+            price_per_hour=handle.price_per_hour,
+        )
+
     def _note_tier(self, fid: str, app_id: str, spec: FunctionSpec, choice: _Choice, worker_id: str) -> None:
         """Say (once per move) when a pool's launches move on to a later tier, and why: the classes of the
         earlier tiers that are blocked."""
@@ -499,6 +577,54 @@ class Launcher(ReconcilerBase):
             market=handle.market,
             price_per_hour=handle.price_per_hour,
         )
+
+
+def _next_round(walk: Iterator[_Choice], held: list[_Choice], width: int, blocked: Any) -> list[_Choice]:
+    """The next candidates to try at once: up to ``width``, all on providers that allow hedged tries (a
+    candidate that cannot join waits in ``held`` for the next round); one when the first cannot hedge."""
+    batch: list[_Choice] = []
+    while len(batch) < width:
+        if held:
+            c = held.pop()
+            if blocked(c):  # blocked by the round that held it back
+                continue
+        else:
+            nxt = next(walk, None)
+            if nxt is None:
+                break
+            c = nxt
+        hedges = bool(getattr(c.provider, "hedged_tries", False))
+        if batch and not hedges:
+            held.append(c)
+            break
+        batch.append(c)
+        if not hedges:
+            break
+    return batch
+
+
+def _try_round(batch: list[_Choice], reqs: list[Any]) -> list[tuple[_Choice, Any, BaseException | None]]:
+    """Launch each of ``batch`` (with its request), all at once; ``(choice, handle, error)`` in ``batch``'s
+    order. The first runs on this thread, the others on threads of their own (the launch executor's threads
+    are the walks'; a round must not wait for one of them)."""
+    out: list[tuple[_Choice, Any, BaseException | None]] = [(c, None, None) for c in batch]
+
+    def one(i: int) -> None:
+        try:
+            out[i] = (batch[i], batch[i].provider.launch(reqs[i]), None)
+        except Exception as e:
+            out[i] = (batch[i], None, e)
+
+    threads = [
+        threading.Thread(target=one, args=(i,), name=f"launch-try-{i}", daemon=True)
+        for i in range(1, len(batch))
+    ]
+    for t in threads:
+        t.start()
+    one(0)
+    for t in threads:
+        t.join()
+    return out
 
 
 def _choice_key(c: _Choice) -> Any:

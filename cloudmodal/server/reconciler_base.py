@@ -35,7 +35,8 @@ P = models.pools
 MAX_ERROR_CHARS = 400  # of an exception's text in a pool.error event or a log line
 
 
-LAUNCH_THREADS = 8  # launches in flight at once, all pools together (each walk blocks one while it tries)
+LAUNCH_THREADS = 64  # launches in flight at once, all pools together (each walk blocks one while it tries)
+LAUNCH_HEDGE = 4  # see ReconcilerSettings.launch_hedge
 
 
 def _default_max_workers() -> int:
@@ -49,12 +50,15 @@ class ReconcilerSettings:
     market: MarketSettings = field(default_factory=MarketSettings)  # the spot policy's thresholds
     # This machine's worker budget: workers beyond the cores only add start-up cost and contention.
     max_workers: int = field(default_factory=_default_max_workers)
+    launch_threads: int = LAUNCH_THREADS  # launches in flight at once (cloud launches wait on APIs, not CPU)
+    launch_hedge: int = LAUNCH_HEDGE  # cloud candidates tried at once once a walk has met a capacity failure
 
     @classmethod
     def from_env(cls, environ: Any = None) -> ReconcilerSettings:
         """From the environment (``environ``, default ``os.environ``): ``CLOUDMODAL_SPOT_SETTINGS`` (JSON,
         e.g. ``{"probe_interval_s": 30}``) overrides the spot policy's thresholds and
-        ``CLOUDMODAL_LOCAL_MAX_WORKERS`` the local worker budget. The only place the reconciler reads it."""
+        ``CLOUDMODAL_LOCAL_MAX_WORKERS`` the local worker budget, ``CLOUDMODAL_LAUNCH_THREADS`` and
+        ``CLOUDMODAL_LAUNCH_HEDGE`` the launches. The only place the reconciler reads it."""
         from cloudmodal.settings import settings
 
         s = settings(environ)
@@ -66,7 +70,12 @@ class ReconcilerSettings:
                 raise InvalidError(
                     f"CLOUDMODAL_SPOT_SETTINGS is not valid: {e}. Example: '{{\"probe_interval_s\": 30}}'."
                 ) from None
-        return cls(market=market, max_workers=s.local_max_workers or _default_max_workers())
+        return cls(
+            market=market,
+            max_workers=s.local_max_workers or _default_max_workers(),
+            launch_threads=s.launch_threads,
+            launch_hedge=s.launch_hedge,
+        )
 
 
 def describe_error(e: BaseException) -> str:
@@ -121,7 +130,9 @@ class ReconcilerBase:
         ] = {}  # launches forced on-demand (the min_on_demand floor) in flight
         self._launch_failures: dict[str, int] = {}
         self._next_launch_at: dict[str, float] = {}
-        self._pool: Executor = executor or ThreadPoolExecutor(LAUNCH_THREADS, thread_name_prefix="launch")
+        self._pool: Executor = executor or ThreadPoolExecutor(
+            self.settings.launch_threads, thread_name_prefix="launch"
+        )
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

@@ -106,7 +106,10 @@ def _attempts(handle: Any, app_id: str) -> tuple[list[str], list[dict[str, Any]]
 def test_aws_fails_over_and_runs_the_input_on_a_bootstrapped_node(
     aws: Any, sandbox: dict[str, Any], tmp_path: Path
 ) -> None:
-    aws.inject("RunInstances", "InsufficientInstanceCapacity", status=500, count=2)
+    # use1-az1 is out of capacity once (the walk's first try), use1-az2 throughout: after the first capacity
+    # failure the walk tries the next two candidates at once (a hedged round), p5 in az2 and p4de in az1.
+    aws.inject("RunInstances", "InsufficientInstanceCapacity", status=500, count=1, zone="use1-az1")
+    aws.inject("RunInstances", "InsufficientInstanceCapacity", status=500, zone="use1-az2")
     with cloud_plane(tmp_path, {"aws": aws_provider(sandbox, tmp_path)}) as handle:
         with run_app(cloud_app.app, show_logs=False) as running:
             got = cloud_app.where.remote(21)
@@ -118,6 +121,7 @@ def test_aws_fails_over_and_runs_the_input_on_a_bootstrapped_node(
             row = conn.execute(W.select().where(W.c.id == got["worker"])).mappings().one()
         cp_id = handle.cp.control_plane_id
         ranked = events(handle, app_id, "placement.ranked")
+        hedged = events(handle, app_id, "launch.hedged")
 
     assert got["x2"] == 42
     # The two H100 zones were refused by the cloud (each try once: botocore did not retry the 500s) and the
@@ -130,6 +134,7 @@ def test_aws_fails_over_and_runs_the_input_on_a_bootstrapped_node(
     assert "p4de.24xlarge" in launched["message"] and launched["data"]["worker_id"] == got["worker"]
     assert ranked and "1) aws use1-az1 p5.48xlarge" in ranked[0]["message"]
     assert len(aws.requests("RunInstances")) == 3
+    assert len(hedged) == 1 and "trying 2 candidates at once" in hedged[0]["message"], hedged
     # SkyPilot's provisioner made the instance: the right type and market, tagged for this control plane,
     # app, function and worker; the worker row holds the handle a restarted control plane would need.
     (inst,) = [i for i in moto_instances(aws, live=False) if i["InstanceType"] == "p4de.24xlarge"]
@@ -146,7 +151,8 @@ def test_aws_fails_over_and_runs_the_input_on_a_bootstrapped_node(
 def test_aws_out_of_capacity_fails_over_to_lambda(
     aws: Any, lambda_api: Any, sandbox: dict[str, Any], tmp_path: Path
 ) -> None:
-    aws.inject("RunInstances", "InsufficientInstanceCapacity", status=500, count=2)
+    aws.inject("RunInstances", "InsufficientInstanceCapacity", status=500, count=1, zone="use1-az1")
+    aws.inject("RunInstances", "InsufficientInstanceCapacity", status=500, zone="use1-az2")
     lambda_api.reset()
     lambda_api.auto_activate_after = 1  # the instance boots, then is active with an address
     lambda_api.set_capacity("gpu_8x_h100_sxm5", REGION, 1)  # what its live signal says, too
@@ -160,12 +166,25 @@ def test_aws_out_of_capacity_fails_over_to_lambda(
             app_id = running.app_id
         failed, launched = _attempts(handle, app_id)
         launched_in_lambda = [i for i in lambda_api.instances() if i["name"].endswith("-head")]
+        surplus = events(handle, app_id, "launch.hedge_surplus")
+        p4de = [
+            i
+            for i in moto_instances(aws, live=False)
+            if i["InstanceType"] == "p4de.24xlarge" and tags_of(i).get(TAG_WORKER) == got["worker"]
+        ]
     assert got["x2"] == 10
     assert len(failed) == 2 and all(m.startswith("aws ") for m in failed), failed
+    # The hedged round after the first failure tried p5 in az2 (refused), Lambda's H100 and AWS's p4de at once:
+    # both of those started; the worker kept the better-ranked one (Lambda's H100, tier 1) and the p4de node
+    # was terminated at once, as a surplus of the round.
     assert launched["message"].startswith(
         f"worker {got['worker']} launched: lambda {REGION} gpu_8x_h100_sxm5"
     )
     assert len(launched_in_lambda) == 1
+    (extra,) = p4de
+    assert extra["State"]["Name"] in ("shutting-down", "terminated")
+    assert len(surplus) == 1 and extra["InstanceId"] in surplus[0]["message"], surplus
+    assert "terminated at once" in surplus[0]["message"]
     assert not lambda_api.violations, lambda_api.violations
 
 

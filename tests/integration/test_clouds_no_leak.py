@@ -145,6 +145,34 @@ def _deploy_and_wait_for_instance(
     return inst
 
 
+def _sibling_node(aws: Any, inst: dict[str, Any], worker_id: str) -> str:
+    """Run another instance tagged for ``inst``'s control plane and worker, named as a later try of its
+    launch walk; its id."""
+    tags = tags_of(inst)
+    cp_id = tags[TAG_CONTROL_PLANE]
+    hashed_name = tags["Name"]
+    made = aws.client("ec2", REGION).run_instances(
+        ImageId=inst["ImageId"],
+        InstanceType=inst["InstanceType"],
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": TAG_CONTROL_PLANE, "Value": cp_id},
+                    {"Key": TAG_WORKER, "Value": worker_id},
+                    {"Key": "Name", "Value": f"{hashed_name}-t1"},
+                    # SkyPilot's cluster tags, as its RunInstances writes them (terminating goes by them)
+                    {"Key": "ray-cluster-name", "Value": f"{hashed_name}-t1"},
+                    {"Key": "skypilot-cluster-name", "Value": f"{hashed_name}-t1"},
+                ],
+            }
+        ],
+    )
+    return str(made["Instances"][0]["InstanceId"])
+
+
 def _orphan_events(database_url: str) -> list[str]:
     db = Database(database_url)
     try:
@@ -252,6 +280,9 @@ def test_a_restarted_control_plane_adopts_the_worker_that_registered(
                 "the worker to register",
             )
             _kill(proc)  # the tunnel (an ssh child of the control plane) dies with it; the worker does not
+            # What a crash in the middle of a hedged launch round leaves: a sibling node tagged with the same
+            # worker (named apart) that was never terminated. It is not the worker's node: terminated.
+            sibling = _sibling_node(aws, inst, ready["id"])
             proc = _start(env, port, database_url)
             session_mod.disconnect()
             try:
@@ -261,8 +292,10 @@ def test_a_restarted_control_plane_adopts_the_worker_that_registered(
                 session_mod.disconnect()
             (still,) = [w for w in _workers(database_url) if w["state"] == "ready"]
             assert still["id"] == ready["id"]  # the same worker served: adopted, not replaced
+            wait_for(lambda: _gone(aws, sibling), 60, "the sibling node to be terminated")
             assert [i["InstanceId"] for i in moto_instances(aws)] == [inst["InstanceId"]]
-            assert _orphan_events(database_url) == []
+            (orphaned,) = _orphan_events(database_url)
+            assert sibling in orphaned and ready["id"] in orphaned
             _kill(proc, signal.SIGTERM)
             assert proc.returncode == 0
         finally:
