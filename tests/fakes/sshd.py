@@ -19,6 +19,7 @@ import contextlib
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -180,3 +181,20 @@ def stand_in_node(directory: Path, *, fake_address: str = FAKE_ADDRESS) -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        _kill_processes_under(home)
+
+
+def _kill_processes_under(home: Path) -> None:
+    """The node is gone, so is what ran on it: the worker the bootstrap started detached (its own session,
+    under the node's home) would otherwise outlive the test."""
+    prefix = str(home) + os.sep
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode()
+        except OSError:
+            continue
+        if argv0.startswith(prefix):
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
