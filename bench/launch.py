@@ -13,15 +13,17 @@ API call takes from a client in the same region):
   overhead     per single launch, the time outside SkyPilot and the SDK: ``CloudProvider.launch``'s wall time
                minus the time inside SkyPilot's provisioner calls and every boto3 client creation and API call
                (outermost calls only, per thread)
-  threads      ``--n`` launches submitted at once to a ``ThreadPoolExecutor`` of ``--n`` threads, and of 8
-               threads (the control plane's launch executor, ``LAUNCH_THREADS``), one shared driver; with the
-               summed time inside ``bootstrap_instances`` over the wall time (near 1: launches queue there)
+  threads      ``--n`` launches submitted at once to a ``ThreadPoolExecutor`` of ``--n`` threads (the control
+               plane's launch executor has ``LAUNCH_THREADS`` = 64, so its launches run as these do), and of 8
+               threads (its size before), one shared driver; with the summed time inside
+               ``bootstrap_instances`` over the wall time (near 1: launches queue there)
   processes    (``--procs N``, off by default) ``--n`` launches from a ``ProcessPoolExecutor`` of N forked
                processes, each with its own driver, warmed by one launch before the clock starts
   failover     the control plane's failover walk: the real ``Reconciler`` (its launch executor, placement,
-               signals, blocks, spacing) over a 6-zone catalog of one GPU type (5 zones of us-east-1, 1 of
-               us-west-2) whose 5 cheapest zones answer ``InsufficientInstanceCapacity`` on the wire; from the
-               tick that starts the launch to the successful RunInstances (the fake's log)
+               signals, blocks, spacing, hedged rounds) over a 6-zone catalog of one GPU type (5 zones of
+               us-east-1, 1 of us-west-2) whose 5 cheapest zones answer ``InsufficientInstanceCapacity`` on the
+               wire; from the tick that starts the launch to the successful RunInstances (the fake's log); a
+               first tick (the control plane's start-up inventory) runs before the call arrives
   sky failover SkyPilot's own provisioner on the same faults: ``run_instances`` with no zone over us-east-1
                (SkyPilot's default retry count: one try per subnet), then us-west-2
   sky.launch   SkyPilot's high-level ``sky.launch`` on the same 6 candidates and faults, through its local API
@@ -82,7 +84,7 @@ ZONES = [
 ]
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHRlc3Qta2V5LWZvci1jbG91ZG1vZGFs cloudmodal-bench"
 REALISTIC_LATENCY_S = 0.15  # assumed time of one EC2 API call on the real wire (0.1-0.3 s is typical)
-CONTROL_PLANE_THREADS = 8  # cloudmodal.server.reconciler_base.LAUNCH_THREADS (read at run time too)
+OLD_CONTROL_PLANE_THREADS = 8  # the control plane's launch threads before LAUNCH_THREADS became 64
 TICK = os.sysconf("SC_CLK_TCK")
 VMS_HEADER = (
     "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region,"
@@ -1055,7 +1057,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=50, help="launches at once (50)")
     ap.add_argument("--procs", type=int, default=0, help="processes in a process pool (0: skip, the default)")
     ap.add_argument("--single", type=int, default=5, help="single launches for the median (5)")
-    ap.add_argument("--threads", default=f"{{n}},{CONTROL_PLANE_THREADS}", help="thread pool sizes ({n},8)")
+    ap.add_argument(
+        "--threads", default=f"{{n}},{OLD_CONTROL_PLANE_THREADS}", help="thread pool sizes ({n},8)"
+    )
     ap.add_argument("--failing", type=int, default=5, help="zones out of capacity in the failover (5, max 5)")
     ap.add_argument(
         "--latency",
