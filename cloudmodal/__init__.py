@@ -21,6 +21,7 @@ from cloudmodal import exception
 from cloudmodal._context import current_call_id as _current_call_id
 from cloudmodal._context import current_input_id as _current_input_id
 from cloudmodal.app import App
+from cloudmodal.dict import Dict
 from cloudmodal.functions import Cls, Function, FunctionCall
 from cloudmodal.image import Image
 from cloudmodal.partial_function import (
@@ -36,6 +37,7 @@ from cloudmodal.partial_function import (
     web_server,
     wsgi_app,
 )
+from cloudmodal.queue import Queue
 from cloudmodal.retries import Retries
 from cloudmodal.schedule import Cron, Period
 from cloudmodal.secret import Secret
@@ -47,10 +49,12 @@ __all__ = [
     "App",
     "Cls",
     "Cron",
+    "Dict",
     "Function",
     "FunctionCall",
     "Image",
     "Period",
+    "Queue",
     "Retries",
     "Secret",
     "Volume",

@@ -39,6 +39,8 @@ class AppRegistry:
         self.classes: dict[str, Cls] = {}
         self.entrypoints: dict[str, LocalEntrypoint] = {}
         self.inline_secrets: dict[str, dict[str, str]] = {}
+        # named secret -> the keys its Secret.from_name(..., required_keys=[...]) in this app require
+        self.required_keys: dict[str, set[str]] = {}
 
     def add(self, tag: str, handle: Function | Cls, app_name: str | None, *, stacklevel: int = 2) -> None:
         """Register a decorated function or class as ``tag``. ``stacklevel``: of the redefinition warning,
@@ -83,12 +85,21 @@ class AppRegistry:
         for tag, c in other.classes.items():
             self.add(tag, c, app_name, stacklevel=stacklevel + 1)
         self.inline_secrets.update(other.inline_secrets)
+        for name, keys in other.required_keys.items():
+            self.required_keys.setdefault(name, set()).update(keys)
 
     def remember_inline(self, secrets: Iterable[Secret]) -> None:
         """Keep the values of the inline secrets among ``secrets``, by the generated name specs carry."""
         for s in secrets:
             if s.is_inline:
                 self.inline_secrets[s.name] = s.values or {}
+            elif s.required_keys:
+                self.required_keys.setdefault(s.name, set()).update(s.required_keys)
+
+    def secret_required_keys(self, spec: FunctionSpec) -> dict[str, list[str]]:
+        """Named secret -> the keys this app's ``Secret.from_name`` calls require of it, for ``spec``'s
+        secrets: the control plane checks them when it registers the function."""
+        return {n: sorted(self.required_keys[n]) for n in spec.secrets if self.required_keys.get(n)}
 
     def inline_secret_env(self, spec: FunctionSpec) -> dict[str, str]:
         """The environment variables that ``spec``'s inline secrets contribute, merged in the spec's secret

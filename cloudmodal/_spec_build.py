@@ -100,8 +100,10 @@ def common_fields(
         "secrets": tuple(secrets),
         # Image.env() variables are part of the container's environment; the function's env= wins.
         "env": tuple({**image.env_vars, **dict(o["env"])}.items()),
-        "volumes": tuple(sorted((p, v.name) for p, v in volumes.items())),
-        "create_volumes": tuple(sorted({v.name for v in volumes.values() if v.create_if_missing})),
+        "volumes": tuple(sorted((p, v._mount_ref()) for p, v in volumes.items())),
+        "create_volumes": tuple(
+            sorted({v.name for v in volumes.values() if v.create_if_missing and v.name is not None})
+        ),
         "cloud": o["cloud"],
         "region": o["region"],
         "spot": o["spot"],

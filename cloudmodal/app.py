@@ -176,6 +176,11 @@ class App:
         order (later secrets win). Named secrets are not included: the control plane resolves those."""
         return self._registry.inline_secret_env(spec)
 
+    def secret_required_keys(self, spec: FunctionSpec) -> dict[str, list[str]]:
+        """Named secret -> the keys ``Secret.from_name(..., required_keys=...)`` requires, for ``spec``'s
+        secrets (the control plane checks them at registration)."""
+        return self._registry.secret_required_keys(spec)
+
     def __repr__(self) -> str:
         functions, classes = list(self._registry.functions), list(self._registry.classes)
         return f"App({self._name!r}, functions={functions}, classes={classes})"

@@ -337,6 +337,7 @@ def _definition(
         pickled = session.upload_blob(serialize(raw_f))
     inline_env: dict[str, str] = dict(spec.env)
     getter = getattr(app, "inline_secret_env", None)
+    required_keys = getattr(app, "secret_required_keys", None)  # Secret.from_name(..., required_keys=[...])
     if getter is not None:
         inline_env.update(getter(spec) or {})
     note = None
@@ -353,6 +354,7 @@ def _definition(
         "source_dir": source_dir,
         "pickled_blob": pickled,
         "inline_env": inline_env,
+        "secret_required_keys": required_keys(spec) if required_keys is not None else {},
         "allow_cpu_fallback": allow_cpu_fallback,
         "cpu_fallback_note": note,
     }

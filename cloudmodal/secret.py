@@ -1,23 +1,37 @@
 """``cloudmodal.Secret``: environment variables injected into a function's containers.
 
-For now a Secret is a value object: a name (``from_name``) or inline values (``from_dict``,
+A Secret is a value object: a name (``from_name``: a secret stored on the control plane, encrypted, made with
+``cloudmodal secret create`` or ``Secret.objects.create``) or inline values (``from_dict``,
 ``from_local_environ``, ``from_dotenv``). Inline secrets get a generated name; the App keeps their values
-(``App.inline_secret_values()``) so they never travel inside a spec.
+(``App.inline_secret_values()``) so they never travel inside a spec. A named secret's values never come back
+to a client: the control plane checks it exists (and holds its ``required_keys``) when a function declaring it
+is registered, and puts its values into the environment of that function's workers only.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 import re
 import secrets as _random
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 from cloudmodal._frozen import Frozen
 from cloudmodal.exception import InvalidError
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9\-_.]{1,64}$")
 _APP_ID_RE = re.compile(r"^ap-[a-zA-Z0-9]{22}$")
+# The generated names of inline secrets (see Secret._inline): reserved, so the control plane tells a spec's
+# inline secrets (whose values travel with the function) from its named ones by the name alone.
+_INLINE_NAME_RE = re.compile(r"^inline-[0-9a-f]{16}$")
+
+
+def is_inline_name(name: str) -> bool:
+    """Whether ``name`` is an inline secret's generated name (``inline-`` and 16 hex digits)."""
+    return bool(_INLINE_NAME_RE.fullmatch(name))
 
 
 def check_object_name(name: object, kind: str) -> str:
@@ -58,6 +72,7 @@ class Secret(Frozen):
     environment_name: str | None
     required_keys: tuple[str, ...]
     _values: dict[str, str] | None
+    objects: ClassVar[SecretManager]  # Secret.objects.create/list/delete (set below the class)
 
     def __init__(
         self,
@@ -77,7 +92,7 @@ class Secret(Frozen):
         name: str, *, environment_name: str | None = None, required_keys: Iterable[str] = ()
     ) -> Secret:
         """A secret stored on the control plane (``cloudmodal secret create NAME K=V``)."""
-        check_object_name(name, "Secret")
+        _check_named(name)
         if isinstance(required_keys, str):
             raise InvalidError(
                 f"required_keys must be a list of names, not the string {required_keys!r}; "
@@ -89,25 +104,7 @@ class Secret(Frozen):
     @staticmethod
     def from_dict(env_dict: Mapping[str, str | None] | None = None) -> Secret:
         """An inline secret from a dict; ``None`` values are dropped (as in Modal)."""
-        if env_dict is None:
-            env_dict = {}
-        if not isinstance(env_dict, Mapping):
-            raise InvalidError(
-                f"Secret.from_dict expects a dict of str to str, not {type(env_dict).__name__}. "
-                "E.g. Secret.from_dict({'API_KEY': 'xyz'})."
-            )
-        values: dict[str, str] = {}
-        for k, v in env_dict.items():
-            _check_env_key(k, "Secret.from_dict")
-            if v is None:
-                continue
-            if not isinstance(v, str):
-                raise InvalidError(
-                    f"Secret.from_dict: the value of {k!r} must be a string, not {type(v).__name__} ({v!r}). "
-                    f"Convert it, e.g. {{{k!r}: str({v!r})}}."
-                )
-            values[k] = v
-        return Secret._inline(values)
+        return Secret._inline(_check_values(env_dict, "Secret.from_dict"))
 
     @staticmethod
     def from_local_environ(env_keys: Iterable[str]) -> Secret:
@@ -160,6 +157,37 @@ class Secret(Frozen):
         """A copy of an inline secret's values (None for a named one)."""
         return dict(self._values) if self._values is not None else None
 
+    # -- named secrets on the control plane ----------------------------------------------------------------
+    def _named(self, what: str) -> str:
+        if self.is_inline:
+            raise InvalidError(
+                f"Secret.{what}() is for named secrets (Secret.from_name); an inline secret lives only in "
+                "this program."
+            )
+        return self.name
+
+    def hydrate(self, client: Any = None) -> Secret:
+        """Check now that this named secret exists on the control plane and holds its ``required_keys``
+        (NotFoundError naming what is missing); runs and deployments check the same on their own."""
+        if not self.is_inline:
+            name = self._named("hydrate")
+            _transport().post(f"/v1/secrets/{name}/check", {"required_keys": list(self.required_keys)})
+        return self
+
+    def info(self, client: Any = None) -> SecretInfo:
+        """This named secret's name and dates (never its values)."""
+        name = self._named("info")
+        return SecretInfo.from_wire(_transport().get(f"/v1/secrets/{name}"))
+
+    def update(self, env_dict: Mapping[str, str | None], client: Any = None) -> None:
+        """Add keys to this named secret or replace their values (its other keys keep theirs; ``None``
+        values are dropped, as in ``from_dict``). Workers started from now on see the new values."""
+        name = self._named("update")
+        values = _check_values(env_dict, f"Secret.from_name({name!r}).update", named=True)
+        if not values:
+            raise InvalidError(f"Secret.from_name({name!r}).update: nothing to update (no keys with values).")
+        _transport().post(f"/v1/secrets/{name}/update", {"env": values})
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Secret) and (self.name, self.environment_name, self._values) == (
             other.name,
@@ -174,6 +202,154 @@ class Secret(Frozen):
         if self.is_inline:
             return f"Secret(inline, keys={sorted(self._values or {})})"
         return f"Secret.from_name({self.name!r})"
+
+
+_NAMED_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+
+
+def _check_values(
+    env_dict: Mapping[str, str | None] | None, where: str, *, named: bool = False
+) -> dict[str, str]:
+    """A dict of secret values, ``None`` values dropped. Errors name the key, never the value. ``named``: the
+    keys of a named secret, which must be environment variable names (Modal's rule for stored secrets)."""
+    if env_dict is None:
+        env_dict = {}
+    if not isinstance(env_dict, Mapping):
+        raise InvalidError(
+            f"{where} expects a dict of str to str, not {type(env_dict).__name__}. E.g. {{'API_KEY': 'xyz'}}."
+        )
+    values: dict[str, str] = {}
+    for k, v in env_dict.items():
+        _check_env_key(k, where)
+        if named and not _NAMED_KEY_RE.fullmatch(k):
+            raise InvalidError(
+                f"{where}: invalid key {k!r}. Keys of a named secret hold letters, digits and '_', do not start "
+                "with a digit, and are at most 256 characters (e.g. API_KEY)."
+            )
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise InvalidError(
+                f"{where}: the value of {k!r} must be a string, not {type(v).__name__}. Convert it with str()."
+            )
+        values[k] = v
+    return values
+
+
+def _check_named(name: object) -> str:
+    check_object_name(name, "Secret")
+    assert isinstance(name, str)
+    if is_inline_name(name):
+        raise InvalidError(
+            f"Secret names like {name!r} are reserved for inline secrets; choose another name."
+        )
+    return name
+
+
+def _transport() -> Any:
+    """The transport of the current session (the running app's, a worker's, or the configured server's)."""
+    from cloudmodal.client.session import current_session
+
+    return current_session().transport
+
+
+def _ts(t: float | None) -> _dt.datetime | None:
+    return _dt.datetime.fromtimestamp(t, tz=_dt.UTC) if t else None
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """A named secret's metadata (``Secret.info()``, ``Secret.objects.list()``): never its values."""
+
+    name: str
+    created_at: _dt.datetime | None
+    created_by: str | None
+    updated_at: _dt.datetime | None
+    last_used_at: _dt.datetime | None
+    secret_id: str | None = None
+
+    @staticmethod
+    def from_wire(row: Mapping[str, Any]) -> SecretInfo:
+        return SecretInfo(
+            name=str(row["name"]),
+            created_at=_ts(row.get("created_at")),
+            created_by=row.get("created_by") or None,
+            updated_at=_ts(row.get("updated_at")),
+            last_used_at=_ts(row.get("last_used_at")),
+            secret_id=row.get("id"),
+        )
+
+
+IfExists = Literal["fail", "skip", "overwrite"]
+
+
+def create_named(name: str, env_dict: Mapping[str, str | None], *, if_exists: IfExists = "fail") -> bool:
+    """Store secret ``name`` on the control plane; if one exists, ``if_exists``: ``fail``
+    (AlreadyExistsError), ``skip`` (keep it) or ``overwrite`` (replace its values). True when it was created."""
+    _check_named(name)
+    values = _check_values(env_dict, f"Secret {name!r}", named=True)
+    got = _transport().post("/v1/secrets", {"name": name, "env": values, "if_exists": if_exists})
+    return bool(got.get("created"))
+
+
+class SecretManager:
+    """``Secret.objects``: manage named secrets (Modal's ``SecretManager``)."""
+
+    @staticmethod
+    def create(
+        name: str,
+        env_dict: Mapping[str, str | None],
+        *,
+        allow_existing: bool = False,
+        environment_name: str | None = None,
+        client: Any = None,
+    ) -> None:
+        """Create named secret ``name``. If it exists: AlreadyExistsError, or with ``allow_existing`` do
+        nothing (its values are kept; ``cloudmodal secret create --force`` replaces them)."""
+        create_named(name, env_dict, if_exists="skip" if allow_existing else "fail")
+
+    @staticmethod
+    def list(
+        *,
+        max_objects: int | None = None,
+        created_before: _dt.datetime | str | None = None,
+        environment_name: str = "",
+        client: Any = None,
+    ) -> list[Secret]:
+        """The named secrets, newest first (``max_objects``: at most that many; ``created_before``: only
+        older ones)."""
+        rows = _transport().get("/v1/secrets")
+        if created_before is not None:
+            cut = (
+                _dt.datetime.fromisoformat(created_before)
+                if isinstance(created_before, str)
+                else created_before
+            )
+            if cut.tzinfo is None:
+                cut = cut.replace(tzinfo=_dt.UTC)
+            rows = [r for r in rows if (r.get("created_at") or 0) < cut.timestamp()]
+        if max_objects is not None:
+            rows = rows[: max(0, max_objects)]
+        return [Secret.from_name(r["name"]) for r in rows]
+
+    @staticmethod
+    def delete(
+        name: str, *, allow_missing: bool = False, environment_name: str | None = None, client: Any = None
+    ) -> None:
+        """Delete named secret ``name`` (NotFoundError if there is none, unless ``allow_missing``). Functions
+        that declare it cannot start new workers until it exists again."""
+        delete_named(name, allow_missing=allow_missing)
+
+
+def delete_named(name: str, *, allow_missing: bool = False) -> bool:
+    """Delete named secret ``name``; False where there was none (with ``allow_missing``)."""
+    _check_named(name)
+    return bool(
+        _transport().post(f"/v1/secrets/{name}/delete", {"allow_missing": allow_missing}).get("deleted")
+    )
+
+
+Secret.objects = SecretManager()
 
 
 # Values of every inline secret created in this process, by generated name: how a spec's secret names are

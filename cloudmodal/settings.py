@@ -129,6 +129,13 @@ class Settings(BaseSettings):
         "share this directory too",
         group="control plane",
     )
+    volume_store: str | None = _var(
+        None,
+        "where volumes keep their files: a directory, `s3://bucket/prefix`, `gs://bucket/prefix` or "
+        "`az://container/prefix` (unset: `volumes/` in the state directory). Workers read and write it directly, "
+        "so a cloud worker needs a bucket it can reach",
+        group="control plane",
+    )
     providers: Annotated[tuple[str, ...], NoDecode] = _var(
         ("local",),
         "the providers to launch workers with, comma-separated: `local`, `sim`, `aws`, `gcp`, `azure`, `lambda` "

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from cloudmodal.cli import app_cmd, run, server_cmd, setup_cmd, token_cmd
+from cloudmodal.cli import (
+    app_cmd,
+    dict_cmd,
+    queue_cmd,
+    run,
+    secret_cmd,
+    server_cmd,
+    setup_cmd,
+    token_cmd,
+    volume_cmd,
+)
 from cloudmodal.cli import offers as _offers
 from cloudmodal.cli import pricing as _pricing
 
@@ -24,6 +34,10 @@ app.command("shell")(run.shell_command)
 app.add_typer(server_cmd.app, name="server")
 app.add_typer(app_cmd.app, name="app")
 app.add_typer(token_cmd.app, name="token")
+app.add_typer(secret_cmd.app, name="secret")
+app.add_typer(volume_cmd.app, name="volume")
+app.add_typer(dict_cmd.app, name="dict")
+app.add_typer(queue_cmd.app, name="queue")
 app.command("offers")(_offers.offers_command)
 app.add_typer(_pricing.app, name="pricing")
 app.command("setup")(setup_cmd.setup_command)

@@ -3,8 +3,8 @@ honour yet.
 
 The spec layer accepts and validates Modal's whole surface so that ported code decorates cleanly and the
 issues that build the runtime have a checked spec to read. But a declared feature nothing acts on is worse
-than an error: a ``schedule=`` that never fires, a volume that mounts nothing, a named secret whose variables
-are missing, a web endpoint nobody serves, a ``startup_timeout`` nobody reads. So
+than an error: a ``schedule=`` that never fires, a web endpoint nobody serves, a ``startup_timeout`` nobody
+reads. So
 :func:`check_app` fails the run (or the deployment) at once with a list of each function and feature, unless
 ``CLOUDMODAL_ALLOW_INERT=1`` turns the error into a warning for development.
 """
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudmodal.exception import InvalidError
-from cloudmodal.secret import inline_secret_registry
 from cloudmodal.spec import FunctionSpec, WebConfig
 
 ALLOW_ENV = "CLOUDMODAL_ALLOW_INERT"
@@ -57,10 +56,8 @@ def _web_uses(where: str, web: WebConfig) -> InertUse:
     )
 
 
-def inert_uses(spec: FunctionSpec, inline_secret_names: set[str] | frozenset[str]) -> list[InertUse]:
-    """The features ``spec`` declares that nothing implements yet. ``inline_secret_names``: the generated names
-    of inline secrets (``Secret.from_dict`` and friends), which do reach the workers; every other name in
-    ``spec.secrets`` came from ``Secret.from_name``."""
+def inert_uses(spec: FunctionSpec) -> list[InertUse]:
+    """The features ``spec`` declares that nothing implements yet."""
     name = spec.name
     out: list[InertUse] = []
     if spec.schedule is not None:
@@ -70,27 +67,6 @@ def inert_uses(spec: FunctionSpec, inline_secret_names: set[str] | frozenset[str
                 f"schedule={_schedule_text(spec.schedule)}",
                 "schedules never fire yet (issue 13)",
                 "remove schedule= and call the function yourself",
-            )
-        )
-    if spec.volumes:
-        mounts = ", ".join(f"{path!r}: Volume.from_name({vol!r})" for path, vol in spec.volumes)
-        out.append(
-            InertUse(
-                name,
-                f"volumes={{{mounts}}}",
-                "volumes mount nothing yet (issue 12)",
-                "remove volumes= and read or write the data another way (e.g. object storage from the function)",
-            )
-        )
-    named = [s for s in spec.secrets if s not in inline_secret_names]
-    if named:
-        out.append(
-            InertUse(
-                name,
-                ", ".join(f"Secret.from_name({s!r})" for s in named),
-                "named secrets resolve to nothing yet (issue 12)",
-                "pass the values inline instead: Secret.from_dict(...), Secret.from_local_environ([...]) or "
-                "Secret.from_dotenv()",
             )
         )
     if spec.web is not None:
@@ -111,14 +87,10 @@ def inert_uses(spec: FunctionSpec, inline_secret_names: set[str] | frozenset[str
 
 def app_inert_uses(app: Any) -> list[InertUse]:
     """Every inert feature of ``app``'s registered functions and classes, in declaration order."""
-    inline = set(inline_secret_registry())
-    values = getattr(app, "inline_secret_values", None)
-    if values is not None:
-        inline |= set(values())
     out: list[InertUse] = []
     for handle in list(app.registered_functions.values()) + list(app.registered_classes.values()):
         if handle.spec is not None:
-            out += inert_uses(handle.spec, inline)
+            out += inert_uses(handle.spec)
     return out
 
 

@@ -80,6 +80,10 @@ class FunctionCreate(BaseModel):
     source_dir: Text | None = None
     pickled_blob: BlobId | None = None
     inline_env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=256)
+    # Secret.from_name(name, required_keys=[...]): checked on the server against the stored secret
+    secret_required_keys: dict[Id, Annotated[list[EnvName], Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=256
+    )
     allow_cpu_fallback: bool = False
     cpu_fallback_note: Text | None = None
 
@@ -623,6 +627,12 @@ def build_routes(cp: ControlPlane) -> TableApp:
         """Revoke a token: every control plane on this database refuses it within seconds."""
         await run(cp.tokens.revoke, token_id)
         return {"revoked": token_id}
+
+    # -- state objects: dicts, queues, secrets, volumes (each kind's routes in a module of its own) ---------
+    from cloudmodal.server import api_kv, api_secrets, api_volumes
+
+    for module in (api_kv, api_secrets, api_volumes):
+        module.add_routes(route, run, cp)
 
     router = TableApp(routes, authenticate, title="cloudmodal control plane", on_startup=cp.hub.bind)
     return router

@@ -237,10 +237,17 @@ class Launcher(ReconcilerBase):
 
         app_id = fn.app_id
         cpu_fallback = self.cp.secrets.open_env(fn.inline_env).get("CLOUDMODAL_CPU_FALLBACK") == "1"
+        # The named secrets the function declares, read now (a rotated secret reaches new workers): into this
+        # worker's environment only, under the control plane's own variables, which a secret cannot replace.
+        # A missing one raises before a token is made or anything counted: the pool reports it and retries.
+        from cloudmodal.server.svc_secrets import NamedSecrets, declared_named
+
+        named = declared_named(spec.secrets)
+        env = NamedSecrets(self.cp).resolve(named, f"Function {spec.name!r}: ") if named else {}
         worker_id = new_id("ta")
         token = self.cp.tokens.create(scope=f"worker:{worker_id}", name=worker_id)
         image = spec.image or {}
-        env = {
+        env |= {
             "CLOUDMODAL_SERVER_URL": self.server_url,
             "CLOUDMODAL_TOKEN": token,
             "CLOUDMODAL_WORKER_ID": worker_id,

@@ -259,3 +259,8 @@ def use_postgresql_partial_indexes() -> None:
         where = index.dialect_options["sqlite"]["where"]
         if where is not None:
             index.dialect_kwargs["postgresql_where"] = where
+
+
+# The state objects' tables (Dict, Queue, Secret, Volume), each kind in a module of its own; imported here so
+# that ``metadata`` (what the migrations are checked against) holds them too.
+from cloudmodal.server import models_kv, models_secrets, models_volumes  # noqa: E402, F401

@@ -104,6 +104,8 @@ class Functions:
         if who is not None and who.kind == "member":
             cp.access.check_app(who, app_id)
         spec = FunctionSpec.from_wire(body["spec"])
+        if not parent_id:  # an instance inherits its class's secrets, checked when the class was registered
+            self._check_named_secrets(spec, body.get("secret_required_keys"), who)
         env = body.get("inline_env") or {}
         stored_env = env if body.get("sealed_env") else cp.secrets.seal_env(env)
         definition = {
@@ -174,6 +176,19 @@ class Functions:
             )
         cp.hub.notify("reconcile")
         return {"function_id": fid, "version": version}
+
+    def _check_named_secrets(
+        self, spec: FunctionSpec, required_keys: dict[str, list[str]] | None, who: Identity | None
+    ) -> None:
+        """The named secrets ``spec`` declares (``Secret.from_name``) exist and hold their required keys
+        (``required_keys``: secret name -> keys), and ``who`` may use them: checked at every registration (a
+        run, a deployment), so a missing one fails it at once instead of a worker's launch. Their values are
+        read when each worker is launched."""
+        from cloudmodal.server.svc_secrets import NamedSecrets, declared_named
+
+        names = declared_named(spec.secrets)
+        if names:
+            NamedSecrets(self.cp).check_declared(names, required_keys, who, where=f"Function {spec.name!r}: ")
 
     # -- look-ups ----------------------------------------------------------------------------------------
     def function_row(self, function_id: str) -> dict[str, Any]:

@@ -127,6 +127,10 @@ class Worker:
         self.heartbeat_s = float(defn.get("heartbeat_s", 3.0))
         for k, v in (defn.get("inline_env") or {}).items():
             os.environ[k] = v
+        if self.spec.volumes:  # on this (main) thread, before the user's code is imported
+            from cloudmodal.worker.volumes import mount_volumes
+
+            mount_volumes(self.t, self.spec)
         sys.stdout = _LogTee(self, "stdout", sys.__stdout__)
         sys.stderr = _LogTee(self, "stderr", sys.__stderr__)
         threading.Thread(target=self._log_loop, name="logs", daemon=True).start()
@@ -601,6 +605,10 @@ class Worker:
                 run_lifecycle_hooks(self.instance, "exit")
             except Exception:
                 traceback.print_exc()
+        if self.spec.volumes:
+            from cloudmodal.worker.volumes import commit_all
+
+            commit_all()
         sys.stdout.flush()
         self.flush_logs()
         self.t.post(f"{self.base}/stopped", {"reason": reason, "crashed": False}, reconnect_timeout=10)

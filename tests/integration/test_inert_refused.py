@@ -29,10 +29,7 @@ def tick(x: int = 2) -> int:
     return x * 3
 
 
-@app.function(
-    secrets=[cloudmodal.Secret.from_name("openai"), cloudmodal.Secret.from_dict({"MODE": "prod"})],
-    volumes={"/data": cloudmodal.Volume.from_name("weights")},
-)
+@app.function(secrets=[cloudmodal.Secret.from_dict({"MODE": "prod"})])
 def load() -> str:
     return "loaded"
 
@@ -90,8 +87,6 @@ def test_run_and_deploy_are_refused_before_anything_is_registered(plane: ServerH
     for line in (
         "  - tick: schedule=Period(hours=1): schedules never fire yet (issue 13)",
         "  - tick: startup_timeout=60: it is not enforced yet",
-        "  - load: volumes={'/data': Volume.from_name('weights')}: volumes mount nothing yet (issue 12)",
-        "  - load: Secret.from_name('openai'): named secrets resolve to nothing yet (issue 12)",
         "  - hello: @fastapi_endpoint: web endpoints are not served yet (issue 13)",
         "  - Model.api: @asgi_app: web endpoints are not served yet (issue 13)",
     ):

@@ -52,7 +52,6 @@ def test_each_inert_feature_is_named_with_its_function() -> None:
     app = App("inert")
     app.function(name="tick", schedule=Period(hours=1))(no_args)
     app.function(name="cron", schedule=Cron("0 9 * * 1-5"))(no_args)
-    app.function(name="vol", volumes={"/data": Volume.from_name("weights", create_if_missing=True)})(square)
     app.function(name="sec", secrets=[Secret.from_name("openai"), Secret.from_dict({"MODE": "prod"})])(square)
     app.function(name="web")(cloudmodal.fastapi_endpoint(method="POST")(square))
     app.function(name="srv")(cloudmodal.web_server(8000)(no_args))
@@ -61,8 +60,6 @@ def test_each_inert_feature_is_named_with_its_function() -> None:
     assert _uses(app) == [
         ("tick", "schedule=Period(hours=1)"),
         ("cron", "schedule=Cron('0 9 * * 1-5')"),
-        ("vol", "volumes={'/data': Volume.from_name('weights')}"),
-        ("sec", "Secret.from_name('openai')"),  # the inline secret next to it does reach the workers
         ("web", "@fastapi_endpoint"),
         ("srv", "@web_server"),
         ("slow", "startup_timeout=60"),
@@ -70,13 +67,10 @@ def test_each_inert_feature_is_named_with_its_function() -> None:
     ]
 
 
-def test_app_level_secrets_and_volumes_count_for_every_function() -> None:
+def test_app_level_named_secrets_and_volumes_are_not_inert() -> None:
     app = App("defaults", secrets=[Secret.from_name("team")], volumes={"/shared": Volume.from_name("shared")})
     app.function()(square)
-    assert [f for _, f in _uses(app)] == [
-        "volumes={'/shared': Volume.from_name('shared')}",
-        "Secret.from_name('team')",
-    ]
+    assert _uses(app) == []
 
 
 def test_what_works_is_accepted() -> None:
@@ -104,8 +98,6 @@ def test_the_error_lists_every_use_and_says_what_to_do() -> None:
     assert (
         "  - tick: schedule=Period(minutes=5): schedules never fire yet (issue 13); remove schedule=" in msg
     )
-    assert "  - tick: Secret.from_name('openai'): named secrets resolve to nothing yet (issue 12)" in msg
-    assert "Secret.from_dict(...)" in msg
     assert "  - web: @fastapi_endpoint: web endpoints are not served yet (issue 13)" in msg
     assert "Remove them and deploy without them" in msg and f"set {ALLOW_ENV}=1" in msg
 
@@ -113,15 +105,13 @@ def test_the_error_lists_every_use_and_says_what_to_do() -> None:
 @pytest.mark.parametrize("value", ["1", "true", "YES"])
 def test_escape_hatch_turns_the_error_into_a_warning(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     app = App()
-    app.function(volumes={"/d": Volume.from_name("d")})(square)
+    app.function(schedule=Period(hours=2))(no_args)
     monkeypatch.setenv(ALLOW_ENV, value)
     with pytest.warns(
         InertFeatureWarning, match=re.escape(f"{ALLOW_ENV} is set, so they are ignored")
     ) as rec:
         check_app(app)
-    assert "square: volumes={'/d': Volume.from_name('d')}: volumes mount nothing yet (issue 12)" in str(
-        rec[0].message
-    )
+    assert "no_args: schedule=Period(hours=2): schedules never fire yet (issue 13)" in str(rec[0].message)
 
 
 @pytest.mark.parametrize("value", ["", "0", "no"])

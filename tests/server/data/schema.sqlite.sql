@@ -112,6 +112,67 @@ CREATE INDEX ix_input_worker ON input (worker_id, state);
 -- default input.lease_expires = 0.0
 -- default input.available_at = 0.0
 -- default input.created_at = 0.0
+CREATE TABLE kv_dict (
+	id VARCHAR NOT NULL, 
+	name VARCHAR, 
+	ephemeral BOOLEAN NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	created_by VARCHAR NOT NULL, 
+	last_used_at FLOAT NOT NULL, 
+	PRIMARY KEY (id), 
+	UNIQUE (name)
+);
+-- default kv_dict.ephemeral = False
+-- default kv_dict.created_at = 0.0
+-- default kv_dict.created_by = ''
+-- default kv_dict.last_used_at = 0.0
+CREATE TABLE kv_dict_entry (
+	dict_id VARCHAR NOT NULL, 
+	key_hash VARCHAR NOT NULL, 
+	"key" BLOB NOT NULL, 
+	value BLOB NOT NULL, 
+	updated_at FLOAT NOT NULL, 
+	PRIMARY KEY (dict_id, key_hash)
+);
+CREATE INDEX ix_kv_dict_entry_updated ON kv_dict_entry (updated_at);
+-- default kv_dict_entry.updated_at = 0.0
+CREATE TABLE kv_queue (
+	id VARCHAR NOT NULL, 
+	name VARCHAR, 
+	ephemeral BOOLEAN NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	created_by VARCHAR NOT NULL, 
+	last_used_at FLOAT NOT NULL, 
+	PRIMARY KEY (id), 
+	UNIQUE (name)
+);
+-- default kv_queue.ephemeral = False
+-- default kv_queue.created_at = 0.0
+-- default kv_queue.created_by = ''
+-- default kv_queue.last_used_at = 0.0
+CREATE TABLE kv_queue_item (
+	id INTEGER NOT NULL, 
+	queue_id VARCHAR NOT NULL, 
+	partition VARCHAR NOT NULL, 
+	value BLOB NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX ix_kv_queue_item_order ON kv_queue_item (queue_id, partition, id);
+-- default kv_queue_item.partition = ''
+-- default kv_queue_item.created_at = 0.0
+CREATE TABLE kv_queue_partition (
+	queue_id VARCHAR NOT NULL, 
+	partition VARCHAR NOT NULL, 
+	expires_at FLOAT NOT NULL, 
+	items INTEGER NOT NULL, 
+	bytes INTEGER NOT NULL, 
+	PRIMARY KEY (queue_id, partition)
+);
+CREATE INDEX ix_kv_queue_partition_expires ON kv_queue_partition (expires_at);
+-- default kv_queue_partition.expires_at = 0.0
+-- default kv_queue_partition.items = 0
+-- default kv_queue_partition.bytes = 0
 CREATE TABLE log (
 	id INTEGER NOT NULL, 
 	app_id VARCHAR NOT NULL, 
@@ -162,6 +223,21 @@ CREATE INDEX ix_pool_app_id ON pool (app_id);
 -- default pool.reason = ''
 -- default pool.fallen_back = False
 -- default pool.updated_at = 0.0
+CREATE TABLE secret (
+	id VARCHAR NOT NULL, 
+	name VARCHAR NOT NULL, 
+	sealed VARCHAR NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	updated_at FLOAT NOT NULL, 
+	created_by VARCHAR NOT NULL, 
+	last_used_at FLOAT, 
+	PRIMARY KEY (id)
+);
+CREATE UNIQUE INDEX ix_secret_name ON secret (name);
+-- default secret.sealed = ''
+-- default secret.created_at = 0.0
+-- default secret.updated_at = 0.0
+-- default secret.created_by = ''
 CREATE TABLE setting (
 	"key" VARCHAR NOT NULL, 
 	value VARCHAR NOT NULL, 
@@ -182,6 +258,25 @@ CREATE UNIQUE INDEX ix_token_token_hash ON token (token_hash);
 -- default token.scope = 'admin'
 -- default token.created_at = 0.0
 -- default token.revoked = False
+CREATE TABLE volume (
+	id VARCHAR NOT NULL, 
+	name VARCHAR, 
+	ephemeral BOOLEAN NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	created_by VARCHAR, 
+	last_used_at FLOAT, 
+	store_url VARCHAR NOT NULL, 
+	prefix VARCHAR NOT NULL, 
+	version INTEGER NOT NULL, 
+	manifest VARCHAR, 
+	PRIMARY KEY (id)
+);
+CREATE UNIQUE INDEX ix_volume_name ON volume (name);
+-- default volume.ephemeral = False
+-- default volume.created_at = 0.0
+-- default volume.store_url = ''
+-- default volume.prefix = ''
+-- default volume.version = 0
 CREATE TABLE worker (
 	id VARCHAR NOT NULL, 
 	app_id VARCHAR NOT NULL, 

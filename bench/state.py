@@ -1,0 +1,368 @@
+"""State objects' throughput beside their peers, in one run on this machine.
+
+Sections (``--only`` picks some; each is a function in :data:`SECTIONS` returning rows of the same shape, so
+another object's section is one more entry):
+
+- ``kv``: ``cloudmodal.Dict`` and ``cloudmodal.Queue`` through a real control plane (``ServerHandle``: real
+  HTTP/WebSocket, SQLite in a temporary directory by default, ``--database-url`` for PostgreSQL), beside a local
+  Redis (``--redis-url``, default ``redis://127.0.0.1:6379/0``) through redis-py. Every value is the same
+  cloudpickled object on both sides (``--value-bytes`` of payload). Operations, ``--ops`` each:
+
+  ============================  =====================================  ===========================================
+  row                           cloudmodal                             Redis (redis-py)
+  ============================  =====================================  ===========================================
+  dict put (single)             ``d.put(k, v)``                        ``SET``
+  dict get (single)             ``d.get(k)``                           ``GET``
+  dict put (batched)            ``d.update({...})`` of ``--batch``     pipeline of ``--batch`` ``SET``
+  dict get (batched)            ``d.items()`` (pages of 1,000)         pipeline of ``--batch`` ``GET``
+  queue put (single)            ``q.put(v)``                           ``RPUSH``
+  queue get (single)            ``q.get()``                            ``LPOP``
+  queue put (batched)           ``q.put_many([...])`` of ``--batch``   pipeline of ``--batch`` ``RPUSH``
+  queue get (batched)           ``q.get_many(--batch)``                pipeline of ``--batch`` ``LPOP``
+  ============================  =====================================  ===========================================
+
+  Single operations are one request each, waited for (latency-bound on both sides). Every read is checked
+  against what was written (a benchmark that lost data would be measuring something else).
+
+Prints a table (operations per second, and cloudmodal's over Redis's); ``--json FILE`` also writes the rows.
+Goal: batched at least half of Redis's.
+
+Run: ``.venv/bin/python bench/state.py [--ops 20000] [--batch 500] [--database-url URL] [--only kv]``. Needs
+``redis`` (redis-py) installed and a Redis answering for the Redis column (otherwise the column is empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+PER_PARTITION = 4000  # queue items per partition (Modal's limit is 5,000; --batch must divide this)
+
+
+@dataclass
+class Row:
+    """One measured operation: items per second for cloudmodal and its peer (None: not measured)."""
+
+    section: str
+    op: str
+    cloudmodal: float | None
+    peer: float | None
+    peer_name: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.cloudmodal is None or not self.peer:
+            return None
+        return self.cloudmodal / self.peer
+
+
+def rate(n: int, fn: Callable[[], None]) -> float:
+    """Items per second of ``fn``, which handles ``n`` items."""
+    t0 = time.perf_counter()
+    fn()
+    return n / max(time.perf_counter() - t0, 1e-9)
+
+
+def batches(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(start + size, n))
+
+
+# -- the control plane ---------------------------------------------------------------------------------------
+@contextmanager
+def control_plane(database_url: str | None) -> Iterator[None]:
+    """A real control plane in a process of its own (as Redis is: client and server do not share a GIL),
+    this process's client pointed at it."""
+    import os
+    import subprocess
+
+    from cloudmodal.client import session as session_mod
+
+    with tempfile.TemporaryDirectory(prefix="state-bench-") as tmp:
+        url = database_url or f"sqlite:///{tmp}/cp.db"
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", tmp, "--database-url", url],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the benchmark's control plane did not start (see its output above)")
+            server_url, token = json.loads(line)
+            old = {k: os.environ.get(k) for k in ("CLOUDMODAL_SERVER_URL", "CLOUDMODAL_TOKEN")}
+            os.environ["CLOUDMODAL_SERVER_URL"], os.environ["CLOUDMODAL_TOKEN"] = server_url, token
+            session_mod.disconnect()
+            try:
+                yield
+            finally:
+                session_mod.disconnect()
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        finally:
+            proc.terminate()  # the server stops on SIGTERM
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def serve(state_dir: str, database_url: str) -> int:
+    """``--serve``: run a control plane until SIGTERM, after printing its URL and owner token as JSON."""
+    import signal
+    import threading
+
+    from cloudmodal.server.app import ServerHandle, default_settings
+
+    handle = ServerHandle(default_settings(Path(state_dir), database_url=database_url)).start_in_thread()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(json.dumps([handle.url, handle.token]), flush=True)
+    stop.wait()
+    handle.stop()
+    return 0
+
+
+def redis_client(url: str) -> tuple[Any, str | None]:
+    """A connected redis-py client, or None and why not."""
+    try:
+        import redis
+    except ImportError:
+        return None, "redis-py is not installed (pip install redis)"
+    try:
+        r = redis.Redis.from_url(url)
+        r.ping()
+    except Exception as e:  # any failure to reach it: the Redis column stays empty
+        return None, f"Redis at {url} did not answer: {e}"
+    return r, None
+
+
+# -- section: Dict and Queue ---------------------------------------------------------------------------------
+def kv_section(a: argparse.Namespace) -> list[Row]:
+    import cloudpickle
+
+    from cloudmodal.dict import Dict
+    from cloudmodal.queue import Queue
+
+    n, b = a.ops, a.batch
+    value = {"payload": "x" * a.value_bytes, "n": 1}
+    blob = cloudpickle.dumps(value)
+    keys = [f"key-{i}" for i in range(n)]
+    ours: dict[str, float] = {}
+    with control_plane(a.database_url):
+        with Dict.ephemeral() as d, Queue.ephemeral() as q:
+            d.put("warm-up", 0)
+            q.put(0)
+            q.get()
+
+            def dict_put() -> None:
+                for k in keys:
+                    d.put(k, value)
+
+            def dict_get() -> None:
+                for k in keys:
+                    assert d.get(k) == value
+
+            def dict_update() -> None:
+                for r in batches(n, b):
+                    d.update({f"batch-{i}": value for i in r})
+
+            def dict_items() -> None:
+                got = sum(1 for k, v in d.items() if isinstance(k, str) and k.startswith("batch-"))
+                assert got == n, f"items() found {got} of {n} entries"
+
+            # a partition holds at most 5,000 items: the items go to a new partition every PER_PARTITION
+            def part(i: int) -> str:
+                return f"p{i // PER_PARTITION}"
+
+            def queue_put() -> None:
+                for i in range(n):
+                    q.put(value, partition=part(i))
+
+            def queue_get() -> None:
+                for i in range(n):
+                    assert q.get(timeout=30, partition=part(i)) == value
+
+            def queue_put_many() -> None:
+                for r in batches(n, b):
+                    q.put_many([value] * len(r), partition=part(r.start))
+
+            def queue_get_many() -> None:
+                got = 0
+                for r in batches(n, b):
+                    vs = q.get_many(len(r), timeout=30, partition=part(r.start))
+                    assert len(vs) == len(r) and vs[0] == value
+                    got += len(vs)
+                assert got == n and q.len(total=True) == 0
+
+            for op, fn in (
+                ("dict put (single)", dict_put),
+                ("dict get (single)", dict_get),
+                ("dict put (batched)", dict_update),
+                ("dict get (batched)", dict_items),
+                ("queue put (single)", queue_put),
+                ("queue get (single)", queue_get),
+                ("queue put (batched)", queue_put_many),
+                ("queue get (batched)", queue_get_many),
+            ):
+                ours[op] = rate(n, fn)
+    theirs = redis_rates(a, keys, blob)
+    return [Row("kv", op, ours[op], theirs.get(op), "Redis") for op in ours]
+
+
+def redis_rates(a: argparse.Namespace, keys: list[str], blob: bytes) -> dict[str, float]:
+    r, why = redis_client(a.redis_url)
+    if r is None:
+        print(f"note: no Redis column: {why}", file=sys.stderr)
+        return {}
+    import uuid
+
+    n, b = a.ops, a.batch
+    prefix = f"state-bench-{uuid.uuid4().hex[:8]}:"
+    ks = [prefix + k for k in keys]
+    qkey = prefix + "queue"
+    out: dict[str, float] = {}
+    try:
+
+        def put() -> None:
+            for k in ks:
+                r.set(k, blob)
+
+        def get() -> None:
+            for k in ks:
+                assert r.get(k) == blob
+
+        def put_pipelined() -> None:
+            for rg in batches(n, b):
+                p = r.pipeline(transaction=False)
+                for i in rg:
+                    p.set(f"{prefix}batch-{i}", blob)
+                p.execute()
+
+        def get_pipelined() -> None:
+            for rg in batches(n, b):
+                p = r.pipeline(transaction=False)
+                for i in rg:
+                    p.get(f"{prefix}batch-{i}")
+                assert all(v == blob for v in p.execute())
+
+        def qput() -> None:
+            for _ in range(n):
+                r.rpush(qkey, blob)
+
+        def qget() -> None:
+            for _ in range(n):
+                assert r.lpop(qkey) == blob
+
+        def qput_pipelined() -> None:
+            for rg in batches(n, b):
+                p = r.pipeline(transaction=False)
+                for _ in rg:
+                    p.rpush(qkey, blob)
+                p.execute()
+
+        def qget_pipelined() -> None:
+            for rg in batches(n, b):
+                p = r.pipeline(transaction=False)
+                for _ in rg:
+                    p.lpop(qkey)
+                assert all(v == blob for v in p.execute())
+
+        for op, fn in (
+            ("dict put (single)", put),
+            ("dict get (single)", get),
+            ("dict put (batched)", put_pipelined),
+            ("dict get (batched)", get_pipelined),
+            ("queue put (single)", qput),
+            ("queue get (single)", qget),
+            ("queue put (batched)", qput_pipelined),
+            ("queue get (batched)", qget_pipelined),
+        ):
+            out[op] = rate(n, fn)
+    finally:
+        doomed = list(r.scan_iter(match=prefix + "*", count=10_000))
+        for chunk in batches(len(doomed), 1000):
+            r.delete(*[doomed[i] for i in chunk])
+    return out
+
+
+# Each section: name -> function(args) -> rows. A new state object's benchmark is one more entry.
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {"kv": kv_section}
+
+
+# -- output ----------------------------------------------------------------------------------------------------
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = ["section", "operation", "cloudmodal items/s", "peer", "peer items/s", "cloudmodal / peer"]
+    lines = [head] + [
+        [
+            r.section,
+            r.op,
+            _num(r.cloudmodal),
+            r.peer_name or "-",
+            _num(r.peer),
+            "-" if r.ratio is None else f"{r.ratio:.2f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for j, line in enumerate(lines):
+        out.append(
+            "  ".join(
+                c.rjust(w) if i >= 2 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            )
+        )
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--ops", type=int, default=20_000, help="items per operation")
+    p.add_argument("--batch", type=int, default=500, help="items per batched request")
+    p.add_argument("--value-bytes", type=int, default=100, help="payload bytes of each value")
+    p.add_argument("--database-url", default=None, help="the control plane's database (default: SQLite)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run only these sections")
+    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--serve", metavar="STATE_DIR", help=argparse.SUPPRESS)  # the control plane's process
+    a = p.parse_args(argv)
+    if PER_PARTITION % a.batch:
+        p.error(f"--batch must divide {PER_PARTITION} (a batch never spans two queue partitions)")
+    if a.serve:
+        return serve(a.serve, a.database_url)
+    rows: list[Row] = []
+    for name in a.only or list(SECTIONS):
+        rows += SECTIONS[name](a)
+    print(table(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Tables of Dicts and Queues (``cloudmodal.Dict``, ``cloudmodal.Queue``).
+
+Imported by :mod:`cloudmodal.server.models` (so one ``metadata`` holds every table); created by their migration.
+
+Keys and values are opaque bytes to the control plane (the client pickles them; the server never unpickles).
+A dict entry is keyed by the sha256 of its pickled key, so the primary key has a fixed size whatever the key.
+A queue's items are rows in insertion order (their autoincrement id), and each partition has a row of its own
+that counts its items and bytes: written in the transaction of every put and get, so the limits are checked
+without counting rows, and on PostgreSQL locked first by every writer of the partition (one lock order, no
+deadlocks).
+"""
+
+# No ``from __future__ import annotations``: see models.py (SQLModel evaluates the annotations).
+from sqlalchemy import Column, Index, LargeBinary, Table
+from sqlmodel import Field
+
+from cloudmodal.server.models import Row
+
+
+class DictObject(Row, table=True):
+    """A Dict: named (``Dict.from_name``) or ephemeral (``Dict.ephemeral``, deleted when its client goes)."""
+
+    __tablename__ = "kv_dict"
+
+    id: str = Field(primary_key=True)  # "di-..."
+    name: str | None = Field(default=None, unique=True)  # NULL for an ephemeral dict
+    ephemeral: bool = False
+    created_at: float = 0.0
+    created_by: str = ""  # the token id, or "worker:<id>"
+    last_used_at: float = 0.0  # heartbeats of an ephemeral dict; writes (at most once a minute) of any
+
+
+class DictEntry(Row, table=True):
+    """One key of a dict. ``updated_at``: last written, or read (refreshed at most once a day): an entry idle
+    for 7 days is pruned, as Modal's are."""
+
+    __tablename__ = "kv_dict_entry"
+    __table_args__ = (Index("ix_kv_dict_entry_updated", "updated_at"),)
+
+    dict_id: str = Field(primary_key=True)
+    key_hash: str = Field(primary_key=True)  # sha256 hex of ``key``
+    key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    value: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    updated_at: float = 0.0
+
+
+class QueueObject(Row, table=True):
+    """A Queue: named or ephemeral, as a dict."""
+
+    __tablename__ = "kv_queue"
+
+    id: str = Field(primary_key=True)  # "qu-..."
+    name: str | None = Field(default=None, unique=True)
+    ephemeral: bool = False
+    created_at: float = 0.0
+    created_by: str = ""
+    last_used_at: float = 0.0
+
+
+class QueueItem(Row, table=True):
+    """One value in a queue's partition; ``id`` orders them (FIFO per partition)."""
+
+    __tablename__ = "kv_queue_item"
+    __table_args__ = (Index("ix_kv_queue_item_order", "queue_id", "partition", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    queue_id: str
+    partition: str = ""  # "" is the default partition
+    value: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: float = 0.0
+
+
+class QueuePartition(Row, table=True):
+    """A partition's counters, kept in the transaction of each put and get; ``expires_at``: its last put plus
+    its ``partition_ttl`` (then its items are gone)."""
+
+    __tablename__ = "kv_queue_partition"
+    __table_args__ = (Index("ix_kv_queue_partition_expires", "expires_at"),)
+
+    queue_id: str = Field(primary_key=True)
+    partition: str = Field(primary_key=True)
+    expires_at: float = 0.0
+    items: int = 0
+    bytes: int = 0
+
+
+def _table(model: type[Row]) -> Table:
+    table: Table = model.__table__  # type: ignore[attr-defined]  # set by SQLAlchemy's mapping
+    return table
+
+
+dicts = _table(DictObject)
+dict_entries = _table(DictEntry)
+queues = _table(QueueObject)
+queue_items = _table(QueueItem)
+queue_partitions = _table(QueuePartition)

@@ -1,0 +1,269 @@
+"""Volumes on the control plane: their names, where their files live, and their heads.
+
+The control plane never touches a volume's files on the request path: clients and workers read and write the
+object store themselves (:mod:`cloudmodal.volumes`) and come here for two things only — resolving a name to
+the volume's id and store location, and publishing a commit. A commit is a compare-and-swap of the head, one
+``UPDATE volume SET version = expected + 1, manifest = ... WHERE id = ... AND version = expected`` statement:
+of two commits racing from the same version exactly one matches a row, on SQLite and PostgreSQL alike; the
+other is told it lost and retries on top of the winner (the engine's rule).
+
+Who may do what (checked here, with :func:`check_access`): volumes belong to the team, not to an app, so an
+owner and a team-wide member manage them all (create, list, rename, delete); a worker, on behalf of its
+function's code, looks volumes up (creating one with ``create_if_missing``), reads and commits them, and
+deletes only volumes it created (its ephemeral ones); a member token scoped to apps has no access to volumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import and_, delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from cloudmodal.exception import AlreadyExistsError, InvalidError, NotFoundError, PermissionDeniedError
+from cloudmodal.ids import new_id
+from cloudmodal.secret import check_object_name
+from cloudmodal.server.models_volumes import volumes as V
+
+if TYPE_CHECKING:
+    from cloudmodal.server.security import Identity
+    from cloudmodal.server.service import ControlPlane
+
+log = logging.getLogger("cloudmodal.server")
+
+VOLUME_ID_RE = re.compile(r"^vo-[a-zA-Z0-9]{22}$")
+LIST_MAX = 10_000
+
+# What each operation needs: "read" (look up, read the head), "commit", "create", "manage" (list, rename,
+# delete any volume).
+Op = Literal["read", "commit", "create", "manage"]
+
+
+def check_access(who: Identity, op: Op) -> None:
+    """Raise :class:`PermissionDeniedError` unless ``who`` may do ``op`` on the team's volumes."""
+    if who.team_wide:
+        return
+    if who.kind == "member":  # scoped to apps: volumes are the team's, not an app's
+        raise PermissionDeniedError(
+            f"This token may not use volumes: it is scoped to apps ({', '.join(sorted(who.apps or ()))}), and "
+            "volumes belong to the whole team. Use an owner token or an unscoped member token (`cloudmodal token "
+            "create` without --app)."
+        )
+    if who.kind == "worker" and op in ("read", "commit", "create"):
+        return
+    raise PermissionDeniedError(
+        "A worker token may not list, rename or delete the team's volumes (it looks them up, creates, reads and "
+        "commits them, and deletes only volumes it created): that needs an owner or team-wide member token."
+    )
+
+
+def volume_location(store_url: str, prefix: str) -> str:
+    """The URL of a volume's own store: its prefix under the team's volume store."""
+    return store_url.rstrip("/") + "/" + prefix if prefix else store_url
+
+
+LOCAL_MARKER = ".cloudmodal-volume"  # in a local-directory volume's root: the volume's id
+
+
+def is_local(location: str) -> bool:
+    """Whether a volume's files are in a directory (of the control plane's machine), not a bucket."""
+    return "://" not in location or location.startswith("file://")
+
+
+def public_row(row: Any) -> dict[str, Any]:
+    """A volume as routes answer it (every column is safe to show: names, dates, where the files are)."""
+    d = dict(row._mapping)
+    d["location"] = volume_location(d["store_url"], d["prefix"])
+    return d
+
+
+class Volumes:
+    def __init__(self, cp: ControlPlane, store_url: str | None) -> None:
+        """``store_url``: where new volumes keep their files (the ``volume_store`` setting; None: ``volumes/``
+        in the state directory). Each volume records its own location, so changing the setting later leaves
+        existing volumes where they are."""
+        self.cp = cp
+        self.store_url = store_url or str(Path(cp.settings.state_dir).resolve() / "volumes")
+
+    # -- look-ups ----------------------------------------------------------------------------------------
+    def _find(self, conn: Any, ref: str) -> Any:
+        col = V.c.id if VOLUME_ID_RE.match(ref) else V.c.name
+        return conn.execute(select(V).where(col == ref)).first()
+
+    def get(self, who: Identity, ref: str) -> dict[str, Any]:
+        """The volume named ``ref`` (or with id ``ref``)."""
+        check_access(who, "read")
+        with self.cp.db.read() as conn:
+            row = self._find(conn, ref)
+        if row is None:
+            raise NotFoundError(
+                f"Volume {ref!r} not found. `cloudmodal volume create {ref}` creates it, or use "
+                f"Volume.from_name({ref!r}, create_if_missing=True)."
+            )
+        return public_row(row)
+
+    def list(
+        self, who: Identity, limit: int = 1000, created_before: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Named volumes, newest first (ephemeral ones are not listed, as in Modal)."""
+        check_access(who, "manage")
+        q = select(V).where(V.c.ephemeral.is_(False))
+        if created_before is not None:
+            q = q.where(V.c.created_at < created_before)
+        with self.cp.db.read() as conn:
+            rows = conn.execute(q.order_by(V.c.created_at.desc()).limit(max(1, min(limit, LIST_MAX)))).all()
+        return [public_row(r) for r in rows]
+
+    # -- create ------------------------------------------------------------------------------------------
+    def create(
+        self,
+        who: Identity,
+        name: str | None,
+        mode: Literal["create", "lookup"],
+        allow_existing: bool = False,
+        create_if_missing: bool = False,
+    ) -> dict[str, Any]:
+        """``mode="create"`` (``Volume.objects.create``): a new named volume, or the existing one with
+        ``allow_existing``. ``mode="lookup"`` (``Volume.from_name``): the existing one, created with
+        ``create_if_missing``. ``name=None``: a new ephemeral volume. The answer has ``created``."""
+        if name is None:
+            check_access(who, "create")
+            return self._insert(who, None) | {"created": True}
+        if VOLUME_ID_RE.match(name):
+            if mode == "lookup":  # a function mounting an ephemeral volume names it by id
+                return self.get(who, name) | {"created": False}
+            raise InvalidError(
+                f"Invalid Volume name {name!r}: it looks like a volume id (vo-...); choose another."
+            )
+        check_object_name(name, "Volume")
+        creating = mode == "create" or create_if_missing
+        check_access(who, "create" if creating else "read")
+        with self.cp.db.read() as conn:
+            row = self._find(conn, name)
+        if row is not None:
+            if mode == "create" and not allow_existing:
+                raise AlreadyExistsError(f"Volume {name!r} already exists.")
+            return public_row(row) | {"created": False}
+        if not creating:
+            return self.get(who, name)  # raises NotFoundError with the fix
+        try:
+            return self._insert(who, name) | {"created": True}
+        except AlreadyExistsError:
+            if mode == "create" and not allow_existing:
+                raise
+            return self.get(who, name) | {"created": False}  # another request created it meanwhile
+
+    def _insert(self, who: Identity, name: str | None) -> dict[str, Any]:
+        vid = new_id("vo")
+        values = dict(
+            id=vid,
+            name=name,
+            ephemeral=name is None,
+            created_at=time.time(),
+            created_by=who.principal,
+            last_used_at=None,
+            store_url=self.store_url,
+            prefix=vid,
+            version=0,
+            manifest=None,
+        )
+        location = volume_location(self.store_url, vid)
+        if is_local(location):
+            # The marker tells a client or worker that opens this path that it is the control plane's own
+            # directory, not an empty one on another machine (where its writes would be lost).
+            Path(location).mkdir(parents=True, exist_ok=True)
+            (Path(location) / LOCAL_MARKER).write_text(vid + "\n")
+        try:
+            with self.cp.db.write() as conn:
+                conn.execute(V.insert().values(**values))
+        except IntegrityError:
+            raise AlreadyExistsError(f"Volume {name!r} already exists.") from None
+        log.info("volume %s created (%s)", vid, name or "ephemeral")
+        with self.cp.db.read() as conn:
+            return public_row(conn.execute(select(V).where(V.c.id == vid)).one())
+
+    # -- rename, delete ----------------------------------------------------------------------------------
+    def rename(self, who: Identity, ref: str, new_name: str) -> dict[str, Any]:
+        check_access(who, "manage")
+        check_object_name(new_name, "Volume")
+        if VOLUME_ID_RE.match(new_name):
+            raise InvalidError(f"Invalid Volume name {new_name!r}: it looks like a volume id (vo-...).")
+        row = self.get(who, ref)
+        if row["ephemeral"]:
+            raise InvalidError("An ephemeral volume has no name to change.")
+        try:
+            with self.cp.db.write() as conn:
+                conn.execute(update(V).where(V.c.id == row["id"]).values(name=new_name))
+        except IntegrityError:
+            raise AlreadyExistsError(f"Cannot rename {ref!r}: volume {new_name!r} already exists.") from None
+        return self.get(who, row["id"])
+
+    def delete(self, who: Identity, ref: str, allow_missing: bool = False) -> dict[str, Any]:
+        """Delete the volume: its name is free at once; its files are removed from the store after (a
+        failure there is logged, and leaves only unreachable objects under the volume's own prefix)."""
+        if who.kind == "worker":
+            check_access(who, "create")
+        else:
+            check_access(who, "manage")
+        with self.cp.db.read() as conn:
+            row = self._find(conn, ref)
+        if row is None:
+            if allow_missing:
+                return {"deleted": None}
+            raise NotFoundError(f"Volume {ref!r} not found.")
+        if who.kind == "worker" and row.created_by != who.principal:
+            raise PermissionDeniedError(
+                f"A worker may not delete volume {ref!r}: it deletes only volumes it created. Delete it with an "
+                "owner token."
+            )
+        with self.cp.db.write() as conn:
+            conn.execute(delete(V).where(V.c.id == row.id))
+        location = volume_location(row.store_url, row.prefix)
+        threading.Thread(
+            target=self._remove_files, args=(location,), name="volume-delete", daemon=True
+        ).start()
+        return {"deleted": row.id}
+
+    @staticmethod
+    def _remove_files(location: str) -> None:
+        try:
+            from cloudmodal.volumes.store import open_store
+
+            store = open_store(location)
+            for key in list(store.list("")):
+                store.delete(key)
+            if is_local(location):  # a directory: remove the emptied tree (and its marker) too
+                import shutil
+
+                shutil.rmtree(location, ignore_errors=True)
+        except Exception as e:
+            log.warning("could not remove a deleted volume's files at %s: %s", location, e)
+
+    # -- the head ----------------------------------------------------------------------------------------
+    def head(self, who: Identity, volume_id: str) -> dict[str, Any]:
+        check_access(who, "read")
+        with self.cp.db.read() as conn:
+            row = conn.execute(select(V.c.version, V.c.manifest).where(V.c.id == volume_id)).first()
+        if row is None:
+            raise NotFoundError(f"Volume {volume_id} not found (deleted?).")
+        return {"version": row.version, "manifest": row.manifest}
+
+    def swap(self, who: Identity, volume_id: str, expected: int, manifest: str) -> dict[str, Any]:
+        """Publish ``manifest`` as version ``expected + 1`` if the head is still at ``expected``. The answer's
+        ``swapped`` says whether this commit won; the head as it is now comes with it either way."""
+        check_access(who, "commit")
+        with self.cp.db.write() as conn:
+            won = conn.execute(
+                update(V)
+                .where(and_(V.c.id == volume_id, V.c.version == expected))
+                .values(version=expected + 1, manifest=manifest, last_used_at=time.time())
+            ).rowcount
+            row = conn.execute(select(V.c.version, V.c.manifest).where(V.c.id == volume_id)).first()
+        if row is None:
+            raise NotFoundError(f"Volume {volume_id} not found (deleted?).")
+        return {"swapped": bool(won), "version": row.version, "manifest": row.manifest}
