@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 
+_PART = re.compile(r"[0-9a-f]{64}")
+
+
 def normalize_path(path: str) -> str:
     """``"/a//b/./c/"`` → ``"a/b/c"``; ``"/"`` → ``""``. Refuses paths that climb out of the volume."""
     if not isinstance(path, str):
@@ -47,6 +51,14 @@ def normalize_path(path: str) -> str:
     if path and ".." in path.replace("\\", "/").split("/"):
         raise ValueError(f"invalid volume path {path!r}: '..' is not allowed")
     return norm.lstrip("/")
+
+
+def _normal(path: object) -> bool:
+    """Whether ``path`` is a normal path inside a volume as :func:`normalize_path` makes them."""
+    try:
+        return isinstance(path, str) and bool(path) and normalize_path(path) == path
+    except ValueError:
+        return False
 
 
 def parent_dirs(path: str) -> Iterable[str]:
@@ -70,9 +82,15 @@ class FileRecord:
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> FileRecord:
-        return FileRecord(
-            int(d["size"]), int(d["mode"]), float(d["mtime"]), tuple(d["parts"]), int(d["part_size"])
-        )
+        # A manifest is read from the store, where any holder of the bucket's credentials could have written
+        # it: part names become store keys and modes become files' permissions, so both are checked.
+        parts = tuple(d["parts"])
+        if not all(isinstance(h, str) and _PART.fullmatch(h) for h in parts):
+            raise ValueError("invalid manifest: a part name is not a sha256 hex digest")
+        size, part_size = int(d["size"]), int(d["part_size"])
+        if size < 0 or (parts and part_size <= 0):
+            raise ValueError("invalid manifest: a negative size or an empty part size")
+        return FileRecord(size, int(d["mode"]) & 0o777, float(d["mtime"]), parts, part_size)
 
 
 @dataclass(frozen=True)
@@ -85,7 +103,7 @@ class DirRecord:
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> DirRecord:
-        return DirRecord(int(d["mode"]), float(d["mtime"]))
+        return DirRecord(int(d["mode"]) & 0o777, float(d["mtime"]))
 
 
 Record = FileRecord | DirRecord
@@ -142,6 +160,9 @@ class Manifest:
             raise ValueError(f"manifest format {doc.get('format')!r} is not {FORMAT}: upgrade cloudmodal")
         entries: dict[str, Record] = {}
         for p, r in doc["entries"].items():
+            # paths become files under a mount: only normal, relative paths inside the volume
+            if not _normal(p):
+                raise ValueError(f"invalid manifest: entry path {p!r} is not a normal path inside the volume")
             entries[p] = FileRecord.from_json(r["file"]) if "file" in r else DirRecord.from_json(r["dir"])
         return Manifest(int(doc["version"]), entries, doc.get("parent"), float(doc.get("created", 0.0)))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cloudmodal.volumes.manifest import (
@@ -42,12 +44,42 @@ def test_normalize_path_refuses_escapes(bad: str) -> None:
 
 
 def test_manifest_round_trip_and_key() -> None:
-    m = Manifest(3, {"a/b": rec("h1", 5), "e": D}, parent="manifests/x", created=2.5)
+    m = Manifest(3, {"a/b": rec("ab" * 32, 5), "e": D}, parent="manifests/x", created=2.5)
     data = m.encode()
     assert Manifest.decode(data) == m
     key = manifest_key(3, data)
     assert key.startswith("manifests/000000000003-") and key.endswith(".json")
     assert manifest_key(3, data + b" ") != key  # two racers' manifests never share a key
+
+
+def _doc(path: str, parts: list[str], mode: int = 0o644) -> bytes:
+    good = Manifest(1, {"ok": rec("ab" * 32)}).encode()
+    doc = json.loads(good)
+    doc["entries"] = {path: {"file": {"size": 1, "mode": mode, "mtime": 1.0, "parts": parts, "part_size": 8}}}
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    "path, parts",
+    [
+        ("../etc/passwd", ["ab" * 32]),  # climbs out of the mount
+        ("/abs", ["ab" * 32]),  # not normal
+        ("a/./b", ["ab" * 32]),
+        ("", ["ab" * 32]),
+        ("ok", ["../../outside"]),  # a part name becomes a store key
+        ("ok", ["AB" * 32]),
+    ],
+)
+def test_a_manifest_read_from_the_store_is_checked(path: str, parts: list[str]) -> None:
+    """Anyone holding the bucket's credentials can write a manifest: its paths become files under a mount and
+    its part names store keys, so a bad one is refused when read, not followed."""
+    with pytest.raises(ValueError, match="invalid manifest"):
+        Manifest.decode(_doc(path, parts))
+
+
+def test_a_manifest_keeps_only_permission_bits() -> None:
+    (r,) = Manifest.decode(_doc("ok", ["ab" * 32], mode=0o4755)).entries.values()
+    assert isinstance(r, FileRecord) and r.mode == 0o755  # no setuid from a volume
 
 
 BASE = Manifest(1, {"f": rec("f"), "d/x": rec("x"), "d/y": rec("y"), "e": D})
