@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from cloudmodal.client.transport import Transport
     from cloudmodal.volumes.engine import Batch, FileEntry, VolumeData
 
+EPHEMERAL_HEARTBEAT_S = 60.0  # how often Volume.ephemeral() tells the control plane its client is alive
 _VOLUME_ID_RE = re.compile(r"^vo-[a-zA-Z0-9]{22}$")
 T = TypeVar("T")
 
@@ -346,9 +347,20 @@ class Volume(Frozen):
         t = _transport()
         row = t.post("/v1/volumes", {"name": None})
         vol = Volume._from_row(row)
+        stop = threading.Event()
+
+        def beat() -> (
+            None
+        ):  # without it, the control plane deletes the volume 10 minutes after its client died
+            while not stop.wait(EPHEMERAL_HEARTBEAT_S):
+                with contextlib.suppress(Exception):  # a missed beat is retried at the next
+                    t.post(f"/v1/volumes/{row['id']}/heartbeat", reconnect_timeout=30.0)
+
+        threading.Thread(target=beat, name="volume-heartbeat", daemon=True).start()
         try:
             yield vol
         finally:
+            stop.set()
             vol._close()
             t.post(f"/v1/volumes/{row['id']}/delete", {"allow_missing": True})
 

@@ -86,6 +86,11 @@ def add_routes(route: Any, run: Any, cp: Any) -> None:
         """Delete a volume and its files (``{"deleted": id}``; ``null`` when missing with ``allow_missing``)."""
         return await run(vols.delete, who, ref, b.allow_missing)
 
+    @route("POST", "/v1/volumes/{volume_id}/heartbeat", "caller")
+    async def volume_heartbeat(volume_id: str, who: Identity) -> Any:
+        """An ephemeral volume's client is alive (deleted after 10 minutes without one)."""
+        return await run(vols.heartbeat, who, volume_id)
+
     @route("GET", "/v1/volumes/{volume_id}/head", "caller")
     async def volume_head(volume_id: str, who: Identity) -> Any:
         """The committed head: ``{"version", "manifest"}`` (version 0 and no manifest: never committed)."""

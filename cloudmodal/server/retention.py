@@ -62,9 +62,12 @@ class PruneReport:
     blob_bytes: int = 0
     removed_blobs: list[str] = field(default_factory=list)
     kv_rows: int = 0  # dict entries, queue items and partitions, ephemeral dicts and queues (svc_kv.prune)
+    volumes: int = 0  # ephemeral volumes whose client stopped beating (svc_volumes.prune)
 
     def any(self) -> bool:
-        return bool(self.calls or self.logs or self.events or self.apps or self.blobs or self.kv_rows)
+        return bool(
+            self.calls or self.logs or self.events or self.apps or self.blobs or self.kv_rows or self.volumes
+        )
 
 
 def _chunks(ids: Sequence[Any], n: int = BATCH) -> Iterator[Sequence[Any]]:
@@ -80,17 +83,18 @@ def prune(cp: ControlPlane, now: float | None = None) -> PruneReport:
     _prune_calls(cp, now - s.retention_calls_ephemeral_s, ephemeral=True, report=report)
     _prune_calls(cp, now - s.retention_calls_deployed_s, ephemeral=False, report=report)
     _prune_history(cp, now, report)
-    from cloudmodal.server import svc_kv
+    from cloudmodal.server import svc_kv, svc_volumes
 
     # idle ephemeral dicts and queues, expired queue partitions, dict entries idle for 7 days
     report.kv_rows = svc_kv.prune(cp, now)
+    report.volumes = svc_volumes.prune(cp, now)
     # the shortest retention: a blob referenced by nothing for that long is not about to be (see module doc)
     blob_cutoff = now - min(s.retention_calls_ephemeral_s, s.retention_calls_deployed_s)
     _prune_blobs(cp, blob_cutoff, report)
     if report.any():
         log.info(
             "retention: pruned %d calls (%d inputs, %d outputs), %d logs, %d events, %d stopped apps, "
-            "%d blobs (%d bytes), %d dict and queue rows",
+            "%d blobs (%d bytes), %d dict and queue rows, %d ephemeral volumes",
             report.calls,
             report.inputs,
             report.outputs,
@@ -100,6 +104,7 @@ def prune(cp: ControlPlane, now: float | None = None) -> PruneReport:
             report.blobs,
             report.blob_bytes,
             report.kv_rows,
+            report.volumes,
         )
     return report
 

@@ -244,6 +244,20 @@ class Volumes:
         except Exception as e:
             log.warning("could not remove a deleted volume's files at %s: %s", location, e)
 
+    def heartbeat(self, who: Identity, volume_id: str) -> dict[str, Any]:
+        """An ephemeral volume's client is alive (``Volume.ephemeral()`` beats every minute): :func:`prune`
+        keeps it."""
+        check_access(who, "read")
+        with self.cp.db.write() as conn:
+            n = conn.execute(
+                update(V)
+                .where(and_(V.c.id == volume_id, V.c.ephemeral.is_(True)))
+                .values(last_used_at=time.time())
+            ).rowcount
+        if not n:
+            raise NotFoundError(f"Ephemeral volume {volume_id} not found (deleted, or idle too long).")
+        return {}
+
     # -- the head ----------------------------------------------------------------------------------------
     def head(self, who: Identity, volume_id: str) -> dict[str, Any]:
         check_access(who, "read")
@@ -267,3 +281,25 @@ class Volumes:
         if row is None:
             raise NotFoundError(f"Volume {volume_id} not found (deleted?).")
         return {"swapped": bool(won), "version": row.version, "manifest": row.manifest}
+
+
+EPHEMERAL_IDLE_S = 600.0  # an ephemeral volume with no heartbeat or commit for this long is deleted
+
+
+def prune(cp: ControlPlane, now: float, idle_s: float = EPHEMERAL_IDLE_S) -> int:
+    """Delete the ephemeral volumes whose client stopped beating (it crashed, or lost the control plane) for
+    ``idle_s``, and their files; the number deleted. Called by the retention pass."""
+    cutoff = now - idle_s
+    with cp.db.read() as conn:
+        rows = conn.execute(
+            select(V.c.id, V.c.store_url, V.c.prefix, V.c.created_at, V.c.last_used_at).where(
+                V.c.ephemeral.is_(True)
+            )
+        ).all()
+    idle = [r for r in rows if (r.last_used_at or r.created_at) < cutoff]
+    for r in idle:
+        with cp.db.write() as conn:
+            conn.execute(delete(V).where(V.c.id == r.id))
+        Volumes._remove_files(volume_location(r.store_url, r.prefix))
+        log.info("ephemeral volume %s deleted: no heartbeat for %.0f s", r.id, idle_s)
+    return len(idle)

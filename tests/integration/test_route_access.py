@@ -87,6 +87,7 @@ EXPECTED = {
     ("GET", "/v1/volumes/{ref}"): "caller",
     ("POST", "/v1/volumes/{ref}/rename"): "caller",
     ("POST", "/v1/volumes/{ref}/delete"): "caller",
+    ("POST", "/v1/volumes/{volume_id}/heartbeat"): "caller",
     ("GET", "/v1/volumes/{volume_id}/head"): "caller",
     ("POST", "/v1/volumes/{volume_id}/commit"): "caller",
 }

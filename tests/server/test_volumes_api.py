@@ -224,6 +224,36 @@ def test_ephemeral_volume_and_aio(plane: ServerHandle) -> None:
     _wait_gone(location)
 
 
+def test_an_ephemeral_volume_whose_client_stopped_beating_is_pruned(plane: ServerHandle) -> None:
+    """A client that died inside ``Volume.ephemeral()`` never deletes its volume: the retention pass does, ten
+    minutes after the last heartbeat (or commit), files included; a beating one and named ones stay."""
+    import time
+
+    from sqlalchemy import update
+
+    from cloudmodal.server import retention, svc_volumes
+    from cloudmodal.server.models_volumes import volumes as V
+
+    t = _t(plane)
+    named = t.post("/v1/volumes", {"name": "kept"})
+    dead, alive = t.post("/v1/volumes", {}), t.post("/v1/volumes", {})
+    Path(dead["location"]).mkdir(parents=True, exist_ok=True)
+    (Path(dead["location"]) / "blob").write_bytes(b"x")
+    idle = svc_volumes.EPHEMERAL_IDLE_S
+    with plane.cp.db.write() as conn:  # all three were made 11 minutes ago
+        conn.execute(update(V).values(created_at=V.c.created_at - idle - 60))
+    t.post(f"/v1/volumes/{alive['id']}/heartbeat")  # only `alive` still has a client
+    assert retention.prune(plane.cp, time.time()).volumes == 1
+    with pytest.raises(exc.NotFoundError):
+        t.get(f"/v1/volumes/{dead['id']}")
+    assert not Path(dead["location"]).exists()
+    assert t.get(f"/v1/volumes/{alive['id']}")["ephemeral"]
+    assert t.get(f"/v1/volumes/{named['id']}")["name"] == "kept"  # named volumes are never pruned
+    assert svc_volumes.prune(plane.cp, time.time() + idle + 1) == 1  # `alive` stops beating too
+    with pytest.raises(exc.NotFoundError, match="idle too long"):
+        t.post(f"/v1/volumes/{alive['id']}/heartbeat")
+
+
 def test_a_volume_handle_pickles_without_its_connection(plane: ServerHandle) -> None:
     import pickle
 
