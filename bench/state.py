@@ -86,10 +86,11 @@ def batches(n: int, size: int) -> Iterator[range]:
 def control_plane(database_url: str | None) -> Iterator[None]:
     """A real control plane in a process of its own (as Redis is: client and server do not share a GIL),
     this process's client pointed at it."""
-    import os
     import subprocess
 
-    from cloudmodal.client import session as session_mod
+    # the test suite's helper: this process's client pointed at a server for the duration
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from support import client_env
 
     with tempfile.TemporaryDirectory(prefix="state-bench-") as tmp:
         url = database_url or f"sqlite:///{tmp}/cp.db"
@@ -104,18 +105,8 @@ def control_plane(database_url: str | None) -> Iterator[None]:
             if not line:
                 raise RuntimeError("the benchmark's control plane did not start (see its output above)")
             server_url, token = json.loads(line)
-            old = {k: os.environ.get(k) for k in ("CLOUDMODAL_SERVER_URL", "CLOUDMODAL_TOKEN")}
-            os.environ["CLOUDMODAL_SERVER_URL"], os.environ["CLOUDMODAL_TOKEN"] = server_url, token
-            session_mod.disconnect()
-            try:
+            with client_env(server_url, token):
                 yield
-            finally:
-                session_mod.disconnect()
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
         finally:
             proc.terminate()  # the server stops on SIGTERM
             try:

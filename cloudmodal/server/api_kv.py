@@ -24,7 +24,7 @@ from cloudmodal import exception as exc
 from cloudmodal.dict import MAX_DICT_KEY, MAX_DICT_REQUEST, MAX_DICT_VALUE
 from cloudmodal.queue import MAX_PARTITION_BYTES, MAX_PARTITION_ITEMS, MAX_QUEUE_ITEM, MAX_TTL_S
 from cloudmodal.server.limits import SMALL_BODY, RowId, Seconds
-from cloudmodal.server.security import Identity
+from cloudmodal.server.security import Identity, app_scoped_refusal
 from cloudmodal.server.svc_kv import KV, Kind, QueueFull
 
 MAX_LONG_POLL_S = 50.0
@@ -128,11 +128,9 @@ class QueuePeek(BaseModel):
 
 def _may_use(who: Identity) -> None:
     """Dicts and queues are the team's: refused to a member token scoped to apps."""
-    if who.kind == "member" and not who.team_wide:
-        raise exc.PermissionDeniedError(
-            "This token may not use dicts or queues: it is scoped to apps, and dicts and queues belong to the "
-            "whole team. Use an unscoped member token (`cloudmodal token create --kind member`) or the owner's."
-        )
+    refusal = app_scoped_refusal(who, "use dicts or queues", "dicts and queues")
+    if refusal is not None:
+        raise exc.PermissionDeniedError(refusal)
 
 
 def _may_manage(who: Identity, what: str) -> None:

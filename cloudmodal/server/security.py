@@ -103,6 +103,18 @@ class WorkerFacts:
     app_id: str
 
 
+def app_scoped_refusal(who: Identity, action: str, objects: str) -> str | None:
+    """Why ``who`` may not ``action``, when it is a member token scoped to apps: dicts, queues, named secrets
+    and volumes (``objects``) are the whole team's, not an app's. None for any other identity."""
+    if who.kind != "member" or who.team_wide:
+        return None
+    return (
+        f"This token may not {action}: it is scoped to apps ({', '.join(sorted(who.apps or ()))}), and {objects} "
+        "belong to the whole team. Use the owner's token or an unscoped member token (`cloudmodal token create` "
+        "without --app)."
+    )
+
+
 def may_use_app(who: Identity, app_name: str) -> bool:
     """Manage or read an app (its functions, logs, events, deployments)."""
     if who.team_wide:

@@ -28,7 +28,7 @@ from cloudmodal.secret import check_object_name, is_inline_name
 from cloudmodal.server.limits import ENV_NAME_PATTERN
 from cloudmodal.server.models_secrets import named_secrets as S
 from cloudmodal.server.secretbox import SEALED
-from cloudmodal.server.security import Identity
+from cloudmodal.server.security import Identity, app_scoped_refusal
 
 if TYPE_CHECKING:
     from cloudmodal.server.service import ControlPlane
@@ -52,12 +52,9 @@ def check_manager(who: Identity | None, action: str) -> None:
     """Refuse ``who`` unless it is the owner or a team-wide member (None: an internal caller)."""
     if who is None or who.team_wide:
         return
-    if who.kind == "member":
-        raise PermissionDeniedError(
-            f"This token may not {action}: it is scoped to apps ({', '.join(sorted(who.apps or ()))}), and "
-            "named secrets belong to the whole team. Use the owner token or a team-wide member token "
-            "(`cloudmodal token create` without --app)."
-        )
+    refusal = app_scoped_refusal(who, action, "named secrets")
+    if refusal is not None:
+        raise PermissionDeniedError(refusal)
     raise PermissionDeniedError(f"A worker token may not {action}.")
 
 

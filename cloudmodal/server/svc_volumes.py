@@ -29,6 +29,7 @@ from cloudmodal.exception import AlreadyExistsError, InvalidError, NotFoundError
 from cloudmodal.ids import new_id
 from cloudmodal.secret import check_object_name
 from cloudmodal.server.models_volumes import volumes as V
+from cloudmodal.server.security import app_scoped_refusal
 
 if TYPE_CHECKING:
     from cloudmodal.server.security import Identity
@@ -48,12 +49,9 @@ def check_access(who: Identity, op: Op) -> None:
     """Raise :class:`PermissionDeniedError` unless ``who`` may do ``op`` on the team's volumes."""
     if who.team_wide:
         return
-    if who.kind == "member":  # scoped to apps: volumes are the team's, not an app's
-        raise PermissionDeniedError(
-            f"This token may not use volumes: it is scoped to apps ({', '.join(sorted(who.apps or ()))}), and "
-            "volumes belong to the whole team. Use an owner token or an unscoped member token (`cloudmodal token "
-            "create` without --app)."
-        )
+    refusal = app_scoped_refusal(who, "use volumes", "volumes")
+    if refusal is not None:
+        raise PermissionDeniedError(refusal)
     if who.kind == "worker" and op in ("read", "commit", "create"):
         return
     raise PermissionDeniedError(
