@@ -25,7 +25,6 @@ import builtins
 import copy
 import csv
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -107,46 +106,9 @@ def _provision() -> ModuleType:
                 sky_aws_instance.BOTO_CREATE_MAX_RETRIES = 1
             import sky.adaptors.aws as sky_aws
 
-            sky_aws.resource = SharedResources(sky_aws.resource)
+            sky_aws.resource = _sky.SharedResources(sky_aws.resource)
             _tuned = True
     return prov
-
-
-class SharedResources:
-    """Stands in for SkyPilot's ``sky.adaptors.aws.resource``: a fresh boto3 resource object per call, as
-    SkyPilot wants, built on one thread-safe botocore client per (service, options) instead of a new client.
-
-    The pinned SkyPilot builds a new boto3 session client for every ``resource('ec2', ...)`` call, under a
-    process-wide lock (its adaptor's ``_session_creation_lock``): 50 ms of CPU here, twice per
-    ``run_instances``, so concurrent launches queue on that lock and one launch's CPU was 70 % client
-    construction (``bench/launch.py``; figures in bench/README.md). Here only the first call per key (and one
-    every :data:`TTL_S`, so a changed credentials file is read again) builds a client that way; the others
-    instantiate the same resource class around it, which costs microseconds (the ``AWS_*`` environment is part
-    of the key). botocore clients are
-    thread-safe; resource objects are not, which is why each call still gets its own."""
-
-    TTL_S = 600.0
-
-    def __init__(self, build: Callable[..., Any]) -> None:
-        self._build = build
-        self._lock = threading.Lock()
-        self._made: dict[tuple[Any, ...], tuple[float, type, Any]] = {}
-
-    def __call__(self, service_name: str, **kwargs: Any) -> Any:
-        # What the session resolves from the environment (endpoint, keys, profile, config files) is part
-        # of the key, so a changed environment builds a new client rather than reusing one that talks to
-        # another endpoint or account.
-        env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-        key = (service_name, env, *sorted(kwargs.items()))
-        now = time.monotonic()
-        with self._lock:
-            hit = self._made.get(key)
-        if hit is not None and now - hit[0] < self.TTL_S:
-            return hit[1](client=hit[2])
-        made = self._build(service_name, **kwargs)
-        with self._lock:
-            self._made[key] = (now, type(made), made.meta.client)
-        return made
 
 
 # --- the driver -------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from cloudmodal.volumes.engine import (
     Head,
     Snapshot,
     VolumeData,
-    WorkingCopy,
 )
 from cloudmodal.volumes.errors import (
     CommitConflictError,
@@ -40,6 +39,7 @@ from cloudmodal.volumes.errors import (
     VolumeError,
 )
 from cloudmodal.volumes.store import CloudStore, LocalStore, ObjectStore, open_store
+from cloudmodal.volumes.working_copy import WorkingCopy
 
 __all__ = [
     "PART_SIZE",

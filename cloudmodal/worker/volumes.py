@@ -1,7 +1,7 @@
 """Volumes inside a worker: each ``volumes={path: vol}`` mount made before the user's code is imported, and
 committed when the container exits.
 
-A mount is a working copy of the volume (:class:`cloudmodal.volumes.engine.WorkingCopy`) in a private
+A mount is a working copy of the volume (:class:`~cloudmodal.volumes.working_copy.WorkingCopy`) in a private
 directory of this worker, made visible at the mount path. How it is made visible, first that works:
 
 1. **bind mount in a private mount namespace** (Linux, root or ``CAP_SYS_ADMIN``): the worker's main thread
@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cloudmodal.client.transport import Transport
     from cloudmodal.spec import FunctionSpec
-    from cloudmodal.volumes.engine import VolumeData, WorkingCopy
+    from cloudmodal.volumes.engine import VolumeData
+    from cloudmodal.volumes.working_copy import WorkingCopy
 
 AUTO_COMMIT_S = 5.0  # how often a container's changes under its mounts are committed in the background
 CLONE_NEWNS = 0x00020000

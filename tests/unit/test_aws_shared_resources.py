@@ -1,4 +1,4 @@
-"""``providers.aws.SharedResources``, the stand-in for SkyPilot's ``sky.adaptors.aws.resource``: a new boto3
+"""``providers._sky.SharedResources``, the stand-in for SkyPilot's ``sky.adaptors.aws.resource``: a new boto3
 resource object per call, on one botocore client per (service, options, ``AWS_*`` environment)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 boto3 = pytest.importorskip("boto3")
 
-from cloudmodal.providers.aws import SharedResources  # noqa: E402
+from cloudmodal.providers._sky import SharedResources  # noqa: E402
 
 
 def _counting_build() -> tuple[list[tuple[str, dict[str, Any]]], Any]:
@@ -54,7 +54,7 @@ def test_a_client_is_rebuilt_after_its_ttl(monkeypatch: pytest.MonkeyPatch) -> N
     built, build = _counting_build()
     shared = SharedResources(build)
     now = [1000.0]
-    monkeypatch.setattr("cloudmodal.providers.aws.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("cloudmodal.providers._sky.time.monotonic", lambda: now[0])
     shared("ec2", region_name="us-east-1")
     now[0] += SharedResources.TTL_S - 1
     shared("ec2", region_name="us-east-1")
