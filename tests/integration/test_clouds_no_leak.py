@@ -184,6 +184,13 @@ def _orphan_events(database_url: str) -> list[str]:
         db.dispose()
 
 
+def _the_orphan_event(database_url: str) -> str:
+    """The one ``machine.orphan_terminated`` event, waited for: the control plane writes it after the cloud
+    has been asked to terminate the machine, so the machine can read as gone a moment before it exists."""
+    (msg,) = wait_for(lambda: _orphan_events(database_url), 30, "the machine.orphan_terminated event")
+    return msg
+
+
 def _gone(aws: Any, instance_id: str) -> bool:
     (inst,) = [i for i in moto_instances(aws, live=False) if i["InstanceId"] == instance_id]
     return inst["State"]["Name"] in ("shutting-down", "terminated")
@@ -202,7 +209,7 @@ def test_a_restarted_control_plane_terminates_the_node_it_never_recorded(
         assert not _gone(aws, inst["InstanceId"])
         proc = _start(env, port, database_url)
         wait_for(lambda: _gone(aws, inst["InstanceId"]), 60, "the restarted control plane to terminate it")
-        (msg,) = _orphan_events(database_url)
+        msg = _the_orphan_event(database_url)
         assert inst["InstanceId"] in msg and tags_of(inst)[TAG_WORKER] in msg
         # min_containers=1: the restarted control plane launches a worker of its own; stopped cleanly
         # (SIGTERM), it terminates it, and no node of this control plane is left running.
@@ -230,7 +237,7 @@ def test_a_standby_taking_over_terminates_the_node_the_leader_never_recorded(
         cp_id = tags_of(inst)[TAG_CONTROL_PLANE]
         _kill(a)
         wait_for(lambda: _gone(aws, inst["InstanceId"]), 60, "the standby to take over and terminate it")
-        (msg,) = _orphan_events(database_url)
+        msg = _the_orphan_event(database_url)
         assert inst["InstanceId"] in msg
         # the standby tags its nodes with the same id: the database's, not the process's
         db = Database(database_url)
@@ -294,7 +301,7 @@ def test_a_restarted_control_plane_adopts_the_worker_that_registered(
             assert still["id"] == ready["id"]  # the same worker served: adopted, not replaced
             wait_for(lambda: _gone(aws, sibling), 60, "the sibling node to be terminated")
             assert [i["InstanceId"] for i in moto_instances(aws)] == [inst["InstanceId"]]
-            (orphaned,) = _orphan_events(database_url)
+            orphaned = _the_orphan_event(database_url)
             assert sibling in orphaned and ready["id"] in orphaned
             _kill(proc, signal.SIGTERM)
             assert proc.returncode == 0
