@@ -41,6 +41,7 @@ state machine that drives them.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -151,8 +152,10 @@ class NodeBootstrap:
         for k in self.env:
             if not _ENV_NAME.match(k):
                 raise ValueError(f"{k!r} is not a valid environment variable name for the worker.")
-            if "\n" in self.env[k]:
-                raise ValueError(f"The worker's {k} contains a newline; environment values must be one line.")
+            if "\0" in self.env[k]:
+                raise ValueError(
+                    f"The worker's {k} contains a NUL byte, which no environment value can hold."
+                )
         self._secrets = [
             v for k, v in self.env.items() if (k in set(secret_env) or _SECRET_NAME.search(k)) and len(v) >= 4
         ]
@@ -330,7 +333,7 @@ class NodeBootstrap:
             startup_check_s=self.startup_check_s,
         ).encode()
         env = {**self.env, SERVER_URL_ENV: self.node_server_url, WORKER_ID_ENV: self.worker_id}
-        env_lines = "".join(f"{k}={v}\n" for k, v in env.items()).encode()
+        env_lines = "".join(f"{k}={base64.b64encode(v.encode()).decode()}\n" for k, v in env.items()).encode()
         return b"%d\n" % len(script) + script + env_lines + b"\n" + tarball
 
     def _scrub(self, text: str) -> str:

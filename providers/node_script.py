@@ -2,7 +2,7 @@
 bootstrap script it runs (:func:`bootstrap_script`), and the marker lines that script prints for
 :mod:`cloudmodal.providers.node_bootstrap` to read.
 
-The script reads, on its stdin: the worker's environment as ``KEY=VALUE`` lines (by bash's ``read`` builtin,
+The script reads, on its stdin: the worker's environment as ``KEY=BASE64(VALUE)`` lines (by bash's ``read`` builtin,
 handed to the worker with ``export`` only in the subshell that ``exec``s it), then the tarball of
 :mod:`cloudmodal.providers.node_package`. It unpacks cloudmodal (cached per content hash), sets up the image
 (cached per image hash), and starts the worker detached. Its text holds no secret.
@@ -72,15 +72,17 @@ main() {{
   local root="$HOME/.cloudmodal"
   mkdir -p "$root/pkg" "$root/images" "$root/logs" "$root/workers"
 
-  # 1. The worker's environment: KEY=VALUE lines up to an empty one, read by the builtin `read` and kept
-  #    unexported, so no command line, file or other process sees them.
+  # 1. The worker's environment: KEY=BASE64 lines up to an empty one (base64, so a value may hold newlines: a
+  #    PEM key), read by the builtin `read`, decoded through a pipe and kept unexported, so no command line,
+  #    file or other process sees them. The trailing `x` keeps the value's own trailing newlines.
   local -A wenv=()
-  local line k
+  local line k v
   while IFS= read -r line; do
     [ -z "$line" ] && break
     k="${{line%%=*}}"
     case "$k" in ''|[0-9]*|*[!A-Za-z0-9_]*) echo "bad environment name in the bootstrap input" >&2; exit 2;; esac
-    wenv["$k"]="${{line#*=}}"
+    v="$(printf '%s' "${{line#*=}}" | base64 -d && printf x)" || {{ echo "bad environment value for $k" >&2; exit 2; }}
+    wenv["$k"]="${{v%x}}"
   done
 
   # 2. cloudmodal itself: {pkg_size} bytes of tar.gz, unpacked once per content hash.

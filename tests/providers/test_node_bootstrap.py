@@ -245,7 +245,9 @@ def test_real_worker_calls_home_through_the_reverse_tunnel_with_its_token(
     make_bootstrap: Callable[..., NodeBootstrap], node: Any, control_plane: ControlPlane, tmp_path: Path
 ) -> None:
     tunnel_port = free_port()
-    b = make_bootstrap("wk-real-1", image("real"), tunnel_port=tunnel_port)
+    pem = "-----BEGIN KEY-----\nAb+/=\n\n-----END KEY-----\n\n"  # newlines inside and at the end, kept
+    env = {"CLOUDMODAL_TOKEN": TOKEN, "PEM_KEY": pem, "SPACED": " a = b "}
+    b = make_bootstrap("wk-real-1", image("real"), tunnel_port=tunnel_port, env=env)
     assert b.node_server_url == f"http://127.0.0.1:{tunnel_port}"
     b.start()
     state, phases = run_to_end(b)
@@ -266,6 +268,7 @@ def test_real_worker_calls_home_through_the_reverse_tunnel_with_its_token(
     _, sha = package_tarball()
     pkg = node.home / ".cloudmodal" / "pkg" / sha
     assert f"PYTHONPATH={pkg}".encode() in environ
+    assert f"PEM_KEY={pem}".encode() in environ and b"SPACED= a = b " in environ
     assert (pkg / "cloudmodal" / "providers" / "nodes.py").is_file()
     assert os.getsid(state.worker_pid) == state.worker_pid
     assert (node.home / "marker-real").read_text() == "real\n"
