@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from cloudmodal._environment import check_environment
 from cloudmodal._partial import Decorated
 from cloudmodal._user_class import instantiate, run_lifecycle_hooks
 from cloudmodal.exception import ExecutionError, InvalidError, NotFoundError
@@ -257,6 +258,7 @@ class Function(_Invocable, Decorated):
         app_name: str, name: str, *, environment_name: str | None = None, version: int | None = None
     ) -> Function:
         """A lazy handle to a function of a deployed app (looked up on first use)."""
+        check_environment(environment_name, "Function.from_name")
         return Function(spec=None, from_name=(app_name, name))
 
     def hydrate(self) -> Function:
@@ -399,6 +401,7 @@ class Cls(Decorated):
     def from_name(
         app_name: str, name: str, *, environment_name: str | None = None, version: int | None = None
     ) -> Cls:
+        check_environment(environment_name, "Cls.from_name")
         return Cls(spec=None, from_name=(app_name, name))
 
     def _register(self, session: Any, app_id: str, *, allow_cpu_fallback: bool = False) -> str:

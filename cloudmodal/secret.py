@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from cloudmodal._environment import check_environment
 from cloudmodal._frozen import Frozen
 from cloudmodal.exception import InvalidError
 
@@ -93,6 +94,7 @@ class Secret(Frozen):
     ) -> Secret:
         """A secret stored on the control plane (``cloudmodal secret create NAME K=V``)."""
         _check_named(name)
+        check_environment(environment_name, "Secret.from_name")
         if isinstance(required_keys, str):
             raise InvalidError(
                 f"required_keys must be a list of names, not the string {required_keys!r}; "
@@ -306,6 +308,7 @@ class SecretManager:
     ) -> None:
         """Create named secret ``name``. If it exists: AlreadyExistsError, or with ``allow_existing`` do
         nothing (its values are kept; ``cloudmodal secret create --force`` replaces them)."""
+        check_environment(environment_name, "Secret.objects.create")
         create_named(name, env_dict, if_exists="skip" if allow_existing else "fail")
 
     @staticmethod
@@ -318,6 +321,7 @@ class SecretManager:
     ) -> list[Secret]:
         """The named secrets, newest first (``max_objects``: at most that many; ``created_before``: only
         older ones)."""
+        check_environment(environment_name, "Secret.objects.list")
         rows = _transport().get("/v1/secrets")
         if created_before is not None:
             cut = (
@@ -338,6 +342,7 @@ class SecretManager:
     ) -> None:
         """Delete named secret ``name`` (NotFoundError if there is none, unless ``allow_missing``). Functions
         that declare it cannot start new workers until it exists again."""
+        check_environment(environment_name, "Secret.objects.delete")
         delete_named(name, allow_missing=allow_missing)
 
 
