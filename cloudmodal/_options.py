@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any, TypeGuard
 
+from cloudmodal.cloud_bucket_mount import CloudBucketMount
 from cloudmodal.exception import DeprecationError, InvalidError
 from cloudmodal.gpu import parse_gpu
 from cloudmodal.image import Image
@@ -193,7 +194,7 @@ def _resources(where: str, option: str, v: object, *, unit: str, integer: bool) 
     return one(v, "request"), None
 
 
-def check_volumes(where: str, volumes: Mapping[Any, Any]) -> dict[str, Volume]:
+def check_volumes(where: str, volumes: Mapping[Any, Any]) -> dict[str, Volume | CloudBucketMount]:
     if not isinstance(volumes, Mapping):
         raise fail(
             where,
@@ -201,7 +202,7 @@ def check_volumes(where: str, volumes: Mapping[Any, Any]) -> dict[str, Volume]:
             f"expected a dict of mount path to Volume, got {type(volumes).__name__}.",
             "E.g. volumes={'/data': cloudmodal.Volume.from_name('data', create_if_missing=True)}.",
         )
-    out: dict[str, Volume] = {}
+    out: dict[str, Volume | CloudBucketMount] = {}
     seen: dict[Volume, str] = {}
     for path, vol in volumes.items():
         if not isinstance(path, str | PurePosixPath):
@@ -231,12 +232,16 @@ def check_volumes(where: str, volumes: Mapping[Any, Any]) -> dict[str, Volume]:
                 f"a volume cannot be mounted at {p!r} ({', '.join(_RESERVED_MOUNTS)} are reserved).",
                 f"Mount it somewhere else, e.g. '/data' or '{p.rstrip('/')}/data'.",
             )
+        if isinstance(vol, CloudBucketMount):
+            out[p] = vol
+            continue
         if not isinstance(vol, Volume):
             raise fail(
                 where,
                 "volumes",
-                f"the value at {p!r} is {type(vol).__name__}, not a cloudmodal.Volume.",
-                "Use cloudmodal.Volume.from_name('name', create_if_missing=True).",
+                f"the value at {p!r} is {type(vol).__name__}, not a cloudmodal.Volume or CloudBucketMount.",
+                "Use cloudmodal.Volume.from_name('name', create_if_missing=True) or "
+                "cloudmodal.CloudBucketMount('bucket-name').",
             )
         if vol in seen:
             raise fail(

@@ -16,6 +16,7 @@ from typing import Any
 from cloudmodal._options import check_volumes
 from cloudmodal._partial import Decorated, _Flags, _PartialFunction, find_partial_methods, is_nullary
 from cloudmodal._user_class import NO_DEFAULT, get_parameters
+from cloudmodal.cloud_bucket_mount import CloudBucketMount
 from cloudmodal.exception import InvalidError
 from cloudmodal.image import Image
 from cloudmodal.secret import Secret
@@ -30,7 +31,7 @@ class AppDefaults:
 
     image: Image | None = None
     secrets: tuple[Secret, ...] = ()
-    volumes: Mapping[str, Volume] = field(default_factory=dict)
+    volumes: Mapping[str, Volume | CloudBucketMount] = field(default_factory=dict)
     include_source: bool = True
 
 
@@ -71,10 +72,13 @@ def common_fields(
     app_secrets = () if "secrets" in replace else defaults.secrets
     for s in (*app_secrets, *o["secrets"]):
         secrets.setdefault(s.name, s)
-    app_volumes: Mapping[str, Volume] = {} if "volumes" in replace else defaults.volumes
+    app_volumes: Mapping[str, Volume | CloudBucketMount] = {} if "volumes" in replace else defaults.volumes
     volumes = {**app_volumes, **o["volumes"]}
     if o["volumes"] and app_volumes:
         volumes = check_volumes(where, volumes)  # re-check duplicates across the merge
+    mounts = volume_fields(volumes)
+    for name in mounts.pop("bucket_secrets"):  # a bucket's credentials reach the worker as its secrets do
+        secrets.setdefault(name, _bucket_secret(volumes, name))
     cpu, cpu_limit = o["cpu"]
     memory, memory_limit = o["memory"]
     autoscaler = AutoscalerSettings(
@@ -100,10 +104,7 @@ def common_fields(
         "secrets": tuple(secrets),
         # Image.env() variables are part of the container's environment; the function's env= wins.
         "env": tuple({**image.env_vars, **dict(o["env"])}.items()),
-        "volumes": tuple(sorted((p, v._mount_ref()) for p, v in volumes.items())),
-        "create_volumes": tuple(
-            sorted({v.name for v in volumes.values() if v.create_if_missing and v.name is not None})
-        ),
+        **mounts,
         "cloud": o["cloud"],
         "region": o["region"],
         "spot": o["spot"],
@@ -121,6 +122,43 @@ def common_fields(
         "restrict_output": o["_experimental_restrict_output"],
         "i6pn": o["i6pn"],
     }
+
+
+def volume_fields(volumes: Mapping[str, Volume | CloudBucketMount]) -> dict[str, Any]:
+    """The spec's fields for ``volumes=``: ``volumes``, ``volume_options`` (views made by
+    ``Volume.with_mount_options``), ``create_volumes``, ``bucket_mounts``; and ``bucket_secrets``, the names of
+    the buckets' secrets (for the caller to add to the function's secrets)."""
+    vols = {p: v for p, v in volumes.items() if isinstance(v, Volume)}
+    buckets = {p: b for p, b in volumes.items() if isinstance(b, CloudBucketMount)}
+    secrets = [b.secret.name for b in buckets.values() if b.secret is not None]
+    if len(set(secrets)) > 1:
+        # One environment per container: two buckets' AWS_ACCESS_KEY_ID would overwrite each other.
+        raise InvalidError(
+            "volumes: CloudBucketMounts with different secrets in one function are not supported (their "
+            "AWS_* keys would share the container's environment). Use one secret for every bucket mount."
+        )
+    return {
+        "volumes": tuple(sorted((p, v._mount_ref()) for p, v in vols.items())),
+        "volume_options": tuple(
+            sorted(
+                (p, v.read_only, v.sub_path or "")
+                for p, v in vols.items()
+                if v.read_only or v.sub_path is not None
+            )
+        ),
+        "create_volumes": tuple(
+            sorted({v.name for v in vols.values() if v.create_if_missing and v.name is not None})
+        ),
+        "bucket_mounts": tuple(b.to_spec(p) for p, b in sorted(buckets.items())),
+        "bucket_secrets": sorted(set(secrets)),
+    }
+
+
+def _bucket_secret(volumes: Mapping[str, Volume | CloudBucketMount], name: str) -> Secret:
+    for v in volumes.values():
+        if isinstance(v, CloudBucketMount) and v.secret is not None and v.secret.name == name:
+            return v.secret
+    raise AssertionError(name)
 
 
 def check_importable(obj: Any, kind: str, serialized: bool) -> None:

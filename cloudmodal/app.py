@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
+from cloudmodal._environment import check_environment
 from cloudmodal._options import (
     _RESERVED_MOUNTS,
     CLOUDS,
@@ -41,6 +42,7 @@ from cloudmodal._user_class import (
     instantiate,
     run_lifecycle_hooks,
 )
+from cloudmodal.cloud_bucket_mount import CloudBucketMount
 from cloudmodal.exception import InvalidError
 from cloudmodal.functions import Cls, Function
 from cloudmodal.image import Image
@@ -96,7 +98,7 @@ class App:
         tags: Mapping[str, str] | None = None,
         image: Image | None = None,
         secrets: Sequence[Secret] = (),
-        volumes: Mapping[str | PurePosixPath, Volume] | None = None,
+        volumes: Mapping[str | PurePosixPath, Volume | CloudBucketMount] | None = None,
         include_source: bool = True,
     ) -> None:
         if name is not None:
@@ -200,8 +202,10 @@ class App:
     ) -> Any:
         """Context manager running the app ephemerally: ``with app.run(): f.remote(1)``.
 
-        ``client``, ``interactive`` and ``environment_name`` are accepted for Modal compatibility and ignored.
+        ``client`` and ``interactive`` are accepted for Modal compatibility and ignored; ``environment_name``
+        may only name the control plane's one environment (``"main"``).
         """
+        check_environment(environment_name, "App.run")
         from cloudmodal.client.session import run_app
 
         return run_app(self, detach=detach, show_logs=show_logs, gpu_fallback=gpu_fallback, name=name)
@@ -216,6 +220,7 @@ class App:
         strategy: str = "rolling",
     ) -> Any:
         """Deploy the app (it needs a name); its functions stay callable with ``Function.from_name``."""
+        check_environment(environment_name, "App.deploy")
         if strategy not in ("rolling", "recreate"):
             raise InvalidError(f"deploy(strategy={strategy!r}) must be 'rolling' or 'recreate'.")
         from cloudmodal.client.session import deploy

@@ -55,6 +55,20 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class BucketMountSpec:
+    """Wire form of a :class:`cloudmodal.CloudBucketMount` at a mount path."""
+
+    path: str  # the mount path in the container
+    bucket_name: str
+    endpoint_url: str | None = None  # None: AWS S3
+    key_prefix: str = ""  # "" or a prefix ending in "/"
+    secret: str | None = None  # the name of the secret holding the credentials (also in ``secrets``)
+    read_only: bool = False
+    requester_pays: bool = False
+    force_path_style: bool = False
+
+
+@dataclass(frozen=True)
 class AutoscalerSettings:
     min_containers: int = 0
     max_containers: int | None = None
@@ -91,6 +105,9 @@ class FunctionSpec:
     secrets: tuple[str, ...] = ()  # secret names (values never travel in a spec)
     env: tuple[tuple[str, str], ...] = ()
     volumes: tuple[tuple[str, str], ...] = ()  # (mount path, volume name)
+    # (mount path, read_only, sub_path or "") of the volumes mounted with Volume.with_mount_options
+    volume_options: tuple[tuple[str, bool, str], ...] = ()
+    bucket_mounts: tuple[BucketMountSpec, ...] = ()  # CloudBucketMounts in volumes=
     cloud: str | None = None
     region: tuple[str, ...] = ()
     spot: SpotPolicy = "allow"
@@ -123,6 +140,18 @@ class FunctionSpec:
     def uses_gpu(self) -> bool:
         return bool(self.gpu)
 
+    @property
+    def has_mounts(self) -> bool:
+        """Whether its containers mount anything (volumes or buckets)."""
+        return bool(self.volumes or self.bucket_mounts)
+
+    def mount_options(self, path: str) -> tuple[bool, str]:
+        """``(read_only, sub_path)`` of the volume mounted at ``path`` (``(False, "")``: the defaults)."""
+        for p, read_only, sub_path in self.volume_options:
+            if p == path:
+                return bool(read_only), sub_path
+        return False, ""
+
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
         d["gpu"] = [t.to_wire() for t in self.gpu]
@@ -143,13 +172,17 @@ class FunctionSpec:
             if d.get(key) is not None:
                 d[key] = sub(**d[key])
         d["autoscaler"] = AutoscalerSettings(**(d.get("autoscaler") or {}))
+        d["bucket_mounts"] = tuple(
+            b if isinstance(b, BucketMountSpec) else BucketMountSpec(**b)
+            for b in (d.get("bucket_mounts") or ())
+        )
         d["web_methods"] = tuple(
             (name, w if isinstance(w, WebConfig) else WebConfig(**w))
             for name, w in (d.get("web_methods") or ())
         )
         for key in ("secrets", "region", "methods", "generator_methods", "async_methods", "create_volumes"):
             d[key] = tuple(d.get(key) or ())
-        for key in ("env", "volumes", "experimental_options", "parameters"):
+        for key in ("env", "volumes", "volume_options", "experimental_options", "parameters"):
             d[key] = tuple(tuple(x) for x in (d.get(key) or ()))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})

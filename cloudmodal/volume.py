@@ -9,6 +9,7 @@ keeps its name and its head (the committed version). This module is the handle u
 - inside a function that mounts the volume, its files are a directory at the mount path; ``commit()``
   publishes what the function changed there, ``reload()`` brings in what others committed since (see
   :mod:`cloudmodal.worker.volumes`). The container also commits when it exits.
+- ``vol.with_mount_options(read_only=True, sub_path="dir")`` mounts it read-only and/or only one directory.
 
 Two commits at once both land; where they touched the same path, the one published later wins (per path, a
 file never mixes two writers): Modal's "last write wins", with nothing else lost.
@@ -22,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import posixpath
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
+from cloudmodal._environment import check_environment
 from cloudmodal._frozen import Frozen
 from cloudmodal.exception import InvalidError
 from cloudmodal.secret import check_object_name
@@ -106,6 +109,30 @@ class ControlPlaneHead:
     def swap(self, expected: int, manifest_key: str) -> bool:
         r = self._t.post(f"/v1/volumes/{self._id}/commit", {"expected": expected, "manifest": manifest_key})
         return bool(r["swapped"])
+
+
+def check_sub_path(sub_path: object) -> str | None:
+    """``with_mount_options(sub_path=...)``, checked: a relative path inside the volume, normalized (no
+    ``.``, ``..``, empty or trailing components), e.g. ``"models/v2"``. ``""``, ``"."`` and ``"/"`` would mean
+    the whole volume and are refused (leave ``sub_path`` out for that)."""
+    if not isinstance(sub_path, str):
+        raise InvalidError(f"sub_path must be a string such as 'models/v2', not {type(sub_path).__name__}.")
+    fix = "Write a relative path inside the volume, e.g. sub_path='models/v2'."
+    if sub_path.startswith("/"):
+        raise InvalidError(f"sub_path {sub_path!r} is absolute: it is a path inside the volume. {fix}")
+    parts = sub_path.split("/")
+    if "\x00" in sub_path or "\\" in sub_path:
+        raise InvalidError(f"sub_path {sub_path!r} holds a NUL byte or a backslash. {fix}")
+    if ".." in parts:
+        raise InvalidError(f"sub_path {sub_path!r} climbs out of the volume with '..'. {fix}")
+    if sub_path in ("", "."):
+        raise InvalidError(f"sub_path {sub_path!r} names the whole volume: leave sub_path out instead.")
+    normal = posixpath.normpath(sub_path)
+    if normal != sub_path or any(p in ("", ".") for p in parts):
+        raise InvalidError(f"sub_path {sub_path!r} is not normalized: write it as {normal!r}.")
+    if len(sub_path) > 1024:
+        raise InvalidError(f"sub_path is {len(sub_path)} characters long; at most 1024.")
+    return sub_path
 
 
 def _transport() -> Transport:
@@ -257,7 +284,16 @@ class Volume(Frozen):
     ```
     """
 
-    __slots__ = ("name", "environment_name", "create_if_missing", "version", "_id", "_resolved")
+    __slots__ = (
+        "name",
+        "environment_name",
+        "create_if_missing",
+        "version",
+        "_id",
+        "_read_only",
+        "_sub_path",
+        "_resolved",
+    )
     _immutable_message = "Volume handles are immutable"
 
     name: str | None
@@ -265,6 +301,8 @@ class Volume(Frozen):
     create_if_missing: bool
     version: int | None
     _id: str | None
+    _read_only: bool  # with_mount_options(read_only=True): mounted read-only
+    _sub_path: str | None  # with_mount_options(sub_path=...): only this directory is mounted (normalized)
     _resolved: _Resolved
 
     objects = _Objects()
@@ -278,11 +316,14 @@ class Volume(Frozen):
         version: int | None = None,
         volume_id: str | None = None,
     ) -> None:
+        check_environment(environment_name, "Volume.from_name")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "environment_name", environment_name)
         object.__setattr__(self, "create_if_missing", create_if_missing)
         object.__setattr__(self, "version", version)
         object.__setattr__(self, "_id", volume_id)
+        object.__setattr__(self, "_read_only", False)
+        object.__setattr__(self, "_sub_path", None)
         object.__setattr__(self, "_resolved", _Resolved())
 
     # pickling (a handle travels to workers inside functions): the look-up is redone there, per process
@@ -292,8 +333,60 @@ class Volume(Frozen):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_read_only", False)  # pickled by a client from before mount options
+        state.setdefault("_sub_path", None)
         super().__setstate__(state)
         object.__setattr__(self, "_resolved", _Resolved())
+
+    # -- mount options -----------------------------------------------------------------------------------
+    def with_mount_options(self, *, read_only: bool | None = None, sub_path: str | None = None) -> Volume:
+        """A view of this volume to mount with options (as Modal's ``Volume.with_mount_options``):
+
+        - ``read_only=True``: the function sees the files but cannot change them (writes fail with
+          ``OSError`` EROFS, or ``PermissionError``); ``commit()`` raises, and nothing is committed in the
+          background or when the container exits. ``reload()`` still brings in others' commits.
+        - ``sub_path="models/v2"``: only that directory of the volume is mounted, at the mount path (a
+          relative path inside the volume, without ``..``; a directory that does not exist yet mounts empty
+          and is created by the first commit of a file under it).
+
+        Options left ``None`` keep this handle's. Reads and writes through the handle itself
+        (``listdir``, ``batch_upload`` …) are not affected: they always see the whole volume.
+
+        ```python
+        weights = cloudmodal.Volume.from_name("weights")
+
+        @app.function(volumes={"/weights": weights.with_mount_options(read_only=True, sub_path="v2")})
+        def serve(): ...
+        ```
+        """
+        view = Volume(
+            self.name,
+            environment_name=self.environment_name,
+            create_if_missing=self.create_if_missing,
+            version=self.version,
+            volume_id=self._id,
+        )
+        if read_only is not None:
+            if not isinstance(read_only, bool):
+                raise InvalidError(f"read_only must be True or False, not {read_only!r}.")
+            object.__setattr__(view, "_read_only", read_only)
+        else:
+            object.__setattr__(view, "_read_only", self._read_only)
+        object.__setattr__(
+            view, "_sub_path", check_sub_path(sub_path) if sub_path is not None else self._sub_path
+        )
+        object.__setattr__(view, "_resolved", self._resolved)  # the same volume: share its look-up
+        return view
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this handle mounts the volume read-only (:meth:`with_mount_options`)."""
+        return self._read_only
+
+    @property
+    def sub_path(self) -> str | None:
+        """The directory of the volume this handle mounts (:meth:`with_mount_options`); None: all of it."""
+        return self._sub_path
 
     # -- constructors ------------------------------------------------------------------------------------
     @staticmethod
@@ -430,7 +523,8 @@ class Volume(Frozen):
     # -- in a container ----------------------------------------------------------------------------------
     def _commit(self) -> None:
         """Publish the changes this container made under the volume's mount path (one atomic version).
-        Nothing to do where the volume is not mounted: writes through this handle commit as they are made."""
+        Nothing to do where the volume is not mounted: writes through this handle commit as they are made.
+        Raises ``InvalidError`` where it is mounted read-only (``with_mount_options(read_only=True)``)."""
         for m in self._mounts():
             m.commit()
 
@@ -519,6 +613,9 @@ class Volume(Frozen):
         return hash((self.name, self.environment_name) if self.name is not None else self._id)
 
     def __repr__(self) -> str:
-        return (
+        base = (
             f"Volume.from_name({self.name!r})" if self.name is not None else f"Volume.from_id({self._id!r})"
         )
+        opts = [f"read_only={self._read_only}"] if self._read_only else []
+        opts += [f"sub_path={self._sub_path!r}"] if self._sub_path is not None else []
+        return f"{base}.with_mount_options({', '.join(opts)})" if opts else base

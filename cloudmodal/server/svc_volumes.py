@@ -15,10 +15,12 @@ deletes only volumes it created (its ephemeral ones); a member token scoped to a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -301,3 +303,87 @@ def prune(cp: ControlPlane, now: float, idle_s: float = EPHEMERAL_IDLE_S) -> int
         Volumes._remove_files(volume_location(r.store_url, r.prefix))
         log.info("ephemeral volume %s deleted: no heartbeat for %.0f s", r.id, idle_s)
     return len(idle)
+
+
+# Old versions (gc_versions): what is kept of each volume, and how often it is looked at.
+GC_KEEP_VERSIONS = 10  # the newest versions kept whatever their age (the head among them)
+GC_KEEP_S = 3600.0  # and every version that was the head less than this long ago (readers may be on it)
+GC_GRACE_S = 24 * 3600.0  # an unreferenced object younger than this may be a commit in flight: kept
+GC_EVERY_S = 3600.0  # a volume with no commit since its last collection is collected again after this
+
+
+@dataclasses.dataclass
+class VersionsGc:
+    """What one :func:`gc_versions` pass did."""
+
+    volumes: int = 0  # volumes collected
+    manifests: int = 0  # old versions' manifests deleted
+    blobs: int = 0  # parts deleted (no kept version uses them)
+    failed: int = 0  # volumes whose collection failed (logged; retried next pass)
+
+
+# Per control plane: volume id → (its version, when) at its last collection. In memory only: after a restart
+# every volume is collected once more, which is harmless.
+_last_gc: weakref.WeakKeyDictionary[ControlPlane, dict[str, tuple[int, float]]] = weakref.WeakKeyDictionary()
+
+
+class _RowHead:
+    """A volume's head as its row said when the pass read it. gc only reads it: a commit published meanwhile
+    has a newer manifest and parts younger than the grace period, which gc leaves alone."""
+
+    def __init__(self, version: int, manifest: str | None) -> None:
+        self._head = (version, manifest)
+
+    def read(self) -> tuple[int, str | None]:
+        return self._head
+
+    def swap(self, expected: int, manifest_key: str) -> bool:
+        raise RuntimeError("garbage collection never commits")
+
+
+def gc_versions(
+    cp: ControlPlane,
+    now: float,
+    *,
+    keep_versions: int = GC_KEEP_VERSIONS,
+    keep_s: float = GC_KEEP_S,
+    grace_s: float = GC_GRACE_S,
+    every_s: float = GC_EVERY_S,
+) -> VersionsGc:
+    """Delete old versions of every volume, and the parts no kept version uses (the engine's
+    :meth:`~cloudmodal.volumes.engine.VolumeData.gc`). Kept of each volume: the head, its ``keep_versions``
+    newest versions, and every version that was the head less than ``keep_s`` ago — so a reader that resolved
+    the head within the last ``keep_s`` (a client streaming a file, a container mounting or reloading) finds
+    every part of its version; only objects older than ``grace_s`` are deleted (a commit in flight).
+
+    A volume is collected when it has a commit since its last collection by this control plane, or that was
+    longer than ``every_s`` ago (versions age out of ``keep_s`` without commits too). Called by the retention
+    pass; a failure on one volume is logged and the others go on."""
+    from cloudmodal.volumes.engine import VolumeData
+    from cloudmodal.volumes.store import open_store
+
+    with cp.db.read() as conn:
+        rows = conn.execute(select(V.c.id, V.c.store_url, V.c.prefix, V.c.version, V.c.manifest)).all()
+    last = _last_gc.setdefault(cp, {})
+    for gone in set(last) - {r.id for r in rows}:
+        del last[gone]
+    report = VersionsGc()
+    for r in rows:
+        done = last.get(r.id)
+        if r.version == 0 or (done is not None and done[0] == r.version and now - done[1] < every_s):
+            continue
+        location = volume_location(r.store_url, r.prefix)
+        try:
+            with VolumeData(open_store(location), _RowHead(r.version, r.manifest), clock=lambda: now) as data:
+                manifests, blobs = data.gc(keep_versions, keep_s=keep_s, grace_s=grace_s)
+        except Exception as e:
+            report.failed += 1
+            log.warning("volume %s: collecting old versions at %s failed: %s", r.id, location, e)
+            continue
+        last[r.id] = (r.version, now)
+        report.volumes += 1
+        report.manifests += manifests
+        report.blobs += blobs
+        if manifests or blobs:
+            log.info("volume %s: %d old manifests and %d unused parts deleted", r.id, manifests, blobs)
+    return report

@@ -252,6 +252,24 @@ def _cross_checks(s: SpecModel) -> None:
     _unique("spec.env", [k for k, _ in s.env], "variable name")
     _unique("spec.volumes", [p for p, _ in s.volumes], "mount path")
     _unique("spec.volumes", [v for _, v in s.volumes], "volume")
+    _unique("spec.volumes", [p for p, _ in s.volumes] + [b.path for b in s.bucket_mounts], "mount path")
+    _unique("spec.volume_options", [p for p, _, _ in s.volume_options], "mount path")
+    mounted = {p for p, _ in s.volumes}
+    for i, (p, _, _) in enumerate(s.volume_options):
+        if p not in mounted:
+            raise invalid(
+                f"spec.volume_options[{i}]",
+                f"{short(p)} is not mounted in spec.volumes",
+                "paths from spec.volumes",
+            )
+    secrets = set(s.secrets)
+    for i, b in enumerate(s.bucket_mounts):
+        if b.secret is not None and b.secret not in secrets:
+            raise invalid(
+                f"spec.bucket_mounts[{i}].secret",
+                f"{short(b.secret)} is not in spec.secrets",
+                "names from spec.secrets",
+            )
     _unique("spec.region", list(s.region), "region")
     _unique("spec.experimental_options", [k for k, _ in s.experimental_options], "key")
     names = {v for _, v in s.volumes}

@@ -21,6 +21,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     StringConstraints,
+    model_validator,
 )
 
 from cloudmodal import app as _app_rules
@@ -30,6 +31,7 @@ from cloudmodal.gpu import MAX_GPU_COUNT
 from cloudmodal.image import WIRE_VERSION
 from cloudmodal.secret import check_object_name
 from cloudmodal.server.wire_spec_errors import one_line, short
+from cloudmodal.volume import check_sub_path
 
 # Bounds the decorators leave open (they accept any int) but a shared server must not: they fit int32 and
 # every real machine, and keep sums and products of them far from overflow.
@@ -107,6 +109,13 @@ EnvPair = tuple[
     Annotated[StrictStr, _text(256), AfterValidator(_env_key)], Annotated[StrictStr, _text(65536, min_len=0)]
 ]
 VolumePair = tuple[Annotated[StrictStr, _text(1024), AfterValidator(_mount_path)], VolumeName]
+MountPath = Annotated[StrictStr, _text(1024), AfterValidator(_mount_path)]
+# (mount path, read_only, sub_path or "") as Volume.with_mount_options checks them
+VolumeOption = tuple[
+    MountPath,
+    StrictBool,
+    Annotated[StrictStr, _text(1024, min_len=0), _check(lambda v: v and check_sub_path(v))],
+]
 CloudName = Literal["aws", "gcp", "azure", "lambda", "local", "sim"]
 assert get_args(CloudName) == CLOUDS
 ImageWireVersion = Literal[1]
@@ -169,6 +178,39 @@ class WebModel(BaseModel):
         le=_app_rules.MAX_TIMEOUT,
         description=f"seconds, more than 0 and at most {_app_rules.MAX_TIMEOUT}",
     )
+
+
+class BucketMountModel(BaseModel):
+    """A CloudBucketMount's wire form (:class:`cloudmodal.spec.BucketMountSpec`), checked by its constructor."""
+
+    model_config = _CFG
+    path: MountPath
+    bucket_name: Annotated[StrictStr, _text(255, _NO_SPACE)]
+    endpoint_url: Annotated[StrictStr, _text(2048, _NO_SPACE)] | None = None
+    key_prefix: Annotated[StrictStr, _text(1024, min_len=0)] = ""
+    secret: SecretName | None = None
+    read_only: StrictBool = False
+    requester_pays: StrictBool = False
+    force_path_style: StrictBool = False
+
+    @model_validator(mode="after")
+    def _rules(self) -> BucketMountModel:
+        from cloudmodal.cloud_bucket_mount import CloudBucketMount
+        from cloudmodal.secret import Secret
+
+        try:
+            CloudBucketMount(
+                self.bucket_name,
+                self.endpoint_url,
+                self.key_prefix or None,
+                Secret(self.secret) if self.secret else None,  # by name: an inline one's too
+                read_only=self.read_only,
+                requester_pays=self.requester_pays,
+                force_path_style=self.force_path_style,
+            )
+        except InvalidError as e:
+            raise ValueError(one_line(str(e))) from None
+        return self
 
 
 class SpecModel(BaseModel):
@@ -251,6 +293,14 @@ class SpecModel(BaseModel):
         default_factory=list,
         max_length=64,
         description="a list of at most 64 [absolute mount path, volume name] pairs",
+    )
+    volume_options: list[VolumeOption] = Field(
+        default_factory=list,
+        max_length=64,
+        description="a list of at most 64 [mount path from volumes, read_only, sub_path or ''] triples",
+    )
+    bucket_mounts: list[BucketMountModel] = Field(
+        default_factory=list, max_length=64, description="a list of at most 64 bucket mounts"
     )
     cloud: CloudName | None = Field(None, description=f"null or one of {', '.join(CLOUDS)}")
     region: list[Annotated[StrictStr, _text(64, _TRIMMED)]] = Field(

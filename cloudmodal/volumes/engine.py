@@ -498,33 +498,53 @@ class VolumeData:
         ``batch_upload(force=False)``."""
         return Batch(self, force=force)
 
-    def working_copy(self, directory: Path | str) -> WorkingCopy:
-        """Write the current version into ``directory`` (created; must be empty) and return its handle."""
+    def working_copy(
+        self, directory: Path | str, *, sub_path: str = "", read_only: bool = False
+    ) -> WorkingCopy:
+        """Write the current version (or its directory ``sub_path``) into ``directory`` (created; must be
+        empty) and return its handle; ``read_only``: one that never commits."""
         from cloudmodal.volumes.working_copy import WorkingCopy
 
-        return WorkingCopy(self, Path(directory))
+        return WorkingCopy(self, Path(directory), sub_path=sub_path, read_only=read_only)
 
     # maintenance
 
-    def gc(self, keep_versions: int = 10, *, grace_s: float = 24 * 3600) -> tuple[int, int]:
-        """Delete manifests of versions older than the last ``keep_versions`` and every blob that no kept
-        manifest uses; returns ``(manifests, blobs)`` deleted.
+    def gc(
+        self, keep_versions: int = 10, *, keep_s: float = 0.0, grace_s: float = 24 * 3600
+    ) -> tuple[int, int]:
+        """Delete the manifests of old versions and every blob that no kept manifest uses; returns
+        ``(manifests, blobs)`` deleted.
+
+        Kept: the head, the ``keep_versions`` newest versions (the head among them), and every older version
+        that was still the head less than ``keep_s`` seconds ago (its successor was committed since then): a
+        reader that resolved the head then may still be reading that version's parts. A reader pinned to a
+        version gc dropped gets ``CorruptDataError`` for parts gone from the store (parts in its local cache
+        still read).
 
         Commits take no lock, so an unreferenced object may belong to a commit in flight (uploaded, not yet
         published): only objects older than ``grace_s`` seconds are deleted, which must exceed the longest
-        commit (as git's ``gc.pruneExpire``). A reader pinned to a version gc dropped gets
-        ``CorruptDataError`` for parts gone from the store (parts in its local cache still read)."""
+        commit (as git's ``gc.pruneExpire``). A commit re-writes every part it uses, even one the store holds
+        already, so a part an old version shared with a commit in flight is young again."""
         if keep_versions < 1:
             raise ValueError("keep_versions must be at least 1 (the current version)")
         version, head_key = self.head.read()
-        cutoff = self._clock() - grace_s
+        now = self._clock()
+        cutoff = now - grace_s
         keep: set[str] = set()
         key = head_key
+        superseded_at: float | None = None  # when the version being looked at stopped being the head
         while key is not None:  # the published chain, newest first, through each manifest's parent
-            m = self.load_manifest(key)
-            if m.version <= version - keep_versions:
-                break
+            try:
+                m = self.load_manifest(key)
+            except CorruptDataError:
+                if key == head_key:
+                    raise  # never collect against a head that cannot be read
+                break  # an older version an earlier gc dropped: the chain ends here
+            recent = superseded_at is None or (keep_s > 0 and superseded_at > now - keep_s)
+            if m.version <= version - keep_versions and not recent:
+                break  # every older version was superseded earlier still
             keep.add(key)
+            superseded_at = m.created
             key = m.parent
         used: set[str] = set()
         for k in keep:
@@ -533,6 +553,8 @@ class VolumeData:
         for k, modified in list(self.store.list_modified("manifests/")):
             if k not in keep and modified < cutoff:
                 self.store.delete(k)
+                with self._lock:
+                    self._manifests.pop(k, None)
                 dropped_manifests += 1
         for k, modified in list(self.store.list_modified("blobs/")):
             if k.rsplit("/", 1)[-1] not in used and modified < cutoff:

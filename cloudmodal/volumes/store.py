@@ -43,7 +43,15 @@ if TYPE_CHECKING:
 # Size of the chunks :meth:`ObjectStore.open_read` yields and of the pieces a stream is uploaded in.
 CHUNK_SIZE = 8 * 1024 * 1024
 
-__all__ = ["CHUNK_SIZE", "CloudStore", "GcsStore", "LocalStore", "ObjectStore", "open_store"]
+__all__ = [
+    "CHUNK_SIZE",
+    "CloudStore",
+    "GcsStore",
+    "LocalStore",
+    "ObjectStore",
+    "open_s3_bucket",
+    "open_store",
+]
 
 
 @runtime_checkable
@@ -427,6 +435,65 @@ def _azure(container: str, prefix: str, env: dict[str, str]) -> obstore.store.Ob
     return AzureStore(
         container, prefix=prefix or None, config=config, client_options=_client_options(endpoint)
     )
+
+
+def open_s3_bucket(
+    bucket: str,
+    prefix: str,
+    env: dict[str, str],
+    *,
+    endpoint_url: str | None = None,
+    requester_pays: bool = False,
+    force_path_style: bool = False,
+) -> ObjectStore:
+    """An S3-compatible bucket's prefix as a store, for a :class:`cloudmodal.CloudBucketMount`: credentials and
+    region from ``env`` (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``;
+    without keys, the instance's or the task's role), the endpoint from ``endpoint_url`` only (None: AWS S3;
+    an ``AWS_ENDPOINT_URL`` meant for the volume store is not used for a user's bucket)."""
+    try:
+        from obstore.store import S3Store
+    except ImportError:
+        raise StoreError(
+            f"mounting bucket {bucket!r} needs obstore: pip install 'cloudmodal[volumes]' (or obstore)"
+        ) from None
+    config: S3Config = {}
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        config["region"] = region
+    elif endpoint_url:
+        config["region"] = "auto"  # R2's and GCS's answer to "which region": any name signs
+    # Other endpoints (R2, GCS, MinIO) are addressed by path; AWS by virtual host unless force_path_style.
+    config["virtual_hosted_style_request"] = not (force_path_style or endpoint_url)
+    if endpoint_url:
+        config["endpoint"] = endpoint_url.rstrip("/")
+    elif any(k.startswith("AWS_ENDPOINT") for k in os.environ):
+        # obstore reads AWS_ENDPOINT_URL from the process's environment, where it points at the volume store
+        # (MinIO, moto): name AWS's own endpoint so the user's bucket is looked for on AWS.
+        r = region or "us-east-1"
+        if force_path_style:
+            config["endpoint"] = f"https://s3.{r}.amazonaws.com"
+        else:
+            config["endpoint"] = f"https://{bucket}.s3.{r}.amazonaws.com"
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        config["access_key_id"] = env["AWS_ACCESS_KEY_ID"]
+        config["secret_access_key"] = env["AWS_SECRET_ACCESS_KEY"]
+        if env.get("AWS_SESSION_TOKEN"):
+            config["session_token"] = env["AWS_SESSION_TOKEN"]
+    if requester_pays:
+        config["request_payer"] = True
+    url = f"s3://{bucket}/{prefix}" + (f" at {endpoint_url}" if endpoint_url else "")
+    try:
+        return CloudStore(
+            url,
+            S3Store(
+                bucket,
+                prefix=prefix.strip("/") or None,
+                config=config,
+                client_options=_client_options(endpoint_url),
+            ),
+        )
+    except Exception as exc:
+        raise StoreError(f"cannot open bucket {bucket!r}: {exc}") from exc
 
 
 _OBSTORE_CLOUDS = {"s3": _s3, "az": _azure, "azure": _azure, "abfs": _azure}

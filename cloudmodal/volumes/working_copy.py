@@ -13,14 +13,17 @@ import tempfile
 from pathlib import Path
 
 from cloudmodal.volumes.engine import VolumeData
-from cloudmodal.volumes.errors import VolumeBusyError
+from cloudmodal.volumes.errors import VolumeBusyError, VolumeError
 from cloudmodal.volumes.manifest import (
     DeletePath,
     DirRecord,
     FileRecord,
     MakeDir,
+    Manifest,
     Op,
     PutFile,
+    Record,
+    normalize_path,
     parent_dirs,
 )
 
@@ -52,21 +55,46 @@ class WorkingCopy:
     ``version`` is the volume version this directory was last synchronized with (by materializing,
     :meth:`commit` or :meth:`reload`). Only regular files and directories are tracked; symbolic links, sockets
     and the like are skipped. Not thread-safe: one owner per working copy.
+
+    ``sub_path`` (normalized, e.g. ``"models/v2"``): the directory holds only that directory of the volume,
+    and commits publish under it; one that does not exist yet starts empty (a file there is refused).
+    ``read_only``: :meth:`commit` refuses and local changes are never looked for (:meth:`reload` brings the
+    latest version in over them); keeping the directory itself unwritable is the mount's job.
     """
 
-    def __init__(self, data: VolumeData, directory: Path) -> None:
+    def __init__(
+        self, data: VolumeData, directory: Path, *, sub_path: str = "", read_only: bool = False
+    ) -> None:
         self._data = data
         self.directory = directory
+        self.read_only = read_only
+        self.sub_path = normalize_path(sub_path)
+        self._prefix = self.sub_path + "/" if self.sub_path else ""
         directory.mkdir(parents=True, exist_ok=True)
         if any(directory.iterdir()):
             raise FileExistsError(f"{str(directory)!r} is not empty: a volume mounts onto an empty directory")
         snap = data.snapshot()
         self.version = snap.version
-        # The tree the directory had when last in sync, and each synced file's stat.
-        self._base: dict[str, FileRecord | DirRecord] = dict(snap.manifest.entries)
+        # The tree the directory had when last in sync (paths relative to sub_path), and each synced file's stat.
+        self._base: dict[str, Record] = self._view(snap.manifest)
         self._seen: dict[str, _Seen] = {}
-        for path, rec in sorted(snap.manifest.entries.items()):
+        for path, rec in sorted(self._base.items()):
             self._materialize(path, rec)
+
+    def _view(self, m: Manifest) -> dict[str, Record]:
+        """The manifest's entries under ``sub_path``, as paths relative to it."""
+        if not self.sub_path:
+            return dict(m.entries)
+        if isinstance(m.get(self.sub_path), FileRecord):
+            raise NotADirectoryError(
+                f"sub_path {self.sub_path!r} is a file in the volume, not a directory: mount its directory"
+            )
+        n = len(self._prefix)
+        return {p[n:]: r for p, r in m.entries.items() if p.startswith(self._prefix)}
+
+    def _full(self, path: str) -> str:
+        """A path of the directory as a path of the volume."""
+        return self._prefix + path
 
     # local state
 
@@ -121,7 +149,10 @@ class WorkingCopy:
         return files, dirs
 
     def _changes(self) -> tuple[dict[str, os.stat_result], set[str], set[str]]:
-        """(changed or new files → stat, new directories, deleted paths) since the last sync."""
+        """(changed or new files → stat, new directories, deleted paths) since the last sync (none when
+        read-only: nothing local is ever published)."""
+        if self.read_only:
+            return {}, set(), set()
         files, dirs = self._scan()
         changed = {p: st for p, st in files.items() if self._seen.get(p) != _Seen.of(st)}
         known = self._base_dirs()
@@ -149,6 +180,11 @@ class WorkingCopy:
     def commit(self) -> int:
         """Upload what changed in the directory since its last sync and publish it (one atomic version).
         Returns the new version, or the current one when nothing changed."""
+        if self.read_only:
+            raise VolumeError(
+                "this volume is mounted read-only (with_mount_options(read_only=True)): commit() is refused; "
+                "mount it without read_only to publish changes"
+            )
         changed, new_dirs, deleted = self._changes()
         if not (changed or new_dirs or deleted):
             return self.version
@@ -158,7 +194,7 @@ class WorkingCopy:
         for d in sorted(new_dirs):
             st = os.stat(self._local(d))
             rec_d = DirRecord(stat.S_IMODE(st.st_mode), st.st_mtime)
-            ops.append(MakeDir(d, rec_d))
+            ops.append(MakeDir(self._full(d), rec_d))
             new_base[d] = rec_d
         paths = sorted(changed)
         before = {p: os.stat(self._local(p)) for p in paths}
@@ -167,13 +203,13 @@ class WorkingCopy:
             rec = dataclasses.replace(rec, mtime=before[p].st_mtime)
             old = self._base.get(p)
             if not (isinstance(old, FileRecord) and old.parts == rec.parts and old.mode == rec.mode):
-                ops.append(PutFile(p, rec))
+                ops.append(PutFile(self._full(p), rec))
             new_base[p] = rec
             # Written to while we read it? Then it stays "changed" and goes out with the next commit.
             if _Seen.of(os.stat(self._local(p))) == _Seen.of(before[p]):
                 seen_after[p] = _Seen.of(before[p])
         for p in sorted(deleted):
-            ops.append(DeletePath(p))
+            ops.append(DeletePath(self._full(p)))
             new_base.pop(p, None)
         version = self._data.commit_ops(ops) if ops else self.version
         self._base = new_base
@@ -197,7 +233,7 @@ class WorkingCopy:
         changed, new_dirs, deleted = self._changes()
         local = set(changed) | new_dirs | deleted
         snap = self._data.snapshot()
-        latest = snap.manifest.entries
+        latest = self._view(snap.manifest)
         # Remote removals first (deepest first), then additions and changes (parents first).
         for p in sorted(set(self._base) - set(latest), reverse=True):
             if p in local:
@@ -212,7 +248,7 @@ class WorkingCopy:
                     target.rmdir()  # only when empty: local files inside stay
             # Parents that were directories only because of this entry go too (when empty).
             for parent in parent_dirs(p):
-                if snap.manifest.is_dir(parent) or parent in local:
+                if snap.manifest.is_dir(self._full(parent)) or parent in local:
                     break
                 with contextlib.suppress(OSError):
                     self._local(parent).rmdir()

@@ -127,7 +127,7 @@ class Worker:
         self.heartbeat_s = float(defn.get("heartbeat_s", 3.0))
         for k, v in (defn.get("inline_env") or {}).items():
             os.environ[k] = v
-        if self.spec.volumes:  # on this (main) thread, before the user's code is imported
+        if self.spec.has_mounts:  # on this (main) thread, before the user's code is imported
             from cloudmodal.worker.volumes import mount_volumes
 
             mount_volumes(self.t, self.spec)
@@ -605,7 +605,7 @@ class Worker:
                 run_lifecycle_hooks(self.instance, "exit")
             except Exception:
                 traceback.print_exc()
-        if self.spec.volumes:
+        if self.spec.has_mounts:
             from cloudmodal.worker.volumes import commit_all
 
             commit_all()
