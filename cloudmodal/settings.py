@@ -129,12 +129,28 @@ class Settings(BaseSettings):
         "share this directory too",
         group="control plane",
     )
+    blob_store: str | None = _var(
+        None,
+        "where payloads over 2 MiB are kept, as a URL: `s3://bucket/prefix`, `gs://bucket/prefix`, "
+        "`az://container/prefix` (credentials and endpoints as for `CLOUDMODAL_VOLUME_STORE`), or a directory "
+        "(unset: `CLOUDMODAL_BLOB_DIR`). Control planes sharing a database must share it",
+        group="control plane",
+    )
     volume_store: str | None = _var(
         None,
         "where volumes keep their files: a directory, `s3://bucket/prefix`, `gs://bucket/prefix` or "
         "`az://container/prefix` (unset: `volumes/` in the state directory). Workers read and write it directly, "
         "so a cloud worker needs a bucket it can reach",
         group="control plane",
+    )
+    volume_store_region: str | None = _var(
+        None,
+        "where `CLOUDMODAL_VOLUME_STORE`'s bucket is, as `CLOUD:REGION` (`aws:us-east-1`, `gcp:us-central1`, "
+        "`azure:eastus`): placement then prefers offers near the volumes a function mounts, by the egress a "
+        "worker's start would cost (unset: the cloud is read from the URL's scheme, the region is unknown, and "
+        "egress within that cloud is not counted)",
+        group="control plane",
+        pattern=r"^\s*([A-Za-z0-9_-]+:[A-Za-z0-9_-]+|local)\s*$",
     )
     providers: Annotated[tuple[str, ...], NoDecode] = _var(
         ("local",),

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 from cloudmodal import exception as exc
 from cloudmodal.server import models
 from cloudmodal.server.auth import NOT_CACHED, is_loopback
-from cloudmodal.server.blobs import INLINE_LIMIT, MAX_BLOB_SIZE
+from cloudmodal.server.blobs import INLINE_LIMIT, MAX_BLOB_SIZE, DirectoryBlobStore, iterate
 from cloudmodal.server.http_body import BodyStream
 from cloudmodal.server.http_errors import HTTPError
 from cloudmodal.server.limits import (
@@ -38,7 +38,7 @@ from cloudmodal.server.limits import (
     bounded_depth,
 )
 from cloudmodal.server.queue import OutputItem
-from cloudmodal.server.router import NeedsIO, Raw, RawFile, Route, TableApp
+from cloudmodal.server.router import NeedsIO, Raw, RawFile, RawStream, Route, TableApp
 from cloudmodal.server.security import Access, Identity, identity_for, member_scope
 from cloudmodal.server.service import ControlPlane, OutputMailbox, ParkedClaim, WorkerOp, WorkerOpResult
 
@@ -472,15 +472,19 @@ def build_routes(cp: ControlPlane) -> TableApp:
     @route("POST", "/v1/blobs", "caller", raw_body=True, max_body=MAX_BLOB_SIZE)
     async def put_blob(body: BodyStream) -> Any:
         """Store the raw body (up to MAX_BLOB_SIZE bytes) as a blob; answers its content address. The body
-        streams to disk: an upload costs the server a write buffer, not its size in memory."""
+        streams to a file (then, for a bucket, up to it): an upload costs the server a write buffer, not its
+        size in memory."""
         return {"blob_id": await cp.blobs.put_stream(body, run)}
 
     @route("GET", "/v1/blobs/{blob_id}", "caller")
-    async def get_blob(blob_id: str, who: Identity) -> RawFile:
-        """A blob: team-wide tokens read any; others only those their functions, inputs and calls reference."""
+    async def get_blob(blob_id: str, who: Identity) -> RawFile | RawStream:
+        """A blob: team-wide tokens read any; others only those their functions, inputs and calls reference.
+        Sent in parts as it is read: from its file, or as it comes from the bucket."""
         if not who.team_wide:
             await run(cp.access.check_blob, who, blob_id)
-        return RawFile(await run(cp.blobs.path, blob_id))  # sent from the file in parts
+        if isinstance(cp.blobs, DirectoryBlobStore):
+            return RawFile(await run(cp.blobs.path, blob_id))
+        return RawStream(iterate(await run(cp.blobs.open_read, blob_id), run))
 
     # -- workers -----------------------------------------------------------------------------------------
     @route("POST", "/v1/workers/{worker_id}/register", "worker", body=WorkerRegister)

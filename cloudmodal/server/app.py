@@ -41,6 +41,8 @@ def default_settings(state_dir: Path, database_url: str | None = None, **overrid
     }
     if env.blob_dir is not None:
         env_overrides["blob_dir"] = env.blob_dir
+    if env.blob_store is not None:
+        env_overrides["blob_store"] = env.blob_store
     return Settings(database_url=url, state_dir=state_dir, **(env_overrides | overrides))
 
 

@@ -9,9 +9,10 @@ What is kept, and for how long (``Settings.retention_*``; ``CLOUDMODAL_RETENTION
 - logs and events of an ephemeral app stopped longer ago than 1 day, then the stopped app itself (its
   functions, workers, pool and deployment rows), so one row per run does not pile up either;
 - logs and events older than 30 days of every other app (deployed, or an ephemeral run that keeps running);
-- a blob file that no remaining row references (inputs, outputs, functions' source and pickles) and whose
-  file is older than the shortest retention: a blob is uploaded before the call that references it exists,
-  and its file's age is what tells a fresh upload from garbage.
+- a blob that no remaining row references (inputs, outputs, functions' source and pickles) and that was last
+  uploaded longer ago than the shortest retention: a blob is uploaded before the call that references it
+  exists, and its age is what tells a fresh upload from garbage. Blobs are files in a directory or objects in
+  a bucket (``CLOUDMODAL_BLOB_STORE``): the blob store lists them with their ages (server/blobs.py).
 
 Only the reconciling control plane prunes (the reconciler calls :func:`prune` about once a minute). Rows are
 found with reads and deleted by id in small batches, each its own short write transaction: on SQLite the hot
@@ -21,12 +22,11 @@ path shares the one write lock, and must never wait behind a long delete.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, exists, not_, or_, select
@@ -35,6 +35,7 @@ from cloudmodal.server import models
 from cloudmodal.server.states import AppState, FunctionState, InputState, WorkerState
 
 if TYPE_CHECKING:
+    from cloudmodal.server.blobs import BlobStore
     from cloudmodal.server.service import ControlPlane
 
 log = logging.getLogger("cloudmodal.server")
@@ -59,14 +60,24 @@ class PruneReport:
     events: int = 0
     apps: int = 0
     blobs: int = 0
-    blob_bytes: int = 0
+    blob_bytes: int = 0  # of the removed blobs whose store's listing tells their size (a directory's)
     removed_blobs: list[str] = field(default_factory=list)
     kv_rows: int = 0  # dict entries, queue items and partitions, ephemeral dicts and queues (svc_kv.prune)
     volumes: int = 0  # ephemeral volumes whose client stopped beating (svc_volumes.prune)
+    volume_versions: int = 0  # old volume versions' manifests deleted (svc_volumes.gc_versions)
+    volume_parts: int = 0  # parts no kept volume version uses, deleted (svc_volumes.gc_versions)
 
     def any(self) -> bool:
         return bool(
-            self.calls or self.logs or self.events or self.apps or self.blobs or self.kv_rows or self.volumes
+            self.calls
+            or self.logs
+            or self.events
+            or self.apps
+            or self.blobs
+            or self.kv_rows
+            or self.volumes
+            or self.volume_versions
+            or self.volume_parts
         )
 
 
@@ -88,13 +99,17 @@ def prune(cp: ControlPlane, now: float | None = None) -> PruneReport:
     # idle ephemeral dicts and queues, expired queue partitions, dict entries idle for 7 days
     report.kv_rows = svc_kv.prune(cp, now)
     report.volumes = svc_volumes.prune(cp, now)
+    # old versions of every volume with a commit since its last collection (or an hour on): see gc_versions
+    gc = svc_volumes.gc_versions(cp, now)
+    report.volume_versions, report.volume_parts = gc.manifests, gc.blobs
     # the shortest retention: a blob referenced by nothing for that long is not about to be (see module doc)
     blob_cutoff = now - min(s.retention_calls_ephemeral_s, s.retention_calls_deployed_s)
-    _prune_blobs(cp, blob_cutoff, report)
+    _prune_blobs(cp, now, blob_cutoff, report)
     if report.any():
         log.info(
             "retention: pruned %d calls (%d inputs, %d outputs), %d logs, %d events, %d stopped apps, "
-            "%d blobs (%d bytes), %d dict and queue rows, %d ephemeral volumes",
+            "%d blobs (%d bytes), %d dict and queue rows, %d ephemeral volumes, %d old volume versions "
+            "(%d parts)",
             report.calls,
             report.inputs,
             report.outputs,
@@ -105,6 +120,8 @@ def prune(cp: ControlPlane, now: float | None = None) -> PruneReport:
             report.blob_bytes,
             report.kv_rows,
             report.volumes,
+            report.volume_versions,
+            report.volume_parts,
         )
     return report
 
@@ -262,14 +279,6 @@ def _remove_app(cp: ControlPlane, app_id: str) -> bool:
 
 
 # -- blobs -----------------------------------------------------------------------------------------------
-def _blob_files(root: Path) -> Iterator[tuple[str, Path]]:
-    for sub in root.iterdir() if root.exists() else ():
-        if sub.is_dir() and len(sub.name) == 2:
-            for p in sub.iterdir():
-                if p.name.startswith("bl-"):
-                    yield p.name, p
-
-
 def _referenced(conn: Any, ids: Sequence[str]) -> set[str]:
     refs: set[str] = set()
     for col in (I.c.args_blob, O.c.data_blob, F.c.source_blob, F.c.pickled_blob):
@@ -277,30 +286,28 @@ def _referenced(conn: Any, ids: Sequence[str]) -> set[str]:
     return refs
 
 
-def _prune_blobs(cp: ControlPlane, cutoff: float, report: PruneReport) -> None:
-    candidates: list[tuple[str, Path, int]] = []
-    for blob_id, path in _blob_files(cp.blobs.root):
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            continue  # another control plane sharing the directory removed it
-        if st.st_mtime < cutoff:
-            candidates.append((blob_id, path, st.st_size))
+_blob_sweeps: weakref.WeakKeyDictionary[BlobStore, float] = weakref.WeakKeyDictionary()  # store -> last
+
+
+def _prune_blobs(cp: ControlPlane, now: float, cutoff: float, report: PruneReport) -> None:
+    """Remove the blobs idle since before ``cutoff`` that no row references, from whichever store
+    (directory or bucket) ``cp.blobs`` is: the store lists blobs with the time of their last upload, and
+    deletes one only if it was not uploaded again since it was listed. At most every ``sweep_every_s``."""
+    blobs = cp.blobs
+    if 0 <= now - _blob_sweeps.get(blobs, float("-inf")) < blobs.sweep_every_s:
+        return
+    _blob_sweeps[blobs] = now
+    candidates = [b for b in blobs.list_blobs() if b.modified < cutoff]
     for chunk in _chunks(candidates):
         with cp.db.read() as conn:
-            refs = _referenced(conn, [c[0] for c in chunk])
-        for blob_id, path, size in chunk:
-            if blob_id in refs:
-                continue
-            try:
-                if path.stat().st_mtime >= cutoff:  # rewritten since the scan
-                    continue
-                os.unlink(path)
-            except FileNotFoundError:
+            refs = _referenced(conn, [b.blob_id for b in chunk])
+        for b in chunk:
+            if b.blob_id in refs or not blobs.delete_if_idle(b.blob_id, cutoff):
                 continue
             report.blobs += 1
-            report.blob_bytes += size
-            report.removed_blobs.append(blob_id)
+            report.blob_bytes += b.size or 0  # a bucket's listing does not say
+            report.removed_blobs.append(b.blob_id)
+    blobs.tidy(cutoff)
 
 
 class Pruner:

@@ -12,8 +12,8 @@ WebSockets and lifespan. What stays ours is what the table says:
 - **what a request may hold**: path ids checked before anything looks them up (404), query parameters coerced
   and bounded (422, FastAPI's shape), msgpack bodies read within their caps, their time and the body budget,
   then validated against the route's model (:mod:`cloudmodal.server.http_body`);
-- **what it answers**: msgpack, or a handler's :class:`Raw` bytes or :class:`RawFile`; errors as
-  :mod:`cloudmodal.server.http_errors` shapes them, 404 and 405 included.
+- **what it answers**: msgpack, or a handler's :class:`Raw` bytes, :class:`RawFile` or :class:`RawStream`;
+  errors as :mod:`cloudmodal.server.http_errors` shapes them, 404 and 405 included.
 
 The router holds one :class:`starlette.routing.BaseRoute`, an index of those routes by their paths' literal
 segments: a request's route is found with a few dictionary look-ups instead of a regular expression per
@@ -30,7 +30,7 @@ import inspect
 import operator
 import os
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ from typing import Any
 import msgpack
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, WebSocketRoute
 from starlette.routing import Route as StarletteRoute
 from starlette.routing import Router as StarletteRouter
@@ -66,6 +66,7 @@ __all__ = [
     "HTTPError",
     "Raw",
     "RawFile",
+    "RawStream",
     "Route",
     "TableApp",
     "build_docs_app",
@@ -91,6 +92,15 @@ class RawFile:
     """A handler's answer read from a file and sent in parts (never held in memory whole)."""
 
     path: str | os.PathLike[str]
+    media_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class RawStream:
+    """A handler's answer sent as its chunks come (never held in memory whole). A failure after the first
+    chunk cuts the response short, which the client sees as a broken response, never as a whole one."""
+
+    chunks: AsyncIterable[bytes]
     media_type: str = "application/octet-stream"
 
 
@@ -472,6 +482,8 @@ class TableApp:
                 # stat here: a missing file is an error answer, not a broken response
                 stat = await self.run(os.stat, result.path)
                 return _FileAnswer(result.path, media_type=result.media_type, stat_result=stat)
+            if isinstance(result, RawStream):
+                return StreamingResponse(result.chunks, media_type=result.media_type)
             if isinstance(result, Raw):
                 return Response(result.content, media_type=result.media_type)
             return Response(msgpack.packb(result, use_bin_type=True), media_type=MSGPACK)

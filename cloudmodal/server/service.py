@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from cloudmodal.ids import new_id
 from cloudmodal.server import models
 from cloudmodal.server.auth import TokenStore
-from cloudmodal.server.blobs import BlobStore
+from cloudmodal.server.blobs import BlobStore, open_blob_store
 from cloudmodal.server.db import Database
 from cloudmodal.server.group_commit import GroupCommit
 from cloudmodal.server.hotsql import HotStatements
@@ -68,6 +68,7 @@ class Settings:
     providers: list[str] = field(default_factory=lambda: ["local"])
     # payloads over the inline limit: control planes that share a database must share this too
     blob_dir: Path | None = None  # default: state_dir / "blobs"
+    blob_store: str | None = None  # a bucket URL or a directory; takes the place of blob_dir (blobs.py)
     # retention (cloudmodal/server/retention.py): finished calls (with their inputs, outputs and blobs) are
     # kept this long after their last activity; logs and events of ephemeral runs this long after they stop,
     # everyone else's this long after they were written
@@ -234,7 +235,10 @@ class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.db = Database(settings.database_url)
-        self.blobs = BlobStore(settings.blob_dir or settings.state_dir / "blobs")
+        self.blobs: BlobStore = open_blob_store(
+            settings.blob_store or settings.blob_dir or settings.state_dir / "blobs",
+            spool_dir=settings.state_dir / "blob-uploads",
+        )
         self.hub = Hub()
         self.tokens = TokenStore(self.db)
         self.secrets = SecretBox.for_state_dir(settings.state_dir)
