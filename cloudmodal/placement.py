@@ -11,6 +11,17 @@ Order: tiers in the user's order, cheapest first within a tier, spot and on-dema
 competing on price (``across_tiers=True``: all tiers together by price). Ties: more vCPUs, then more RAM,
 on-demand before spot, then cloud, region, zone and instance type names.
 
+Data locality (``locality=``, a :class:`DataLocality`): a function that mounts volumes reads them where they
+are. *A run* is one worker's life: a worker reads each mounted volume's current version once, when it starts
+(the mount writes a working copy out), and then lives ``worker_hours`` (default 1 h, an estimate: the control
+plane does not know how long a pool will keep a worker). Each candidate carries ``egress``, the USD that
+start costs in data transfer from the volumes' locations to the offer's region
+(:func:`cloudmodal.pricing.egress.egress_cost`), and offers compare on ``price + egress / worker_hours``
+instead of ``price`` (the same order as price × hours + egress per run). Tiers still come in the user's order;
+the ``max_price_per_hour`` cap applies to the price alone. A location or size that is not known costs 0 (never
+a penalty) and :attr:`Placement.notes` says so; the notes also say when an offer near the data ranks above a
+cheaper far one, and why. Without ``locality`` (no volume mounted) nothing changes.
+
 >>> from cloudmodal.gpu import parse_gpu
 >>> from cloudmodal.pricing.offers import Offer
 >>> o = Offer("aws", "us-east-1", "use1-az1", "p5.4xlarge", "H100", 1, 80, 16, 256, 6.88, 2.5, "t", "2026-01-01")
@@ -20,6 +31,7 @@ on-demand before spot, then cloud, region, zone and instance type names.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
 from cloudmodal.exception import InvalidError
 from cloudmodal.gpu import GpuTier
+from cloudmodal.pricing.egress import DEFAULT_RATES, DataLocation, EgressRate, egress_rate
 from cloudmodal.pricing.gpus import ANY
 from cloudmodal.pricing.offers import ON_DEMAND, SPOT, Market, Offer, OfferKey, OfferTable, RankEntry
 
@@ -38,7 +51,10 @@ SpotPolicy = Literal["allow", "require", "never"]
 _SPOT_CHOICES = ("allow", "require", "never")
 
 __all__ = [
+    "DEFAULT_WORKER_HOURS",
     "Candidate",
+    "DataLocality",
+    "DataRead",
     "Market",
     "OfferKey",
     "Placement",
@@ -130,6 +146,105 @@ class PlacementPolicy:
         }
 
 
+DEFAULT_WORKER_HOURS = 1.0  # how long a run (one worker) is taken to last when egress is weighed against $/h
+
+
+@dataclass(frozen=True, slots=True)
+class DataRead:
+    """Data each worker reads when it starts: ``gb`` GB (None: size not known) at ``location``."""
+
+    name: str  # for messages: the volume's name
+    location: DataLocation
+    gb: float | None
+    why: str = ""  # when ``gb`` is None: why the size is not known
+
+    def __post_init__(self) -> None:
+        if self.gb is not None and not (isinstance(self.gb, int | float) and 0 <= self.gb < 1e15):
+            raise InvalidError(f"Invalid size {self.gb!r} GB for {self.name!r}: give 0 or more, or None.")
+
+    def __str__(self) -> str:
+        gb = self.gb
+        size = (
+            "size unknown"
+            if gb is None
+            else f"{gb:,.1f} GB"
+            if gb >= 1 or gb == 0
+            else f"{gb * 1024:,.1f} MB"
+        )
+        return f"{self.name} ({size} in {self.location})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataLocality:
+    """What a run of the function reads, and where (see the module docstring for what a run is).
+
+    >>> from cloudmodal.pricing.egress import DataLocation
+    >>> d = DataLocality(reads=(DataRead("weights", DataLocation("aws", "us-east-1"), 100.0),))
+    >>> d.egress("gcp", "us-central1"), d.egress("aws", "us-east-1")
+    (9.0, 0.0)
+    """
+
+    reads: tuple[DataRead, ...]
+    worker_hours: float = DEFAULT_WORKER_HOURS
+    rates: Mapping[str, EgressRate] = field(default_factory=lambda: DEFAULT_RATES)
+
+    def __post_init__(self) -> None:
+        h = self.worker_hours
+        if not (isinstance(h, int | float) and 0 < h < 1e9):
+            raise InvalidError(
+                f"Invalid worker_hours {h!r}: give the hours a worker is expected to live (> 0)."
+            )
+        object.__setattr__(self, "reads", tuple(self.reads))
+
+    @property
+    def weighs(self) -> bool:
+        """Whether any read can cost something (a size and at least the cloud known)."""
+        return any(r.gb and r.location.cloud is not None for r in self.reads)
+
+    def egress(self, cloud: str, region: str) -> float:
+        """USD in data transfer for one worker started in ``cloud``/``region`` (unknowns count 0)."""
+        total = 0.0
+        for r in self.reads:
+            if r.gb:
+                rate = egress_rate(r.location, cloud, region, self.rates)
+                if rate:
+                    total += rate * r.gb
+        return total
+
+    def per_hour(self, c: Candidate) -> float:
+        """The figure candidates compare on: $/h plus the egress spread over the worker's hours."""
+        return c.price + (c.egress or 0.0) / self.worker_hours
+
+    def notes(self) -> list[str]:
+        """What is not known, and so not counted."""
+        out = []
+        for r in self.reads:
+            if r.gb is None:
+                out.append(
+                    f"volume {r.name!r}: size not known ({r.why or 'no committed version read'}); "
+                    "its egress is not counted"
+                )
+            elif r.location.cloud is None:
+                out.append(
+                    f"volume {r.name!r}: location not known ({r.location.why}); its egress is not counted"
+                )
+            elif not r.location.known:
+                out.append(
+                    f"volume {r.name!r}: in {r.location.cloud}, region not known ({r.location.why}); "
+                    f"egress to other {r.location.cloud} regions is not counted"
+                )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "worker_hours": self.worker_hours,
+            "volumes": [
+                {"name": r.name, "location": str(r.location), "known": r.location.known, "gb": r.gb}
+                for r in self.reads
+            ],
+        }
+
+
 class Candidate(NamedTuple):
     """One launchable option: an offer in a market at a price, for the tier at ``tier_index``."""
 
@@ -139,10 +254,13 @@ class Candidate(NamedTuple):
     market: Market
     price: float
     key: OfferKey  # the offer in this market: what a failed launch blocks
+    egress: float | None = None  # USD of data transfer per worker start; None: no data locality given
 
     def to_dict(self) -> dict[str, Any]:
         d = self.offer.to_dict()
         d.update(tier=str(self.tier), tier_index=self.tier_index, market=self.market, price=self.price)
+        if self.egress is not None:
+            d["egress_usd"] = round(self.egress, 6)
         return d
 
 
@@ -222,6 +340,8 @@ class Placement:
     policy: PlacementPolicy
     candidates: tuple[Candidate, ...]
     rejections: tuple[Rejection, ...] = field(default=())
+    locality: DataLocality | None = None
+    notes: tuple[str, ...] = ()  # with a locality: what is not known, and why near data won over cheaper
 
     @property
     def best(self) -> Candidate | None:
@@ -231,7 +351,9 @@ class Placement:
         return bool(self.candidates)
 
     def _truncated(self, limit: int) -> Placement:
-        return Placement(self.tiers, self.policy, self.candidates[:limit], self.rejections)
+        return Placement(
+            self.tiers, self.policy, self.candidates[:limit], self.rejections, self.locality, self.notes
+        )
 
     def rejection_counts(self) -> dict[str, int]:
         """How many rejections per reason code."""
@@ -351,6 +473,7 @@ def rank(
     policy: PlacementPolicy | None = None,
     limit: int | None = None,
     explain: bool = False,
+    locality: DataLocality | None = None,
 ) -> Placement:
     """Rank the offers that can run ``tiers`` (an ordered GPU fallback list).
 
@@ -358,15 +481,187 @@ def rank(
     one with ``available=False`` or too little ``quota_left_gpus`` rules out the offers in its scope.
     ``limit``: stop after that many candidates (ignored with ``explain``, which walks everything to give
     each rejection). ``offers`` may be any iterable of offers; pass the :class:`OfferTable` to reuse its
-    indexes (that is what makes repeated ranking fast).
+    indexes (that is what makes repeated ranking fast). ``locality``: the data a run reads and where; offers
+    then compare on price plus egress (see the module docstring), and each candidate carries its ``egress``.
     """
     policy = policy or PlacementPolicy()
     if limit is not None and limit < 1:
         raise InvalidError(f"Invalid limit {limit!r}: give a positive number of candidates, or None for all.")
     table = _table(offers)
-    markets = policy.markets
     blocked = blocked if isinstance(blocked, set | frozenset | dict) else frozenset(blocked)
     signals = signals if isinstance(signals, tuple | list) else tuple(signals)
+    if locality is not None and locality.weighs:
+        return _rank_near_data(
+            tiers, table, min_vcpus, min_memory_gb, blocked, signals, policy, limit, explain, locality
+        )
+    got = _rank_by_price(tiers, table, min_vcpus, min_memory_gb, blocked, signals, policy, limit, explain)
+    if locality is None:
+        return got
+    # Nothing the function reads can cost anything (sizes or locations unknown): the price order stands.
+    return Placement(
+        got.tiers,
+        got.policy,
+        tuple(c._replace(egress=0.0) for c in got.candidates),
+        got.rejections,
+        locality,
+        tuple(locality.notes()),
+    )
+
+
+_CHUNK = 256  # entries ranked at a time near data, between checks of whether the rest can still place
+
+
+def _rank_near_data(
+    tiers: Sequence[GpuTier],
+    table: OfferTable,
+    min_vcpus: float,
+    min_memory_gb: float,
+    blocked: Collection[OfferKey],
+    signals: Sequence[SignalLike],
+    policy: PlacementPolicy,
+    limit: int | None,
+    explain: bool,
+    locality: DataLocality,
+) -> Placement:
+    """:func:`rank` with egress: each tier's candidates sorted by $/h plus egress per hour, stably so that the
+    catalog's tie-breaks stand.
+
+    A far offer early in the price order may fall behind a near one anywhere in it, so a tier is read past
+    ``limit``: in chunks of its price-sorted entries, until the next entry's price alone is no lower than the
+    ``limit``-th best cost found (egress is never negative, so nothing after it can place). Duplicates of ANY
+    tiers go to the earlier tier (tier by tier) or to the lower cost (across tiers; each of a tier's first
+    ``limit`` is enough there, since a tier never lists one offer twice)."""
+    sig_index = _index_signals(signals)
+    rejections: list[Rejection] | None = [] if explain else None
+    across = policy.across_tiers
+    by_region: dict[tuple[str, str], float] = {}  # egress depends on the offer's cloud and region only
+    per_hour = locality.per_hour
+
+    def weigh(c: Candidate) -> Candidate:
+        where = (c.offer.cloud, c.offer.region)
+        e = by_region.get(where)
+        if e is None:
+            e = by_region[where] = locality.egress(*where)
+        return c._replace(egress=e)
+
+    dedupe = any(t.type == ANY for t in tiers)
+    taken: set[OfferKey] | None = set() if dedupe and not across else None
+    ranked: list[Candidate] = []
+    cheapest: list[Candidate] = []  # each tier's cheapest by price alone, for the note
+    for ti, tier in enumerate(tiers):
+        need = None if limit is None or explain else limit if across else limit - len(ranked)
+        if need is not None and need <= 0:
+            break
+        entries = table.ranked(None if tier.type == ANY else tier.type, tier.count)
+        step = len(entries) if explain else _CHUNK  # explain reads whole tiers (one rejection per offer)
+        out: list[Candidate] = []
+        for i in range(0, len(entries), step or 1):
+            got = _rank_tier(
+                entries[i : i + step],
+                ti,
+                tier,
+                policy,
+                policy.markets,
+                min_vcpus,
+                min_memory_gb,
+                blocked,
+                sig_index,
+                None,
+                None,
+                rejections,
+            )
+            for c in got:
+                if taken is not None and c.key in taken:
+                    if rejections is not None:
+                        rejections.append(
+                            Rejection(
+                                c.offer, ti, c.market, DUPLICATE, "already a candidate for an earlier tier"
+                            )
+                        )
+                    continue
+                out.append(weigh(c))
+            nxt = i + step
+            if need is not None and len(out) >= need and nxt < len(entries):
+                if entries[nxt].price >= heapq.nsmallest(need, map(per_hour, out))[-1]:
+                    break
+        if rejections is not None:
+            _explain_unpriced_and_counts(table, ti, tier, policy, rejections)
+        if out:
+            cheapest.append(out[0])  # entries come cheapest first
+        out.sort(key=per_hour)
+        if need is not None:
+            out = out[:need]
+        if taken is not None:
+            taken.update(c.key for c in out)
+        ranked += out
+    if across:
+        ranked.sort(key=lambda c: (per_hour(c), c.tier_index))
+        if dedupe:
+            seen: set[OfferKey] = set()
+            unique: list[Candidate] = []
+            for c in ranked:
+                if c.key in seen:
+                    if rejections is not None:
+                        rejections.append(
+                            Rejection(
+                                c.offer,
+                                c.tier_index,
+                                c.market,
+                                DUPLICATE,
+                                "already a candidate for another tier",
+                            )
+                        )
+                    continue
+                seen.add(c.key)
+                unique.append(c)
+            ranked = unique
+    if limit is not None:
+        ranked = ranked[:limit]
+    notes = [*locality.notes(), *_near_data_note(ranked, cheapest, locality, across)]
+    return Placement(tuple(tiers), policy, tuple(ranked), tuple(rejections or ()), locality, tuple(notes))
+
+
+def _near_data_note(
+    ranked: Sequence[Candidate], cheapest: Sequence[Candidate], locality: DataLocality, across: bool
+) -> list[str]:
+    """Why the first candidate won over a cheaper one of its tier (of any tier, ``across``), when egress did."""
+    if not ranked:
+        return []
+    best = ranked[0]
+    pool = [c for c in cheapest if across or c.tier_index == best.tier_index]
+    if not pool:
+        return []
+    cheap = min(pool, key=lambda c: c.price)
+    if cheap.price >= best.price or (cheap.egress or 0.0) <= (best.egress or 0.0):
+        return []
+    h = locality.worker_hours
+    data = ", ".join(str(r) for r in locality.reads if r.gb)
+    return [
+        f"near the data: {_where(best)} ranks first at ${best.price:,.2f}/h + ${best.egress or 0:,.2f} egress "
+        f"per worker = ${locality.per_hour(best):,.2f}/h over a {h:g} h worker; the cheaper {_where(cheap)} "
+        f"at ${cheap.price:,.2f}/h would add ${cheap.egress or 0:,.2f} egress to read {data} "
+        f"= ${locality.per_hour(cheap):,.2f}/h"
+    ]
+
+
+def _where(c: Candidate) -> str:
+    o = c.offer
+    return f"{o.cloud} {o.location} {o.instance_type} ({c.market})"
+
+
+def _rank_by_price(
+    tiers: Sequence[GpuTier],
+    table: OfferTable,
+    min_vcpus: float,
+    min_memory_gb: float,
+    blocked: Collection[OfferKey],
+    signals: Sequence[SignalLike],
+    policy: PlacementPolicy,
+    limit: int | None,
+    explain: bool,
+) -> Placement:
+    """:func:`rank` without data locality: the catalog's pre-sorted lists, cut at ``limit`` as they are read."""
+    markets = policy.markets
     sig_index = _index_signals(signals)
     rejections: list[Rejection] | None = [] if explain else None
     # Only an ANY tier can offer what another tier offers too (tiers are distinct type:count pairs).
@@ -421,15 +716,8 @@ def rank(
                 unique.append(c)
             if limit is not None and len(unique) < limit and any(len(t) >= limit for t in per_tier):
                 # Duplicates used up room that a truncated tier could have filled: rank in full.
-                return rank(
-                    tiers,
-                    table,
-                    min_vcpus=min_vcpus,
-                    min_memory_gb=min_memory_gb,
-                    blocked=blocked,
-                    signals=signals,
-                    policy=policy,
-                    explain=explain,
+                return _rank_by_price(
+                    tiers, table, min_vcpus, min_memory_gb, blocked, signals, policy, None, explain
                 )._truncated(limit)
             ranked = unique
     if limit is not None:

@@ -102,6 +102,13 @@ def deploy_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
     wide: bool = typer.Option(False, "--wide", help="With --dry-run: show every column in full."),
+    volume_gb: list[str] = typer.Option(
+        [],
+        "--volume-gb",
+        metavar="NAME=GB",
+        help="With --dry-run: GB a worker reads from volume NAME when it starts (repeatable); offers are then "
+        "ranked with the egress that costs.",
+    ),
 ) -> None:
     """Deploy an app to the control plane: its functions stay up and callable with Function.from_name."""
     from rich.console import Console
@@ -115,11 +122,19 @@ def deploy_command(
 
         with user_errors():
             deploy_plan(
-                app_ref, name=name, fallbacks=fallbacks, all_clouds=all_clouds, as_json=as_json, wide=wide
+                app_ref,
+                name=name,
+                fallbacks=fallbacks,
+                all_clouds=all_clouds,
+                as_json=as_json,
+                wide=wide,
+                volume_gb=volume_gb,
             )
         return
-    if as_json or all_clouds or wide:
-        typer.secho("Error: --json, --all-clouds and --wide go with --dry-run.", fg="red", err=True)
+    if as_json or all_clouds or wide or volume_gb:
+        typer.secho(
+            "Error: --json, --all-clouds, --wide and --volume-gb go with --dry-run.", fg="red", err=True
+        )
         raise typer.Exit(2)
     with user_errors():
         path, _ = parse_ref(app_ref)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudmodal.exception import Error, NoProviderError
 from cloudmodal.gpu import GpuTier
@@ -36,6 +36,9 @@ from cloudmodal.server.scaling_rules import (
 from cloudmodal.server.spot import PoolMarketState
 from cloudmodal.spec import FunctionSpec
 
+if TYPE_CHECKING:
+    from cloudmodal.placement import DataLocality
+
 log = logging.getLogger("cloudmodal.reconciler")
 
 W = models.workers
@@ -55,6 +58,8 @@ class _Choice:
     price: float = 0.0
     key: Any = None
     tier_index: int = 0  # the tier's place in the function's gpu list
+    egress: float | None = None  # USD of data transfer from the mounted volumes per start; None: no volumes
+    per_hour: float = 0.0  # what placement compared: the price, plus egress spread over a worker's hours
 
     @property
     def cloud(self) -> str:
@@ -64,8 +69,10 @@ class _Choice:
         if self.offer is None:
             return f"{self.provider.name}" + (f" {self.tier}" if self.tier else " (CPU)")
         o = self.offer
+        egress = f" + ${self.egress:.2f} egress" if self.egress else ""
         return (
             f"{o.cloud} {o.zone or o.region} {o.instance_type} {self.tier} {self.market} ${self.price:.2f}/h"
+            + egress
         )
 
 
@@ -126,7 +133,9 @@ class Launcher(ReconcilerBase):
         force_on_demand: bool = False,
         spot_only: bool = False,
         limit: int = RANK_LIMIT,
+        locality: DataLocality | None = None,
     ) -> list[_Choice]:
+        """Cloud offers in placement's order; ``locality``: the data a worker reads (its egress is weighed)."""
         if not self.clouds or not spec.gpu:
             return []
         from cloudmodal.placement import PlacementPolicy, rank
@@ -160,15 +169,25 @@ class Launcher(ReconcilerBase):
                 blocked=blocked,
                 signals=() if ignore_blocks else self._fresh_signals(prov),
                 limit=limit,
+                locality=locality,
             )
             out += [
-                _Choice(prov, c.tier, c.offer, c.market, c.price, c.key, c.tier_index)
+                _Choice(
+                    prov,
+                    c.tier,
+                    c.offer,
+                    c.market,
+                    c.price,
+                    c.key,
+                    c.tier_index,
+                    c.egress,
+                    c.price if locality is None else locality.per_hour(c),
+                )
                 for c in placement.candidates
             ]
-        if (
-            len(self.clouds) > 1
-        ):  # one list as placement orders one cloud's: the user's tiers first, then price
-            out.sort(key=lambda c: (c.tier_index, c.price))
+        if len(self.clouds) > 1:
+            # one list as placement orders one cloud's: the user's tiers first, then price (with egress)
+            out.sort(key=lambda c: (c.tier_index, c.per_hour))
         return out[:limit]
 
     def _choices(
@@ -179,19 +198,46 @@ class Launcher(ReconcilerBase):
         now: float,
         force_on_demand: bool,
         spot_only: bool = False,
+        locality: DataLocality | None = None,
     ) -> list[_Choice]:
         """Where to try to start the next worker, best first: this machine when it has the GPU (it costs
-        nothing), then cloud offers in placement's order (tiers in the user's order, cheapest first).
-        ``spot_only``: cloud spot offers only."""
+        nothing), then cloud offers in placement's order (tiers in the user's order, cheapest first, egress
+        from ``locality`` counted). ``spot_only``: cloud spot offers only."""
         if spot_only:
-            return [] if not spec.gpu or cpu_fallback else self._cloud_choices(spec, fid, now, spot_only=True)
+            if not spec.gpu or cpu_fallback:
+                return []
+            return self._cloud_choices(spec, fid, now, spot_only=True, locality=locality)
         if not spec.gpu or cpu_fallback:
             return [_Choice(self.provider, None)]
         out: list[_Choice] = []
         tier = self._local_tier(spec.gpu)
         if tier is not None:
             out.append(_Choice(self.local, tier, tier_index=spec.gpu.index(tier)))
-        return out + self._cloud_choices(spec, fid, now, force_on_demand=force_on_demand)
+        return out + self._cloud_choices(spec, fid, now, force_on_demand=force_on_demand, locality=locality)
+
+    def _data_locality(
+        self, spec: FunctionSpec, app_id: str, fid: str, worker_id: str
+    ) -> DataLocality | None:
+        """Where the volumes a cloud worker of ``spec`` mounts are (None: none, or no cloud to weigh); a
+        failure to tell is reported and ranks by price alone."""
+        if not spec.volumes or not spec.gpu or not self.clouds:
+            return None
+        from cloudmodal.server.volume_locality import locality_for
+
+        try:
+            return locality_for(self.cp, spec)
+        except Exception as e:
+            why = describe_error(e)
+            log.warning("data locality of function %s: %s", fid, why)
+            self.cp.activity.event(
+                "placement.locality_unknown",
+                f"worker {worker_id}: where the mounted volumes are could not be read ({why}); "
+                "ranking by price alone",
+                app_id=app_id,
+                function_id=fid,
+                worker_id=worker_id,
+            )
+            return None
 
     # -- live signals ----------------------------------------------------------------------------------------
     def _fresh_signals(self, prov: Any) -> list[Any]:
@@ -268,8 +314,10 @@ class Launcher(ReconcilerBase):
         def go() -> None:
             tried: list[str] = []
             try:  # everything, so that a failure anywhere still settles the launch count and the worker row
+                locality = None
                 if spec.gpu and not cpu_fallback:
                     self._refresh_signals()
+                    locality = self._data_locality(spec, app_id, fid, worker_id)
                 state = self._market(fid)
                 ranked_once = False
 
@@ -277,17 +325,26 @@ class Launcher(ReconcilerBase):
                     # Ranked afresh whenever the walk runs out of candidates: blocks added meanwhile (by this
                     # walk or a concurrent one) take the offers and classes out of stock off the list.
                     nonlocal ranked_once
-                    choices = self._choices(spec, fid, cpu_fallback, self.clock(), force_on_demand, spot_only)
+                    choices = self._choices(
+                        spec, fid, cpu_fallback, self.clock(), force_on_demand, spot_only, locality
+                    )
                     if not ranked_once and (len(choices) > 1 or (choices and choices[0].offer is not None)):
                         top = "; ".join(f"{i + 1}) {c.describe()}" for i, c in enumerate(choices[:3]))
+                        near = (
+                            {}
+                            if locality is None
+                            else {"data": locality.to_dict(), "notes": _locality_notes(locality, choices)}
+                        )
                         self.cp.activity.event(
                             "placement.ranked",
                             f"worker {worker_id}: {len(choices)} candidates for gpu={','.join(str(t) for t in spec.gpu)}"
                             + (" (on-demand floor)" if force_on_demand else "")
-                            + f": {top}",
+                            + f": {top}"
+                            + "".join(f"; {n}" for n in near.get("notes", ())),
                             app_id=app_id,
                             function_id=fid,
                             worker_id=worker_id,
+                            **near,
                         )
                     ranked_once = True
                     return choices
@@ -583,6 +640,7 @@ class Launcher(ReconcilerBase):
             offer=_offer_dict(choice),
             market=handle.market,
             price_per_hour=handle.price_per_hour,
+            **({} if choice.egress is None else {"egress_usd": round(choice.egress, 6)}),
         )
 
 
@@ -651,7 +709,26 @@ def _offer_dict(choice: _Choice) -> dict[str, Any] | None:
         "gpu": str(choice.tier),
         "market": choice.market,
         "price_per_hour": choice.price,
+        **({} if choice.egress is None else {"egress_usd": round(choice.egress, 6)}),
     }
+
+
+def _locality_notes(locality: DataLocality, choices: list[_Choice]) -> list[str]:
+    """What placement could not count, and why the first offer won over a cheaper far one (across clouds)."""
+    notes = locality.notes()
+    cloud = [c for c in choices if c.offer is not None]
+    if not cloud:
+        return notes
+    best = cloud[0]
+    cheap = min((c for c in cloud if c.tier_index == best.tier_index), key=lambda c: c.price)
+    if cheap.price < best.price and (cheap.egress or 0.0) > (best.egress or 0.0):
+        data = ", ".join(str(r) for r in locality.reads if r.gb)
+        notes.append(
+            f"near the data: {best.describe()} ranks above the cheaper {cheap.describe()}, which would read "
+            f"{data} from afar (${cheap.per_hour:.2f}/h against ${best.per_hour:.2f}/h over a "
+            f"{locality.worker_hours:g} h worker)"
+        )
+    return notes
 
 
 def _no_gpu_message(tiers: tuple[GpuTier, ...], provider: Any) -> str:
