@@ -20,9 +20,11 @@ an item pickles to at most 1 MiB; a partition key is 1-64 characters; a partitio
 of itself and raises (``queue.Full`` when other items fill the partition, ``RequestSizeError`` or
 ``InvalidError`` for what could never fit); nothing already stored is lost.
 
-Delivery is at most once per request: each put and get is one transaction, but a request whose answer is lost
-with its connection (the control plane died after committing it) is sent again by the client's transport, so
-such a put may store its values twice and such a get loses the values it took.
+Each put and get is one transaction, and happens once even when it is sent again: a request whose answer was
+lost with its connection (the control plane restarted after committing it) is retried by the client's transport
+with the id it was first sent with, and the control plane answers what it recorded for that id (a put stores
+its values once; a get returns the values it took, and they are handed to no one else). The recorded answers
+are kept 10 minutes, longer than the client keeps retrying one request.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from cloudmodal.dict import _dumps, _StoredObject, blocking, iterating
+from cloudmodal.dict import _dumps, _StoredObject, blocking, iterating, request_id
 from cloudmodal.exception import InvalidError, RequestSizeError
 
 MAX_PARTITIONS = 100_000
@@ -109,10 +111,20 @@ class Queue(_StoredObject):
         if not data:
             return
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        # one id for the whole call: a request that stored nothing (the partition was full) records nothing,
+        # so the next one may reuse it; once one stored the values, the call ends
+        rid = request_id()
         while True:
             wait = _wait(block, deadline)
             r = self._call(
-                "put", {"values": data, "partition": part, "partition_ttl": partition_ttl, "timeout": wait}
+                "put",
+                {
+                    "values": data,
+                    "partition": part,
+                    "partition_ttl": partition_ttl,
+                    "timeout": wait,
+                    "request_id": rid,
+                },
             )
             if r.get("full") is None:
                 return
@@ -153,8 +165,11 @@ class Queue(_StoredObject):
         timed out."""
         part = self._partition(partition)
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        rid = request_id()  # as in _put: an empty answer is not recorded, so one id serves the whole call
         while True:
-            r = self._call("get", {"n": n, "partition": part, "timeout": _wait(block, deadline)})
+            r = self._call(
+                "get", {"n": n, "partition": part, "timeout": _wait(block, deadline), "request_id": rid}
+            )
             if r["values"]:
                 return [_loads(v) for v in r["values"]]
             if not block:

@@ -38,6 +38,8 @@ Partition = Annotated[str, StringConstraints(max_length=64)]  # "" is the defaul
 Key = Annotated[bytes, Field(max_length=MAX_DICT_KEY)]
 Value = Annotated[bytes, Field(max_length=MAX_DICT_VALUE)]
 Item = Annotated[bytes, Field(max_length=MAX_QUEUE_ITEM)]
+# the client's id of one non-idempotent request, the same on its retries (see svc_kv's docstring)
+RequestId = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z_-]{16,64}$")]
 
 
 class ObjectCreate(BaseModel):
@@ -70,11 +72,19 @@ class DictKey(BaseModel):
     key: Key
 
 
+class DictPop(BaseModel):
+    max_body: ClassVar[int] = MAX_DICT_KEY + 1024
+
+    key: Key
+    request_id: RequestId | None = None  # a retry answers the value the first attempt removed
+
+
 class DictPut(BaseModel):
     max_body: ClassVar[int] = MAX_DICT_REQUEST + MiB
 
     entries: list[tuple[Key, Value]] = Field(max_length=100_000)
     skip_if_exists: bool = False
+    request_id: RequestId | None = None  # a retry answers what the first attempt wrote
 
 
 class DictScan(BaseModel):
@@ -93,6 +103,7 @@ class QueuePut(BaseModel):
     partition: Partition = ""
     partition_ttl: Annotated[float, Field(gt=0, le=MAX_TTL_S, allow_inf_nan=False)] = MAX_TTL_S
     timeout: Seconds = 0.0  # how long to wait for space when the partition is full
+    request_id: RequestId | None = None  # a retry of a stored put stores nothing more
 
 
 class QueueGet(BaseModel):
@@ -101,6 +112,7 @@ class QueueGet(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_PARTITION_ITEMS)] = 1
     partition: Partition = ""
     timeout: Seconds = 0.0
+    request_id: RequestId | None = None  # a retry answers the values the first attempt took
 
 
 class QueueLen(BaseModel):
@@ -275,15 +287,21 @@ def add_routes(route: Any, run: Any, cp: Any) -> None:
         """Store ``entries`` in one transaction; answers how many were written."""
         _may_use(who)
         n = await db(
-            lambda: svc.dict_put(dict_id, [(k, v) for k, v in b.entries], skip_if_exists=b.skip_if_exists),
+            lambda: svc.dict_put(
+                dict_id,
+                [(k, v) for k, v in b.entries],
+                skip_if_exists=b.skip_if_exists,
+                request_id=b.request_id,
+            ),
             rows=len(b.entries),
         )
         return {"written": n}
 
-    @route("POST", "/v1/dicts/{dict_id}/pop", "caller", body=DictKey, websocket=True)
-    async def dict_pop(dict_id: str, b: DictKey, who: Identity) -> Any:
+    @route("POST", "/v1/dicts/{dict_id}/pop", "caller", body=DictPop, websocket=True)
+    async def dict_pop(dict_id: str, b: DictPop, who: Identity) -> Any:
+        """Remove ``key`` and answer its value (null when absent)."""
         _may_use(who)
-        return {"value": await db(svc.dict_pop, dict_id, b.key)}
+        return {"value": await db(svc.dict_pop, dict_id, b.key, b.request_id)}
 
     @route("POST", "/v1/dicts/{dict_id}/contains", "caller", body=DictKey, websocket=True)
     async def dict_contains(dict_id: str, b: DictKey, who: Identity) -> Any:
@@ -320,7 +338,7 @@ def add_routes(route: Any, run: Any, cp: Any) -> None:
 
         def attempt() -> bool:
             try:
-                svc.queue_put(queue_id, b.partition, b.values, b.partition_ttl)
+                svc.queue_put(queue_id, b.partition, b.values, b.partition_ttl, b.request_id)
                 return True
             except QueueFull as e:
                 reason[:] = [str(e)]
@@ -336,7 +354,9 @@ def add_routes(route: Any, run: Any, cp: Any) -> None:
         """Take up to ``n`` values from the front of the partition, waiting up to ``timeout`` for one."""
         _may_use(who)
         keys = [f"queue:{queue_id}:{b.partition}", f"queue:{queue_id}"]
-        values = await long_poll(keys, lambda: svc.queue_get(queue_id, b.partition, b.n), b.timeout, b.n)
+        values = await long_poll(
+            keys, lambda: svc.queue_get(queue_id, b.partition, b.n, b.request_id), b.timeout, b.n
+        )
         return {"values": values}
 
     @route("POST", "/v1/queues/{queue_id}/len", "caller", body=QueueLen, websocket=True)

@@ -84,6 +84,22 @@ class QueuePartition(Row, table=True):
     bytes: int = 0
 
 
+class KVRequest(Row, table=True):
+    """The answer of a non-idempotent Dict/Queue request (queue put/get, dict pop, put with skip_if_exists),
+    recorded in the transaction that made it under the client's request id: a request sent again after its
+    answer was lost (the connection broke, the control plane restarted) gets this answer back instead of
+    running twice. Kept ``svc_kv.REQUEST_KEEP_S`` (10 minutes), longer than a client retries one request."""
+
+    __tablename__ = "kv_request"
+    __table_args__ = (Index("ix_kv_request_created", "created_at"),)
+
+    object_id: str = Field(primary_key=True)  # the dict or queue ("di-..."/"qu-...")
+    request_id: str = Field(primary_key=True)  # made by the client, the same on every retry
+    op: str = ""  # "queue.put", "queue.get", "dict.pop", "dict.put": one id is never reused for another op
+    result: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # msgpack of the answer
+    created_at: float = 0.0
+
+
 def _table(model: type[Row]) -> Table:
     table: Table = model.__table__  # type: ignore[attr-defined]  # set by SQLAlchemy's mapping
     return table
@@ -94,3 +110,4 @@ dict_entries = _table(DictEntry)
 queues = _table(QueueObject)
 queue_items = _table(QueueItem)
 queue_partitions = _table(QueuePartition)
+requests = _table(KVRequest)

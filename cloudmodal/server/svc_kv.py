@@ -14,17 +14,32 @@ by construction. On PostgreSQL:
   UPDATE SKIP LOCKED) RETURNING``, so each item is handed to exactly one getter;
 - dict writes are single upserts (``INSERT ... ON CONFLICT``), and ``pop`` a ``DELETE ... RETURNING``: two
   racing ``put(skip_if_exists=True)`` of one key store exactly one, two racing pops return the value once.
+
+Retries: the client's transport sends a request again when its connection breaks, including after the
+control plane committed it but before the answer arrived. A queue put would then store its values twice and a
+get (or a dict pop) lose what it took. So the client gives each such request an id, the same on every retry,
+and the transaction that changes the data also records (object, request id) -> its answer in ``kv_request``;
+a request whose id is recorded answers the recorded answer and changes nothing. Each attempt claims the id
+first (inserts its row, which it fills with the answer before committing): a second attempt arriving while
+the first still runs waits on that row's key until the first commits (then answers its record) or rolls back
+(then goes ahead itself), so attempts of one request run one after the other. Answers that changed nothing
+(an empty get, a pop of an absent key) are rolled back with their claim: running such a request again is as
+good as running it once. Records are kept ``REQUEST_KEEP_S`` (10 minutes), well past the longest
+a client keeps retrying one request (its transport's ``reconnect_timeout``, 120 s by default, plus one request's
+75 s read timeout), and pruned by :func:`prune`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgpack
 from sqlalchemy import Table, and_, delete, func, select, update
 from sqlalchemy.engine import Connection
 
@@ -52,6 +67,10 @@ READ_TOUCH_S = 86400.0  # a read refreshes an entry's idle clock when it is olde
 TOUCH_OBJECT_S = 60.0  # an object's last_used_at is refreshed by writes at most this often
 PAGE_BYTES = 16 * 1024 * 1024  # a scan or peek page stops after this many bytes (at least one row)
 PRUNE_BATCH = 500  # rows per pruning transaction: short holds of the write lock
+# A statement carrying more data is sent out of pipeline mode: the round trips saved do not matter next to the
+# data, and psycopg 3.3's pipeline stalled sending 20 MiB in one statement (the server waiting for its rest)
+PIPELINE_MAX_BYTES = 1024 * 1024
+REQUEST_KEEP_S = 600.0  # a request's recorded answer is kept this long (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,65 @@ class QueueFull(Exception):
     """A put does not fit its partition now (other items fill it): the caller may wait for space."""
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """A recorded answer (a wrapper, since the answer itself may be None)."""
+
+    answer: Any
+
+
+class _Tx:
+    """The statements of one write transaction, on its driver connection (``?`` placeholders).
+
+    On PostgreSQL the connection is in pipeline mode: a statement is sent without waiting for its answer, and
+    the answers come back together when one of them is read, so a queue put or get costs two or three round
+    trips to the database instead of one per statement plus ``BEGIN`` and ``COMMIT`` (each round trip is also
+    a wait for the scheduler, on a busy machine). A statement carrying more than PIPELINE_MAX_BYTES leaves
+    pipeline mode first. SQLite runs each statement at once."""
+
+    def __init__(self, raw: Any, sqlite: bool, pipeline: contextlib.ExitStack | None) -> None:
+        self.raw = raw
+        self.sqlite = sqlite
+        self._pipeline = pipeline  # the pipeline's context while in pipeline mode
+        self.claimed = False  # this transaction holds a request id's row (see KV._send_claim)
+        self.recorded = False  # ... and filled it with its answer
+        self._cursors: list[Any] = []
+
+    def run(self, sql: str, params: Sequence[Any] = (), *, size: int = 0) -> Any:
+        """Send ``sql`` (carrying ``size`` bytes of data); its cursor, whose rows are read when needed."""
+        if size > PIPELINE_MAX_BYTES and self._pipeline is not None:
+            self._pipeline.close()  # answers what was sent; the transaction goes on
+            self._pipeline = None
+        cur = self.raw.cursor()
+        cur.execute(sql if self.sqlite else sql.replace("?", "%s"), params)
+        if self.sqlite:
+            self._cursors.append(cur)
+        return cur
+
+    def close(self) -> None:
+        """SQLite: finish every statement, read to its end or not. An unfinished one keeps its read snapshot
+        open after the transaction, on a connection that goes back to the pool: its next write would then
+        fail at once ("database is locked") when another write committed since."""
+        for cur in self._cursors:
+            cur.close()
+        self._cursors.clear()
+
+    def many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """SQLite only: one prepared statement over ``rows``."""
+        self.raw.executemany(sql, rows)
+
+    def commit(self) -> None:
+        """PostgreSQL: commit now, with the statements still in flight (one round trip for all of them).
+        SQLite: left to the write transaction's end."""
+        if not self.sqlite:
+            self.raw.commit()
+
+    def rollback(self) -> None:
+        """Undo what was sent (the write transaction then has nothing left to commit)."""
+        self.close()
+        self.raw.rollback()
+
+
 def key_hash(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()
 
@@ -143,6 +221,87 @@ class KV:
                 self._touched.clear()
             self._touched[oid] = now
             conn.exec_driver_sql(self._q(f"UPDATE {table} SET last_used_at = ? WHERE id = ?"), (now, oid))
+
+    @contextlib.contextmanager
+    def _tx(self, conn: Connection) -> Iterator[_Tx]:
+        """``conn``'s transaction as a :class:`_Tx` (pipelined on PostgreSQL)."""
+        raw = conn.connection.dbapi_connection
+        with contextlib.ExitStack() as pipeline:
+            if not self.db.is_sqlite:
+                pipeline.enter_context(raw.pipeline())  # type: ignore[union-attr]  # psycopg's connection
+            tx = _Tx(raw, self.db.is_sqlite, pipeline if not self.db.is_sqlite else None)
+            try:
+                yield tx
+                if tx.claimed and not tx.recorded:
+                    tx.rollback()  # changed nothing (or answered a record): the claim goes, nothing to commit
+            finally:
+                tx.close()  # before the write transaction commits or rolls back
+
+    def _send_lock(self, tx: _Tx, kind: Kind, oid: str) -> Any:
+        """Send the object's share lock (see :meth:`_lock_object`); read it with :meth:`_locked`."""
+        share = "" if self.db.is_sqlite else " FOR SHARE"
+        return tx.run(f"SELECT id FROM {KINDS[kind].table.name} WHERE id = ?{share}", (oid,))
+
+    def _locked(self, tx: _Tx, sent: Any, kind: Kind, oid: str, now: float) -> None:
+        """The object of :meth:`_send_lock` exists (else NotFoundError); its last_used_at refreshed now and
+        then."""
+        if sent.fetchone() is None:
+            raise _missing(kind, oid)
+        if now - self._touched.get(oid, 0.0) > TOUCH_OBJECT_S:
+            if len(self._touched) > 100_000:  # bounded: forgetting only costs an early refresh
+                self._touched.clear()
+            self._touched[oid] = now
+            tx.run(f"UPDATE {KINDS[kind].table.name} SET last_used_at = ? WHERE id = ?", (now, oid))
+
+    @staticmethod
+    def _send_claim(tx: _Tx, oid: str, rid: str | None, op: str, now: float) -> tuple[Any, Any] | None:
+        """Send the claim of request id ``rid`` (its row, answer still empty) and the look-up of its row;
+        read them with :meth:`_recorded`. The claim waits while another attempt of the request holds it."""
+        if rid is None:
+            return None
+        claim = tx.run(
+            "INSERT INTO kv_request (object_id, request_id, op, result, created_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (object_id, request_id) DO NOTHING RETURNING object_id",
+            (oid, rid, op, b"", now),
+        )
+        # after the claim: on PostgreSQL a new snapshot, which sees the row of an attempt it waited for
+        lookup = tx.run(
+            "SELECT op, result FROM kv_request WHERE object_id = ? AND request_id = ?", (oid, rid)
+        )
+        return claim, lookup
+
+    @staticmethod
+    def _recorded(
+        tx: _Tx, sent: tuple[Any, Any] | None, oid: str, rid: str | None, op: str
+    ) -> Recorded | None:
+        """The answer another attempt of the request recorded, if any; else this one holds the claim."""
+        if sent is None:
+            return None
+        claim, lookup = sent
+        if claim.fetchone() is not None:
+            tx.claimed = True
+            return None
+        row = lookup.fetchone()
+        assert row is not None  # the claim collided with a committed row
+        if row[0] != op:
+            raise exc.InvalidError(
+                f"Request id {rid} was already used for a {row[0]} of {oid}, not this {op}: every request "
+                "needs an id of its own (the client makes one per call)."
+            )
+        return Recorded(msgpack.unpackb(row[1], raw=False))
+
+    @staticmethod
+    def _record(tx: _Tx, oid: str, rid: str | None, answer: Any) -> None:
+        """In the transaction that made ``answer``: fill the request's claimed row with it."""
+        if rid is None:
+            return
+        result = msgpack.packb(answer, use_bin_type=True)
+        tx.run(
+            "UPDATE kv_request SET result = ? WHERE object_id = ? AND request_id = ?",
+            (result, oid, rid),
+            size=len(result),
+        )
+        tx.recorded = True
 
     def _exists(self, conn: Connection, kind: Kind, oid: str) -> None:
         table = KINDS[kind].table.name
@@ -254,48 +413,75 @@ class KV:
                 )
         return [found.get(h) for h in hashes]
 
-    def dict_put(self, did: str, entries: Sequence[tuple[bytes, bytes]], *, skip_if_exists: bool) -> int:
+    def dict_put(
+        self,
+        did: str,
+        entries: Sequence[tuple[bytes, bytes]],
+        *,
+        skip_if_exists: bool,
+        request_id: str | None = None,
+    ) -> int:
         """Store ``entries`` (a later duplicate key wins) in one transaction; with ``skip_if_exists``, only
-        keys not present. Returns how many were written."""
+        keys not present. Returns how many were written (with ``request_id``, recorded: a retry of a
+        ``skip_if_exists`` put answers what the first attempt wrote, not 0)."""
         _check_dict_entries(entries)
         if not entries:
             return 0
-        now = time.time()
         rows: dict[str, tuple[bytes, bytes]] = {}
         for k, v in entries:
             rows[key_hash(k)] = (k, v)  # a later duplicate wins, as in dict.update
-        with self.db.write() as conn:
-            self._lock_object(conn, "dict", did, now)
+        return self._dict_put(did, rows, skip_if_exists, request_id)
+
+    def _dict_put(
+        self, did: str, rows: dict[str, tuple[bytes, bytes]], skip_if_exists: bool, rid: str | None
+    ) -> int:
+        now = time.time()
+        size = sum(len(k) + len(v) for k, v in rows.values())
+        with self.db.write() as conn, self._tx(conn) as tx:
+            lock, claim = self._send_lock(tx, "dict", did), self._send_claim(tx, did, rid, "dict.put", now)
+            self._locked(tx, lock, "dict", did, now)
+            done = self._recorded(tx, claim, did, rid, "dict.put")
+            if done is not None:
+                return int(done.answer)
             if len(rows) == 1:
                 ((h, (k, v)),) = rows.items()
                 sql = _UPSERT_ENTRIES if not skip_if_exists else _INSERT_NEW_ENTRIES
                 # RETURNING, not rowcount: what a driver reports for ON CONFLICT DO NOTHING varies
-                returned = conn.exec_driver_sql(self._q(sql + " RETURNING key_hash"), (did, h, k, v, now))
-                written = len(returned.all())
+                written = len(tx.run(sql + " RETURNING key_hash", (did, h, k, v, now)).fetchall())
             else:
-                # many rows: the driver's executemany on one prepared statement (SQLAlchemy's per-row
-                # parameter processing costs more than SQLite's insert itself)
-                if self.db.is_sqlite:
-                    conn.exec_driver_sql(
+                if self.db.is_sqlite:  # the driver's executemany on one prepared statement
+                    tx.many(
                         _UPSERT_ENTRIES if not skip_if_exists else _INSERT_NEW_ENTRIES,
                         [(did, h, k, v, now) for h, (k, v) in rows.items()],
                     )
-                else:  # one statement over arrays: one round trip, not one per row
+                else:  # one statement over arrays, not one per row
                     sql = _PG_UPSERT_ENTRIES if not skip_if_exists else _PG_INSERT_NEW_ENTRIES
-                    conn.exec_driver_sql(
-                        sql,
-                        (did, now, list(rows), [k for k, _ in rows.values()], [v for _, v in rows.values()]),
-                    )
+                    keys, values = [k for k, _ in rows.values()], [v for _, v in rows.values()]
+                    tx.run(sql, (did, now, list(rows), keys, values), size=size)
                 written = len(rows)
+            self._record(tx, did, rid, written)
+            tx.commit()
         return written
 
-    def dict_pop(self, did: str, key: bytes) -> bytes | None:
-        E = kv.dict_entries
-        with self.db.write() as conn:
-            self._lock_object(conn, "dict", did, time.time())
-            value = conn.execute(
-                delete(E).where(E.c.dict_id == did, E.c.key_hash == key_hash(key)).returning(E.c.value)
-            ).scalar()
+    def dict_pop(self, did: str, key: bytes, request_id: str | None = None) -> bytes | None:
+        """Remove ``key`` and answer its value (None when absent); with ``request_id``, a retry answers the
+        value the first attempt removed."""
+        rid, now = request_id, time.time()
+        with self.db.write() as conn, self._tx(conn) as tx:
+            lock, claim = self._send_lock(tx, "dict", did), self._send_claim(tx, did, rid, "dict.pop", now)
+            self._locked(tx, lock, "dict", did, now)
+            done = self._recorded(tx, claim, did, rid, "dict.pop")
+            if done is not None:
+                return bytes(done.answer)
+            row = tx.run(
+                "DELETE FROM kv_dict_entry WHERE dict_id = ? AND key_hash = ? RETURNING value",
+                (did, key_hash(key)),
+            ).fetchone()
+            if row is None:
+                return None  # nothing changed: nothing to record
+            value = bytes(row[0])
+            self._record(tx, did, rid, value)
+            tx.commit()
         return value
 
     def dict_contains(self, did: str, key: bytes) -> bool:
@@ -331,6 +517,11 @@ class KV:
         cols = ", ".join(["key_hash"] + (["key"] if keys else []) + (["value"] if values else []))
         with self.db.read() as conn:
             self._exists(conn, "dict", did)
+            if not self.db.is_sqlite:
+                # Walk the primary key in order. Without statistics on this dict's rows (a dict that grew since
+                # the table was last analyzed) the planner may instead fetch every entry after the cursor and
+                # sort them for each page: 20 times slower on a dict of 40,000, and quadratic over a walk.
+                conn.exec_driver_sql("SET LOCAL enable_sort = off")
             result = conn.exec_driver_sql(
                 self._q(
                     f"SELECT {cols} FROM kv_dict_entry WHERE dict_id = ? AND key_hash > ? "
@@ -342,75 +533,86 @@ class KV:
             size = 0
             last = None
             full = False
-            for row in result:
-                out.append([bytes(x) for x in row[1:]])
-                last = row[0]
-                size += sum(len(x) for x in row[1:])
-                if size >= PAGE_BYTES:
-                    full = True
-                    break
+            while not full and (chunk := result.fetchmany(256)):  # not row by row: a call per row costs more
+                for row in chunk:
+                    out.append([bytes(x) for x in row[1:]])
+                    last = row[0]
+                    size += sum(len(x) for x in row[1:])
+                    if size >= PAGE_BYTES:
+                        full = True
+                        break
             result.close()
         more = full or len(out) == limit
         return out, (last if more else None)
 
     # -- queues ------------------------------------------------------------------------------------------
-    def _lock_partition(
-        self, conn: Connection, qid: str, partition: str, now: float, *, create: bool
-    ) -> tuple[int, int, bool] | None:
-        """Lock the partition's row (first, before its items: see the module's docstring) and answer its
-        (items, bytes, created now); an expired partition is emptied here. ``create``: make it if missing."""
-        created = False
+    def _send_partition(
+        self, tx: _Tx, qid: str, partition: str, now: float, *, create: bool
+    ) -> tuple[Any, Any]:
+        """Send the partition's lock (its row first, before its items: see the module's docstring), after
+        making the row when ``create``; read them with :meth:`_partition`."""
+        made = None
         if create:
             # RETURNING, not rowcount (which drivers report differently for ON CONFLICT DO NOTHING)
-            made = conn.exec_driver_sql(
-                self._q(
-                    "INSERT INTO kv_queue_partition (queue_id, partition, expires_at, items, bytes) "
-                    "VALUES (?, ?, ?, 0, 0) ON CONFLICT (queue_id, partition) DO NOTHING RETURNING queue_id"
-                ),
+            made = tx.run(
+                "INSERT INTO kv_queue_partition (queue_id, partition, expires_at, items, bytes) "
+                "VALUES (?, ?, ?, 0, 0) ON CONFLICT (queue_id, partition) DO NOTHING RETURNING queue_id",
                 (qid, partition, now),
-            ).all()
-            created = bool(made)
+            )
         lock = "" if self.db.is_sqlite else " FOR UPDATE"
-        row = conn.exec_driver_sql(
-            self._q(
-                "SELECT items, bytes, expires_at FROM kv_queue_partition WHERE queue_id = ? AND partition = ?"
-                + lock
-            ),
+        row = tx.run(
+            "SELECT items, bytes, expires_at FROM kv_queue_partition WHERE queue_id = ? AND partition = ?"
+            + lock,
             (qid, partition),
-        ).first()
-        if row is None:
+        )
+        return made, row
+
+    @staticmethod
+    def _partition(
+        tx: _Tx, sent: tuple[Any, Any], qid: str, partition: str, now: float
+    ) -> tuple[int, int, bool] | None:
+        """The partition's (items, bytes, created now), None when it does not exist; an expired partition
+        is emptied here."""
+        made, row = sent
+        created = made is not None and made.fetchone() is not None
+        got = row.fetchone()
+        if got is None:
             return None
-        items, size, expires_at = row
+        items, size, expires_at = got
         if items and expires_at < now:
-            I = kv.queue_items  # noqa: E741
-            conn.execute(delete(I).where(I.c.queue_id == qid, I.c.partition == partition))
-            conn.exec_driver_sql(
-                self._q(
-                    "UPDATE kv_queue_partition SET items = 0, bytes = 0 WHERE queue_id = ? AND partition = ?"
-                ),
+            tx.run("DELETE FROM kv_queue_item WHERE queue_id = ? AND partition = ?", (qid, partition))
+            tx.run(
+                "UPDATE kv_queue_partition SET items = 0, bytes = 0 WHERE queue_id = ? AND partition = ?",
                 (qid, partition),
             )
             items = size = 0
         return int(items), int(size), created
 
-    def queue_put(self, qid: str, partition: str, values: Sequence[bytes], ttl_s: float) -> None:
+    def queue_put(
+        self, qid: str, partition: str, values: Sequence[bytes], ttl_s: float, request_id: str | None = None
+    ) -> None:
         """Append ``values`` to the partition in one transaction, all or none. Raises :class:`QueueFull`
-        when they do not fit now (the caller may wait for space), and a clear error for what can never fit."""
+        when they do not fit now (the caller may wait for space), and a clear error for what can never fit.
+        With ``request_id``, a retry of a put that was stored stores nothing more."""
         _check_put(values, ttl_s)
         if not values:
             return
-        P = kv.queue_partitions
-        n, size = len(values), sum(len(v) for v in values)
-        now = time.time()
-        with self.db.write() as conn:
-            self._lock_object(conn, "queue", qid, now)
-            got = self._lock_partition(conn, qid, partition, now, create=True)
+        rid, now = request_id, time.time()
+        n, size = len(values), sum(map(len, values))
+        with self.db.write() as conn, self._tx(conn) as tx:
+            lock, claim = self._send_lock(tx, "queue", qid), self._send_claim(tx, qid, rid, "queue.put", now)
+            part = self._send_partition(tx, qid, partition, now, create=True)
+            self._locked(tx, lock, "queue", qid, now)
+            if self._recorded(tx, claim, qid, rid, "queue.put") is not None:
+                tx.rollback()  # the partition's row this attempt may have made
+                return
+            got = self._partition(tx, part, qid, partition, now)
             assert got is not None
             items, used, created = got
             if created:
-                count = conn.execute(
-                    select(func.count()).select_from(P).where(P.c.queue_id == qid)
-                ).scalar_one()
+                count = tx.run(
+                    "SELECT count(*) FROM kv_queue_partition WHERE queue_id = ?", (qid,)
+                ).fetchone()[0]
                 if count > MAX_PARTITIONS:
                     raise exc.ResourceExhaustedError(
                         f"The queue has {MAX_PARTITIONS:,} partitions, the most a queue may have: partition "
@@ -430,49 +632,51 @@ class KV:
                     "partition, or spread values over more partitions."
                 )
             if self.db.is_sqlite:
-                conn.exec_driver_sql(_INSERT_ITEMS, [(qid, partition, v, now) for v in values])
+                tx.many(_INSERT_ITEMS, [(qid, partition, v, now) for v in values])
             else:  # one statement over an array, its rows numbered in order (ids keep the put's order)
-                conn.exec_driver_sql(_PG_INSERT_ITEMS, (qid, partition, now, list(values)))
-            conn.exec_driver_sql(
-                self._q(
-                    "UPDATE kv_queue_partition SET items = ?, bytes = ?, expires_at = ? "
-                    "WHERE queue_id = ? AND partition = ?"
-                ),
+                tx.run(_PG_INSERT_ITEMS, (qid, partition, now, list(values)), size=size)
+            tx.run(
+                "UPDATE kv_queue_partition SET items = ?, bytes = ?, expires_at = ? "
+                "WHERE queue_id = ? AND partition = ?",
                 (items + n, used + size, now + ttl_s, qid, partition),
             )
+            self._record(tx, qid, rid, None)
+            tx.commit()
         self.cp.hub.notify(f"queue:{qid}:{partition}")
 
-    def queue_get(self, qid: str, partition: str, n: int) -> list[bytes]:
-        """Take up to ``n`` values from the front of the partition (each to exactly one getter)."""
-        now = time.time()
-        with self.db.write() as conn:
-            self._lock_object(conn, "queue", qid, now)
-            got = self._lock_partition(conn, qid, partition, now, create=False)
+    def queue_get(self, qid: str, partition: str, n: int, request_id: str | None = None) -> list[bytes]:
+        """Take up to ``n`` values from the front of the partition (each to exactly one getter). With
+        ``request_id``, a retry of a get that took values answers those values and takes no more."""
+        rid, now = request_id, time.time()
+        with self.db.write() as conn, self._tx(conn) as tx:
+            lock, claim = self._send_lock(tx, "queue", qid), self._send_claim(tx, qid, rid, "queue.get", now)
+            part = self._send_partition(tx, qid, partition, now, create=False)
+            self._locked(tx, lock, "queue", qid, now)
+            done = self._recorded(tx, claim, qid, rid, "queue.get")
+            if done is not None:
+                return [bytes(v) for v in done.answer]
+            got = self._partition(tx, part, qid, partition, now)
             if got is None or got[0] == 0:
                 return []
             skip = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
-            rows = list(
-                conn.exec_driver_sql(
-                    self._q(
-                        "DELETE FROM kv_queue_item WHERE id IN (SELECT id FROM kv_queue_item "
-                        f"WHERE queue_id = ? AND partition = ? ORDER BY id LIMIT ?{skip}) RETURNING id, value"
-                    ),
-                    (qid, partition, n),
-                )
-            )
+            rows = tx.run(
+                "DELETE FROM kv_queue_item WHERE id IN (SELECT id FROM kv_queue_item "
+                f"WHERE queue_id = ? AND partition = ? ORDER BY id LIMIT ?{skip}) RETURNING id, value",
+                (qid, partition, n),
+            ).fetchall()
             if not rows:
                 return []
             rows.sort(key=lambda r: r[0])
-            taken = sum(len(r[1]) for r in rows)
-            conn.exec_driver_sql(
-                self._q(
-                    "UPDATE kv_queue_partition SET items = items - ?, bytes = bytes - ? "
-                    "WHERE queue_id = ? AND partition = ?"
-                ),
-                (len(rows), taken, qid, partition),
+            values = [bytes(r[1]) for r in rows]
+            tx.run(
+                "UPDATE kv_queue_partition SET items = items - ?, bytes = bytes - ? "
+                "WHERE queue_id = ? AND partition = ?",
+                (len(rows), sum(map(len, values)), qid, partition),
             )
+            self._record(tx, qid, rid, values)
+            tx.commit()
         self.cp.hub.notify(f"queue-space:{qid}:{partition}")
-        return [bytes(r[1]) for r in rows]
+        return values
 
     def queue_len(self, qid: str, partition: str, total: bool) -> int:
         P = kv.queue_partitions
@@ -597,6 +801,7 @@ def _delete_object(conn: Connection, kind: Kind, oid: str) -> None:
     # the object's row first: its exclusive lock waits out writes in progress and keeps new ones out
     if not conn.execute(delete(t).where(t.c.id == oid)).rowcount:
         raise _missing(kind, oid)
+    conn.execute(delete(kv.requests).where(kv.requests.c.object_id == oid))
     if kind == "dict":
         conn.execute(delete(kv.dict_entries).where(kv.dict_entries.c.dict_id == oid))
     else:
@@ -668,9 +873,39 @@ def prune(cp: ControlPlane, now: float | None = None) -> int:
         removed += got
         if got == 0 or len(idle) < PRUNE_BATCH:
             break
+    removed += _prune_requests(cp, now)
     if removed:
         log.info("retention: pruned %d rows of dicts and queues", removed)
     return removed
+
+
+def _prune_requests(cp: ControlPlane, now: float) -> int:
+    """Forget recorded answers older than REQUEST_KEEP_S, PRUNE_BATCH at a time."""
+    R_ = kv.requests
+    removed = 0
+    while True:
+        with cp.db.read() as conn:
+            old = conn.execute(
+                select(R_.c.object_id, R_.c.request_id)
+                .where(R_.c.created_at < now - REQUEST_KEEP_S)
+                .limit(PRUNE_BATCH)
+            ).all()
+        if not old:
+            return removed
+        by_object: dict[str, list[str]] = {}
+        for oid, rid in old:
+            by_object.setdefault(oid, []).append(rid)
+
+        def drop(conn: Connection, by_object: dict[str, list[str]] = by_object) -> int:
+            return sum(
+                conn.execute(delete(R_).where(R_.c.object_id == oid, R_.c.request_id.in_(rids))).rowcount
+                for oid, rids in by_object.items()
+            )
+
+        got = _prune_write(cp, drop)
+        removed += got
+        if got == 0 or len(old) < PRUNE_BATCH:
+            return removed
 
 
 def _delete_idle(conn: Connection, kind: Kind, oid: str, now: float) -> int:
@@ -688,4 +923,4 @@ def _prune_write(cp: ControlPlane, fn: Callable[[Connection], int]) -> int:
         return int(fn(conn))
 
 
-__all__ = ["EPHEMERAL_IDLE_S", "KV", "KINDS", "QueueFull", "key_hash", "prune"]
+__all__ = ["EPHEMERAL_IDLE_S", "KV", "KINDS", "REQUEST_KEEP_S", "QueueFull", "key_hash", "prune"]

@@ -173,6 +173,17 @@ CREATE INDEX ix_kv_queue_partition_expires ON kv_queue_partition (expires_at);
 -- default kv_queue_partition.expires_at = 0.0
 -- default kv_queue_partition.items = 0
 -- default kv_queue_partition.bytes = 0
+CREATE TABLE kv_request (
+	object_id VARCHAR NOT NULL, 
+	request_id VARCHAR NOT NULL, 
+	op VARCHAR NOT NULL, 
+	result BLOB NOT NULL, 
+	created_at FLOAT NOT NULL, 
+	PRIMARY KEY (object_id, request_id)
+);
+CREATE INDEX ix_kv_request_created ON kv_request (created_at);
+-- default kv_request.op = ''
+-- default kv_request.created_at = 0.0
 CREATE TABLE log (
 	id INTEGER NOT NULL, 
 	app_id VARCHAR NOT NULL, 
