@@ -102,8 +102,7 @@ class Settings(BaseSettings):
     allow_inert: bool = _var(
         False,
         "development switch: run or deploy an app that declares features not implemented yet (web endpoints, "
-        "schedules, volumes, named secrets, `startup_timeout`) with a warning instead of an error; they are "
-        "ignored",
+        "`startup_timeout`) with a warning instead of an error; they are ignored",
         group="client",
     )
     max_payload_bytes: int = _var(

@@ -47,6 +47,8 @@ def _pool_line(p: dict[str, Any]) -> str:
         parts.append(f"scaling to {p['desired']}")
     if p.get("fallen_back"):
         parts.append(f"on-demand: spot fell back ({p.get('fallback_reason') or 'spot unavailable'})")
+    if p.get("schedule"):  # a deployed scheduled function
+        parts.append(f"next run {_ts(p['schedule']['next_run_at'])} ({p['schedule']['schedule']})")
     return " · ".join(parts)
 
 
@@ -56,7 +58,7 @@ def list_apps(
     all: bool = typer.Option(True, "--all/--running", help="Include stopped apps."),
     wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
-    """Apps with their state and a status line per function pool."""
+    """Apps with their state and a status line per function pool (a scheduled function's: its next run)."""
     with user_errors():
         apps = _session().transport.get("/v1/apps", all=all)
     if as_json:

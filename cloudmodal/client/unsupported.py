@@ -3,8 +3,8 @@ honour yet.
 
 The spec layer accepts and validates Modal's whole surface so that ported code decorates cleanly and the
 issues that build the runtime have a checked spec to read. But a declared feature nothing acts on is worse
-than an error: a ``schedule=`` that never fires, a web endpoint nobody serves, a ``startup_timeout`` nobody
-reads. So
+than an error: a web endpoint nobody serves, a ``startup_timeout`` nobody reads. (Schedules are honoured: a
+deployed app's fire from the control plane, see :mod:`cloudmodal.server.scheduler`.) So
 :func:`check_app` fails the run (or the deployment) at once with a list of each function and feature, unless
 ``CLOUDMODAL_ALLOW_INERT=1`` turns the error into a warning for development.
 """
@@ -30,21 +30,12 @@ class InertUse:
     """One declared feature of one function (``where``) that the runtime would silently ignore."""
 
     where: str  # "f", "Model" or "Model.web"
-    feature: str  # as the user wrote it, e.g. "schedule=Period(hours=1)"
+    feature: str  # as the user wrote it, e.g. "startup_timeout=30"
     why: str  # what does not happen, and which issue builds it
     fix: str  # what to do instead
 
     def line(self) -> str:
         return f"  - {self.where}: {self.feature}: {self.why}; {self.fix}."
-
-
-def _schedule_text(wire: dict[str, Any]) -> str:
-    from cloudmodal.schedule import schedule_from_wire
-
-    try:
-        return repr(schedule_from_wire(wire))
-    except Exception:  # validated at decoration; a hand-built spec still deserves a readable message
-        return repr(wire)
 
 
 def _web_uses(where: str, web: WebConfig) -> InertUse:
@@ -60,15 +51,6 @@ def inert_uses(spec: FunctionSpec) -> list[InertUse]:
     """The features ``spec`` declares that nothing implements yet."""
     name = spec.name
     out: list[InertUse] = []
-    if spec.schedule is not None:
-        out.append(
-            InertUse(
-                name,
-                f"schedule={_schedule_text(spec.schedule)}",
-                "schedules never fire yet (issue 13)",
-                "remove schedule= and call the function yourself",
-            )
-        )
     if spec.web is not None:
         out.append(_web_uses(name, spec.web))
     for method, web in spec.web_methods:

@@ -263,4 +263,4 @@ def use_postgresql_partial_indexes() -> None:
 
 # The state objects' tables (Dict, Queue, Secret, Volume), each kind in a module of its own; imported here so
 # that ``metadata`` (what the migrations are checked against) holds them too.
-from cloudmodal.server import models_kv, models_secrets, models_volumes  # noqa: E402, F401
+from cloudmodal.server import models_kv, models_schedules, models_secrets, models_volumes  # noqa: E402, F401

@@ -252,6 +252,7 @@ class Reconciler(Launcher, Health, Estimates):
             self.pruner.maybe_start(now, self._step)  # about once a minute, on its own thread
             if now - self._last_inventory > INVENTORY_INTERVAL_S:
                 self._step("listing provider machines", self._settle_inventory)
+        self._step("firing schedules", self.scheduler.run_due, now)  # before counting: its calls count now
         self._step("reaping workers", self._reap, now)
         counts = cp.queue.counts()
         with cp.db.read() as conn:

@@ -26,6 +26,7 @@ from cloudmodal.server.autoscaler import Autoscaler
 from cloudmodal.server.db import Leadership
 from cloudmodal.server.estimates import StartupTimes
 from cloudmodal.server.retention import Pruner
+from cloudmodal.server.scheduler import Scheduler
 from cloudmodal.server.service import ControlPlane
 from cloudmodal.server.spot import BlockList, MarketPolicy, MarketSettings, PoolMarketState, StockoutLog
 
@@ -139,6 +140,7 @@ class ReconcilerBase:
         self._last_housekeeping = 0.0
         self._last_inventory = 0.0  # when the providers' machines were last listed (Health._settle_inventory)
         self.pruner = Pruner(cp)  # retention: old calls, logs and blobs
+        self.scheduler = Scheduler(cp)  # deployed functions' schedules
         self._lock = threading.Lock()
         self.leadership = Leadership(cp.db)
         self._pool_rows: dict[str, tuple[Any, ...]] = {}  # function id -> what its pool row says now

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, func, or_, select, update
 
 from cloudmodal.exception import InvalidError, NotFoundError
-from cloudmodal.server import models
+from cloudmodal.server import models, scheduler
 from cloudmodal.server.states import AppState, FunctionState
 from cloudmodal.server.svc_workers import LIVE_WORKER_STATES
 
@@ -75,9 +75,12 @@ class Apps:
             version = conn.execute(select(A.c.version).where(A.c.id == app_id)).scalar_one_or_none()
             if version is None:
                 raise NotFoundError(f"App {app_id} not found.")
+            now = time.time()
             conn.execute(
-                D.insert().values(app_id=app_id, version=version, created_at=time.time(), functions=functions)
+                D.insert().values(app_id=app_id, version=version, created_at=now, functions=functions)
             )
+            # in this transaction: a deployment recorded has its schedules (and a crash leaves neither)
+            scheduler.sync_app_schedules(conn, app_id, functions, now)
         self.cp.activity.event(
             "app.deployed", f"version {version} deployed with {len(functions)} functions", app_id=app_id
         )
@@ -117,6 +120,7 @@ class Apps:
                 .values(state=AppState.STOPPED, stopped_at=time.time())
             )
             conn.execute(update(F).where(F.c.app_id == app_id).values(state=FunctionState.STOPPED))
+            scheduler.delete_app_schedules(conn, app_id)
             call_ids = [r[0] for r in conn.execute(select(CA.c.id).where(CA.c.app_id == app_id)).all()]
         for cid in call_ids:
             self.cp.calls.cancel_call(cid)
@@ -138,6 +142,7 @@ class Apps:
                     select(P.c.function_id, P.c.desired, P.c.reason, P.c.fallen_back, P.c.market_state)
                 ).all()
             }
+            runs = scheduler.next_runs(conn)
             worker_rows = conn.execute(
                 select(W.c.function_id, W.c.state, W.c.market, func.count())
                 .where(W.c.state.in_(LIVE_WORKER_STATES))
@@ -170,6 +175,8 @@ class Apps:
                         reason=row.reason if row else None,
                         fallen_back=bool(row.fallen_back) if row else False,
                         fallback_reason=(row.market_state or {}).get("fallback_reason") if row else None,
+                        # a deployed scheduled function: {"next_run_at", "schedule"}; None otherwise
+                        schedule=runs.get(fid),
                     )
                 )
             a["pools"] = pools

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 
 from cloudmodal.cli.app_cmd import _pool_line
@@ -36,3 +38,14 @@ BASE = {"name": "embed", "gpu": "A10", "pending": 0, "running": 0}
 )
 def test_pool_line(pool, expected):
     assert _pool_line(pool) == expected
+
+
+def test_pool_line_of_a_scheduled_function_shows_its_next_run():
+    at = 1_800_000_000.0
+    local = datetime.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")  # the CLI shows local time
+    pool = {**BASE, "workers": {}, "schedule": {"next_run_at": at, "schedule": "Cron('0 9 * * *')"}}
+    assert (
+        _pool_line(pool)
+        == f"embed [A10] · 0 workers · 0 pending, 0 running · next run {local} (Cron('0 9 * * *'))"
+    )
+    assert "next run" not in _pool_line({**BASE, "workers": {}, "schedule": None})

@@ -1,6 +1,7 @@
-"""Declared-but-inert features (schedules, volumes, named secrets, web endpoints, startup_timeout) are refused
+"""Declared-but-inert features (web endpoints, startup_timeout) are refused
 when an app runs or deploys, naming each function and feature; CLOUDMODAL_ALLOW_INERT=1 makes it a warning.
-The spec layer still accepts them (tests/unit/test_app.py)."""
+The spec layer still accepts them (tests/unit/test_app.py). Schedules, volumes and named secrets are honoured now,
+so they are not refused."""
 
 from __future__ import annotations
 
@@ -57,14 +58,20 @@ def test_each_inert_feature_is_named_with_its_function() -> None:
     app.function(name="srv")(cloudmodal.web_server(8000)(no_args))
     app.function(name="slow", startup_timeout=60)(square)
     app.cls()(Model)
-    assert _uses(app) == [
-        ("tick", "schedule=Period(hours=1)"),
-        ("cron", "schedule=Cron('0 9 * * 1-5')"),
+    assert _uses(app) == [  # tick and cron are scheduled: schedules fire (cloudmodal/server/scheduler.py)
         ("web", "@fastapi_endpoint"),
         ("srv", "@web_server"),
         ("slow", "startup_timeout=60"),
         ("Model.api", "@asgi_app"),
     ]
+
+
+def test_schedules_are_not_inert() -> None:
+    app = App("scheduled")
+    app.function(name="tick", schedule=Period(hours=1))(no_args)
+    app.function(name="cron", schedule=Cron("0 9 * * 1-5", timezone="Europe/Berlin"))(no_args)
+    assert _uses(app) == []
+    check_app(app, "deploy")  # no error, no warning
 
 
 def test_app_level_named_secrets_and_volumes_are_not_inert() -> None:
@@ -89,15 +96,13 @@ def test_what_works_is_accepted() -> None:
 
 def test_the_error_lists_every_use_and_says_what_to_do() -> None:
     app = App("inert")
-    app.function(name="tick", schedule=Period(minutes=5), secrets=[Secret.from_name("openai")])(no_args)
+    app.function(name="slow", startup_timeout=5, secrets=[Secret.from_name("openai")])(square)
     app.function(name="web")(cloudmodal.fastapi_endpoint()(square))
     with pytest.raises(InvalidError) as info:
         check_app(app, "deploy")
     msg = str(info.value)
     assert msg.startswith("Cannot deploy app 'inert': it declares features that are not implemented yet")
-    assert (
-        "  - tick: schedule=Period(minutes=5): schedules never fire yet (issue 13); remove schedule=" in msg
-    )
+    assert "  - slow: startup_timeout=5: it is not enforced yet; remove it" in msg
     assert "  - web: @fastapi_endpoint: web endpoints are not served yet (issue 13)" in msg
     assert "Remove them and deploy without them" in msg and f"set {ALLOW_ENV}=1" in msg
 
@@ -105,13 +110,13 @@ def test_the_error_lists_every_use_and_says_what_to_do() -> None:
 @pytest.mark.parametrize("value", ["1", "true", "YES"])
 def test_escape_hatch_turns_the_error_into_a_warning(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     app = App()
-    app.function(schedule=Period(hours=2))(no_args)
+    app.function(startup_timeout=20)(square)
     monkeypatch.setenv(ALLOW_ENV, value)
     with pytest.warns(
         InertFeatureWarning, match=re.escape(f"{ALLOW_ENV} is set, so they are ignored")
     ) as rec:
         check_app(app)
-    assert "no_args: schedule=Period(hours=2): schedules never fire yet (issue 13)" in str(rec[0].message)
+    assert "square: startup_timeout=20: it is not enforced yet" in str(rec[0].message)
 
 
 @pytest.mark.parametrize("value", ["", "0", "no"])
@@ -132,7 +137,7 @@ def test_run_and_deploy_refuse_before_touching_a_control_plane(monkeypatch: pyte
     monkeypatch.setattr(session, "connect", no_plane)
     monkeypatch.setattr(session, "current_session", no_plane)
     app = App("inert")
-    app.function(schedule=Period(hours=1))(no_args)
+    app.function(startup_timeout=60)(square)
     with pytest.raises(InvalidError, match="Cannot run app 'inert'"):
         with app.run():
             pass

@@ -234,6 +234,22 @@ CREATE INDEX ix_pool_app_id ON pool (app_id);
 -- default pool.reason = ''
 -- default pool.fallen_back = False
 -- default pool.updated_at = 0.0
+CREATE TABLE schedule (
+	function_id VARCHAR NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	schedule JSON NOT NULL, 
+	anchor FLOAT NOT NULL, 
+	next_fire_at FLOAT NOT NULL, 
+	last_fired_at FLOAT, 
+	last_call_id VARCHAR, 
+	updated_at FLOAT NOT NULL, 
+	PRIMARY KEY (function_id)
+);
+CREATE INDEX ix_schedule_app_id ON schedule (app_id);
+CREATE INDEX ix_schedule_due ON schedule (next_fire_at);
+-- default schedule.anchor = 0.0
+-- default schedule.next_fire_at = 0.0
+-- default schedule.updated_at = 0.0
 CREATE TABLE secret (
 	id VARCHAR NOT NULL, 
 	name VARCHAR NOT NULL, 
