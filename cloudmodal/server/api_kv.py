@@ -90,7 +90,7 @@ class DictPut(BaseModel):
 class DictScan(BaseModel):
     max_body: ClassVar[int] = SMALL_BODY
 
-    after: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{0,64}$")] = ""
+    after: Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{2}){0,32}$")] = ""  # a key hash, hex
     limit: Annotated[int, Field(ge=1, le=10_000)] = 1000
     keys: bool = True
     values: bool = True

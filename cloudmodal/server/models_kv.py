@@ -38,7 +38,9 @@ class DictEntry(Row, table=True):
     __table_args__ = (Index("ix_kv_dict_entry_updated", "updated_at"),)
 
     dict_id: str = Field(primary_key=True)
-    key_hash: str = Field(primary_key=True)  # sha256 hex of ``key``
+    # sha256 of ``key``, its 32 raw bytes: compared byte for byte, never in the locale's collation (a 500-row
+    # upsert on PostgreSQL spent a quarter of its time comparing 64 hex characters that way)
+    key_hash: bytes = Field(sa_column=Column("key_hash", LargeBinary, primary_key=True, nullable=False))
     key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     value: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     updated_at: float = 0.0

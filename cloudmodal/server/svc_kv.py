@@ -103,7 +103,7 @@ _INSERT_ITEMS = "INSERT INTO kv_queue_item (queue_id, partition, value, created_
 # PostgreSQL: the same over arrays (unnest), one statement and one round trip whatever the rows
 _PG_ENTRIES = (
     "INSERT INTO kv_dict_entry (dict_id, key_hash, key, value, updated_at) "
-    "SELECT %s, h, k, v, %s FROM unnest(%s::varchar[], %b::bytea[], %b::bytea[]) AS t(h, k, v) "
+    "SELECT %s, h, k, v, %s FROM unnest(%b::bytea[], %b::bytea[], %b::bytea[]) AS t(h, k, v) "
 )
 _PG_UPSERT_ENTRIES = (
     _PG_ENTRIES
@@ -179,8 +179,8 @@ class _Tx:
         self.raw.rollback()
 
 
-def key_hash(key: bytes) -> str:
-    return hashlib.sha256(key).hexdigest()
+def key_hash(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
 
 
 def _object_row(row: Any) -> dict[str, Any]:
@@ -404,7 +404,7 @@ class KV:
                 (did, *wanted),
             ).all()
         now = time.time()
-        found = {h: bytes(v) for h, v, _ in rows}
+        found = {bytes(h): bytes(v) for h, v, _ in rows}
         stale = [h for h, _, at in rows if now - at > READ_TOUCH_S]
         if stale:
             with self.db.write() as conn:
@@ -427,13 +427,13 @@ class KV:
         _check_dict_entries(entries)
         if not entries:
             return 0
-        rows: dict[str, tuple[bytes, bytes]] = {}
+        rows: dict[bytes, tuple[bytes, bytes]] = {}
         for k, v in entries:
             rows[key_hash(k)] = (k, v)  # a later duplicate wins, as in dict.update
         return self._dict_put(did, rows, skip_if_exists, request_id)
 
     def _dict_put(
-        self, did: str, rows: dict[str, tuple[bytes, bytes]], skip_if_exists: bool, rid: str | None
+        self, did: str, rows: dict[bytes, tuple[bytes, bytes]], skip_if_exists: bool, rid: str | None
     ) -> int:
         now = time.time()
         size = sum(len(k) + len(v) for k, v in rows.values())
@@ -512,8 +512,9 @@ class KV:
     def dict_scan(
         self, did: str, after: str, limit: int, *, keys: bool, values: bool
     ) -> tuple[list[list[Any]], str | None]:
-        """A page of entries in key-hash order after the hash ``after``: ``[key?, value?]`` rows, and the
-        cursor of the next page (None at the end)."""
+        """A page of entries in key-hash order after the hash ``after`` (hex): ``[key?, value?]`` rows, and the
+        cursor of the next page (hex; None at the end)."""
+        after_hash = bytes.fromhex(after)
         cols = ", ".join(["key_hash"] + (["key"] if keys else []) + (["value"] if values else []))
         with self.db.read() as conn:
             self._exists(conn, "dict", did)
@@ -527,7 +528,7 @@ class KV:
                     f"SELECT {cols} FROM kv_dict_entry WHERE dict_id = ? AND key_hash > ? "
                     "ORDER BY key_hash LIMIT ?"
                 ),
-                (did, after, limit),
+                (did, after_hash, limit),
             )
             out: list[list[Any]] = []
             size = 0
@@ -536,7 +537,7 @@ class KV:
             while not full and (chunk := result.fetchmany(256)):  # not row by row: a call per row costs more
                 for row in chunk:
                     out.append([bytes(x) for x in row[1:]])
-                    last = row[0]
+                    last = bytes(row[0]).hex()
                     size += sum(len(x) for x in row[1:])
                     if size >= PAGE_BYTES:
                         full = True

@@ -378,3 +378,60 @@ def test_server_start_refuses_a_newer_database_and_says_why(tmp_path: Path, mode
     assert "pip install -U cloudmodal" in out and "Nothing was changed" in out
     assert "Traceback" not in out
     assert _revision(create_engine(url, poolclass=NullPool)) == "0999"
+
+
+def test_dict_entries_written_as_hex_hashes_read_back_after_0008(
+    kind: str, tmp_path: Path, new_pg: Callable[[], str] | None
+) -> None:
+    """0008 turns each entry's hex key hash into its raw bytes: a dict written before it reads back whole,
+    by key and by scan, and takes writes to the same keys (an upsert, not a second row)."""
+    import hashlib
+
+    from alembic import command
+
+    from cloudmodal.server.svc_kv import key_hash
+
+    url = _url(kind, tmp_path, new_pg)
+    engine = create_engine(url, poolclass=NullPool)
+    keys = [f"k{i}".encode() for i in range(5)]
+    with engine.begin() as conn:
+        command.upgrade(migrations.alembic_config(conn), "0007")
+        conn.execute(
+            text(
+                "INSERT INTO kv_dict (id, name, ephemeral, created_at, created_by, last_used_at) "
+                "VALUES ('di-old', 'old', false, 0, '', 0)"
+            )
+        )
+        for k in keys:
+            conn.execute(
+                text(
+                    "INSERT INTO kv_dict_entry (dict_id, key_hash, key, value, updated_at) "
+                    "VALUES ('di-old', :h, :k, :v, :t)"
+                ),
+                {"h": hashlib.sha256(k).hexdigest(), "k": k, "v": b"v-" + k, "t": 1e12},
+            )
+    with engine.begin() as conn:
+        command.upgrade(migrations.alembic_config(conn), "head")
+    assert _diff(engine) == []
+    engine.dispose()
+
+    from cloudmodal.server.service import ControlPlane, Settings
+    from cloudmodal.server.svc_kv import KV
+
+    cp = ControlPlane(Settings(database_url=url, state_dir=tmp_path / "cp"))
+    db = cp.db
+    try:
+        svc = KV(cp)
+        assert svc.dict_get("di-old", keys) == [b"v-" + k for k in keys]
+        rows, cursor = svc.dict_scan("di-old", "", 100, keys=True, values=True)
+        assert sorted(rows) == sorted([k, b"v-" + k] for k in keys) and cursor is None
+        page, cursor = svc.dict_scan("di-old", "", 2, keys=True, values=False)
+        rest, _ = svc.dict_scan("di-old", cursor or "", 100, keys=True, values=False)
+        assert sorted(r[0] for r in page + rest) == sorted(keys)
+        assert cursor == key_hash(page[-1][0]).hex()  # the cursor names the page's last key
+        svc.dict_put("di-old", [(keys[0], b"new")], skip_if_exists=False)
+        assert svc.dict_get("di-old", keys[:1]) == [b"new"]
+        with db.read() as conn:
+            assert conn.execute(text("SELECT count(*) FROM kv_dict_entry")).scalar_one() == len(keys)
+    finally:
+        db.dispose()

@@ -128,7 +128,7 @@ CREATE TABLE kv_dict (
 -- default kv_dict.last_used_at = 0.0
 CREATE TABLE kv_dict_entry (
 	dict_id VARCHAR NOT NULL, 
-	key_hash VARCHAR NOT NULL, 
+	key_hash BYTEA NOT NULL, 
 	key BYTEA NOT NULL, 
 	value BYTEA NOT NULL, 
 	updated_at FLOAT NOT NULL, 
