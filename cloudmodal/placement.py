@@ -597,28 +597,31 @@ def _rank_near_data(
     if across:
         ranked.sort(key=lambda c: (per_hour(c), c.tier_index))
         if dedupe:
-            seen: set[OfferKey] = set()
-            unique: list[Candidate] = []
-            for c in ranked:
-                if c.key in seen:
-                    if rejections is not None:
-                        rejections.append(
-                            Rejection(
-                                c.offer,
-                                c.tier_index,
-                                c.market,
-                                DUPLICATE,
-                                "already a candidate for another tier",
-                            )
-                        )
-                    continue
-                seen.add(c.key)
-                unique.append(c)
-            ranked = unique
+            ranked = _first_of_each_offer(ranked, set(), rejections)
     if limit is not None:
         ranked = ranked[:limit]
     notes = [*locality.notes(), *_near_data_note(ranked, cheapest, locality, across)]
     return Placement(tuple(tiers), policy, tuple(ranked), tuple(rejections or ()), locality, tuple(notes))
+
+
+def _first_of_each_offer(
+    ranked: Sequence[Candidate], taken: set[OfferKey], rejections: list[Rejection] | None
+) -> list[Candidate]:
+    """``ranked`` keeping each offer's first candidate (``taken``: keys already placed, updated here); the
+    others are rejected as duplicates of another tier's."""
+    unique: list[Candidate] = []
+    for c in ranked:
+        if c.key in taken:
+            if rejections is not None:
+                rejections.append(
+                    Rejection(
+                        c.offer, c.tier_index, c.market, DUPLICATE, "already a candidate for another tier"
+                    )
+                )
+            continue
+        taken.add(c.key)
+        unique.append(c)
+    return unique
 
 
 def _near_data_note(
@@ -698,22 +701,7 @@ def _rank_by_price(
         # Each tier's list is sorted, so this stable sort is a merge of runs; ties go to the earlier tier.
         ranked.sort(key=_by_price_then_tier)
         if taken is not None:
-            unique: list[Candidate] = []
-            for c in ranked:
-                if c.key in taken:
-                    if rejections is not None:
-                        rejections.append(
-                            Rejection(
-                                c.offer,
-                                c.tier_index,
-                                c.market,
-                                DUPLICATE,
-                                "already a candidate for another tier",
-                            )
-                        )
-                    continue
-                taken.add(c.key)
-                unique.append(c)
+            unique = _first_of_each_offer(ranked, taken, rejections)
             if limit is not None and len(unique) < limit and any(len(t) >= limit for t in per_tier):
                 # Duplicates used up room that a truncated tier could have filled: rank in full.
                 return _rank_by_price(
