@@ -193,12 +193,6 @@ def test_volume_gb_must_name_a_mounted_volume(
 
 
 def test_volume_gb_on_the_command_line(app_file: Path, catalog: Path) -> None:
-    import inspect
-
-    from cloudmodal.cli.run import deploy_command
-
-    if "volume_gb" not in inspect.signature(deploy_command).parameters:
-        pytest.skip("`cloudmodal deploy` has no --volume-gb option yet (cloudmodal/cli/run.py)")
     train = functions(cli_plan(app_file, "--volume-gb", "weights=500"))["train"]
     assert (train["chosen"]["cloud"], train["chosen"]["region"]) == ("aws", "us-east-1")
     assert train["data"]["volumes"][0]["gb"] == 500.0
