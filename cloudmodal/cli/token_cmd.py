@@ -81,9 +81,17 @@ def create(
     name: str = typer.Option(
         "", "--name", help="A label to tell the token apart in `cloudmodal token list`."
     ),
+    proxy: bool = typer.Option(
+        False,
+        "--proxy",
+        help="A proxy-auth token for web endpoints declared requires_proxy_auth=True: send its id as the "
+        "Modal-Key header and the token as Modal-Secret. It opens nothing else.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the token and its id as JSON."),
 ) -> None:
     """Create a token and print it (shown only this once: store it)."""
+    if proxy and not member:
+        raise typer.BadParameter("a token is either --proxy or --owner, not both.", param_hint="'--proxy'")
     if not member and apps:
         raise typer.BadParameter(
             "an owner token has access to every app; --app limits member tokens only.", param_hint="'--app'"
@@ -91,9 +99,18 @@ def create(
     names = _check_apps(apps)
     if len(name) > 200:
         raise typer.BadParameter("at most 200 characters.", param_hint="'--name'")
-    made = create_token("member" if member else "owner", names, name)
+    made = create_token("proxy" if proxy else "member" if member else "owner", names, name)
     if as_json:
         typer.echo(json.dumps(made))
+        return
+    if proxy:
+        typer.echo(
+            f"Created proxy-auth token {made['id']}. Send it with each request to an endpoint declared "
+            "requires_proxy_auth=True; it is shown only this once.",
+            err=True,
+        )
+        typer.echo(f"Modal-Key: {made['id']}")
+        typer.echo(f"Modal-Secret: {made['token']}")
         return
     scope = "every app" if not made.get("apps") else "apps " + ", ".join(made["apps"])
     typer.echo(

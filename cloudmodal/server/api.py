@@ -208,7 +208,7 @@ class Preempting(BaseModel):
 
 
 class TokenCreate(BaseModel):
-    kind: Literal["owner", "member"] = "member"
+    kind: Literal["owner", "member", "proxy"] = "member"
     apps: list[Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9._-]{1,64}$")]] | None = Field(
         default=None, max_length=100
     )
@@ -609,8 +609,9 @@ def build_routes(cp: ControlPlane) -> TableApp:
     # -- tokens -----------------------------------------------------------------------------------------
     @route("POST", "/v1/tokens", "owner", body=TokenCreate)
     async def create_token(b: TokenCreate) -> Any:
-        """Mint an owner or member token (a member's optionally scoped to named apps). Shown once."""
-        scope = "owner" if b.kind == "owner" else member_scope(b.apps)
+        """Mint an owner, member or proxy-auth token (a member's or proxy's optionally scoped to named apps).
+        Shown once."""
+        scope = "owner" if b.kind == "owner" else member_scope(b.apps, b.kind)
         if b.kind == "owner" and b.apps:
             raise exc.InvalidError(
                 "An owner token cannot be scoped to apps; make a member token (kind=member)."

@@ -8,6 +8,9 @@ Identities (a token's stored scope -> identity):
 - ``owner`` (legacy ``admin``): everything, including minting and revoking tokens.
 - ``member`` / ``member:app-a,app-b``: a team member; deploys, runs and calls apps, reads their logs and events;
   scoped to the named apps when it has a list. Cannot mint tokens.
+- ``proxy`` / ``proxy:app-a,app-b``: a web proxy-auth token: it opens the web endpoints declared
+  ``requires_proxy_auth=True`` (of the named apps only, when it has a list), sent as ``Modal-Key`` (its id) and
+  ``Modal-Secret`` (the token). No API route accepts it.
 - ``worker:<id>``: one worker. Claims its own pool's inputs; posts outputs, logs and heartbeats for inputs it
   holds under a live lease; reads its own function's definition (with the secrets that function declares) at
   registration; makes nested calls to its own app's functions and to deployed apps; reads the outputs of calls it
@@ -19,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Kind = Literal["owner", "member", "worker"]
+Kind = Literal["owner", "member", "worker", "proxy"]
 
 # What a route requires before its handler runs (object rules inside handlers narrow it further):
 #   public  anyone (health checks)
@@ -60,13 +63,19 @@ def identity_for(scope: str, token_id: str) -> Identity | None:
     if scope.startswith("member:"):
         apps = frozenset(a for a in scope[7:].split(",") if a)
         return Identity("member", token_id, scope, apps=apps) if apps else None
+    if scope == "proxy":
+        return Identity("proxy", token_id, scope)
+    if scope.startswith("proxy:"):
+        apps = frozenset(a for a in scope[6:].split(",") if a)
+        return Identity("proxy", token_id, scope, apps=apps) if apps else None
     if scope.startswith("worker:") and len(scope) > 7:
         return Identity("worker", scope, scope, worker_id=scope[7:])
     return None
 
 
-def member_scope(apps: list[str] | None) -> str:
-    return "member" if not apps else "member:" + ",".join(sorted(set(apps)))
+def member_scope(apps: list[str] | None, kind: str = "member") -> str:
+    """The stored scope of a member (or ``kind="proxy"``: a proxy-auth) token, limited to ``apps`` if any."""
+    return kind if not apps else kind + ":" + ",".join(sorted(set(apps)))
 
 
 def allows(access: Access, who: Identity | None, path_worker_id: str | None = None) -> str | None:
@@ -77,6 +86,8 @@ def allows(access: Access, who: Identity | None, path_worker_id: str | None = No
     if who.kind not in ACCESS_KINDS[access]:
         if who.kind == "worker":
             return "A worker token may not use this route."
+        if who.kind == "proxy":
+            return "A proxy-auth token only opens web endpoints (Modal-Key/Modal-Secret); it may not use the API."
         if access == "worker":
             return "Only the worker named in the path may use this route, with its own token."
         return "This route needs an owner token."
