@@ -195,6 +195,7 @@ class Function(_Invocable, Decorated):
         self._build: tuple[Any, dict[str, Any]] | None = None
         self._variant_of: Function | None = None  # the decorated function this with_options variant is of
         self._overrides: dict[str, Any] = {}  # ... and the options it changes
+        self._web_app: tuple[str, bool] | None = None  # (app name, ephemeral) once run or deployed
 
     @classmethod
     def _from_local(cls, app: Any, spec: FunctionSpec, raw_f: Any) -> Function:
@@ -266,6 +267,15 @@ class Function(_Invocable, Decorated):
             self._hydrate()
         return self
 
+    def get_web_url(self) -> str | None:
+        """The URL of this function's web endpoint (None when it is not one), on the control plane in use:
+        a deployed app's, or the running app's (``…/web/APP-dev/LABEL/``) inside ``app.run()``."""
+        if self.spec is None:
+            self._hydrate()
+        assert self.spec is not None
+        app = self._web_app or ((self._from_name[0], False) if self._from_name else None)
+        return _web_url_of(self.spec, None, app, repr(self))
+
     def with_options(self, **options: Any) -> Function:
         """A variant of this function with other resources/settings (:data:`cloudmodal.app.WITH_OPTIONS`); it
         gets its own pool of workers. It belongs to the app like the function itself: made at module level, it
@@ -300,6 +310,26 @@ def _attach_variant(root: Function | Cls, variant: Function | Cls) -> None:
     running = root.app._running
     if running is not None:
         variant._register(running.session, running.app_id, allow_cpu_fallback=root._allow_cpu_fallback)
+
+
+def _web_url_of(
+    spec: FunctionSpec, method: str | None, app: tuple[str, bool] | None, what: str
+) -> str | None:
+    from cloudmodal.web_routes import endpoints, web_url
+
+    found = [label for label, m, _web in endpoints(spec) if m == method]
+    if not found:
+        return None
+    if app is None:
+        raise ExecutionError(
+            f"{what} has a web URL only once its app runs (`with app.run():`, `cloudmodal serve`) or is deployed; "
+            "or look it up with `Function.from_name(app_name, name)`."
+        )
+    from cloudmodal.client.session import current_session
+
+    session = current_session()
+    assert session is not None
+    return web_url(session.transport.url, app[0], found[0], ephemeral=app[1])
 
 
 def _lookup(
@@ -385,6 +415,7 @@ class Cls(Decorated):
         self._app_id: str | None = None
         self._allow_cpu_fallback = False
         self._instances: dict[str, str] = {}  # params hash -> function id
+        self._web_app: tuple[str, bool] | None = None  # (app name, ephemeral) once run or deployed
         # as on Function: what with_options rebuilds from, and for a variant, its class and changed options
         self._build: tuple[Any, dict[str, Any]] | None = None
         self._variant_of: Cls | None = None
@@ -576,6 +607,15 @@ class _BoundMethod(_Invocable):
     def _target(self) -> tuple[Any, str, str | None, bool]:
         fid = self._obj._function_id()
         return self._obj._cls._session, fid, self._name, self._is_gen
+
+    def get_web_url(self) -> str | None:
+        """The URL of this web method's endpoint (None when it is not one); see ``Function.get_web_url``."""
+        cls = self._obj._cls
+        if cls.spec is None:
+            cls._hydrate()
+        assert cls.spec is not None
+        app = cls._web_app or ((cls._from_name[0], False) if cls._from_name else None)
+        return _web_url_of(cls.spec, self._name, app, self._display_name)
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         if self._obj._cls.user_cls is None:

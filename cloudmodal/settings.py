@@ -217,6 +217,18 @@ class Settings(BaseSettings):
     worker_timeout_s: float = _seconds(
         30.0, "how long a silent worker is taken for dead", group="control plane"
     )
+    web_start_timeout_s: float = _seconds(
+        120.0,
+        "how long a web request waits for a worker of its endpoint to start (scaling from zero) before it is "
+        "answered 503",
+        group="control plane",
+    )
+    web_domain: str | None = _var(
+        None,
+        "a domain whose subdomains route to web endpoints by host (`LABEL--APP.DOMAIN`; `APP-dev` for an "
+        "ephemeral app), besides the `/web/APP/LABEL` paths; unset: paths only",
+        group="control plane",
+    )
     worker_reconnect_s: float = _seconds(
         600.0,
         "how long workers keep trying to reach a control plane that went away before exiting (an embedded "

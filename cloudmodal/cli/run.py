@@ -39,6 +39,7 @@ def run_command(
         path, target_name = parse_ref(func_ref)
         module = import_file(path)
         app = find_app(module, path)
+        _refuse_web_only(app, func_ref, target_name)
         kind, target = resolve_target(app, target_name, path)
         prog = f"cloudmodal run {func_ref}"
         if kind == "entrypoint":
@@ -71,6 +72,26 @@ def run_command(
             if result is not None and kind != "entrypoint":
                 print(result)
         sys.stdout.flush()
+
+
+def _refuse_web_only(app: Any, func_ref: str, target_name: str | None) -> None:
+    """``cloudmodal run`` of web endpoints serves nothing: point at ``cloudmodal serve`` instead."""
+    from cloudmodal.exception import InvalidError
+
+    handles = list(app.registered_functions.values()) + list(app.registered_classes.values())
+    if getattr(app, "registered_entrypoints", None) and not target_name:
+        return
+    if target_name:
+        handles = [h for h in handles if h.spec is not None and h.spec.name == target_name.split(".")[0]]
+    specs = [h.spec for h in handles if h.spec is not None]
+    if specs and all(
+        s.web is not None or (s.web_methods and len(s.web_methods) == len(s.methods)) for s in specs
+    ):
+        path = func_ref.split("::", 1)[0]
+        raise InvalidError(
+            f"{func_ref} defines only web endpoints, which `cloudmodal run` does not serve. Serve them while you "
+            f"develop with `cloudmodal serve {path}` (reloads on every save), or `cloudmodal deploy {path}`."
+        )
 
 
 class _null:
@@ -146,8 +167,12 @@ def deploy_command(
         c.print(
             f"[green]✓[/] Deployed app [bold]{info['name']}[/] ({info['app_id']}), version {info['version']}"
         )
+        urls = dict(info.get("web_endpoints") or [])
         for f in info["functions"]:
-            c.print(f"  • {f}")
+            c.print(f"  • {f}" + (f" => {urls[f]}" if f in urls else ""))
+        for where, url in info.get("web_endpoints") or []:
+            if where not in info["functions"]:
+                c.print(f"  • {where} => {url}")
 
 
 def shell_command(

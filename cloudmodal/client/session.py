@@ -294,13 +294,34 @@ def _app_name(app: Any) -> str:
 
 
 def register_app_functions(
-    session: Session, app: Any, app_id: str, *, allow_cpu_fallback: bool = False
+    session: Session,
+    app: Any,
+    app_id: str,
+    *,
+    allow_cpu_fallback: bool = False,
+    app_name: str | None = None,
+    ephemeral: bool = True,
 ) -> list[str]:
     names = []
     for handle in list(app.registered_functions.values()) + list(app.registered_classes.values()):
         handle._register(session, app_id, allow_cpu_fallback=allow_cpu_fallback)
+        handle._web_app = (app_name or _app_name(app), ephemeral)
         names.append(handle.spec.name)
     return names
+
+
+def web_endpoints(session: Session, app: Any, app_name: str, *, ephemeral: bool) -> list[tuple[str, str]]:
+    """``(function or Cls.method, URL)`` of each web endpoint of ``app``, as served by ``session``'s control
+    plane."""
+    from cloudmodal.web_routes import endpoints, web_url
+
+    out = []
+    for handle in list(app.registered_functions.values()) + list(app.registered_classes.values()):
+        spec = handle.spec
+        for label, method, _web in endpoints(spec):
+            where = f"{spec.name}.{method}" if method else spec.name
+            out.append((where, web_url(session.transport.url, app_name, label, ephemeral=ephemeral)))
+    return out
 
 
 @contextlib.contextmanager
@@ -326,7 +347,9 @@ def run_app(
     running = RunningApp(session, app_id, name or _app_name(app))
     app._running = running
     try:
-        register_app_functions(session, app, app_id, allow_cpu_fallback=allow_cpu)
+        register_app_functions(
+            session, app, app_id, allow_cpu_fallback=allow_cpu, app_name=running.name, ephemeral=True
+        )
         running.start_heartbeat()
         if show_logs if show_logs is not None else _output_enabled():
             running.start_log_stream()
@@ -358,11 +381,14 @@ def deploy(app: Any, *, name: str | None = None, allow_cpu_fallback: bool = Fals
     assert session is not None
     info = session.transport.post("/v1/apps", {"app_id": new_id("ap"), "name": name, "ephemeral": False})
     app_id = info["id"]
-    names = register_app_functions(session, app, app_id, allow_cpu_fallback=allow_cpu_fallback)
+    names = register_app_functions(
+        session, app, app_id, allow_cpu_fallback=allow_cpu_fallback, app_name=name, ephemeral=False
+    )
     version = session.transport.post(f"/v1/apps/{app_id}/deployments", {"functions": names})["version"]
+    urls = web_endpoints(session, app, name, ephemeral=False)
     for h in list(app.registered_functions.values()) + list(app.registered_classes.values()):
         h._unregister()
-    return {"app_id": app_id, "name": name, "version": version, "functions": names}
+    return {"app_id": app_id, "name": name, "version": version, "functions": names, "web_endpoints": urls}
 
 
 _OUTPUT_ENABLED = False

@@ -3,8 +3,9 @@ honour yet.
 
 The spec layer accepts and validates Modal's whole surface so that ported code decorates cleanly and the
 issues that build the runtime have a checked spec to read. But a declared feature nothing acts on is worse
-than an error: a web endpoint nobody serves, a ``startup_timeout`` nobody reads. (Schedules are honoured: a
-deployed app's fire from the control plane, see :mod:`cloudmodal.server.scheduler`.) So
+than an error: a ``startup_timeout`` nobody reads. (Schedules fire from the control plane, see
+:mod:`cloudmodal.server.scheduler`; web endpoints are served through it, see
+:mod:`cloudmodal.server.web_gateway`.) So
 :func:`check_app` fails the run (or the deployment) at once with a list of each function and feature, unless
 ``CLOUDMODAL_ALLOW_INERT=1`` turns the error into a warning for development.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudmodal.exception import InvalidError
-from cloudmodal.spec import FunctionSpec, WebConfig
+from cloudmodal.spec import FunctionSpec
 
 ALLOW_ENV = "CLOUDMODAL_ALLOW_INERT"
 
@@ -38,23 +39,10 @@ class InertUse:
         return f"  - {self.where}: {self.feature}: {self.why}; {self.fix}."
 
 
-def _web_uses(where: str, web: WebConfig) -> InertUse:
-    return InertUse(
-        where,
-        f"@{web.kind}",
-        "web endpoints are not served yet (issue 13)",
-        "remove the web decorator and call the function with .remote()",
-    )
-
-
 def inert_uses(spec: FunctionSpec) -> list[InertUse]:
     """The features ``spec`` declares that nothing implements yet."""
     name = spec.name
     out: list[InertUse] = []
-    if spec.web is not None:
-        out.append(_web_uses(name, spec.web))
-    for method, web in spec.web_methods:
-        out.append(_web_uses(f"{name}.{method}", web))
     if spec.startup_timeout is not None:
         out.append(
             InertUse(

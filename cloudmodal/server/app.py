@@ -126,8 +126,12 @@ class ServerHandle:
         )
         self.cp.reconciler = self.reconciler
         self.api = build_asgi(self.cp)
+        from cloudmodal.server.web_gateway import WebGateway
+
+        self.web = WebGateway(self.cp, self.api)
+        self.cp.web = self.web
         config = uvicorn.Config(
-            self.api,
+            self.web.wrap(self.api),
             # closes connections whose request headers do not arrive in time (slow clients)
             http=http_protocol(self.api.limits),
             log_level="warning",

@@ -255,6 +255,12 @@ class Reconciler(Launcher, Health, Estimates):
         self._step("firing schedules", self.scheduler.run_due, now)  # before counting: its calls count now
         self._step("reaping workers", self._reap, now)
         counts = cp.queue.counts()
+        # web requests waiting for a worker are backlog, those in flight load, as inputs are
+        web = cp.web.demand() if cp.web is not None else {}
+        self._web_last = {fid: d[2] for fid, d in web.items()}
+        for fid, (waiting, serving, _last) in web.items():
+            pending, running = counts.get(fid, (0, 0))
+            counts[fid] = (pending + waiting, running + serving)
         with cp.db.read() as conn:
             fns = {
                 r.id: r
@@ -355,7 +361,7 @@ class Reconciler(Launcher, Health, Estimates):
             backlog=pending,
             in_flight=running,
             workers=views,
-            last_active_at=fn.last_active_at,
+            last_active_at=max(fn.last_active_at or 0.0, self._web_last.get(fid, 0.0)) or fn.last_active_at,
             settings=spec.autoscaler,
             per_worker_target=target,
             service_time_s=self._service_time(fid),

@@ -150,6 +150,7 @@ class ReconcilerBase:
         self._live_total = 0  # workers on this machine, and launches in flight for it (its budget)
         self._cloud_pools: set[str] = set()  # function ids whose workers run on cloud nodes
         self._served: set[str] = set()  # functions with live workers at the last tick
+        self._web_last: dict[str, float] = {}  # function id -> its last web request (this control plane's)
         self._idle_elsewhere: list[tuple[float, str, str]] = []  # (idle since, worker id, function id)
         # Failures are isolated per pool (and per global step, per worker) and reported once per distinct
         # error, not on every tick: function id -> the error its pool last failed with.

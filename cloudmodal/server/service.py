@@ -243,6 +243,7 @@ class ControlPlane:
         self.tokens = TokenStore(self.db)
         self.secrets = SecretBox.for_state_dir(settings.state_dir)
         self.reconciler: Any = None  # set by server.app when it starts the reconciler
+        self.web: Any = None  # the web gateway (server.web_gateway), set by server.app with its server
         # guards the hand-off's registries below, and the workers' cancellations and service estimates
         self._lock = threading.Lock()
         self.functions = Functions(self)

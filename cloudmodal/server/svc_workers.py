@@ -249,3 +249,5 @@ class Workers:
         self._startup_failures[function_id] = 0
         self.cp.activity.event("function.failed", str(err), app_id=app_id, function_id=function_id)
         self.cp.hub.notify(*[f"outputs:{c}" for c in calls])
+        if self.cp.web is not None:  # web requests waiting for a worker get the error too
+            self.cp.web.fail_waiting(function_id, str(err))

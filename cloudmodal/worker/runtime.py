@@ -92,6 +92,7 @@ class Worker:
 
             reconnect_timeout = settings().worker_reconnect_s
         self.worker_id = worker_id
+        self._token = token  # also the web tunnel's (cloudmodal.worker.web); never in the user's environment
         self.t = Transport(url, token, reconnect_timeout=reconnect_timeout)
         self.base = f"/v1/workers/{worker_id}"
         self.claims = self.t.channel(f"{self.base}/claim")  # the main loop's claims, over a WebSocket
@@ -153,6 +154,14 @@ class Worker:
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name="asyncio", daemon=True).start()
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.capacity), thread_name_prefix="input")
+        self.web: Any = None
+        if self.spec.web is not None or self.spec.web_methods:
+            from cloudmodal.worker.web import WebServer, build_apps
+
+            # the user's app factories run here, on the main thread, as @enter hooks do
+            apps = build_apps(self.spec, self.fn, self.instance)
+            self.web = WebServer(self.t.url, self._token, self.worker_id, apps)
+            self.web.start()
         self.t.post(f"{self.base}/ready")
 
     def _any_async(self) -> bool:
@@ -196,9 +205,10 @@ class Worker:
                 held += list(self._claimed_pending)
                 served, busy_s = self._served, self._busy_s
                 self._served, self._busy_s = 0, 0.0
+            requests = self.web.in_flight if getattr(self, "web", None) is not None else 0
             body = {
-                "in_flight": len(held),
-                "idle": not held,
+                "in_flight": len(held) + requests,
+                "idle": not held and not requests,
                 "held": held,
                 "served": served,
                 "busy_s": busy_s,
@@ -598,6 +608,8 @@ class Worker:
             while self.running and time.time() < deadline:
                 self._cond.wait(0.2)
         self._flush_outbox()
+        if getattr(self, "web", None) is not None:
+            self.web.drain(float(self.spec.timeout))
         if self.kind == "cls" and self.instance is not None:
             from cloudmodal.partial_function import run_lifecycle_hooks
 

@@ -1,7 +1,7 @@
-"""Declared-but-inert features (web endpoints, startup_timeout) are refused
+"""Declared-but-inert features (a function's startup_timeout) are refused
 when an app runs or deploys, naming each function and feature; CLOUDMODAL_ALLOW_INERT=1 makes it a warning.
-The spec layer still accepts them (tests/unit/test_app.py). Schedules, volumes and named secrets are honoured now,
-so they are not refused."""
+The spec layer still accepts them (tests/unit/test_app.py). Schedules, web endpoints, volumes and named secrets are
+honoured, so they are not refused."""
 
 from __future__ import annotations
 
@@ -58,12 +58,8 @@ def test_each_inert_feature_is_named_with_its_function() -> None:
     app.function(name="srv")(cloudmodal.web_server(8000)(no_args))
     app.function(name="slow", startup_timeout=60)(square)
     app.cls()(Model)
-    assert _uses(app) == [  # tick and cron are scheduled: schedules fire (cloudmodal/server/scheduler.py)
-        ("web", "@fastapi_endpoint"),
-        ("srv", "@web_server"),
-        ("slow", "startup_timeout=60"),
-        ("Model.api", "@asgi_app"),
-    ]
+    # schedules fire (cloudmodal/server/scheduler.py); web endpoints are served (cloudmodal/server/web_gateway.py)
+    assert _uses(app) == [("slow", "startup_timeout=60")]
 
 
 def test_schedules_are_not_inert() -> None:
@@ -103,7 +99,7 @@ def test_the_error_lists_every_use_and_says_what_to_do() -> None:
     msg = str(info.value)
     assert msg.startswith("Cannot deploy app 'inert': it declares features that are not implemented yet")
     assert "  - slow: startup_timeout=5: it is not enforced yet; remove it" in msg
-    assert "  - web: @fastapi_endpoint: web endpoints are not served yet (issue 13)" in msg
+    assert "web:" not in msg  # web endpoints are served (cloudmodal.server.web_gateway)
     assert "Remove them and deploy without them" in msg and f"set {ALLOW_ENV}=1" in msg
 
 
