@@ -10,6 +10,7 @@ from cloudmodal.cli import (
     queue_cmd,
     run,
     secret_cmd,
+    serve,
     server_cmd,
     setup_cmd,
     token_cmd,
@@ -30,6 +31,7 @@ app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_o
     run.run_command
 )
 app.command("deploy")(run.deploy_command)
+app.command("serve")(serve.serve_command)
 app.command("shell")(run.shell_command)
 app.add_typer(server_cmd.app, name="server")
 app.add_typer(app_cmd.app, name="app")
