@@ -113,6 +113,18 @@ def test_server_start_requires_tokens_and_tokens_can_be_managed(home: dict[str, 
     scoped = json.loads(cli("token", "create", "--app", "b-app", "--app", "a-app", "--json", env=home).stdout)
     assert scoped["kind"] == "member" and sorted(scoped["apps"]) == ["a-app", "b-app"]
 
+    # A proxy-auth token: for web endpoints' Modal-Key/Modal-Secret headers; the API refuses it.
+    proxy = cli("token", "create", "--proxy", "--app", "a-app", env=home).stdout.strip().splitlines()
+    key = next(line.split(": ", 1)[1] for line in proxy if line.startswith("Modal-Key: "))
+    secret = next(line.split(": ", 1)[1] for line in proxy if line.startswith("Modal-Secret: "))
+    assert key.startswith("tk") and secret.startswith("cm_")
+    refused_api = httpx.get(url + "/v1/apps", headers=bearer(secret))
+    assert refused_api.status_code == 403 and "proxy-auth token" in refused_api.text
+    listed_proxy = next(
+        t for t in json.loads(cli("token", "list", "--json", env=home).stdout) if t["id"] == key
+    )
+    assert listed_proxy["kind"] == "proxy" and listed_proxy["apps"] == ["a-app"]
+
     # `server token`: the shortcut for a new owner token.
     extra_owner = cli("server", "token", env=home).stdout.strip().splitlines()[-1]
     assert httpx.get(url + "/v1/tokens", headers=bearer(extra_owner)).status_code == 200
@@ -176,6 +188,7 @@ def test_anonymous_loopback_only_with_the_flag_and_a_warning(home: dict[str, str
         (["token", "create", "--app", " "], "may not be empty"),
         (["token", "create", "--app", "a,b"], "not an app name"),
         (["token", "create", "--admin"], "No such option"),
+        (["token", "create", "--proxy", "--owner"], "not both"),
         (["token", "revoke", "cm_abc"], "looks like a token"),
         (["token", "revoke", "../v1/apps"], "not a token id"),
     ],
