@@ -120,6 +120,30 @@ def test_every_endpoint_kind(client: httpx.Client, web: tuple[ServerHandle, Path
     assert r.status_code == 404
 
 
+def test_a_worker_holds_no_more_requests_than_its_capacity(
+    client: httpx.Client, web: tuple[ServerHandle, Path, Any]
+) -> None:
+    """Two requests at once to an endpoint without @concurrent (one request per worker): the second is not
+    given to the busy worker; it waits while a second worker starts, and each worker serves one."""
+    marks = web[1]
+    results: list[httpx.Response] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(client.get("/web/web-test/one-at-a-time/", params={"key": "cap"}))
+        )
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    _until(lambda: len(list(marks.glob("busy-cap-*"))) == 2, "both requests to run, on two workers")
+    (marks / "release-cap").touch()
+    for t in threads:
+        t.join(120)
+    assert [r.status_code for r in results] == [200, 200]
+    assert [r.json()["overlap"] for r in results] == [False, False]
+    assert len({r.json()["pid"] for r in results}) == 2
+
+
 def test_host_routing_under_a_configured_domain(client: httpx.Client) -> None:
     r = client.get("/", params={"name": "by-host"}, headers={"host": "hello--web-test.apps.example.test"})
     assert r.status_code == 200 and r.json()["hello"] == "by-host"

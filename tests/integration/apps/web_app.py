@@ -38,6 +38,19 @@ def private(item: dict, request: Request) -> dict[str, object]:  # type: ignore[
 
 
 @app.function()
+@cloudmodal.fastapi_endpoint()
+async def one_at_a_time(key: str) -> dict[str, object]:
+    """Marks ``busy-KEY-PID`` while it runs; finding its mark taken means two requests ran at once on one
+    worker, which the default capacity (one input per container) forbids."""
+    try:
+        os.close(os.open(MARKS / f"busy-{key}-{os.getpid()}", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return {"overlap": True, "pid": os.getpid()}
+    await _wait_for(f"release-{key}")
+    return {"overlap": False, "pid": os.getpid()}
+
+
+@app.function()
 @cloudmodal.concurrent(max_inputs=8)
 @cloudmodal.asgi_app()
 def api():  # type: ignore[no-untyped-def]
