@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     )
     allow_inert: bool = _var(
         False,
-        "development switch: run or deploy an app that declares features not implemented yet (web endpoints, "
+        "development switch: run or deploy an app that declares features not implemented yet (a function's "
         "`startup_timeout`) with a warning instead of an error; they are ignored",
         group="client",
     )
