@@ -197,6 +197,8 @@ class Workers:
         if got is not None and got[1] != WorkerState.STOPPED:
             self._set_state(worker_id, got[0], WorkerState.DRAINING)
         self.cp.unpark_worker(worker_id)  # a draining worker gets no new inputs
+        if self.cp.web is not None:  # ... nor new web requests
+            self.cp.web.draining(worker_id)
         self.cp.hub.notify(f"drain:{worker_id}")
 
     def worker_stopped(self, worker_id: str, reason: str, *, crashed: bool) -> None:

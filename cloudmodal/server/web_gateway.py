@@ -38,7 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from cloudmodal import _web_tunnel as wt
 from cloudmodal.server import models
-from cloudmodal.server.states import AppState, FunctionState
+from cloudmodal.server.states import AppState, FunctionState, WorkerState
 from cloudmodal.web_routes import DEV_SUFFIX, endpoints, parse_host
 
 if TYPE_CHECKING:
@@ -197,6 +197,20 @@ class WebGateway:
             for fid, p in list(self.pools.items())
             if p.waiting or p.in_flight or p.last_request_at
         }
+
+    def draining(self, worker_id: str) -> None:
+        """The worker is draining: it finishes the requests it holds and is given no new ones (any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def mark() -> None:
+            for pool in self.pools.values():
+                for t in pool.tunnels:
+                    if t.worker_id == worker_id:
+                        t.draining = True
+
+        loop.call_soon_threadsafe(mark)
 
     def fail_waiting(self, function_id: str, message: str) -> None:
         """The function's workers keep failing to start: the requests waiting for one are answered 503 with
@@ -521,8 +535,10 @@ class WebGateway:
         fid = row["function_id"]
         spec = await self.api.run(self.cp.functions.spec_of, fid)
         capacity = spec.concurrency.max_inputs if spec.concurrency else 1
+        self._loop = asyncio.get_running_loop()
         await ws.accept()
         t = Tunnel(worker_id, fid, row["function_version"], max(1, capacity), ws.send_bytes)
+        t.draining = row["state"] != WorkerState.STARTING and row["state"] != WorkerState.READY
         pool = self.pools.get(fid)
         if pool is None:
             pool = self.pools[fid] = _Pool()
