@@ -241,6 +241,25 @@ def test_a_worker_scaled_down_gives_its_node_back(aws: Any, sandbox: dict[str, A
     assert stopped and any(w in stopped[0]["message"] for w in ("idle", "drained")), stopped
 
 
+def test_a_web_endpoint_on_a_cloud_node_serves_through_its_tunnel(
+    aws: Any, sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    """The node's worker reaches the control plane only through the reverse SSH tunnel; a request to its
+    endpoint starts the node (scaling from zero) and is answered over the web tunnel the worker dials back."""
+    import httpx
+
+    with cloud_plane(tmp_path, {"aws": aws_provider(sandbox, tmp_path)}) as handle:
+        with run_app(cloud_app.app, show_logs=False):
+            url = cloud_app.web_where.get_web_url()
+            assert url == f"{handle.url}/web/cloud-app-dev/web-where/"
+            r = httpx.get(url, timeout=180)
+            assert r.status_code == 200, r.text
+            with handle.cp.db.read() as conn:
+                W = models.workers  # noqa: N806
+                row = conn.execute(W.select().where(W.c.id == r.json()["worker"])).mappings().one()
+    assert row["provider"] == "aws"
+
+
 def test_cloud_workers_do_not_count_against_this_machines_worker_budget(
     aws: Any, sandbox: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

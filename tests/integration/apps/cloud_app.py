@@ -29,3 +29,10 @@ def brief(x: int) -> int:
 def wide(x: int) -> int:
     time.sleep(0.3)
     return x
+
+
+@app.function(gpu="H100:8", spot="never")
+@cloudmodal.fastapi_endpoint()
+def web_where() -> dict:
+    """A web endpoint on a cloud node: its worker reaches the control plane only through its tunnel."""
+    return {"worker": os.environ.get("CLOUDMODAL_WORKER_ID")}
