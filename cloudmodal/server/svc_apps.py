@@ -72,7 +72,11 @@ class Apps:
 
     def record_deployment(self, app_id: str, functions: list[str]) -> int:
         with self.cp.db.write() as conn:
-            version = conn.execute(select(A.c.version).where(A.c.id == app_id)).scalar_one_or_none()
+            # the app row locked (PostgreSQL; SQLite writes one at a time anyway): two deploys of one app at
+            # once record their deployments in turn, so the second sees the first's schedule rows
+            version = conn.execute(
+                select(A.c.version).where(A.c.id == app_id).with_for_update()
+            ).scalar_one_or_none()
             if version is None:
                 raise NotFoundError(f"App {app_id} not found.")
             now = time.time()

@@ -372,3 +372,50 @@ def test_a_broken_row_does_not_stop_the_others(cp: ControlPlane) -> None:
     pools = {p["function_id"]: p for p in cp.apps.list_apps()[0]["pools"]}
     assert pools[ids["tick"]]["schedule"]["last_call_id"] == fired.call_id
     assert pools[ids["tick"]]["schedule"]["last_run_at"] == row.anchor + 10
+
+
+def test_two_deploys_at_once_on_postgresql_do_not_collide(new_postgres_database: Any, tmp_path: Path) -> None:
+    """Deploy 1 is mid-transaction (its schedule row written, not committed) when deploy 2 of the same app
+    records its deployment: deploy 2 waits for deploy 1 (the app row is locked) and then finds the row,
+    instead of inserting a second one and failing on the key when deploy 1 commits."""
+    from sqlalchemy import text
+
+    from cloudmodal.server.scheduler import sync_app_schedules
+
+    cp = _plane(tmp_path, new_postgres_database())
+    try:
+        ids = _deploy(cp, {"plain": None})  # the app exists; now a scheduled function joins it
+        spec = FunctionSpec(name="tick", module="m", qualname="tick", schedule=P10.to_wire())
+        fid = cp.functions.create_function({"app_id": "ap-sched", "name": "tick", "spec": spec.to_wire()})[
+            "function_id"
+        ]
+        first = cp.db.engine.connect()
+        tx = first.begin()
+        first.execute(select(models.apps.c.id).where(models.apps.c.id == "ap-sched").with_for_update())
+        sync_app_schedules(first, "ap-sched", ["plain", "tick"], A0)  # deploy 1's work, uncommitted
+        outcome: dict[str, Any] = {}
+
+        def second() -> None:
+            try:
+                outcome["version"] = cp.apps.record_deployment("ap-sched", ["plain", "tick"])
+            except Exception as e:
+                outcome["error"] = e
+
+        t = threading.Thread(target=second)
+        t.start()
+        with cp.db.engine.connect() as probe:  # deploy 2 is waiting on a lock
+            for _ in range(600):
+                waiting = probe.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                ).scalar()
+                if waiting:
+                    break
+                threading.Event().wait(0.05)
+            assert waiting, "deploy 2 never waited on deploy 1"
+        tx.commit()
+        first.close()
+        t.join(60)
+        assert "error" not in outcome, outcome
+        assert _row(cp, fid) is not None and _row(cp, ids["plain"]) is None
+    finally:
+        cp.db.dispose()
