@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("cloudmodal.web")
 
 
+WATCH_AFTER_S = (
+    0.05  # an answer later than this has its client watched for leaving (and its handler cancelled)
+)
 ROUTE_CACHE_S = 1.0  # how long an (app, label) -> function look-up is trusted (a redeploy shows within it)
 TOKEN_RECHECK_S = 5.0  # how often an open tunnel's worker token is checked again
 PROXY_KEY_HEADERS = (b"modal-key", b"cloudmodal-key")
@@ -186,6 +189,11 @@ class WebGateway:
         self.api = api
         self.pools: dict[str, _Pool] = {}
         self._routes: dict[tuple[str, str], tuple[float, Target | None]] = {}
+        self._refreshing: dict[tuple[str, str], asyncio.Future[Target | None]] = {}
+        from cloudmodal.settings import settings
+
+        self.domain = settings().web_domain
+        self.start_timeout_s = settings().web_start_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the reconciler's view -------------------------------------------------------------------------
@@ -235,9 +243,8 @@ class WebGateway:
     # -- ASGI ------------------------------------------------------------------------------------------
     def wrap(self, api: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
         """The ASGI application: web paths (and hosts) here, tunnels here, everything else to ``api``."""
-        from cloudmodal.settings import settings
 
-        domain = settings().web_domain
+        domain = self.domain
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             kind = scope["type"]
@@ -284,7 +291,6 @@ class WebGateway:
             headers = [
                 h for h in headers if h[0] not in PROXY_KEY_HEADERS and h[0] not in PROXY_SECRET_HEADERS
             ]
-        from cloudmodal.settings import settings
 
         self._loop = asyncio.get_running_loop()
         pool = self.pools.get(target.function_id)
@@ -292,7 +298,7 @@ class WebGateway:
             pool = self.pools[target.function_id] = _Pool()
         pool.last_request_at = time.time()
         failures = pool.failures
-        tunnel = await self._acquire(pool, target, settings().web_start_timeout_s)
+        tunnel = await self._acquire(pool, target, self.start_timeout_s)
         if tunnel is None and pool.failures != failures:
             return await _answer(
                 scope, receive, send, 503, f"The endpoint's workers fail to start: {pool.failure}"
@@ -303,7 +309,7 @@ class WebGateway:
                 receive,
                 send,
                 503,
-                f"No worker of {label!r} became ready within {settings().web_start_timeout_s:g}s "
+                f"No worker of {label!r} became ready within {self.start_timeout_s:g}s "
                 "(CLOUDMODAL_WEB_START_TIMEOUT_S); `cloudmodal app logs` shows why.",
             )
         wire = _wire_scope(scope, headers, root)
@@ -360,6 +366,7 @@ class WebGateway:
         stream = tunnel.open()
         sid = stream.sid
         pump: asyncio.Task[None] | None = None
+        late: asyncio.TimerHandle | None = None
         started = False
         try:
             first = await receive()
@@ -373,7 +380,16 @@ class WebGateway:
                 rest = []
             await tunnel.send([wt.REQUEST, sid, target.method, wire, body, bool(more or rest)])
             await stream.window.take(len(body))
-            pump = asyncio.create_task(self._pump_request(tunnel, stream, receive, rest, more))
+            if more or rest:  # the rest of the body goes over, and then the pump watches for a disconnect
+                pump = asyncio.create_task(self._pump_request(tunnel, stream, receive, rest, more))
+            else:
+                # A whole request: most answers come back at once, and watching for the client leaving (a
+                # task per request) only pays for slow ones, so the watch starts if the answer is late.
+                def watch() -> None:
+                    nonlocal pump
+                    pump = asyncio.create_task(self._pump_request(tunnel, stream, receive, [], False))
+
+                late = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
             try:
                 answer = await stream.answer
             except TunnelBroken:
@@ -385,6 +401,10 @@ class WebGateway:
             if answer[0] == wt.ERROR:
                 return await _answer_http(send, 502, f"The endpoint failed before answering: {answer[2]}")
             _, _, status, headers, body, more = answer
+            if more and pump is None:  # a streamed answer (SSE...): its client may leave mid-way
+                if late is not None:
+                    late.cancel()
+                pump = asyncio.create_task(self._pump_request(tunnel, stream, receive, [], False))
             await send({"type": "http.response.start", "status": status, "headers": headers})
             started = True
             await send({"type": "http.response.body", "body": body, "more_body": more})
@@ -408,6 +428,8 @@ class WebGateway:
                 return
             raise
         finally:
+            if late is not None:
+                late.cancel()
             if pump is not None:
                 pump.cancel()
             tunnel.streams.pop(sid, None)
@@ -606,16 +628,28 @@ class WebGateway:
 
     # -- routing --------------------------------------------------------------------------------------
     async def _resolve(self, app_seg: str, label: str) -> Target | None:
+        """The endpoint's target, from the route cache: an entry older than :data:`ROUTE_CACHE_S` is still
+        answered while one look-up refreshes it in the background, and concurrent misses share one look-up."""
         key = (app_seg, label)
-        now = time.monotonic()
         hit = self._routes.get(key)
-        if hit is not None and hit[0] > now:
+        if hit is not None:
+            if hit[0] <= time.monotonic() and key not in self._refreshing:
+                self._refreshing[key] = asyncio.ensure_future(self._refresh(key))
             return hit[1]
-        target = await self.api.run(self._lookup, app_seg, label)
-        if len(self._routes) > 10_000:
-            self._routes.clear()
-        self._routes[key] = (now + ROUTE_CACHE_S, target)
-        return target
+        pending = self._refreshing.get(key)
+        if pending is None:
+            pending = self._refreshing[key] = asyncio.ensure_future(self._refresh(key))
+        return await asyncio.shield(pending)
+
+    async def _refresh(self, key: tuple[str, str]) -> Target | None:
+        try:
+            target = await self.api.run(self._lookup, *key)
+            if len(self._routes) > 10_000:
+                self._routes.clear()
+            self._routes[key] = (time.monotonic() + ROUTE_CACHE_S, target)
+            return target
+        finally:
+            self._refreshing.pop(key, None)
 
     def _lookup(self, app_seg: str, label: str) -> Target | None:
         """The live app ``app_seg`` names (a deployed app; ``NAME-dev``: the newest running ephemeral app

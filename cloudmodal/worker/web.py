@@ -385,9 +385,13 @@ class WebServer:
             return
         if kind == wt.CREDIT:
             st.window.give(frame[2])
-        elif kind == wt.CANCEL:
+        elif kind == wt.CANCEL:  # the client left: a handler still answering is cancelled
             st.disconnected.set()
             st.inbox.put_nowait(None)
+            if (
+                not st.done and st.task is not None
+            ):  # (work after a complete answer, background tasks, runs on)
+                st.task.cancel()
         else:  # DATA, WS_MESSAGE, WS_CLOSE
             st.inbox.put_nowait(frame)
 

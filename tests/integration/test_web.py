@@ -284,6 +284,15 @@ def test_a_worker_killed_mid_request(client: httpx.Client, web: tuple[ServerHand
     assert r.status_code == 200 and r.json()["pid"] != pid
 
 
+def test_a_client_that_leaves_cancels_its_handler(web: tuple[ServerHandle, Path, Any]) -> None:
+    handle, marks = web[0], web[1]
+    host, port = handle.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"GET /web/web-test/api/until-cancelled?key=left HTTP/1.1\r\nHost: x\r\n\r\n")
+        _until(lambda: (marks / "started-left").exists(), "the handler to start")
+    _until(lambda: (marks / "cancelled-left").exists(), "the handler to be cancelled")
+
+
 def test_the_tunnel_takes_only_its_workers_token(web: tuple[ServerHandle, Path, Any]) -> None:
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect

@@ -95,6 +95,16 @@ def api():  # type: ignore[no-untyped-def]
         await asyncio.sleep(3600)
         return {"pid": os.getpid()}
 
+    @web.get("/until-cancelled")
+    async def until_cancelled(key: str) -> dict[str, int]:
+        (MARKS / f"started-{key}").touch()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            (MARKS / f"cancelled-{key}").touch()  # the client left: its handler was cancelled
+            raise
+        return {"pid": os.getpid()}
+
     @web.websocket("/ws")
     async def echo(ws: WebSocket) -> None:
         await ws.accept()
