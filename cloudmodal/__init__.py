@@ -21,6 +21,7 @@ from cloudmodal import exception
 from cloudmodal._context import current_call_id as _current_call_id
 from cloudmodal._context import current_input_id as _current_input_id
 from cloudmodal.app import App
+from cloudmodal.budget import Budget
 from cloudmodal.cloud_bucket_mount import CloudBucketMount
 from cloudmodal.dict import Dict
 from cloudmodal.functions import Cls, Function, FunctionCall
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "Budget",
     "CloudBucketMount",
     "Cls",
     "Cron",

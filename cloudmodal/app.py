@@ -42,6 +42,7 @@ from cloudmodal._user_class import (
     instantiate,
     run_lifecycle_hooks,
 )
+from cloudmodal.budget import Budget
 from cloudmodal.cloud_bucket_mount import CloudBucketMount
 from cloudmodal.exception import InvalidError
 from cloudmodal.functions import Cls, Function
@@ -100,11 +101,17 @@ class App:
         secrets: Sequence[Secret] = (),
         volumes: Mapping[str | PurePosixPath, Volume | CloudBucketMount] | None = None,
         include_source: bool = True,
+        budget: Budget | None = None,
     ) -> None:
         if name is not None:
             check_object_name(name, "App")
         self._name = name
         self._tags = self._check_tags(tags or {})
+        if budget is not None and not isinstance(budget, Budget):
+            raise InvalidError(
+                f"App(budget=...) takes a cloudmodal.Budget, e.g. Budget(max_per_hour=20.0); got {budget!r}."
+            )
+        self._budget = budget
         if image is not None and not isinstance(image, Image):
             raise fail(
                 "cloudmodal.App",
@@ -146,6 +153,10 @@ class App:
     @property
     def tags(self) -> dict[str, str]:
         return dict(self._tags)
+
+    @property
+    def budget(self) -> Budget | None:
+        return self._budget
 
     @property
     def image(self) -> Image | None:

@@ -217,6 +217,11 @@ class Settings(BaseSettings):
     worker_timeout_s: float = _seconds(
         30.0, "how long a silent worker is taken for dead", group="control plane"
     )
+    ledger_accrual_s: float = _seconds(
+        30.0,
+        "how often the cost ledger accrues running workers' time (a stopped worker's is accrued at once)",
+        group="control plane",
+    )
     web_start_timeout_s: float = _seconds(
         120.0,
         "how long a web request waits for a worker of its endpoint to start (scaling from zero) before it is "

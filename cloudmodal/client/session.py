@@ -310,6 +310,18 @@ def register_app_functions(
     return names
 
 
+def _app_extras(app: Any) -> dict[str, Any]:
+    """An app's tags (cost grouping) and budget, as the control plane takes them."""
+    out: dict[str, Any] = {}
+    tags = getattr(app, "tags", None)
+    if tags:
+        out["tags"] = dict(tags)
+    budget = getattr(app, "budget", None)
+    if budget is not None:
+        out["budget"] = budget.to_wire()
+    return out
+
+
 def web_endpoints(session: Session, app: Any, app_name: str, *, ephemeral: bool) -> list[tuple[str, str]]:
     """``(function or Cls.method, URL)`` of each web endpoint of ``app``, as served by ``session``'s control
     plane."""
@@ -343,7 +355,9 @@ def run_app(
     allow_cpu = gpu_fallback == "cpu" or settings().gpu_fallback == "cpu"
     session = connect()
     app_id = new_id("ap")
-    session.transport.post("/v1/apps", {"app_id": app_id, "name": name or _app_name(app), "ephemeral": True})
+    session.transport.post(
+        "/v1/apps", {"app_id": app_id, "name": name or _app_name(app), "ephemeral": True, **_app_extras(app)}
+    )
     running = RunningApp(session, app_id, name or _app_name(app))
     app._running = running
     try:
@@ -379,7 +393,9 @@ def deploy(app: Any, *, name: str | None = None, allow_cpu_fallback: bool = Fals
     check_app(app, "deploy")
     session = current_session()
     assert session is not None
-    info = session.transport.post("/v1/apps", {"app_id": new_id("ap"), "name": name, "ephemeral": False})
+    info = session.transport.post(
+        "/v1/apps", {"app_id": new_id("ap"), "name": name, "ephemeral": False, **_app_extras(app)}
+    )
     app_id = info["id"]
     names = register_app_functions(
         session, app, app_id, allow_cpu_fallback=allow_cpu_fallback, app_name=name, ephemeral=False

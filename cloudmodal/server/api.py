@@ -56,6 +56,17 @@ MiB = 1024 * 1024
 Spec = Annotated[dict[str, Any], bounded_depth()]  # its fields: the spec validator's
 
 
+TagText = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,63}$")]
+
+
+class BudgetWire(BaseModel):
+    """An app's ``cloudmodal.Budget``: USD an hour and USD a period, either or both."""
+
+    max_per_hour: Annotated[float, Field(ge=0, le=1e9)] | None = None
+    max_total: Annotated[float, Field(ge=0, le=1e12)] | None = None
+    period: Literal["day", "week", "month"] = "month"
+
+
 class AppCreate(BaseModel):
     max_body: ClassVar[int] = SMALL_BODY
 
@@ -63,6 +74,8 @@ class AppCreate(BaseModel):
     name: AppName
     ephemeral: bool = True
     description: Text = ""
+    tags: dict[TagText, TagText] | None = Field(default=None, max_length=64)
+    budget: BudgetWire | None = None
 
 
 class FunctionCreate(BaseModel):
@@ -295,7 +308,8 @@ def build_routes(cp: ControlPlane) -> TableApp:
     async def create_app(b: AppCreate, who: Identity) -> Any:
         if not who.team_wide and (who.apps is None or b.name not in who.apps):
             raise exc.PermissionDeniedError(f"This token may not create app {b.name!r}.")
-        return await run(cp.apps.create_app, b.app_id, b.name, b.ephemeral, b.description)
+        budget = b.budget.model_dump() if b.budget is not None else None
+        return await run(cp.apps.create_app, b.app_id, b.name, b.ephemeral, b.description, b.tags, budget)
 
     @route("GET", "/v1/apps", "member")
     async def list_apps(who: Identity, all: bool = True, limit: int = 100) -> Any:
@@ -634,9 +648,9 @@ def build_routes(cp: ControlPlane) -> TableApp:
         return {"revoked": token_id}
 
     # -- state objects: dicts, queues, secrets, volumes (each kind's routes in a module of its own) ---------
-    from cloudmodal.server import api_kv, api_secrets, api_volumes
+    from cloudmodal.server import api_cost, api_kv, api_secrets, api_volumes
 
-    for module in (api_kv, api_secrets, api_volumes):
+    for module in (api_cost, api_kv, api_secrets, api_volumes):
         module.add_routes(route, run, cp)
 
     router = TableApp(routes, authenticate, title="cloudmodal control plane", on_startup=cp.hub.bind)

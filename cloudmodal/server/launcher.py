@@ -615,6 +615,7 @@ class Launcher(ReconcilerBase):
         self._launch_errors.pop(fid, None)
         with self._lock:
             self.handles[worker_id] = (choice.provider, handle)
+        launched_at = time.time()  # the cost ledger bills the worker from here (cloudmodal.server.ledger)
         if restored:
             self.cp.activity.event("pool.spot_restored", restored, app_id=app_id, function_id=fid)
         with self.cp.db.write() as conn:
@@ -629,6 +630,7 @@ class Launcher(ReconcilerBase):
                     gpu=str(choice.tier) if choice.tier else None,
                     offer=_offer_dict(choice),
                     handle=handle.to_wire(),
+                    launched_at=launched_at,
                 )
             )
         self.cp.activity.event(
@@ -640,6 +642,7 @@ class Launcher(ReconcilerBase):
             offer=_offer_dict(choice),
             market=handle.market,
             price_per_hour=handle.price_per_hour,
+            launched_at=launched_at,
             **({} if choice.egress is None else {"egress_usd": round(choice.egress, 6)}),
         )
 
@@ -709,6 +712,7 @@ def _offer_dict(choice: _Choice) -> dict[str, Any] | None:
         "gpu": str(choice.tier),
         "market": choice.market,
         "price_per_hour": choice.price,
+        "on_demand_per_hour": o.price_ondemand,  # what the same hours cost on demand, at launch (spot savings)
         **({} if choice.egress is None else {"egress_usd": round(choice.egress, 6)}),
     }
 

@@ -51,6 +51,8 @@ class App(Row, table=True):
     client_heartbeat_at: float | None = None
     version: int = 1
     description: str = ""
+    tags: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))  # App(tags=...): cost grouping
+    budget: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # App(budget=Budget(...))
 
 
 class Deployment(Row, table=True):
@@ -175,6 +177,9 @@ class Worker(Row, table=True):
     # The provider's WorkerHandle.to_wire(): how a restarted or standby control plane finds the worker's
     # machine again (a cloud node, a local process) to watch and stop it.
     handle: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    launched_at: float | None = None  # when its provider accepted the launch: billing starts here
+    billed_until: float | None = None  # how far the cost ledger has accrued its time
+    billing_closed: bool = False  # stopped, and its last span (with the billing minimum) is written
 
 
 class Pool(Row, table=True):
@@ -263,4 +268,10 @@ def use_postgresql_partial_indexes() -> None:
 
 # The state objects' tables (Dict, Queue, Secret, Volume), each kind in a module of its own; imported here so
 # that ``metadata`` (what the migrations are checked against) holds them too.
-from cloudmodal.server import models_kv, models_schedules, models_secrets, models_volumes  # noqa: E402, F401
+from cloudmodal.server import (  # noqa: E402, F401
+    models_kv,
+    models_ledger,
+    models_schedules,
+    models_secrets,
+    models_volumes,
+)

@@ -252,6 +252,9 @@ class Reconciler(Launcher, Health, Estimates):
             self.pruner.maybe_start(now, self._step)  # about once a minute, on its own thread
             if now - self._last_inventory > INVENTORY_INTERVAL_S:
                 self._step("listing provider machines", self._settle_inventory)
+        ledger = cp.ledger
+        if ledger is not None and ledger.due(time.time()):  # wall time: what the clouds bill by
+            self._step("accruing the cost ledger", ledger.accrue)
         self._step("firing schedules", self.scheduler.run_due, now)  # before counting: its calls count now
         self._step("reaping workers", self._reap, now)
         counts = cp.queue.counts()

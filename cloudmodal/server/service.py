@@ -77,6 +77,9 @@ class Settings:
     retention_logs_ephemeral_s: float = 86400.0
     retention_logs_deployed_s: float = 30 * 86400.0
     retention_interval_s: float = 60.0  # how often the reconciling control plane prunes
+    ledger_accrual_s: float = (
+        30.0  # how often the cost ledger accrues running workers (cloudmodal.server.ledger)
+    )
 
 
 def _now() -> float:
@@ -244,6 +247,10 @@ class ControlPlane:
         self.secrets = SecretBox.for_state_dir(settings.state_dir)
         self.reconciler: Any = None  # set by server.app when it starts the reconciler
         self.web: Any = None  # the web gateway (server.web_gateway), set by server.app with its server
+        from cloudmodal.server.ledger import Ledger
+
+        self.ledger: Ledger | None = Ledger(self, settings.ledger_accrual_s)
+        self.cost: Any = None  # cost reports (server.cost_report), set with the route table
         # guards the hand-off's registries below, and the workers' cancellations and service estimates
         self._lock = threading.Lock()
         self.functions = Functions(self)

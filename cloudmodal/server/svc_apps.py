@@ -33,9 +33,18 @@ class Apps:
         self.cp = cp
         self._stop_failed: set[str] = set()  # abandoned apps whose stop failed (logged once)
 
-    def create_app(self, app_id: str, name: str, ephemeral: bool, description: str = "") -> dict[str, Any]:
+    def create_app(
+        self,
+        app_id: str,
+        name: str,
+        ephemeral: bool,
+        description: str = "",
+        tags: dict[str, str] | None = None,
+        budget: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Create an app (idempotent by id). Deploying a name that is deployed already is a redeploy: the
-        same app, its version one higher (``"redeploy": True`` in the answer)."""
+        same app, its version one higher (``"redeploy": True`` in the answer), with the tags and budget the
+        new deployment declares."""
         now = time.time()
         validate_name(name, "App name")
         state = AppState.RUNNING if ephemeral else AppState.DEPLOYED
@@ -51,7 +60,9 @@ class Apps:
                 ).first()
                 if dep is not None:  # redeploy: same app, next version
                     version = dep.version + 1
-                    conn.execute(update(A).where(A.c.id == dep.id).values(version=version))
+                    conn.execute(
+                        update(A).where(A.c.id == dep.id).values(version=version, tags=tags, budget=budget)
+                    )
                     return dict(dep._mapping) | {"version": version, "redeploy": True}
             conn.execute(
                 A.insert().values(
@@ -63,6 +74,8 @@ class Apps:
                     client_heartbeat_at=now,
                     version=1,
                     description=description,
+                    tags=tags,
+                    budget=budget,
                 )
             )
         self.cp.activity.event(

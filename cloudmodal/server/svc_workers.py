@@ -210,10 +210,11 @@ class Workers:
             ).first()
             if row is None or row[0] == WorkerState.STOPPED:
                 return
+            stopped_at = time.time()
             conn.execute(
                 update(W)
                 .where(W.c.id == worker_id)
-                .values(state=WorkerState.STOPPED, stopped_at=time.time(), stop_reason=row[3] or reason)
+                .values(state=WorkerState.STOPPED, stopped_at=stopped_at, stop_reason=row[3] or reason)
             )
         cp.unpark_worker(worker_id)  # before requeueing what it held: nothing new reaches it after
         n, dead_calls = cp.queue.release_worker(worker_id, crashed=crashed)
@@ -230,7 +231,10 @@ class Workers:
             function_id=row[2],
             worker_id=worker_id,
             requeued=n,
+            stopped_at=stopped_at,
         )
+        if self.cp.ledger is not None:
+            self.cp.ledger.soon()  # its last span, with the billing minimum, is written on the next accrual
         if reason.startswith("startup failed"):
             self._on_startup_failure(row[1], row[2], reason)
 

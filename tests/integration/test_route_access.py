@@ -54,6 +54,7 @@ EXPECTED = {
     ("POST", "/v1/tokens/{token_id}/revoke"): "owner",
     ("POST", "/v1/secrets"): "member",
     ("GET", "/v1/secrets"): "member",
+    ("GET", "/v1/cost"): "member",
     ("GET", "/v1/secrets/{secret_name}"): "member",
     ("POST", "/v1/secrets/{secret_name}/update"): "member",
     ("POST", "/v1/secrets/{secret_name}/delete"): "member",

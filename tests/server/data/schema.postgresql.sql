@@ -8,6 +8,8 @@ CREATE TABLE app (
 	client_heartbeat_at FLOAT, 
 	version INTEGER NOT NULL, 
 	description VARCHAR NOT NULL, 
+	tags JSON, 
+	budget JSON, 
 	PRIMARY KEY (id)
 );
 CREATE INDEX ix_app_name ON app (name);
@@ -184,6 +186,71 @@ CREATE TABLE kv_request (
 CREATE INDEX ix_kv_request_created ON kv_request (created_at);
 -- default kv_request.op = ''
 -- default kv_request.created_at = 0.0
+CREATE TABLE ledger_hour (
+	hour FLOAT NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	function_id VARCHAR NOT NULL, 
+	gpu VARCHAR NOT NULL, 
+	cloud VARCHAR NOT NULL, 
+	market VARCHAR NOT NULL, 
+	cost FLOAT NOT NULL, 
+	seconds FLOAT NOT NULL, 
+	gpu_seconds FLOAT NOT NULL, 
+	idle_seconds FLOAT NOT NULL, 
+	idle_cost FLOAT NOT NULL, 
+	spot_cost FLOAT NOT NULL, 
+	spot_on_demand_cost FLOAT NOT NULL, 
+	spans INTEGER NOT NULL, 
+	CONSTRAINT pk_ledger_hour PRIMARY KEY (hour, app_id, function_id, gpu, cloud, market)
+);
+CREATE INDEX ix_ledger_hour_app ON ledger_hour (app_id, hour);
+-- default ledger_hour.cost = 0.0
+-- default ledger_hour.seconds = 0.0
+-- default ledger_hour.gpu_seconds = 0.0
+-- default ledger_hour.idle_seconds = 0.0
+-- default ledger_hour.idle_cost = 0.0
+-- default ledger_hour.spot_cost = 0.0
+-- default ledger_hour.spot_on_demand_cost = 0.0
+-- default ledger_hour.spans = 0
+CREATE TABLE ledger_span (
+	id SERIAL NOT NULL, 
+	worker_id VARCHAR NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	function_id VARCHAR NOT NULL, 
+	provider VARCHAR NOT NULL, 
+	cloud VARCHAR NOT NULL, 
+	region VARCHAR NOT NULL, 
+	instance_type VARCHAR NOT NULL, 
+	gpu VARCHAR NOT NULL, 
+	gpu_count INTEGER NOT NULL, 
+	market VARCHAR NOT NULL, 
+	price_per_hour FLOAT NOT NULL, 
+	on_demand_per_hour FLOAT, 
+	t0 FLOAT NOT NULL, 
+	t1 FLOAT NOT NULL, 
+	seconds FLOAT NOT NULL, 
+	idle_seconds FLOAT NOT NULL, 
+	cost FLOAT NOT NULL, 
+	kind VARCHAR NOT NULL, 
+	recorded_at FLOAT NOT NULL, 
+	PRIMARY KEY (id), 
+	CONSTRAINT uq_ledger_span_worker_t0_kind UNIQUE (worker_id, t0, kind)
+);
+CREATE INDEX ix_ledger_span_app_t0 ON ledger_span (app_id, t0);
+CREATE INDEX ix_ledger_span_t0 ON ledger_span (t0);
+-- default ledger_span.region = ''
+-- default ledger_span.instance_type = ''
+-- default ledger_span.gpu = ''
+-- default ledger_span.gpu_count = 0
+-- default ledger_span.market = 'on-demand'
+-- default ledger_span.price_per_hour = 0.0
+-- default ledger_span.t0 = 0.0
+-- default ledger_span.t1 = 0.0
+-- default ledger_span.seconds = 0.0
+-- default ledger_span.idle_seconds = 0.0
+-- default ledger_span.cost = 0.0
+-- default ledger_span.kind = 'compute'
+-- default ledger_span.recorded_at = 0.0
 CREATE TABLE log (
 	id SERIAL NOT NULL, 
 	app_id VARCHAR NOT NULL, 
@@ -326,6 +393,9 @@ CREATE TABLE worker (
 	host VARCHAR NOT NULL, 
 	pid INTEGER, 
 	handle JSON, 
+	launched_at FLOAT, 
+	billed_until FLOAT, 
+	billing_closed BOOLEAN NOT NULL, 
 	PRIMARY KEY (id)
 );
 CREATE INDEX ix_worker_app_id ON worker (app_id);
@@ -340,3 +410,4 @@ CREATE INDEX ix_worker_function_id ON worker (function_id);
 -- default worker.market = 'on-demand'
 -- default worker.price_per_hour = 0.0
 -- default worker.host = ''
+-- default worker.billing_closed = False

@@ -1,0 +1,268 @@
+"""The cost ledger's writer: each launched worker's time, at the $/h fixed when it launched, as spans.
+
+:meth:`Ledger.accrue` (run by the reconciling control plane every ``CLOUDMODAL_LEDGER_ACCRUAL_S`` and soon
+after a worker stops) writes, for every worker whose billing is open, its time from where the ledger got to
+(``billed_until``, else ``launched_at``: when its provider accepted the launch) to now, or to its end
+(``stopped_at``). A stopped worker's last accrual adds the top-up of its cloud's billing minimum and increment
+(:mod:`cloudmodal.pricing.billing`) and closes it.
+
+- The price is the worker row's ``price_per_hour`` (fixed at launch) and the on-demand price its offer had
+  then: a catalog change never changes what the ledger says.
+- Spans never cross an hour boundary and each updates its hour's rollup (``ledger_hour``) in the same
+  transaction, so a report reads a handful of rows per hour.
+- The idle part of a span (the worker had no input nor request since ``idle_since``) is counted: a warm pool's
+  idle time is charged to the app that kept it warm, and shown as such.
+- Exactly once: each worker's accrual moves its ``billed_until`` by compare-and-swap in the transaction that
+  writes its spans, so two control planes (or a retry) never write a stretch twice.
+
+Workers of the local provider cost nothing unless a price is configured; their time is recorded all the
+same (hours, GPU-hours).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, select, update
+
+from cloudmodal.pricing.billing import billed_seconds
+from cloudmodal.server import models
+from cloudmodal.server.models_ledger import LedgerHour, LedgerSpan
+from cloudmodal.server.states import WorkerState
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from cloudmodal.server.service import ControlPlane
+
+log = logging.getLogger("cloudmodal.ledger")
+
+W = models.workers
+SPAN = LedgerSpan.__table__  # type: ignore[attr-defined]
+HOUR = LedgerHour.__table__  # type: ignore[attr-defined]
+HOUR_S = 3600.0
+
+WORKER_COLUMNS = (
+    W.c.id,
+    W.c.app_id,
+    W.c.function_id,
+    W.c.provider,
+    W.c.state,
+    W.c.started_at,
+    W.c.launched_at,
+    W.c.billed_until,
+    W.c.stopped_at,
+    W.c.idle_since,
+    W.c.offer,
+    W.c.market,
+    W.c.price_per_hour,
+    W.c.gpu,
+)
+
+
+@dataclass(frozen=True)
+class Billed:
+    """What one worker is billed as: fixed when it launched."""
+
+    provider: str
+    cloud: str
+    region: str
+    instance_type: str
+    gpu: str
+    gpu_count: int
+    market: str
+    price_per_hour: float
+    on_demand_per_hour: float | None
+
+    @classmethod
+    def of(cls, w: Any) -> Billed:
+        offer = w.offer or {}
+        gpu = w.gpu or offer.get("gpu") or ""
+        return cls(
+            provider=w.provider or "",
+            cloud=offer.get("cloud") or ("" if w.provider == "local" else w.provider or ""),
+            region=offer.get("region") or "",
+            instance_type=offer.get("instance_type") or "",
+            gpu=gpu,
+            gpu_count=_gpu_count(gpu),
+            market=w.market or "on-demand",
+            price_per_hour=float(w.price_per_hour or 0.0),
+            on_demand_per_hour=_on_demand(offer, w.market, w.price_per_hour),
+        )
+
+
+def _gpu_count(tier: str) -> int:
+    if not tier:
+        return 0
+    _, _, n = tier.partition(":")
+    return int(n) if n.isdigit() else 1
+
+
+def _on_demand(offer: dict[str, Any], market: str | None, price: float | None) -> float | None:
+    if market != "spot":
+        return float(price or 0.0)
+    od = offer.get("on_demand_per_hour")
+    return float(od) if od is not None else None
+
+
+def hours_between(t0: float, t1: float) -> list[tuple[float, float]]:
+    """``[t0, t1)`` cut at every hour boundary.
+
+    >>> hours_between(3500.0, 7300.0)
+    [(3500.0, 3600.0), (3600.0, 7200.0), (7200.0, 7300.0)]
+    """
+    out = []
+    t = t0
+    while t < t1:
+        end = min(t1, (math.floor(t / HOUR_S) + 1) * HOUR_S)
+        out.append((t, end))
+        t = end
+    return out
+
+
+class Ledger:
+    def __init__(self, cp: ControlPlane, interval_s: float = 30.0) -> None:
+        self.cp = cp
+        self.interval_s = interval_s
+        self.last_accrual = 0.0
+        self._soon = False
+
+    def soon(self) -> None:
+        """A worker stopped: accrue at the next chance rather than at the next interval (any thread)."""
+        self._soon = True
+
+    def due(self, now: float) -> bool:
+        return self._soon or now - self.last_accrual >= self.interval_s
+
+    def accrue(self, now: float | None = None) -> int:
+        """Accrue every open worker up to ``now`` (or its end); the number of spans written."""
+        now = time.time() if now is None else now
+        self.last_accrual = now
+        self._soon = False
+        with self.cp.db.read() as conn:
+            open_workers = conn.execute(
+                select(*WORKER_COLUMNS).where(
+                    and_(W.c.billing_closed.is_(False), W.c.launched_at.is_not(None))
+                )
+            ).all()
+        written = 0
+        for w in open_workers:
+            try:
+                written += self._accrue_worker(w, now)
+            except Exception:
+                log.exception("accruing worker %s failed; it is tried again on the next accrual", w.id)
+        return written
+
+    def _accrue_worker(self, w: Any, now: float) -> int:
+        end, rows = plan(w, now)
+        if end is None:
+            return 0
+        stopped = w.state == WorkerState.STOPPED
+        with self.cp.db.write() as conn:
+            moved = conn.execute(
+                update(W)
+                .where(
+                    and_(
+                        W.c.id == w.id,
+                        W.c.billing_closed.is_(False),
+                        W.c.billed_until.is_(None)
+                        if w.billed_until is None
+                        else W.c.billed_until == w.billed_until,
+                    )
+                )
+                .values(billed_until=end, billing_closed=stopped)
+            ).rowcount
+            if not moved:
+                return 0  # another accrual got there first
+            if rows:
+                conn.execute(SPAN.insert(), rows)
+                for r in rows:
+                    _add_to_hour(conn, self.cp.db.is_sqlite, r)
+        return len(rows)
+
+
+def plan(w: Any, now: float) -> tuple[float | None, list[dict[str, Any]]]:
+    """What accruing worker row ``w`` (``WORKER_COLUMNS``) at ``now`` writes: ``(new billed_until, span
+    rows)``, or ``(None, [])`` when there is nothing yet. Pure: the report uses it for the time not accrued."""
+    launched = float(w.launched_at)
+    start = float(w.billed_until) if w.billed_until is not None else launched
+    stopped = w.state == WorkerState.STOPPED
+    end = float(w.stopped_at or now) if stopped else now
+    end = max(end, start)
+    if not stopped and end - start < 1.0:
+        return None, []  # nothing worth a row yet
+    billed = Billed.of(w)
+    idle_from = float(w.idle_since) if w.idle_since is not None else None
+    rows = []
+    for t0, t1 in hours_between(start, end):
+        idle = max(0.0, t1 - max(t0, idle_from)) if idle_from is not None else 0.0
+        rows.append(_span(w, billed, t0, t1, t1 - t0, idle, "compute", now))
+    if stopped:
+        ran = end - launched
+        top_up = billed_seconds(billed.cloud, ran) - ran
+        if top_up > 1e-9:
+            rows.append(_span(w, billed, end, end, top_up, 0.0, "minimum", now))
+    return end, rows
+
+
+def _span(
+    w: Any, b: Billed, t0: float, t1: float, seconds: float, idle: float, kind: str, now: float
+) -> dict[str, Any]:
+    return {
+        "worker_id": w.id,
+        "app_id": w.app_id,
+        "function_id": w.function_id,
+        "provider": b.provider,
+        "cloud": b.cloud,
+        "region": b.region,
+        "instance_type": b.instance_type,
+        "gpu": b.gpu,
+        "gpu_count": b.gpu_count,
+        "market": b.market,
+        "price_per_hour": b.price_per_hour,
+        "on_demand_per_hour": b.on_demand_per_hour,
+        "t0": t0,
+        "t1": t1,
+        "seconds": seconds,
+        "idle_seconds": idle,
+        "cost": b.price_per_hour * seconds / HOUR_S,
+        "kind": kind,
+        "recorded_at": now,
+    }
+
+
+def _add_to_hour(conn: Connection, sqlite: bool, r: dict[str, Any]) -> None:
+    """Add span ``r`` to its hour's rollup row (made if missing)."""
+    spot_known = r["market"] == "spot" and r["on_demand_per_hour"] is not None
+    delta = {
+        "cost": r["cost"],
+        "seconds": r["seconds"],
+        "gpu_seconds": r["seconds"] * r["gpu_count"],
+        "idle_seconds": r["idle_seconds"],
+        "idle_cost": r["price_per_hour"] * r["idle_seconds"] / HOUR_S,
+        "spot_cost": r["cost"] if spot_known else 0.0,
+        "spot_on_demand_cost": (r["on_demand_per_hour"] * r["seconds"] / HOUR_S) if spot_known else 0.0,
+        "spans": 1,
+    }
+    key = {
+        "hour": math.floor(r["t0"] / HOUR_S) * HOUR_S,
+        "app_id": r["app_id"],
+        "function_id": r["function_id"],
+        "gpu": r["gpu"],
+        "cloud": r["cloud"],
+        "market": r["market"],
+    }
+    if sqlite:
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+    stmt = insert(HOUR).values(**key, **delta)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(key),
+        set_={k: getattr(HOUR.c, k) + getattr(stmt.excluded, k) for k in delta},
+    )
+    conn.execute(stmt)
