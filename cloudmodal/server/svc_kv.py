@@ -7,26 +7,21 @@ Modal's, named in the client modules (the one place they are written down), and 
 Concurrency: on SQLite every write transaction holds the process's write lock, so each operation is atomic
 by construction. On PostgreSQL:
 
-- a write takes a share lock on its object's row (``FOR SHARE``) and deleting the object an exclusive one,
-  so no write lands in an object being deleted (no orphaned rows);
+- a write takes a key-share lock on its object's row (``FOR KEY SHARE``) and deleting the object an
+  exclusive one, so no write lands in an object being deleted (no orphaned rows); refreshing the object's
+  ``last_used_at`` (a write now and then, a heartbeat) does not conflict with the key-share locks of writes in
+  progress;
 - every writer of a queue partition (put, get, clear, the pruner) locks its partition row first, then its
-  items: one lock order, no deadlocks; a get takes its items with ``DELETE ... WHERE id IN (SELECT ... FOR
-  UPDATE SKIP LOCKED) RETURNING``, so each item is handed to exactly one getter;
-- dict writes are single upserts (``INSERT ... ON CONFLICT``), and ``pop`` a ``DELETE ... RETURNING``: two
-  racing ``put(skip_if_exists=True)`` of one key store exactly one, two racing pops return the value once.
+  items: one lock order, no deadlocks, and one writer of a partition at a time, so a get deletes the first
+  ``n`` items it sees without locking them first, and each item is handed to exactly one getter (two deletes of
+  one row could not both return it anyway);
+- dict writes are single upserts (``INSERT ... ON CONFLICT``) over their keys in key-hash order (two updates
+  of overlapping keys lock them in one order), and ``pop`` a ``DELETE ... RETURNING``: two racing
+  ``put(skip_if_exists=True)`` of one key store exactly one, two racing pops return the value once.
 
-Retries: the client's transport sends a request again when its connection breaks, including after the
-control plane committed it but before the answer arrived. A queue put would then store its values twice and a
-get (or a dict pop) lose what it took. So the client gives each such request an id, the same on every retry,
-and the transaction that changes the data also records (object, request id) -> its answer in ``kv_request``;
-a request whose id is recorded answers the recorded answer and changes nothing. Each attempt claims the id
-first (inserts its row, which it fills with the answer before committing): a second attempt arriving while
-the first still runs waits on that row's key until the first commits (then answers its record) or rolls back
-(then goes ahead itself), so attempts of one request run one after the other. Answers that changed nothing
-(an empty get, a pop of an absent key) are rolled back with their claim: running such a request again is as
-good as running it once. Records are kept ``REQUEST_KEEP_S`` (10 minutes), well past the longest
-a client keeps retrying one request (its transport's ``reconnect_timeout``, 120 s by default, plus one request's
-75 s read timeout), and pruned by :func:`prune`.
+Statements are pipelined (:mod:`.kv_tx`); a write sent before the answers it depends on are read is guarded
+in SQL so that it does nothing when they would have stopped it. Non-idempotent requests carry request ids
+(:mod:`.kv_requests`): a retry answers the first attempt's answer and changes nothing.
 """
 
 from __future__ import annotations
@@ -35,11 +30,10 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import msgpack
 from sqlalchemy import Table, and_, delete, func, select, update
 from sqlalchemy.engine import Connection
 
@@ -53,7 +47,10 @@ from cloudmodal.queue import (
     MAX_QUEUE_ITEM,
     MAX_TTL_S,
 )
+from cloudmodal.server import kv_requests
 from cloudmodal.server import models_kv as kv
+from cloudmodal.server.kv_requests import REQUEST_KEEP_S
+from cloudmodal.server.kv_tx import Tx, transaction
 
 if TYPE_CHECKING:
     from cloudmodal.server.service import ControlPlane
@@ -67,10 +64,6 @@ READ_TOUCH_S = 86400.0  # a read refreshes an entry's idle clock when it is olde
 TOUCH_OBJECT_S = 60.0  # an object's last_used_at is refreshed by writes at most this often
 PAGE_BYTES = 16 * 1024 * 1024  # a scan or peek page stops after this many bytes (at least one row)
 PRUNE_BATCH = 500  # rows per pruning transaction: short holds of the write lock
-# A statement carrying more data is sent out of pipeline mode: the round trips saved do not matter next to the
-# data, and psycopg 3.3's pipeline stalled sending 20 MiB in one statement (the server waiting for its rest)
-PIPELINE_MAX_BYTES = 1024 * 1024
-REQUEST_KEEP_S = 600.0  # a request's recorded answer is kept this long (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -100,83 +93,44 @@ _INSERT_NEW_ENTRIES = (
     "ON CONFLICT (dict_id, key_hash) DO NOTHING"
 )
 _INSERT_ITEMS = "INSERT INTO kv_queue_item (queue_id, partition, value, created_at) VALUES (?, ?, ?, ?)"
-# PostgreSQL: the same over arrays (unnest), one statement and one round trip whatever the rows
+# PostgreSQL: the same over arrays (unnest), one statement and one round trip whatever the rows; sent before
+# the dict's lock is read, so it writes only into a dict that exists (the guard's further conditions follow)
 _PG_ENTRIES = (
     "INSERT INTO kv_dict_entry (dict_id, key_hash, key, value, updated_at) "
     "SELECT %s, h, k, v, %s FROM unnest(%b::bytea[], %b::bytea[], %b::bytea[]) AS t(h, k, v) "
+    "WHERE EXISTS (SELECT 1 FROM kv_dict WHERE id = %s)"
 )
-_PG_UPSERT_ENTRIES = (
-    _PG_ENTRIES
-    + "ON CONFLICT (dict_id, key_hash) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
-)
-_PG_INSERT_NEW_ENTRIES = _PG_ENTRIES + "ON CONFLICT (dict_id, key_hash) DO NOTHING"
+_PG_ON_CONFLICT = {
+    False: " ON CONFLICT (dict_id, key_hash) DO UPDATE "
+    "SET value = excluded.value, updated_at = excluded.updated_at",
+    True: " ON CONFLICT (dict_id, key_hash) DO NOTHING",  # skip_if_exists
+}
 _PG_INSERT_ITEMS = (
     "INSERT INTO kv_queue_item (queue_id, partition, value, created_at) "
     "SELECT %s, %s, v, %s FROM unnest(%b::bytea[]) WITH ORDINALITY AS t(v, i) ORDER BY i"
+)
+# A get's items: the first ``n`` of the partition, while it is alive. Sent before the partition's row is read
+# (its lock is taken by the statement before), so it takes nothing from an expired or missing partition; an
+# empty one is not scanned at all (the guards are evaluated first, once). Without row locks: the partition's
+# lock already makes this the partition's only writer. PostgreSQL takes the items with an id up to the n-th
+# one's (in one snapshot exactly the first n: an index range, where the id list cost a join); SQLite the ids
+# listed (its rowid look-ups beat the range there).
+_TAKE_PG = (
+    "DELETE FROM kv_queue_item WHERE id <= (SELECT max(id) FROM (SELECT id FROM kv_queue_item "
+    "WHERE queue_id = ? AND partition = ? ORDER BY id LIMIT ?) AS f) AND queue_id = ? AND partition = ?"
+)
+_TAKE_SQLITE = (
+    "DELETE FROM kv_queue_item WHERE id IN (SELECT id FROM kv_queue_item WHERE queue_id = ? AND partition = ? "
+    "ORDER BY id LIMIT ?)"
+)
+_TAKE_ALIVE = (
+    " AND EXISTS (SELECT 1 FROM kv_queue_partition WHERE queue_id = ? AND partition = ? AND expires_at >= ? "
+    "AND items > 0)"
 )
 
 
 class QueueFull(Exception):
     """A put does not fit its partition now (other items fill it): the caller may wait for space."""
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """A recorded answer (a wrapper, since the answer itself may be None)."""
-
-    answer: Any
-
-
-class _Tx:
-    """The statements of one write transaction, on its driver connection (``?`` placeholders).
-
-    On PostgreSQL the connection is in pipeline mode: a statement is sent without waiting for its answer, and
-    the answers come back together when one of them is read, so a queue put or get costs two or three round
-    trips to the database instead of one per statement plus ``BEGIN`` and ``COMMIT`` (each round trip is also
-    a wait for the scheduler, on a busy machine). A statement carrying more than PIPELINE_MAX_BYTES leaves
-    pipeline mode first. SQLite runs each statement at once."""
-
-    def __init__(self, raw: Any, sqlite: bool, pipeline: contextlib.ExitStack | None) -> None:
-        self.raw = raw
-        self.sqlite = sqlite
-        self._pipeline = pipeline  # the pipeline's context while in pipeline mode
-        self.claimed = False  # this transaction holds a request id's row (see KV._send_claim)
-        self.recorded = False  # ... and filled it with its answer
-        self._cursors: list[Any] = []
-
-    def run(self, sql: str, params: Sequence[Any] = (), *, size: int = 0) -> Any:
-        """Send ``sql`` (carrying ``size`` bytes of data); its cursor, whose rows are read when needed."""
-        if size > PIPELINE_MAX_BYTES and self._pipeline is not None:
-            self._pipeline.close()  # answers what was sent; the transaction goes on
-            self._pipeline = None
-        cur = self.raw.cursor()
-        cur.execute(sql if self.sqlite else sql.replace("?", "%s"), params)
-        if self.sqlite:
-            self._cursors.append(cur)
-        return cur
-
-    def close(self) -> None:
-        """SQLite: finish every statement, read to its end or not. An unfinished one keeps its read snapshot
-        open after the transaction, on a connection that goes back to the pool: its next write would then
-        fail at once ("database is locked") when another write committed since."""
-        for cur in self._cursors:
-            cur.close()
-        self._cursors.clear()
-
-    def many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        """SQLite only: one prepared statement over ``rows``."""
-        self.raw.executemany(sql, rows)
-
-    def commit(self) -> None:
-        """PostgreSQL: commit now, with the statements still in flight (one round trip for all of them).
-        SQLite: left to the write transaction's end."""
-        if not self.sqlite:
-            self.raw.commit()
-
-    def rollback(self) -> None:
-        """Undo what was sent (the write transaction then has nothing left to commit)."""
-        self.close()
-        self.raw.rollback()
 
 
 def key_hash(key: bytes) -> bytes:
@@ -197,9 +151,12 @@ def _object_row(row: Any) -> dict[str, Any]:
 class KV:
     """The dict and queue operations of one control plane (see the module's docstring)."""
 
-    def __init__(self, cp: ControlPlane) -> None:
+    def __init__(self, cp: ControlPlane, *, durable: bool = True) -> None:
+        """``durable=False``: writes answer before their commit reaches the disk (see
+        :func:`.kv_tx.transaction`; PostgreSQL only, an opt-in durability trade)."""
         self.cp = cp
         self.db = cp.db
+        self.durable = durable
         self._touched: dict[str, float] = {}  # object id -> when this process last refreshed last_used_at
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -208,100 +165,38 @@ class KV:
         SQLAlchemy's statement building, which costs several times SQLite's own work on a one-row write)."""
         return sql if self.db.is_sqlite else sql.replace("?", "%s")
 
+    def _touch_due(self, oid: str, now: float) -> bool:
+        """Whether a write now should refresh the object's last_used_at (at most every TOUCH_OBJECT_S)."""
+        if now - self._touched.get(oid, 0.0) <= TOUCH_OBJECT_S:
+            return False
+        if len(self._touched) > 100_000:  # bounded: forgetting only costs an early refresh
+            self._touched.clear()
+        self._touched[oid] = now
+        return True
+
     def _lock_object(self, conn: Connection, kind: Kind, oid: str, now: float) -> None:
-        """In a write: the object exists (else NotFoundError), share-locked against its deletion until the
+        """In a write: the object exists (else NotFoundError), key-share-locked against its deletion until the
         transaction ends; its last_used_at refreshed now and then."""
         table = KINDS[kind].table.name
-        share = "" if self.db.is_sqlite else " FOR SHARE"
+        share = "" if self.db.is_sqlite else " FOR KEY SHARE"
         found = conn.exec_driver_sql(self._q(f"SELECT id FROM {table} WHERE id = ?{share}"), (oid,)).first()
         if found is None:
             raise _missing(kind, oid)
-        if now - self._touched.get(oid, 0.0) > TOUCH_OBJECT_S:
-            if len(self._touched) > 100_000:  # bounded: forgetting only costs an early refresh
-                self._touched.clear()
-            self._touched[oid] = now
+        if self._touch_due(oid, now):
             conn.exec_driver_sql(self._q(f"UPDATE {table} SET last_used_at = ? WHERE id = ?"), (now, oid))
 
-    @contextlib.contextmanager
-    def _tx(self, conn: Connection) -> Iterator[_Tx]:
-        """``conn``'s transaction as a :class:`_Tx` (pipelined on PostgreSQL)."""
-        raw = conn.connection.dbapi_connection
-        with contextlib.ExitStack() as pipeline:
-            if not self.db.is_sqlite:
-                pipeline.enter_context(raw.pipeline())  # type: ignore[union-attr]  # psycopg's connection
-            tx = _Tx(raw, self.db.is_sqlite, pipeline if not self.db.is_sqlite else None)
-            try:
-                yield tx
-                if tx.claimed and not tx.recorded:
-                    tx.rollback()  # changed nothing (or answered a record): the claim goes, nothing to commit
-            finally:
-                tx.close()  # before the write transaction commits or rolls back
+    def _tx(self, conn: Connection) -> contextlib.AbstractContextManager[Tx]:
+        return transaction(self.db, conn, durable=self.durable)
 
-    def _send_lock(self, tx: _Tx, kind: Kind, oid: str) -> Any:
-        """Send the object's share lock (see :meth:`_lock_object`); read it with :meth:`_locked`."""
-        share = "" if self.db.is_sqlite else " FOR SHARE"
-        return tx.run(f"SELECT id FROM {KINDS[kind].table.name} WHERE id = ?{share}", (oid,))
-
-    def _locked(self, tx: _Tx, sent: Any, kind: Kind, oid: str, now: float) -> None:
-        """The object of :meth:`_send_lock` exists (else NotFoundError); its last_used_at refreshed now and
-        then."""
-        if sent.fetchone() is None:
-            raise _missing(kind, oid)
-        if now - self._touched.get(oid, 0.0) > TOUCH_OBJECT_S:
-            if len(self._touched) > 100_000:  # bounded: forgetting only costs an early refresh
-                self._touched.clear()
-            self._touched[oid] = now
-            tx.run(f"UPDATE {KINDS[kind].table.name} SET last_used_at = ? WHERE id = ?", (now, oid))
-
-    @staticmethod
-    def _send_claim(tx: _Tx, oid: str, rid: str | None, op: str, now: float) -> tuple[Any, Any] | None:
-        """Send the claim of request id ``rid`` (its row, answer still empty) and the look-up of its row;
-        read them with :meth:`_recorded`. The claim waits while another attempt of the request holds it."""
-        if rid is None:
-            return None
-        claim = tx.run(
-            "INSERT INTO kv_request (object_id, request_id, op, result, created_at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (object_id, request_id) DO NOTHING RETURNING object_id",
-            (oid, rid, op, b"", now),
-        )
-        # after the claim: on PostgreSQL a new snapshot, which sees the row of an attempt it waited for
-        lookup = tx.run(
-            "SELECT op, result FROM kv_request WHERE object_id = ? AND request_id = ?", (oid, rid)
-        )
-        return claim, lookup
-
-    @staticmethod
-    def _recorded(
-        tx: _Tx, sent: tuple[Any, Any] | None, oid: str, rid: str | None, op: str
-    ) -> Recorded | None:
-        """The answer another attempt of the request recorded, if any; else this one holds the claim."""
-        if sent is None:
-            return None
-        claim, lookup = sent
-        if claim.fetchone() is not None:
-            tx.claimed = True
-            return None
-        row = lookup.fetchone()
-        assert row is not None  # the claim collided with a committed row
-        if row[0] != op:
-            raise exc.InvalidError(
-                f"Request id {rid} was already used for a {row[0]} of {oid}, not this {op}: every request "
-                "needs an id of its own (the client makes one per call)."
-            )
-        return Recorded(msgpack.unpackb(row[1], raw=False))
-
-    @staticmethod
-    def _record(tx: _Tx, oid: str, rid: str | None, answer: Any) -> None:
-        """In the transaction that made ``answer``: fill the request's claimed row with it."""
-        if rid is None:
-            return
-        result = msgpack.packb(answer, use_bin_type=True)
-        tx.run(
-            "UPDATE kv_request SET result = ? WHERE object_id = ? AND request_id = ?",
-            (result, oid, rid),
-            size=len(result),
-        )
-        tx.recorded = True
+    def _send_lock(self, tx: Tx, kind: Kind, oid: str, now: float) -> Any:
+        """Send the object's lock (see :meth:`_lock_object`), and the refresh of its last_used_at when due (of
+        an absent object it changes nothing); read the lock with :func:`_locked`."""
+        table = KINDS[kind].table.name
+        share = "" if self.db.is_sqlite else " FOR KEY SHARE"
+        lock = tx.run(f"SELECT id FROM {table} WHERE id = ?{share}", (oid,))
+        if self._touch_due(oid, now):
+            tx.run(f"UPDATE {table} SET last_used_at = ? WHERE id = ?", (now, oid))
+        return lock
 
     def _exists(self, conn: Connection, kind: Kind, oid: str) -> None:
         table = KINDS[kind].table.name
@@ -430,57 +325,81 @@ class KV:
         rows: dict[bytes, tuple[bytes, bytes]] = {}
         for k, v in entries:
             rows[key_hash(k)] = (k, v)  # a later duplicate wins, as in dict.update
-        return self._dict_put(did, rows, skip_if_exists, request_id)
+        return self._dict_put(did, {h: rows[h] for h in sorted(rows)}, skip_if_exists, request_id)
 
     def _dict_put(
         self, did: str, rows: dict[bytes, tuple[bytes, bytes]], skip_if_exists: bool, rid: str | None
     ) -> int:
+        """``rows`` (key hash -> key, value) in key-hash order. On PostgreSQL one round trip without a request
+        id (the upsert is guarded and committed with the lock), two with one."""
         now = time.time()
         size = sum(len(k) + len(v) for k, v in rows.values())
         with self.db.write() as conn, self._tx(conn) as tx:
-            lock, claim = self._send_lock(tx, "dict", did), self._send_claim(tx, did, rid, "dict.put", now)
-            self._locked(tx, lock, "dict", did, now)
-            done = self._recorded(tx, claim, did, rid, "dict.put")
-            if done is not None:
-                return int(done.answer)
-            if len(rows) == 1:
-                ((h, (k, v)),) = rows.items()
-                sql = _UPSERT_ENTRIES if not skip_if_exists else _INSERT_NEW_ENTRIES
-                # RETURNING, not rowcount: what a driver reports for ON CONFLICT DO NOTHING varies
-                written = len(tx.run(sql + " RETURNING key_hash", (did, h, k, v, now)).fetchall())
+            lock = self._send_lock(tx, "dict", did, now)
+            claim = kv_requests.send_claim(tx, did, rid, "dict.put", now)
+            if tx.sqlite:  # each statement ran as it was sent: check, then write
+                _locked(lock, "dict", did)
+                done = kv_requests.recorded(tx, claim)
+                if done is not None:
+                    return int(done.answer)
+                written = self._sqlite_put_entries(tx, did, rows, skip_if_exists, now)
             else:
-                if self.db.is_sqlite:  # the driver's executemany on one prepared statement
-                    tx.many(
-                        _UPSERT_ENTRIES if not skip_if_exists else _INSERT_NEW_ENTRIES,
-                        [(did, h, k, v, now) for h, (k, v) in rows.items()],
-                    )
-                else:  # one statement over arrays, not one per row
-                    sql = _PG_UPSERT_ENTRIES if not skip_if_exists else _PG_INSERT_NEW_ENTRIES
-                    keys, values = [k for k, _ in rows.values()], [v for _, v in rows.values()]
-                    tx.run(sql, (did, now, list(rows), keys, values), size=size)
-                written = len(rows)
-            self._record(tx, did, rid, written)
+                guard, guard_params = kv_requests.claim_guard(claim)
+                keys, values = [k for k, _ in rows.values()], [v for _, v in rows.values()]
+                sql = _PG_ENTRIES + guard + _PG_ON_CONFLICT[skip_if_exists]
+                # RETURNING, not rowcount: what a driver reports for ON CONFLICT DO NOTHING varies
+                counted = skip_if_exists and len(rows) == 1
+                sent = tx.run(
+                    sql + (" RETURNING key_hash" if counted else ""),
+                    (did, now, list(rows), keys, values, did, *guard_params),
+                    size=size,
+                )
+                if claim is None:
+                    tx.commit()  # everything sent answers now: one round trip in all
+                    _locked(lock, "dict", did)  # else the guard wrote nothing
+                    return len(sent.fetchall()) if counted else len(rows)
+                _locked(lock, "dict", did)  # else the guard wrote nothing
+                done = kv_requests.recorded(tx, claim)
+                if done is not None:
+                    return int(done.answer)  # the guard wrote nothing
+                written = len(sent.fetchall()) if counted else len(rows)
+            kv_requests.record(tx, claim, written)
             tx.commit()
         return written
+
+    @staticmethod
+    def _sqlite_put_entries(
+        tx: Tx, did: str, rows: dict[bytes, tuple[bytes, bytes]], skip_if_exists: bool, now: float
+    ) -> int:
+        sql = _UPSERT_ENTRIES if not skip_if_exists else _INSERT_NEW_ENTRIES
+        if len(rows) == 1:
+            ((h, (k, v)),) = rows.items()
+            return len(tx.run(sql + " RETURNING key_hash", (did, h, k, v, now)).fetchall())
+        tx.many(sql, [(did, h, k, v, now) for h, (k, v) in rows.items()])  # one prepared statement
+        return len(rows)
 
     def dict_pop(self, did: str, key: bytes, request_id: str | None = None) -> bytes | None:
         """Remove ``key`` and answer its value (None when absent); with ``request_id``, a retry answers the
         value the first attempt removed."""
         rid, now = request_id, time.time()
         with self.db.write() as conn, self._tx(conn) as tx:
-            lock, claim = self._send_lock(tx, "dict", did), self._send_claim(tx, did, rid, "dict.pop", now)
-            self._locked(tx, lock, "dict", did, now)
-            done = self._recorded(tx, claim, did, rid, "dict.pop")
+            lock = self._send_lock(tx, "dict", did, now)
+            claim = kv_requests.send_claim(tx, did, rid, "dict.pop", now)
+            # guarded (sent before the claim is read); the dict's entries exist only while the dict does
+            guard, guard_params = kv_requests.claim_guard(claim)
+            popped = tx.run(
+                f"DELETE FROM kv_dict_entry WHERE dict_id = ? AND key_hash = ?{guard} RETURNING value",
+                (did, key_hash(key), *guard_params),
+            )
+            _locked(lock, "dict", did)
+            done = kv_requests.recorded(tx, claim)
             if done is not None:
                 return bytes(done.answer)
-            row = tx.run(
-                "DELETE FROM kv_dict_entry WHERE dict_id = ? AND key_hash = ? RETURNING value",
-                (did, key_hash(key)),
-            ).fetchone()
+            row = popped.fetchone()
             if row is None:
                 return None  # nothing changed: nothing to record
             value = bytes(row[0])
-            self._record(tx, did, rid, value)
+            kv_requests.record(tx, claim, value)
             tx.commit()
         return value
 
@@ -548,7 +467,7 @@ class KV:
 
     # -- queues ------------------------------------------------------------------------------------------
     def _send_partition(
-        self, tx: _Tx, qid: str, partition: str, now: float, *, create: bool
+        self, tx: Tx, qid: str, partition: str, now: float, *, create: bool
     ) -> tuple[Any, Any]:
         """Send the partition's lock (its row first, before its items: see the module's docstring), after
         making the row when ``create``; read them with :meth:`_partition`."""
@@ -570,7 +489,7 @@ class KV:
 
     @staticmethod
     def _partition(
-        tx: _Tx, sent: tuple[Any, Any], qid: str, partition: str, now: float
+        tx: Tx, sent: tuple[Any, Any], qid: str, partition: str, now: float
     ) -> tuple[int, int, bool] | None:
         """The partition's (items, bytes, created now), None when it does not exist; an expired partition
         is emptied here."""
@@ -601,10 +520,11 @@ class KV:
         rid, now = request_id, time.time()
         n, size = len(values), sum(map(len, values))
         with self.db.write() as conn, self._tx(conn) as tx:
-            lock, claim = self._send_lock(tx, "queue", qid), self._send_claim(tx, qid, rid, "queue.put", now)
+            lock = self._send_lock(tx, "queue", qid, now)
+            claim = kv_requests.send_claim(tx, qid, rid, "queue.put", now)
             part = self._send_partition(tx, qid, partition, now, create=True)
-            self._locked(tx, lock, "queue", qid, now)
-            if self._recorded(tx, claim, qid, rid, "queue.put") is not None:
+            _locked(lock, "queue", qid)
+            if kv_requests.recorded(tx, claim) is not None:
                 tx.rollback()  # the partition's row this attempt may have made
                 return
             got = self._partition(tx, part, qid, partition, now)
@@ -641,7 +561,7 @@ class KV:
                 "WHERE queue_id = ? AND partition = ?",
                 (items + n, used + size, now + ttl_s, qid, partition),
             )
-            self._record(tx, qid, rid, None)
+            kv_requests.record(tx, claim, None)
             tx.commit()
         self.cp.hub.notify(f"queue:{qid}:{partition}")
 
@@ -650,22 +570,27 @@ class KV:
         ``request_id``, a retry of a get that took values answers those values and takes no more."""
         rid, now = request_id, time.time()
         with self.db.write() as conn, self._tx(conn) as tx:
-            lock, claim = self._send_lock(tx, "queue", qid), self._send_claim(tx, qid, rid, "queue.get", now)
+            # one round trip to take the items (guarded: see _TAKE_PG), one to record and commit
+            lock = self._send_lock(tx, "queue", qid, now)
+            claim = kv_requests.send_claim(tx, qid, rid, "queue.get", now)
             part = self._send_partition(tx, qid, partition, now, create=False)
-            self._locked(tx, lock, "queue", qid, now)
-            done = self._recorded(tx, claim, qid, rid, "queue.get")
+            guard, guard_params = kv_requests.claim_guard(claim)
+            take, params = (
+                (_TAKE_SQLITE, (qid, partition, n))
+                if tx.sqlite
+                else (_TAKE_PG, (qid, partition, n, qid, partition))
+            )
+            taken = tx.run(
+                take + _TAKE_ALIVE + guard + " RETURNING id, value",
+                (*params, qid, partition, now, *guard_params),
+            )
+            _locked(lock, "queue", qid)
+            done = kv_requests.recorded(tx, claim)
             if done is not None:
                 return [bytes(v) for v in done.answer]
             got = self._partition(tx, part, qid, partition, now)
-            if got is None or got[0] == 0:
-                return []
-            skip = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
-            rows = tx.run(
-                "DELETE FROM kv_queue_item WHERE id IN (SELECT id FROM kv_queue_item "
-                f"WHERE queue_id = ? AND partition = ? ORDER BY id LIMIT ?{skip}) RETURNING id, value",
-                (qid, partition, n),
-            ).fetchall()
-            if not rows:
+            rows = taken.fetchall()
+            if got is None or not rows:
                 return []
             rows.sort(key=lambda r: r[0])
             values = [bytes(r[1]) for r in rows]
@@ -674,7 +599,7 @@ class KV:
                 "WHERE queue_id = ? AND partition = ?",
                 (len(rows), sum(map(len, values)), qid, partition),
             )
-            self._record(tx, qid, rid, values)
+            kv_requests.record(tx, claim, values)
             tx.commit()
         self.cp.hub.notify(f"queue-space:{qid}:{partition}")
         return values
@@ -788,6 +713,12 @@ def _check_put(values: Sequence[bytes], ttl_s: float) -> None:
         )
 
 
+def _locked(sent: Any, kind: Kind, oid: str) -> None:
+    """The object of :meth:`KV._send_lock` exists (else NotFoundError)."""
+    if sent.fetchone() is None:
+        raise _missing(kind, oid)
+
+
 def _missing(kind: Kind, oid: str) -> exc.NotFoundError:
     label = KINDS[kind].label
     return exc.NotFoundError(
@@ -874,39 +805,10 @@ def prune(cp: ControlPlane, now: float | None = None) -> int:
         removed += got
         if got == 0 or len(idle) < PRUNE_BATCH:
             break
-    removed += _prune_requests(cp, now)
+    removed += kv_requests.prune(cp, now)
     if removed:
         log.info("retention: pruned %d rows of dicts and queues", removed)
     return removed
-
-
-def _prune_requests(cp: ControlPlane, now: float) -> int:
-    """Forget recorded answers older than REQUEST_KEEP_S, PRUNE_BATCH at a time."""
-    R_ = kv.requests
-    removed = 0
-    while True:
-        with cp.db.read() as conn:
-            old = conn.execute(
-                select(R_.c.object_id, R_.c.request_id)
-                .where(R_.c.created_at < now - REQUEST_KEEP_S)
-                .limit(PRUNE_BATCH)
-            ).all()
-        if not old:
-            return removed
-        by_object: dict[str, list[str]] = {}
-        for oid, rid in old:
-            by_object.setdefault(oid, []).append(rid)
-
-        def drop(conn: Connection, by_object: dict[str, list[str]] = by_object) -> int:
-            return sum(
-                conn.execute(delete(R_).where(R_.c.object_id == oid, R_.c.request_id.in_(rids))).rowcount
-                for oid, rids in by_object.items()
-            )
-
-        got = _prune_write(cp, drop)
-        removed += got
-        if got == 0 or len(old) < PRUNE_BATCH:
-            return removed
 
 
 def _delete_idle(conn: Connection, kind: Kind, oid: str, now: float) -> int:
