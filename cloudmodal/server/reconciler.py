@@ -403,6 +403,14 @@ class Reconciler(Launcher, Health, Estimates):
                 )
             launch = max(0, room)
         if launch > 0 and now >= self._next_launch_at.get(fid, 0.0):
+            launch = self.budgets.allow(
+                fn.app_id,
+                fid,
+                launch,
+                lambda: self._next_price(fid, fn, spec, now),
+                self._launching.get(fid, 0),
+            )
+        if launch > 0 and now >= self._next_launch_at.get(fid, 0.0):
             if on_this_machine:
                 self._live_total += launch
             floor = (
@@ -434,6 +442,12 @@ class Reconciler(Launcher, Health, Estimates):
             self._move_back_to_spot(fid, fn, spec, ws, now)
         # after the launches: the row is not on a cold start's path
         self._record_pool(fid, fn.app_id, decision, len(ws), now)
+
+    def _next_price(self, fid: str, fn: Any, spec: FunctionSpec, now: float) -> float:
+        """The $/h of the worker the pool would start next: its best-ranked candidate's (budgets)."""
+        cpu_fallback = self.cp.secrets.open_env(fn.inline_env).get("CLOUDMODAL_CPU_FALLBACK") == "1"
+        choices = self._choices(spec, fid, cpu_fallback, now, False)
+        return choices[0].price if choices else 0.0
 
     def _on_demand_floor(self, fid: str, spec: FunctionSpec, ws: list[Any]) -> frozenset[str]:
         """The pool's ``min_on_demand`` floor: its cheapest (then oldest) live on-demand cloud workers. The

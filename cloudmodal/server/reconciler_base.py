@@ -141,6 +141,9 @@ class ReconcilerBase:
         self._last_inventory = 0.0  # when the providers' machines were last listed (Health._settle_inventory)
         self.pruner = Pruner(cp)  # retention: old calls, logs and blobs
         self.scheduler = Scheduler(cp)  # deployed functions' schedules
+        from cloudmodal.server.budgets import Budgets
+
+        self.budgets = Budgets(cp, clock)  # apps' budgets cap their launches (periods on this clock)
         self._lock = threading.Lock()
         self.leadership = Leadership(cp.db)
         self._pool_rows: dict[str, tuple[Any, ...]] = {}  # function id -> what its pool row says now
