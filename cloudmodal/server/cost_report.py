@@ -75,7 +75,7 @@ def span_sums(r: dict[str, Any]) -> dict[str, float]:
     spot_known = r["market"] == "spot" and r["on_demand_per_hour"] is not None
     return {
         "cost": r["cost"],
-        "seconds": r["seconds"],
+        "seconds": 0.0 if r["kind"] == "storage" else r["seconds"],  # hours are machines' hours
         "gpu_seconds": r["seconds"] * r["gpu_count"],
         "idle_seconds": r["idle_seconds"],
         "idle_cost": r["price_per_hour"] * r["idle_seconds"] / HOUR_S,
@@ -242,9 +242,11 @@ class CostReports:
         until = now if until is None else min(until, now)
         since = until - 7 * 86400.0 if since is None else since
         apps, fns = self._names()
-        ids = {i for i, a in apps.items() if visible is None or a["name"] in visible}
-        if app is not None:
-            ids = {i for i in ids if i == app or apps[i]["name"] == app}
+        ids: set[str] | None = None  # every app, and volumes' storage (no app)
+        if visible is not None or app is not None:
+            ids = {i for i, a in apps.items() if visible is None or a["name"] in visible}
+            if app is not None:
+                ids = {i for i in ids if i == app or apps[i]["name"] == app}
         groups: dict[str, Totals] = defaultdict(Totals)
         total = Totals()
         for d, sums in self.rows(since, until, now, ids, by == "day"):
@@ -286,7 +288,7 @@ class CostReports:
                 "per_hour": round(sum(r["price_per_hour"] for r in running), 6),
                 "workers": running,
             },
-            "budgets": self.budgets(ids, apps, now),
+            "budgets": self.budgets(set(apps) if ids is None else ids, apps, now),
             "notes": notes,
         }
 
@@ -321,6 +323,8 @@ class CostReports:
 
     @staticmethod
     def _key(by: str, d: dict[str, Any], apps: dict[str, dict[str, Any]], fns: dict[str, str]) -> str:
+        if not d["app_id"] and by in ("app", "function") or by.startswith("tag:") and not d["app_id"]:
+            return "(volume storage)"
         app_name = apps.get(d["app_id"], {}).get("name", d["app_id"])
         if by == "app":
             return str(app_name)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, func, select, update
 
 from cloudmodal.pricing.billing import billed_seconds
 from cloudmodal.server import models
@@ -45,6 +45,7 @@ W = models.workers
 SPAN = LedgerSpan.__table__  # type: ignore[attr-defined]
 HOUR = LedgerHour.__table__  # type: ignore[attr-defined]
 HOUR_S = 3600.0
+MONTH_HOURS = 730.5  # the clouds' storage prices are per month: 365.25 * 24 / 12 hours
 
 WORKER_COLUMNS = (
     W.c.id,
@@ -155,6 +156,89 @@ class Ledger:
                 written += self._accrue_worker(w, now)
             except Exception:
                 log.exception("accruing worker %s failed; it is tried again on the next accrual", w.id)
+        try:
+            written += self.accrue_storage(now)
+        except Exception:
+            log.exception("accruing volume storage failed; it is tried again on the next accrual")
+        return written
+
+    def accrue_storage(self, now: float) -> int:
+        """Volumes' storage, by the hour (GB-month at their store's list price; none for a local directory):
+        the head version's size from its manifest. Older versions' parts that only retention keeps, and the
+        store's request charges, are not counted."""
+        import os
+
+        from cloudmodal.pricing.billing import STORAGE_USD_PER_GB_MONTH
+        from cloudmodal.pricing.egress import GIB
+        from cloudmodal.server.models_volumes import volumes as V
+        from cloudmodal.server.svc_volumes import Volumes
+        from cloudmodal.server.volume_locality import _version_bytes, volume_data_location
+        from cloudmodal.settings import settings
+
+        s = settings()
+        configured = Volumes(self.cp, s.volume_store).store_url
+        with self.cp.db.read() as conn:
+            vols = conn.execute(select(V)).all()
+            last: dict[str, float] = dict(
+                conn.execute(
+                    select(SPAN.c.worker_id, func.max(SPAN.c.t1))
+                    .where(SPAN.c.kind == "storage")
+                    .group_by(SPAN.c.worker_id)
+                ).all()
+            )
+        written = 0
+        for v in vols:
+            where = volume_data_location(v.store_url, configured, s.volume_store_region, os.environ)
+            price = STORAGE_USD_PER_GB_MONTH.get(where.cloud or "")
+            if price is None:
+                continue
+            key = f"volume:{v.id}"
+            start = float(last.get(key) or v.created_at)
+            if now - start < HOUR_S:
+                continue
+            size, _why = _version_bytes(v)
+            if size is None:
+                continue
+            gb = size / GIB
+            per_hour = gb * price / MONTH_HOURS
+            rows = [
+                {
+                    "worker_id": key,
+                    "app_id": "",
+                    "function_id": "",
+                    "provider": "volume",
+                    "cloud": where.cloud or "",
+                    "region": where.region or "",
+                    "instance_type": v.name or v.id,
+                    "gpu": "",
+                    "gpu_count": 0,
+                    "market": "storage",
+                    "price_per_hour": per_hour,
+                    "on_demand_per_hour": per_hour,
+                    "t0": t0,
+                    "t1": t1,
+                    "seconds": t1 - t0,
+                    "idle_seconds": 0.0,
+                    "cost": per_hour * (t1 - t0) / HOUR_S,
+                    "kind": "storage",
+                    "recorded_at": now,
+                }
+                for t0, t1 in hours_between(start, math.floor(now / HOUR_S) * HOUR_S)
+            ]
+            if not rows:
+                continue
+            with self.cp.db.write() as conn:
+                taken = conn.execute(
+                    select(SPAN.c.id).where(
+                        and_(SPAN.c.worker_id == key, SPAN.c.kind == "storage", SPAN.c.t1 > start)
+                    )
+                ).first()
+                if taken is not None:
+                    continue  # another accrual wrote these hours (the unique key would refuse them anyway)
+                conn.execute(SPAN.insert(), rows)
+                for r in rows:
+                    _add_to_hour(conn, self.cp.db.is_sqlite, r)
+            written += len(rows)
         return written
 
     def _accrue_worker(self, w: Any, now: float) -> int:
@@ -240,7 +324,7 @@ def _add_to_hour(conn: Connection, sqlite: bool, r: dict[str, Any]) -> None:
     spot_known = r["market"] == "spot" and r["on_demand_per_hour"] is not None
     delta = {
         "cost": r["cost"],
-        "seconds": r["seconds"],
+        "seconds": 0.0 if r["kind"] == "storage" else r["seconds"],  # hours are machines' hours
         "gpu_seconds": r["seconds"] * r["gpu_count"],
         "idle_seconds": r["idle_seconds"],
         "idle_cost": r["price_per_hour"] * r["idle_seconds"] / HOUR_S,
