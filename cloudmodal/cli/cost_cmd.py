@@ -71,6 +71,13 @@ def cost_command(
     until: str = typer.Option("now", "--until", help="End: now, 2d (ago), or a date/time (UTC)."),
     fmt: str = typer.Option("table", "--format", help="table, csv or json."),
     wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
+    reconcile: str | None = typer.Option(
+        None,
+        "--reconcile",
+        metavar="CLOUD",
+        help="Compare the ledger with CLOUD's bill (aws: Cost Explorer, $0.01 a request) per UTC day and app, "
+        "and explain each difference.",
+    ),
 ) -> None:
     """Costs from the ledger: totals, a breakdown, spot savings, what runs now ($/h) and budgets' headroom."""
     if fmt not in ("table", "csv", "json"):
@@ -83,6 +90,11 @@ def cost_command(
     t0, t1 = parse_when(since, now, "--since"), parse_when(until, now, "--until")
     if t0 >= t1:
         raise typer.BadParameter("--since must be before --until.", param_hint="'--since'")
+    if reconcile is not None:
+        from cloudmodal.cli.cost_reconcile import reconcile_command
+
+        reconcile_command(reconcile, t0, t1, app_name, fmt, wide=wide)
+        return
     with user_errors():
         from cloudmodal.client.session import current_session
 

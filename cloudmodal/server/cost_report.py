@@ -139,7 +139,9 @@ class CostReports:
         dims = [HOUR.c.app_id, HOUR.c.function_id, HOUR.c.gpu, HOUR.c.cloud, HOUR.c.market]
         if per_hour:
             dims.append(HOUR.c.hour)
-        with self.cp.db.read() as conn:
+        # one snapshot: an accrual committing between the spans' read and the open workers' would otherwise
+        # make the report miss (or count twice) the stretch it wrote
+        with self.cp.db.snapshot() as conn:
             if first_hour < last_hour:
                 where = [HOUR.c.hour >= first_hour, HOUR.c.hour < last_hour]
                 if ids is not None:

@@ -103,6 +103,22 @@ class Database:
         with self.engine.connect() as conn:
             yield conn
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A connection whose statements all see the database at one moment (a read made of several
+        statements that must agree, such as a cost report's spans and its workers not accrued yet):
+        ``REPEATABLE READ`` on PostgreSQL, one deferred transaction on SQLite (WAL readers see a snapshot)."""
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    conn.rollback()
+            return
+        with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+            yield conn
+
     def dispose(self) -> None:
         if self._hot is not None:
             self._checkpointer.stop()
