@@ -7,6 +7,7 @@ import typer
 from cloudmodal.cli import (
     app_cmd,
     cost_cmd,
+    dashboard_cmd,
     dict_cmd,
     queue_cmd,
     run,
@@ -34,6 +35,7 @@ app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_o
 app.command("deploy")(run.deploy_command)
 app.command("serve")(serve.serve_command)
 app.command("cost")(cost_cmd.cost_command)
+app.command("dashboard")(dashboard_cmd.dashboard_command)
 app.command("shell")(run.shell_command)
 app.add_typer(server_cmd.app, name="server")
 app.add_typer(app_cmd.app, name="app")

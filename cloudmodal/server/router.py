@@ -30,7 +30,7 @@ import inspect
 import operator
 import os
 import typing
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -85,6 +85,7 @@ class Raw:
 
     content: bytes
     media_type: str = "application/octet-stream"
+    headers: Mapping[str, str] | None = None  # response headers besides its type and length
 
 
 @dataclass(frozen=True)
@@ -485,7 +486,7 @@ class TableApp:
             if isinstance(result, RawStream):
                 return StreamingResponse(result.chunks, media_type=result.media_type)
             if isinstance(result, Raw):
-                return Response(result.content, media_type=result.media_type)
+                return Response(result.content, media_type=result.media_type, headers=result.headers)
             return Response(msgpack.packb(result, use_bin_type=True), media_type=MSGPACK)
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is left to read it

@@ -55,6 +55,7 @@ EXPECTED = {
     ("POST", "/v1/secrets"): "member",
     ("GET", "/v1/secrets"): "member",
     ("GET", "/v1/cost"): "member",
+    ("GET", "/dashboard"): "public",
     ("GET", "/v1/secrets/{secret_name}"): "member",
     ("POST", "/v1/secrets/{secret_name}/update"): "member",
     ("POST", "/v1/secrets/{secret_name}/delete"): "member",
