@@ -5,8 +5,13 @@ another object's section is one more entry):
 
 - ``kv``: ``cloudmodal.Dict`` and ``cloudmodal.Queue`` through a real control plane (``ServerHandle``: real
   HTTP/WebSocket, SQLite in a temporary directory by default, ``--database-url`` for PostgreSQL), beside a local
-  Redis (``--redis-url``, default ``redis://127.0.0.1:6379/0``) through redis-py. Every value is the same
-  cloudpickled object on both sides (``--value-bytes`` of payload). Operations, ``--ops`` each:
+  Redis (``--redis-url``, default ``redis://127.0.0.1:6379/0``) through redis-py. Every value is the same Python
+  object on both sides (``--value-bytes`` of payload), and both sides do the same work per item: the Redis
+  side pickles and unpickles each key and value with the client's own functions (``cloudmodal.dict._dumps``,
+  ``_loads``, ``cloudmodal.queue._loads``), as a program storing Python objects in Redis must, and as
+  ``Dict``/``Queue`` do for each item (a dict put pickles its key and value, a get pickles its key and unpickles
+  the value, a queue put pickles its value, a get unpickles it; ``items()`` unpickles each key and value).
+  Operations, ``--ops`` each:
 
   ============================  =====================================  ===========================================
   row                           cloudmodal                             Redis (redis-py)
@@ -30,13 +35,15 @@ another object's section is one more entry):
   each time right before its peer, and each side's figure is its median: one pass of a batched row lasts a
   fraction of a second, and on a shared machine a single pass of either side can be off by half.
 
-  ``--also-async-commit`` (PostgreSQL) measures the rows again, after the first set, on a control plane whose
-  commits do not wait for the disk (``synchronous_commit = off``): the durability trade a deployment may opt
-  into for its Dicts and Queues, where a crash of the database server may lose the writes of the last moments
-  after they were answered. Its rows are a section of their own; the first set is the durable default.
+  ``--also-async-commit`` (PostgreSQL) measures the rows again, after the first set, on a control plane started
+  with ``CLOUDMODAL_KV_SYNCHRONOUS_COMMIT=off``: its Dict and Queue commits do not wait for the disk, the
+  durability trade a deployment may opt into, where a crash of the database server may lose the kv writes of
+  the last moments after they were answered. Its rows are a section of their own; the first set is the durable
+  default.
 
-Prints a table (operations per second, and cloudmodal's over Redis's) and, per section, whether the goal is
-met; ``--json FILE`` also writes the rows, with every pass's figure. Goal: batched at least half of Redis's.
+Prints a table (operations per second, and cloudmodal's over Redis's; each side pickling per item) and, per
+section, whether the goal is met; ``--json FILE`` also writes the rows, with every pass's figure. Goal: batched
+at least half of Redis's.
 
 Run: ``.venv/bin/python bench/state.py [--ops 20000] [--batch 500] [--repeat 3] [--database-url URL]
 [--also-async-commit] [--only kv]``. Needs ``redis`` (redis-py) installed and a Redis answering for the Redis
@@ -98,9 +105,10 @@ def batches(n: int, size: int) -> Iterator[range]:
 
 # -- the control plane ---------------------------------------------------------------------------------------
 @contextmanager
-def control_plane(database_url: str | None) -> Iterator[None]:
+def control_plane(database_url: str | None, env: dict[str, str] | None = None) -> Iterator[None]:
     """A real control plane in a process of its own (as Redis is: client and server do not share a GIL),
-    this process's client pointed at it."""
+    this process's client pointed at it; ``env``: variables for its process (its settings)."""
+    import os
     import subprocess
 
     # the test suite's helper: this process's client pointed at a server for the duration
@@ -113,6 +121,7 @@ def control_plane(database_url: str | None) -> Iterator[None]:
             [sys.executable, __file__, "--serve", tmp, "--database-url", url],
             stdout=subprocess.PIPE,
             text=True,
+            env=os.environ | (env or {}),
         )
         try:
             assert proc.stdout is not None
@@ -167,36 +176,22 @@ ASYNC_COMMIT_SECTION = "kv, synchronous_commit off"
 
 def kv_section(a: argparse.Namespace) -> list[Row]:
     """The rows on the control plane's database as configured, and with ``--also-async-commit`` again with
-    its commits not waiting for the disk (measured after the first set, on a control plane of its own)."""
+    its kv commits not waiting for the disk (measured after the first set, on a control plane of its own)."""
     rows = kv_rows(a, a.database_url, "kv")
     if a.also_async_commit:
-        rows += kv_rows(a, async_commit_url(a.database_url), ASYNC_COMMIT_SECTION)
+        rows += kv_rows(a, a.database_url, ASYNC_COMMIT_SECTION, {"CLOUDMODAL_KV_SYNCHRONOUS_COMMIT": "off"})
     return rows
 
 
-def async_commit_url(url: str) -> str:
-    """``url`` (PostgreSQL) with ``synchronous_commit = off`` for every connection of the control plane: the
-    database-wide form of the kv service's opt-in (``KV(durable=False)`` sets it for the kv transactions
-    alone, with one more pipelined statement each; this bench's control plane runs kv transactions only)."""
-    from sqlalchemy.engine import make_url
-
-    return (
-        make_url(url)
-        .update_query_dict({"options": "-c synchronous_commit=off"})
-        .render_as_string(hide_password=False)
-    )
-
-
-def kv_rows(a: argparse.Namespace, database_url: str | None, section: str) -> list[Row]:
-    import cloudpickle
-
+def kv_rows(
+    a: argparse.Namespace, database_url: str | None, section: str, env: dict[str, str] | None = None
+) -> list[Row]:
     n1 = a.single_ops or a.ops  # items of the single-operation rows
     value = {"payload": "x" * a.value_bytes, "n": 1}
-    blob = cloudpickle.dumps(value)
     keys = [f"key-{i}" for i in range(n1)]
     ours: dict[str, list[float]] = {}
     theirs: dict[str, list[float]] = {}
-    with control_plane(database_url), redis_ops(a, keys, blob) as peer:
+    with control_plane(database_url, env), redis_ops(a, keys, value) as peer:
         for _ in range(a.repeat):
             kv_pass(a, value, keys, peer, ours, theirs)
     return [
@@ -289,8 +284,9 @@ def kv_pass(
 
 
 @contextmanager
-def redis_ops(a: argparse.Namespace, keys: list[str], blob: bytes) -> Iterator[dict[str, Callable[[], None]]]:
-    """The Redis side of each row (none when Redis is not there); its keys are deleted after."""
+def redis_ops(a: argparse.Namespace, keys: list[str], value: Any) -> Iterator[dict[str, Callable[[], None]]]:
+    """The Redis side of each row (none when Redis is not there); its keys are deleted after. Each key and
+    value is pickled (and each value read unpickled) per item, with the functions cloudmodal's client uses."""
     r, why = redis_client(a.redis_url)
     if r is None:
         print(f"note: no Redis column: {why}", file=sys.stderr)
@@ -298,47 +294,49 @@ def redis_ops(a: argparse.Namespace, keys: list[str], blob: bytes) -> Iterator[d
         return
     import uuid
 
+    from cloudmodal.dict import _dumps, _loads
+    from cloudmodal.queue import _loads as _queue_loads
+
     n, b = a.ops, a.batch
-    prefix = f"state-bench-{uuid.uuid4().hex[:8]}:"
-    ks = [prefix + k for k in keys]
-    qkey = prefix + "queue"
+    prefix = f"state-bench-{uuid.uuid4().hex[:8]}:".encode()
+    qkey = prefix + b"queue"
     try:
 
         def put() -> None:
-            for k in ks:
-                r.set(k, blob)
+            for k in keys:
+                r.set(prefix + _dumps(k), _dumps(value))
 
         def get() -> None:
-            for k in ks:
-                assert r.get(k) == blob
+            for k in keys:
+                assert _loads(r.get(prefix + _dumps(k))) == value
 
         def put_pipelined() -> None:
             for rg in batches(n, b):
                 p = r.pipeline(transaction=False)
                 for i in rg:
-                    p.set(f"{prefix}batch-{i}", blob)
+                    p.set(prefix + _dumps(f"batch-{i}"), _dumps(value))
                 p.execute()
 
         def get_pipelined() -> None:
             for rg in batches(n, b):
                 p = r.pipeline(transaction=False)
                 for i in rg:
-                    p.get(f"{prefix}batch-{i}")
-                assert all(v == blob for v in p.execute())
+                    p.get(prefix + _dumps(f"batch-{i}"))
+                assert all(_loads(v) == value for v in p.execute())
 
         def qput() -> None:
             for _ in range(len(keys)):
-                r.rpush(qkey, blob)
+                r.rpush(qkey, _dumps(value))
 
         def qget() -> None:
             for _ in range(len(keys)):
-                assert r.lpop(qkey) == blob
+                assert _queue_loads(r.lpop(qkey)) == value
 
         def qput_pipelined() -> None:
             for rg in batches(n, b):
                 p = r.pipeline(transaction=False)
                 for _ in rg:
-                    p.rpush(qkey, blob)
+                    p.rpush(qkey, _dumps(value))
                 p.execute()
 
         def qget_pipelined() -> None:
@@ -346,7 +344,7 @@ def redis_ops(a: argparse.Namespace, keys: list[str], blob: bytes) -> Iterator[d
                 p = r.pipeline(transaction=False)
                 for _ in rg:
                     p.lpop(qkey)
-                assert all(v == blob for v in p.execute())
+                assert all(_queue_loads(v) == value for v in p.execute())
 
         yield {
             "dict put (single)": put,
@@ -359,7 +357,7 @@ def redis_ops(a: argparse.Namespace, keys: list[str], blob: bytes) -> Iterator[d
             "queue get (batched)": qget_pipelined,
         }
     finally:
-        doomed = list(r.scan_iter(match=prefix + "*", count=10_000))
+        doomed = list(r.scan_iter(match=prefix + b"*", count=10_000))
         for chunk in batches(len(doomed), 1000):
             r.delete(*[doomed[i] for i in chunk])
 
@@ -431,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--also-async-commit",
         action="store_true",
-        help="PostgreSQL: measure the kv rows again with synchronous_commit off (a crash may lose the last "
-        "moments of answered writes)",
+        help="PostgreSQL: measure the kv rows again with CLOUDMODAL_KV_SYNCHRONOUS_COMMIT=off (a crash of the "
+        "database server may lose the last moments of answered kv writes)",
     )
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--serve", metavar="STATE_DIR", help=argparse.SUPPRESS)  # the control plane's process
@@ -449,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.only or list(SECTIONS):
         rows += SECTIONS[name](a)
     print(table(rows))
+    if any(r.peer_name == "Redis" for r in rows):
+        print("Redis side: keys and values pickled, values read unpickled, per item (as cloudmodal's client)")
     for line in goal_lines(rows):
         print(line)
     if a.json:

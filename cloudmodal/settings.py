@@ -121,6 +121,14 @@ class Settings(BaseSettings):
         group="control plane",
         repr=False,
     )
+    kv_synchronous_commit: Literal["on", "off"] = _var(
+        "on",
+        "`off`: Dict and Queue writes are answered before their commit reaches the database server's disk "
+        "(PostgreSQL's `synchronous_commit`; faster batched puts and gets): a crash of the database server may "
+        "lose the last fraction of a second of kv writes already answered (the database stays consistent); only "
+        "dicts and queues are affected, and SQLite ignores it",
+        group="control plane",
+    )
     blob_dir: Path | None = _var(
         None,
         "where payloads over 2 MiB are kept (unset: `blobs/` in the state directory). Several control planes "

@@ -156,7 +156,7 @@ def _may_manage(who: Identity, what: str) -> None:
 def add_routes(route: Any, run: Any, cp: Any) -> None:
     """Add this module's routes with ``route(method, path, access, **kw)`` (the decorator ``build_routes``
     uses); ``run(fn, *args)`` runs blocking work (the database) off the event loop."""
-    svc = KV(cp)
+    svc = KV(cp, durable=cp.settings.kv_durable)
 
     async def db(fn: Callable[..., R], *args: Any, rows: int = 1) -> R:
         """A database operation: a short one (a few ``rows``) inline while SQLite has no write in progress

@@ -44,6 +44,8 @@ def default_settings(state_dir: Path, database_url: str | None = None, **overrid
         env_overrides["blob_dir"] = env.blob_dir
     if env.blob_store is not None:
         env_overrides["blob_store"] = env.blob_store
+    if env.is_set("kv_synchronous_commit"):
+        env_overrides["kv_durable"] = env.kv_synchronous_commit == "on"
     return Settings(database_url=url, state_dir=state_dir, **(env_overrides | overrides))
 
 

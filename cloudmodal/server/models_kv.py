@@ -8,10 +8,26 @@ A queue's items are rows in insertion order (their autoincrement id), and each p
 that counts its items and bytes: written in the transaction of every put and get, so the limits are checked
 without counting rows, and on PostgreSQL locked first by every writer of the partition (one lock order, no
 deadlocks).
+
+Two indexes differ on PostgreSQL, where each write's index work is a large part of a batch's cost (the DDL
+hooks at the end of this module; declared without ``postgresql_`` options, which would import that dialect on
+every SQLite control plane's start):
+
+- a dict entry's ``updated_at`` (read only by the idle-entry pruner) has a BRIN index there: a few pages for the
+  whole table, next to nothing per write, where a btree is a second tree to update on every upsert. A BRIN
+  range keeps the oldest time it ever held, so once entries were pruned or rewritten the pruner's look-up
+  reads most of the table: it runs hourly (``svc_kv.DICT_PRUNE_EVERY_S``), not on every retention pass;
+- a queue item's key there is its unique index ``(queue_id, partition, id)`` alone, which every query walks
+  (``id`` comes from a sequence, unique by itself): no second tree over ``id``. SQLite keeps ``id`` as its
+  primary key (the rowid, which numbers the items) beside the same unique index.
 """
 
 # No ``from __future__ import annotations``: see models.py (SQLModel evaluates the annotations).
-from sqlalchemy import Column, Index, LargeBinary, Table
+from typing import Any
+
+from sqlalchemy import DDL, Column, Index, LargeBinary, PrimaryKeyConstraint, Table, event
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateIndex
 from sqlmodel import Field
 
 from cloudmodal.server.models import Row
@@ -35,7 +51,7 @@ class DictEntry(Row, table=True):
     for 7 days is pruned, as Modal's are."""
 
     __tablename__ = "kv_dict_entry"
-    __table_args__ = (Index("ix_kv_dict_entry_updated", "updated_at"),)
+    __table_args__ = (Index("ix_kv_dict_entry_updated", "updated_at", info={"postgresql_using": "brin"}),)
 
     dict_id: str = Field(primary_key=True)
     # sha256 of ``key``, its 32 raw bytes: compared byte for byte, never in the locale's collation (a 500-row
@@ -63,7 +79,11 @@ class QueueItem(Row, table=True):
     """One value in a queue's partition; ``id`` orders them (FIFO per partition)."""
 
     __tablename__ = "kv_queue_item"
-    __table_args__ = (Index("ix_kv_queue_item_order", "queue_id", "partition", "id"),)
+    __table_args__ = (
+        Index("ix_kv_queue_item_order", "queue_id", "partition", "id", unique=True),
+        # on PostgreSQL the unique index above is the key instead (see the module's docstring)
+        PrimaryKeyConstraint("id", info={"postgresql_key_index": "ix_kv_queue_item_order"}),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     queue_id: str
@@ -102,6 +122,37 @@ class KVRequest(Row, table=True):
     created_at: float = 0.0
 
 
+# -- PostgreSQL's forms of the indexes above ----------------------------------------------------------------
+@compiles(CreateIndex, "postgresql")
+def _pg_create_index(create: CreateIndex, compiler: Any, **kw: Any) -> str:
+    """An index's ``info["postgresql_using"]`` (its access method there), applied as the dialect's option."""
+    index = create.element
+    using = index.info.get("postgresql_using")
+    if using is not None:
+        index.dialect_kwargs["postgresql_using"] = using  # the dialect is loaded by now
+    text: str = compiler.visit_create_index(create, **kw)
+    return text
+
+
+@compiles(PrimaryKeyConstraint, "postgresql")
+def _pg_primary_key(constraint: PrimaryKeyConstraint, compiler: Any, **kw: Any) -> str | None:
+    """A primary key whose ``info["postgresql_key_index"]`` names a unique index is not created there (the
+    index is the key); None leaves it out of CREATE TABLE."""
+    if constraint.info.get("postgresql_key_index"):
+        return None
+    text: str = compiler.visit_primary_key_constraint(constraint, **kw)
+    return text
+
+
+def _replica_identity(table: Table) -> None:
+    """A table keyed by a unique index on PostgreSQL is identified by it for logical replication (a table
+    without a primary key or a replica identity refuses UPDATE and DELETE once it is published)."""
+    index = table.primary_key.info.get("postgresql_key_index")
+    if index:
+        ddl = DDL(f"ALTER TABLE {table.name} REPLICA IDENTITY USING INDEX {index}")
+        event.listen(table, "after_create", ddl.execute_if(dialect="postgresql"))
+
+
 def _table(model: type[Row]) -> Table:
     table: Table = model.__table__  # type: ignore[attr-defined]  # set by SQLAlchemy's mapping
     return table
@@ -111,5 +162,6 @@ dicts = _table(DictObject)
 dict_entries = _table(DictEntry)
 queues = _table(QueueObject)
 queue_items = _table(QueueItem)
+_replica_identity(queue_items)
 queue_partitions = _table(QueuePartition)
 requests = _table(KVRequest)

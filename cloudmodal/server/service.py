@@ -80,6 +80,8 @@ class Settings:
     ledger_accrual_s: float = (
         30.0  # how often the cost ledger accrues running workers (cloudmodal.server.ledger)
     )
+    # False: dict and queue commits answer before reaching the disk (CLOUDMODAL_KV_SYNCHRONOUS_COMMIT)
+    kv_durable: bool = True
 
 
 def _now() -> float:

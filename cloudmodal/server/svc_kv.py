@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -64,6 +65,12 @@ READ_TOUCH_S = 86400.0  # a read refreshes an entry's idle clock when it is olde
 TOUCH_OBJECT_S = 60.0  # an object's last_used_at is refreshed by writes at most this often
 PAGE_BYTES = 16 * 1024 * 1024  # a scan or peek page stops after this many bytes (at least one row)
 PRUNE_BATCH = 500  # rows per pruning transaction: short holds of the write lock
+# Idle dict entries are looked for at most this often (per control plane): on PostgreSQL their ``updated_at``
+# index is BRIN (models_kv), whose ranges keep the oldest time they ever held, so once entries were pruned or
+# rewritten the look-up reads most of the table's pages even when nothing is idle. Hourly, that is cheap, and
+# an entry goes at most an hour after its 7 idle days.
+DICT_PRUNE_EVERY_S = 3600.0
+_dict_prunes: weakref.WeakKeyDictionary[ControlPlane, float] = weakref.WeakKeyDictionary()  # cp -> last
 
 
 @dataclass(frozen=True)
@@ -747,7 +754,8 @@ def _delete_object(conn: Connection, kind: Kind, oid: str) -> None:
 def prune(cp: ControlPlane, now: float | None = None) -> int:
     """One pass of the dicts' and queues' retention; returns the rows deleted. Deletes ephemeral objects
     whose client stopped heartbeating over EPHEMERAL_IDLE_S ago (with their contents), queue partitions past
-    their TTL (with their items), and dict entries idle for DICT_IDLE_S. Each in short transactions."""
+    their TTL (with their items), and dict entries idle for DICT_IDLE_S (looked for at most every
+    DICT_PRUNE_EVERY_S). Each in short transactions."""
     now = time.time() if now is None else now
     removed = 0
     kinds: tuple[Kind, ...] = ("dict", "queue")
@@ -762,7 +770,7 @@ def prune(cp: ControlPlane, now: float | None = None) -> int:
         for (oid,) in stale:
             with cp.db.write() as conn:
                 removed += _delete_idle(conn, kind, oid, now)
-    P, I, E = kv.queue_partitions, kv.queue_items, kv.dict_entries  # noqa: E741
+    P, I = kv.queue_partitions, kv.queue_items  # noqa: E741
     with cp.db.read() as conn:
         parts = conn.execute(
             select(P.c.queue_id, P.c.partition).where(P.c.expires_at < now).limit(PRUNE_BATCH)
@@ -780,6 +788,20 @@ def prune(cp: ControlPlane, now: float | None = None) -> int:
             )
 
         removed += _prune_write(cp, drop)
+    removed += _prune_idle_entries(cp, now)
+    removed += kv_requests.prune(cp, now)
+    if removed:
+        log.info("retention: pruned %d rows of dicts and queues", removed)
+    return removed
+
+
+def _prune_idle_entries(cp: ControlPlane, now: float) -> int:
+    """Dict entries idle for DICT_IDLE_S, at most every DICT_PRUNE_EVERY_S."""
+    if 0 <= now - _dict_prunes.get(cp, float("-inf")) < DICT_PRUNE_EVERY_S:
+        return 0
+    _dict_prunes[cp] = now
+    E = kv.dict_entries
+    removed = 0
     while True:
         with cp.db.read() as conn:
             idle = conn.execute(
@@ -805,9 +827,6 @@ def prune(cp: ControlPlane, now: float | None = None) -> int:
         removed += got
         if got == 0 or len(idle) < PRUNE_BATCH:
             break
-    removed += kv_requests.prune(cp, now)
-    if removed:
-        log.info("retention: pruned %d rows of dicts and queues", removed)
     return removed
 
 

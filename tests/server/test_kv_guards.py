@@ -16,6 +16,7 @@ from sqlalchemy.pool import QueuePool
 
 from cloudmodal import exception as exc
 from cloudmodal.server import models_kv as kv
+from cloudmodal.server.kv_tx import transaction
 from cloudmodal.server.service import ControlPlane, Settings
 from cloudmodal.server.svc_kv import KV
 
@@ -131,6 +132,40 @@ def test_non_durable_writes_keep_the_setting_to_their_transactions(cp: ControlPl
         for c in conns:
             c.close()
     assert settings == {"on"}, "a non-durable kv write left its setting on a pooled connection"
+
+
+def test_a_non_durable_transaction_commits_without_waiting_for_the_disk(cp: ControlPlane) -> None:
+    """``durable=False`` turns PostgreSQL's synchronous_commit off inside the kv transaction (and only there:
+    see the test above); the default leaves it on. SQLite has no such setting: its transactions are as
+    ever."""
+    if cp.db.is_sqlite:
+        return
+    seen = {}
+    for durable in (False, True):
+        with cp.db.write() as conn, transaction(cp.db, conn, durable=durable) as tx:
+            seen[durable] = tx.run("SHOW synchronous_commit").fetchone()[0]
+            tx.commit()
+    assert seen == {False: "off", True: "on"}
+
+
+@pytest.mark.parametrize(
+    ("value", "durable"), [(None, True), ("on", True), ("off", False), (" off ", None), ("0", None)]
+)
+def test_the_synchronous_commit_setting_reaches_the_control_plane(
+    value: str | None, durable: bool | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``CLOUDMODAL_KV_SYNCHRONOUS_COMMIT`` becomes ``Settings.kv_durable`` (what the kv routes build their
+    service with); a value other than on/off is refused with the variable named."""
+    from cloudmodal.server.app import default_settings
+
+    monkeypatch.delenv("CLOUDMODAL_KV_SYNCHRONOUS_COMMIT", raising=False)
+    if value is not None:
+        monkeypatch.setenv("CLOUDMODAL_KV_SYNCHRONOUS_COMMIT", value)
+    if durable is None:
+        with pytest.raises(exc.InvalidError, match="CLOUDMODAL_KV_SYNCHRONOUS_COMMIT"):
+            default_settings(tmp_path, database_url="sqlite://")
+        return
+    assert default_settings(tmp_path, database_url="sqlite://").kv_durable is durable
 
 
 def test_deleting_an_object_while_it_is_written_leaves_no_rows(cp: ControlPlane) -> None:

@@ -16,7 +16,7 @@ from cloudmodal import exception as exc
 from cloudmodal.queue import MAX_PARTITIONS
 from cloudmodal.server import models_kv as kv
 from cloudmodal.server.service import ControlPlane, Settings
-from cloudmodal.server.svc_kv import DICT_IDLE_S, EPHEMERAL_IDLE_S, KV, QueueFull, prune
+from cloudmodal.server.svc_kv import DICT_IDLE_S, DICT_PRUNE_EVERY_S, EPHEMERAL_IDLE_S, KV, QueueFull, prune
 
 
 @pytest.fixture
@@ -119,16 +119,23 @@ def test_prune_removes_idle_ephemeral_expired_partitions_and_idle_entries(cp: Co
     for kind, oid in (("dict", ephemeral_dict), ("queue", ephemeral_queue)):
         with pytest.raises(exc.NotFoundError):
             svc.info(kind, oid)  # type: ignore[arg-type]
-    assert svc.dict_get(named_dict, [b"old", b"fresh"]) == [None, b"2"]
+    # idle since a minute after `now`, but idle entries were looked for at `now`: not again within the hour
+    # (counted, not read: a read refreshes an entry idle for over a day)
+    with cp.db.read() as conn:
+        assert conn.execute(select(func.count()).select_from(E)).scalar_one() == 2
     assert svc.queue_len(named_queue, "short", False) == 0 and svc.queue_get(named_queue, "long", 5) == [b"z"]
     with cp.db.read() as conn:
         left = conn.execute(select(func.count()).select_from(kv.queue_items)).scalar_one()
         parts = [p for (p,) in conn.execute(select(kv.queue_partitions.c.partition))]
     assert left == 0 and "short" not in parts
     assert prune(cp, later) == 0  # idempotent
+    hour_on = now + DICT_PRUNE_EVERY_S
+    assert prune(cp, hour_on) == 1  # the idle entry, and nothing else
+    assert svc.dict_get(named_dict, [b"old", b"fresh"]) == [None, b"2"]
+    assert prune(cp, hour_on + DICT_PRUNE_EVERY_S) == 0
 
 
-def svc_hash(key: bytes) -> str:
+def svc_hash(key: bytes) -> bytes:
     from cloudmodal.server.svc_kv import key_hash
 
     return key_hash(key)

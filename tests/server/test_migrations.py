@@ -440,3 +440,140 @@ def test_dict_entries_written_as_hex_hashes_read_back_after_0008(
             assert conn.execute(text("SELECT count(*) FROM kv_dict_entry")).scalar_one() == len(keys)
     finally:
         db.dispose()
+
+
+def test_queue_items_and_dict_entries_survive_0010(
+    kind: str, tmp_path: Path, new_pg: Callable[[], str] | None
+) -> None:
+    """0010 re-keys queue items and re-indexes dict entries: items written before it are taken after it in
+    their order (and new ones follow them), entries read back and take upserts; on PostgreSQL the tables have
+    the indexes the models declare there (``models_kv``), as a new database made from the models has."""
+    from alembic import command
+
+    from cloudmodal.server.svc_kv import key_hash
+
+    url = _url(kind, tmp_path, new_pg)
+    engine = create_engine(url, poolclass=NullPool)
+    keys = [f"k{i}".encode() for i in range(5)]
+    with engine.begin() as conn:
+        command.upgrade(migrations.alembic_config(conn), "0009")
+        conn.execute(
+            text(
+                "INSERT INTO kv_dict (id, name, ephemeral, created_at, created_by, last_used_at) "
+                "VALUES ('di-old', 'old', false, 0, '', 0)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO kv_queue (id, name, ephemeral, created_at, created_by, last_used_at) "
+                "VALUES ('qu-old', 'oldq', false, 0, '', 0)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO kv_queue_partition (queue_id, partition, expires_at, items, bytes) "
+                "VALUES ('qu-old', '', :t, 3, 6)"
+            ),
+            {"t": 1e12},
+        )
+        for v in (b"item-0", b"item-1", b"item-2"):
+            conn.execute(
+                text(
+                    "INSERT INTO kv_queue_item (queue_id, partition, value, created_at) "
+                    "VALUES ('qu-old', '', :v, 0)"
+                ),
+                {"v": v},
+            )
+        for k in keys:
+            conn.execute(
+                text(
+                    "INSERT INTO kv_dict_entry (dict_id, key_hash, key, value, updated_at) "
+                    "VALUES ('di-old', :h, :k, :v, :t)"
+                ),
+                {"h": key_hash(k), "k": k, "v": b"v-" + k, "t": 1e12},
+            )
+    with engine.begin() as conn:
+        command.upgrade(migrations.alembic_config(conn), "head")
+    assert _diff(engine) == []
+    migrated = _kv_index_forms(engine)
+    engine.dispose()
+
+    from cloudmodal.server.service import ControlPlane, Settings
+    from cloudmodal.server.svc_kv import KV
+
+    cp = ControlPlane(Settings(database_url=url, state_dir=tmp_path / "cp"))
+    try:
+        svc = KV(cp)
+        assert svc.dict_get("di-old", keys) == [b"v-" + k for k in keys]
+        svc.dict_put("di-old", [(keys[0], b"new")], skip_if_exists=False)
+        assert svc.dict_get("di-old", keys[:2]) == [b"new", b"v-" + keys[1]]
+        assert [v for _, v in svc.queue_peek("qu-old", "", 0, 10)] == [b"item-0", b"item-1", b"item-2"]
+        svc.queue_put("qu-old", "", [b"item-3", b"item-4"], 3600)
+        assert svc.queue_get("qu-old", "", 2) == [b"item-0", b"item-1"]
+        assert svc.queue_get("qu-old", "", 10) == [b"item-2", b"item-3", b"item-4"]
+        with cp.db.read() as conn:
+            assert conn.execute(text("SELECT count(*) FROM kv_dict_entry")).scalar_one() == len(keys)
+            assert conn.execute(text("SELECT count(*) FROM kv_queue_item")).scalar_one() == 0
+    finally:
+        cp.db.dispose()
+
+    # a new database, made from the models without Alembic, has the same forms
+    fresh_url = _url(kind, tmp_path / "fresh", new_pg)
+    (tmp_path / "fresh").mkdir()
+    fresh = ControlPlane(Settings(database_url=fresh_url, state_dir=tmp_path / "fresh" / "cp"))
+    fresh.db.dispose()
+    fresh_engine = create_engine(fresh_url, poolclass=NullPool)
+    try:
+        assert _kv_index_forms(fresh_engine) == migrated
+    finally:
+        fresh_engine.dispose()
+    if kind == "sqlite":
+        assert migrated == {"ix_kv_queue_item_order": "CREATE UNIQUE INDEX", "queue_item_key": "id"}
+    else:
+        assert migrated == {
+            "ix_kv_dict_entry_updated": "brin",
+            "ix_kv_queue_item_order": "CREATE UNIQUE INDEX btree",
+            "queue_item_key": None,  # no primary key: the unique index is the key
+            "replica_identity": "ix_kv_queue_item_order",
+        }
+
+
+def _kv_index_forms(engine: Engine) -> dict[str, object]:
+    """What 0010 changes, as the database reports it."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            order = conn.execute(
+                text("SELECT sql FROM sqlite_master WHERE name = 'ix_kv_queue_item_order'")
+            ).scalar_one()
+            key = [r[1] for r in conn.execute(text("PRAGMA table_info(kv_queue_item)")) if r[5]]
+            return {"ix_kv_queue_item_order": " ".join(order.split()[:3]), "queue_item_key": ",".join(key)}
+        defs: dict[str, str] = dict(
+            conn.execute(
+                text(
+                    "SELECT indexname, indexdef FROM pg_indexes "
+                    "WHERE tablename IN ('kv_queue_item', 'kv_dict_entry') AND indexname LIKE 'ix_%'"
+                )
+            ).all()
+        )
+        pkey = conn.execute(
+            text(
+                "SELECT conname FROM pg_constraint "
+                "WHERE conrelid = 'kv_queue_item'::regclass AND contype = 'p'"
+            )
+        ).scalar()
+        identity = conn.execute(
+            text(
+                "SELECT i.indexrelid::regclass::text FROM pg_index i "
+                "WHERE i.indrelid = 'kv_queue_item'::regclass AND i.indisreplident"
+            )
+        ).scalar()
+        using = lambda name: defs[name].split(" USING ")[1].split()[0]  # noqa: E731
+        return {
+            "ix_kv_dict_entry_updated": using("ix_kv_dict_entry_updated"),
+            "ix_kv_queue_item_order": (
+                "CREATE UNIQUE INDEX " if "UNIQUE" in defs["ix_kv_queue_item_order"] else ""
+            )
+            + using("ix_kv_queue_item_order"),
+            "queue_item_key": pkey,
+            "replica_identity": identity,
+        }
