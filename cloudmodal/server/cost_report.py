@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import Integer, and_, cast, func, select
 
 from cloudmodal.server import models
-from cloudmodal.server.ledger import HOUR, HOUR_S, SPAN, WORKER_COLUMNS, plan
+from cloudmodal.server.ledger import HOUR, HOUR_S, LAPP, LWORKER, SPAN, WORKER_COLUMNS, plan
 from cloudmodal.server.states import WorkerState
 
 if TYPE_CHECKING:
@@ -37,7 +37,16 @@ A = models.apps
 F = models.functions
 W = models.workers
 BY = ("app", "function", "gpu", "cloud", "market", "day")
-SUMS = ("cost", "seconds", "gpu_seconds", "idle_seconds", "idle_cost", "spot_cost", "spot_on_demand_cost")
+SUMS = (
+    "cost",
+    "seconds",
+    "gpu_seconds",
+    "idle_seconds",
+    "idle_cost",
+    "spot_cost",
+    "spot_on_demand_cost",
+    "minimum_cost",
+)
 
 
 @dataclass(slots=True)
@@ -53,7 +62,7 @@ class Totals:
     spot_unpriced_seconds: float = 0.0
 
     def add(self, other: dict[str, float], share: float = 1.0) -> None:
-        for k in (*SUMS, "minimum_cost", "spot_unpriced_seconds"):
+        for k in (*SUMS, "spot_unpriced_seconds"):
             setattr(self, k, getattr(self, k) + other.get(k, 0.0) * share)
 
     def view(self) -> dict[str, float]:
@@ -119,12 +128,22 @@ class CostReports:
 
     # -- the pieces ----------------------------------------------------------------------------------
     def _names(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Apps and functions by id: the ledger's own record (which outlives a pruned run's rows), then the
+        live tables over it."""
         with self.cp.db.read() as conn:
             apps = {
+                r.app_id: {"name": r.name, "tags": r.tags or {}, "budget": None, "state": "stopped"}
+                for r in conn.execute(select(LAPP.c.app_id, LAPP.c.name, LAPP.c.tags)).all()
+            }
+            apps |= {
                 r.id: {"name": r.name, "tags": r.tags or {}, "budget": r.budget, "state": r.state}
                 for r in conn.execute(select(A.c.id, A.c.name, A.c.tags, A.c.budget, A.c.state)).all()
             }
-            fns = {r.id: r.name for r in conn.execute(select(F.c.id, F.c.name)).all()}
+            fns = {
+                r.function_id: r.function_name
+                for r in conn.execute(select(LWORKER.c.function_id, LWORKER.c.function_name).distinct()).all()
+            }
+            fns |= {r.id: r.name for r in conn.execute(select(F.c.id, F.c.name)).all()}
         return apps, fns
 
     def rows(
@@ -136,9 +155,14 @@ class CostReports:
         out: list[tuple[dict[str, Any], dict[str, float]]] = []
         first_hour = math.ceil(since / HOUR_S) * HOUR_S
         last_hour = math.floor(until / HOUR_S) * HOUR_S  # whole hours: [first_hour, last_hour)
-        dims = [HOUR.c.app_id, HOUR.c.function_id, HOUR.c.gpu, HOUR.c.cloud, HOUR.c.market]
-        if per_hour:
-            dims.append(HOUR.c.hour)
+        dims: list[Any] = [HOUR.c.app_id, HOUR.c.function_id, HOUR.c.gpu, HOUR.c.cloud, HOUR.c.market]
+        if per_hour:  # by day: the hours summed per UTC day in SQL (a day's start; hours are never negative)
+            day = (
+                cast(HOUR.c.hour / 86400.0, Integer)
+                if self.cp.db.is_sqlite
+                else func.floor(HOUR.c.hour / 86400.0)
+            )
+            dims.append((day * 86400.0).label("hour"))
         # one snapshot: an accrual committing between the spans' read and the open workers' would otherwise
         # make the report miss (or count twice) the stretch it wrote
         with self.cp.db.snapshot() as conn:
@@ -151,14 +175,6 @@ class CostReports:
                     d = {k: r[k] for k in ("app_id", "function_id", "gpu", "cloud", "market")}
                     d["hour"] = r["hour"] if per_hour else first_hour
                     out.append((d, {k: float(r[k] or 0.0) for k in SUMS}))
-                # the rollup has no kind: the minimums inside whole hours come from their spans (few)
-                mq = select(SPAN.c.app_id, func.sum(SPAN.c.cost)).where(
-                    and_(SPAN.c.kind == "minimum", SPAN.c.t0 >= first_hour, SPAN.c.t0 < last_hour)
-                )
-                if ids is not None:
-                    mq = mq.where(SPAN.c.app_id.in_(ids))
-                for app_id, cost in conn.execute(mq.group_by(SPAN.c.app_id)).all():
-                    out.append(({"app_id": app_id, "_only": "minimum"}, {"minimum_cost": float(cost or 0.0)}))
                 edges = [(since, min(first_hour, until)), (max(last_hour, since), until)]
             else:
                 edges = [(since, until)]
@@ -252,14 +268,6 @@ class CostReports:
         groups: dict[str, Totals] = defaultdict(Totals)
         total = Totals()
         for d, sums in self.rows(since, until, now, ids, by == "day"):
-            if d.get("_only") == "minimum":
-                # billing minimums inside whole hours: their cost is in the rollup's; shown apart only here
-                total.minimum_cost += sums["minimum_cost"]
-                if by == "app":
-                    groups[apps.get(d["app_id"], {}).get("name", d["app_id"])].minimum_cost += sums[
-                        "minimum_cost"
-                    ]
-                continue
             total.add(sums)
             groups[self._key(by, d, apps, fns)].add(sums)
         running = self.running(ids)
@@ -290,35 +298,48 @@ class CostReports:
                 "per_hour": round(sum(r["price_per_hour"] for r in running), 6),
                 "workers": running,
             },
-            "budgets": self.budgets(set(apps) if ids is None else ids, apps, now),
+            "budgets": self.budgets(set(apps) if ids is None else ids, apps, now, running),
             "notes": notes,
         }
 
-    def budgets(self, ids: set[str], apps: dict[str, dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    def budgets(
+        self, ids: set[str], apps: dict[str, dict[str, Any]], now: float, running: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Each budgeted live app's spending in its period and its $/h, against its caps. The spending of
+        every app with the same period is read together (one pass over the ledger per period)."""
+        budgeted = {
+            i: apps[i]["budget"] for i in ids if apps[i].get("budget") and apps[i].get("state") != "stopped"
+        }
+        spent: dict[str, float] = defaultdict(float)
+        for period in sorted({b.get("period", "month") for b in budgeted.values()}):
+            group = [i for i, b in budgeted.items() if b.get("period", "month") == period]
+            start, _ = period_bounds(period, now)
+            for d, sums in self.rows(start, now, now, group, False):
+                spent[d["app_id"]] += sums.get("cost", 0.0)
+        per_hour: dict[str, float] = defaultdict(float)
+        for r in running:
+            per_hour[r["app_id"]] += r["price_per_hour"]
         out = []
-        for app_id in sorted(ids):
-            a = apps[app_id]
-            b = a.get("budget")
-            if not b or a.get("state") == "stopped":
-                continue
+        for app_id in sorted(budgeted):
+            b = budgeted[app_id]
             start, end = period_bounds(b.get("period", "month"), now)
-            spent = self.spent(app_id, start, now)
-            per_hour = sum(r["price_per_hour"] for r in self.running([app_id]))
             out.append(
                 {
-                    "app": a["name"],
+                    "app": apps[app_id]["name"],
                     "app_id": app_id,
                     "period": b.get("period", "month"),
                     "period_start": start,
                     "period_end": end,
                     "max_total": b.get("max_total"),
-                    "spent": round(spent, 6),
-                    "headroom": None if b.get("max_total") is None else round(b["max_total"] - spent, 6),
+                    "spent": round(spent[app_id], 6),
+                    "headroom": None
+                    if b.get("max_total") is None
+                    else round(b["max_total"] - spent[app_id], 6),
                     "max_per_hour": b.get("max_per_hour"),
-                    "running_per_hour": round(per_hour, 6),
+                    "running_per_hour": round(per_hour[app_id], 6),
                     "per_hour_headroom": None
                     if b.get("max_per_hour") is None
-                    else round(b["max_per_hour"] - per_hour, 6),
+                    else round(b["max_per_hour"] - per_hour[app_id], 6),
                 }
             )
         return out

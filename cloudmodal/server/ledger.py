@@ -31,7 +31,7 @@ from sqlalchemy import and_, func, select, update
 
 from cloudmodal.pricing.billing import billed_seconds
 from cloudmodal.server import models
-from cloudmodal.server.models_ledger import LedgerHour, LedgerSpan
+from cloudmodal.server.models_ledger import LedgerApp, LedgerHour, LedgerSpan, LedgerWorker
 from cloudmodal.server.states import WorkerState
 
 if TYPE_CHECKING:
@@ -44,7 +44,12 @@ log = logging.getLogger("cloudmodal.ledger")
 W = models.workers
 SPAN = LedgerSpan.__table__  # type: ignore[attr-defined]
 HOUR = LedgerHour.__table__  # type: ignore[attr-defined]
+LWORKER = LedgerWorker.__table__  # type: ignore[attr-defined]
+LAPP = LedgerApp.__table__  # type: ignore[attr-defined]
+A = models.apps
+F = models.functions
 HOUR_S = 3600.0
+CHUNK = 200  # workers accrued in one transaction
 MONTH_HOURS = 730.5  # the clouds' storage prices are per month: 365.25 * 24 / 12 hours
 
 WORKER_COLUMNS = (
@@ -62,6 +67,8 @@ WORKER_COLUMNS = (
     W.c.market,
     W.c.price_per_hour,
     W.c.gpu,
+    W.c.last_heartbeat,
+    W.c.stop_reason,
 )
 
 
@@ -151,11 +158,28 @@ class Ledger:
                 )
             ).all()
         written = 0
-        for w in open_workers:
+        if open_workers:
+            self._name_apps({w.app_id for w in open_workers}, now)
+        # workers accrued CHUNK to a transaction (one commit, one disk flush, for all of them); a chunk that
+        # fails is accrued again worker by worker, so one bad row never holds the others back
+        for i in range(0, len(open_workers), CHUNK):
+            chunk = open_workers[i : i + CHUNK]
             try:
-                written += self._accrue_worker(w, now)
+                with self.cp.db.write() as conn:
+                    written += sum(self._accrue_worker(conn, w, now) for w in chunk)
+                continue
             except Exception:
-                log.exception("accruing worker %s failed; it is tried again on the next accrual", w.id)
+                if len(chunk) == 1:
+                    log.exception(
+                        "accruing worker %s failed; it is tried again on the next accrual", chunk[0].id
+                    )
+                    continue
+            for w in chunk:
+                try:
+                    with self.cp.db.write() as conn:
+                        written += self._accrue_worker(conn, w, now)
+                except Exception:
+                    log.exception("accruing worker %s failed; it is tried again on the next accrual", w.id)
         try:
             written += self.accrue_storage(now)
         except Exception:
@@ -241,32 +265,91 @@ class Ledger:
             written += len(rows)
         return written
 
-    def _accrue_worker(self, w: Any, now: float) -> int:
+    def _accrue_worker(self, conn: Connection, w: Any, now: float) -> int:
+        """Accrue one worker in the caller's transaction; the number of spans written."""
         end, rows = plan(w, now)
         if end is None:
             return 0
         stopped = w.state == WorkerState.STOPPED
-        with self.cp.db.write() as conn:
-            moved = conn.execute(
-                update(W)
-                .where(
-                    and_(
-                        W.c.id == w.id,
-                        W.c.billing_closed.is_(False),
-                        W.c.billed_until.is_(None)
-                        if w.billed_until is None
-                        else W.c.billed_until == w.billed_until,
-                    )
+        moved = conn.execute(
+            update(W)
+            .where(
+                and_(
+                    W.c.id == w.id,
+                    W.c.billing_closed.is_(False),
+                    W.c.billed_until.is_(None)
+                    if w.billed_until is None
+                    else W.c.billed_until == w.billed_until,
                 )
-                .values(billed_until=end, billing_closed=stopped)
-            ).rowcount
-            if not moved:
-                return 0  # another accrual got there first
-            if rows:
-                conn.execute(SPAN.insert(), rows)
-                for r in rows:
-                    _add_to_hour(conn, self.cp.db.is_sqlite, r)
+            )
+            .values(billed_until=end, billing_closed=stopped)
+        ).rowcount
+        if not moved:
+            return 0  # another accrual got there first
+        if rows:
+            conn.execute(SPAN.insert(), rows)
+            for r in rows:
+                _add_to_hour(conn, self.cp.db.is_sqlite, r)
+        if stopped:
+            self._close(conn, w, end)
         return len(rows)
+
+    def _close(self, conn: Connection, w: Any, end: float) -> None:
+        """The worker's whole life in ``ledger_worker``, in its last accrual's transaction."""
+        totals = conn.execute(
+            select(
+                func.coalesce(func.sum(SPAN.c.seconds), 0.0), func.coalesce(func.sum(SPAN.c.cost), 0.0)
+            ).where(SPAN.c.worker_id == w.id)
+        ).one()
+        b = Billed.of(w)
+        name = conn.execute(select(F.c.name).where(F.c.id == w.function_id)).scalar() or ""
+        conn.execute(
+            LWORKER.insert().values(
+                worker_id=w.id,
+                app_id=w.app_id,
+                function_id=w.function_id,
+                function_name=name,
+                provider=b.provider,
+                cloud=b.cloud,
+                region=b.region,
+                instance_type=b.instance_type,
+                gpu=b.gpu,
+                market=b.market,
+                price_per_hour=b.price_per_hour,
+                on_demand_per_hour=b.on_demand_per_hour,
+                started_at=float(w.started_at or 0.0),
+                launched_at=float(w.launched_at),
+                last_heartbeat=w.last_heartbeat,
+                stopped_at=end,
+                stop_reason=w.stop_reason or "",
+                billed_seconds=float(totals[0]),
+                cost=float(totals[1]),
+            )
+        )
+
+    def _name_apps(self, app_ids: set[str], now: float) -> None:
+        """Keep each app's name and tags in ``ledger_app`` (retention removes a stopped run's app row; its
+        costs keep their name)."""
+        with self.cp.db.read() as conn:
+            apps = conn.execute(
+                select(A.c.id, A.c.name, A.c.tags, A.c.ephemeral).where(A.c.id.in_(sorted(app_ids)))
+            ).all()
+            known = {
+                r.app_id: (r.name, r.tags)
+                for r in conn.execute(
+                    select(LAPP.c.app_id, LAPP.c.name, LAPP.c.tags).where(LAPP.c.app_id.in_(sorted(app_ids)))
+                )
+            }
+        changed = [a for a in apps if known.get(a.id) != (a.name, a.tags)]
+        if not changed:
+            return
+        with self.cp.db.write() as conn:
+            for a in changed:
+                values = {"name": a.name, "tags": a.tags, "ephemeral": bool(a.ephemeral)}
+                if a.id in known:
+                    conn.execute(update(LAPP).where(LAPP.c.app_id == a.id).values(**values))
+                else:
+                    conn.execute(LAPP.insert().values(app_id=a.id, first_seen=now, **values))
 
 
 def plan(w: Any, now: float) -> tuple[float | None, list[dict[str, Any]]]:
@@ -330,6 +413,7 @@ def _add_to_hour(conn: Connection, sqlite: bool, r: dict[str, Any]) -> None:
         "idle_cost": r["price_per_hour"] * r["idle_seconds"] / HOUR_S,
         "spot_cost": r["cost"] if spot_known else 0.0,
         "spot_on_demand_cost": (r["on_demand_per_hour"] * r["seconds"] / HOUR_S) if spot_known else 0.0,
+        "minimum_cost": r["cost"] if r["kind"] == "minimum" else 0.0,
         "spans": 1,
     }
     key = {

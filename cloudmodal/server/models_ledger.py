@@ -14,7 +14,7 @@ Imported by :mod:`cloudmodal.server.models` (one ``metadata``); created by migra
 
 # No ``from __future__ import annotations``: see models.py (SQLModel evaluates the annotations).
 
-from sqlalchemy import Index, PrimaryKeyConstraint, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, PrimaryKeyConstraint, UniqueConstraint
 from sqlmodel import Field
 
 from cloudmodal.server.models import Row
@@ -76,4 +76,45 @@ class LedgerHour(Row, table=True):
     idle_cost: float = 0.0
     spot_cost: float = 0.0  # the cost of spot spans whose on-demand price is known...
     spot_on_demand_cost: float = 0.0  # ...and what the same seconds would have cost on demand
+    minimum_cost: float = 0.0  # of ``cost``, what billing minimums and increments added
     spans: int = 0
+
+
+class LedgerWorker(Row, table=True):
+    """One worker's whole billed life, written once when its billing closes: what it ran on, from when to
+    when, why it ended, and what it cost. Kept when retention removes the worker's own row."""
+
+    __tablename__ = "ledger_worker"
+    __table_args__ = (Index("ix_ledger_worker_app", "app_id", "stopped_at"),)
+
+    worker_id: str = Field(primary_key=True)
+    app_id: str
+    function_id: str
+    function_name: str = ""
+    provider: str = ""
+    cloud: str = ""
+    region: str = ""
+    instance_type: str = ""
+    gpu: str = ""
+    market: str = ""
+    price_per_hour: float = 0.0
+    on_demand_per_hour: float | None = None
+    started_at: float = 0.0  # asked for
+    launched_at: float = 0.0  # its provider accepted the launch: billed from here
+    last_heartbeat: float | None = None
+    stopped_at: float = 0.0
+    stop_reason: str = ""
+    billed_seconds: float = 0.0  # with its cloud's minimum
+    cost: float = 0.0
+
+
+class LedgerApp(Row, table=True):
+    """An app as the ledger names it (name, tags), kept when retention removes a stopped run's app row."""
+
+    __tablename__ = "ledger_app"
+
+    app_id: str = Field(primary_key=True)
+    name: str = ""
+    tags: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
+    ephemeral: bool = True
+    first_seen: float = 0.0

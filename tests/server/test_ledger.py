@@ -155,3 +155,37 @@ def test_budget_periods_are_utc_calendar_periods() -> None:
     assert (start, end) == (1_798_761_600.0, 1_798_761_600.0 + 86400)
     start, _ = period_bounds("week", 1_798_761_600.0)  # 2027-01-01 is a Friday: the week began Monday Dec 28
     assert start == 1_798_761_600.0 - 4 * 86400
+
+
+def test_a_pruned_runs_costs_keep_their_names_and_its_workers_their_story(cp: ControlPlane) -> None:
+    """Retention removes a stopped run's app, function and worker rows (retention._remove_app); the ledger
+    keeps what it cost under its names, and each worker's life: launch, end, why it ended, what it cost."""
+    from sqlalchemy import delete, update
+
+    from cloudmodal.server.ledger import LAPP, LWORKER
+
+    F = models.functions  # noqa: N806
+    with cp.db.write() as conn:
+        conn.execute(update(models.apps).where(models.apps.c.id == "ap-2").values(tags={"team": "ml"}))
+        conn.execute(F.insert().values(id="fu-ap-2", app_id="ap-2", name="train", spec={}))
+    worker(cp, "w-gone", app="ap-2", launched=T0, stopped=T0 + 600)
+    with cp.db.write() as conn:
+        conn.execute(update(W).where(W.c.id == "w-gone").values(stop_reason="scaled down: idle"))
+    Ledger(cp).accrue(now=T0 + 700)
+    with cp.db.write() as conn:  # what retention does to a stopped run
+        for table in (W, F, models.apps):
+            col = table.c.app_id if table is not models.apps else table.c.id
+            conn.execute(delete(table).where(col == "ap-2"))
+    report = CostReports(cp).report(by="function", since=T0 - H, until=T0 + H, now=T0 + 800)
+    assert [g["key"] for g in report["groups"]] == ["two/train"]
+    by_tag = CostReports(cp).report(by="tag:team", since=T0 - H, until=T0 + H, now=T0 + 800)
+    assert [g["key"] for g in by_tag["groups"]] == ["ml"]
+    with cp.db.read() as conn:
+        (life,) = conn.execute(select(LWORKER)).mappings().all()
+        assert conn.execute(select(LAPP.c.name)).scalars().all() == ["two"]
+    assert (life["launched_at"], life["stopped_at"], life["stop_reason"]) == (
+        T0,
+        T0 + 600,
+        "scaled down: idle",
+    )
+    assert life["billed_seconds"] == 600 and life["cost"] == pytest.approx(36.0 * 600 / 3600)

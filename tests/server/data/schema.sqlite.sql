@@ -160,7 +160,7 @@ CREATE TABLE kv_queue_item (
 	created_at FLOAT NOT NULL, 
 	PRIMARY KEY (id)
 );
-CREATE INDEX ix_kv_queue_item_order ON kv_queue_item (queue_id, partition, id);
+CREATE UNIQUE INDEX ix_kv_queue_item_order ON kv_queue_item (queue_id, partition, id);
 -- default kv_queue_item.partition = ''
 -- default kv_queue_item.created_at = 0.0
 CREATE TABLE kv_queue_partition (
@@ -186,6 +186,17 @@ CREATE TABLE kv_request (
 CREATE INDEX ix_kv_request_created ON kv_request (created_at);
 -- default kv_request.op = ''
 -- default kv_request.created_at = 0.0
+CREATE TABLE ledger_app (
+	app_id VARCHAR NOT NULL, 
+	name VARCHAR NOT NULL, 
+	tags JSON, 
+	ephemeral BOOLEAN NOT NULL, 
+	first_seen FLOAT NOT NULL, 
+	PRIMARY KEY (app_id)
+);
+-- default ledger_app.name = ''
+-- default ledger_app.ephemeral = True
+-- default ledger_app.first_seen = 0.0
 CREATE TABLE ledger_hour (
 	hour FLOAT NOT NULL, 
 	app_id VARCHAR NOT NULL, 
@@ -200,6 +211,7 @@ CREATE TABLE ledger_hour (
 	idle_cost FLOAT NOT NULL, 
 	spot_cost FLOAT NOT NULL, 
 	spot_on_demand_cost FLOAT NOT NULL, 
+	minimum_cost FLOAT NOT NULL, 
 	spans INTEGER NOT NULL, 
 	CONSTRAINT pk_ledger_hour PRIMARY KEY (hour, app_id, function_id, gpu, cloud, market)
 );
@@ -211,6 +223,7 @@ CREATE INDEX ix_ledger_hour_app ON ledger_hour (app_id, hour);
 -- default ledger_hour.idle_cost = 0.0
 -- default ledger_hour.spot_cost = 0.0
 -- default ledger_hour.spot_on_demand_cost = 0.0
+-- default ledger_hour.minimum_cost = 0.0
 -- default ledger_hour.spans = 0
 CREATE TABLE ledger_span (
 	id INTEGER NOT NULL, 
@@ -251,6 +264,43 @@ CREATE INDEX ix_ledger_span_t0 ON ledger_span (t0);
 -- default ledger_span.cost = 0.0
 -- default ledger_span.kind = 'compute'
 -- default ledger_span.recorded_at = 0.0
+CREATE TABLE ledger_worker (
+	worker_id VARCHAR NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	function_id VARCHAR NOT NULL, 
+	function_name VARCHAR NOT NULL, 
+	provider VARCHAR NOT NULL, 
+	cloud VARCHAR NOT NULL, 
+	region VARCHAR NOT NULL, 
+	instance_type VARCHAR NOT NULL, 
+	gpu VARCHAR NOT NULL, 
+	market VARCHAR NOT NULL, 
+	price_per_hour FLOAT NOT NULL, 
+	on_demand_per_hour FLOAT, 
+	started_at FLOAT NOT NULL, 
+	launched_at FLOAT NOT NULL, 
+	last_heartbeat FLOAT, 
+	stopped_at FLOAT NOT NULL, 
+	stop_reason VARCHAR NOT NULL, 
+	billed_seconds FLOAT NOT NULL, 
+	cost FLOAT NOT NULL, 
+	PRIMARY KEY (worker_id)
+);
+CREATE INDEX ix_ledger_worker_app ON ledger_worker (app_id, stopped_at);
+-- default ledger_worker.function_name = ''
+-- default ledger_worker.provider = ''
+-- default ledger_worker.cloud = ''
+-- default ledger_worker.region = ''
+-- default ledger_worker.instance_type = ''
+-- default ledger_worker.gpu = ''
+-- default ledger_worker.market = ''
+-- default ledger_worker.price_per_hour = 0.0
+-- default ledger_worker.started_at = 0.0
+-- default ledger_worker.launched_at = 0.0
+-- default ledger_worker.stopped_at = 0.0
+-- default ledger_worker.stop_reason = ''
+-- default ledger_worker.billed_seconds = 0.0
+-- default ledger_worker.cost = 0.0
 CREATE TABLE log (
 	id INTEGER NOT NULL, 
 	app_id VARCHAR NOT NULL, 
