@@ -1099,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
             f"The same reports after {'; '.join(a.also_index)}",
         )
     print(
-        "\nAccrual: Ledger.accrue(), one transaction per worker (compare-and-swap, spans, rollup upserts):\n"
+        "\nAccrual: Ledger.accrue(), 200 workers to a transaction (compare-and-swap, spans, rollup upserts):\n"
     )
     rows = []
     for db, steps in result["accrual"].items():

@@ -22,6 +22,10 @@ Worker → control plane::
 Both ways: ``[CREDIT, sid, n]`` (n body bytes were consumed: the sender may send n more),
 ``[WS_MESSAGE, sid, data]`` and ``[WS_CLOSE, sid, code, reason]``.
 
+Frames sent in one turn of a side's event loop travel together, as one message holding a list of frames
+(:class:`Outbox`): under load one WebSocket message (one system call, one frame header, one mask) carries
+many requests' frames, and a lone frame still leaves in the turn it was sent.
+
 Flow control is per stream and per direction, as HTTP/2 does it: a sender has at most :data:`WINDOW` bytes
 of body (or WebSocket messages) that the other side has not consumed yet, and waits for credit beyond that.
 A 100 MB upload therefore crosses with at most a window of it in the control plane's memory, however slowly
@@ -31,7 +35,10 @@ the worker's app reads it, and a slow client never makes the worker buffer a who
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
+
+import msgpack
 
 REQUEST = 1
 DATA = 2
@@ -109,3 +116,88 @@ def chunks(body: bytes) -> list[bytes]:
     if len(body) <= CHUNK:
         return [body]
     return [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
+
+
+OUTBOX_HIGH_WATER = 4 << 20  # bytes of frames queued before a sender waits for the writer
+# A message's body bytes, at most (a lone larger frame goes alone): packing and framing one message of several
+# MiB costs ten times more per byte than messages of a few hundred KiB (large buffers' allocation)
+MESSAGE_BYTES = 256 * 1024
+
+
+def _batches(queued: list[tuple[list[Any], int]]) -> Iterator[list[list[Any]]]:
+    batch: list[list[Any]] = []
+    size = 0
+    for frame, n in queued:
+        if batch and size + n > MESSAGE_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(frame)
+        size += n
+    if batch:
+        yield batch
+
+
+def frames_of(message: bytes) -> Iterator[list[Any]]:
+    """The frames of one WebSocket message: a frame (``[kind, ...]``) or a list of frames."""
+    obj = msgpack.unpackb(message, raw=False)
+    if obj and isinstance(obj[0], list):
+        yield from obj
+    else:
+        yield obj
+
+
+class Outbox:
+    """One WebSocket's sending side: :meth:`send` queues a frame, and one writer task sends what queued up
+    during a turn of the event loop as one message, in order. ``write`` is the socket's send coroutine; when it
+    fails, the outbox is closed and ``on_close`` is called."""
+
+    def __init__(
+        self, write: Callable[[bytes], Awaitable[None]], on_close: Callable[[], None] | None = None
+    ) -> None:
+        self._write = write
+        self._on_close = on_close
+        self._frames: list[tuple[list[Any], int]] = []  # (frame, its body's bytes)
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.closed = False
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def send(self, frame: list[Any]) -> None:
+        if self.closed:
+            raise StreamClosed
+        size = sum(len(x) for x in frame if isinstance(x, bytes | str))
+        self._frames.append((frame, size))
+        self._bytes += size
+        self._wake.set()
+        if self._bytes > OUTBOX_HIGH_WATER:
+            self._room.clear()
+            await self._room.wait()
+            if self.closed:
+                raise StreamClosed
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                queued, self._frames, self._bytes = self._frames, [], 0
+                self._room.set()
+                for batch in _batches(queued):
+                    await self._write(
+                        msgpack.packb(batch[0] if len(batch) == 1 else batch, use_bin_type=True)
+                    )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            pass
+        finally:
+            self.closed = True
+            self._room.set()
+            if self._on_close is not None:
+                self._on_close()
+
+    def close(self) -> None:
+        self.closed = True
+        self._task.cancel()

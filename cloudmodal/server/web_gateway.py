@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 from sqlalchemy import and_, select
 from starlette.types import Receive, Scope, Send
 
@@ -100,7 +99,7 @@ class Tunnel:
     function_id: str
     version: int
     capacity: int
-    send_bytes: Callable[[bytes], Awaitable[None]]
+    outbox: wt.Outbox
     in_flight: int = 0
     draining: bool = False
     closed: bool = False
@@ -110,7 +109,10 @@ class Tunnel:
     async def send(self, frame: list[Any]) -> None:
         if self.closed:
             raise TunnelBroken(self.worker_id)
-        await self.send_bytes(msgpack.packb(frame, use_bin_type=True))
+        try:
+            await self.outbox.send(frame)
+        except wt.StreamClosed:
+            raise TunnelBroken(self.worker_id) from None
 
     def open(self) -> _Stream:
         sid = self.next_sid
@@ -559,7 +561,7 @@ class WebGateway:
         capacity = spec.concurrency.max_inputs if spec.concurrency else 1
         self._loop = asyncio.get_running_loop()
         await ws.accept()
-        t = Tunnel(worker_id, fid, row["function_version"], max(1, capacity), ws.send_bytes)
+        t = Tunnel(worker_id, fid, row["function_version"], max(1, capacity), wt.Outbox(ws.send_bytes))
         t.draining = row["state"] != WorkerState.STARTING and row["state"] != WorkerState.READY
         pool = self.pools.get(fid)
         if pool is None:
@@ -576,7 +578,8 @@ class WebGateway:
                     break
                 raw = message.get("bytes")
                 if raw:
-                    t.on_frame(msgpack.unpackb(raw, raw=False))
+                    for frame in wt.frames_of(raw):
+                        t.on_frame(frame)
                 if loop.time() >= recheck_at:  # a revoked token or a stopped worker ends the tunnel
                     recheck_at = loop.time() + TOKEN_RECHECK_S
                     who = await self._authenticate(ws)
@@ -588,6 +591,7 @@ class WebGateway:
             log.exception("web tunnel of %s failed", worker_id)
         finally:
             pool.tunnels.remove(t)
+            t.outbox.close()
             t.break_all()
             pool.wake()
             with contextlib.suppress(Exception):

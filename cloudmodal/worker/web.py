@@ -25,8 +25,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from cloudmodal import _web_tunnel as wt
 from cloudmodal.exception import ExecutionError
 from cloudmodal.spec import FunctionSpec, WebConfig
@@ -284,6 +282,7 @@ class WebServer:
         self.streams: dict[int, _Stream] = {}
         self.loop = asyncio.new_event_loop()
         self._ws: Any = None
+        self._outbox: wt.Outbox | None = None
         self._connected = threading.Event()
         self._draining = False
         self._stopped = False
@@ -309,9 +308,9 @@ class WebServer:
 
         async def go() -> None:
             self._draining = True
-            if self._ws is not None:
+            if self._outbox is not None:
                 with contextlib.suppress(Exception):
-                    await self._ws.send(msgpack.packb([wt.DRAINING, 0]))
+                    await self._outbox.send([wt.DRAINING, 0])
             deadline = time.monotonic() + timeout
             while self.streams and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -342,13 +341,15 @@ class WebServer:
                     user_agent_header="cloudmodal-worker",
                 ) as ws:
                     self._ws = ws
+                    self._outbox = wt.Outbox(ws.send)
                     self._connected.set()
                     delay = 0.1
                     if self._draining:
-                        await ws.send(msgpack.packb([wt.DRAINING, 0]))
+                        await self._outbox.send([wt.DRAINING, 0])
                     async for raw in ws:
                         if isinstance(raw, bytes):
-                            self._on_frame(msgpack.unpackb(raw, raw=False))
+                            for frame in wt.frames_of(raw):
+                                self._on_frame(frame)
             except Exception as e:
                 if not self._stopped:
                     print(
@@ -357,6 +358,9 @@ class WebServer:
                     )
             finally:
                 self._ws = None
+                if self._outbox is not None:
+                    self._outbox.close()
+                    self._outbox = None
                 for st in list(self.streams.values()):  # the control plane forgot them with the tunnel
                     if st.task is not None:
                         st.task.cancel()
@@ -368,10 +372,10 @@ class WebServer:
             delay = min(delay * 2, 2.0)
 
     async def _send(self, frame: list[Any]) -> None:
-        ws = self._ws
-        if ws is None:
+        outbox = self._outbox
+        if outbox is None:
             raise wt.StreamClosed
-        await ws.send(msgpack.packb(frame, use_bin_type=True))
+        await outbox.send(frame)
 
     def _on_frame(self, frame: list[Any]) -> None:
         kind, sid = frame[0], frame[1]
