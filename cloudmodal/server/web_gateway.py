@@ -72,6 +72,7 @@ class Target:
     requires_proxy_auth: bool
     app_name: str
     capacity: int
+    timeout: float = 300.0  # the function's timeout: how long a request waits for its answer to start
 
 
 class _Stream:
@@ -393,12 +394,20 @@ class WebGateway:
 
                 late = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
             try:
-                answer = await stream.answer
+                answer = await asyncio.wait_for(asyncio.shield(stream.answer), target.timeout)
             except TunnelBroken:
                 return await _answer_http(
                     send,
                     502,
                     f"The worker serving this request ({tunnel.worker_id}) stopped before answering.",
+                )
+            except TimeoutError:  # the handler is cancelled; the client is told why
+                if not tunnel.closed:
+                    await tunnel.send([wt.CANCEL, sid])
+                return await _answer_http(
+                    send,
+                    504,
+                    f"The endpoint did not answer within its function's timeout ({target.timeout:g} s).",
                 )
             if answer[0] == wt.ERROR:
                 return await _answer_http(send, 502, f"The endpoint failed before answering: {answer[2]}")
@@ -689,7 +698,14 @@ class WebGateway:
                 if lbl == label:
                     capacity = spec.concurrency.max_inputs if spec.concurrency else 1
                     return Target(
-                        fid, version, method, web.kind, web.requires_proxy_auth, app.name, max(1, capacity)
+                        fid,
+                        version,
+                        method,
+                        web.kind,
+                        web.requires_proxy_auth,
+                        app.name,
+                        max(1, capacity),
+                        float(spec.timeout),
                     )
         return None
 

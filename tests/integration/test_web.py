@@ -284,6 +284,11 @@ def test_a_worker_killed_mid_request(client: httpx.Client, web: tuple[ServerHand
     assert r.status_code == 200 and r.json()["pid"] != pid
 
 
+def test_a_request_past_its_functions_timeout_gets_a_504(client: httpx.Client) -> None:
+    r = client.get("/web/web-test/too-slow/")
+    assert r.status_code == 504 and "timeout (2 s)" in r.text
+
+
 def test_a_client_that_leaves_cancels_its_handler(web: tuple[ServerHandle, Path, Any]) -> None:
     handle, marks = web[0], web[1]
     host, port = handle.url.removeprefix("http://").split(":")

@@ -50,6 +50,13 @@ async def one_at_a_time(key: str) -> dict[str, object]:
     return {"overlap": False, "pid": os.getpid()}
 
 
+@app.function(timeout=2)
+@cloudmodal.fastapi_endpoint()
+async def too_slow() -> dict[str, bool]:
+    await asyncio.sleep(3600)  # past its function's timeout: the caller gets a 504
+    return {"answered": True}
+
+
 @app.function()
 @cloudmodal.concurrent(max_inputs=8)
 @cloudmodal.asgi_app()
