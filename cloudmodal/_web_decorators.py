@@ -16,6 +16,10 @@ from cloudmodal.spec import WebConfig
 
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DOMAIN_RE = re.compile(
+    r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$"
+)  # <= 253 chars
+MAX_CUSTOM_DOMAINS = 16
 
 
 def _check_web_common(
@@ -31,6 +35,17 @@ def _check_web_common(
     ):
         raise InvalidError(
             f"@cloudmodal.{decorator}(custom_domains=...) must be a list of domain names, e.g. ['api.example.com']."
+        )
+    domains = list(custom_domains or ())  # type: ignore[call-overload]
+    for d in domains:
+        if len(d) > 253 or not DOMAIN_RE.match(d):
+            raise InvalidError(
+                f"@cloudmodal.{decorator}(custom_domains=[{d!r}]): not a domain name. Use lowercase host names "
+                "such as 'api.example.com' (no scheme, port or path)."
+            )
+    if len(domains) > MAX_CUSTOM_DOMAINS or len(set(domains)) != len(domains):
+        raise InvalidError(
+            f"@cloudmodal.{decorator}(custom_domains=...): at most {MAX_CUSTOM_DOMAINS} domains, each once."
         )
     if not isinstance(requires_proxy_auth, bool):
         raise InvalidError(f"@cloudmodal.{decorator}(requires_proxy_auth=...) must be True or False.")
@@ -63,6 +78,7 @@ def fastapi_endpoint(
         label=label,
         docs=bool(docs),
         requires_proxy_auth=requires_proxy_auth,
+        custom_domains=tuple(custom_domains or ()),
     )
 
     def wrapper(obj: Any) -> _PartialFunction:
@@ -87,7 +103,12 @@ def _app_decorator(kind: str) -> Callable[..., Callable[[Any], _PartialFunction]
             )
         _no_positional(kind, _warn_parentheses_missing)
         _check_web_common(kind, label, custom_domains, requires_proxy_auth)
-        web = WebConfig(kind=kind, label=label, requires_proxy_auth=requires_proxy_auth)  # type: ignore[arg-type]
+        web = WebConfig(
+            kind=kind,  # type: ignore[arg-type]
+            label=label,
+            requires_proxy_auth=requires_proxy_auth,
+            custom_domains=tuple(custom_domains or ()),
+        )
 
         def wrapper(obj: Any) -> _PartialFunction:
             pf = _wrap(obj, _Flags.WEB_INTERFACE, _Params(web=web))
@@ -136,6 +157,7 @@ def web_server(
         label=label,
         startup_timeout=float(startup_timeout),
         requires_proxy_auth=requires_proxy_auth,
+        custom_domains=tuple(custom_domains or ()),
     )
 
     def wrapper(obj: Any) -> _PartialFunction:

@@ -34,7 +34,9 @@ from cloudmodal._user_class import (
 )
 from cloudmodal._web_decorators import (
     _LABEL_RE,
+    DOMAIN_RE,
     HTTP_METHODS,
+    MAX_CUSTOM_DOMAINS,
     asgi_app,
     fastapi_endpoint,
     web_endpoint,
@@ -44,10 +46,12 @@ from cloudmodal._web_decorators import (
 from cloudmodal.exception import InvalidError
 
 __all__ = [
+    "DOMAIN_RE",
     "HTTP_METHODS",
     "LIFECYCLE_KINDS",
     "MAX_BATCH_SIZE",
     "MAX_BATCH_WAIT_MS",
+    "MAX_CUSTOM_DOMAINS",
     "NO_DEFAULT",
     "PARAMETER_TYPES",
     "_LABEL_RE",

@@ -52,6 +52,10 @@ class WebConfig:
     docs: bool = False
     requires_proxy_auth: bool = False
     startup_timeout: float = 5.0
+    custom_domains: tuple[str, ...] = ()  # hosts routed to this endpoint besides its /web/ path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "custom_domains", tuple(self.custom_domains or ()))
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,8 @@ class Apps:
             self.cp.calls.cancel_call(cid)
         self.cp.activity.event("app.stopped", reason, app_id=app_id)
         self.cp.hub.notify("reconcile")
+        if self.cp.web is not None:  # its custom domains, if any, are free from the next request on
+            self.cp.web.domains_changed()
 
     def list_apps(self, include_stopped: bool = True, limit: int = 100) -> list[dict[str, Any]]:
         """The newest apps, each with its pools: workers by state and market, inputs pending and running,

@@ -106,6 +106,7 @@ class Functions:
         spec = FunctionSpec.from_wire(body["spec"])
         if not parent_id:  # an instance inherits its class's secrets, checked when the class was registered
             self._check_named_secrets(spec, body.get("secret_required_keys"), who)
+        domains = self._check_custom_domains(spec, app_id) if not parent_id else False
         env = body.get("inline_env") or {}
         stored_env = env if body.get("sealed_env") else cp.secrets.seal_env(env)
         definition = {
@@ -175,7 +176,27 @@ class Functions:
                 "function.cpu_fallback", body["cpu_fallback_note"], app_id=app_id, function_id=fid
             )
         cp.hub.notify("reconcile")
+        if domains and cp.web is not None:  # its custom domains route from the next request on
+            cp.web.domains_changed()
         return {"function_id": fid, "version": version}
+
+    def _check_custom_domains(self, spec: FunctionSpec, app_id: str) -> bool:
+        """A custom domain belongs to one deployed app: claiming one another app serves is refused. True when
+        the function declares any."""
+        from cloudmodal.web_routes import endpoints
+
+        domains = {d for _label, _method, web in endpoints(spec) for d in web.custom_domains}
+        if not domains:
+            return False
+        from cloudmodal.server.web_gateway import domain_conflicts
+
+        taken = domain_conflicts(self.cp, app_id, domains)
+        if taken:
+            raise AlreadyExistsError(
+                f"Function {spec.name!r}: custom domain {', '.join(taken)} is already served by another deployed "
+                "app. Stop that app (`cloudmodal app stop`) or choose another domain."
+            )
+        return True
 
     def _check_named_secrets(
         self, spec: FunctionSpec, required_keys: dict[str, list[str]] | None, who: Identity | None

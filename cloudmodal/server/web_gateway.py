@@ -50,6 +50,7 @@ log = logging.getLogger("cloudmodal.web")
 WATCH_AFTER_S = (
     0.05  # an answer later than this has its client watched for leaving (and its handler cancelled)
 )
+DOMAINS_CACHE_S = 5.0  # how long the custom domains' routes are trusted before a background re-read
 ROUTE_CACHE_S = 1.0  # how long an (app, label) -> function look-up is trusted (a redeploy shows within it)
 TOKEN_RECHECK_S = 5.0  # how often an open tunnel's worker token is checked again
 PROXY_KEY_HEADERS = (b"modal-key", b"cloudmodal-key")
@@ -193,6 +194,9 @@ class WebGateway:
         self.pools: dict[str, _Pool] = {}
         self._routes: dict[tuple[str, str], tuple[float, Target | None]] = {}
         self._refreshing: dict[tuple[str, str], asyncio.Future[Target | None]] = {}
+        self._domains: dict[str, tuple[str, str]] | None = None  # custom domain -> (app, label)
+        self._domains_at = 0.0
+        self._domains_task: asyncio.Future[None] | None = None
         from cloudmodal.settings import settings
 
         self.domain = settings().web_domain
@@ -255,9 +259,12 @@ class WebGateway:
                 path: str = scope["path"]
                 if path.startswith("/web/"):
                     return await self.serve(scope, receive, send, None)
-                if domain is not None:
-                    host = _header(scope, b"host")
-                    where = parse_host(host.decode("latin-1"), domain) if host else None
+                host = _header(scope, b"host")
+                if host is not None:
+                    name = host.decode("latin-1").split(":", 1)[0].lower().rstrip(".")
+                    where = parse_host(name, domain) if domain is not None else None
+                    if where is None:
+                        where = (await self._custom_domains()).get(name)
                     if where is not None:
                         return await self.serve(scope, receive, send, where)
                 if kind == "websocket" and path.startswith(TUNNEL_PREFIX) and path.endswith(TUNNEL_SUFFIX):
@@ -640,6 +647,32 @@ class WebGateway:
         return None
 
     # -- routing --------------------------------------------------------------------------------------
+    async def _custom_domains(self) -> dict[str, tuple[str, str]]:
+        """Custom domains (``custom_domains=[...]``) of deployed apps' endpoints -> (app, label). Read once
+        before the first request that needs it, then refreshed in the background every
+        :data:`DOMAINS_CACHE_S`, so a request never waits on the database for a host that is not one."""
+        now = time.monotonic()
+        if self._domains_task is None and now >= self._domains_at:
+            self._domains_task = asyncio.ensure_future(self._refresh_domains())
+        if self._domains is None and self._domains_task is not None:
+            await asyncio.shield(self._domains_task)
+        return self._domains or {}
+
+    def domains_changed(self) -> None:
+        """A deployment declared custom domains: the next request reads them afresh (any thread)."""
+        self._domains = None
+        self._domains_at = 0.0
+
+    async def _refresh_domains(self) -> None:
+        try:
+            self._domains = await self.api.run(custom_domain_routes, self.cp)
+        except Exception:
+            log.exception("reading web endpoints' custom domains failed")
+            self._domains = self._domains or {}
+        finally:
+            self._domains_at = time.monotonic() + DOMAINS_CACHE_S
+            self._domains_task = None
+
     async def _resolve(self, app_seg: str, label: str) -> Target | None:
         """The endpoint's target, from the route cache: an entry older than :data:`ROUTE_CACHE_S` is still
         answered while one look-up refreshes it in the background, and concurrent misses share one look-up."""
@@ -708,6 +741,40 @@ class WebGateway:
                         float(spec.timeout),
                     )
         return None
+
+
+def custom_domain_routes(cp: ControlPlane) -> dict[str, tuple[str, str]]:
+    """Every custom domain of a deployed app's live endpoint -> (app name, label); a domain two apps
+    declare goes to the one deployed first (deploying the second is refused, see :func:`domain_conflicts`)."""
+    with cp.db.read() as conn:
+        rows = conn.execute(
+            select(F.c.id, A.c.name)
+            .select_from(F.join(A, A.c.id == F.c.app_id))
+            .where(
+                and_(
+                    A.c.state == AppState.DEPLOYED,
+                    F.c.state == FunctionState.ACTIVE,
+                    F.c.parent_id.is_(None),
+                )
+            )
+            .order_by(A.c.created_at)
+        ).all()
+    out: dict[str, tuple[str, str]] = {}
+    for fid, app_name in rows:
+        for label, _method, web in endpoints(cp.functions.spec_of(fid)):
+            for d in web.custom_domains:
+                out.setdefault(d, (app_name, label))
+    return out
+
+
+def domain_conflicts(cp: ControlPlane, app_id: str, domains: set[str]) -> list[str]:
+    """The ``domains`` another deployed app's endpoint already has (a deploy that claims one is refused)."""
+    if not domains:
+        return []
+    with cp.db.read() as conn:
+        app_name = conn.execute(select(A.c.name).where(A.c.id == app_id)).scalar()
+    taken = custom_domain_routes(cp)
+    return sorted(f"{d} (app {taken[d][0]!r})" for d in domains if d in taken and taken[d][0] != app_name)
 
 
 def _not_cached() -> Any:

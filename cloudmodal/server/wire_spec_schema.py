@@ -178,6 +178,11 @@ class WebModel(BaseModel):
         le=_app_rules.MAX_TIMEOUT,
         description=f"seconds, more than 0 and at most {_app_rules.MAX_TIMEOUT}",
     )
+    custom_domains: list[Annotated[StrictStr, _text(253, _pf_rules.DOMAIN_RE.pattern)]] = Field(
+        default_factory=list,
+        max_length=_pf_rules.MAX_CUSTOM_DOMAINS,
+        description="lowercase host names, such as api.example.com",
+    )
 
 
 class BucketMountModel(BaseModel):

@@ -153,6 +153,24 @@ def test_host_routing_under_a_configured_domain(client: httpx.Client) -> None:
     assert client.get("/v1/apps", headers={"host": "elsewhere.example.test"}).status_code == 401
 
 
+def test_a_custom_domain_routes_to_its_endpoint_and_belongs_to_one_app(client: httpx.Client) -> None:
+    import cloudmodal
+    from cloudmodal.client.session import deploy
+    from cloudmodal.exception import AlreadyExistsError
+
+    r = client.get("/", headers={"host": "hello.example.test"})
+    assert r.status_code == 200 and r.json() == {"served": "by its own domain"}
+    assert client.get("/v1/apps", headers={"host": "other.example.test"}).status_code == 401  # the API's
+    other = cloudmodal.App("web-squatter")
+    other.function(serialized=True, name="squat")(
+        cloudmodal.fastapi_endpoint(custom_domains=["hello.example.test"])(lambda: {"squatted": True})
+    )
+    with pytest.raises(AlreadyExistsError, match="hello.example.test"):
+        deploy(other)
+    r = client.get("/", headers={"host": "hello.example.test"})
+    assert r.json() == {"served": "by its own domain"}
+
+
 def test_a_streaming_response_arrives_part_by_part(
     client: httpx.Client, web: tuple[ServerHandle, Path, Any]
 ) -> None:

@@ -419,3 +419,36 @@ def test_markers_refuse_to_go_on_top_of_a_handle():
         InvalidError, match=r"(?s)on top of `@app.cls`. Swap the order:.*@app.cls\(\).*class C"
     ):
         cloudmodal.concurrent(max_inputs=2)(C)
+
+
+@pytest.mark.parametrize(
+    "domains, message",
+    [
+        (["https://api.example.com"], "not a domain name"),
+        (["API.example.com"], "not a domain name"),
+        (["localhost"], "not a domain name"),
+        (["api.example.com:8080"], "not a domain name"),
+        (["a.example.com", "a.example.com"], "each once"),
+        ([f"d{i}.example.com" for i in range(17)], "at most 16"),
+    ],
+)
+def test_custom_domains_are_host_names(domains: list[str], message: str) -> None:
+    with pytest.raises(InvalidError, match=message):
+        cloudmodal.fastapi_endpoint(custom_domains=domains)
+
+
+def test_custom_domains_reach_the_spec_and_its_wire_form() -> None:
+    from cloudmodal.server.wire_spec import validate_wire_spec
+    from cloudmodal.spec import FunctionSpec
+
+    app = cloudmodal.App("domains")
+
+    @app.function(serialized=True)
+    @cloudmodal.fastapi_endpoint(custom_domains=["api.example.com", "www.example.co.uk"])
+    def f() -> None:
+        pass
+
+    spec = f.spec
+    assert spec.web.custom_domains == ("api.example.com", "www.example.co.uk")
+    again = FunctionSpec.from_wire(validate_wire_spec(spec.to_wire()))
+    assert again.web.custom_domains == spec.web.custom_domains

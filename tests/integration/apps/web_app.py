@@ -50,6 +50,12 @@ async def one_at_a_time(key: str) -> dict[str, object]:
     return {"overlap": False, "pid": os.getpid()}
 
 
+@app.function()
+@cloudmodal.fastapi_endpoint(custom_domains=["hello.example.test"])
+def branded() -> dict[str, str]:
+    return {"served": "by its own domain"}
+
+
 @app.function(timeout=2)
 @cloudmodal.fastapi_endpoint()
 async def too_slow() -> dict[str, bool]:
