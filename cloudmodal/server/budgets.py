@@ -106,17 +106,17 @@ class Budgets:
         if self._held.get(app_id) != r.reason:
             self._held[app_id] = r.reason
             msg = f"budget: not starting {want - r.workers} more worker(s): {r.reason}"
+            self._log(app_id, function_id, msg)  # before the event: whoever sees the event finds the line
             self.cp.activity.event(
                 "budget.exceeded", msg, app_id=app_id, function_id=function_id, held=want - r.workers
             )
-            self._log(app_id, function_id, msg)
         return r.workers
 
     def _release(self, app_id: str, function_id: str) -> None:
         if self._held.pop(app_id, None) is not None:
             msg = "budget: scale-up resumes"
-            self.cp.activity.event("budget.resumed", msg, app_id=app_id, function_id=function_id)
             self._log(app_id, function_id, msg)
+            self.cp.activity.event("budget.resumed", msg, app_id=app_id, function_id=function_id)
 
     def _log(self, app_id: str, function_id: str, text: str) -> None:
         with self.cp.db.write() as conn:

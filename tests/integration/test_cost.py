@@ -166,8 +166,11 @@ def test_a_budget_stops_scale_up_at_its_cap_and_resumes_in_the_next_period(tmp_p
             )
             launched = [e for e in handle.cp.activity.events(app_id) if e["kind"] == "worker.launched"]
             assert len(launched) == 1
-            logs = [r["text"] for r in handle.cp.activity.logs(app_id)]
-            assert any("budget" in t and "is spent" in t for t in logs), logs  # the caller is told
+            told = wait_for(  # the caller is told, in the app's logs
+                lambda: [r["text"] for r in handle.cp.activity.logs(app_id) if "is spent" in r["text"]],
+                what="the budget's line in the app's logs",
+            )
+            assert told[0].startswith("budget: not starting")
             report = _cli_report(handle, "capped-app")
             (b,) = report["budgets"]
             assert b["max_total"] == 5.0 and b["spent"] >= 6.0 and b["headroom"] < 0
