@@ -24,8 +24,10 @@ from cloudmodal.app import App
 from cloudmodal.budget import Budget
 from cloudmodal.cloud_bucket_mount import CloudBucketMount
 from cloudmodal.dict import Dict
+from cloudmodal.exception import Error
 from cloudmodal.functions import Cls, Function, FunctionCall
 from cloudmodal.image import Image
+from cloudmodal.output import enable_output
 from cloudmodal.partial_function import (
     asgi_app,
     batched,
@@ -54,6 +56,7 @@ __all__ = [
     "Cls",
     "Cron",
     "Dict",
+    "Error",
     "Function",
     "FunctionCall",
     "Image",
@@ -67,6 +70,7 @@ __all__ = [
     "concurrent",
     "current_function_call_id",
     "current_input_id",
+    "enable_output",
     "enter",
     "exception",
     "exit",

@@ -44,7 +44,7 @@ from cloudmodal._user_class import (
 )
 from cloudmodal.budget import Budget
 from cloudmodal.cloud_bucket_mount import CloudBucketMount
-from cloudmodal.exception import InvalidError
+from cloudmodal.exception import InvalidError, NotFoundError
 from cloudmodal.functions import Cls, Function
 from cloudmodal.image import Image
 from cloudmodal.secret import Secret, check_object_name
@@ -129,6 +129,7 @@ class App:
         self._registry = AppRegistry()
         self._registry.remember_inline(self._defaults.secrets)
         self._running: Any = None  # set by cloudmodal.client.session.run_app while the app runs
+        self._looked_up_id: str | None = None  # set by App.lookup: the app on the control plane
 
     @staticmethod
     def _check_tags(tags: Mapping[str, str]) -> dict[str, str]:
@@ -149,6 +150,70 @@ class App:
     @property
     def name(self) -> str | None:
         return self._name
+
+    @property
+    def app_id(self) -> str | None:
+        """The id (``ap-…``) of this app on the control plane: while it runs (``with app.run():``), or
+        for an app from :meth:`App.lookup`; else None."""
+        if self._running is not None:
+            return str(self._running.app_id)
+        return self._looked_up_id
+
+    @staticmethod
+    def lookup(
+        name: str,
+        *,
+        client: Any = None,
+        environment_name: str | None = None,
+        create_if_missing: bool = False,
+    ) -> App:
+        """A handle to the deployed app ``name`` (or the app with id ``ap-…``), e.g. to create Sandboxes in:
+
+        ```python
+        app = cloudmodal.App.lookup("my-sandboxes", create_if_missing=True)
+        ```
+
+        With ``create_if_missing=True`` an app of that name with no functions is deployed when none is;
+        otherwise a missing (or stopped) app raises :class:`~cloudmodal.exception.NotFoundError`. The handle
+        carries ``name`` and ``app_id``; its functions are reached with ``Function.from_name(name, ...)``.
+        ``client`` is accepted for Modal compatibility and ignored.
+        """
+        check_environment(environment_name, "App.lookup")
+        if not isinstance(name, str) or not name:
+            raise InvalidError(f"App.lookup(name) takes an app name or id (ap-…), got {name!r}.")
+        row = App._find_deployed(name)
+        if row is None:
+            if not create_if_missing or name.startswith("ap-"):
+                raise NotFoundError(
+                    f"No deployed app named {name!r}. Deploy it (`cloudmodal deploy FILE`), or pass "
+                    "create_if_missing=True to create an empty one."
+                )
+            check_object_name(name, "App")
+            from cloudmodal.client.session import current_session
+            from cloudmodal.ids import new_id
+
+            row = current_session().transport.post(
+                "/v1/apps", {"app_id": new_id("ap"), "name": name, "ephemeral": False}
+            )
+        app = App(row["name"])
+        app._looked_up_id = row["id"]
+        return app
+
+    @staticmethod
+    def _find_deployed(name_or_id: str) -> dict[str, Any] | None:
+        """The control plane's row of a deployed app (not an ephemeral or stopped one), or None."""
+        from cloudmodal.client.session import current_session
+
+        transport = current_session().transport
+        try:
+            row: dict[str, Any] = transport.get(f"/v1/apps/{name_or_id}")
+        except NotFoundError:
+            return None
+        if row.get("state") == "deployed" or (name_or_id.startswith("ap-") and row.get("state") != "stopped"):
+            return row
+        # The name's newest app is an ephemeral or stopped one: a deployed app may still bear the name.
+        live: list[dict[str, Any]] = transport.get("/v1/apps", all=False, limit=1000)
+        return next((a for a in live if a["name"] == name_or_id and a["state"] == "deployed"), None)
 
     @property
     def tags(self) -> dict[str, str]:

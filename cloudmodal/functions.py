@@ -667,6 +667,13 @@ class FunctionCall:
     def _cancel(self, terminate_containers: bool = False) -> None:
         self._sess().transport.post(f"/v1/calls/{self.object_id}/cancel")
 
+    def get_call_graph(self) -> Any:
+        """Not supported: the control plane does not record which call started which."""
+        raise InvalidError(
+            "FunctionCall.get_call_graph() is not supported by cloudmodal: calls do not record the call that "
+            "started them. Use `cloudmodal app events APP` and `cloudmodal app logs APP` to follow a run."
+        )
+
     def num_inputs(self) -> int:
         return int(self._sess().transport.get(f"/v1/calls/{self.object_id}")["total"])
 

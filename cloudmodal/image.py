@@ -8,13 +8,15 @@ anything; reading a requirements file is the only I/O, so that the hash changes 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import re
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -123,11 +125,22 @@ def _check_env_dict(where: str, env: object) -> dict[str, str]:
     return out
 
 
+def _in_worker() -> bool:
+    """Whether this process is a worker. A worker imports the user's module too, which rebuilds its images,
+    but never builds or checks them (the control plane holds the recipe the client registered), and the
+    local files an image reads are not there: a missing one is no error in a worker."""
+    from cloudmodal.settings import settings
+
+    return settings().is_remote
+
+
 def _read_requirements(method: str, path: str | Path) -> dict[str, str]:
     p = Path(path).expanduser()
     try:
         content = p.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if _in_worker():
+            return {"path": p.name, "content": ""}
         raise InvalidError(
             f"Image.{method}: requirements file {str(path)!r} not found (resolved to {p.resolve()}). "
             "Relative paths are relative to the working directory; pass an absolute path, e.g. "
@@ -163,6 +176,45 @@ def _module_of(f: Callable[..., Any]) -> str:
         except (TypeError, OSError):
             return module
     return module
+
+
+def _project_requirements(
+    where: str, data: Mapping[str, Any], groups: Sequence[str], extras: Sequence[str]
+) -> list[str]:
+    """The requirement strings a uv project declares: ``[project].dependencies``, the chosen
+    ``[project.optional-dependencies]`` extras and ``[dependency-groups]`` (``{include-group = ...}``
+    followed). Unknown extras or groups are errors, as they are to ``uv sync``."""
+    project = data.get("project", {})
+    out = [str(r) for r in project.get("dependencies", [])]
+    optional = project.get("optional-dependencies", {})
+    for extra in extras:
+        if extra not in optional:
+            raise InvalidError(
+                f"{where}: extra {extra!r} is not in [project.optional-dependencies]; the extras are "
+                f"{sorted(optional) or 'none'}."
+            )
+        out += [str(r) for r in optional[extra]]
+    declared = data.get("dependency-groups", {})
+
+    def group(name: str, seen: tuple[str, ...]) -> list[str]:
+        if name not in declared:
+            raise InvalidError(
+                f"{where}: group {name!r} is not in [dependency-groups]; the groups are "
+                f"{sorted(declared) or 'none'}."
+            )
+        if name in seen:
+            raise InvalidError(f"{where}: [dependency-groups] includes {name!r} in a cycle.")
+        reqs: list[str] = []
+        for item in declared[name]:
+            if isinstance(item, Mapping) and "include-group" in item:
+                reqs += group(str(item["include-group"]), (*seen, name))
+            else:
+                reqs.append(str(item))
+        return reqs
+
+    for g in groups:
+        out += group(g, ())
+    return list(dict.fromkeys(out))
 
 
 class Image(Frozen):
@@ -361,6 +413,100 @@ class Image(Frozen):
         )
         return self._add(layer, env=env, secrets=secrets, gpu=gpu, force_build=force_build)
 
+    def uv_sync(
+        self,
+        uv_project_dir: str | Path = "./",
+        *,
+        force_build: bool = False,
+        groups: Sequence[str] | None = None,
+        extras: Sequence[str] | None = None,
+        frozen: bool = True,
+        extra_options: str = "",
+        uv_version: str | None = None,
+        env: Mapping[str, str] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: str | None = None,
+    ) -> Image:
+        """Install the dependencies of a uv project (its ``pyproject.toml`` and ``uv.lock``) with ``uv sync``.
+
+        ```python
+        image = cloudmodal.Image.debian_slim().uv_sync()  # ./pyproject.toml and ./uv.lock
+        ```
+
+        As in Modal, the project itself is not installed (``--no-install-project``): add its code with
+        :meth:`add_local_python_source`. Both files are read now and become part of the recipe, so editing
+        either changes the image. ``frozen=True`` (the default) installs exactly what ``uv.lock`` pins
+        (``uv sync --frozen``) and needs the lock file; ``frozen=False`` lets uv resolve again. uv workspaces
+        are not supported (as in Modal).
+
+        The packages go into the function's environment beside cloudmodal's own (``--inexact``). On this
+        machine's local provider, which runs the host's interpreter, the project's declared requirements
+        (``[project].dependencies`` plus the chosen extras and groups) are what is checked and installed;
+        the lock file's pins are applied on cloud nodes.
+        """
+        where = "Image.uv_sync"
+        project = Path(uv_project_dir).expanduser()
+        pyproject = project / "pyproject.toml"
+        try:
+            pyproject_text = pyproject.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if _in_worker():
+                return self  # see _in_worker
+            raise InvalidError(
+                f"{where}: no pyproject.toml in {str(uv_project_dir)!r} (resolved to {project.resolve()}). "
+                "Pass the uv project's directory, e.g. Image.debian_slim().uv_sync('path/to/project'); "
+                "relative paths are relative to the working directory."
+            ) from None
+        except (IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as e:
+            raise InvalidError(f"{where}: cannot read {pyproject}: {e}.") from None
+        try:
+            data = tomllib.loads(pyproject_text)
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidError(f"{where}: {pyproject} is not valid TOML: {e}.") from None
+        if "workspace" in data.get("tool", {}).get("uv", {}):
+            raise InvalidError(
+                f"{where}: {pyproject} declares a uv workspace ([tool.uv.workspace]), which uv_sync does not "
+                "support (nor does Modal's). Export its requirements instead: `uv export --frozen "
+                "--no-hashes -o requirements.txt`, then Image.uv_pip_install(requirements=['requirements.txt'])."
+            )
+        group_names = self._names(where, "groups", groups)
+        extra_names = self._names(where, "extras", extras)
+        requirements = _project_requirements(where, data, group_names, extra_names)
+        lock = project / "uv.lock"
+        layer: dict[str, Any] = {
+            "op": "uv_sync",
+            "pyproject": pyproject_text,
+            "packages": requirements,  # what the local provider checks (pip_packages); uv reads the files
+        }
+        if lock.is_file():
+            layer["lock"] = lock.read_text(encoding="utf-8")
+        elif frozen and not _in_worker():
+            raise InvalidError(
+                f"{where}: frozen=True installs what uv.lock pins, but {project.resolve()} has no uv.lock. "
+                "Run `uv lock` there first, or pass frozen=False to let uv resolve the dependencies."
+            )
+        if group_names:
+            layer["groups"] = group_names
+        if extra_names:
+            layer["extras"] = extra_names
+        layer["frozen"] = bool(frozen)
+        if uv_version is not None:
+            if not isinstance(uv_version, str) or not re.match(r"^[0-9][0-9a-zA-Z.+-]*$", uv_version):
+                raise InvalidError(f"{where}: uv_version must look like '0.5.11', got {uv_version!r}.")
+            layer["uv_version"] = uv_version
+        layer.update(self._index_options(None, None, None, False, extra_options, "uv_sync"))
+        return self._add(layer, env=env, secrets=secrets, gpu=gpu, force_build=force_build)
+
+    @staticmethod
+    def _names(where: str, what: str, names: Sequence[str] | None) -> list[str]:
+        if names is None:
+            return []
+        if isinstance(names, str) or not all(isinstance(n, str) and n.strip() for n in names):
+            raise InvalidError(
+                f"{where}: {what} must be a list of names, e.g. {what}=['dev']; got {names!r}."
+            )
+        return [n.strip() for n in names]
+
     def pip_install_from_requirements(
         self,
         requirements_txt: str | Path,
@@ -487,6 +633,28 @@ class Image(Frozen):
                 layer["ignore"] = _flatten("add_local_python_source", "ignore patterns", [list(ignore)])
         return self._add(layer)
 
+    @contextlib.contextmanager
+    def imports(self) -> Iterator[None]:
+        """Import, at module level, packages that only the image has:
+
+        ```python
+        image = cloudmodal.Image.debian_slim().pip_install("torch")
+
+        with image.imports():
+            import torch  # needed in the worker, not on this machine
+        ```
+
+        On this machine (:func:`cloudmodal.is_local`) an ``ImportError`` inside the block is swallowed, so the
+        program runs without the package installed here; in a worker it is raised, since the image should have
+        it. Only import failures are swallowed (Modal swallows any exception locally): another error in the
+        block is a bug that should show.
+        """
+        try:
+            yield
+        except ImportError:
+            if _in_worker():
+                raise
+
     def run_function(
         self,
         raw_f: Callable[..., Any],
@@ -596,7 +764,7 @@ class Image(Frozen):
         comments dropped) — what the runtime checks the local environment against."""
         out: list[str] = []
         for layer in self.layers:
-            if layer["op"] in ("pip_install", "uv_pip_install"):
+            if layer["op"] in ("pip_install", "uv_pip_install", "uv_sync"):
                 out.extend(layer["packages"])
             for req in layer.get("requirements", []):
                 out.extend(_requirement_lines(req["content"]))

@@ -52,11 +52,11 @@ def setup_script(
     pv = python_version
     venv = venv_dir(image_hash)
     needs_uv = python is None or any(
-        layer["op"] == "uv_pip_install" and "uv_version" not in layer for layer in layers
+        layer["op"] in ("uv_pip_install", "uv_sync") and "uv_version" not in layer for layer in layers
     )
     needs_pip = bool(cloudmodal_requirement or requirements) or any(
         layer["op"] in ("pip_install", "pip_install_requirements")
-        or (layer["op"] == "uv_pip_install" and "uv_version" in layer)
+        or (layer["op"] in ("uv_pip_install", "uv_sync") and "uv_version" in layer)
         for layer in layers
     )
     lines = [
@@ -215,6 +215,8 @@ def shell_steps(layer: Mapping[str, Any], *, docker: bool) -> list[str]:
             nocache = " --no-cache-dir" if docker else ""
             steps.append(f"{py} -m pip install{nocache} {args}")
         return [" && ".join(steps)] if docker else steps
+    if op == "uv_sync":
+        return _uv_sync_steps(layer, docker=docker, py=py)
     if op == "run_commands":
         cmds = layer["commands"]
         if docker:
@@ -245,3 +247,37 @@ def shell_steps(layer: Mapping[str, Any], *, docker: bool) -> list[str]:
         )
         return [f"timeout {int(layer['timeout'])} {py} -c {shlex.quote(code)}"]
     raise ValueError(f"unknown image layer {op!r}")  # pragma: no cover
+
+
+def _uv_sync_steps(layer: Mapping[str, Any], *, docker: bool, py: str) -> list[str]:
+    """``uv sync`` of a project whose ``pyproject.toml`` (and ``uv.lock``) the layer carries, into the
+    image's environment (the node's virtualenv, or the system Python in a Dockerfile). ``--inexact`` keeps
+    what is installed already (cloudmodal itself); the project is not installed, as in Modal."""
+    files = {"pyproject.toml": layer["pyproject"]}
+    if "lock" in layer:
+        files["uv.lock"] = layer["lock"]
+    digest = hashlib.sha256(_canonical(files).encode()).hexdigest()[:12]
+    project = f"/tmp/cloudmodal-uv-{digest}"
+    steps = [f"mkdir -p {project}"]
+    for name, content in files.items():
+        b64 = base64.b64encode(content.encode()).decode()
+        steps.append(f"echo {b64} | base64 -d > {project}/{name}")
+    args = ["--no-install-project", "--no-install-workspace", "--inexact", "--compile-bytecode"]
+    if layer.get("frozen", True):
+        args.append("--frozen")
+    for group in layer.get("groups", []):
+        args += ["--group", group]
+    for extra in layer.get("extras", []):
+        args += ["--extra", extra]
+    args += layer.get("extra_options", [])
+    target = "/usr/local" if docker else '"$CLOUDMODAL_VENV"'
+    python = "" if docker else f" --python {py}"
+    uv = "uv"
+    if "uv_version" in layer:
+        pin = shlex.quote(f"uv=={layer['uv_version']}")
+        steps.append(f"{py} -m pip install --quiet{' --no-cache-dir' if docker else ''} {pin}")
+        uv = f"{py} -m uv"
+    elif docker:
+        steps.append(f"{py} -m pip install --quiet --no-cache-dir uv")
+    steps.append(f"(cd {project} && UV_PROJECT_ENVIRONMENT={target} {uv} sync{python} {shlex.join(args)})")
+    return [" && ".join(steps)] if docker else steps

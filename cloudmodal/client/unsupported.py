@@ -52,6 +52,41 @@ def inert_uses(spec: FunctionSpec) -> list[InertUse]:
                 "remove it (timeout= still limits each input)",
             )
         )
+    for declared, feature, why, fix in (
+        (
+            spec.block_network,
+            "block_network=True",
+            "a function's network is not cut off",
+            "remove it (Sandboxes take block_network)",
+        ),
+        (
+            spec.restrict_modal_access,
+            "restrict_modal_access=True",
+            "workers' access is not narrowed further",
+            "remove it",
+        ),
+        (spec.i6pn, "i6pn=True", "there is no private network between containers", "remove it"),
+        (
+            spec.routing_region,
+            f"routing_region={spec.routing_region!r}",
+            "requests are not routed by region",
+            "remove it",
+        ),
+        (
+            spec.ephemeral_disk,
+            f"ephemeral_disk={spec.ephemeral_disk}",
+            "a worker's disk is not sized by it",
+            "remove it (a cloud node gets its instance type's disk)",
+        ),
+        (
+            spec.restrict_output,
+            "_experimental_restrict_output=True",
+            "outputs are not restricted",
+            "remove it",
+        ),
+    ):
+        if declared:
+            out.append(InertUse(name, feature, why, fix))
     return out
 
 

@@ -34,6 +34,7 @@ _INT64 = 2**63
 _LAYER_OPS = (
     "pip_install",
     "uv_pip_install",
+    "uv_sync",
     "pip_install_requirements",
     "apt_install",
     "run_commands",

@@ -139,3 +139,22 @@ def test_run_and_deploy_refuse_before_touching_a_control_plane(monkeypatch: pyte
             pass
     with pytest.raises(InvalidError, match="Cannot deploy app 'inert'"):
         app.deploy()
+
+
+@pytest.mark.parametrize(
+    ("options", "feature"),
+    [
+        ({"block_network": True}, "block_network=True"),
+        ({"restrict_modal_access": True}, "restrict_modal_access=True"),
+        ({"i6pn": True}, "i6pn=True"),
+        ({"routing_region": "us-east"}, "routing_region='us-east'"),
+        ({"ephemeral_disk": 1024 * 1024}, "ephemeral_disk=1048576"),
+        ({"_experimental_restrict_output": True}, "_experimental_restrict_output=True"),
+    ],
+)
+def test_options_nothing_honours_are_refused(options: dict, feature: str) -> None:
+    app = App("inert-options")
+    app.function(name="f", **options)(square)
+    assert _uses(app) == [("f", feature)]
+    with pytest.raises(InvalidError, match=feature.split("=")[0]):
+        check_app(app, "run")
