@@ -346,6 +346,19 @@ class Settings(BaseSettings):
     token_file: Path | None = _var(
         None, "a file holding the worker's token (cloud nodes)", group="worker", set_by_cloudmodal=True
     )
+    snapshot_agent: str | None = _var(
+        None,
+        "the local provider's memory-snapshot agent (a Unix socket) a worker of an `enable_memory_snapshot` "
+        "function hands itself over to",
+        group="worker",
+        set_by_cloudmodal=True,
+    )
+    zygote_fd: int | None = _var(
+        None,
+        "a snapshot zygote's end of its control socket (a file descriptor)",
+        group="worker",
+        set_by_cloudmodal=True,
+    )
     preemption_source: str | None = _var(
         None,
         "the cloud whose preemption notices the worker watches on its node: `aws` (IMDS spot instance-action), "

@@ -18,7 +18,9 @@ it from there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
+import hmac
 import json
 import os
 import signal
@@ -44,6 +46,14 @@ from cloudmodal.providers.base import (
 )
 from cloudmodal.providers.envs import resolve_python
 from cloudmodal.providers.gpu import GpuDevice, detect_gpus, summarize
+from cloudmodal.worker.snapshot import (
+    AGENT_ENV,
+    ForkedProcess,
+    SnapshotAgent,
+    SnapshotError,
+    Zygote,
+    token_hash,
+)
 
 PythonResolver = Callable[[Sequence[str], str | None], str]
 
@@ -177,8 +187,14 @@ class LocalProvider(Provider, SupportsGpuInventory):
         python_resolver: PythonResolver | None = None,
         clock: Callable[[], float] = time.time,
         standby: bool = False,
+        snapshots: bool = True,
+        snapshot_idle_s: float = 300.0,
+        snapshot_ready_timeout_s: float = 600.0,
     ) -> None:
-        """``standby=True`` keeps one pre-started worker interpreter warm (the control plane turns it on)."""
+        """``standby=True`` keeps one pre-started worker interpreter warm (the control plane turns it on).
+        ``snapshots``: serve ``enable_memory_snapshot`` functions from a fork server (see
+        :mod:`cloudmodal.worker.snapshot`); a function's snapshot process stops ``snapshot_idle_s`` after its
+        last worker here exited, when a new version of the function replaces it, and with the provider."""
         self.state_dir = Path(state_dir) if state_dir is not None else cache_dir() / "local"
         self._gpus: list[GpuDevice] | None = list(gpus) if gpus is not None else None
         self.price_per_hour = price_per_hour
@@ -189,7 +205,7 @@ class LocalProvider(Provider, SupportsGpuInventory):
         self._clock = clock
         self._lock = threading.Lock()
         self._busy: dict[int, str] = {}  # GPU index -> worker id
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._procs: dict[str, subprocess.Popen[bytes] | ForkedProcess] = {}
         self._standby: tuple[subprocess.Popen[bytes], Path] | None = None
         self._closed = False
         self.standby_enabled = standby
@@ -200,6 +216,17 @@ class LocalProvider(Provider, SupportsGpuInventory):
             else:
                 threading.Thread(target=self._start_standby, name="standby", daemon=True).start()
         self._exited: dict[str, int] = {}  # worker id -> returncode, once reaped
+        self.snapshots = snapshots
+        self.snapshot_idle_s = snapshot_idle_s
+        self.snapshot_ready_timeout_s = snapshot_ready_timeout_s
+        self._agent: SnapshotAgent | None = None
+        self._zygotes: dict[str, Zygote] = {}  # function id -> its current snapshot process
+        self._zygote_locks: dict[str, threading.Lock] = {}
+        # worker id -> (its launch request, the sha-256 of its token, its interpreter, GPU indices, CPU
+        # fallback): what a hand-off to a snapshot needs to start the same worker again (without the token)
+        self._launched: dict[str, tuple[LaunchRequest, str, str, tuple[int, ...], bool]] = {}
+        self._janitor: threading.Thread | None = None
+        self._stop_janitor = threading.Event()
 
     # --- inventory ---------------------------------------------------------------------------------------
 
@@ -335,8 +362,13 @@ class LocalProvider(Provider, SupportsGpuInventory):
                     indices = self._allocate(req.gpu, req.worker_id)
         try:
             python = self._resolve_python(req.pip_packages, req.image_hash)
-            proc, log_path = self._spawn(req, python, indices, cpu_fallback_used)
+            if self.snapshots and tuple(req.argv) == ("-m", "cloudmodal.worker"):
+                self._remember(req, python, indices, cpu_fallback_used)
+            forked = self._fork_from_snapshot(req, python, indices, cpu_fallback_used)
+            proc, log_path = forked or self._spawn(req, python, indices, cpu_fallback_used)
         except BaseException:
+            with self._lock:
+                self._launched.pop(req.worker_id, None)
             with self._lock:
                 self._release(req.worker_id)
             raise
@@ -374,7 +406,158 @@ class LocalProvider(Provider, SupportsGpuInventory):
             env["CUDA_VISIBLE_DEVICES"] = ""
         if cpu_fallback_used:
             env["CLOUDMODAL_CPU_FALLBACK"] = "1"
+        if self.snapshots and tuple(req.argv) == ("-m", "cloudmodal.worker"):
+            env[AGENT_ENV] = self._snapshot_agent().path
         return env
+
+    # --- memory snapshots: a fork server per function version ---------------------------------------------
+    # A worker of an enable_memory_snapshot function hands its identity to the agent (handle_handoff); the
+    # agent starts the function's zygote if needed and forks the worker's replacement from it. Later workers
+    # of the function are forked from the zygote at launch; one that finds a newer version hands off again.
+
+    def _snapshot_agent(self) -> SnapshotAgent:
+        with self._lock:
+            if self._agent is None:
+                self._agent = SnapshotAgent(self.handle_handoff)
+                self._janitor = threading.Thread(
+                    target=self._janitor_loop, name="zygote-janitor", daemon=True
+                )
+                self._janitor.start()
+            return self._agent
+
+    def _remember(
+        self, req: LaunchRequest, python: str, indices: tuple[int, ...], cpu_fallback_used: bool
+    ) -> None:
+        token = req.env.get(TOKEN_ENV)
+        bare = dataclasses.replace(req, env={k: v for k, v in req.env.items() if k != TOKEN_ENV})
+        with self._lock:
+            self._launched[req.worker_id] = (bare, token_hash(token), python, indices, cpu_fallback_used)
+
+    def _fork_from_snapshot(
+        self, req: LaunchRequest, python: str, indices: tuple[int, ...], cpu_fallback_used: bool
+    ) -> tuple[ForkedProcess, Path] | None:
+        """The worker as a fork of its function's ready zygote, if there is one (else None)."""
+        if not self.snapshots or tuple(req.argv) != ("-m", "cloudmodal.worker"):
+            return None
+        with self._lock:
+            z = self._zygotes.get(req.function_id)
+        if z is None or z.python != python or not z.ready.is_set() or z.error is not None or not z.alive():
+            return None
+        log_path = _log_dir(self.state_dir) / f"{req.worker_id}.log"
+        try:
+            child = z.fork(req.worker_id, self._child_env(req, indices, cpu_fallback_used), log_path)
+        except (SnapshotError, OSError):
+            return None  # the ordinary start hands off again, which replaces a broken zygote
+        return child, log_path
+
+    def handle_handoff(self, request: dict[str, object]) -> dict[str, object]:
+        """A worker asks to be started again from its function's snapshot (see snapshot.hand_off)."""
+        worker_id = str(request.get("worker_id") or "")
+        token = request.get("token")
+        defn = request.get("defn")
+        blobs = request.get("blobs") or {}
+        with self._lock:
+            launched = self._launched.get(worker_id)
+            current = self._procs.get(worker_id)
+        if (
+            launched is None
+            or current is None
+            # the worker proves who it is with its own token (the socket is this user's only, too)
+            or not hmac.compare_digest(token_hash(token if isinstance(token, str) else None), launched[1])
+            or not isinstance(defn, dict)
+            or not isinstance(blobs, dict)
+        ):
+            return {"ok": False, "error": f"Worker {worker_id!r} was not launched by this local provider."}
+        req, _hash, python, indices, cpu_fallback_used = launched
+        function_id = str(defn.get("id") or "")
+        if function_id != req.function_id:
+            return {"ok": False, "error": f"Worker {worker_id!r} does not run function {function_id!r}."}
+        z = self._zygote_for(function_id, defn.get("version"), python, defn, blobs)
+        error = z.wait_ready(self.snapshot_ready_timeout_s)
+        if error is not None:
+            return {"ok": False, "error": error}
+        env = self._child_env(req, indices, cpu_fallback_used)
+        env[TOKEN_ENV] = str(token or "")
+        log_path = _log_dir(self.state_dir) / f"{worker_id}.log"
+        try:
+            child = z.fork(worker_id, env, log_path)
+        except SnapshotError as e:
+            return {"ok": False, "error": str(e)}
+        with self._lock:
+            old = self._procs.get(worker_id)
+            if old is not current or self._closed:
+                child_gone = True
+            else:
+                self._procs[worker_id] = child
+                child_gone = False
+        if child_gone:  # stopped meanwhile: the replacement must not outlive it
+            self._signal_group(child, signal.SIGKILL)
+            return {"ok": False, "error": f"Worker {worker_id!r} was stopped during its hand-off."}
+        if isinstance(current, subprocess.Popen):
+            threading.Thread(target=current.wait, name="handoff-reap", daemon=True).start()
+        return {"ok": True}
+
+    def _zygote_for(
+        self,
+        function_id: str,
+        version: object,
+        python: str,
+        defn: dict[str, object],
+        blobs: dict[str, object],
+    ) -> Zygote:
+        with self._lock:
+            lock = self._zygote_locks.setdefault(function_id, threading.Lock())
+        with lock:
+            with self._lock:
+                z = self._zygotes.get(function_id)
+            if z is not None and z.version == version and z.python == python and (z.alive() or z.error):
+                return z
+            if z is not None:
+                z.stop()  # another version, or dead: replaced
+            log_path = _log_dir(self.state_dir) / f"zygote-{function_id}-v{version}.log"
+            z = Zygote(function_id, version, python, log_path)
+            env = _inherited_env()
+            env.update({"PYTHONUNBUFFERED": "1", "CLOUDMODAL_IS_REMOTE": "1", "CUDA_VISIBLE_DEVICES": ""})
+            env.pop(AGENT_ENV, None)
+            z.start(env, defn, {str(k): str(v) for k, v in blobs.items()})
+            with self._lock:
+                if self._closed:
+                    z.stop()
+                else:
+                    self._zygotes[function_id] = z
+            return z
+
+    def _janitor_loop(self) -> None:
+        """Stops the snapshot of a function that has had no worker here for ``snapshot_idle_s``."""
+        while not self._stop_janitor.wait(min(5.0, max(self.snapshot_idle_s / 4, 0.05))):
+            self._stop_idle_zygotes(self._clock())
+
+    def _stop_idle_zygotes(self, now: float) -> None:
+        self._reap_all()
+        with self._lock:
+            busy = {self._launched[w][0].function_id for w in self._procs if w in self._launched}
+            idle = []
+            for fid, z in self._zygotes.items():
+                if fid in busy:
+                    z.idle_since = None
+                elif z.idle_since is None:
+                    z.idle_since = now
+                elif now - z.idle_since >= self.snapshot_idle_s:
+                    idle.append(fid)
+            stopped = [self._zygotes.pop(fid) for fid in idle]
+        for z in stopped:
+            z.stop()
+
+    def function_of(self, worker_id: str) -> str | None:
+        """The function a live worker launched here runs (None if unknown)."""
+        with self._lock:
+            launched = self._launched.get(worker_id)
+        return launched[0].function_id if launched is not None else None
+
+    def zygotes(self) -> dict[str, int]:
+        """Function id -> pid of its running snapshot process."""
+        with self._lock:
+            return {fid: z.proc.pid for fid, z in self._zygotes.items() if z.proc is not None and z.alive()}
 
     # --- a warm standby interpreter ------------------------------------------------------------------------
     # Starting Python and importing the worker runtime takes ~150 ms; a cold start pays it once more after the
@@ -477,6 +660,7 @@ class LocalProvider(Provider, SupportsGpuInventory):
                 return None
             self._exited[worker_id] = rc
             del self._procs[worker_id]
+            self._launched.pop(worker_id, None)
             self._release(worker_id)
             # The worker is gone; what it left in its group (data loaders, servers) must not hold its GPUs.
             self._signal_group(proc, signal.SIGKILL)
@@ -515,7 +699,7 @@ class LocalProvider(Provider, SupportsGpuInventory):
         self._reap(handle.worker_id)  # releases its GPUs and kills what it left in its group
 
     @staticmethod
-    def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    def _signal_group(proc: subprocess.Popen[bytes] | ForkedProcess, sig: signal.Signals) -> None:
         try:
             os.killpg(proc.pid, sig)  # start_new_session: the group id is the worker's pid
         except (ProcessLookupError, PermissionError):
@@ -540,8 +724,15 @@ class LocalProvider(Provider, SupportsGpuInventory):
             self._reap(worker_id)
 
     def close(self) -> None:
-        """Stop every worker this provider started (the embedded control plane's workers die with it)."""
+        """Stop every worker this provider started (the embedded control plane's workers die with it), and
+        the snapshot processes."""
         self._closed = True
+        self._stop_janitor.set()
+        with self._lock:
+            agent, self._agent = self._agent, None
+            zygotes, self._zygotes = list(self._zygotes.values()), {}
+        if agent is not None:
+            agent.close()
         with self._lock:
             standby, self._standby = self._standby, None
         if standby is not None:
@@ -550,6 +741,8 @@ class LocalProvider(Provider, SupportsGpuInventory):
             with contextlib.suppress(OSError):
                 standby[1].unlink()
         self.terminate_all()
+        for z in zygotes:  # after the workers forked from them: their exit statuses come through them
+            z.stop()
 
     def live_workers(self) -> list[str]:
         """Ids of workers whose processes are still running."""

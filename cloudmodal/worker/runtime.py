@@ -17,13 +17,16 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudmodal import _context
 from cloudmodal.client.transport import Transport
 from cloudmodal.exception import InputCancellation
 from cloudmodal.serialization import deserialize, failure_payload, serialize, timeout_payload
 from cloudmodal.spec import FunctionSpec
+
+if TYPE_CHECKING:
+    from cloudmodal.worker.snapshot import Restored
 
 INLINE_LIMIT = 2 * 1024 * 1024
 TERM_GRACE_S = 10.0  # after SIGTERM, how long requests to the control plane keep retrying
@@ -120,9 +123,19 @@ class Worker:
         self._busy_s = 0.0
 
     # -- set-up -------------------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, restored: Restored | None = None) -> None:
+        """``restored``: this process is a fork of the function's snapshot (see cloudmodal.worker.snapshot),
+        with the user's code loaded and its ``@enter(snap=True)`` hooks run."""
         defn = self.t.post(f"{self.base}/register", {"pid": os.getpid(), "host": socket.gethostname()})
         self.defn = defn
+        from cloudmodal.worker import snapshot
+
+        if restored is not None and not restored.matches(defn):
+            restored = None  # a snapshot of an older version of the function: take a new one
+        if restored is None and snapshot.wanted(defn):
+            # This container starts again as a fork of the function's snapshot, under this same identity.
+            snapshot.hand_off(self.t, self.worker_id, self._token, defn)
+            os._exit(0)
         self.spec = FunctionSpec.from_wire(defn["spec"])
         self.lease_s = float(defn.get("lease_s", 30.0))
         self.heartbeat_s = float(defn.get("heartbeat_s", 3.0))
@@ -135,18 +148,30 @@ class Worker:
         sys.stdout = _LogTee(self, "stdout", sys.__stdout__)
         sys.stderr = _LogTee(self, "stderr", sys.__stderr__)
         threading.Thread(target=self._log_loop, name="logs", daemon=True).start()
-        from cloudmodal.worker.loader import load_target
+        if restored is not None:
+            kind, target = restored.kind, restored.target
+            self.kind = kind
+            if kind == "cls":
+                from cloudmodal.partial_function import run_lifecycle_hooks
 
-        kind, target, params = load_target(self.t, defn)
-        self.kind = kind
-        if kind == "cls":
-            from cloudmodal.partial_function import instantiate, run_lifecycle_hooks
-
-            self.instance = instantiate(target, **params)
-            run_lifecycle_hooks(self.instance, "enter")
-            self.fn = None
+                self.instance = restored.instance
+                run_lifecycle_hooks(self.instance, "enter_post_snapshot")
+                self.fn = None
+            else:
+                self.fn = target
         else:
-            self.fn = target
+            from cloudmodal.worker.loader import load_target
+
+            kind, target, params = load_target(self.t, defn)
+            self.kind = kind
+            if kind == "cls":
+                from cloudmodal.partial_function import instantiate, run_lifecycle_hooks
+
+                self.instance = instantiate(target, **params)
+                run_lifecycle_hooks(self.instance, "enter")
+                self.fn = None
+            else:
+                self.fn = target
         self.capacity = self.spec.concurrency.max_inputs if self.spec.concurrency else 1
         self.batching = self.spec.batching
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -745,9 +770,9 @@ def watch_preemption(w: Worker, source: str) -> Any:
     return watcher_from_env(on_notice)
 
 
-def main(token: str | None = None) -> int:
+def main(token: str | None = None, restored: Restored | None = None) -> int:
     """Run this process as the worker its environment names. ``token``: already taken by the caller (the
-    standby path); else :func:`take_token` finds it."""
+    standby and snapshot paths); else :func:`take_token` finds it. ``restored``: see :meth:`Worker.setup`."""
     global _credentials
     from cloudmodal.settings import settings
 
@@ -760,6 +785,9 @@ def main(token: str | None = None) -> int:
         )
     taken = take_token()
     token = token or taken
+    from cloudmodal.worker.snapshot import take_agent_path
+
+    take_agent_path()
     _credentials = Credentials(url, token, worker_id)
     w = Worker(url, token, worker_id, s.worker_reconnect_s)
 
@@ -774,7 +802,7 @@ def main(token: str | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     watch_preemption(w, s.preemption_source or "")
     try:
-        w.setup()
+        w.setup(restored)
     except BaseException:
         tb = traceback.format_exc()
         try:
