@@ -43,6 +43,7 @@ from cloudmodal.partial_function import (
 )
 from cloudmodal.queue import Queue
 from cloudmodal.retries import Retries
+from cloudmodal.sandbox import Sandbox
 from cloudmodal.schedule import Cron, Period
 from cloudmodal.secret import Secret
 from cloudmodal.volume import Volume
@@ -63,6 +64,7 @@ __all__ = [
     "Period",
     "Queue",
     "Retries",
+    "Sandbox",
     "Secret",
     "Volume",
     "asgi_app",

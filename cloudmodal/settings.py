@@ -346,6 +346,11 @@ class Settings(BaseSettings):
     token_file: Path | None = _var(
         None, "a file holding the worker's token (cloud nodes)", group="worker", set_by_cloudmodal=True
     )
+    sandbox_debug: bool = _var(
+        False,
+        "development switch: a sandbox host's own errors go to the control plane's stderr instead of nowhere",
+        group="control plane",
+    )
     snapshot_agent: str | None = _var(
         None,
         "the local provider's memory-snapshot agent (a Unix socket) a worker of an `enable_memory_snapshot` "

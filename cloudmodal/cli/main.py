@@ -11,6 +11,7 @@ from cloudmodal.cli import (
     dict_cmd,
     queue_cmd,
     run,
+    sandbox_cmd,
     secret_cmd,
     serve,
     server_cmd,
@@ -44,6 +45,7 @@ app.add_typer(secret_cmd.app, name="secret")
 app.add_typer(volume_cmd.app, name="volume")
 app.add_typer(dict_cmd.app, name="dict")
 app.add_typer(queue_cmd.app, name="queue")
+app.add_typer(sandbox_cmd.app, name="sandbox")
 app.command("offers")(_offers.offers_command)
 app.add_typer(_pricing.app, name="pricing")
 app.command("setup")(setup_cmd.setup_command)

@@ -271,6 +271,7 @@ def use_postgresql_partial_indexes() -> None:
 from cloudmodal.server import (  # noqa: E402, F401
     models_kv,
     models_ledger,
+    models_sandbox,
     models_schedules,
     models_secrets,
     models_volumes,

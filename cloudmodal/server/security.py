@@ -15,6 +15,9 @@ Identities (a token's stored scope -> identity):
   holds under a live lease; reads its own function's definition (with the secrets that function declares) at
   registration; makes nested calls to its own app's functions and to deployed apps; reads the outputs of calls it
   made and the blobs its function and inputs reference. Nothing else.
+- ``sandbox:<id>``: the host process of one sandbox (:mod:`cloudmodal.worker.sandbox_host`): it reads its own
+  sandbox's commands and posts its own sandbox's output and exit codes (``sandbox`` routes, whose handlers check
+  the id). Nothing else; the sandboxed code itself never sees it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Kind = Literal["owner", "member", "worker", "proxy"]
+Kind = Literal["owner", "member", "worker", "proxy", "sandbox"]
 
 # What a route requires before its handler runs (object rules inside handlers narrow it further):
 #   public  anyone (health checks)
@@ -30,13 +33,15 @@ Kind = Literal["owner", "member", "worker", "proxy"]
 #   member  owner or member tokens
 #   caller  owner, member or worker tokens (calls, outputs, blobs: the handler checks the object)
 #   worker  the worker named in the path, with its own token
-Access = Literal["public", "owner", "member", "caller", "worker"]
+#   sandbox a sandbox host's token (the handler checks it is the sandbox the path names)
+Access = Literal["public", "owner", "member", "caller", "worker", "sandbox"]
 ACCESS_KINDS: dict[str, frozenset[str]] = {
     "public": frozenset(),
     "owner": frozenset({"owner"}),
     "member": frozenset({"owner", "member"}),
     "caller": frozenset({"owner", "member", "worker"}),
     "worker": frozenset({"worker"}),
+    "sandbox": frozenset({"sandbox"}),
 }
 
 
@@ -47,6 +52,7 @@ class Identity:
     scope: str  # the stored scope string
     apps: frozenset[str] | None = None  # a member's apps (names); None: every app
     worker_id: str | None = None
+    sandbox_id: str | None = None
 
     @property
     def team_wide(self) -> bool:
@@ -70,6 +76,8 @@ def identity_for(scope: str, token_id: str) -> Identity | None:
         return Identity("proxy", token_id, scope, apps=apps) if apps else None
     if scope.startswith("worker:") and len(scope) > 7:
         return Identity("worker", scope, scope, worker_id=scope[7:])
+    if scope.startswith("sandbox:") and len(scope) > 8:
+        return Identity("sandbox", scope, scope, sandbox_id=scope[8:])
     return None
 
 
@@ -86,8 +94,12 @@ def allows(access: Access, who: Identity | None, path_worker_id: str | None = No
     if who.kind not in ACCESS_KINDS[access]:
         if who.kind == "worker":
             return "A worker token may not use this route."
+        if who.kind == "sandbox":
+            return "A sandbox host's token may only serve its own sandbox."
         if who.kind == "proxy":
             return "A proxy-auth token only opens web endpoints (Modal-Key/Modal-Secret); it may not use the API."
+        if access == "sandbox":
+            return "Only the host of the sandbox named in the path may use this route."
         if access == "worker":
             return "Only the worker named in the path may use this route, with its own token."
         return "This route needs an owner token."

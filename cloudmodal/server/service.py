@@ -253,6 +253,7 @@ class ControlPlane:
 
         self.ledger: Ledger | None = Ledger(self, settings.ledger_accrual_s)
         self.cost: Any = None  # cost reports (server.cost_report), set with the route table
+        self.sandboxes: Any = None  # sandboxes (server.svc_sandbox), set with the route table
         # guards the hand-off's registries below, and the workers' cancellations and service estimates
         self._lock = threading.Lock()
         self.functions = Functions(self)

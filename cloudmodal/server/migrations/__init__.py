@@ -39,7 +39,7 @@ from cloudmodal.exception import Error
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
-HEAD = "0010"  # the newest revision in versions/ (tests/server/test_migrations.py checks it is)
+HEAD = "0011"  # the newest revision in versions/ (tests/server/test_migrations.py checks it is)
 HERE = Path(__file__).parent
 VERSION_TABLE = "alembic_version"
 LOCK_KEY = 0x636D5F6D6967  # "cm_mig": PostgreSQL advisory lock held while one control plane upgrades

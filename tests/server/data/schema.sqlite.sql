@@ -351,6 +351,22 @@ CREATE INDEX ix_pool_app_id ON pool (app_id);
 -- default pool.reason = ''
 -- default pool.fallen_back = False
 -- default pool.updated_at = 0.0
+CREATE TABLE sandbox (
+	id VARCHAR NOT NULL, 
+	app_id VARCHAR NOT NULL, 
+	created_by VARCHAR NOT NULL, 
+	state VARCHAR NOT NULL, 
+	spec JSON NOT NULL, 
+	tags JSON NOT NULL, 
+	returncode INTEGER, 
+	created_at FLOAT NOT NULL, 
+	finished_at FLOAT, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX ix_sandbox_app_id ON sandbox (app_id);
+-- default sandbox.created_by = ''
+-- default sandbox.state = 'running'
+-- default sandbox.created_at = 0.0
 CREATE TABLE schedule (
 	function_id VARCHAR NOT NULL, 
 	app_id VARCHAR NOT NULL, 
