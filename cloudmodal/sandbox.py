@@ -107,6 +107,16 @@ class Sandbox:
             )
         if gpu is not None:
             raise exc.InvalidError("Sandbox.create(gpu=...) is not supported yet: sandboxes run on CPU.")
+        if image is not None and getattr(image, "layers", None):
+            raise exc.InvalidError(
+                "Sandbox.create(image=...) with packages, commands or files is not supported yet: a sandbox runs "
+                "with the control plane machine's system and Python environment (read-only). Install what the "
+                "sandbox needs there, or leave image= out."
+            )
+        if cpu is not None:
+            raise exc.InvalidError(
+                "Sandbox.create(cpu=...) is not supported yet: sandboxes are not CPU-limited. Leave cpu= out."
+            )
         if volumes:
             raise exc.InvalidError("Sandbox.create(volumes=...) is not supported yet.")
         if name is not None:
