@@ -77,3 +77,125 @@ class InputCancellation(BaseException):
 
 class NoProviderError(Error):
     """No enabled provider can run a function's resource request."""
+
+
+# The rest of Modal's tree, so that ported ``except`` clauses and imports keep working. cloudmodal raises the
+# ones it has a use for (a sandbox's timeout and termination); the others exist for code that names them.
+class InternalError(Error):
+    """The control plane failed in a way that is not the caller's doing."""
+
+
+class ConflictError(InvalidError):
+    """The request conflicts with the object's current state."""
+
+
+class DataLossError(Error):
+    """Data was lost or corrupted."""
+
+
+class ServiceError(Error):
+    """The service is unavailable."""
+
+
+class UnimplementedError(Error):
+    """The operation is not implemented."""
+
+
+class ImageBuildError(RemoteError):
+    """An image's set-up failed."""
+
+
+class WorkspaceManagementError(Error):
+    """A workspace operation failed (cloudmodal has one workspace per control plane)."""
+
+
+class SandboxTimeoutError(TimeoutError):
+    """A sandbox ran past its ``timeout`` and was killed."""
+
+
+class ExecTimeoutError(TimeoutError):
+    """A command run in a sandbox ran past its timeout."""
+
+
+class MountUploadTimeoutError(TimeoutError):
+    """Uploading a mount's files took too long."""
+
+
+class VolumeUploadTimeoutError(TimeoutError):
+    """Uploading files to a volume took too long."""
+
+
+class InteractiveTimeoutError(TimeoutError):
+    """An interactive session waited too long."""
+
+
+class OutputExpiredError(TimeoutError):
+    """A call's output is no longer kept."""
+
+
+class SnapshotCreationError(Error):
+    """A memory snapshot could not be made."""
+
+
+class SandboxTerminatedError(Error):
+    """The sandbox was terminated."""
+
+
+class LogsFetchError(Error):
+    """Logs could not be fetched."""
+
+
+class VersionError(Error):
+    """The client's version is not supported by the control plane."""
+
+
+class InternalFailure(Error):
+    """A retryable internal failure."""
+
+
+class ClientClosed(Error):
+    """The client was closed."""
+
+
+class SandboxFilesystemError(Error):
+    """A sandbox file operation failed."""
+
+
+class SandboxFilesystemNotFoundError(SandboxFilesystemError):
+    pass
+
+
+class SandboxFilesystemDirectoryNotEmptyError(SandboxFilesystemError):
+    pass
+
+
+class SandboxFilesystemIsADirectoryError(SandboxFilesystemError):
+    pass
+
+
+class SandboxFilesystemNotADirectoryError(SandboxFilesystemError):
+    pass
+
+
+class SandboxFilesystemPermissionError(SandboxFilesystemError):
+    pass
+
+
+class SandboxFilesystemFileTooLargeError(SandboxFilesystemError):
+    pass
+
+
+class SandboxFilesystemPathAlreadyExistsError(SandboxFilesystemError):
+    pass
+
+
+class ServerWarning(UserWarning):
+    """A warning the control plane sends."""
+
+
+class AsyncUsageWarning(UserWarning):
+    """A blocking call made from an event loop."""
+
+
+class InternalAPIWarning(UserWarning):
+    """An internal API used from user code."""

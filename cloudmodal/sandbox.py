@@ -32,12 +32,9 @@ from cloudmodal.container_process import POLL_S, ContainerProcess, StreamReader,
 DEFAULT_TIMEOUT_S = 300  # Modal's default lifetime
 
 
-class SandboxTimeoutError(exc.TimeoutError):
-    """The sandbox ran past its ``timeout`` and was killed."""
-
-
-class SandboxTerminatedError(exc.Error):
-    """The sandbox was terminated (``terminate()``, its app stopping, or its control plane going away)."""
+# Modal's names, from the error tree (``from cloudmodal.exception import SandboxTimeoutError`` works too)
+SandboxTimeoutError = exc.SandboxTimeoutError
+SandboxTerminatedError = exc.SandboxTerminatedError
 
 
 def _transport() -> Any:
