@@ -198,23 +198,23 @@ def test_terminate_right_after_create(app: cloudmodal.App, plane: ServerHandle) 
 
 
 def test_open_files(app: cloudmodal.App) -> None:
-    sb = Sandbox.create(app=app, timeout=60, workdir="/work")
+    sb = Sandbox.create(app=app, timeout=60, workdir="/box")
     try:
-        with sb.open("/work/notes.txt", "w") as f:
+        with sb.open("/box/notes.txt", "w") as f:
             f.write("one\n")
             f.write("two\n")
-        with sb.open("/work/notes.txt", "a") as f:
+        with sb.open("/box/notes.txt", "a") as f:
             f.write("three\n")
-        assert sb.exec("cat", "/work/notes.txt").stdout.read() == "one\ntwo\nthree\n"
-        with sb.open("/work/notes.txt") as f:
+        assert sb.exec("cat", "/box/notes.txt").stdout.read() == "one\ntwo\nthree\n"
+        with sb.open("/box/notes.txt") as f:
             assert list(f) == ["one\n", "two\n", "three\n"]
-        with sb.open("/work/blob", "wb") as f:
+        with sb.open("/box/blob", "wb") as f:
             f.write(bytes(range(256)) * 1000)
-        assert sb.open("/work/blob", "rb").read() == bytes(range(256)) * 1000
+        assert sb.open("/box/blob", "rb").read() == bytes(range(256)) * 1000
         with pytest.raises(FileNotFoundError):
-            sb.open("/work/missing.txt")
+            sb.open("/box/missing.txt")
         with pytest.raises(IsADirectoryError):
-            sb.open("/work")
+            sb.open("/box")
     finally:
         sb.terminate(wait=True)
 
