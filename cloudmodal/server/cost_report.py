@@ -27,7 +27,17 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Integer, and_, cast, func, select
 
 from cloudmodal.server import models
-from cloudmodal.server.ledger import HOUR, HOUR_S, LAPP, LWORKER, SPAN, WORKER_COLUMNS, plan
+from cloudmodal.server.ledger import (
+    HOUR,
+    HOUR_S,
+    LAPP,
+    LWORKER,
+    ROLLUP_SUMS,
+    SPAN,
+    WORKER_COLUMNS,
+    plan,
+    span_sums,
+)
 from cloudmodal.server.states import WorkerState
 
 if TYPE_CHECKING:
@@ -37,16 +47,7 @@ A = models.apps
 F = models.functions
 W = models.workers
 BY = ("app", "function", "gpu", "cloud", "market", "day")
-SUMS = (
-    "cost",
-    "seconds",
-    "gpu_seconds",
-    "idle_seconds",
-    "idle_cost",
-    "spot_cost",
-    "spot_on_demand_cost",
-    "minimum_cost",
-)
+SUMS = ROLLUP_SUMS
 
 
 @dataclass(slots=True)
@@ -77,22 +78,6 @@ class Totals:
             "spot_on_demand_cost": round(self.spot_on_demand_cost, 6),
             "spot_savings": round(self.spot_on_demand_cost - self.spot_cost, 6),
         }
-
-
-def span_sums(r: dict[str, Any]) -> dict[str, float]:
-    """A span's (or a planned span's) contribution, as the rollup counts it."""
-    spot_known = r["market"] == "spot" and r["on_demand_per_hour"] is not None
-    return {
-        "cost": r["cost"],
-        "seconds": 0.0 if r["kind"] == "storage" else r["seconds"],  # hours are machines' hours
-        "gpu_seconds": r["seconds"] * r["gpu_count"],
-        "idle_seconds": r["idle_seconds"],
-        "idle_cost": r["price_per_hour"] * r["idle_seconds"] / HOUR_S,
-        "spot_cost": r["cost"] if spot_known else 0.0,
-        "spot_on_demand_cost": r["on_demand_per_hour"] * r["seconds"] / HOUR_S if spot_known else 0.0,
-        "minimum_cost": r["cost"] if r["kind"] == "minimum" else 0.0,
-        "spot_unpriced_seconds": r["seconds"] if r["market"] == "spot" and not spot_known else 0.0,
-    }
 
 
 def overlap(t0: float, t1: float, since: float, until: float) -> float:

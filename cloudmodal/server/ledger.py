@@ -402,20 +402,39 @@ def _span(
     }
 
 
-def _add_to_hour(conn: Connection, sqlite: bool, r: dict[str, Any]) -> None:
-    """Add span ``r`` to its hour's rollup row (made if missing)."""
+ROLLUP_SUMS = (
+    "cost",
+    "seconds",
+    "gpu_seconds",
+    "idle_seconds",
+    "idle_cost",
+    "spot_cost",
+    "spot_on_demand_cost",
+    "minimum_cost",
+)  # the columns of ledger_hour a span adds to (and ``spans``, its count)
+
+
+def span_sums(r: dict[str, Any]) -> dict[str, float]:
+    """A span's (or a planned span's) contribution: what the hourly rollup adds up, and the spot seconds whose
+    savings cannot be counted (no on-demand price known at launch)."""
     spot_known = r["market"] == "spot" and r["on_demand_per_hour"] is not None
-    delta = {
+    return {
         "cost": r["cost"],
         "seconds": 0.0 if r["kind"] == "storage" else r["seconds"],  # hours are machines' hours
         "gpu_seconds": r["seconds"] * r["gpu_count"],
         "idle_seconds": r["idle_seconds"],
         "idle_cost": r["price_per_hour"] * r["idle_seconds"] / HOUR_S,
         "spot_cost": r["cost"] if spot_known else 0.0,
-        "spot_on_demand_cost": (r["on_demand_per_hour"] * r["seconds"] / HOUR_S) if spot_known else 0.0,
+        "spot_on_demand_cost": r["on_demand_per_hour"] * r["seconds"] / HOUR_S if spot_known else 0.0,
         "minimum_cost": r["cost"] if r["kind"] == "minimum" else 0.0,
-        "spans": 1,
+        "spot_unpriced_seconds": r["seconds"] if r["market"] == "spot" and not spot_known else 0.0,
     }
+
+
+def _add_to_hour(conn: Connection, sqlite: bool, r: dict[str, Any]) -> None:
+    """Add span ``r`` to its hour's rollup row (made if missing)."""
+    sums = span_sums(r)
+    delta = {k: sums[k] for k in ROLLUP_SUMS} | {"spans": 1}
     key = {
         "hour": math.floor(r["t0"] / HOUR_S) * HOUR_S,
         "app_id": r["app_id"],

@@ -213,11 +213,14 @@ class WebGateway:
             if p.waiting or p.in_flight or p.last_request_at
         }
 
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """``fn`` on the serving event loop, from any thread (nothing to do before the first request)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn)
+
     def draining(self, worker_id: str) -> None:
         """The worker is draining: it finishes the requests it holds and is given no new ones (any thread)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
 
         def mark() -> None:
             for pool in self.pools.values():
@@ -225,14 +228,11 @@ class WebGateway:
                     if t.worker_id == worker_id:
                         t.draining = True
 
-        loop.call_soon_threadsafe(mark)
+        self._on_loop(mark)
 
     def fail_waiting(self, function_id: str, message: str) -> None:
         """The function's workers keep failing to start: the requests waiting for one are answered 503 with
         ``message`` now (called from any thread)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
 
         def fail() -> None:
             pool = self.pools.get(function_id)
@@ -245,7 +245,7 @@ class WebGateway:
                     fut.set_result(None)
             pool.waiters.clear()
 
-        loop.call_soon_threadsafe(fail)
+        self._on_loop(fail)
 
     # -- ASGI ------------------------------------------------------------------------------------------
     def wrap(self, api: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -260,7 +260,7 @@ class WebGateway:
                 if path.startswith("/web/"):
                     return await self.serve(scope, receive, send, None)
                 host = _header(scope, b"host")
-                if host is not None:
+                if host is not None and (domain is not None or self._domains != {} or self._domains_stale()):
                     name = host.decode("latin-1").split(":", 1)[0].lower().rstrip(".")
                     where = parse_host(name, domain) if domain is not None else None
                     if where is None:
@@ -657,6 +657,9 @@ class WebGateway:
         if self._domains is None and self._domains_task is not None:
             await asyncio.shield(self._domains_task)
         return self._domains or {}
+
+    def _domains_stale(self) -> bool:
+        return time.monotonic() >= self._domains_at
 
     def domains_changed(self) -> None:
         """A deployment declared custom domains: the next request reads them afresh (any thread)."""
