@@ -343,13 +343,16 @@ class Ledger:
         changed = [a for a in apps if known.get(a.id) != (a.name, a.tags)]
         if not changed:
             return
+        if self.cp.db.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
         with self.cp.db.write() as conn:
             for a in changed:
                 values = {"name": a.name, "tags": a.tags, "ephemeral": bool(a.ephemeral)}
-                if a.id in known:
-                    conn.execute(update(LAPP).where(LAPP.c.app_id == a.id).values(**values))
-                else:
-                    conn.execute(LAPP.insert().values(app_id=a.id, first_seen=now, **values))
+                # an upsert: another control plane on the same database may name the same app at the same time
+                stmt = insert(LAPP).values(app_id=a.id, first_seen=now, **values)
+                conn.execute(stmt.on_conflict_do_update(index_elements=["app_id"], set_=values))
 
 
 def plan(w: Any, now: float) -> tuple[float | None, list[dict[str, Any]]]:

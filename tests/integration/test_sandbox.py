@@ -176,8 +176,12 @@ def test_timeout_kills_the_sandbox(app: cloudmodal.App) -> None:
 def test_terminate_kills_the_whole_tree(app: cloudmodal.App, plane: ServerHandle) -> None:
     sb = Sandbox.create("sh", "-c", "sleep 700 & (sleep 701 &) ; echo ready; wait", app=app, timeout=60)
     assert sb.stdout.readline() == "ready\n"
-    during = sandbox_procs()
-    assert any("sleep 701" in c for c in during.values())  # control: the probe sees the sandbox's processes
+    # control: the probe sees the sandbox's processes (the detached subshell may not have exec'd its sleep yet
+    # when "ready" is printed, so wait for both to show)
+    eventually(
+        "the sandbox's sleeps are visible to the probe",
+        lambda: {"sleep 700", "sleep 701"} <= {c.strip() for c in sandbox_procs().values()},
+    )
     sb.terminate()
     with pytest.raises(SandboxTerminatedError):
         sb.wait()
