@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from cloudmodal._environment import check_environment
-from cloudmodal._partial import Decorated
+from cloudmodal._partial import Decorated, _Flags, find_partial_methods
+from cloudmodal._spec_build import check_batched
 from cloudmodal._user_class import instantiate, run_lifecycle_hooks
 from cloudmodal.exception import ExecutionError, InvalidError, NotFoundError
-from cloudmodal.spec import FunctionSpec
+from cloudmodal.spec import AutoscalerSettings, BatchConfig, ConcurrencyConfig, FunctionSpec
 
 
 class _Dual:
@@ -51,6 +54,9 @@ class _Invocable:
         self.starmap = _Dual(self._starmap, self._starmap_aio)
         self.for_each = _Dual(self._for_each, _to_thread(self._for_each))
         self.spawn_map = _Dual(self._spawn_map, _to_thread(self._spawn_map))
+        self.experimental_spawn_map = _Dual(
+            self._experimental_spawn_map, _to_thread(self._experimental_spawn_map)
+        )
 
     # subclasses: (session, function_id, method name, is_generator)
     def _target(self) -> tuple[Any, str, str | None, bool]:
@@ -157,6 +163,18 @@ class _Invocable:
         self._calls.check_not_generator(is_gen, self._display_name, "spawn_map")
         self._calls.spawn_many(session, fid, method, zip(*iterables, strict=False), kwargs or {})
 
+    def _experimental_spawn_map(
+        self, *iterables: Iterable[Any], kwargs: dict[str, Any] | None = None
+    ) -> FunctionCall:
+        """As ``spawn_map``, but returns one :class:`FunctionCall` holding every input: ``fc.get(index=i)``
+        is input ``i``'s result, ``fc.iter()`` all of them in order, ``fc.num_inputs()`` their number."""
+        if not iterables:
+            raise InvalidError(f"{self._display_name}.experimental_spawn_map() needs at least one iterable.")
+        session, fid, method, is_gen = self._target()
+        self._calls.check_not_generator(is_gen, self._display_name, "experimental_spawn_map")
+        call_id = self._calls.spawn_many(session, fid, method, zip(*iterables, strict=False), kwargs or {})
+        return FunctionCall(call_id, _session=session)
+
 
 def _len_hint(iterables: tuple[Any, ...]) -> int | None:
     try:
@@ -196,6 +214,10 @@ class Function(_Invocable, Decorated):
         self._variant_of: Function | None = None  # the decorated function this with_options variant is of
         self._overrides: dict[str, Any] = {}  # ... and the options it changes
         self._web_app: tuple[str, bool] | None = None  # (app name, ephemeral) once run or deployed
+        self._dynamic: dict[
+            str, Any
+        ] = {}  # a variant's concurrency / batching (with_concurrency, with_batching)
+        self._from_id: str | None = None  # Function.from_id
 
     @classmethod
     def _from_local(cls, app: Any, spec: FunctionSpec, raw_f: Any) -> Function:
@@ -246,7 +268,13 @@ class Function(_Invocable, Decorated):
         return self._session, self._function_id, None, is_gen
 
     def _hydrate(self) -> None:
-        session, row = _lookup(self._from_name, self.spec, repr(self))
+        if self._from_id is not None:
+            from cloudmodal.client.session import current_session
+
+            session = current_session()
+            row = session.transport.get(f"/v1/functions/{self._from_id}")
+        else:
+            session, row = _lookup(self._from_name, self.spec, repr(self))
         spec = FunctionSpec.from_wire(row["spec"])
         if spec.kind == "cls":
             raise NotFoundError(f"{self._display_name} is a class: use `cloudmodal.Cls.from_name(...)`.")
@@ -280,13 +308,82 @@ class Function(_Invocable, Decorated):
         """A variant of this function with other resources/settings (:data:`cloudmodal.app.WITH_OPTIONS`); it
         gets its own pool of workers. It belongs to the app like the function itself: made at module level, it
         is registered when the app runs or deploys; made while the app runs, at once."""
+        return self._variant("with_options", options, {})
+
+    def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Function:
+        """A variant of this function whose containers each run up to ``max_inputs`` inputs at once (as
+        ``@cloudmodal.concurrent`` does; ``target_inputs`` is what the autoscaler aims for). Its own pool of
+        workers, registered with the app as ``with_options`` variants are."""
+        where = f"{self._display_name}.with_concurrency"
+        return self._variant(
+            "with_concurrency", {}, {"concurrency": check_concurrency(where, max_inputs, target_inputs)}
+        )
+
+    def with_batching(self, *, max_batch_size: int, wait_ms: int) -> Function:
+        """A variant of this function with dynamic batching (as ``@cloudmodal.batched``): the function takes
+        lists and returns one result per input, callers still pass single items. Its own pool of workers."""
+        where = f"{self._display_name}.with_batching"
+        batching = check_batching(where, max_batch_size, wait_ms)
+        root = self._variant_of or self
+        if root.spec is not None and root.raw_f is not None:
+            if root.spec.web is not None:
+                raise InvalidError(
+                    f"{where}(): {self._display_name} is a web endpoint, which cannot be batched."
+                )
+            check_batched(root.raw_f, self._display_name, bool(root.spec.is_generator), skip_self=False)
+        return self._variant("with_batching", {}, {"batching": batching})
+
+    def _variant(self, api: str, options: dict[str, Any], dynamic: dict[str, Any]) -> Function:
         return _make_variant(
             self,
             options,
-            f"{self._display_name}.with_options() needs a function decorated with @app.function in this "
-            "program; a function looked up by name keeps the options it was deployed with.",
+            f"{self._display_name}.{api}() needs a function decorated with @app.function in this program; a "
+            "function looked up by name keeps the options it was deployed with.",
             lambda root, spec: Function(spec=spec, app=root.app, raw_f=root.raw_f),
+            dynamic,
         )
+
+    @staticmethod
+    def from_id(function_id: str) -> Function:
+        """A handle to a registered function by its id (``fu-…``, ``Function.object_id``), looked up on
+        first use."""
+        if not isinstance(function_id, str) or not function_id.startswith("fu-"):
+            raise InvalidError(
+                f"Function.from_id() expects a function id such as 'fu-…' (a Function's `.object_id`), got "
+                f"{function_id!r}."
+            )
+        f = Function(spec=None)
+        f._from_id = function_id
+        f._display_name = function_id
+        return f
+
+    def update_autoscaler(
+        self,
+        *,
+        min_containers: int | None = None,
+        max_containers: int | None = None,
+        buffer_containers: int | None = None,
+        scaledown_window: int | None = None,
+    ) -> AutoscalerSettings:
+        """Change this function's autoscaler settings while it runs, without a redeploy (a redeploy, or the
+        next ``cloudmodal run``, puts back the decorator's). Settings left out keep their current values.
+        Returns the settings now in force."""
+        session, fid, _method, _gen = self._target()
+        return _update_autoscaler(
+            session,
+            fid,
+            f"{self._display_name}.update_autoscaler",
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+        )
+
+    def get_current_stats(self) -> FunctionStats:
+        """The function's queue right now: ``backlog`` (inputs waiting for a container) and
+        ``num_total_runners`` (its live containers)."""
+        session, fid, _method, _gen = self._target()
+        return _current_stats(session, fid)
 
 
 def _merge_overrides(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
@@ -420,6 +517,7 @@ class Cls(Decorated):
         self._build: tuple[Any, dict[str, Any]] | None = None
         self._variant_of: Cls | None = None
         self._overrides: dict[str, Any] = {}
+        self._dynamic: dict[str, Any] = {}
 
     @classmethod
     def _from_local(cls, app: Any, spec: FunctionSpec, user_cls: Any) -> Cls:
@@ -473,14 +571,52 @@ class Cls(Decorated):
         """A variant of this class with other resources/settings (the options of ``Function.with_options``):
         instances of it run on pools of their own, ``Model.with_options(gpu="L4")(size=2).predict.remote(x)``.
         Registered with the app as ``Function.with_options`` variants are."""
+        return self._variant("with_options", options, {})
+
+    def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Cls:
+        """A variant of this class whose containers each run up to ``max_inputs`` inputs at once (as
+        ``@cloudmodal.concurrent`` on the class): ``Model.with_concurrency(max_inputs=8)(size=2).f.remote(x)``."""
+        where = f"{self._name()}.with_concurrency"
+        return self._variant(
+            "with_concurrency", {}, {"concurrency": check_concurrency(where, max_inputs, target_inputs)}
+        )
+
+    def with_batching(self, *, max_batch_size: int, wait_ms: int) -> Cls:
+        """A variant of this class with dynamic batching of its method (as ``@cloudmodal.batched`` on it): the
+        class must have exactly one method, which takes lists and returns one result per input."""
+        where = f"{self._name()}.with_batching"
+        batching = check_batching(where, max_batch_size, wait_ms)
         root = self._variant_of or self
-        name = root.spec.name if root.spec else (root._from_name[1] if root._from_name else "Cls")
+        spec = root.spec
+        if spec is not None and root.user_cls is not None:
+            if len(spec.methods) != 1:
+                raise InvalidError(
+                    f"{where}(): a batched class has exactly one method, and {spec.name} has "
+                    f"{len(spec.methods)} ({', '.join(spec.methods) or 'none'}). Move the method to batch into a "
+                    "class of its own."
+                )
+            (mname,) = spec.methods
+            if spec.web_methods:
+                raise InvalidError(
+                    f"{where}(): {spec.name}.{mname} is a web endpoint, which cannot be batched."
+                )
+            pf = find_partial_methods(root.user_cls, _Flags.interface())[mname]
+            assert pf.raw_f is not None
+            check_batched(pf.raw_f, f"{spec.name}.{mname}", mname in spec.generator_methods, skip_self=True)
+        return self._variant("with_batching", {}, {"batching": batching})
+
+    def _name(self) -> str:
+        root = self._variant_of or self
+        return root.spec.name if root.spec else (root._from_name[1] if root._from_name else "Cls")
+
+    def _variant(self, api: str, options: dict[str, Any], dynamic: dict[str, Any]) -> Cls:
         return _make_variant(
             self,
             options,
-            f"{name}.with_options() needs a class decorated with @app.cls in this program; a class looked "
+            f"{self._name()}.{api}() needs a class decorated with @app.cls in this program; a class looked "
             "up by name keeps the options it was deployed with.",
             lambda root, spec: Cls(spec=spec, app=root.app, user_cls=root.user_cls),
+            dynamic,
         )
 
     def _instance_function(self, params: dict[str, Any]) -> str:
@@ -515,20 +651,78 @@ class Cls(Decorated):
         return fid
 
 
-def _make_variant(handle: Any, options: dict[str, Any], refusal: str, make: Any) -> Any:
-    """A ``with_options`` variant of a decorated function or class ``handle`` (a variant of a variant derives
-    from the same root, its options merged): ``make(root, spec)`` builds the handle, which is attached to the
-    root so the app registers it. ``refusal``: the error for a handle that was not decorated here."""
+def _make_variant(
+    handle: Any, options: dict[str, Any], refusal: str, make: Any, dynamic: Mapping[str, Any] | None = None
+) -> Any:
+    """A ``with_options`` / ``with_concurrency`` / ``with_batching`` variant of a decorated function or class
+    ``handle`` (a variant of a variant derives from the same root, its options merged): ``make(root, spec)``
+    builds the handle, which is attached to the root so the app registers it. ``dynamic``: the variant's
+    ``concurrency`` / ``batching`` (:class:`ConcurrencyConfig` / :class:`BatchConfig`), which replace the
+    decorators'. ``refusal``: the error for a handle that was not decorated here."""
     root = handle._variant_of or handle
     if root.spec is None or root.app is None or root._build is None:
         raise InvalidError(refusal)
     overrides = _merge_overrides(handle._overrides, options)
-    spec = root.app._variant_spec(root, overrides, _variant_name(root.spec.name, overrides))
+    dyn = {**handle._dynamic, **(dynamic or {})}
+    name = _variant_name(root.spec.name, {**overrides, **{f"@{k}": v for k, v in dyn.items()}})
+    spec = dataclasses.replace(root.app._variant_spec(root, overrides, name), **dyn)
     variant = make(root, spec)
     variant._variant_of = root
     variant._overrides = overrides
+    variant._dynamic = dyn
     _attach_variant(root, variant)
     return variant
+
+
+def check_concurrency(where: str, max_inputs: Any, target_inputs: Any) -> ConcurrencyConfig:
+    """``with_concurrency``'s arguments, checked as ``@cloudmodal.concurrent`` checks its own."""
+    from cloudmodal.partial_function import _check_int
+
+    _check_int(max_inputs, f"{where}(max_inputs=...)", 1, None, "max_inputs=10")
+    if target_inputs is not None:
+        _check_int(target_inputs, f"{where}(target_inputs=...)", 1, None, "target_inputs=8")
+        if target_inputs > max_inputs:
+            raise InvalidError(
+                f"{where}(): `target_inputs` ({target_inputs}) cannot be greater than `max_inputs` "
+                f"({max_inputs}). Lower target_inputs, or raise max_inputs."
+            )
+    return ConcurrencyConfig(max_inputs, target_inputs)
+
+
+def check_batching(where: str, max_batch_size: Any, wait_ms: Any) -> BatchConfig:
+    """``with_batching``'s arguments, checked as ``@cloudmodal.batched`` checks its own (Modal's ranges)."""
+    from cloudmodal.partial_function import MAX_BATCH_SIZE, MAX_BATCH_WAIT_MS, _check_int
+
+    _check_int(max_batch_size, f"{where}(max_batch_size=...)", 1, MAX_BATCH_SIZE, "max_batch_size=8")
+    _check_int(wait_ms, f"{where}(wait_ms=...)", 0, MAX_BATCH_WAIT_MS, "wait_ms=100")
+    return BatchConfig(max_batch_size, wait_ms)
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionStats:
+    """``Function.get_current_stats()``: inputs waiting for a container, and the function's live containers."""
+
+    backlog: int
+    num_total_runners: int
+
+
+def _update_autoscaler(session: Any, fid: str, where: str, **settings: int | None) -> AutoscalerSettings:
+    from cloudmodal.partial_function import _check_int
+
+    given = {k: v for k, v in settings.items() if v is not None}
+    for k, v in given.items():
+        low, high = (2, 3600) if k == "scaledown_window" else (0, None)
+        _check_int(v, f"{where}({k}=...)", low, high, f"{k}={max(low, 1)}")
+    mn, mx = given.get("min_containers"), given.get("max_containers")
+    if mn is not None and mx is not None and mn > mx:
+        raise InvalidError(f"{where}(): min_containers ({mn}) cannot be greater than max_containers ({mx}).")
+    row = session.transport.post(f"/v1/functions/{fid}/autoscaler", given)
+    return AutoscalerSettings(**row["autoscaler"])
+
+
+def _current_stats(session: Any, fid: str) -> FunctionStats:
+    row = session.transport.get(f"/v1/functions/{fid}/stats")
+    return FunctionStats(backlog=int(row["backlog"]), num_total_runners=int(row["num_total_runners"]))
 
 
 def _check_params(spec: FunctionSpec, params: dict[str, Any]) -> dict[str, Any]:
@@ -589,6 +783,27 @@ class Obj:
             )
         return _BoundMethod(self, name, name in spec.generator_methods)
 
+    def update_autoscaler(
+        self,
+        *,
+        min_containers: int | None = None,
+        max_containers: int | None = None,
+        buffer_containers: int | None = None,
+        scaledown_window: int | None = None,
+    ) -> AutoscalerSettings:
+        """Change the autoscaler settings of this instance's containers while they run (see
+        ``Function.update_autoscaler``)."""
+        name = self._cls.spec.name if self._cls.spec else "Cls"
+        return _update_autoscaler(
+            self._cls._session,
+            self._function_id(),
+            f"{name}(...).update_autoscaler",
+            min_containers=min_containers,
+            max_containers=max_containers,
+            buffer_containers=buffer_containers,
+            scaledown_window=scaledown_window,
+        )
+
     def _local_instance(self) -> Any:
         if self._local is None:
             self._local = instantiate(self._cls.user_cls, **self._params)
@@ -627,16 +842,16 @@ class _BoundMethod(_Invocable):
 
 
 class FunctionCall:
-    """A handle to a spawned call (``fc-…``): ``get(timeout)``, ``cancel()``, ``FunctionCall.from_id(id)``."""
+    """A handle to a spawned call (``fc-…``): ``get(timeout)``, ``cancel()``, ``FunctionCall.from_id(id)``; a
+    call of ``experimental_spawn_map`` holds several inputs: ``get(index=i)``, ``iter()``."""
 
     def __init__(self, call_id: str, *, _session: Any = None) -> None:
         self.object_id = call_id
         self._session = _session
-        self._done = False
-        self._value: Any = None
-        self._error: BaseException | None = None
+        self._results: dict[int, tuple[bool, Any]] = {}  # input index -> (ok, value or error)
         self.get = _Dual(self._get, _to_thread(self._get))
         self.cancel = _Dual(self._cancel, _to_thread(self._cancel))
+        self.iter = _Dual(self._iter, self._iter_aio)
 
     def __repr__(self) -> str:
         return f"<cloudmodal.FunctionCall {self.object_id}>"
@@ -648,21 +863,71 @@ class FunctionCall:
             self._session = current_session()
         return self._session
 
-    def _get(self, timeout: float | None = None) -> Any:
-        """The call's result; raises the builtin ``TimeoutError`` if it is not ready within ``timeout`` s."""
-        if not self._done:
-            from cloudmodal.client.calls import wait_final
+    def _get(self, timeout: float | None = None, *, index: int = 0) -> Any:
+        """Input ``index``'s result (the only input's, for a spawned call); raises the builtin
+        ``TimeoutError`` if it is not ready within ``timeout`` s (``timeout=0`` polls once)."""
+        if index not in self._results:
+            self._check_index(index)
+            from cloudmodal.client.calls import LONG_POLL_S, OutputStream, decode_output
 
-            try:
-                self._value = wait_final(self._sess(), self.object_id, [], timeout=timeout)
-            except TimeoutError:
-                raise
-            except BaseException as e:
-                self._error = e
-            self._done = True
-        if self._error is not None:
-            raise self._error
-        return self._value
+            session = self._sess()
+            stream = OutputStream(session, self.object_id)
+            deadline = None if timeout is None else time.monotonic() + max(float(timeout), 0.0)
+            while index not in self._results:
+                remaining = LONG_POLL_S if deadline is None else deadline - time.monotonic()
+                for _id, idx, gen_index, status, data, blob in stream.poll(
+                    min(max(remaining, 0.0), LONG_POLL_S)
+                ):
+                    if gen_index == -1 and idx == index:
+                        self._results[index] = decode_output(session, status, data, blob)
+                        break
+                else:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(
+                            f"Function call {self.object_id} did not finish within {timeout} s."
+                        )
+        ok, value = self._results[index]
+        if ok:
+            return value
+        raise value
+
+    def _check_index(self, index: int) -> None:
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise InvalidError(f"FunctionCall.get(index=...) must be a whole number from 0, got {index!r}.")
+        if index > 0 and index >= (n := self.num_inputs()):
+            raise InvalidError(
+                f"FunctionCall {self.object_id} has {n} input(s): index {index} is out of range (0 to {n - 1})."
+            )
+
+    def _iter(self, *, start: int = 0, end: int | None = None) -> Iterator[Any]:
+        """The results of inputs ``start`` to ``end`` (excluded; default: all), in input order, each as soon
+        as it and those before it are done; an input's error is raised when its turn comes."""
+        from cloudmodal.client.calls import LONG_POLL_S, OutputStream, decode_output
+
+        total = self.num_inputs()
+        stop = total if end is None else min(end, total)
+        if start < 0 or (end is not None and end < start):
+            raise InvalidError(f"FunctionCall.iter(start={start}, end={end}): need 0 <= start <= end.")
+        session = self._sess()
+        stream = OutputStream(session, self.object_id)
+        buffered: dict[int, tuple[bool, Any]] = {}
+        nxt = start
+        while nxt < stop:
+            if nxt in self._results or nxt in buffered:
+                ok, value = self._results.get(nxt) or buffered.pop(nxt)
+                nxt += 1
+                if not ok:
+                    raise value
+                yield value
+                continue
+            for _id, idx, gen_index, status, data, blob in stream.poll(LONG_POLL_S):
+                if gen_index == -1 and nxt <= idx < stop and idx not in self._results:
+                    buffered[idx] = decode_output(session, status, data, blob)
+
+    def _iter_aio(self, *, start: int = 0, end: int | None = None) -> Any:
+        from cloudmodal.client.calls import async_iter
+
+        return async_iter(lambda: self._iter(start=start, end=end))
 
     def _cancel(self, terminate_containers: bool = False) -> None:
         self._sess().transport.post(f"/v1/calls/{self.object_id}/cancel")

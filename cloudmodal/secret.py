@@ -117,6 +117,9 @@ class Secret(Frozen):
                 f"write Secret.from_local_environ([{env_keys!r}])."
             )
         keys = [_check_env_key(k, "Secret.from_local_environ") for k in env_keys]
+        if not _is_local():
+            # In a container the module is imported again; the values came with the function's definition.
+            return Secret._inline({})
         missing = [k for k in keys if k not in os.environ]
         if missing:
             raise InvalidError(
@@ -130,6 +133,10 @@ class Secret(Frozen):
     def from_dotenv(path: str | os.PathLike[str] | None = None, *, filename: str = ".env") -> Secret:
         """An inline secret read from a ``.env`` file, found in ``path`` (a directory, or a file such as
         ``__file__``, whose directory is used; default the working directory) or the nearest parent."""
+        if not _is_local():
+            # In a container the module is imported again, where the .env file is not; the values came with
+            # the function's definition.
+            return Secret._inline({})
         start = Path(path) if path is not None else Path.cwd()
         if start.is_file():
             start = start.parent
@@ -396,3 +403,10 @@ def parse_dotenv(text: str, source: str = ".env") -> dict[str, str]:
             value = re.split(r"\s+#", raw, maxsplit=1)[0].strip()
         out[key] = value
     return out
+
+
+def _is_local() -> bool:
+    """False inside a worker (see :func:`cloudmodal.is_local`)."""
+    from cloudmodal.settings import settings
+
+    return not settings().is_remote

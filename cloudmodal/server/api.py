@@ -67,6 +67,17 @@ class BudgetWire(BaseModel):
     period: Literal["day", "week", "month"] = "month"
 
 
+class AutoscalerUpdate(BaseModel):
+    """``Function.update_autoscaler``: the settings to change (the others keep their values)."""
+
+    max_body: ClassVar[int] = SMALL_BODY
+
+    min_containers: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    max_containers: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    buffer_containers: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    scaledown_window: Annotated[int, Field(ge=2, le=3600)] | None = None
+
+
 class AppCreate(BaseModel):
     max_body: ClassVar[int] = SMALL_BODY
 
@@ -380,6 +391,16 @@ def build_routes(cp: ControlPlane) -> TableApp:
     @route("GET", "/v1/functions/{function_id}", "caller")
     async def get_function(function_id: str, who: Identity) -> Any:
         return await run(cp.functions.function_view, who, function_id)
+
+    @route("POST", "/v1/functions/{function_id}/autoscaler", "member", body=AutoscalerUpdate)
+    async def update_autoscaler(function_id: str, b: AutoscalerUpdate, who: Identity) -> Any:
+        """Change a function's autoscaler settings until its next registration (``Function.update_autoscaler``)."""
+        return await run(cp.functions.update_autoscaler, who, function_id, b.model_dump(exclude_none=True))
+
+    @route("GET", "/v1/functions/{function_id}/stats", "caller")
+    async def function_stats(function_id: str, who: Identity) -> Any:
+        """Inputs waiting and live workers of a function (``Function.get_current_stats``)."""
+        return await run(cp.functions.current_stats, who, function_id)
 
     # -- calls -------------------------------------------------------------------------------------------
     async def _outputs(call_id: str, after: int, limit: int, timeout: float) -> list[Any]:

@@ -325,7 +325,7 @@ class Reconciler(Launcher, Health, Estimates):
     ) -> None:
         pending, running = counts
         self._check_stored_spec(fid, fn)
-        spec = self.cp.functions.spec_of(fid)
+        spec = self.cp.functions.spec_of(fid, fn.spec)
         ws = [w for w in workers if w.function_version >= fn.version]
         if not (pending or running or ws or spec.autoscaler.min_containers or self._launching.get(fid)):
             return

@@ -48,18 +48,31 @@ class Functions:
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
         self._specs: dict[str, FunctionSpec] = {}
+        self._autoscaler_wire: dict[
+            str, Any
+        ] = {}  # the stored autoscaler settings each cached spec was made of
         self._policies: dict[str, FunctionPolicy] = {}
 
     # -- specs and policies (cached; a registration replaces them) ----------------------------------------
-    def spec_of(self, function_id: str) -> FunctionSpec:
+    def spec_of(self, function_id: str, stored: dict[str, Any] | None = None) -> FunctionSpec:
+        """The function's spec, cached. ``stored``: the spec column as just read (the reconciler reads it every
+        tick): a cached spec whose autoscaler settings differ from it is replaced, so that
+        ``update_autoscaler`` made through another control plane on the same database reaches this one."""
         spec = self._specs.get(function_id)
+        if spec is not None and stored is not None:
+            if stored.get("autoscaler") != self._autoscaler_wire.get(function_id):
+                spec = None
         if spec is None:
-            with self.cp.db.read() as conn:
-                row = conn.execute(select(F.c.spec, F.c.parent_id).where(F.c.id == function_id)).first()
-            if row is None:
-                raise NotFoundError(f"Function {function_id} not found.")
-            spec = FunctionSpec.from_wire(row.spec)
+            if stored is None:
+                with self.cp.db.read() as conn:
+                    row = conn.execute(select(F.c.spec, F.c.parent_id).where(F.c.id == function_id)).first()
+                if row is None:
+                    raise NotFoundError(f"Function {function_id} not found.")
+                stored = row.spec
+            assert stored is not None
+            spec = FunctionSpec.from_wire(stored)
             self._specs[function_id] = spec
+            self._autoscaler_wire[function_id] = stored.get("autoscaler")
         return spec
 
     def policy_for(self, function_id: str) -> FunctionPolicy:
@@ -210,6 +223,68 @@ class Functions:
         names = declared_named(spec.secrets)
         if names:
             NamedSecrets(self.cp).check_declared(names, required_keys, who, where=f"Function {spec.name!r}: ")
+
+    # -- runtime settings and stats -----------------------------------------------------------------------
+    def update_autoscaler(self, who: Identity, function_id: str, settings: dict[str, int]) -> dict[str, Any]:
+        """``Function.update_autoscaler``: change the autoscaler settings in the function's stored spec, without
+        a new version (its workers keep running). The next registration (a redeploy, a new run) writes the
+        decorator's settings back, as on Modal. Owner, or a member that may use the function's app."""
+        from cloudmodal.server.wire_spec import validate_wire_spec
+
+        if who.kind not in ("owner", "member"):
+            raise PermissionDeniedError("Only the owner and members change a function's autoscaler settings.")
+        row = self.function_row(function_id)
+        self.cp.access.check_app(who, row["app_id"])
+        unknown = set(settings) - {
+            "min_containers",
+            "max_containers",
+            "buffer_containers",
+            "scaledown_window",
+        }
+        if unknown:
+            raise InvalidError(f"Unknown autoscaler settings: {', '.join(sorted(unknown))}.")
+        wire = dict(row["spec"])
+        wire["autoscaler"] = {**(wire.get("autoscaler") or {}), **settings}
+        # the same bounds as at registration (min <= max, window 2..3600); the rest of the row is kept as stored
+        wire["autoscaler"] = validate_wire_spec(wire, ignore_unknown_keys=True)["autoscaler"]
+        with self.cp.db.write() as conn:
+            conn.execute(update(F).where(F.c.id == function_id).values(spec=wire))
+        self._specs.pop(function_id, None)
+        self.cp.activity.event(
+            "function.autoscaler_updated",
+            f"{row['name']}: autoscaler settings now {wire['autoscaler']}",
+            app_id=row["app_id"],
+            function_id=function_id,
+        )
+        self.cp.hub.notify("reconcile")
+        return {"function_id": function_id, "autoscaler": wire["autoscaler"]}
+
+    def current_stats(self, who: Identity, function_id: str) -> dict[str, Any]:
+        """``Function.get_current_stats``: inputs waiting for a container, and live (starting or ready)
+        workers, for a caller that may call the function."""
+        from sqlalchemy import func
+
+        from cloudmodal.server.states import InputState, WorkerState
+
+        self.cp.access.check_callable(who, function_id)
+        inputs, workers = models.inputs, models.workers
+        with self.cp.db.read() as conn:
+            backlog = conn.execute(
+                select(func.count())
+                .select_from(inputs)
+                .where(and_(inputs.c.function_id == function_id, inputs.c.state == InputState.PENDING))
+            ).scalar_one()
+            runners = conn.execute(
+                select(func.count())
+                .select_from(workers)
+                .where(
+                    and_(
+                        workers.c.function_id == function_id,
+                        workers.c.state.in_((WorkerState.STARTING, WorkerState.READY)),
+                    )
+                )
+            ).scalar_one()
+        return {"function_id": function_id, "backlog": int(backlog), "num_total_runners": int(runners)}
 
     # -- look-ups ----------------------------------------------------------------------------------------
     def function_row(self, function_id: str) -> dict[str, Any]:

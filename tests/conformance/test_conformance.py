@@ -143,3 +143,63 @@ def test_batching_concurrency_for_each_and_a_queue_argument(home):
 def test_an_image_from_a_uv_project_runs(home):
     out = cli("run", "uv_sync_app.py", env=home).stdout
     assert "packaging in the image: True" in out, out
+
+
+def test_variants_spawn_map_calls_and_secrets_of_the_smaller_surface(home):
+    """surface.py: with_concurrency / with_batching on functions and classes (each against its negative
+    control: the undecorated function runs one input at a time and gets single items), experimental_spawn_map
+    with get(index=) and iter(), Function.from_id, get(timeout=0), unordered maps with returned exceptions,
+    for_each ignoring them, and Secret.from_local_environ / from_dotenv."""
+    out = cli("run", "surface.py", env=dict(home, CONFORMANCE_LOCAL="from-local")).stdout
+    lines = set(out.splitlines())
+    for want in (
+        "with_concurrency [True, True, True, True]",
+        "cls with_concurrency [True, True, True]",
+        "with_batching lists True 4",
+        "cls with_batching [3, 6, 9]",
+        "spawn_map inputs 5 index 3 -> 9 iter [0, 1, 4, 9, 16]",
+        "iter range [1, 4]",
+        "from_id 16",
+        "poll: TimeoutError",
+        "without concurrency [False, False]",
+        "without batching TypeError",
+        "remote error ValueError negative: -1",
+        "unordered [1, 9] ['ValueError']",
+        "for_each ignored errors",
+        "secrets ['from-local', 'from-dotenv']",
+    ):
+        assert want in lines, f"{want!r} missing from:\n{out}"
+
+
+_ROUTES = (REPO / "cloudmodal" / "server" / "api.py").read_text()
+
+
+@pytest.mark.skipif(
+    "/v1/functions/{function_id}/autoscaler" not in _ROUTES,
+    reason="the control plane has no autoscaler/stats routes yet (notes/issue15_api_routes.patch)",
+)
+def test_update_autoscaler_and_current_stats_on_a_deployed_app(home):
+    cli("server", "start", "--port", "0", env=home)
+    try:
+        cli("deploy", "autoscaler_app.py", env=home)
+        out = python("autoscaler_calls.py", home)
+        lines = set(out.splitlines())
+        for want in (
+            "call hello you",
+            "stats 0 True",
+            "updated 2 3 0 30",
+            "warm True",  # min_containers=2 took effect without a redeploy
+            "kept 2 3 1 30",
+            "refused True",
+            "refused window True",
+            "cls hey there 1",
+            "initial 0 None 0 60",
+            "final 0 3 0 30",  # kept until the next deploy
+        ):
+            assert want in lines, f"{want!r} missing from:\n{out}"
+        # a redeploy puts the decorator's settings back, as on Modal
+        cli("deploy", "autoscaler_app.py", env=home)
+        again = python("autoscaler_calls.py", home)
+        assert "initial 0 None 0 60" in again.splitlines(), again
+    finally:
+        cli("server", "stop", env=home, check=False)
