@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -86,18 +86,33 @@ def server_file() -> Path:
 @dataclass(frozen=True)
 class ServerRef:
     url: str
-    token: str | None
-    source: str  # "env" | "local-server"
+    token: str | None = field(repr=False)
+    source: str  # "env" | "profile:NAME" | "local-server"
+    # the SHA-256 fingerprint of the only TLS certificate the control plane may present (None: CA verification)
+    fingerprint: str | None = None
 
 
 def configured_server() -> ServerRef | None:
-    """The control plane to use: ``CLOUDMODAL_SERVER_URL`` (+ ``CLOUDMODAL_TOKEN``), else a running
-    ``cloudmodal server start``; None means "start an embedded one"."""
+    """The control plane to use: ``CLOUDMODAL_SERVER_URL`` (+ ``CLOUDMODAL_TOKEN``,
+    ``CLOUDMODAL_TLS_FINGERPRINT``), else the `cloudmodal login` profile named by ``CLOUDMODAL_PROFILE`` or
+    the active one, else a running ``cloudmodal server start``; None means "start an embedded one"."""
     from cloudmodal.settings import settings
 
     s = settings()
     if s.server_url:
-        return ServerRef(s.server_url.rstrip("/"), s.token, "env")
+        from cloudmodal.tls import env_fingerprint
+
+        return ServerRef(s.server_url.rstrip("/"), s.token, "env", env_fingerprint())
+    from cloudmodal.profiles import active_profile
+
+    profile = active_profile()
+    if profile is not None:
+        return ServerRef(profile.url, profile.token, f"profile:{profile.name}", profile.fingerprint)
+    return local_server()
+
+
+def local_server() -> ServerRef | None:
+    """This machine's running ``cloudmodal server start`` (its server.json), whatever else is configured."""
     f = server_file()
     if f.exists():
         try:
@@ -106,7 +121,7 @@ def configured_server() -> ServerRef | None:
             return None
         pid = info.get("pid")
         if pid and _alive(int(pid)):
-            return ServerRef(info["url"], info.get("token"), "local-server")
+            return ServerRef(info["url"], info.get("token"), "local-server", info.get("tls_fingerprint"))
     return None
 
 

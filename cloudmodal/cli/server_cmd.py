@@ -84,13 +84,42 @@ def start(
         "users or anything forwarding to loopback; by default every request needs a token (the CLI of this "
         "account reads the owner token from server.json in the state dir).",
     ),
+    tls: bool | None = typer.Option(
+        None,
+        "--tls/--no-tls",
+        help="Serve HTTPS. Without --tls-cert: with a self-signed certificate generated on first start "
+        "(kept in the state dir, reused later), whose fingerprint clients and workers pin. Default: on when "
+        "--host is not loopback (--no-tls: plain HTTP behind a TLS-terminating proxy), off on loopback.",
+    ),
+    tls_cert: str | None = typer.Option(
+        None,
+        "--tls-cert",
+        help="Serve HTTPS with this PEM certificate (its chain after it); needs --tls-key.",
+    ),
+    tls_key: str | None = typer.Option(
+        None, "--tls-key", help="The unencrypted PEM private key of --tls-cert (keep it 0600)."
+    ),
 ) -> None:
     """Start the control plane (in the background unless --foreground). It writes an owner token to
     server.json (mode 0600) in the state dir for the CLI and clients of this account."""
+    from cloudmodal.server.auth import is_loopback
+
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together: give the certificate and its private key.", 2)
+    if tls_cert is not None and tls is False:
+        fail("--no-tls with --tls-cert: choose one.", 2)
+    serve_tls = tls_cert is not None or (tls if tls is not None else not is_loopback(host))
     if allow_anonymous_loopback:
         typer.secho(ANONYMOUS_WARNING, fg="red", err=True)
-    ref = config.configured_server()
-    if ref is not None and ref.source == "local-server" and not foreground:
+    if not serve_tls and not is_loopback(host):
+        typer.secho(
+            "WARNING: --no-tls beyond loopback: tokens and code travel in clear text. Use it only behind a "
+            "proxy that terminates TLS on this machine or a private network you trust.",
+            fg="yellow",
+            err=True,
+        )
+    ref = config.local_server()
+    if ref is not None and not foreground:
         typer.echo(f"A control plane is already running at {ref.url}.")
         return
     home = config.home()  # private (0700): it holds the owner token and the database
@@ -112,6 +141,10 @@ def start(
             argv += ["--database-url", database_url]
         if allow_anonymous_loopback:
             argv.append("--allow-anonymous-loopback")
+        if tls_cert is not None and tls_key is not None:
+            argv += ["--tls-cert", os.path.abspath(tls_cert), "--tls-key", os.path.abspath(tls_key)]
+        else:
+            argv.append("--tls" if serve_tls else "--no-tls")
         with config.open_private(log_path, "ab") as log:  # 0600, also if an older version made it 0644
             log_start = log.tell()
             proc = subprocess.Popen(
@@ -119,9 +152,11 @@ def start(
             )
         deadline = time.time() + 30
         while time.time() < deadline:
-            ref = config.configured_server()
-            if ref is not None and ref.source == "local-server":
+            ref = config.local_server()
+            if ref is not None:
                 typer.echo(f"Control plane running at {ref.url} (pid {proc.pid}); logs in {log_path}.")
+                if ref.fingerprint:
+                    typer.echo(_tls_lines(ref.fingerprint, host, ref.url))
                 return
             if proc.poll() is not None:
                 fail(
@@ -134,13 +169,14 @@ def start(
     # Everything this process writes (database, WAL, blobs, worker state) is for this account only.
     os.umask(0o077)
     from cloudmodal.server.app import ServerHandle, default_settings
-    from cloudmodal.server.auth import is_loopback
 
     with user_errors():
+        cert = _server_cert(home, host, tls_cert, tls_key) if serve_tls else None
         settings = default_settings(
             home, database_url=database_url, allow_loopback_anonymous=allow_anonymous_loopback
         )
-        handle = ServerHandle(settings, host=host, port=port)  # applies pending migrations (see migrate)
+        # applies pending migrations (see migrate)
+        handle = ServerHandle(settings, host=host, port=port, tls=cert)
         upgraded = handle.cp.db.upgraded
         if upgraded is not None and not upgraded.created:
             typer.echo(f"{upgraded.describe()}.", err=True)
@@ -154,8 +190,12 @@ def start(
                 "host": host,
                 "port": handle.port,
                 "database_url": settings.database_url,
+                "tls_fingerprint": cert.fingerprint if cert is not None else None,
+                "tls_cert": str(cert.cert_path) if cert is not None else None,
             }
         )
+        if cert is not None:
+            typer.echo(_tls_lines(cert.fingerprint, host, handle.url, cert), err=True)
         if not is_loopback(host):
             typer.echo(
                 f"Listening beyond loopback: every request needs a bearer token (the owner token is in "
@@ -187,6 +227,37 @@ def start(
                     f.unlink()
             except (OSError, ValueError):
                 pass
+
+
+def _server_cert(home: Any, host: str, tls_cert: str | None, tls_key: str | None) -> Any:
+    from cloudmodal import tls
+
+    if tls_cert is not None and tls_key is not None:
+        return tls.given_cert(tls_cert, tls_key)
+    return tls.self_signed(home, host)
+
+
+def _tls_lines(fingerprint: str, host: str, url: str, cert: Any = None) -> str:
+    """What `server start` says about its certificate: the fingerprint, and how clients trust it."""
+    from urllib.parse import urlsplit
+
+    from cloudmodal.tls import display_fingerprint
+
+    port = urlsplit(url).port
+    where = host if host not in ("0.0.0.0", "::", "") else "<this machine's address>"
+    where = f"[{where}]" if ":" in where else where
+    origin = ""
+    if cert is not None:
+        origin = (
+            f" (self-signed, {'generated now' if cert.generated else 'reused'}: {cert.cert_path})"
+            if cert.self_signed
+            else f" ({cert.cert_path})"
+        )
+    return (
+        f"TLS certificate SHA-256 fingerprint: {display_fingerprint(fingerprint)}{origin}\n"
+        f"Clients trust it with `cloudmodal login https://{where}:{port} --fingerprint {fingerprint}` "
+        "(or CLOUDMODAL_TLS_FINGERPRINT); workers this control plane starts pin it themselves."
+    )
 
 
 def _log_tail(path: Any, start: int, lines: int = 15) -> str:
@@ -291,7 +362,7 @@ def status() -> None:
         )
         raise typer.Exit(1)
     try:
-        t = Transport(ref.url, ref.token, reconnect_timeout=2)
+        t = Transport(ref.url, ref.token, reconnect_timeout=2, fingerprint=ref.fingerprint)
         health = t.get("/healthz")
         apps = t.get("/v1/apps", all=False)
     except Exception as e:
@@ -305,6 +376,12 @@ def status() -> None:
         f"Control plane at {ref.url} ({ref.source}): up, {len(apps)} running/deployed app(s)"
         + (f"; {role}." if role else ".")
     )
+    if ref.fingerprint:
+        from cloudmodal.tls import display_fingerprint
+
+        typer.echo(f"TLS certificate SHA-256 fingerprint (pinned): {display_fingerprint(ref.fingerprint)}")
+    elif ref.url.startswith("https://"):
+        typer.echo("TLS certificate verified by the system's certificate authorities (no pin).")
 
 
 @app.command("token")
@@ -324,4 +401,13 @@ def ensure_server() -> None:
         "No control plane running; starting one on this machine (`cloudmodal server stop` stops it).",
         err=True,
     )
-    start(host="127.0.0.1", port=0, database_url=None, foreground=False, allow_anonymous_loopback=False)
+    start(
+        host="127.0.0.1",
+        port=0,
+        database_url=None,
+        foreground=False,
+        allow_anonymous_loopback=False,
+        tls=None,
+        tls_cert=None,
+        tls_key=None,
+    )

@@ -78,18 +78,22 @@ def current_session(required: bool = True) -> Session | None:
             # code and its subprocesses do not see the token); a process it started has none of its own.
             runtime = sys.modules.get("cloudmodal.worker.runtime")
             creds = runtime.credentials() if runtime is not None else None
+            from cloudmodal.tls import env_fingerprint
+
             if creds is not None:
-                _current = Session(Transport(creds.url, creds.token))
+                _current = Session(Transport(creds.url, creds.token, fingerprint=env_fingerprint()))
                 return _current
             from cloudmodal.settings import settings
 
             s = settings()
             if s.server_url:
-                _current = Session(Transport(s.server_url, s.token))
+                _current = Session(Transport(s.server_url, s.token, fingerprint=env_fingerprint()))
                 return _current
         ref = config.configured_server()
         if ref is not None:
-            _current = Session(Transport(ref.url, ref.token, refresh_token=_refresher(ref)))
+            _current = Session(
+                Transport(ref.url, ref.token, refresh_token=_refresher(ref), fingerprint=ref.fingerprint)
+            )
             return _current
     if required:
         raise ExecutionError(
@@ -106,8 +110,8 @@ def _refresher(ref: config.ServerRef) -> Any:
         return None
 
     def token() -> str | None:
-        now = config.configured_server()
-        return now.token if now is not None and now.source == "local-server" and now.url == ref.url else None
+        now = config.local_server()
+        return now.token if now is not None and now.url == ref.url else None
 
     return token
 

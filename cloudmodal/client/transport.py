@@ -2,7 +2,9 @@
 
 Every request the client makes is idempotent (ids are made client-side, inputs are keyed by index), so a
 request that failed because the control plane restarted is simply sent again until it answers or
-``reconnect_timeout`` passes.
+``reconnect_timeout`` passes. An ``https://`` control plane is verified by the CA system, or, with
+``fingerprint``, accepted only with exactly that certificate (:mod:`cloudmodal.tls`); a certificate that fails
+either is not retried.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import httpx
 import msgpack
 
 from cloudmodal import exception as exc
+from cloudmodal import tls
 
 _ERRORS: dict[str, type[exc.Error]] = {
     name: getattr(exc, name)
@@ -79,10 +82,15 @@ class Transport:
         *,
         reconnect_timeout: float = 120.0,
         refresh_token: Callable[[], str | None] | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         """``refresh_token``: where a newer token may be found when this one is refused (a restarted
-        ``cloudmodal server start`` on this machine writes a new owner token to its server.json)."""
+        ``cloudmodal server start`` on this machine writes a new owner token to its server.json).
+        ``fingerprint``: the SHA-256 fingerprint of the only certificate an ``https://`` control plane may
+        present (HTTP and WebSockets alike); None: the usual CA verification."""
         self.url = url.rstrip("/")
+        self.fingerprint = tls.normalize_fingerprint(fingerprint) if fingerprint else None
+        self._ws_ssl: Any = None
         self.refresh_token = refresh_token
         headers = {"user-agent": "cloudmodal-client"}
         if token:
@@ -106,8 +114,14 @@ class Transport:
             # Only an https:// control plane has a certificate to verify; building the verifying context
             # (loading the CA bundle) costs every process ~35 ms of its start, for a plain-HTTP loopback
             # connection that would never use it. Requests go only to base_url.
-            verify=self.url.startswith("https://"),
+            verify=tls.httpx_verify(self.url, self.fingerprint),
         )
+
+    def ws_ssl(self) -> Any:
+        """websockets' ``ssl=`` for this control plane (the pinned context; None: ws://, or the default)."""
+        if self._ws_ssl is None and self.fingerprint and tls.is_https(self.url):
+            self._ws_ssl = tls.websocket_ssl(self.url, self.fingerprint)
+        return self._ws_ssl
 
     def refreshed(self) -> bool:
         """Take a newer token from ``refresh_token`` after a 401; False when there is none."""
@@ -155,6 +169,9 @@ class Transport:
                 resp = self.http.request(method, path, content=content, params=params, headers=headers)
             except (httpx.TransportError, RuntimeError) as e:
                 # RuntimeError: "Cannot send a request, as the client has been closed" after a fork
+                refused = tls.untrusted_error(self.url, e)  # a certificate that is not the one: never retried
+                if refused is not None:
+                    raise refused from None
                 if patience.expired():
                     raise _unreachable(self.url, e) from e
                 patience.wait()
@@ -241,6 +258,7 @@ class Channel:
                         max_size=None,
                         open_timeout=5,
                         user_agent_header="cloudmodal-client",
+                        ssl=self.t.ws_ssl(),
                     ).__enter__()  # entered: the connection is ours to close (see close())
                 self._ws.send(data)
                 reply = msgpack.unpackb(self._ws.recv(timeout=75), raw=False)
@@ -259,6 +277,9 @@ class Channel:
                 ) from None
             except (OSError, TimeoutError, ConnectionClosed, WebSocketException) as e:
                 self.close()
+                refused = tls.untrusted_error(self.t.url, e)
+                if refused is not None:
+                    raise refused from None
                 if patience.expired():
                     raise _unreachable(self.t.url, e) from e
                 patience.wait()

@@ -79,6 +79,10 @@ class _Choice:
 class Launcher(ReconcilerBase):
     """Candidates and launches (a part of the reconciler)."""
 
+    # the SHA-256 fingerprint of the certificate this control plane serves over TLS (set by ServerHandle):
+    # handed to workers, which accept only that certificate (cloudmodal.tls)
+    tls_fingerprint: str | None = None
+
     # -- resource checks at function registration ---------------------------------------------------------
     def check_resources(self, spec: FunctionSpec, *, allow_cpu_fallback: bool) -> None:
         if not spec.gpu or allow_cpu_fallback:
@@ -302,6 +306,8 @@ class Launcher(ReconcilerBase):
             "CLOUDMODAL_WORKER_RECONNECT_S": f"{self.cp.settings.worker_reconnect_s:g}",
             "PYTHONUNBUFFERED": "1",
         }
+        if self.tls_fingerprint:  # not a secret: what the worker checks the certificate against
+            env["CLOUDMODAL_TLS_FINGERPRINT"] = self.tls_fingerprint
         self.cp.workers.add_worker(
             worker_id, app_id, fid, provider="-", market="", function_version=fn.version
         )

@@ -329,6 +329,9 @@ class WebServer:
     async def _dial_forever(self) -> None:
         from websockets.asyncio.client import connect
 
+        from cloudmodal.tls import env_fingerprint, websocket_ssl
+
+        pinned = websocket_ssl(self.uri, env_fingerprint())  # wss://: only the control plane's certificate
         delay = 0.1
         while not self._stopped:
             try:
@@ -339,6 +342,7 @@ class WebServer:
                     compression=None,
                     open_timeout=10,
                     user_agent_header="cloudmodal-worker",
+                    ssl=pinned,
                 ) as ws:
                     self._ws = ws
                     self._outbox = wt.Outbox(ws.send)
