@@ -177,11 +177,25 @@ def deploy_command(
 
 def shell_command(
     func_ref: str = typer.Argument(
-        None, help="FILE.py::NAME: open the shell in that function's environment."
+        None,
+        help="FILE.py::NAME: a shell on this machine in that function's environment. APP_NAME.FUNCTION or a "
+        "container id (ta-...): a shell inside that running container (`cloudmodal container list`).",
     ),
     cmd: str = typer.Option(None, "--cmd", "-c", help="Run this command instead of an interactive shell."),
+    pty: bool = typer.Option(
+        None, "--pty/--no-pty", help="In a container: use a pseudo-terminal (default: when stdin is one)."
+    ),
 ) -> None:
-    """A shell in a worker's environment (the image's Python, the function's env and GPUs) on this machine."""
+    """A shell in a function's environment: inside a running container of a deployed function (APP.FUNCTION
+    or ta-...), or on this machine (FILE.py::NAME, or nothing)."""
+    if func_ref and "::" not in func_ref and not func_ref.endswith(".py"):
+        from cloudmodal.cli.container_cmd import resolve_container, run_in_container
+
+        with user_errors():
+            worker_id = resolve_container(func_ref)
+            argv = ["/bin/sh", "-c", cmd] if cmd else []
+            code = run_in_container(worker_id, argv, pty=pty)
+        raise typer.Exit(code)
     from cloudmodal.cli.imports import find_app, import_file, parse_ref, resolve_target
 
     with user_errors():

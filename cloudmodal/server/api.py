@@ -669,9 +669,17 @@ def build_routes(cp: ControlPlane) -> TableApp:
         return {"revoked": token_id}
 
     # -- state objects: dicts, queues, secrets, volumes (each kind's routes in a module of its own) ---------
-    from cloudmodal.server import api_cost, api_dashboard, api_kv, api_sandbox, api_secrets, api_volumes
+    from cloudmodal.server import (
+        api_container,
+        api_cost,
+        api_dashboard,
+        api_kv,
+        api_sandbox,
+        api_secrets,
+        api_volumes,
+    )
 
-    for module in (api_cost, api_dashboard, api_kv, api_sandbox, api_secrets, api_volumes):
+    for module in (api_container, api_cost, api_dashboard, api_kv, api_sandbox, api_secrets, api_volumes):
         module.add_routes(route, run, cp)
 
     router = TableApp(routes, authenticate, title="cloudmodal control plane", on_startup=cp.hub.bind)

@@ -96,7 +96,10 @@ class Worker:
             reconnect_timeout = settings().worker_reconnect_s
         self.worker_id = worker_id
         self._token = token  # also the web tunnel's (cloudmodal.worker.web); never in the user's environment
-        self.t = Transport(url, token, reconnect_timeout=reconnect_timeout)
+        from cloudmodal.tls import env_fingerprint
+
+        # an https:// control plane's certificate is the one CLOUDMODAL_TLS_FINGERPRINT names (set by it)
+        self.t = Transport(url, token, reconnect_timeout=reconnect_timeout, fingerprint=env_fingerprint())
         self.base = f"/v1/workers/{worker_id}"
         self.claims = self.t.channel(f"{self.base}/claim")  # the main loop's claims, over a WebSocket
         self._tls = threading.local()
@@ -818,4 +821,7 @@ def main(token: str | None = None, restored: Restored | None = None) -> int:
         except Exception:
             pass
         return 1
+    from cloudmodal.worker.exec_host import start_exec_host  # `cloudmodal shell` into this container
+
+    start_exec_host(w)
     return w.run()
