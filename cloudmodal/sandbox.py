@@ -15,7 +15,12 @@ directories read-only as its image, a private ``/tmp`` and workdir, and its own 
 control plane's files, the user's home, or any token. ``memory`` is a per-process address-space limit
 (``RLIMIT_AS``); ``cpu`` is recorded, not enforced. ``sb.open(path, mode)`` reads and writes its files.
 
-Not yet: ``gpu``, ``volumes``, named secrets (inline ones work), ``name``, ``exec(timeout=)``, ``.aio`` forms,
+With ``gpu=`` (a type or a fallback list, as a function's) the sandbox runs on a cloud node that placement
+picks as for a function's GPU workers (``cloud=``/``region=`` narrow it; on demand), under bubblewrap there
+too, its stdio relayed through the control plane; the node is deleted when the sandbox ends. Its ``timeout``
+counts from the node's start.
+
+Not yet: ``volumes``, named secrets (inline ones work), ``name``, ``exec(timeout=)``, ``.aio`` forms,
 tunnels and snapshots. A sandbox is served by the control plane that started it: reached through another
 control plane on the same database it is listed but not attached to.
 """
@@ -86,13 +91,15 @@ class Sandbox:
         secrets: Sequence[Any] | None = None,
         timeout: int | None = DEFAULT_TIMEOUT_S,
         workdir: str | None = None,
-        gpu: str | None = None,
+        gpu: str | Sequence[str] | None = None,
         cpu: float | None = None,
         memory: int | None = None,
         block_network: bool = False,
         volumes: Mapping[str, Any] | None = None,
         client: Any = None,
         environment_name: str | None = None,
+        cloud: str | None = None,
+        region: str | Sequence[str] | None = None,
     ) -> Sandbox:
         """Start ``args`` (none: the sandbox waits for ``exec``s until its ``timeout``) in a sandbox of
         ``app`` (``App.lookup(name, create_if_missing=True)``, or an app while it runs). ``memory`` in MiB."""
@@ -103,7 +110,10 @@ class Sandbox:
                 '`cloudmodal.App.lookup("NAME", create_if_missing=True)`.'
             )
         if gpu is not None:
-            raise exc.InvalidError("Sandbox.create(gpu=...) is not supported yet: sandboxes run on CPU.")
+            from cloudmodal.gpu import parse_gpu
+
+            parse_gpu(gpu)  # a bad value fails here, with the fix
+        regions = [region] if isinstance(region, str) else list(region or ())
         if image is not None and getattr(image, "layers", None):
             raise exc.InvalidError(
                 "Sandbox.create(image=...) with packages, commands or files is not supported yet: a sandbox runs "
@@ -135,6 +145,8 @@ class Sandbox:
             "block_network": bool(block_network),
             "tags": dict(tags or {}),
         }
+        if gpu is not None:  # on a cloud node (see the module's docstring)
+            body |= {"gpu": gpu if isinstance(gpu, str) else list(gpu), "cloud": cloud, "region": regions}
         sid = _transport().post("/v1/sandboxes", body)["sandbox_id"]
         return Sandbox(sid, has_command=bool(args))
 

@@ -13,6 +13,14 @@ longer than one cloud API call:
 3. ``terminate`` deletes the node; ``inventory`` lists every node of the control plane, so that nodes a
    crashed control plane never recorded are found and deleted (see ``Health._settle_inventory``).
 
+A sandbox on a cloud node (``launch_sandbox``, called by :mod:`cloudmodal.server.svc_sandbox`) goes the same
+way, with its own node: the node is launched, described and bootstrapped as a worker's, but the bootstrap runs
+the sandbox host *attached* to its SSH session (see :mod:`~cloudmodal.providers.node_bootstrap`), its token in
+the host's first stdin line only, so the sandbox ends when the session does; ``describe`` reports ``exited``
+then, and ``terminate`` deletes the node. Sandbox nodes have no worker row: ``inventory`` leaves out the ones
+this process holds (a sandbox lives in its control plane's memory), so any other one found (a crashed
+control plane's) is deleted; ``close`` deletes the ones it holds.
+
 The worker's token lives only in this process's memory until the bootstrap hands it to the node over SSH's
 stdin: a control plane restarted before that writes the worker off and deletes its node.
 """
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudmodal.providers.base import (
+    DEFAULT_WORKER_ARGV,
     LaunchRequest,
     Provider,
     ProviderError,
@@ -71,6 +80,9 @@ class _Node:
     image: dict[str, Any] = field(default_factory=dict)
     bootstrap: Any = None  # a NodeBootstrap once started
     failed: str = ""
+    argv: tuple[str, ...] = ()
+    attach: dict[str, Any] | None = None  # a sandbox's host: its configuration line (see launch_sandbox)
+    sandbox_node: NodeRef | None = None  # a sandbox's node (deleted by close)
 
 
 class CloudProvider(Provider, SupportsInventory, SupportsSignals):
@@ -120,6 +132,7 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
         self._listed_at = 0.0
         self._signals: tuple[float, list[Signal]] = (0.0, [])
         self._key: tuple[Path, str] | None = None
+        self._sandboxes: set[str] = set()  # worker keys of the sandbox nodes this process holds
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def bind(self, control_plane_id: str, server_url: str) -> None:
@@ -165,7 +178,7 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
         if self.node_server_url is None:
             extra["tunnel_port"] = random.randint(*TUNNEL_PORTS)
         with self._lock:
-            self._nodes[req.worker_id] = _Node(env=dict(req.env), image=dict(req.image))
+            self._nodes[req.worker_id] = _Node(env=dict(req.env), image=dict(req.image), argv=tuple(req.argv))
         return WorkerHandle(
             worker_id=req.worker_id,
             provider=self.name,
@@ -176,6 +189,26 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
             launched_at=time.time(),
             extra=extra,
         )
+
+    def launch_sandbox(self, req: LaunchRequest, *, attach: dict[str, Any]) -> WorkerHandle:
+        """Launch a node for one sandbox (``req.worker_id``: the sandbox's id; ``req.argv``: its host) whose
+        bootstrap runs the host attached, ``attach`` (``token``, ``sandbox_id``, ``spec``) its first stdin
+        line; then ``describe`` and ``terminate`` as a worker's. Held by this process until terminated."""
+        key = worker_key(req.worker_id)
+        with self._lock:
+            self._sandboxes.add(key)  # before the node exists: an inventory meanwhile must not take it
+        try:
+            handle = self.launch(req)
+        except BaseException:
+            with self._lock:
+                self._sandboxes.discard(key)
+            raise
+        with self._lock:
+            node = self._nodes[req.worker_id]
+            node.attach = dict(attach)
+            node.sandbox_node = NodeRef.from_wire(handle.extra["node"])
+        handle.extra["sandbox"] = True
+        return handle
 
     # -- watching -------------------------------------------------------------------------------------------
     def _refresh(self, *, force: bool = False) -> None:
@@ -245,6 +278,9 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
             return WorkerStatus("exited", returncode=1, detail=node.failed)
         if state.phase == "started":
             node.env = {}  # the token has been handed over; nothing here needs it again
+            node.attach = None
+            if state.exited is not None:  # an attached process (a sandbox's host) ended with its session
+                return WorkerStatus("exited", returncode=state.exited, detail="the attached process ended")
             return WorkerStatus("running")
         return WorkerStatus("provisioning", detail=f"bootstrap: {state.phase}")
 
@@ -268,6 +304,9 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
             env=env,
             python=self.node_python,
             state_dir=self.state_dir / "bootstrap",
+            argv=node.argv or DEFAULT_WORKER_ARGV,
+            attach=node.attach,
+            source_path=[str(node.image["source_dir"])] if node.image.get("source_dir") else [],
             **self.bootstrap_options,
         )
 
@@ -324,6 +363,8 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
         self.driver.terminate(ref)
         key = worker_key(handle.worker_id)
         with self._lock:
+            if handle.extra.get("sandbox"):
+                self._sandboxes.discard(key)
             left = [i for i in self._listed.get(key, ()) if not same_node(i.ref, ref)]
             if left:
                 self._listed[key] = left
@@ -333,7 +374,11 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
     def inventory(self, control_plane_id: str) -> list[WorkerHandle]:
         self._refresh(force=True)
         out = []
+        with self._lock:
+            held = set(self._sandboxes)
         for key, info in ((k, i) for k, infos in self._listed.items() for i in infos):
+            if key in held:  # a sandbox of this process: no worker row, alive in this process's memory
+                continue
             wid = info.tags.get(TAG_WORKER) or key
             out.append(
                 WorkerHandle(
@@ -360,6 +405,13 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
         for node in nodes:
             if node.bootstrap is not None:
                 node.bootstrap.stop()
+        for node in nodes:
+            # sandboxes end with their control plane: their nodes go now, not at the next one's inventory
+            if node.sandbox_node is not None:
+                try:
+                    self.driver.terminate(node.sandbox_node)
+                except Exception as e:  # the next control plane's inventory deletes it
+                    log.warning("terminating sandbox node %s: %s", node.sandbox_node.cluster, e)
         self.driver.close()
 
 

@@ -18,6 +18,16 @@ to a local file that ``poll`` reads.
    node), so it outlives the session.
 3. *Started*: the SSH session has ended; the tunnel, if any, stays up (re-opened if it drops).
 
+*Attached* (``attach=``, a sandbox's host): the process is started in the foreground of the setup session
+instead of detached, and its first stdin line is ``attach`` plus the node's ``url`` of the control plane (its
+token there, in no environment); the session's stdin stays open, so the process (which ends its sandbox when
+its stdin closes) lives as long as this side holds the session: :meth:`NodeBootstrap.stop`, or this process
+dying, ends it. ``poll`` says ``started`` once it runs and, in :attr:`BootstrapState.exited`, when it ended.
+
+The app's own packages named by ``Image.add_local_python_source`` (found on this machine's Python path,
+``source_path`` first) follow cloudmodal's tarball on stdin, are unpacked to ``~/.cloudmodal/src/<sha256>`` and
+put on ``PYTHONPATH`` after cloudmodal.
+
 Secrets: the worker's environment (its token) is read by bash's ``read`` builtin from stdin and handed to the
 worker with ``export`` (a builtin) in the subshell that ``exec``s it. It is never on a command line (local or
 on the node), in a file, in shell history (non-interactive shells keep none) or in a log; the output shown in
@@ -42,9 +52,11 @@ state machine that drives them.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -57,8 +69,11 @@ from urllib.parse import urlsplit, urlunsplit
 from cloudmodal import image_render
 from cloudmodal.providers.base import DEFAULT_WORKER_ARGV
 from cloudmodal.providers.node_package import (
+    LocalSourceError,
     build_tarball,
     cloudmodal_requirements,
+    local_source_modules,
+    local_sources_tarball,
     package_roots,
     package_tarball,
 )
@@ -99,6 +114,7 @@ class BootstrapState:
     image_cached: bool | None = None
     worker_pid: int | None = None  # on the node
     log_path: str | None = None  # the worker's log on the node
+    exited: int | None = None  # attached: the session (and the process it ran) ended with this code
 
 
 class NodeBootstrap:
@@ -134,6 +150,8 @@ class NodeBootstrap:
         retry_s: float = RETRY_S,
         secret_env: Iterable[str] = (TOKEN_ENV,),
         state_dir: str | os.PathLike[str] | None = None,
+        attach: Mapping[str, Any] | None = None,
+        source_path: Sequence[str] = (),
     ) -> None:
         self.target = target
         self.worker_id = worker_id
@@ -149,6 +167,10 @@ class NodeBootstrap:
         self.connect_timeout_s = connect_timeout_s
         self.retry_s = retry_s
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        # attached: the process runs in the foreground of the setup session, ``attach`` (plus ``url``: the
+        # control plane as the node reaches it) its first stdin line, the session held open until stop()
+        self.attach = dict(attach) if attach is not None else None
+        self.source_path = [*source_path, *sys.path]  # where add_local_python_source's modules are found
         for k in self.env:
             if not _ENV_NAME.match(k):
                 raise ValueError(f"{k!r} is not a valid environment variable name for the worker.")
@@ -159,6 +181,8 @@ class NodeBootstrap:
         self._secrets = [
             v for k, v in self.env.items() if (k in set(secret_env) or _SECRET_NAME.search(k)) and len(v) >= 4
         ]
+        if self.attach is not None and len(str(self.attach.get("token") or "")) >= 4:
+            self._secrets.append(str(self.attach["token"]))
         parts = urlsplit(server_url)
         if tunnel_port is not None and (not parts.hostname or not parts.scheme):
             raise ValueError(f"server_url {server_url!r} has no scheme or host (e.g. http://127.0.0.1:8000).")
@@ -177,6 +201,7 @@ class NodeBootstrap:
         self._image_cached: bool | None = None
         self._pid: int | None = None
         self._log: str | None = None
+        self._exited: int | None = None
 
     # -- public ------------------------------------------------------------------------------------------
 
@@ -231,6 +256,8 @@ class NodeBootstrap:
                 self._poll_setup(now)
             if self._phase == "started":
                 self._keep_tunnel(now)
+                if self.attach is not None and self._setup is not None and self._exited is None:
+                    self._exited = self._setup.returncode()
             return BootstrapState(
                 self._phase,
                 self._detail,
@@ -238,6 +265,7 @@ class NodeBootstrap:
                 image_cached=self._image_cached,
                 worker_pid=self._pid,
                 log_path=self._log,
+                exited=self._exited,
             )
 
     def stop(self) -> None:
@@ -299,9 +327,21 @@ class NodeBootstrap:
         self._tunnel_seen_up = False
 
     def _open_setup(self) -> None:
-        self._setup = SshProcess(
-            self._ssh_argv(["ClearAllForwardings=yes"], LOADER), self._out("setup"), self._payload()
-        )
+        try:
+            payload = self._payload()
+        except LocalSourceError as e:
+            self._fail(str(e), "")
+            return
+        argv = self._ssh_argv(["ClearAllForwardings=yes"], LOADER)
+        if self.attach is None:
+            self._setup = SshProcess(argv, self._out("setup"), payload)
+            return
+        # attached: the payload ends with the process's configuration line, and stdin stays open after it
+        proc = SshProcess(argv, self._out("setup"), None)
+        self._setup = proc
+        threading.Thread(
+            target=_feed_open, args=(proc, payload), name="cloudmodal-ssh-attach", daemon=True
+        ).start()
 
     def _payload(self) -> bytes:
         image = self.image
@@ -318,6 +358,8 @@ class NodeBootstrap:
             requirements=deps,
         )
         tarball, sha = package_tarball()
+        sources = local_sources_tarball(local_source_modules(image), self.source_path)
+        src, src_sha = sources if sources is not None else (b"", None)
         workdirs = [layer["path"] for layer in layers if layer.get("op") == "workdir"]
         script = bootstrap_script(
             image_hash=image_hash,
@@ -331,10 +373,16 @@ class NodeBootstrap:
             image_env=dict(image.get("env") or {}),
             workdir=workdirs[-1] if workdirs else None,
             startup_check_s=self.startup_check_s,
+            src_sha=src_sha,
+            src_size=len(src),
+            attached=self.attach is not None,
         ).encode()
         env = {**self.env, SERVER_URL_ENV: self.node_server_url, WORKER_ID_ENV: self.worker_id}
         env_lines = "".join(f"{k}={base64.b64encode(v.encode()).decode()}\n" for k, v in env.items()).encode()
-        return b"%d\n" % len(script) + script + env_lines + b"\n" + tarball
+        payload = b"%d\n" % len(script) + script + env_lines + b"\n" + tarball + src
+        if self.attach is not None:
+            payload += json.dumps({"url": self.node_server_url, **self.attach}).encode() + b"\n"
+        return payload
 
     def _scrub(self, text: str) -> str:
         for s in self._secrets:
@@ -407,11 +455,19 @@ class NodeBootstrap:
             return
         rc = s.returncode()
         out = s.output()
+        m = STARTED_LINE.search(out)
+        if self.attach is not None and m:  # running in the session, which stays open while it runs
+            self._phase = "started"
+            self._exited = rc
+            self._pid, self._log = int(m.group(1)), m.group(2).strip()
+            img = IMAGE_LINE.search(out)
+            self._image_cached = None if img is None else img.group(1) == "cached"
+            self._detail = f"started on the node, attached to its SSH session (log {self._log})"
+            return
         if rc is None:
             lines = self._scrub(out).strip().splitlines()
             self._detail = lines[-1] if lines else "connecting"
             return
-        m = STARTED_LINE.search(out)
         if rc == 0 and m:
             self._phase = "started"
             self._pid, self._log = int(m.group(1)), m.group(2).strip()
@@ -453,6 +509,17 @@ class NodeBootstrap:
         if self._tunnel_retry_at is None or now >= self._tunnel_retry_at:
             self._tunnel_retry_at = None
             self._open_tunnel()
+
+
+def _feed_open(proc: SshProcess, data: bytes) -> None:
+    """Write ``data`` to an attached session's stdin and leave it open (closed by :meth:`SshProcess.kill`)."""
+    stdin = proc.proc.stdin
+    assert stdin is not None
+    try:
+        stdin.write(data)
+        stdin.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        pass  # ssh exited (poll reports why)
 
 
 __all__ = [

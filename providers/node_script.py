@@ -45,9 +45,17 @@ def bootstrap_script(
     image_env: Mapping[str, str],
     workdir: str | None,
     startup_check_s: float,
+    src_sha: str | None = None,
+    src_size: int = 0,
+    attached: bool = False,
 ) -> str:
     """The script the loader runs on the node. It reads the worker's environment and the package from its
-    stdin; everything in its text is public (no secret is ever part of it)."""
+    stdin; everything in its text is public (no secret is ever part of it).
+
+    ``src_sha``/``src_size``: a second tarball after cloudmodal's, the user's ``add_local_python_source``
+    packages, unpacked once per hash and put on ``PYTHONPATH`` after cloudmodal. ``attached``: the process is
+    started in the foreground of this SSH session instead of detached, its stdin the rest of the session's
+    (a sandbox host reads its configuration line there and ends its sandbox when the session closes)."""
     venv = image_render.venv_dir(image_hash)
     deps_sha = hashlib.sha256("\n".join(deps).encode()).hexdigest()[:12]
     if deps:
@@ -62,6 +70,35 @@ def bootstrap_script(
     image_exports = "\n".join(f"    export {k}={shlex.quote(v)}" for k, v in image_env.items())
     cd = f"cd {shlex.quote(workdir)}" if workdir else 'cd "$HOME"'
     setup_b64 = base64.b64encode(setup.encode()).decode()
+    prepare = f"""\
+{image_exports}
+    for k in "${{!wenv[@]}}"; do export "$k=${{wenv[$k]}}"; done
+    export PYTHONPATH="$pkg{":$src" if src_sha else ""}${{PYTHONPATH:+:$PYTHONPATH}}"
+    export CLOUDMODAL_VENV="$venv" VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
+    {cd}"""
+    # Detached: its own session, stdio to its log, so it outlives this SSH session.
+    detached_step = f"""\
+  (
+{prepare}
+    exec setsid "$venv/bin/python" {shlex.join(argv)} </dev/null >>"$log" 2>&1
+  ) &
+  local pid=$!
+  echo "$pid" >"$root/workers/{key}.pid"
+  sleep {startup_check_s:g}
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "the worker exited at once; the end of its log ($log):" >&2
+    tail -n 40 "$log" >&2
+    exit 4
+  fi
+  echo "CLOUDMODAL-WORKER started pid=$pid log=$log"
+"""
+    # Attached: in the foreground, on the rest of this session's stdin; the session ends with it.
+    attached_step = f"""\
+  echo "CLOUDMODAL-WORKER started pid=$$ log=$log"
+  (
+{prepare}
+    exec "$venv/bin/python" {shlex.join(argv)} >>"$log" 2>&1
+  )"""
     return f"""\
 # cloudmodal node bootstrap (worker {key}, image {image_hash[:12]}); generated, do not edit.
 main() {{
@@ -98,6 +135,7 @@ main() {{
     mv -T "$tmp" "$pkg" 2>/dev/null || rm -rf "$tmp"  # another bootstrap unpacked it first
   fi
 
+{_sources_step(src_sha, src_size)}
   # 3. The image, once per image hash on this node (a lock serialises concurrent bootstraps).
   local img="$root/images/{image_hash}"
   local venv="{venv}"
@@ -108,7 +146,7 @@ main() {{
     echo "CLOUDMODAL-IMAGE cached {image_hash[:12]}"
   else
     echo {setup_b64} | base64 -d >"$img/setup.sh"
-    if ! PYTHONPATH="$pkg" bash "$img/setup.sh" 2>&1 | tee "$img/setup.log"; then
+    if ! PYTHONPATH="$pkg" bash "$img/setup.sh" </dev/null 2>&1 | tee "$img/setup.log"; then
       echo "CLOUDMODAL-IMAGE failed {image_hash[:12]}: the image's setup exited with an error (above)" >&2
       exit 3
     fi
@@ -116,32 +154,35 @@ main() {{
     echo "CLOUDMODAL-IMAGE built {image_hash[:12]}"
   fi
   if [ ! -f "$img/deps-{deps_sha}" ]; then  # an image set up for another cloudmodal version
-    {deps_step}
+    {deps_step} </dev/null
     touch "$img/deps-{deps_sha}"
   fi
   exec 9>&-
 
-  # 4. The worker, detached (own session, stdio to its log) so it outlives this SSH session. Its
-  #    environment is exported only inside the subshell that becomes it.
+  # 4. The worker. Its environment is exported only inside the subshell that becomes it.
   local log="$root/logs/worker-{key}.log"
   : >"$log"
-  (
-{image_exports}
-    for k in "${{!wenv[@]}}"; do export "$k=${{wenv[$k]}}"; done
-    export PYTHONPATH="$pkg${{PYTHONPATH:+:$PYTHONPATH}}"
-    export CLOUDMODAL_VENV="$venv" VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
-    {cd}
-    exec setsid "$venv/bin/python" {shlex.join(argv)} </dev/null >>"$log" 2>&1
-  ) &
-  local pid=$!
-  echo "$pid" >"$root/workers/{key}.pid"
-  sleep {startup_check_s:g}
-  if ! kill -0 "$pid" 2>/dev/null; then
-    echo "the worker exited at once; the end of its log ($log):" >&2
-    tail -n 40 "$log" >&2
-    exit 4
-  fi
-  echo "CLOUDMODAL-WORKER started pid=$pid log=$log"
+{attached_step if attached else detached_step.rstrip()}
 }}
 main "$@"
+"""
+
+
+def _sources_step(src_sha: str | None, src_size: int) -> str:
+    if not src_sha:
+        return ""
+    return f"""\
+  # 2b. The app's add_local_python_source packages: {src_size} bytes of tar.gz, unpacked once per hash.
+  local src="$root/src/{src_sha}"
+  mkdir -p "$root/src"
+  if [ -d "$src" ]; then
+    head -c {src_size} >/dev/null
+  else
+    local stmp
+    stmp="$(mktemp -d "$root/src/.unpack.XXXXXX")"
+    head -c {src_size} >"$stmp.tgz"
+    echo "{src_sha}  $stmp.tgz" | sha256sum -c --quiet -
+    tar -xzf "$stmp.tgz" -C "$stmp" && rm -f "$stmp.tgz"
+    mv -T "$stmp" "$src" 2>/dev/null || rm -rf "$stmp"
+  fi
 """

@@ -51,6 +51,16 @@ class SandboxCreate(BaseModel):
     memory: Annotated[int, Field(ge=16, le=16 * MiB)] | None = None  # MiB
     block_network: bool = False
     tags: dict[Tag, Tag] = Field(default_factory=dict, max_length=64)
+    # a GPU (or a fallback list, as a function's gpu=): the sandbox runs on a cloud node placement picks
+    gpu: (
+        Annotated[str, StringConstraints(max_length=64)]
+        | list[Annotated[str, StringConstraints(max_length=64)]]
+        | None
+    ) = None
+    cloud: Annotated[str, StringConstraints(max_length=32)] | None = None
+    region: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        default_factory=list, max_length=32
+    )
 
 
 class SandboxList(BaseModel):
@@ -118,6 +128,9 @@ def add_routes(route: Any, run: Any, cp: Any) -> None:
             "cpu": b.cpu,
             "memory_mib": b.memory,
             "block_network": b.block_network,
+            "gpu": b.gpu,
+            "cloud": b.cloud,
+            "region": b.region,
         }
         return {"sandbox_id": await sandboxes.create(who, b.app_id, spec, b.tags)}
 

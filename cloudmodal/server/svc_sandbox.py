@@ -13,6 +13,13 @@ reads it: a stream holding more than :data:`MAX_BUFFERED` unread bytes holds the
 control back to the sandboxed process's pipe). A sandbox's live state is in the memory of the control plane
 that started it; its row (command, tags, end) is in the database.
 
+On a cloud node (a sandbox with ``gpu=``, placed as a function's GPU workers are: the clouds' offers in
+placement's order, on demand), the host is started by the cloud provider instead (:class:`CloudHost`,
+``CloudProvider.launch_sandbox``): a node of its own, bootstrapped over SSH, the host run attached to the SSH
+session with the same configuration line on its stdin, under bubblewrap on the node; when the sandbox ends
+the node is deleted. Its ``timeout`` counts from the host's start (the node's provisioning is bounded apart,
+by :data:`PROVISION_S`).
+
 Ends: the command exits; ``terminate``; ``timeout`` (the host's timer, with this control plane's a few seconds
 later as a backstop); the app stopping (checked every :data:`APP_CHECK_S`); this control plane shutting down.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -29,6 +37,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -42,6 +51,8 @@ from cloudmodal.server.states import AppState
 
 if TYPE_CHECKING:
     from cloudmodal.server.service import ControlPlane
+
+log = logging.getLogger("cloudmodal.sandbox")
 
 SB = SandboxRow.__table__  # type: ignore[attr-defined]
 MAX_BUFFERED = 4 * 1024 * 1024  # unread bytes of one stream before the host's next message waits
@@ -61,6 +72,40 @@ HOST_ENV_DROP = (
     "PGPASSWORD",
 )
 STDOUT, STDERR = 1, 2
+PROVISION_S = 900.0  # a cloud node for a sandbox that is not running its host after this is given up
+CLOUD_POLL_S = 0.5  # how often a sandbox's node is described (the provider lists its nodes once per interval)
+CLOUD_TRIES = 3  # cloud candidates a sandbox's launch tries, best first
+SANDBOX_HOST_ARGV = ("-m", "cloudmodal.worker.sandbox_host")
+
+
+class CloudHost:
+    """A sandbox's host on a cloud node, as this module sees a host process: :meth:`poll` is None while it
+    runs. :meth:`stop` (blocking: a cloud call) ends the SSH session the host is attached to (the host then ends
+    its sandbox) and deletes the node; once."""
+
+    def __init__(self, provider: Any, handle: Any, where: str) -> None:
+        self.provider = provider
+        self.handle = handle
+        self.where = where
+        self.returncode: int | None = None
+        self.detail = ""
+        self.stopped = False
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.stopped:
+                return
+            self.stopped = True
+        try:
+            self.provider.terminate(self.handle, grace_s=0.0)
+        except Exception as e:  # the provider's inventory deletes a node left behind
+            log.warning("deleting the node of sandbox %s: %s", self.handle.worker_id, e)
+        if self.returncode is None:
+            self.returncode = -9
 
 
 @dataclass
@@ -94,7 +139,9 @@ class Live:
     app_name: str
     timeout: float
     token_id: str = ""
-    host: subprocess.Popen[bytes] | None = None
+    host: subprocess.Popen[bytes] | CloudHost | None = None
+    cloud: bool = False  # its host runs on a cloud node
+    started: bool = True  # a cloud host: it runs (its node is up and bootstrapped)
     procs: dict[int, Proc] = field(default_factory=dict)
     commands: list[tuple[int, str, int, bytes]] = field(default_factory=list)
     seq: int = 0
@@ -144,9 +191,12 @@ class Sandboxes:
             raise exc.InvalidError(
                 f"App {app['name']!r} is stopped: sandboxes run in a running or deployed app."
             )
+        choices = await self.run(self._cloud_choices, spec) if spec.get("gpu") else None
         sid = new_id("sb")
         now = time.time()
         live = Live(sid, app["id"], app["name"], float(spec["timeout"]))
+        if choices is not None:
+            live.cloud, live.started = True, False
         if spec.get("argv"):
             live.procs[0] = Proc()
         wire_spec = {k: v for k, v in spec.items() if k != "env"}  # the env may hold secrets' values
@@ -171,6 +221,9 @@ class Sandboxes:
         token = await self.run(write)
         self.live[sid] = live
         self._start_watcher()
+        if choices is not None:
+            asyncio.ensure_future(self._start_cloud(live, token, spec, choices))
+            return sid
         try:
             live.host = await self.run(self._spawn_host, sid, token, spec)
         except OSError as e:
@@ -180,6 +233,113 @@ class Sandboxes:
         asyncio.ensure_future(self.run(self._refill))
         return sid
 
+    # -- cloud nodes --------------------------------------------------------------------------------------
+    def _cloud_choices(self, spec: dict[str, Any]) -> list[Any]:
+        """Where a sandbox with ``gpu`` may run: the clouds' offers as placement ranks them for a function's
+        GPU workers (its tiers in order, cheapest first; ``cloud``/``region`` as a function's), on demand."""
+        from cloudmodal.gpu import parse_gpu
+        from cloudmodal.server.launcher import _no_gpu_message
+
+        try:
+            tiers = parse_gpu(spec["gpu"])
+        except (ValueError, exc.Error) as e:
+            raise exc.InvalidError(f"Sandbox gpu={spec['gpu']!r}: {e}") from None
+        rec = self.cp.reconciler
+        if rec is None:
+            raise exc.NoProviderError(
+                "Sandbox.create(gpu=...) runs the sandbox on a cloud node, and this control plane has no "
+                "reconciler (no providers): start it with a cloud enabled."
+            )
+        shape = SimpleNamespace(
+            gpu=tiers,
+            spot="never",
+            cloud=spec.get("cloud"),
+            region=tuple(spec.get("region") or ()),
+            max_price_per_hour=None,
+        )
+        choices = [
+            c
+            for c in rec._cloud_choices(shape, "sandbox", rec.clock(), force_on_demand=True)
+            if hasattr(c.provider, "launch_sandbox")
+        ]
+        if not choices:
+            raise exc.NoProviderError(
+                "Sandbox.create(gpu=...) runs the sandbox on a cloud node. "
+                + _no_gpu_message(tiers, getattr(rec, "local", None))
+            )
+        return choices
+
+    def _launch_cloud(self, live: Live, token: str, spec: dict[str, Any], choices: list[Any]) -> CloudHost:
+        """Launch the sandbox's node on the first candidate that accepts (blocking: cloud calls)."""
+        from cloudmodal.providers.base import LaunchRequest, ProviderError
+
+        refused = []
+        for c in choices[:CLOUD_TRIES]:
+            req = LaunchRequest(
+                worker_id=live.id,
+                app_id=live.app_id,
+                function_id="sandbox",
+                gpu=c.tier,
+                offer=c.offer,
+                market=c.market,
+                argv=SANDBOX_HOST_ARGV,
+            )
+            try:
+                handle = c.provider.launch_sandbox(
+                    req, attach={"token": token, "sandbox_id": live.id, "spec": spec}
+                )
+            except ProviderError as e:
+                refused.append(f"{c.describe()}: {e.message}")
+                continue
+            self.cp.activity.event(
+                "sandbox.node_launched",
+                f"sandbox {live.id}: node launched on {c.describe()}",
+                app_id=live.app_id,
+            )
+            return CloudHost(c.provider, handle, c.describe())
+        raise exc.ExecutionError("no cloud candidate started a node: " + "; ".join(refused))
+
+    async def _start_cloud(self, live: Live, token: str, spec: dict[str, Any], choices: list[Any]) -> None:
+        """Launch the sandbox's node and watch it (the provider's describe bootstraps it and reports the host's
+        end); when it ends, end the sandbox and delete the node."""
+        try:
+            host = await self.run(self._launch_cloud, live, token, spec, choices)
+        except Exception as e:
+            await self._end(live, "error", None, f"The sandbox's cloud node could not start: {e}")
+            return
+        live.host = host
+        deadline = time.monotonic() + PROVISION_S
+        while live.state == "running" and not host.stopped:
+            try:
+                st = await self.run(host.provider.describe, host.handle)
+            except Exception as e:  # a failed cloud call: asked again at the next round
+                log.warning("sandbox %s: describing its node: %s", live.id, e)
+                st = None
+            if st is not None and st.state == "running" and not live.started:
+                live.started = True
+                asyncio.get_running_loop().call_later(live.timeout + BACKSTOP_S, self._backstop, live)
+            elif st is not None and st.state in ("exited", "preempted"):
+                host.returncode = st.returncode if st.returncode is not None else 1
+                host.detail = st.detail
+                break
+            if not live.started and time.monotonic() > deadline:
+                host.detail = f"its node on {host.where} did not run the host within {PROVISION_S:g} s"
+                host.returncode = 1
+                break
+            await asyncio.sleep(CLOUD_POLL_S)
+        if live.state == "running":
+            await self._end(live, "error", None, f"The sandbox's node ended: {host.detail}")
+        await self._stop_cloud(host)
+
+    async def _stop_cloud(self, host: CloudHost) -> None:
+        """Delete a sandbox's node once its host has ended (it exits once its end is reported), or after
+        :data:`BACKSTOP_S`."""
+        deadline = time.monotonic() + BACKSTOP_S
+        while host.returncode is None and not host.stopped and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await self.run(host.stop)
+
+    # -- local hosts ----------------------------------------------------------------------------------------
     def _new_host(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "cloudmodal.worker.sandbox_host"],
@@ -205,7 +365,8 @@ class Sandboxes:
         if proc is None:
             proc = self._new_host()
         assert proc.stdin is not None
-        line = {"url": url, "token": token, "sandbox_id": sid, "spec": spec}
+        fingerprint = getattr(self.cp.reconciler, "tls_fingerprint", None)
+        line = {"url": url, "token": token, "sandbox_id": sid, "spec": spec, "tls_fingerprint": fingerprint}
         proc.stdin.write(json.dumps(line).encode() + b"\n")
         proc.stdin.flush()  # stays open: the host ends its sandbox when it closes
         return proc
@@ -272,6 +433,9 @@ class Sandboxes:
             await live.wait_change(deadline - time.monotonic())
 
     def terminate(self, live: Live) -> None:
+        if live.state == "running" and not live.started:  # a cloud node not running the host yet
+            asyncio.ensure_future(self._end(live, "terminated", 137))
+            return
         if live.state == "running":
             live.command("terminate", 0)
             asyncio.get_running_loop().call_later(BACKSTOP_S, self._backstop, live)
@@ -403,7 +567,9 @@ class Sandboxes:
         live.bump()
         self._ended[live.id] = time.monotonic()
         host = live.host
-        if host is not None:
+        if isinstance(host, CloudHost):
+            asyncio.ensure_future(self._stop_cloud(host))
+        elif host is not None:
             asyncio.get_running_loop().call_later(BACKSTOP_S, self._kill_host, host)
             # reaped apart: the host exits once this answers its last message
             asyncio.ensure_future(self.run(self._reap, host))
@@ -414,9 +580,14 @@ class Sandboxes:
             host.wait(BACKSTOP_S)
 
     @staticmethod
-    def _kill_host(host: subprocess.Popen[bytes]) -> None:
+    def _kill_host(host: subprocess.Popen[bytes] | CloudHost) -> None:
         """Kill a host and its sandbox: its process group (its session); bubblewrap dies with its parent,
-        and its PID namespace with it."""
+        and its PID namespace with it. A cloud host: its node is deleted on a thread of its own (cloud calls
+        block)."""
+        if isinstance(host, CloudHost):
+            if not host.stopped:
+                threading.Thread(target=host.stop, name="cloudmodal-sandbox-node", daemon=True).start()
+            return
         if host.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(host.pid, signal.SIGKILL)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import json
 import os
 import queue
@@ -74,6 +75,10 @@ def bwrap_argv(spec: dict[str, Any], *, bwrap: str = "bwrap") -> list[str]:
     # the private directories first: a bind below one of them (the base interpreter under /root) stays visible
     workdir = spec.get("workdir") or "/root"
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    if spec.get("gpu"):  # on a GPU node: its NVIDIA devices (the driver's libraries are under /usr)
+        for dev in sorted(glob.glob("/dev/nvidia*")):
+            if not os.path.isdir(dev):
+                argv += ["--dev-bind", dev, dev]
     if workdir != "/tmp":
         argv += ["--tmpfs", workdir]
     for d in SYSTEM_DIRS:
@@ -137,8 +142,14 @@ class HostSocket:
     :class:`cloudmodal.client.transport.Channel` without its HTTP client (whose set-up would cost every
     sandbox's start). A broken connection is opened again for up to ``patience_s``."""
 
-    def __init__(self, url: str, token: str, path: str, patience_s: float = 30.0) -> None:
+    def __init__(
+        self, url: str, token: str, path: str, patience_s: float = 30.0, fingerprint: str | None = None
+    ) -> None:
+        """``fingerprint``: the control plane's TLS certificate's (wss://), the only one accepted."""
+        from cloudmodal.tls import websocket_ssl
+
         self.url = "ws" + url[4:] + path
+        self.ssl = websocket_ssl(self.url, fingerprint)
         self.headers = {"authorization": f"Bearer {token}"}
         self.patience_s = patience_s
         self.ws: Any = None
@@ -159,6 +170,7 @@ class HostSocket:
                         compression=None,
                         max_size=None,
                         open_timeout=5,
+                        ssl=self.ssl,
                     ).__enter__()  # entered: the connection is ours to close (see close())
                 self.ws.send(data)
                 reply = msgpack.unpackb(self.ws.recv(timeout=75), raw=False)
@@ -168,9 +180,11 @@ class HostSocket:
                 raise RuntimeError(
                     f"The control plane refused the sandbox host: HTTP {e.response.status_code}"
                 ) from None
-            except (OSError, TimeoutError, ConnectionClosed, WebSocketException):
+            except (OSError, TimeoutError, ConnectionClosed, WebSocketException) as e:
                 self.close()
-                if time.monotonic() > deadline:
+                from cloudmodal.tls import untrusted_error
+
+                if time.monotonic() > deadline or untrusted_error(self.url, e) is not None:
                     raise
                 time.sleep(0.2)
         if "ok" in reply:
@@ -185,12 +199,14 @@ class HostSocket:
 
 
 class Host:
-    def __init__(self, url: str, token: str, sandbox_id: str, spec: dict[str, Any]) -> None:
+    def __init__(
+        self, url: str, token: str, sandbox_id: str, spec: dict[str, Any], fingerprint: str | None = None
+    ) -> None:
         self.sandbox_id = sandbox_id
         self.spec = spec
         base = f"/v1/sandboxes/{sandbox_id}/host"
-        self.commands = HostSocket(url, token, base + "/commands")
-        self.events = HostSocket(url, token, base + "/events")
+        self.commands = HostSocket(url, token, base + "/commands", fingerprint=fingerprint)
+        self.events = HostSocket(url, token, base + "/events", fingerprint=fingerprint)
         self.out: queue.Queue[list[Any] | None] = queue.Queue()
         self.reason = "exit"
         self.lock = threading.Lock()
@@ -345,7 +361,11 @@ def main() -> None:
     if not line:
         return  # a standby no sandbox needed: its control plane has gone
     cfg = json.loads(line)
-    host = Host(cfg["url"], cfg["token"], cfg["sandbox_id"], cfg["spec"])
+    from cloudmodal.tls import env_fingerprint
+
+    # the control plane's TLS pin: in the line (its svc_sandbox), else this process's environment
+    fingerprint = cfg.get("tls_fingerprint") or env_fingerprint()
+    host = Host(cfg["url"], cfg["token"], cfg["sandbox_id"], cfg["spec"], fingerprint)
     del cfg, line
     sys.exit(host.run())
 

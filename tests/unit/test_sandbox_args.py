@@ -20,7 +20,7 @@ APP = SimpleNamespace(app_id="ap-none")  # an app as it runs (the checks come be
     [
         ({"image": cloudmodal.Image.debian_slim().pip_install("numpy")}, "image=...) with packages"),
         ({"cpu": 2.0}, "cpu=...) is not supported"),
-        ({"gpu": "A10"}, "gpu=...) is not supported"),
+        ({"gpu": "NOT-A-GPU"}, "Unknown GPU type"),
         ({"name": "box"}, "name=...) is not supported"),
         ({"memory": 8}, "at least 16"),
         ({"workdir": "relative"}, "absolute path"),
