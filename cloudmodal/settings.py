@@ -76,12 +76,23 @@ class Settings(BaseSettings):
     # -- client ------------------------------------------------------------------------------------------------
     server_url: str | None = _var(
         None,
-        "the control plane to use (with `CLOUDMODAL_TOKEN`); unset: a running `cloudmodal server start`, "
-        "else an embedded one in the client's process",
+        "the control plane to use (with `CLOUDMODAL_TOKEN`); unset: the active `cloudmodal login` profile, else a "
+        "running `cloudmodal server start`, else an embedded one in the client's process",
         group="client",
     )
     token: str | None = _var(
         None, "the token for `CLOUDMODAL_SERVER_URL` (also handed to workers)", group="client", repr=False
+    )
+    tls_fingerprint: str | None = _var(
+        None,
+        "the SHA-256 fingerprint (hex, colons optional) of the control plane's TLS certificate, the only one "
+        "clients and workers accept (unset: the system's CAs verify an https:// URL; set for its workers)",
+        group="client",
+    )
+    profile: str | None = _var(
+        None,
+        "the `cloudmodal login` profile to use (unset: the active one; `cloudmodal profile list`)",
+        group="client",
     )
     home: Path | None = _var(
         None,
@@ -462,8 +473,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Only the environment (or the mapping given to settings()); no .env or secret files.
-        return init_settings, _ItemsSource(settings_cls)
+        # The environment (or the mapping given to settings()), then the outputs `cloudmodal infra up` wrote
+        # (<home>/infra/<cloud>.json), which a CLOUDMODAL_* variable always overrides; no .env or secret files.
+        # The outputs are read when settings are first built for an environment: a running control plane
+        # takes new ones at its next start.
+        from cloudmodal.infra.outputs import InfraOutputsSource
+
+        return init_settings, _ItemsSource(settings_cls), InfraOutputsSource(settings_cls)
 
     @classmethod
     def env_name(cls, field: str) -> str:

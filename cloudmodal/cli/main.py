@@ -6,9 +6,12 @@ import typer
 
 from cloudmodal.cli import (
     app_cmd,
+    container_cmd,
     cost_cmd,
     dashboard_cmd,
     dict_cmd,
+    infra_cmd,
+    login_cmd,
     queue_cmd,
     run,
     sandbox_cmd,
@@ -46,6 +49,10 @@ app.add_typer(volume_cmd.app, name="volume")
 app.add_typer(dict_cmd.app, name="dict")
 app.add_typer(queue_cmd.app, name="queue")
 app.add_typer(sandbox_cmd.app, name="sandbox")
+app.add_typer(infra_cmd.app, name="infra")
+app.add_typer(container_cmd.app, name="container")
+app.command("login")(login_cmd.login_command)
+app.add_typer(login_cmd.profile_app, name="profile")
 app.command("offers")(_offers.offers_command)
 app.add_typer(_pricing.app, name="pricing")
 app.command("setup")(setup_cmd.setup_command)

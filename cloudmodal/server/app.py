@@ -14,6 +14,7 @@ import uvicorn
 from cloudmodal.server.api import build_asgi
 from cloudmodal.server.limits import http_protocol
 from cloudmodal.server.service import ControlPlane, Settings
+from cloudmodal.tls import ServerCert
 
 
 def default_settings(state_dir: Path, database_url: str | None = None, **overrides: Any) -> Settings:
@@ -68,10 +69,12 @@ def make_providers(settings: Settings) -> dict[str, Any]:
 
             out[name] = SimProvider.from_env(state_dir=settings.state_dir / "sim")
         elif name in CLOUDS:
+            from cloudmodal.infra.outputs import driver_options
             from cloudmodal.providers.cloud import CloudProvider
 
+            # what `cloudmodal infra up` made for this cloud (the workers' instance profile, network), if any
             out[name] = CloudProvider(
-                driver_class(name)(),
+                driver_class(name)(**driver_options(name, env.home)),
                 state_dir=settings.state_dir / "clouds" / name,
                 node_server_url=env.node_server_url,
                 ssh_config=str(env.ssh_config) if env.ssh_config is not None else None,
@@ -103,8 +106,13 @@ class ServerHandle:
         host: str = "127.0.0.1",
         port: int = 0,
         providers: dict[str, Any] | None = None,
+        tls: ServerCert | None = None,
     ) -> None:
+        """``tls``: serve HTTPS with this certificate (:mod:`cloudmodal.tls`); its fingerprint is handed to the
+        workers, which pin it."""
         self.settings = settings
+        self.tls = tls
+        self.tls_fingerprint = tls.fingerprint if tls is not None else None
         self.cp = ControlPlane(settings)
         # An owner token for this process's own clients (the embedded default's, tests'); a long-lived
         # `server start` writes it to the 0600 server.json for the CLI of the same account.
@@ -121,12 +129,17 @@ class ServerHandle:
         self.host = host
         self.port = self.sock.getsockname()[1]
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        self.url = f"http://{connect_host}:{self.port}"
+        self.url = f"{'https' if tls is not None else 'http'}://{connect_host}:{self.port}"
         from cloudmodal.server.reconciler import Reconciler
 
+        # Workers are given the replicas' one address where there is one (Settings.public_url): they reconnect
+        # to it, and so to a replica that still runs, when this one goes.
         self.reconciler = Reconciler(
-            self.cp, providers if providers is not None else make_providers(settings), self.url
+            self.cp,
+            providers if providers is not None else make_providers(settings),
+            (settings.public_url or self.url).rstrip("/"),
         )
+        self.reconciler.tls_fingerprint = self.tls_fingerprint  # into workers' environment (see Launcher)
         self.cp.reconciler = self.reconciler
         self.api = build_asgi(self.cp)
         from cloudmodal.server.web_gateway import WebGateway
@@ -147,6 +160,8 @@ class ServerHandle:
             # a message is a WebSocket route's body: the largest of their caps (a worker's claim carries outputs)
             ws_max_size=max(r.max_body or 0 for r in self.api.routes if r.websocket),
             ws_per_message_deflate=False,  # pickles compress poorly; deflate would cost every message
+            ssl_certfile=str(tls.cert_path) if tls is not None else None,
+            ssl_keyfile=str(tls.key_path) if tls is not None else None,
         )
         self.server = uvicorn.Server(config)
         on_signal = self.server.handle_exit
