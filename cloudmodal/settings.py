@@ -176,6 +176,13 @@ class Settings(BaseSettings):
         "(`local` is always added, for CPU-only work; `cloudmodal setup` says which clouds are usable)",
         group="control plane",
     )
+    public_url: str | None = _var(
+        None,
+        "the one address of several control-plane replicas on one database (a load balancer in front of them): "
+        "workers and sandboxes are given it instead of this control plane's own address, so they reconnect to a "
+        "replica that still runs when one goes",
+        group="control plane",
+    )
     node_server_url: str | None = _var(
         None,
         "the URL cloud nodes reach this control plane at (unset: each node reaches it through a reverse SSH "

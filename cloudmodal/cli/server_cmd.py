@@ -99,6 +99,13 @@ def start(
     tls_key: str | None = typer.Option(
         None, "--tls-key", help="The unencrypted PEM private key of --tls-cert (keep it 0600)."
     ),
+    public_url: str | None = typer.Option(
+        None,
+        "--public-url",
+        envvar="CLOUDMODAL_PUBLIC_URL",
+        help="The one address of several replicas on one database (a load balancer in front of them): workers "
+        "are given it instead of this replica's own, so they reconnect to a replica that still runs.",
+    ),
 ) -> None:
     """Start the control plane (in the background unless --foreground). It writes an owner token to
     server.json (mode 0600) in the state dir for the CLI and clients of this account."""
@@ -139,6 +146,8 @@ def start(
         ]
         if database_url:
             argv += ["--database-url", database_url]
+        if public_url:
+            argv += ["--public-url", public_url]
         if allow_anonymous_loopback:
             argv.append("--allow-anonymous-loopback")
         if tls_cert is not None and tls_key is not None:
@@ -172,8 +181,14 @@ def start(
 
     with user_errors():
         cert = _server_cert(home, host, tls_cert, tls_key) if serve_tls else None
+        if public_url is not None and not public_url.startswith(("http://", "https://")):
+            fail(
+                f"--public-url {public_url!r}: give an http:// or https:// URL, e.g. https://cp.example.com:8765.",
+                2,
+            )
+        extra = {"public_url": public_url.rstrip("/")} if public_url else {}
         settings = default_settings(
-            home, database_url=database_url, allow_loopback_anonymous=allow_anonymous_loopback
+            home, database_url=database_url, allow_loopback_anonymous=allow_anonymous_loopback, **extra
         )
         # applies pending migrations (see migrate)
         handle = ServerHandle(settings, host=host, port=port, tls=cert)

@@ -38,6 +38,7 @@ def default_settings(state_dir: Path, database_url: str | None = None, **overrid
             "retention_logs_deployed_s",
             "retention_interval_s",
             "ledger_accrual_s",
+            "public_url",
         )
         if env.is_set(key)
     }

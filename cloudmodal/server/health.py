@@ -80,6 +80,25 @@ class Health(ReconcilerBase):
         adopt = getattr(prov, "adopt", None)
         if adopt is not None:
             adopt(handle)
+        elif not handle.gpu_indices and prov.describe(handle).state == "unknown":
+            # The provider cannot see this worker's machine: the local provider, for a process another control
+            # plane started (a replica that died, or this one before a restart). Such a worker outlives its
+            # control plane and reconnects to the address it was given (the replicas' one, Settings.public_url):
+            # it is left to its heartbeats, not written off as exited while it still serves. Silent for
+            # worker_timeout_s, it is written off then (see _check_silent); drained, it stops itself. (A local
+            # worker holding GPUs is watched as before, and so written off: this process's provider would
+            # otherwise give its GPUs to another worker.)
+            log.info("worker %s (%s) adopted: watched through its heartbeats", wid, prov.name)
+            row = self.cp.workers.worker_row(wid)
+            self.cp.activity.event(
+                "worker.adopted",
+                f"worker {wid} ({prov.name}, {handle.instance_id}) adopted from a previous control plane: "
+                "watched through its heartbeats",
+                app_id=row["app_id"],
+                function_id=row["function_id"],
+                worker_id=wid,
+            )
+            return
         with self._lock:
             self.handles.setdefault(wid, (prov, handle))
 

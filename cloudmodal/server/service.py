@@ -82,6 +82,10 @@ class Settings:
     )
     # False: dict and queue commits answer before reaching the disk (CLOUDMODAL_KV_SYNCHRONOUS_COMMIT)
     kv_durable: bool = True
+    # The one address of several control-plane replicas on one database (a load balancer or proxy in front of
+    # them): the URL this control plane's workers and sandboxes are given instead of its own socket's, so
+    # that they reconnect to whichever replica answers when this one goes. None: this process's own URL.
+    public_url: str | None = None
 
 
 def _now() -> float:
