@@ -9,10 +9,11 @@ refuses. :mod:`cloudmodal._spec_build` turns the checked options into a :class:`
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import posixpath
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any, TypeGuard
 
@@ -562,3 +563,21 @@ def variant_options(
         return check_options(where, merged, CLS_OPTIONS), replace
     merged.pop("schedule", None)
     return check_options(where, merged, FUNCTION_OPTIONS), replace
+
+
+def check_batched(raw_f: Callable[..., Any], name: str, is_generator: bool, *, skip_self: bool) -> None:
+    if is_generator:
+        raise InvalidError(
+            f"Batched function {name} cannot be a generator. Return a list with one result per input."
+        )
+    params = list(inspect.signature(raw_f).parameters.values())
+    if skip_self and params:
+        params = params[1:]
+    for p in params:
+        if p.default is not inspect.Parameter.empty:
+            raise InvalidError(
+                f"Batched function {name} does not accept default arguments (`{p.name}` has one). "
+                "Remove the default: each argument arrives as a list."
+            )
+    if not params:
+        raise InvalidError(f"Batched function {name} must take at least one argument (a list of inputs).")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudmodal._options import check_volumes
+from cloudmodal._options import check_batched, check_volumes
 from cloudmodal._partial import Decorated, _Flags, _PartialFunction, find_partial_methods, is_nullary
 from cloudmodal._user_class import NO_DEFAULT, get_parameters
 from cloudmodal.cloud_bucket_mount import CloudBucketMount
@@ -276,24 +276,6 @@ def function_spec(
         **fields,
     )
     return spec, raw_f
-
-
-def check_batched(raw_f: Callable[..., Any], name: str, is_generator: bool, *, skip_self: bool) -> None:
-    if is_generator:
-        raise InvalidError(
-            f"Batched function {name} cannot be a generator. Return a list with one result per input."
-        )
-    params = list(inspect.signature(raw_f).parameters.values())
-    if skip_self and params:
-        params = params[1:]
-    for p in params:
-        if p.default is not inspect.Parameter.empty:
-            raise InvalidError(
-                f"Batched function {name} does not accept default arguments (`{p.name}` has one). "
-                "Remove the default: each argument arrives as a list."
-            )
-    if not params:
-        raise InvalidError(f"Batched function {name} must take at least one argument (a list of inputs).")
 
 
 def cls_spec(

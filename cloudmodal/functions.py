@@ -10,8 +10,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from cloudmodal._environment import check_environment
+from cloudmodal._options import check_batched
 from cloudmodal._partial import Decorated, _Flags, find_partial_methods
-from cloudmodal._spec_build import check_batched
 from cloudmodal._user_class import instantiate, run_lifecycle_hooks
 from cloudmodal.exception import ExecutionError, InvalidError, NotFoundError
 from cloudmodal.spec import AutoscalerSettings, BatchConfig, ConcurrencyConfig, FunctionSpec

@@ -45,7 +45,7 @@ class Profiles:
 
 
 def path() -> Path:
-    from cloudmodal.config import home
+    from cloudmodal._files import home
 
     return home() / FILE_NAME
 
@@ -80,7 +80,7 @@ def load() -> Profiles:
 
 def save(state: Profiles) -> None:
     """Write ``state`` atomically, 0600."""
-    from cloudmodal.config import open_private
+    from cloudmodal._files import open_private
 
     p = path()
     tmp = p.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")

@@ -149,7 +149,7 @@ def self_signed(state_dir: Path, host: str) -> ServerCert:
     one certificate (a lock)."""
     import fcntl
 
-    from cloudmodal.config import open_private, private_dir
+    from cloudmodal._files import open_private, private_dir
 
     d = private_dir(state_dir / "tls")
     cert, key = d / CERT_NAME, d / KEY_NAME
