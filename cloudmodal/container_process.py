@@ -16,13 +16,29 @@ assert p.wait() == 0
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from cloudmodal import exception as exc
+from cloudmodal.dict import _athread, _Dual, blocking
+
+__all__ = ["ContainerProcess", "StreamReader", "StreamWriter", "blocking", "static_blocking"]
 
 POLL_S = 20.0  # one long poll's wait (the control plane answers sooner when there is output)
+
+
+class static_blocking:  # noqa: N801 - used as a decorator
+    """A blocking static method with an ``.aio`` twin (``Sandbox.create(...)`` /
+    ``await Sandbox.create.aio(...)``), as :class:`cloudmodal.dict.blocking` is for methods."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        return _Dual(self.fn, _athread(self.fn))
 
 
 class _Link:
@@ -74,6 +90,7 @@ class StreamReader:
     def _decode(self, data: bytes) -> Any:
         return data.decode(errors="replace") if self._text else data
 
+    @blocking
     def read(self) -> Any:
         """Everything until the process closes the stream."""
         parts = [self._pending]
@@ -82,6 +99,7 @@ class StreamReader:
             parts.append(chunk)
         return self._decode(b"".join(parts))
 
+    @blocking
     def readline(self) -> Any:
         """The next line, with its newline (the last may have none; ``""`` at the end)."""
         while b"\n" not in self._pending:
@@ -96,6 +114,11 @@ class StreamReader:
 
     def __iter__(self) -> Iterator[Any]:
         while line := self.readline():
+            yield line
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        """``async for line in p.stdout``: each line read on a thread."""
+        while line := await self.readline.aio():
             yield line
 
 
@@ -117,6 +140,7 @@ class StreamWriter:
     def write_eof(self) -> None:
         self._eof = True
 
+    @blocking
     def drain(self) -> None:
         while self._buf:
             chunk = bytes(self._buf[: 1 << 20])
@@ -144,12 +168,14 @@ class ContainerProcess:
         killed it), as ``poll()`` last saw it."""
         return self._returncode
 
+    @blocking
     def poll(self) -> int | None:
         """The exit code if the process has exited, else None (does not wait)."""
         if self._returncode is None:
             self._returncode = self._link.call(op="poll", proc=self._proc)["returncode"]
         return self._returncode
 
+    @blocking
     def wait(self) -> int:
         """Wait for the process to exit; its exit code."""
         while self._returncode is None:

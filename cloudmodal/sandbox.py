@@ -13,28 +13,53 @@ p = sb.exec("ls", "/")  # only while the sandbox runs: create one with no comman
 On the local provider a sandbox runs under bubblewrap with the current Python environment and the system's
 directories read-only as its image, a private ``/tmp`` and workdir, and its own PID namespace; it sees none of the
 control plane's files, the user's home, or any token. ``memory`` is a per-process address-space limit
-(``RLIMIT_AS``); ``cpu`` is recorded, not enforced. ``sb.open(path, mode)`` reads and writes its files.
+(``RLIMIT_AS``). ``sb.open(path, mode)`` reads and writes its files.
+
+- ``image=``: its ``pip_install``/``uv_pip_install``/``pip_install_from_requirements`` packages are installed
+  into an environment built once per image on the control plane's machine (as workers' are), bound read-only
+  with its ``bin`` first on ``PATH``; its ``env`` is in the sandbox's environment and its ``workdir`` is the
+  default working directory. ``apt_install`` and ``run_commands`` are refused there (they need root); with
+  ``gpu=`` the node's bootstrap sets the whole image up, as a worker's.
+- ``volumes={"/data": vol}``: a working copy of the volume bound at the path (read-only with
+  ``with_mount_options(read_only=True)``), committed when the sandbox ends (not before), as Modal's.
+- ``secrets=``: inline ones and named ones (``Secret.from_name``, resolved by the control plane at create),
+  in the sandbox's environment only (and its ``exec``'d processes'); ``exec(secrets=...)`` for one process.
+- ``exec(timeout=)``: the process (and its process group) is killed after that many seconds; its
+  ``returncode`` is then ``-1``, as Modal's.
+- ``name=``: unique among the app's running sandboxes; :meth:`Sandbox.from_name` finds it.
+- ``.aio`` forms of the blocking methods (``await Sandbox.create.aio(...)``, ``await p.wait.aio()``,
+  ``async for line in p.stdout``).
 
 With ``gpu=`` (a type or a fallback list, as a function's) the sandbox runs on a cloud node that placement
 picks as for a function's GPU workers (``cloud=``/``region=`` narrow it; on demand), under bubblewrap there
-too, its stdio relayed through the control plane; the node is deleted when the sandbox ends. Its ``timeout``
-counts from the node's start.
+too, its stdio relayed through the control plane; the node is deleted when the sandbox ends, and its time is
+in the cost ledger (function ``sandbox`` of its app). Its ``timeout`` counts from the node's start.
 
-Not yet: ``volumes``, named secrets (inline ones work), ``name``, ``exec(timeout=)``, ``.aio`` forms,
-tunnels and snapshots. A sandbox is served by the control plane that started it: reached through another
-control plane on the same database it is listed but not attached to.
+Not yet: ``cpu=`` (refused), ``volumes`` on a cloud node, tunnels and snapshots. A sandbox is served by the
+control plane that started it: reached through another control plane on the same database it is listed but
+not attached to.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cloudmodal import exception as exc
-from cloudmodal.container_process import POLL_S, ContainerProcess, StreamReader, StreamWriter, _Link
+from cloudmodal.container_process import (
+    POLL_S,
+    ContainerProcess,
+    StreamReader,
+    StreamWriter,
+    _Link,
+    blocking,
+    static_blocking,
+)
 
 DEFAULT_TIMEOUT_S = 300  # Modal's default lifetime
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 # Modal's names, from the error tree (``from cloudmodal.exception import SandboxTimeoutError`` works too)
@@ -48,22 +73,87 @@ def _transport() -> Any:
     return current_session().transport
 
 
-def _env(env: Mapping[str, str | None] | None, secrets: Sequence[Any] | None) -> dict[str, str]:
-    """The sandbox's environment: inline secrets' values, then ``env``."""
+def _env(
+    env: Mapping[str, str | None] | None, secrets: Sequence[Any] | None
+) -> tuple[dict[str, str], list[str]]:
+    """The sandbox's environment from the client (inline secrets' values, then ``env``) and the named
+    secrets' names (resolved by the control plane, before these)."""
+    from cloudmodal.secret import Secret
+
     out: dict[str, str] = {}
+    names: list[str] = []
+    if isinstance(secrets, Secret):
+        raise exc.InvalidError("secrets= expects a list of cloudmodal.Secret, e.g. secrets=[s].")
     for s in secrets or ():
-        values = getattr(s, "_values", None)
+        if not isinstance(s, Secret):
+            raise exc.InvalidError(f"secrets=: {s!r} is not a cloudmodal.Secret.")
+        values = s._values
         if values is None:
-            raise exc.InvalidError(
-                f"Sandbox secrets: only inline secrets (Secret.from_dict, from_local_environ, from_dotenv) are "
-                f"supported so far; {getattr(s, 'name', s)!r} is a named secret. Pass its values with "
-                "Secret.from_dict, or use it in a function."
-            )
+            if s.name is not None and s.name not in names:
+                names.append(s.name)
+            continue
         out.update(values)
     for k, v in (env or {}).items():
         if v is not None:
             out[str(k)] = str(v)
+    return out, names
+
+
+def _volumes(volumes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """``volumes={path: Volume}`` as the control plane takes it."""
+    from cloudmodal.volume import Volume
+
+    out = []
+    for path, vol in (volumes or {}).items():
+        p = str(path)
+        if not isinstance(vol, Volume):
+            raise exc.InvalidError(
+                f"Sandbox.create(volumes=...): {p!r} maps to {type(vol).__name__}; sandboxes mount "
+                "cloudmodal.Volume (e.g. cloudmodal.Volume.from_name('data', create_if_missing=True))."
+            )
+        if not p.startswith("/"):
+            raise exc.InvalidError(
+                f"Sandbox.create(volumes=...): mount path {p!r} must be absolute, e.g. '/data'."
+            )
+        out.append({"path": p, "ref": vol._mount_ref(), "read_only": vol.read_only, "sub_path": vol.sub_path})
     return out
+
+
+_LOCAL_IMAGE_OPS = {"pip_install", "uv_pip_install", "pip_install_requirements", "env", "workdir"}
+_NODE_IMAGE_OPS = _LOCAL_IMAGE_OPS | {"apt_install", "run_commands", "run_function"}
+
+
+def _image(image: Any, on_node: bool) -> dict[str, Any] | None:
+    """The image's recipe for the control plane (None: the default image), or the reason it cannot be a
+    sandbox's image where the sandbox runs."""
+    if image is None:
+        return None
+    from cloudmodal.image import Image
+
+    if not isinstance(image, Image):
+        raise exc.InvalidError(
+            f"Sandbox.create(image=...): expected a cloudmodal.Image, got {type(image).__name__}."
+        )
+    if not image.layers:
+        return None
+    allowed = _NODE_IMAGE_OPS if on_node else _LOCAL_IMAGE_OPS
+    bad = list(dict.fromkeys(layer["op"] for layer in image.layers if layer["op"] not in allowed))
+    if bad:
+        if on_node:
+            why = (
+                "a sandbox on a cloud node takes pip/uv installs, apt_install, run_commands, env and workdir"
+            )
+        else:
+            why = (
+                "a sandbox on the control plane's machine takes pip_install, uv_pip_install, "
+                "pip_install_from_requirements, env and workdir; apt_install and run_commands need root there "
+                "(with gpu=, on a cloud node, they work)"
+            )
+        raise exc.InvalidError(
+            f"Sandbox.create(image=...) with {', '.join(bad)} is not supported: {why}. Remove those steps, or "
+            "run that code in a function."
+        )
+    return image.to_wire()
 
 
 class Sandbox:
@@ -80,7 +170,7 @@ class Sandbox:
         self.stdin = StreamWriter(self._link, 0)
 
     # -- making ------------------------------------------------------------------------------------------
-    @staticmethod
+    @static_blocking
     def create(
         *args: str,
         app: Any = None,
@@ -114,32 +204,38 @@ class Sandbox:
 
             parse_gpu(gpu)  # a bad value fails here, with the fix
         regions = [region] if isinstance(region, str) else list(region or ())
-        if image is not None and getattr(image, "layers", None):
+        image_wire = _image(image, gpu is not None)
+        if volumes and gpu is not None:
             raise exc.InvalidError(
-                "Sandbox.create(image=...) with packages, commands or files is not supported yet: a sandbox runs "
-                "with the control plane machine's system and Python environment (read-only). Install what the "
-                "sandbox needs there, or leave image= out."
+                "Sandbox.create(volumes=...) with gpu=: volumes are mounted in sandboxes on the control plane's "
+                "machine only so far. Leave gpu= out, or use the volume from a function."
             )
+        mounts = _volumes(volumes)
         if cpu is not None:
             raise exc.InvalidError(
                 "Sandbox.create(cpu=...) is not supported yet: sandboxes are not CPU-limited. Leave cpu= out."
             )
-        if volumes:
-            raise exc.InvalidError("Sandbox.create(volumes=...) is not supported yet.")
-        if name is not None:
-            raise exc.InvalidError("Sandbox.create(name=...) is not supported yet.")
+        if name is not None and (not isinstance(name, str) or not _NAME_RE.match(name)):
+            raise exc.InvalidError(
+                f"Sandbox.create(name={name!r}): use 1 to 64 letters, digits, '.', '_' or '-'."
+            )
         if any(not isinstance(a, str) for a in args):
             raise exc.InvalidError("Sandbox.create(*args): the command's arguments must be strings.")
         if workdir is not None and not workdir.startswith("/"):
             raise exc.InvalidError(f"workdir={workdir!r}: give an absolute path.")
         if memory is not None and (isinstance(memory, tuple) or int(memory) < 16):
             raise exc.InvalidError(f"memory={memory!r}: give the MiB a sandbox may use (at least 16).")
+        sandbox_env, secret_names = _env(env, secrets)
         body = {
             "app_id": app_id,
             "argv": list(args),
             "timeout": int(timeout or DEFAULT_TIMEOUT_S),
             "workdir": workdir,
-            "env": _env(env, secrets),
+            "env": sandbox_env,
+            "secret_names": secret_names,
+            "image": image_wire,
+            "volumes": mounts,
+            "name": name,
             "cpu": cpu,
             "memory": int(memory) if memory is not None else None,
             "block_network": bool(block_network),
@@ -150,7 +246,7 @@ class Sandbox:
         sid = _transport().post("/v1/sandboxes", body)["sandbox_id"]
         return Sandbox(sid, has_command=bool(args))
 
-    @staticmethod
+    @static_blocking
     def from_id(sandbox_id: str, client: Any = None) -> Sandbox:
         """The sandbox with this id (``sb-…``)."""
         row = _transport().get(f"/v1/sandboxes/{sandbox_id}")
@@ -159,7 +255,16 @@ class Sandbox:
             sb._state, sb._returncode = row["state"], row["returncode"]
         return sb
 
-    @staticmethod
+    @static_blocking
+    def from_name(
+        app_name: str, name: str, *, environment_name: str | None = None, client: Any = None
+    ) -> Sandbox:
+        """The running sandbox named ``name`` (``Sandbox.create(name=...)``) of the app named ``app_name``;
+        ``NotFoundError`` when there is none."""
+        row = _transport().post("/v1/sandboxes/lookup", {"app_name": app_name, "name": name})
+        return Sandbox(row["id"], has_command=bool(row["spec"].get("argv")))
+
+    @static_blocking
     def list(
         *, app_id: str | None = None, tags: Mapping[str, str] | None = None, client: Any = None
     ) -> list[Sandbox]:
@@ -170,6 +275,7 @@ class Sandbox:
         return [Sandbox(r["id"], has_command=bool(r["spec"].get("argv"))) for r in rows]
 
     # -- using -------------------------------------------------------------------------------------------
+    @blocking
     def exec(
         self,
         *args: str,
@@ -182,13 +288,20 @@ class Sandbox:
         """Run ``args`` in the sandbox; its process, whose streams and exit code the caller reads."""
         if not args:
             raise exc.InvalidError("Sandbox.exec needs a command.")
-        if timeout is not None:
-            raise exc.InvalidError(
-                "Sandbox.exec(timeout=...) is not supported yet: the sandbox's own applies."
-            )
-        proc = self._link.call(op="exec", argv=list(args), workdir=workdir, env=_env(env, secrets))["proc"]
+        if timeout is not None and (isinstance(timeout, bool) or int(timeout) < 1):
+            raise exc.InvalidError(f"Sandbox.exec(timeout={timeout!r}): give whole seconds, at least 1.")
+        exec_env, secret_names = _env(env, secrets)
+        proc = self._link.call(
+            op="exec",
+            argv=list(args),
+            workdir=workdir,
+            env=exec_env,
+            secret_names=secret_names,
+            exec_timeout=int(timeout) if timeout is not None else None,
+        )["proc"]
         return ContainerProcess(self.object_id, proc, text=text)
 
+    @blocking
     def open(self, path: str, mode: str = "r") -> SandboxFile:
         """A file in the sandbox: ``r``/``rb`` read it whole when opened; ``w``/``wb``/``a``/``ab`` write it
         when flushed or closed. ``FileNotFoundError``, ``IsADirectoryError`` or ``PermissionError`` as Python's
@@ -197,9 +310,11 @@ class Sandbox:
             raise exc.InvalidError(f"mode={mode!r}: use r, rb, w, wb, a or ab.")
         return SandboxFile(self, path, mode)
 
+    @blocking
     def set_tags(self, tags: Mapping[str, str], *, client: Any = None) -> None:
         _transport().post(f"/v1/sandboxes/{self.object_id}/tags", {"tags": dict(tags)})
 
+    @blocking
     def get_tags(self) -> dict[str, str]:
         return dict(_transport().get(f"/v1/sandboxes/{self.object_id}")["tags"])
 
@@ -208,12 +323,14 @@ class Sandbox:
             self._state = r["state"]
             self._returncode = r["returncode"]
 
+    @blocking
     def poll(self) -> int | None:
         """The exit code once the sandbox has ended, else None."""
         if self._state == "running":
             self._settle(self._link.call(op="poll", whole=True))
         return self._returncode
 
+    @blocking
     def wait(self, raise_on_termination: bool = True) -> None:
         """Wait for the sandbox to end. Raises :class:`SandboxTimeoutError` when it ran past its timeout and,
         with ``raise_on_termination``, :class:`SandboxTerminatedError` when it was terminated."""
@@ -232,6 +349,7 @@ class Sandbox:
         """The sandbox's exit code once it has ended (124 after a timeout, 137 when terminated), else None."""
         return self.poll()
 
+    @blocking
     def terminate(self, *, wait: bool = False) -> None:
         """Kill the sandbox and every process in it."""
         _transport().post(f"/v1/sandboxes/{self.object_id}/terminate", {})

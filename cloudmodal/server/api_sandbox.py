@@ -4,6 +4,7 @@
 Clients (owner and member tokens; a member scoped to apps, for those apps' sandboxes):
 
 - ``POST /v1/sandboxes``: create one; ``POST /v1/sandboxes/list``: the running ones (of an app, with tags);
+  ``POST /v1/sandboxes/lookup``: the running one of that name in an app (``Sandbox.from_name``);
   ``GET /v1/sandboxes/{id}``: its row; ``POST /v1/sandboxes/{id}/terminate``; ``POST /v1/sandboxes/{id}/tags``.
 - ``POST /v1/sandboxes/{id}/io``, also a WebSocket: one operation per message (``exec``, ``stdin``, ``read``
   (a long poll), ``wait`` (a long poll), ``poll``).
@@ -30,6 +31,17 @@ Path = Annotated[str, StringConstraints(pattern=r"^/[^\x00]{0,1023}$")]
 EnvKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")]
 Arg = Annotated[str, StringConstraints(max_length=MAX_ARGS)]
 Tag = Annotated[str, StringConstraints(max_length=256)]
+SandboxName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+SecretName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class VolumeMount(BaseModel):
+    """A volume mounted in a sandbox: ``ref`` (its name, or ``vo-…`` id), at ``path``."""
+
+    path: Path
+    ref: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    read_only: bool = False
+    sub_path: Annotated[str, StringConstraints(max_length=1024)] | None = None
 
 
 def _check_argv(argv: list[str]) -> None:
@@ -61,6 +73,18 @@ class SandboxCreate(BaseModel):
     region: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
         default_factory=list, max_length=32
     )
+    # the image's recipe (Image.to_wire()): its pip packages, env and workdir (see svc_sandbox)
+    image: dict[str, Any] | None = None
+    secret_names: list[SecretName] = Field(default_factory=list, max_length=64)  # named secrets, in order
+    volumes: list[VolumeMount] = Field(default_factory=list, max_length=32)
+    name: SandboxName | None = None  # unique among the app's running sandboxes
+
+
+class SandboxLookup(BaseModel):
+    max_body: ClassVar[int] = SMALL_BODY
+
+    app_name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    name: SandboxName
 
 
 class SandboxList(BaseModel):
@@ -96,6 +120,10 @@ class SandboxIO(BaseModel):
         default_factory=dict, max_length=1024
     )
     whole: bool = False  # wait: for the sandbox (not proc)
+    exec_timeout: Annotated[int, Field(ge=1, le=86400)] | None = (
+        None  # exec: kill it after this (returncode -1)
+    )
+    secret_names: list[SecretName] = Field(default_factory=list, max_length=64)  # exec: named secrets
 
 
 class HostCommands(BaseModel):
@@ -131,8 +159,16 @@ def add_routes(route: Any, run: Any, cp: Any) -> None:
             "gpu": b.gpu,
             "cloud": b.cloud,
             "region": b.region,
+            "secret_names": b.secret_names,
+            "name": b.name,
         }
-        return {"sandbox_id": await sandboxes.create(who, b.app_id, spec, b.tags)}
+        mounts = [m.model_dump() for m in b.volumes]
+        return {"sandbox_id": await sandboxes.create(who, b.app_id, spec, b.tags, b.image, mounts)}
+
+    @route("POST", "/v1/sandboxes/lookup", "member", body=SandboxLookup)
+    async def lookup_sandbox(b: SandboxLookup, who: Identity) -> Any:
+        """The running sandbox named ``name`` of app ``app_name``."""
+        return await run(sandboxes.from_name, who, b.app_name, b.name)
 
     @route("POST", "/v1/sandboxes/list", "member", body=SandboxList)
     async def list_sandboxes(b: SandboxList, who: Identity) -> Any:
@@ -172,7 +208,10 @@ def add_routes(route: Any, run: Any, cp: Any) -> None:
             if not b.argv:
                 raise exc.InvalidError("exec needs a command.")
             _check_argv(b.argv)
-            return {"proc": sandboxes.exec(live, b.argv, b.workdir, b.env)}
+            env = b.env
+            if b.secret_names:  # resolved here, for this exec only
+                env = await run(sandboxes.named_secrets, who, b.secret_names) | env
+            return {"proc": sandboxes.exec(live, b.argv, b.workdir, env, b.exec_timeout)}
         if b.proc == 0 and 0 not in live.procs and b.op in ("stdin", "read"):
             # a sandbox made without a command: its own streams are empty and closed
             return {} if b.op == "stdin" else {"data": b"", "offset": 0, "eof": True}

@@ -35,6 +35,7 @@ from cloudmodal.server.ledger import (
     ROLLUP_SUMS,
     SPAN,
     WORKER_COLUMNS,
+    open_sandboxes,
     plan,
     span_sums,
 )
@@ -175,11 +176,14 @@ class CostReports:
                     share = overlap(span["t0"], span["t1"], a, b)
                     if share > 0:
                         out.append((_dims(span), {k: v * share for k, v in span_sums(span).items()}))
-            open_workers = conn.execute(
-                select(*WORKER_COLUMNS).where(
-                    and_(W.c.billing_closed.is_(False), W.c.launched_at.is_not(None))
-                )
-            ).all()
+            open_workers: list[Any] = list(
+                conn.execute(
+                    select(*WORKER_COLUMNS).where(
+                        and_(W.c.billing_closed.is_(False), W.c.launched_at.is_not(None))
+                    )
+                ).all()
+            )
+            open_workers += open_sandboxes(conn, now)  # sandboxes' cloud nodes (function "sandbox")
         for w in open_workers:
             if ids is not None and w.app_id not in ids:
                 continue
@@ -207,6 +211,9 @@ class CostReports:
                     W.c.idle_since,
                 ).where(and_(W.c.state != WorkerState.STOPPED, W.c.launched_at.is_not(None)))
             ).all()
+            sandboxes = [
+                sb for sb in open_sandboxes(conn, time.time()) if sb.state != WorkerState.STOPPED
+            ]  # sandboxes' cloud nodes (function "sandbox")
         return [
             {
                 "worker_id": w.id,
@@ -221,7 +228,7 @@ class CostReports:
                 "state": w.state,
                 "idle": w.idle_since is not None,
             }
-            for w in live
+            for w in [*live, *sandboxes]
             if ids is None or w.app_id in ids
         ]
 

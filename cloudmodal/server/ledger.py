@@ -17,6 +17,15 @@ after a worker stops) writes, for every worker whose billing is open, its time f
 
 Workers of the local provider cost nothing unless a price is configured; their time is recorded all the
 same (hours, GPU-hours).
+
+Sandboxes on cloud nodes (``Sandbox.create(gpu=...)``) are billed as workers are, under the function name
+``sandbox`` of their app: the control plane that launched the node writes what it is billed as into the
+sandbox's row when the node is accepted (``spec["billing"]``: provider, offer, market, $/h fixed at launch,
+``launched_at``) and when the node is deleted (``stopped_at``); :meth:`Ledger.accrue` writes its spans keyed by
+the sandbox's id, from the last one's end (read in the writing transaction; the spans' unique key
+``(worker_id, t0, kind)`` refuses a stretch written twice), and closes it with a ``ledger_worker`` row (its
+primary key: once). A node whose deletion was never recorded (its control plane went away) is billed to the
+sandbox's end plus :data:`SANDBOX_NODE_GRACE_S`. Sandboxes on the control plane's machine cost nothing.
 """
 
 from __future__ import annotations
@@ -25,13 +34,16 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from cloudmodal.pricing.billing import billed_seconds
 from cloudmodal.server import models
 from cloudmodal.server.models_ledger import LedgerApp, LedgerHour, LedgerSpan, LedgerWorker
+from cloudmodal.server.models_sandbox import SandboxRow
 from cloudmodal.server.states import WorkerState
 
 if TYPE_CHECKING:
@@ -51,6 +63,12 @@ F = models.functions
 HOUR_S = 3600.0
 CHUNK = 200  # workers accrued in one transaction
 MONTH_HOURS = 730.5  # the clouds' storage prices are per month: 365.25 * 24 / 12 hours
+SB = SandboxRow.__table__  # type: ignore[attr-defined]
+SANDBOX_FUNCTION = "sandbox"  # the function id and name a sandbox's node is billed under
+SANDBOX_NODE_GRACE_S = (
+    60.0  # an ended sandbox whose node's deletion was never recorded: billed this much after
+)
+SANDBOX_WINDOW_S = 7 * 86400.0  # ended sandboxes looked at for billing to close (their nodes' deletion)
 
 WORKER_COLUMNS = (
     W.c.id,
@@ -180,6 +198,16 @@ class Ledger:
                         written += self._accrue_worker(conn, w, now)
                 except Exception:
                     log.exception("accruing worker %s failed; it is tried again on the next accrual", w.id)
+        with self.cp.db.read() as conn:
+            sandboxes = open_sandboxes(conn, now)
+        for sb in sandboxes:
+            try:
+                with self.cp.db.write() as conn:
+                    written += self._accrue_sandbox(conn, sb, now)
+            except IntegrityError:
+                pass  # another accrual wrote this stretch first (the spans' unique key)
+            except Exception:
+                log.exception("accruing sandbox %s failed; it is tried again on the next accrual", sb.id)
         try:
             written += self.accrue_storage(now)
         except Exception:
@@ -294,6 +322,22 @@ class Ledger:
             self._close(conn, w, end)
         return len(rows)
 
+    def _accrue_sandbox(self, conn: Connection, sb: Any, now: float) -> int:
+        """Accrue one sandbox's node in the caller's transaction (see the module's docstring)."""
+        sb.billed_until = conn.execute(
+            select(func.max(SPAN.c.t1)).where(and_(SPAN.c.worker_id == sb.id, SPAN.c.kind == "compute"))
+        ).scalar()
+        end, rows = plan(sb, now)
+        if end is None:
+            return 0
+        if rows:
+            conn.execute(SPAN.insert(), rows)
+            for r in rows:
+                _add_to_hour(conn, self.cp.db.is_sqlite, r)
+        if sb.state == WorkerState.STOPPED:
+            self._close(conn, sb, end)
+        return len(rows)
+
     def _close(self, conn: Connection, w: Any, end: float) -> None:
         """The worker's whole life in ``ledger_worker``, in its last accrual's transaction."""
         totals = conn.execute(
@@ -302,7 +346,11 @@ class Ledger:
             ).where(SPAN.c.worker_id == w.id)
         ).one()
         b = Billed.of(w)
-        name = conn.execute(select(F.c.name).where(F.c.id == w.function_id)).scalar() or ""
+        name = (
+            SANDBOX_FUNCTION
+            if w.function_id == SANDBOX_FUNCTION
+            else conn.execute(select(F.c.name).where(F.c.id == w.function_id)).scalar() or ""
+        )
         conn.execute(
             LWORKER.insert().values(
                 worker_id=w.id,
@@ -353,6 +401,61 @@ class Ledger:
                 # an upsert: another control plane on the same database may name the same app at the same time
                 stmt = insert(LAPP).values(app_id=a.id, first_seen=now, **values)
                 conn.execute(stmt.on_conflict_do_update(index_elements=["app_id"], set_=values))
+
+
+def open_sandboxes(conn: Connection, now: float) -> list[Any]:
+    """The sandboxes on cloud nodes whose billing is open, as worker-like rows for :func:`plan` (with
+    ``billed_until``: their last compute span's end, as ``conn`` sees it)."""
+    rows = conn.execute(
+        select(SB.c.id, SB.c.app_id, SB.c.state, SB.c.finished_at, SB.c.spec).where(
+            and_(
+                or_(SB.c.state == "running", SB.c.finished_at >= now - SANDBOX_WINDOW_S),
+                SB.c.id.not_in(select(LWORKER.c.worker_id)),
+            )
+        )
+    ).all()
+    out = [w for r in rows if (w := sandbox_worker(r, now)) is not None]
+    if out:
+        billed: dict[str, float] = dict(
+            conn.execute(
+                select(SPAN.c.worker_id, func.max(SPAN.c.t1))
+                .where(and_(SPAN.c.worker_id.in_([w.id for w in out]), SPAN.c.kind == "compute"))
+                .group_by(SPAN.c.worker_id)
+            ).all()
+        )
+        for w in out:
+            w.billed_until = billed.get(w.id)
+    return out
+
+
+def sandbox_worker(r: Any, now: float) -> Any | None:
+    """A sandbox row (``id``, ``app_id``, ``state``, ``finished_at``, ``spec``) as :data:`WORKER_COLUMNS` has a
+    worker, when it ran on a cloud node (None otherwise). ``billed_until`` is None: the caller reads it."""
+    b = (r.spec or {}).get("billing")
+    if not b or b.get("launched_at") is None:
+        return None
+    stopped_at = b.get("stopped_at")
+    if stopped_at is None and r.state != "running" and r.finished_at is not None:
+        if now - float(r.finished_at) > SANDBOX_NODE_GRACE_S:  # its node's deletion was never recorded
+            stopped_at = float(r.finished_at) + SANDBOX_NODE_GRACE_S
+    return SimpleNamespace(
+        id=r.id,
+        app_id=r.app_id,
+        function_id=SANDBOX_FUNCTION,
+        provider=b.get("provider") or "",
+        state=WorkerState.STOPPED if stopped_at is not None else WorkerState.READY,
+        started_at=float(b["launched_at"]),
+        launched_at=float(b["launched_at"]),
+        billed_until=None,
+        stopped_at=stopped_at,
+        idle_since=None,
+        offer=b.get("offer") or {},
+        market=b.get("market") or "on-demand",
+        price_per_hour=float(b.get("price_per_hour") or 0.0),
+        gpu=b.get("gpu") or "",
+        last_heartbeat=None,
+        stop_reason="sandbox ended",
+    )
 
 
 def plan(w: Any, now: float) -> tuple[float | None, list[dict[str, Any]]]:

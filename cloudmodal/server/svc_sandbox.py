@@ -20,6 +20,23 @@ session with the same configuration line on its stdin, under bubblewrap on the n
 the node is deleted. Its ``timeout`` counts from the host's start (the node's provisioning is bounded apart,
 by :data:`PROVISION_S`).
 
+Images: on this machine a sandbox's ``image=`` with pip packages (``pip_install``, ``uv_pip_install``,
+``pip_install_from_requirements``) gets the Python environment workers of that image get here
+(:func:`cloudmodal.providers.envs.resolve_python`, built once per image hash and cached), bound read-only in
+the sandbox with its ``bin`` first on ``PATH``; the image's ``env`` is in the sandbox's environment and its
+``workdir`` is the default working directory. ``apt_install``, ``run_commands`` and the other steps that change
+the system are refused here (they need root on the control plane's machine); on a cloud node the node's
+bootstrap sets the image up as a worker's (:func:`cloudmodal.image_render.setup_script`) and the host runs with
+its venv's Python.
+
+Volumes (this machine only): each mount is a working copy of the volume made by this control plane outside the
+sandbox (with the creator's access to the volume), bound read-write at its path (read-only with
+``read_only``); it is committed when the sandbox ends, before its end is visible, as Modal commits a sandbox's
+volumes when it terminates, and then removed.
+
+Named secrets (``Secret.from_name``) are resolved here at create (and at each ``exec`` that names some) into
+the sandbox's environment only, before its inline ones and ``env``.
+
 Ends: the command exits; ``terminate``; ``timeout`` (the host's timer, with this control plane's a few seconds
 later as a backstop); the app stopping (checked every :data:`APP_CHECK_S`); this control plane shutting down.
 """
@@ -37,6 +54,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +66,7 @@ from cloudmodal.server import models
 from cloudmodal.server.models_sandbox import SandboxRow
 from cloudmodal.server.security import Identity
 from cloudmodal.server.states import AppState
+from cloudmodal.server.svc_secrets import NamedSecrets, check_manager
 
 if TYPE_CHECKING:
     from cloudmodal.server.service import ControlPlane
@@ -76,6 +95,94 @@ PROVISION_S = 900.0  # a cloud node for a sandbox that is not running its host a
 CLOUD_POLL_S = 0.5  # how often a sandbox's node is described (the provider lists its nodes once per interval)
 CLOUD_TRIES = 3  # cloud candidates a sandbox's launch tries, best first
 SANDBOX_HOST_ARGV = ("-m", "cloudmodal.worker.sandbox_host")
+# image steps a sandbox on this machine cannot have: they change the system (root) or ship files
+LOCAL_REFUSED_OPS = {
+    "apt_install": "apt_install needs root on the control plane's machine",
+    "run_commands": "run_commands would run as root on the control plane's machine",
+    "run_function": "run_function builds need a container image",
+    "uv_sync": "uv_sync is not supported for sandboxes yet",
+    "add_local_python_source": "add_local_python_source is not supported for sandboxes yet",
+}
+PIP_OPS = ("pip_install", "uv_pip_install", "pip_install_requirements")
+# pip options an image's steps may pass to the build on the control plane's machine (others could make pip
+# write outside the image's environment: --target, --prefix, --root, --src...)
+SAFE_PIP_OPTIONS = ("--no-index", "--no-deps", "--prefer-binary", "--pre")
+# mount paths a volume may not take: the image's system directories and the kernel's
+RESERVED_MOUNTS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/proc", "/dev")
+
+
+def check_mount_path(path: str) -> str:
+    """A volume's mount path in a sandbox: absolute, normalized, not ``/`` nor a system directory."""
+    import posixpath
+
+    norm = posixpath.normpath(path)
+    if not path.startswith("/") or norm != path or path == "/":
+        raise exc.InvalidError(
+            f"Sandbox volumes: mount path {path!r} must be an absolute, normalized path "
+            "other than /, e.g. '/data'."
+        )
+    if any(path == r or path.startswith(r + "/") for r in RESERVED_MOUNTS):
+        raise exc.InvalidError(
+            f"Sandbox volumes: {path!r} is in the sandbox's read-only system directories; mount the volume "
+            "elsewhere, e.g. '/data'."
+        )
+    return path
+
+
+def image_pip_args(image: dict[str, Any]) -> list[str]:
+    """``pip install`` options of the image's pip steps (``find_links``, ``index_url``, ``extra_index_url``,
+    ``pre``, ``extra_options``), for the environment built for it here."""
+    out: list[str] = []
+    for layer in image.get("layers") or ():
+        if layer.get("op") not in PIP_OPS:
+            continue
+        for key, flag in (
+            ("find_links", "--find-links"),
+            ("index_url", "--index-url"),
+            ("extra_index_url", "--extra-index-url"),
+        ):
+            if layer.get(key) and str(layer[key]) not in out:
+                out += [flag, str(layer[key])]
+        if layer.get("pre") and "--pre" not in out:
+            out.append("--pre")
+        for o in layer.get("extra_options") or ():
+            o = str(o)
+            if not (o in SAFE_PIP_OPTIONS or o.startswith("--only-binary=")):
+                raise exc.InvalidError(
+                    f"Sandbox image: pip option {o!r} is not taken for an environment built on the control "
+                    f"plane's machine (only {', '.join(SAFE_PIP_OPTIONS)} and --only-binary=...). Remove it "
+                    "from extra_options, or use find_links=/index_url=."
+                )
+            if o not in out:
+                out.append(o)
+    return out
+
+
+class _ServerHead:
+    """A volume's head as the engine sees it, read and swapped through this control plane's own service with
+    the sandbox creator's access (what ``ControlPlaneHead`` does over HTTP for a worker)."""
+
+    def __init__(self, vols: Any, who: Identity, volume_id: str) -> None:
+        self.vols, self.who, self.volume_id = vols, who, volume_id
+
+    def read(self) -> tuple[int, str | None]:
+        h = self.vols.head(self.who, self.volume_id)
+        return int(h["version"]), h["manifest"]
+
+    def swap(self, expected: int, manifest_key: str) -> bool:
+        return bool(self.vols.swap(self.who, self.volume_id, expected, manifest_key)["swapped"])
+
+
+@dataclass
+class SandboxMount:
+    """A volume mounted in a sandbox: its working copy in a private directory of this machine."""
+
+    path: str
+    label: str  # the volume's name or id, for messages
+    data: Any  # VolumeData
+    copy: Any  # WorkingCopy
+    root: str  # the private directory holding the copy (removed at the end)
+    read_only: bool
 
 
 class CloudHost:
@@ -150,6 +257,7 @@ class Live:
     returncode: int | None = None
     message: str = ""
     ending: bool = False  # its end is being recorded
+    mounts: list[SandboxMount] = field(default_factory=list)  # its volumes, committed at its end
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def bump(self) -> None:
@@ -185,13 +293,41 @@ class Sandboxes:
         self._standby_lock = threading.Lock()
 
     # -- clients ------------------------------------------------------------------------------------------
-    async def create(self, who: Identity, app_id: str, spec: dict[str, Any], tags: dict[str, str]) -> str:
+    async def create(
+        self,
+        who: Identity,
+        app_id: str,
+        spec: dict[str, Any],
+        tags: dict[str, str],
+        image: dict[str, Any] | None = None,
+        mounts: list[dict[str, Any]] | None = None,
+    ) -> str:
         app = await self.run(self.cp.access.check_app, who, app_id)
         if app["state"] == AppState.STOPPED.value:
             raise exc.InvalidError(
                 f"App {app['name']!r} is stopped: sandboxes run in a running or deployed app."
             )
-        choices = await self.run(self._cloud_choices, spec) if spec.get("gpu") else None
+        cloud = bool(spec.get("gpu"))
+        image = self._check_image(image, cloud)
+        if mounts and cloud:
+            raise exc.InvalidError(
+                "Sandbox.create(volumes=...) with gpu=: volumes are mounted in sandboxes on the control plane's "
+                "machine only so far. Leave gpu= out, or read and write the volume from a function."
+            )
+        for m in mounts or ():
+            check_mount_path(m["path"])
+        if len({m["path"] for m in mounts or ()}) < len(mounts or ()):
+            raise exc.InvalidError("Sandbox volumes: two volumes at one mount path.")
+        if spec.get("secret_names"):
+            spec["env"] = await self.run(self.named_secrets, who, spec["secret_names"]) | spec["env"]
+        if image is not None:
+            spec["image_env"] = dict(image.get("env") or {})
+            workdirs = [la["path"] for la in image.get("layers") or () if la.get("op") == "workdir"]
+            if workdirs and not spec.get("workdir"):
+                spec["workdir"] = workdirs[-1]
+        choices = await self.run(self._cloud_choices, spec) if cloud else None
+        if image is not None and not cloud:
+            spec["python"] = await self.run(self._image_python, image)
         sid = new_id("sb")
         now = time.time()
         live = Live(sid, app["id"], app["name"], float(spec["timeout"]))
@@ -199,10 +335,23 @@ class Sandboxes:
             live.cloud, live.started = True, False
         if spec.get("argv"):
             live.procs[0] = Proc()
-        wire_spec = {k: v for k, v in spec.items() if k != "env"}  # the env may hold secrets' values
+        if mounts:
+            live.mounts = await self.run(self._mount_volumes, who, sid, mounts)
+            spec["mounts"] = [
+                {"path": m.path, "source": str(m.copy.directory), "read_only": m.read_only}
+                for m in live.mounts
+            ]
+        # the env may hold secrets' values; the host's paths are this machine's business
+        wire_spec = {k: v for k, v in spec.items() if k not in ("env", "python", "mounts", "image_env")}
+        if image is not None:
+            wire_spec["image"] = image.get("hash")
+        if mounts:
+            wire_spec["volumes"] = [{"path": m["path"], "ref": m["ref"]} for m in mounts]
 
         def write() -> str:
             with self.cp.db.write() as conn:
+                if spec.get("name"):
+                    self._check_name_free(conn, app["id"], spec["name"])
                 conn.execute(
                     SB.insert().values(
                         id=sid,
@@ -218,11 +367,15 @@ class Sandboxes:
             live.token_id = token_id
             return token
 
-        token = await self.run(write)
+        try:
+            token = await self.run(write)
+        except BaseException:
+            await self.run(self._unmount, live, False)
+            raise
         self.live[sid] = live
         self._start_watcher()
         if choices is not None:
-            asyncio.ensure_future(self._start_cloud(live, token, spec, choices))
+            asyncio.ensure_future(self._start_cloud(live, token, spec, choices, image))
             return sid
         try:
             live.host = await self.run(self._spawn_host, sid, token, spec)
@@ -232,6 +385,147 @@ class Sandboxes:
         asyncio.get_running_loop().call_later(live.timeout + BACKSTOP_S, self._backstop, live)
         asyncio.ensure_future(self.run(self._refill))
         return sid
+
+    # -- names ----------------------------------------------------------------------------------------------
+    def _check_name_free(self, conn: Any, app_id: str, name: str) -> None:
+        """In the creating transaction: no running sandbox of the app has ``name`` (PostgreSQL: the app's
+        creates are serialized by a transaction lock; SQLite's writes are serialized already)."""
+        from sqlalchemy import text
+
+        if not self.cp.db.is_sqlite:
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"sandbox-name:{app_id}"})
+        rows = conn.execute(select(SB.c.spec).where(SB.c.app_id == app_id, SB.c.state == "running")).all()
+        if any((r.spec or {}).get("name") == name for r in rows):
+            raise exc.AlreadyExistsError(
+                f"A running sandbox of this app is already named {name!r}: names are unique among an app's "
+                "running sandboxes. Pick another name, or Sandbox.from_name(app_name, name) to use that one."
+            )
+
+    def from_name(self, who: Identity, app_name: str, name: str) -> dict[str, Any]:
+        """The running sandbox named ``name`` of the app named ``app_name`` (Modal's ``Sandbox.from_name``)."""
+        A = models.apps
+        q = (
+            select(SB, A.c.name.label("app_name"))
+            .join(A, A.c.id == SB.c.app_id)
+            .where(A.c.name == app_name, SB.c.state == "running")
+            .order_by(SB.c.created_at.desc())
+        )
+        with self.cp.db.read() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q.limit(10_000))]
+        for r in rows:
+            if (r["spec"] or {}).get("name") != name:
+                continue
+            if not who.team_wide and not (who.apps and r["app_name"] in who.apps):
+                raise exc.PermissionDeniedError(f"This token may not use app {app_name!r}.")
+            return r
+        raise exc.NotFoundError(f"No running sandbox named {name!r} in app {app_name!r}.")
+
+    # -- images, secrets, volumes --------------------------------------------------------------------------
+    @staticmethod
+    def _check_image(image: dict[str, Any] | None, cloud: bool) -> dict[str, Any] | None:
+        """The image's recipe (None: the default image), its steps checked against where the sandbox runs."""
+        if not image or not image.get("layers"):
+            return None
+        if not isinstance(image.get("hash"), str) or not isinstance(image.get("layers"), list):
+            raise exc.InvalidError("Sandbox image: send Image.to_wire() (a recipe with hash and layers).")
+        ops = [str(la.get("op")) for la in image["layers"] if isinstance(la, dict)]
+        refused = [LOCAL_REFUSED_OPS[o] for o in dict.fromkeys(ops) if o in LOCAL_REFUSED_OPS]
+        if cloud:
+            refused = [
+                r
+                for o, r in LOCAL_REFUSED_OPS.items()
+                if o in ops and o in ("uv_sync", "add_local_python_source")
+            ]
+        if refused:
+            where = "on a cloud node" if cloud else "on the control plane's machine"
+            raise exc.InvalidError(
+                f"Sandbox.create(image=...) {where}: " + "; ".join(refused) + ". Sandboxes take images with "
+                "pip_install, uv_pip_install, pip_install_from_requirements, env and workdir"
+                + ("" if cloud else " here; with gpu= (a cloud node) also apt_install and run_commands")
+                + ". Remove those steps, or run that code in a function."
+            )
+        if not cloud:
+            image_pip_args(image)  # its pip options, checked before anything starts
+        return image
+
+    @staticmethod
+    def _image_python(image: dict[str, Any]) -> str | None:
+        """The interpreter of the image's environment on this machine (None: this process's environment has
+        every package). Built once per image hash, as workers' (blocking: it may run pip)."""
+        from cloudmodal.providers.base import ImageBuildError
+        from cloudmodal.providers.envs import resolve_python
+
+        packages = [str(p) for p in image.get("pip_packages") or ()]
+        if not packages:
+            return None
+        try:
+            python = resolve_python(packages, str(image["hash"]), pip_args=image_pip_args(image))
+        except ImageBuildError as e:
+            raise exc.InvalidError(f"Sandbox image: {e}") from None
+        return None if python == sys.executable else python
+
+    def named_secrets(self, who: Identity, names: list[str]) -> dict[str, str]:
+        """The environment named secrets ``names`` give (merged in order), read now (blocking)."""
+        if not names:
+            return {}
+        check_manager(who, f"use named secrets ({', '.join(repr(n) for n in names)})")
+        return NamedSecrets(self.cp).resolve(list(names), "Sandbox: ")
+
+    def _mount_volumes(self, who: Identity, sid: str, mounts: list[dict[str, Any]]) -> list[SandboxMount]:
+        """A working copy of each volume, in a private directory (blocking: it downloads the volume)."""
+        import shutil
+        import tempfile
+
+        from cloudmodal.server.svc_volumes import Volumes
+        from cloudmodal.settings import settings
+        from cloudmodal.volume import check_sub_path
+        from cloudmodal.volumes.engine import VolumeData
+        from cloudmodal.volumes.store import open_store
+
+        vols = Volumes(self.cp, settings().volume_store)
+        made: list[SandboxMount] = []
+        try:
+            for m in mounts:
+                row = vols.get(who, m["ref"])
+                sub = check_sub_path(m["sub_path"]) if m.get("sub_path") else ""
+                data = VolumeData(open_store(row["location"]), _ServerHead(vols, who, row["id"]))
+                root = tempfile.mkdtemp(prefix=f"cloudmodal-{sid}-")  # 0700
+                try:
+                    copy = data.working_copy(
+                        Path(root) / "root", sub_path=sub or "", read_only=m["read_only"]
+                    )
+                except BaseException:
+                    data.close()
+                    shutil.rmtree(root, ignore_errors=True)
+                    raise
+                made.append(
+                    SandboxMount(m["path"], row["name"] or row["id"], data, copy, root, bool(m["read_only"]))
+                )
+        except BaseException:
+            self._unmount(SimpleNamespace(id=sid, mounts=made), False)
+            raise
+        return made
+
+    @staticmethod
+    def _unmount(live: Any, commit: bool) -> str:
+        """Commit (``commit``) each writable volume of ``live``, then remove the working copies (blocking).
+        Returns what failed, for the sandbox's message."""
+        import shutil
+
+        failed = []
+        for m in live.mounts:
+            try:
+                if commit and not m.read_only:
+                    m.copy.commit()
+            except Exception as e:
+                log.warning("sandbox %s: committing volume %s: %s", live.id, m.label, e)
+                failed.append(f"committing the volume {m.label!r} at {m.path} failed: {e}")
+            finally:
+                with contextlib.suppress(Exception):
+                    m.data.close()
+                shutil.rmtree(m.root, ignore_errors=True)
+        live.mounts = []
+        return "; ".join(failed)
 
     # -- cloud nodes --------------------------------------------------------------------------------------
     def _cloud_choices(self, spec: dict[str, Any]) -> list[Any]:
@@ -269,8 +563,11 @@ class Sandboxes:
             )
         return choices
 
-    def _launch_cloud(self, live: Live, token: str, spec: dict[str, Any], choices: list[Any]) -> CloudHost:
-        """Launch the sandbox's node on the first candidate that accepts (blocking: cloud calls)."""
+    def _launch_cloud(
+        self, live: Live, token: str, spec: dict[str, Any], choices: list[Any], image: dict[str, Any] | None
+    ) -> CloudHost:
+        """Launch the sandbox's node on the first candidate that accepts (blocking: cloud calls); the node's
+        bootstrap sets up ``image`` as a worker's and runs the host with its venv's Python."""
         from cloudmodal.providers.base import LaunchRequest, ProviderError
 
         refused = []
@@ -283,6 +580,15 @@ class Sandboxes:
                 offer=c.offer,
                 market=c.market,
                 argv=SANDBOX_HOST_ARGV,
+                **(
+                    {
+                        "image": image,
+                        "image_hash": image.get("hash"),
+                        "pip_packages": tuple(image.get("pip_packages") or ()),
+                    }
+                    if image is not None
+                    else {}
+                ),
             )
             try:
                 handle = c.provider.launch_sandbox(
@@ -291,6 +597,7 @@ class Sandboxes:
             except ProviderError as e:
                 refused.append(f"{c.describe()}: {e.message}")
                 continue
+            self._bill(live.id, c, handle)
             self.cp.activity.event(
                 "sandbox.node_launched",
                 f"sandbox {live.id}: node launched on {c.describe()}",
@@ -299,11 +606,42 @@ class Sandboxes:
             return CloudHost(c.provider, handle, c.describe())
         raise exc.ExecutionError("no cloud candidate started a node: " + "; ".join(refused))
 
-    async def _start_cloud(self, live: Live, token: str, spec: dict[str, Any], choices: list[Any]) -> None:
+    def _bill(self, sid: str, choice: Any, handle: Any) -> None:
+        """What the sandbox's node is billed as, fixed now, into its row (the ledger's reading, see
+        :mod:`cloudmodal.server.ledger`): its provider, offer, market, $/h and launch time."""
+        from cloudmodal.server.launcher import _offer_dict
+
+        billing = {
+            "provider": getattr(choice.provider, "name", "") or handle.provider,
+            "offer": _offer_dict(choice) or {},
+            "market": handle.market,
+            "price_per_hour": float(handle.price_per_hour or 0.0),
+            "launched_at": float(handle.launched_at),
+            "gpu": str(choice.tier) if choice.tier else "",
+        }
+        self._set_billing(sid, billing)
+
+    def _set_billing(self, sid: str, values: dict[str, Any]) -> None:
+        with self.cp.db.write() as conn:
+            spec = conn.execute(select(SB.c.spec).where(SB.c.id == sid)).scalar()
+            if spec is None:
+                return
+            spec = dict(spec)
+            spec["billing"] = {**(spec.get("billing") or {}), **values}
+            conn.execute(SB.update().where(SB.c.id == sid).values(spec=spec))
+
+    async def _start_cloud(
+        self,
+        live: Live,
+        token: str,
+        spec: dict[str, Any],
+        choices: list[Any],
+        image: dict[str, Any] | None = None,
+    ) -> None:
         """Launch the sandbox's node and watch it (the provider's describe bootstraps it and reports the host's
         end); when it ends, end the sandbox and delete the node."""
         try:
-            host = await self.run(self._launch_cloud, live, token, spec, choices)
+            host = await self.run(self._launch_cloud, live, token, spec, choices, image)
         except Exception as e:
             await self._end(live, "error", None, f"The sandbox's cloud node could not start: {e}")
             return
@@ -338,6 +676,12 @@ class Sandboxes:
         while host.returncode is None and not host.stopped and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await self.run(host.stop)
+        # the node is gone: its billing ends here (the ledger closes it)
+        with contextlib.suppress(Exception):
+            await self.run(self._set_billing, host.handle.worker_id, {"stopped_at": time.time()})
+        ledger = getattr(self.cp, "ledger", None)
+        if ledger is not None:
+            ledger.soon()
 
     # -- local hosts ----------------------------------------------------------------------------------------
     def _new_host(self) -> subprocess.Popen[bytes]:
@@ -394,13 +738,22 @@ class Sandboxes:
             raise exc.PermissionDeniedError(f"This token may not use the app of sandbox {sid}.")
         return live
 
-    def exec(self, live: Live, argv: list[str], workdir: str | None, env: dict[str, str]) -> int:
+    def exec(
+        self,
+        live: Live,
+        argv: list[str],
+        workdir: str | None,
+        env: dict[str, str],
+        timeout: int | None = None,
+    ) -> int:
         if live.state != "running":
             raise exc.InvalidError(f"Sandbox {live.id} has ended ({live.state}): it cannot run commands.")
         proc = live.next_proc
         live.next_proc += 1
         live.procs[proc] = Proc()
-        spec = {"argv": argv, "cwd": workdir, "env": env}
+        spec: dict[str, Any] = {"argv": argv, "cwd": workdir, "env": env}
+        if timeout:
+            spec["timeout"] = timeout
         live.command("S", proc, json.dumps(spec).encode())
         return proc
 
@@ -547,6 +900,10 @@ class Sandboxes:
         live.ending = True
 
         def write() -> None:
+            nonlocal message
+            if live.mounts:  # its volumes, committed before its end is visible (its processes are gone)
+                failed = self._unmount(live, commit=True)
+                message = "; ".join(x for x in (message, failed) if x)
             with self.cp.db.write() as conn:
                 conn.execute(
                     SB.update()
@@ -611,6 +968,8 @@ class Sandboxes:
         for live in list(self.live.values()):
             if live.host is not None:
                 self._kill_host(live.host)
+            if live.mounts and live.state == "running":  # what its processes wrote, committed as they end
+                self._unmount(live, commit=True)
 
     def _start_watcher(self) -> None:
         if self._watcher is None or self._watcher.done():

@@ -4,7 +4,8 @@
 needs nothing of cloudmodal inside the sandbox. It talks to the host over its own stdin and stdout in frames
 ``[kind: 1 byte][process: u32][length: u32][payload]``:
 
-- host to agent: ``S`` start a process (payload: JSON ``{"argv", "cwd", "env"}``), ``I`` bytes for its stdin,
+- host to agent: ``S`` start a process (payload: JSON ``{"argv", "cwd", "env"}``, and ``timeout``: seconds
+  after which it and its process group are killed and its exit is reported as ``-1``, as Modal's), ``I`` bytes for its stdin,
   ``E`` close its stdin, ``K`` send it a signal (payload: the number as text);
 - agent to host: ``O``/``R`` bytes of its stdout/stderr, ``X`` it exited (payload: the exit code as text;
   minus the signal number when a signal ended it), ``F`` it could not start (payload: why).
@@ -22,6 +23,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 HEADER = struct.Struct(">cII")
 READ = 65536
@@ -39,6 +41,8 @@ class Agent:
         self.exited: dict[int, int] = {}  # process -> exit code, reported once its pipes are drained
         self.buf = bytearray()
         self.main_done = False
+        self.deadlines: dict[int, float] = {}  # process -> when its exec timeout kills it
+        self.timed_out: set[int] = set()
 
     def send(self, kind: bytes, proc: int, payload: bytes = b"") -> None:
         self.out.write(HEADER.pack(kind, proc, len(payload)) + payload)
@@ -61,6 +65,7 @@ class Agent:
                 stderr=subprocess.PIPE,
                 close_fds=True,
                 preexec_fn=limit if memory else None,
+                start_new_session=bool(spec.get("timeout")),  # its group is killed at its timeout
             )
         except OSError as e:
             self.send(b"F", proc, str(e).encode())
@@ -68,6 +73,8 @@ class Agent:
             self.main_done = self.main_done or proc == 0
             return
         self.procs[proc] = p
+        if spec.get("timeout"):
+            self.deadlines[proc] = time.monotonic() + float(spec["timeout"])
         assert p.stdin is not None and p.stdout is not None and p.stderr is not None
         for stream, kind in ((p.stdout, b"O"), (p.stderr, b"R")):
             os.set_blocking(stream.fileno(), False)
@@ -141,6 +148,10 @@ class Agent:
         if proc not in self.exited or self.open_pipes.get(proc, 0) > 0:
             return
         code = self.exited.pop(proc)
+        if proc in self.timed_out:
+            code = -1  # as Modal's ContainerProcess after its exec timeout
+            self.timed_out.discard(proc)
+        self.deadlines.pop(proc, None)
         self.open_pipes.pop(proc, None)
         self.send(b"X", proc, str(code).encode())
         p = self.procs.pop(proc, None)
@@ -154,11 +165,31 @@ class Agent:
         if proc == 0:
             self.main_done = True
 
+    def expire(self) -> None:
+        """Kill the processes past their exec timeout, with their process groups (what they started)."""
+        now = time.monotonic()
+        for proc, at in list(self.deadlines.items()):
+            if at > now:
+                continue
+            del self.deadlines[proc]
+            p = self.procs.get(proc)
+            if p is None:
+                continue
+            if proc not in self.exited:  # exited in time: only what it left holding its pipes is killed
+                self.timed_out.add(proc)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def run(self, has_main: bool) -> int:
         os.set_blocking(self.inp, True)
         self.sel.register(self.inp, selectors.EVENT_READ, ("host", 0, None))
         while not (has_main and self.main_done):
-            for key, _ in self.sel.select():
+            self.expire()
+            wait = min(self.deadlines.values(), default=None)
+            timeout = None if wait is None else max(0.0, wait - time.monotonic())
+            for key, _ in self.sel.select(timeout):
                 what, proc, extra = key.data
                 if what == "host":
                     if not self.from_host():

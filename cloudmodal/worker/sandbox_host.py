@@ -7,7 +7,9 @@ sandboxed processes, in their own PID namespace, cannot see this process. Stdin 
 control plane is gone) the sandbox is killed and the host exits.
 
 The command runs under bubblewrap (:func:`bwrap_argv`): the image read-only (here: the system directories and the
-Python environment), a private ``/tmp`` and workdir, a fresh ``/proc`` of a new PID namespace, no network with
+Python environment; with an image's packages, the environment built for it, ``spec["python"]``), a private
+``/tmp`` and workdir, the volumes' working copies bound at their paths (``spec["mounts"]``, prepared outside
+the sandbox by the control plane), a fresh ``/proc`` of a new PID namespace, no network with
 ``block_network``, killed with its parent. Inside, :mod:`cloudmodal.worker.sandbox_agent` starts the command
 and later ``exec``s and carries their stdio over a pipe; this process relays it to the control plane over two
 WebSockets it dials (commands in, output and exits out), so it works the same from behind a NAT.
@@ -66,6 +68,22 @@ def private_in_etc(etc: str = "/etc") -> list[str]:
     return argv
 
 
+def image_python(spec: dict[str, Any]) -> str:
+    """The sandbox's Python: the image's environment built for it on this machine (``spec["python"]``, see
+    :func:`cloudmodal.providers.envs.resolve_python`), else this host's own (on a cloud node: the image's venv)."""
+    return str(spec.get("python") or sys.executable)
+
+
+def image_prefix(spec: dict[str, Any]) -> str:
+    """The prefix of the sandbox's Python environment (its ``bin`` goes first on ``PATH``)."""
+    python = spec.get("python")
+    return str(Path(python).parent.parent) if python else sys.prefix
+
+
+def _under_system(d: str) -> bool:
+    return any(d == s or d.startswith(s + "/") for s in SYSTEM_DIRS)
+
+
 def bwrap_argv(spec: dict[str, Any], *, bwrap: str = "bwrap") -> list[str]:
     """The bubblewrap command line that runs the agent (and through it the sandbox's commands) for ``spec``."""
     argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
@@ -90,18 +108,30 @@ def bwrap_argv(spec: dict[str, Any], *, bwrap: str = "bwrap") -> list[str]:
         argv += private_in_etc("/etc")
     for d in image_dirs():
         argv += ["--ro-bind", d, d]
+    prefix = image_prefix(spec)
+    if spec.get("python") and not _under_system(prefix):  # the image's environment, built for it: read-only
+        argv += ["--ro-bind", prefix, prefix]
+    # volumes: their working copies (made by the control plane outside the sandbox), read-write unless
+    # mounted read_only; after everything above, so that a mount under the workdir or /tmp shows
+    for m in spec.get("mounts") or ():
+        argv += ["--ro-bind" if m.get("read_only") else "--bind", m["source"], m["path"]]
     argv += ["--chdir", workdir, "--clearenv"]
     agent = (Path(__file__).parent / "sandbox_agent.py").read_text()
     # the command itself goes to the agent on its stdin (main_command), not here: every user of the machine
     # reads command lines, and its environment may hold secrets' values
-    argv += ["--", sys.executable, "-I", "-S", "-c", agent, "main" if spec.get("argv") else ""]
+    argv += ["--", image_python(spec), "-I", "-S", "-c", agent, "main" if spec.get("argv") else ""]
     return argv
 
 
 def main_command(spec: dict[str, Any]) -> bytes:
     """The agent's frame that starts the sandbox's own command (process 0)."""
     workdir = spec.get("workdir") or "/root"
-    start = {"argv": spec["argv"], "cwd": workdir, "env": sandbox_env(spec, workdir), **limits(spec)}
+    start = {
+        "argv": spec["argv"],
+        "cwd": workdir,
+        "env": sandbox_env(spec, workdir, spec.get("env")),
+        **limits(spec),
+    }
     payload = json.dumps(start).encode()
     return HEADER.pack(b"S", 0, len(payload)) + payload
 
@@ -112,17 +142,19 @@ def limits(spec: dict[str, Any]) -> dict[str, Any]:
     return {"memory_bytes": int(memory) * 1024 * 1024} if memory else {}
 
 
-def sandbox_env(spec: dict[str, Any], workdir: str) -> dict[str, str]:
-    """The environment of the sandbox's processes: a plain one, the image's Python first on ``PATH``, then
-    the sandbox's ``env`` and secrets (never this host's)."""
-    env = {
-        "PATH": os.path.join(sys.prefix, "bin") + ":" + DEFAULT_PATH,
+def sandbox_env(spec: dict[str, Any], workdir: str, env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a process of the sandbox: a plain one, the image's Python first on ``PATH``, the
+    image's ``env`` (``spec["image_env"]``), then ``env`` (the sandbox's or the exec's, with their secrets;
+    never this host's)."""
+    out = {
+        "PATH": os.path.join(image_prefix(spec), "bin") + ":" + DEFAULT_PATH,
         "HOME": workdir,
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
     }
-    env.update(spec.get("env") or {})
-    return env
+    out.update(spec.get("image_env") or {})
+    out.update(env or {})
+    return out
 
 
 def children(pid: int) -> list[int]:
@@ -307,10 +339,13 @@ class Host:
                 ):  # the host completes an exec's spec: its workdir and environment are the image's
                     start = json.loads(data)
                     cwd = start.get("cwd") or self.spec.get("workdir") or "/root"
-                    env = sandbox_env({"env": start.get("env")}, self.spec.get("workdir") or "/root")
-                    data = json.dumps(
-                        {"argv": start["argv"], "cwd": cwd, "env": env, **limits(self.spec)}
-                    ).encode()
+                    # the sandbox's own env and secrets (the container's), then the exec's
+                    own = {**(self.spec.get("env") or {}), **(start.get("env") or {})}
+                    env = sandbox_env(self.spec, self.spec.get("workdir") or "/root", own)
+                    full = {"argv": start["argv"], "cwd": cwd, "env": env, **limits(self.spec)}
+                    if start.get("timeout"):
+                        full["timeout"] = float(start["timeout"])
+                    data = json.dumps(full).encode()
                 try:
                     stdin.write(HEADER.pack(op.encode(), proc, len(data)) + data)
                     stdin.flush()

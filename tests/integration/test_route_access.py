@@ -65,6 +65,7 @@ EXPECTED = {
     ("POST", "/v1/workers/{worker_id}/exec/events"): "worker",
     ("POST", "/v1/sandboxes"): "member",
     ("POST", "/v1/sandboxes/list"): "member",
+    ("POST", "/v1/sandboxes/lookup"): "member",
     ("GET", "/v1/sandboxes/{sandbox_id}"): "member",
     ("POST", "/v1/sandboxes/{sandbox_id}/terminate"): "member",
     ("POST", "/v1/sandboxes/{sandbox_id}/tags"): "member",
