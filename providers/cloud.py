@@ -88,13 +88,16 @@ class _Node:
 class CloudProvider(Provider, SupportsInventory, SupportsSignals):
     """One cloud (``driver.cloud``) as a provider of workers; see the module docstring.
 
-    ``node_server_url``: the URL nodes reach the control plane at; None (the default) reaches it through a
-    reverse SSH tunnel over each node's SSH connection (a laptop behind NAT). ``ssh_config``: an OpenSSH
-    client config passed to every ``ssh`` (bastions, jump hosts). ``node_python``: the Python the node's
-    image environment is made from. ``ssh_user``: the login on nodes (default: the one the driver names for the
-    cloud's image). ``node_env``: more environment for the worker processes on nodes (e.g. a proxy).
-    ``bootstrap_options``: more keyword arguments for :class:`~cloudmodal.providers.node_bootstrap.NodeBootstrap`
-    (e.g. ``system_site_packages`` for nodes whose Python already has cloudmodal's dependencies).
+    ``node_server_url``: the URL nodes reach the control plane at (a team's control plane: ``https://``, its
+    workers dialling it directly and pinning its certificate with the ``CLOUDMODAL_TLS_FINGERPRINT`` the
+    launcher puts in their environment); None (the default) reaches it through a reverse SSH tunnel over
+    each node's SSH connection (a laptop behind NAT; over TLS too when the control plane serves it).
+    ``ssh_config``: an OpenSSH client config passed to every ``ssh`` (bastions, jump hosts).
+    ``node_python``: the Python the node's image environment is made from. ``ssh_user``: the login on nodes
+    (default: the one the driver names for the cloud's image). ``node_env``: more environment for the worker
+    processes on nodes (e.g. a proxy). ``bootstrap_options``: more keyword arguments for
+    :class:`~cloudmodal.providers.node_bootstrap.NodeBootstrap` (e.g. ``system_site_packages`` for nodes whose
+    Python already has cloudmodal's dependencies).
     """
 
     workers_on_this_machine = False
@@ -139,6 +142,16 @@ class CloudProvider(Provider, SupportsInventory, SupportsSignals):
         """Called by the control plane before any launch: the id its nodes are tagged with, and its URL."""
         self.control_plane_id = control_plane_id
         self.server_url = server_url
+        node_url = self.node_server_url or ""
+        if server_url.startswith("https://") and node_url.startswith("http://"):
+            # its nodes' workers would speak plain HTTP to a TLS port (and send their tokens in clear)
+            log.warning(
+                "%s: CLOUDMODAL_NODE_SERVER_URL is %s, but this control plane serves HTTPS (%s): its nodes' "
+                "workers cannot connect. Set it to the https:// address nodes reach it at.",
+                self.name,
+                node_url,
+                server_url,
+            )
 
     def ssh_key(self) -> tuple[Path, str]:
         """This control plane's SSH key for its nodes: (private key path, public key line), made on first

@@ -243,12 +243,15 @@ class Health(ReconcilerBase):
             )
             return
         clean = state == WorkerState.DRAINING and status.returncode == 0
-        self.cp.workers.worker_stopped(
-            wid,
-            f"process exited with code {status.returncode}"
-            + (f" ({status.detail})" if status.detail else ""),
-            crashed=not clean,
+        reason = f"process exited with code {status.returncode}" + (
+            f" ({status.detail})" if status.detail else ""
         )
+        if state == WorkerState.STARTING and not clean:
+            # It exited before registering, so it could not say why itself (a wrong TLS pin, an unreachable
+            # control plane): counted as a start-up failure, so that a function whose workers cannot start
+            # fails its waiting inputs after a few instead of launching (and paying for) nodes forever.
+            reason = f"startup failed: {reason}"
+        self.cp.workers.worker_stopped(wid, reason, crashed=not clean)
 
     def _check_silent(
         self, wid: str, state: str, last_hb: float, started_at: float, now: float, cutoff: float

@@ -284,6 +284,7 @@ class ExecHost:
     # -- threads ------------------------------------------------------------------------------------------
     def take_commands(self) -> None:
         from cloudmodal import exception as exc
+        from cloudmodal.tls import TlsPinError
 
         after, epoch = 0, ""
         while not self.gone.is_set():
@@ -291,6 +292,9 @@ class ExecHost:
                 reply = self.commands.call({"after": after, "epoch": epoch})
             except exc.AuthError:
                 self.gone.set()  # this worker has stopped: its token no longer opens its routes
+                return
+            except TlsPinError:
+                self.gone.set()  # the control plane's certificate is not the pinned one: never dialled again
                 return
             except Exception:
                 time.sleep(RETRY_S)  # the control plane is away (restarting): dial again

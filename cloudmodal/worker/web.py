@@ -10,12 +10,16 @@ ASGI application, called in this process (no second HTTP hop on the worker):
   ``startup_timeout``) requests are forwarded to it over loopback with httpx, WebSockets with ``websockets``.
 
 The tunnel runs on an event loop of its own thread; a tunnel that breaks (a control plane restart) is dialled
-again until the worker drains. The requests in flight count as the worker's load in its heartbeats.
+again until the worker drains. A control plane whose TLS certificate is not the pinned one (or, unpinned, not
+one this machine trusts) is not dialled again: the loop ends with one line on stderr saying why
+(:attr:`WebServer.refused`), as the worker's own requests give up at once
+(:mod:`cloudmodal.client.transport`). The requests in flight count as the worker's load in its heartbeats.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import socket
 import sys
@@ -276,6 +280,7 @@ class WebServer:
     """Serves ``apps`` over the tunnel to ``url`` as worker ``worker_id`` (with its own token)."""
 
     def __init__(self, url: str, token: str | None, worker_id: str, apps: dict[str | None, ASGIApp]) -> None:
+        self.url = url
         self.uri = "ws" + url[4:] + f"/v1/workers/{worker_id}/web"
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.apps = apps
@@ -286,6 +291,9 @@ class WebServer:
         self._connected = threading.Event()
         self._draining = False
         self._stopped = False
+        # the control plane's certificate was refused (a wrong pin): the tunnel is not dialled again
+        self.refused: Exception | None = None
+        self.dialler: concurrent.futures.Future[None] | None = None  # the dial loop; done once it stopped
         self._thread = threading.Thread(target=self.loop.run_forever, name="web", daemon=True)
 
     @property
@@ -298,7 +306,7 @@ class WebServer:
         for app in self.apps.values():
             if isinstance(app, _Lifespan):
                 asyncio.run_coroutine_threadsafe(app.startup(), self.loop).result(timeout=60)
-        asyncio.run_coroutine_threadsafe(self._dial_forever(), self.loop)
+        self.dialler = asyncio.run_coroutine_threadsafe(self._dial_forever(), self.loop)
         self._connected.wait(CONNECT_WAIT_S)
 
     def drain(self, timeout: float) -> None:
@@ -329,7 +337,7 @@ class WebServer:
     async def _dial_forever(self) -> None:
         from websockets.asyncio.client import connect
 
-        from cloudmodal.tls import env_fingerprint, websocket_ssl
+        from cloudmodal.tls import env_fingerprint, untrusted_error, websocket_ssl
 
         pinned = websocket_ssl(self.uri, env_fingerprint())  # wss://: only the control plane's certificate
         delay = 0.1
@@ -355,7 +363,17 @@ class WebServer:
                             for frame in wt.frames_of(raw):
                                 self._on_frame(frame)
             except Exception as e:
-                if not self._stopped:
+                # a certificate that is not the control plane's (TlsPinError, or an unpinned worker's failed
+                # verification): the same on every dial, so not dialled again (the worker's own requests
+                # give up at once too); a broken connection (a restart) is
+                refused = untrusted_error(self.url, e)
+                if refused is not None:
+                    self.refused = refused
+                    print(
+                        f"cloudmodal: web tunnel to the control plane refused, not dialling again: {refused}",
+                        file=sys.__stderr__,
+                    )
+                elif not self._stopped:
                     print(
                         f"cloudmodal: web tunnel to the control plane broke ({e!r}); dialling again",
                         file=sys.__stderr__,
@@ -370,7 +388,8 @@ class WebServer:
                         st.task.cancel()
                     st.window.close()
                 self.streams.clear()
-            if self._stopped:
+            if self._stopped or self.refused is not None:
+                self._connected.set()  # start() waits for no tunnel that will not come
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
