@@ -222,11 +222,17 @@ def driver_options(cloud: str, home: Path | None = None) -> dict[str, str]:
     """Keyword arguments for ``cloud``'s node driver (:mod:`cloudmodal.providers.nodes`) from its outputs, so
     that nodes use what the stack made. AWS: the instance profile whose role may reach only the stack's bucket
     (``instance_profile``; without outputs a node gets no AWS identity at all), the security group and the VPC.
-    The other clouds' drivers take none of theirs yet (GCP's nodes use SkyPilot's ``default`` network)."""
+    GCP: the service account allowed on the stack's bucket only (its nodes stay on SkyPilot's ``default``
+    network: SkyPilot's bootstrap wants SSH open to the world on a VPC it is given). Azure: none yet."""
     doc = read_outputs(cloud, home) if cloud in CLOUDS else None
-    if doc is None or cloud != "aws":
+    if doc is None:
         return {}
     outputs = doc["outputs"]
+    if cloud == "gcp":
+        account = outputs.get(OUT_WORKER_IDENTITY)
+        return {"service_account": account} if isinstance(account, str) and account else {}
+    if cloud != "aws":
+        return {}
     picked = {
         "instance_profile": outputs.get(OUT_WORKER_IDENTITY),
         "security_group": outputs.get(OUT_NETWORK),

@@ -161,8 +161,13 @@ class GcpNodes(NodeDriver):
         regions: list[str] | tuple[str, ...] | None = None,
         catalog_dir: str | os.PathLike[str] | None = None,
         api_endpoint: str | None = None,
+        service_account: str | None = None,
     ) -> None:
+        """``service_account``: the email of the service account nodes run as (``cloudmodal infra up --cloud
+        gcp`` makes one allowed on its bucket only); None leaves SkyPilot's ``skypilot-v1`` account, which may
+        manage compute and storage in the whole project."""
         self._project = project
+        self._service_account = service_account
         self.regions = tuple(regions) if regions else None
         self._catalog_dir = catalog_dir
         self.api_endpoint = api_endpoint or os.environ.get(ENDPOINT_ENV) or None
@@ -393,6 +398,14 @@ class GcpNodes(NodeDriver):
                 ports_to_open_on_launch=None,
             )
             config = sky_provision.bootstrap_instances(CLOUD, region, name, config)
+            if self._service_account:
+                # SkyPilot's bootstrap always sets its own account; nodes run as the configured one instead
+                config.node_config["serviceAccounts"] = [
+                    {
+                        "email": self._service_account,
+                        "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+                    }
+                ]
             record = sky_provision.run_instances(CLOUD, region, name, name, config)
         return NodeRef(
             cloud=CLOUD, region=region, zone=str(zone), cluster=name, instance_id=record.head_instance_id

@@ -457,7 +457,7 @@ def test_aws_nodes_take_the_stacks_instance_profile_and_network(tmp_path: Path) 
         "security_group": "sg-0123456789abcdef0",
         "vpc_name": "cloudmodal-vpc",
     }
-    assert outputs.driver_options("gcp", tmp_path) == {}  # GCP's driver takes none of its outputs yet
+    assert outputs.driver_options("gcp", tmp_path) == {}  # no GCP stack: SkyPilot's defaults
     # the control plane builds its AWS driver with them
     env = {"CLOUDMODAL_HOME": str(tmp_path), "CLOUDMODAL_PROVIDERS": "aws"}
     with pytest.MonkeyPatch.context() as mp:
@@ -470,3 +470,11 @@ def test_aws_nodes_take_the_stacks_instance_profile_and_network(tmp_path: Path) 
         "sg-0123456789abcdef0",
         "cloudmodal-vpc",
     )
+
+
+def test_gcp_nodes_take_the_stacks_service_account(tmp_path: Path) -> None:
+    account = "cloudmodal-worker@p.iam.gserviceaccount.com"
+    gcp = {"bucket_url": "gs://p-cloudmodal-store", "worker_identity": account, "network": "cloudmodal-net"}
+    outputs.write_outputs("gcp", gcp, stack="gcp", project="p", backend="b", home=tmp_path)
+    assert outputs.driver_options("gcp", tmp_path) == {"service_account": account}
+    assert outputs.driver_options("azure", tmp_path) == {}

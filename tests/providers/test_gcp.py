@@ -433,3 +433,15 @@ def test_unknown_operation_error_stays_a_provider_error(driver: GcpNodes, fake: 
     fake.fail_operation("RESOURCE_NOT_READY", "The resource is not ready")
     err = _launch_error(driver, _offer(driver, "T4", "us-central1-a"))
     assert type(err) is ProviderError and err.reason == "RESOURCE_NOT_READY" and not err.retryable
+
+
+def test_nodes_run_as_the_configured_service_account(fake: Any, catalog: Path) -> None:
+    account = "cloudmodal-worker@cm-test-project.iam.gserviceaccount.com"
+    d = GcpNodes(regions=["us-central1"], catalog_dir=catalog, api_endpoint=fake.url, service_account=account)
+    try:
+        _create(d, _offer(d, "T4", "us-central1-a"), market="spot")
+    finally:
+        d.close()
+    props = _bulk_body(fake)["instanceProperties"]
+    # not SkyPilot's project-wide skypilot-v1 account (test_create_spot_t4 shows that one without the option)
+    assert [a["email"] for a in props["serviceAccounts"]] == [account]
