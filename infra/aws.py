@@ -36,27 +36,13 @@ import pulumi_aws as aws
 
 from .common import (
     ABORT_MULTIPART_DAYS,
-    BACKUP_EXPIRY_DAYS,
-    BACKUP_PREFIX,
-    BLOB_PREFIX,
-    NONCURRENT_EXPIRY_DAYS,
-    OUT_BLOB_STORE,
-    OUT_BUCKET_REGION,
-    OUT_BUCKET_URL,
-    OUT_CONTROL_HOST_ADDRESS,
-    OUT_CONTROL_PLANE_URL,
-    OUT_NETWORK,
-    OUT_VOLUME_STORE,
-    OUT_VOLUME_STORE_REGION,
-    OUT_WORKER_IDENTITY,
     SSH_PORT,
-    TAG_KEY,
-    TAG_VALUE,
-    VOLUME_PREFIX,
     InfraConfig,
     control_host_user_data,
-    control_plane_url,
-    store_url,
+    export_control_host,
+    export_outputs,
+    lifecycle_rules,
+    resource_tags,
 )
 
 VPC_CIDR = "10.73.0.0/16"
@@ -130,16 +116,63 @@ def _split(cidrs: list[str]) -> tuple[list[str], list[str]]:
     return [c for c in cidrs if ":" not in c], [c for c in cidrs if ":" in c]
 
 
+def _ssh_from(description: str, cidrs: list[str]) -> list[aws.ec2.SecurityGroupIngressArgs]:
+    """A rule letting ``cidrs`` (IPv4 and IPv6) SSH in; none when there are none."""
+    v4, v6 = _split(cidrs)
+    if not (v4 or v6):
+        return []
+    return [
+        aws.ec2.SecurityGroupIngressArgs(
+            description=description,
+            protocol="tcp",
+            from_port=SSH_PORT,
+            to_port=SSH_PORT,
+            cidr_blocks=v4,
+            ipv6_cidr_blocks=v6,
+        )
+    ]
+
+
 def program(cfg: InfraConfig) -> None:
     cfg.validate()
     n = cfg.name
     region = cfg.resolved_region
-    tags = {TAG_KEY: TAG_VALUE}
+    tags = resource_tags()
     provider = aws.Provider(f"{n}-aws", region=region, default_tags=aws.ProviderDefaultTagsArgs(tags=tags))
     opts = pulumi.ResourceOptions(provider=provider)
 
     def named(kind: str) -> dict[str, str]:
         return {**tags, "Name": f"{n}-{kind}"}
+
+    def ec2_identity(kind: str, description: str) -> tuple[aws.iam.Role, aws.iam.InstanceProfile]:
+        """A role only EC2 may assume, allowed this bucket only, and its instance profile ``<name>-<kind>``."""
+        role = aws.iam.Role(
+            f"{n}-{kind}", assume_role_policy=EC2_TRUST, description=description, tags=tags, opts=opts
+        )
+        aws.iam.RolePolicy(
+            f"{n}-{kind}-bucket",
+            role=role.id,
+            policy=bucket.arn.apply(bucket_policy_document),
+            opts=pulumi.ResourceOptions(provider=provider, parent=role),
+        )
+        profile = aws.iam.InstanceProfile(
+            f"{n}-{kind}", name=f"{n}-{kind}", role=role.name, tags=tags, opts=opts
+        )
+        return role, profile
+
+    def security_group(
+        kind: str, description: str, ingress: list[aws.ec2.SecurityGroupIngressArgs]
+    ) -> aws.ec2.SecurityGroup:
+        return aws.ec2.SecurityGroup(
+            f"{n}-{kind}",
+            name=f"{n}-{kind}",
+            description=description,
+            vpc_id=vpc.id,
+            ingress=ingress,
+            egress=everything_out,
+            tags=named(kind),
+            opts=net,
+        )
 
     # --- the bucket ---------------------------------------------------------------------------------------
     bucket = aws.s3.Bucket(f"{n}-store", bucket_prefix=f"{n}-store-", tags=tags, opts=opts)
@@ -183,24 +216,17 @@ def program(cfg: InfraConfig) -> None:
         f"{n}-store-lifecycle",
         bucket=bucket.id,
         rules=[
-            aws.s3.BucketLifecycleConfigurationRuleArgs(
-                id="deleted-blobs",
-                status="Enabled",
-                filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(prefix=f"{BLOB_PREFIX}/"),
-                noncurrent_version_expiration=expiry(noncurrent_days=cfg.blob_expiry_days),
-            ),
-            aws.s3.BucketLifecycleConfigurationRuleArgs(
-                id="old-volume-versions",
-                status="Enabled",
-                filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(prefix=f"{VOLUME_PREFIX}/"),
-                noncurrent_version_expiration=expiry(noncurrent_days=NONCURRENT_EXPIRY_DAYS),
-            ),
-            aws.s3.BucketLifecycleConfigurationRuleArgs(
-                id="old-backups",
-                status="Enabled",
-                filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(prefix=f"{BACKUP_PREFIX}/"),
-                expiration=aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(days=BACKUP_EXPIRY_DAYS),
-                noncurrent_version_expiration=expiry(noncurrent_days=1),
+            *(
+                aws.s3.BucketLifecycleConfigurationRuleArgs(
+                    id=rule.id,
+                    status="Enabled",
+                    filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(prefix=f"{rule.prefix}/"),
+                    expiration=None
+                    if rule.current_days is None
+                    else aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(days=rule.current_days),
+                    noncurrent_version_expiration=expiry(noncurrent_days=rule.noncurrent_days),
+                )
+                for rule in lifecycle_rules(cfg)
             ),
             aws.s3.BucketLifecycleConfigurationRuleArgs(
                 id="incomplete-uploads",
@@ -222,18 +248,7 @@ def program(cfg: InfraConfig) -> None:
     )
 
     # --- the workers' identity ------------------------------------------------------------------------------
-    worker_role = aws.iam.Role(
-        f"{n}-worker", assume_role_policy=EC2_TRUST, description="cloudmodal workers", tags=tags, opts=opts
-    )
-    aws.iam.RolePolicy(
-        f"{n}-worker-bucket",
-        role=worker_role.id,
-        policy=bucket.arn.apply(bucket_policy_document),
-        opts=pulumi.ResourceOptions(provider=provider, parent=worker_role),
-    )
-    worker_profile = aws.iam.InstanceProfile(
-        f"{n}-worker", name=f"{n}-worker", role=worker_role.name, tags=tags, opts=opts
-    )
+    _, worker_profile = ec2_identity("worker", "cloudmodal workers")
 
     # --- the network ------------------------------------------------------------------------------------------
     vpc = aws.ec2.Vpc(
@@ -280,7 +295,6 @@ def program(cfg: InfraConfig) -> None:
     ]
     control_group: aws.ec2.SecurityGroup | None = None
     if cfg.with_control_host:
-        admin4, admin6 = _split(cfg.admin_ssh_cidrs())
         control_in = [
             aws.ec2.SecurityGroupIngressArgs(
                 description="the control plane (TLS)",
@@ -291,45 +305,15 @@ def program(cfg: InfraConfig) -> None:
                 ipv6_cidr_blocks=["::/0"],
             )
         ]
-        if admin4 or admin6:
-            control_in.append(
-                aws.ec2.SecurityGroupIngressArgs(
-                    description="SSH from administrators",
-                    protocol="tcp",
-                    from_port=SSH_PORT,
-                    to_port=SSH_PORT,
-                    cidr_blocks=admin4,
-                    ipv6_cidr_blocks=admin6,
-                )
-            )
-        control_group = aws.ec2.SecurityGroup(
-            f"{n}-control",
-            name=f"{n}-control",
-            description="cloudmodal control host",
-            vpc_id=vpc.id,
-            ingress=control_in,
-            egress=everything_out,
-            tags=named("control"),
-            opts=net,
-        )
+        control_in += _ssh_from("SSH from administrators", cfg.admin_ssh_cidrs())
+        control_group = security_group("control", "cloudmodal control host", control_in)
 
-    ssh4, ssh6 = _split(cfg.ssh_cidrs())
     worker_in = [
         aws.ec2.SecurityGroupIngressArgs(
             description="a cluster's nodes among themselves", protocol="-1", from_port=0, to_port=0, self=True
         )
     ]
-    if ssh4 or ssh6:
-        worker_in.append(
-            aws.ec2.SecurityGroupIngressArgs(
-                description="SSH from the control plane",
-                protocol="tcp",
-                from_port=SSH_PORT,
-                to_port=SSH_PORT,
-                cidr_blocks=ssh4,
-                ipv6_cidr_blocks=ssh6,
-            )
-        )
+    worker_in += _ssh_from("SSH from the control plane", cfg.ssh_cidrs())
     if control_group is not None:
         worker_in.append(
             aws.ec2.SecurityGroupIngressArgs(
@@ -340,46 +324,21 @@ def program(cfg: InfraConfig) -> None:
                 security_groups=[control_group.id],
             )
         )
-    worker_group = aws.ec2.SecurityGroup(
-        f"{n}-nodes",
-        name=f"{n}-nodes",
-        description="cloudmodal workers",
-        vpc_id=vpc.id,
-        ingress=worker_in,
-        egress=everything_out,
-        tags=named("nodes"),
-        opts=net,
-    )
+    worker_group = security_group("nodes", "cloudmodal workers", worker_in)
 
-    pulumi.export(OUT_BUCKET_URL, bucket.bucket.apply(lambda b: f"s3://{b}"))
-    pulumi.export(OUT_VOLUME_STORE, bucket.bucket.apply(lambda b: store_url(f"s3://{b}", VOLUME_PREFIX)))
-    pulumi.export(OUT_BLOB_STORE, bucket.bucket.apply(lambda b: store_url(f"s3://{b}", BLOB_PREFIX)))
-    pulumi.export(OUT_BUCKET_REGION, region)
-    pulumi.export(OUT_VOLUME_STORE_REGION, f"aws:{region}")
-    pulumi.export(OUT_WORKER_IDENTITY, worker_profile.name)
-    pulumi.export(OUT_NETWORK, worker_group.name)
+    export_outputs(
+        cfg,
+        bucket_url=bucket.bucket.apply(lambda b: f"s3://{b}"),
+        worker_identity=worker_profile.name,
+        network=worker_group.name,
+    )
     pulumi.export("vpc_name", f"{n}-vpc")
 
     if control_group is None:
         return
 
     # --- the control host -------------------------------------------------------------------------------------
-    host_role = aws.iam.Role(
-        f"{n}-control",
-        assume_role_policy=EC2_TRUST,
-        description="cloudmodal control host",
-        tags=tags,
-        opts=opts,
-    )
-    aws.iam.RolePolicy(
-        f"{n}-control-bucket",
-        role=host_role.id,
-        policy=bucket.arn.apply(bucket_policy_document),
-        opts=pulumi.ResourceOptions(provider=provider, parent=host_role),
-    )
-    host_profile = aws.iam.InstanceProfile(
-        f"{n}-control", name=f"{n}-control", role=host_role.name, tags=tags, opts=opts
-    )
+    _, host_profile = ec2_identity("control", "cloudmodal control host")
     address = aws.ec2.Eip(f"{n}-control", domain="vpc", tags=named("control"), opts=opts)
     image = aws.ec2.get_ami_output(
         most_recent=True,
@@ -416,8 +375,4 @@ def program(cfg: InfraConfig) -> None:
     aws.ec2.EipAssociation(
         f"{n}-control", allocation_id=address.allocation_id, instance_id=host.id, opts=opts
     )
-    pulumi.export(OUT_CONTROL_HOST_ADDRESS, address.public_ip)
-    pulumi.export(
-        OUT_CONTROL_PLANE_URL,
-        address.public_ip.apply(lambda ip: control_plane_url(ip, cfg.control_plane_port)),
-    )
+    export_control_host(cfg, address.public_ip)

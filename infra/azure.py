@@ -34,28 +34,15 @@ import pulumi
 import pulumi_azure_native as az
 
 from .common import (
-    BACKUP_EXPIRY_DAYS,
-    BACKUP_PREFIX,
-    BLOB_PREFIX,
-    NONCURRENT_EXPIRY_DAYS,
-    OUT_BLOB_STORE,
-    OUT_BUCKET_REGION,
-    OUT_BUCKET_URL,
-    OUT_CONTROL_HOST_ADDRESS,
-    OUT_CONTROL_PLANE_URL,
-    OUT_NETWORK,
     OUT_STORAGE_ACCOUNT,
-    OUT_VOLUME_STORE,
-    OUT_VOLUME_STORE_REGION,
-    OUT_WORKER_IDENTITY,
     SSH_PORT,
-    TAG_KEY,
-    TAG_VALUE,
-    VOLUME_PREFIX,
     InfraConfig,
+    LifecycleRule,
     control_host_user_data,
-    control_plane_url,
-    store_url,
+    export_control_host,
+    export_outputs,
+    lifecycle_rules,
+    resource_tags,
 )
 
 CONTAINER = "cloudmodal"
@@ -89,11 +76,27 @@ def _role_assignment(
     )
 
 
+def _allow_in(name: str, priority: int, port: int, sources: str | list[str]) -> az.network.SecurityRuleArgs:
+    """An inbound TCP allow rule to ``port`` from ``sources``: one prefix (``"*"``) or a list of CIDRs."""
+    return az.network.SecurityRuleArgs(
+        name=name,
+        priority=priority,
+        direction="Inbound",
+        access="Allow",
+        protocol="Tcp",
+        source_address_prefix=sources if isinstance(sources, str) else None,
+        source_address_prefixes=None if isinstance(sources, str) else sources,
+        source_port_range="*",
+        destination_address_prefix="*",
+        destination_port_range=str(port),
+    )
+
+
 def program(cfg: InfraConfig) -> None:
     cfg.validate()
     n = cfg.name
     region = cfg.resolved_region
-    tags = {TAG_KEY: TAG_VALUE}
+    tags = resource_tags()
     provider = az.Provider(f"{n}-azure", location=region)
     opts = pulumi.ResourceOptions(provider=provider)
     client = az.authorization.get_client_config_output(opts=pulumi.InvokeOutputOptions(provider=provider))
@@ -148,24 +151,29 @@ def program(cfg: InfraConfig) -> None:
         opts=store,
     )
 
-    def rule(
-        name: str, prefix: str, actions: az.storage.ManagementPolicyActionArgs
-    ) -> az.storage.ManagementPolicyRuleArgs:
+    def rule(r: LifecycleRule) -> az.storage.ManagementPolicyRuleArgs:
+        base_blob = (
+            None
+            if r.current_days is None
+            else az.storage.ManagementPolicyBaseBlobArgs(
+                delete=az.storage.DateAfterModificationArgs(
+                    days_after_modification_greater_than=r.current_days
+                )
+            )
+        )
+        versions = az.storage.ManagementPolicyVersionArgs(
+            delete=az.storage.DateAfterCreationArgs(days_after_creation_greater_than=r.noncurrent_days)
+        )
         return az.storage.ManagementPolicyRuleArgs(
-            name=name,
+            name=r.id,
             type="Lifecycle",
             enabled=True,
             definition=az.storage.ManagementPolicyDefinitionArgs(
-                actions=actions,
+                actions=az.storage.ManagementPolicyActionArgs(base_blob=base_blob, version=versions),
                 filters=az.storage.ManagementPolicyFilterArgs(
-                    blob_types=["blockBlob"], prefix_match=[f"{CONTAINER}/{prefix}/"]
+                    blob_types=["blockBlob"], prefix_match=[f"{CONTAINER}/{r.prefix}/"]
                 ),
             ),
-        )
-
-    def versions_after(days: int) -> az.storage.ManagementPolicyVersionArgs:
-        return az.storage.ManagementPolicyVersionArgs(
-            delete=az.storage.DateAfterCreationArgs(days_after_creation_greater_than=days)
         )
 
     az.storage.ManagementPolicy(
@@ -173,71 +181,44 @@ def program(cfg: InfraConfig) -> None:
         account_name=account.name,
         resource_group_name=rg,
         management_policy_name="default",
-        policy=az.storage.ManagementPolicySchemaArgs(
-            rules=[
-                rule(
-                    "deleted-blobs",
-                    BLOB_PREFIX,
-                    az.storage.ManagementPolicyActionArgs(version=versions_after(cfg.blob_expiry_days)),
-                ),
-                rule(
-                    "old-volume-versions",
-                    VOLUME_PREFIX,
-                    az.storage.ManagementPolicyActionArgs(version=versions_after(NONCURRENT_EXPIRY_DAYS)),
-                ),
-                rule(
-                    "old-backups",
-                    BACKUP_PREFIX,
-                    az.storage.ManagementPolicyActionArgs(
-                        base_blob=az.storage.ManagementPolicyBaseBlobArgs(
-                            delete=az.storage.DateAfterModificationArgs(
-                                days_after_modification_greater_than=BACKUP_EXPIRY_DAYS
-                            )
-                        ),
-                        version=versions_after(1),
-                    ),
-                ),
-            ]
-        ),
+        policy=az.storage.ManagementPolicySchemaArgs(rules=[rule(r) for r in lifecycle_rules(cfg)]),
         opts=store,
     )
 
     # --- the workers' identity ------------------------------------------------------------------------------
-    worker = az.managedidentity.UserAssignedIdentity(
-        f"{n}-worker",
-        resource_name_=f"{n}-worker",
-        resource_group_name=rg,
-        location=region,
-        tags=tags,
-        opts=child,
-    )
-    _role_assignment(f"{n}-worker-blob", worker.principal_id, container.id, client.subscription_id, store)
+    def identity(kind: str) -> az.managedidentity.UserAssignedIdentity:
+        """A managed identity ``<name>-<kind>`` with one role assignment, scoped to the container."""
+        made = az.managedidentity.UserAssignedIdentity(
+            f"{n}-{kind}",
+            resource_name_=f"{n}-{kind}",
+            resource_group_name=rg,
+            location=region,
+            tags=tags,
+            opts=child,
+        )
+        _role_assignment(f"{n}-{kind}-blob", made.principal_id, container.id, client.subscription_id, store)
+        return made
+
+    def security_group(
+        kind: str, rules: list[az.network.SecurityRuleArgs]
+    ) -> az.network.NetworkSecurityGroup:
+        return az.network.NetworkSecurityGroup(
+            f"{n}-{kind}",
+            network_security_group_name=f"{n}-{kind}",
+            resource_group_name=rg,
+            location=region,
+            security_rules=rules,
+            tags=tags,
+            opts=child,
+        )
+
+    worker = identity("worker")
 
     # --- the network ------------------------------------------------------------------------------------------
     ssh_rules = []
     if cfg.control_plane_cidrs:
-        ssh_rules.append(
-            az.network.SecurityRuleArgs(
-                name="ssh-from-control-plane",
-                priority=100,
-                direction="Inbound",
-                access="Allow",
-                protocol="Tcp",
-                source_address_prefixes=cfg.ssh_cidrs(),
-                source_port_range="*",
-                destination_address_prefix="*",
-                destination_port_range=str(SSH_PORT),
-            )
-        )
-    worker_nsg = az.network.NetworkSecurityGroup(
-        f"{n}-nodes",
-        network_security_group_name=f"{n}-nodes",
-        resource_group_name=rg,
-        location=region,
-        security_rules=ssh_rules,
-        tags=tags,
-        opts=child,
-    )
+        ssh_rules.append(_allow_in("ssh-from-control-plane", 100, SSH_PORT, cfg.ssh_cidrs()))
+    worker_nsg = security_group("nodes", ssh_rules)
     vnet = az.network.VirtualNetwork(
         f"{n}-vnet",
         virtual_network_name=f"{n}-vnet",
@@ -258,15 +239,9 @@ def program(cfg: InfraConfig) -> None:
         opts=in_vnet,
     )
 
-    pulumi.export(OUT_BUCKET_URL, f"az://{CONTAINER}")
-    pulumi.export(OUT_VOLUME_STORE, store_url(f"az://{CONTAINER}", VOLUME_PREFIX))
-    pulumi.export(OUT_BLOB_STORE, store_url(f"az://{CONTAINER}", BLOB_PREFIX))
+    export_outputs(cfg, bucket_url=f"az://{CONTAINER}", worker_identity=worker.id, network=worker_nsg.id)
     pulumi.export(OUT_STORAGE_ACCOUNT, account.name)
-    pulumi.export(OUT_BUCKET_REGION, region)
-    pulumi.export(OUT_VOLUME_STORE_REGION, f"azure:{region}")
-    pulumi.export(OUT_WORKER_IDENTITY, worker.id)
     pulumi.export("worker_client_id", worker.client_id)
-    pulumi.export(OUT_NETWORK, worker_nsg.id)
     pulumi.export("resource_group", rg)
     pulumi.export("vnet", vnet.name)
 
@@ -275,53 +250,11 @@ def program(cfg: InfraConfig) -> None:
 
     # --- the control host -------------------------------------------------------------------------------------
     assert cfg.ssh_public_key is not None  # validate() asks for one
-    host_identity = az.managedidentity.UserAssignedIdentity(
-        f"{n}-control",
-        resource_name_=f"{n}-control",
-        resource_group_name=rg,
-        location=region,
-        tags=tags,
-        opts=child,
-    )
-    _role_assignment(
-        f"{n}-control-blob", host_identity.principal_id, container.id, client.subscription_id, store
-    )
-    control_rules = [
-        az.network.SecurityRuleArgs(
-            name="control-plane",
-            priority=100,
-            direction="Inbound",
-            access="Allow",
-            protocol="Tcp",
-            source_address_prefix="*",
-            source_port_range="*",
-            destination_address_prefix="*",
-            destination_port_range=str(cfg.control_plane_port),
-        )
-    ]
+    host_identity = identity("control")
+    control_rules = [_allow_in("control-plane", 100, cfg.control_plane_port, "*")]
     if cfg.admin_cidrs:
-        control_rules.append(
-            az.network.SecurityRuleArgs(
-                name="ssh-admin",
-                priority=110,
-                direction="Inbound",
-                access="Allow",
-                protocol="Tcp",
-                source_address_prefixes=cfg.admin_ssh_cidrs(),
-                source_port_range="*",
-                destination_address_prefix="*",
-                destination_port_range=str(SSH_PORT),
-            )
-        )
-    control_nsg = az.network.NetworkSecurityGroup(
-        f"{n}-control",
-        network_security_group_name=f"{n}-control",
-        resource_group_name=rg,
-        location=region,
-        security_rules=control_rules,
-        tags=tags,
-        opts=child,
-    )
+        control_rules.append(_allow_in("ssh-admin", 110, SSH_PORT, cfg.admin_ssh_cidrs()))
+    control_nsg = security_group("control", control_rules)
     address = az.network.PublicIPAddress(
         f"{n}-control",
         public_ip_address_name=f"{n}-control",
@@ -406,8 +339,4 @@ def program(cfg: InfraConfig) -> None:
         tags=tags,
         opts=child,
     )
-    pulumi.export(OUT_CONTROL_HOST_ADDRESS, address.ip_address)
-    pulumi.export(
-        OUT_CONTROL_PLANE_URL,
-        address.ip_address.apply(lambda ip: control_plane_url(ip or "", cfg.control_plane_port)),
-    )
+    export_control_host(cfg, address.ip_address)

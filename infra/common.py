@@ -23,6 +23,10 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pulumi
 
 CLOUDS = ("aws", "gcp", "azure", "lambda")
 DEFAULT_REGIONS = {"aws": "us-east-1", "gcp": "us-central1", "azure": "eastus", "lambda": "us-east-1"}
@@ -193,6 +197,64 @@ def store_url(bucket_url: str, prefix: str) -> str:
 def resource_name(cfg: InfraConfig, kind: str) -> str:
     """The logical (Pulumi) name of one of ``cfg``'s resources: ``<name>-<kind>``."""
     return f"{cfg.name}-{kind}"
+
+
+def resource_tags() -> dict[str, str]:
+    """The tags (labels on GCP) every resource that takes them carries, and the provider's defaults."""
+    return {TAG_KEY: TAG_VALUE}
+
+
+@dataclass(frozen=True)
+class LifecycleRule:
+    """One of the bucket's lifecycle rules, whatever the cloud: what under ``prefix/`` is deleted when."""
+
+    id: str
+    prefix: str
+    noncurrent_days: int  # a noncurrent (overwritten or deleted) version is deleted this long after
+    current_days: int | None = None  # a current object is deleted at this age (None: never by age)
+
+
+def lifecycle_rules(cfg: InfraConfig) -> list[LifecycleRule]:
+    """The bucket's lifecycle rules (each program adds the abort of incomplete uploads its cloud has). Current
+    blobs never expire by age: the control plane's retention knows which are still referenced."""
+    return [
+        LifecycleRule("deleted-blobs", BLOB_PREFIX, noncurrent_days=cfg.blob_expiry_days),
+        LifecycleRule("old-volume-versions", VOLUME_PREFIX, noncurrent_days=NONCURRENT_EXPIRY_DAYS),
+        LifecycleRule("old-backups", BACKUP_PREFIX, noncurrent_days=1, current_days=BACKUP_EXPIRY_DAYS),
+    ]
+
+
+def export_outputs(
+    cfg: InfraConfig,
+    *,
+    bucket_url: pulumi.Input[str],
+    worker_identity: pulumi.Input[str],
+    network: pulumi.Input[str],
+) -> None:
+    """Export the outputs every program has: the bucket, its stores and region, the workers' identity and
+    network. Called from a program only (it imports the Pulumi SDK)."""
+    import pulumi
+
+    url = pulumi.Output.from_input(bucket_url)
+    region = cfg.resolved_region
+    pulumi.export(OUT_BUCKET_URL, url)
+    pulumi.export(OUT_VOLUME_STORE, url.apply(lambda u: store_url(u, VOLUME_PREFIX)))
+    pulumi.export(OUT_BLOB_STORE, url.apply(lambda u: store_url(u, BLOB_PREFIX)))
+    pulumi.export(OUT_BUCKET_REGION, region)
+    pulumi.export(OUT_VOLUME_STORE_REGION, f"{cfg.cloud}:{region}")
+    pulumi.export(OUT_WORKER_IDENTITY, worker_identity)
+    pulumi.export(OUT_NETWORK, network)
+
+
+def export_control_host(cfg: InfraConfig, address: pulumi.Output[str] | pulumi.Output[str | None]) -> None:
+    """Export the control host's public address and its control plane's URL (a program's, with_control_host)."""
+    import pulumi
+
+    pulumi.export(OUT_CONTROL_HOST_ADDRESS, address)
+    pulumi.export(
+        OUT_CONTROL_PLANE_URL,
+        address.apply(lambda ip: control_plane_url(ip or "", cfg.control_plane_port)),
+    )
 
 
 # --- the control host ----------------------------------------------------------------------------------------

@@ -29,27 +29,14 @@ import pulumi_gcp as gcp
 
 from .common import (
     ABORT_MULTIPART_DAYS,
-    BACKUP_EXPIRY_DAYS,
-    BACKUP_PREFIX,
-    BLOB_PREFIX,
-    NONCURRENT_EXPIRY_DAYS,
-    OUT_BLOB_STORE,
-    OUT_BUCKET_REGION,
-    OUT_BUCKET_URL,
-    OUT_CONTROL_HOST_ADDRESS,
-    OUT_CONTROL_PLANE_URL,
-    OUT_NETWORK,
-    OUT_VOLUME_STORE,
-    OUT_VOLUME_STORE_REGION,
-    OUT_WORKER_IDENTITY,
     SSH_PORT,
-    TAG_KEY,
-    TAG_VALUE,
-    VOLUME_PREFIX,
     InfraConfig,
+    LifecycleRule,
     control_host_user_data,
-    control_plane_url,
-    store_url,
+    export_control_host,
+    export_outputs,
+    lifecycle_rules,
+    resource_tags,
 )
 
 SUBNET_CIDR = "10.74.0.0/20"
@@ -63,16 +50,46 @@ def program(cfg: InfraConfig) -> None:
     assert cfg.project is not None  # validate() refuses gcp without one
     n = cfg.name
     region = cfg.resolved_region
-    labels = {TAG_KEY: TAG_VALUE}
+    labels = resource_tags()
     provider = gcp.Provider(f"{n}-gcp", project=cfg.project, region=region, default_labels=labels)
     opts = pulumi.ResourceOptions(provider=provider)
 
     # --- the bucket ---------------------------------------------------------------------------------------
-    def delete_rule(**condition: object) -> gcp.storage.BucketLifecycleRuleArgs:
+    def delete_rule(rule: LifecycleRule) -> gcp.storage.BucketLifecycleRuleArgs:
+        # GCS's age counts from an object's creation, for noncurrent versions too: a rule that deletes current
+        # objects by age is one Delete of any state at that age (``noncurrent_days`` is not expressed)
+        if rule.current_days is None:
+            condition = gcp.storage.BucketLifecycleRuleConditionArgs(
+                matches_prefixes=[f"{rule.prefix}/"],
+                with_state="ARCHIVED",
+                days_since_noncurrent_time=rule.noncurrent_days,
+            )
+        else:
+            condition = gcp.storage.BucketLifecycleRuleConditionArgs(
+                matches_prefixes=[f"{rule.prefix}/"], age=rule.current_days, with_state="ANY"
+            )
         return gcp.storage.BucketLifecycleRuleArgs(
-            action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"),
-            condition=gcp.storage.BucketLifecycleRuleConditionArgs(**condition),  # type: ignore[arg-type]
+            action=gcp.storage.BucketLifecycleRuleActionArgs(type="Delete"), condition=condition
         )
+
+    def bucket_account(kind: str, display_name: str) -> gcp.serviceaccount.Account:
+        """A service account ``<name>-<kind>`` with one role, on the bucket only."""
+        account = gcp.serviceaccount.Account(
+            f"{n}-{kind}",
+            account_id=f"{n}-{kind}",
+            display_name=display_name,
+            description="reads and writes the cloudmodal bucket, nothing else",
+            project=cfg.project,
+            opts=opts,
+        )
+        gcp.storage.BucketIAMMember(
+            f"{n}-{kind}-bucket",
+            bucket=bucket.name,
+            role=WORKER_BUCKET_ROLE,
+            member=account.email.apply(lambda e: f"serviceAccount:{e}"),
+            opts=pulumi.ResourceOptions(provider=provider, parent=bucket),
+        )
+        return account
 
     bucket = gcp.storage.Bucket(
         f"{n}-store",
@@ -82,17 +99,7 @@ def program(cfg: InfraConfig) -> None:
         public_access_prevention="enforced",
         versioning=gcp.storage.BucketVersioningArgs(enabled=True),
         lifecycle_rules=[
-            delete_rule(
-                matches_prefixes=[f"{BLOB_PREFIX}/"],
-                with_state="ARCHIVED",
-                days_since_noncurrent_time=cfg.blob_expiry_days,
-            ),
-            delete_rule(
-                matches_prefixes=[f"{VOLUME_PREFIX}/"],
-                with_state="ARCHIVED",
-                days_since_noncurrent_time=NONCURRENT_EXPIRY_DAYS,
-            ),
-            delete_rule(matches_prefixes=[f"{BACKUP_PREFIX}/"], age=BACKUP_EXPIRY_DAYS, with_state="ANY"),
+            *(delete_rule(rule) for rule in lifecycle_rules(cfg)),
             gcp.storage.BucketLifecycleRuleArgs(
                 action=gcp.storage.BucketLifecycleRuleActionArgs(type="AbortIncompleteMultipartUpload"),
                 condition=gcp.storage.BucketLifecycleRuleConditionArgs(age=ABORT_MULTIPART_DAYS),
@@ -103,21 +110,7 @@ def program(cfg: InfraConfig) -> None:
     )
 
     # --- the workers' identity ------------------------------------------------------------------------------
-    worker = gcp.serviceaccount.Account(
-        f"{n}-worker",
-        account_id=f"{n}-worker",
-        display_name="cloudmodal workers",
-        description="reads and writes the cloudmodal bucket, nothing else",
-        project=cfg.project,
-        opts=opts,
-    )
-    gcp.storage.BucketIAMMember(
-        f"{n}-worker-bucket",
-        bucket=bucket.name,
-        role=WORKER_BUCKET_ROLE,
-        member=worker.email.apply(lambda e: f"serviceAccount:{e}"),
-        opts=pulumi.ResourceOptions(provider=provider, parent=bucket),
-    )
+    worker = bucket_account("worker", "cloudmodal workers")
 
     # --- the network ------------------------------------------------------------------------------------------
     network = gcp.compute.Network(
@@ -169,34 +162,19 @@ def program(cfg: InfraConfig) -> None:
                 "ssh-admin", [str(SSH_PORT)], source_ranges=cfg.admin_ssh_cidrs(), target_tags=[control_tag]
             )
 
-    pulumi.export(OUT_BUCKET_URL, bucket.name.apply(lambda b: f"gs://{b}"))
-    pulumi.export(OUT_VOLUME_STORE, bucket.name.apply(lambda b: store_url(f"gs://{b}", VOLUME_PREFIX)))
-    pulumi.export(OUT_BLOB_STORE, bucket.name.apply(lambda b: store_url(f"gs://{b}", BLOB_PREFIX)))
-    pulumi.export(OUT_BUCKET_REGION, region)
-    pulumi.export(OUT_VOLUME_STORE_REGION, f"gcp:{region}")
-    pulumi.export(OUT_WORKER_IDENTITY, worker.email)
-    pulumi.export(OUT_NETWORK, network.name)
+    export_outputs(
+        cfg,
+        bucket_url=bucket.name.apply(lambda b: f"gs://{b}"),
+        worker_identity=worker.email,
+        network=network.name,
+    )
     pulumi.export("subnetwork", subnet.name)
 
     if not cfg.with_control_host:
         return
 
     # --- the control host -------------------------------------------------------------------------------------
-    host_account = gcp.serviceaccount.Account(
-        f"{n}-control",
-        account_id=f"{n}-control",
-        display_name="cloudmodal control host",
-        description="reads and writes the cloudmodal bucket, nothing else",
-        project=cfg.project,
-        opts=opts,
-    )
-    gcp.storage.BucketIAMMember(
-        f"{n}-control-bucket",
-        bucket=bucket.name,
-        role=WORKER_BUCKET_ROLE,
-        member=host_account.email.apply(lambda e: f"serviceAccount:{e}"),
-        opts=pulumi.ResourceOptions(provider=provider, parent=bucket),
-    )
+    host_account = bucket_account("control", "cloudmodal control host")
     address = gcp.compute.Address(
         f"{n}-control", name=f"{n}-control", region=region, labels=labels, opts=opts
     )
@@ -233,7 +211,4 @@ def program(cfg: InfraConfig) -> None:
         labels=labels,
         opts=opts,
     )
-    pulumi.export(OUT_CONTROL_HOST_ADDRESS, address.address)
-    pulumi.export(
-        OUT_CONTROL_PLANE_URL, address.address.apply(lambda ip: control_plane_url(ip, cfg.control_plane_port))
-    )
+    export_control_host(cfg, address.address)

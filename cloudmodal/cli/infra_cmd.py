@@ -9,13 +9,16 @@ results (tables, ``--json``) go to stdout."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
@@ -142,6 +145,99 @@ def _prepare(
     return t, command
 
 
+# Options more than one command takes, each declared once.
+CloudOpt = Annotated[str, typer.Option("--cloud", "-c", help=CLOUD_HELP)]
+NameOpt = Annotated[
+    str | None, typer.Option("--name", help="Prefix of resource names and the Pulumi project.")
+]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help=BACKEND_HELP)]
+SecretsProviderOpt = Annotated[str | None, typer.Option("--secrets-provider", help=SECRETS_HELP)]
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """The options ``preview`` and ``up`` share (each a field, with its CLI option): what the stack is made of
+    and where its state lives. :func:`_stack_command` makes them the command's first options."""
+
+    cloud: CloudOpt
+    name: NameOpt = None
+    region: Annotated[
+        str | None, typer.Option("--region", help="The cloud's region (default: the cloud's usual).")
+    ] = None
+    project: Annotated[
+        str | None, typer.Option("--project", help="GCP project id (gcp; or GOOGLE_CLOUD_PROJECT).")
+    ] = None
+    control_plane_cidr: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--control-plane-cidr",
+            help="Where SSH to workers may come from (the control plane's /32); repeat.",
+        ),
+    ] = None
+    control_plane_port: Annotated[
+        int | None, typer.Option("--control-plane-port", help="The control plane's port.")
+    ] = None
+    with_control_host: Annotated[
+        bool | None,
+        typer.Option(
+            "--with-control-host/--no-control-host", help="Also make a host for a team control plane."
+        ),
+    ] = None
+    ssh_public_key: Annotated[
+        Path | None, typer.Option("--ssh-public-key", help="The control host's admin key (.pub).")
+    ] = None
+    admin_cidr: Annotated[
+        list[str] | None,
+        typer.Option("--admin-cidr", help="Where an admin may SSH to the control host from; repeat."),
+    ] = None
+    blob_expiry_days: Annotated[
+        int | None, typer.Option("--blob-expiry-days", help="Purge deleted blobs after.")
+    ] = None
+    backend: BackendOpt = None
+    secrets_provider: SecretsProviderOpt = None
+
+    def prepare(self) -> tuple[Any, Any]:
+        """:func:`_config` of these options, then :func:`_prepare`: the target and the Pulumi command."""
+        cfg, recorded = _config(
+            self.cloud,
+            name=self.name,
+            region=self.region,
+            project=self.project,
+            control_plane_cidrs=self.control_plane_cidr,
+            control_plane_port=self.control_plane_port,
+            with_control_host=self.with_control_host,
+            ssh_public_key=self.ssh_public_key,
+            admin_cidrs=self.admin_cidr,
+            blob_expiry_days=self.blob_expiry_days,
+        )
+        return _prepare(cfg, recorded, self.backend, self.secrets_provider)
+
+
+def _stack_command(command: Callable[..., None]) -> Callable[..., None]:
+    """``command(opts: StackOptions, *its own options*)`` as a typer command: StackOptions' fields become its
+    first options (in their order), then its own; typer's values for the fields arrive as one StackOptions."""
+    hints = get_type_hints(StackOptions, include_extras=True)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    shared = [
+        inspect.Parameter(
+            f.name,
+            keyword,
+            annotation=hints[f.name],
+            default=inspect.Parameter.empty if f.default is MISSING else f.default,
+        )
+        for f in fields(StackOptions)
+    ]
+    own = [p.replace(kind=keyword) for p in inspect.signature(command, eval_str=True).parameters.values()]
+
+    @functools.wraps(command)
+    def run(**values: Any) -> None:
+        opts = StackOptions(**{p.name: values.pop(p.name) for p in shared})
+        command(opts, **values)
+
+    run.__signature__ = inspect.Signature([*shared, *own[1:]])  # type: ignore[attr-defined]
+    return run
+
+
 # -- output ------------------------------------------------------------------------------------------------------
 def _stderr_console() -> Any:
     from rich.console import Console
@@ -227,56 +323,16 @@ def _confirm(yes: bool, question: str) -> None:
 
 # -- commands ----------------------------------------------------------------------------------------------------
 @app.command("preview")
+@_stack_command
 def preview_command(
-    cloud: str = typer.Option(..., "--cloud", "-c", help=CLOUD_HELP),
-    name: str | None = typer.Option(None, "--name", help="Prefix of resource names and the Pulumi project."),
-    region: str | None = typer.Option(
-        None, "--region", help="The cloud's region (default: the cloud's usual)."
-    ),
-    project: str | None = typer.Option(
-        None, "--project", help="GCP project id (gcp; or GOOGLE_CLOUD_PROJECT)."
-    ),
-    control_plane_cidr: list[str] | None = typer.Option(
-        None,
-        "--control-plane-cidr",
-        help="Where SSH to workers may come from (the control plane's /32); repeat.",
-    ),
-    control_plane_port: int | None = typer.Option(
-        None, "--control-plane-port", help="The control plane's port."
-    ),
-    with_control_host: bool | None = typer.Option(
-        None, "--with-control-host/--no-control-host", help="Also make a host for a team control plane."
-    ),
-    ssh_public_key: Path | None = typer.Option(
-        None, "--ssh-public-key", help="The control host's admin key (.pub)."
-    ),
-    admin_cidr: list[str] | None = typer.Option(
-        None, "--admin-cidr", help="Where an admin may SSH to the control host from; repeat."
-    ),
-    blob_expiry_days: int | None = typer.Option(
-        None, "--blob-expiry-days", help="Purge deleted blobs after."
-    ),
-    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
-    secrets_provider: str | None = typer.Option(None, "--secrets-provider", help=SECRETS_HELP),
+    opts: StackOptions,
     as_json: bool = typer.Option(False, "--json", help="The changes as JSON on stdout."),
 ) -> None:
     """What `up` would create, update or delete on the cloud (changes nothing)."""
     from cloudmodal.infra import automation
 
     with user_errors():
-        cfg, recorded = _config(
-            cloud,
-            name=name,
-            region=region,
-            project=project,
-            control_plane_cidrs=control_plane_cidr,
-            control_plane_port=control_plane_port,
-            with_control_host=with_control_host,
-            ssh_public_key=ssh_public_key,
-            admin_cidrs=admin_cidr,
-            blob_expiry_days=blob_expiry_days,
-        )
-        t, command = _prepare(cfg, recorded, backend, secrets_provider)
+        t, command = opts.prepare()
         with _pulumi_output(f"Previewing {_where(t)}…") as show:
             changes = automation.preview(t, on_output=show, command=command)
     if as_json:
@@ -288,37 +344,9 @@ def preview_command(
 
 
 @app.command("up")
+@_stack_command
 def up_command(
-    cloud: str = typer.Option(..., "--cloud", "-c", help=CLOUD_HELP),
-    name: str | None = typer.Option(None, "--name", help="Prefix of resource names and the Pulumi project."),
-    region: str | None = typer.Option(
-        None, "--region", help="The cloud's region (default: the cloud's usual)."
-    ),
-    project: str | None = typer.Option(
-        None, "--project", help="GCP project id (gcp; or GOOGLE_CLOUD_PROJECT)."
-    ),
-    control_plane_cidr: list[str] | None = typer.Option(
-        None,
-        "--control-plane-cidr",
-        help="Where SSH to workers may come from (the control plane's /32); repeat.",
-    ),
-    control_plane_port: int | None = typer.Option(
-        None, "--control-plane-port", help="The control plane's port."
-    ),
-    with_control_host: bool | None = typer.Option(
-        None, "--with-control-host/--no-control-host", help="Also make a host for a team control plane."
-    ),
-    ssh_public_key: Path | None = typer.Option(
-        None, "--ssh-public-key", help="The control host's admin key (.pub)."
-    ),
-    admin_cidr: list[str] | None = typer.Option(
-        None, "--admin-cidr", help="Where an admin may SSH to the control host from; repeat."
-    ),
-    blob_expiry_days: int | None = typer.Option(
-        None, "--blob-expiry-days", help="Purge deleted blobs after."
-    ),
-    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
-    secrets_provider: str | None = typer.Option(None, "--secrets-provider", help=SECRETS_HELP),
+    opts: StackOptions,
     yes: bool = typer.Option(False, "--yes", "-y", help="Apply without showing a preview and asking."),
     as_json: bool = typer.Option(False, "--json", help="The outputs as JSON on stdout."),
 ) -> None:
@@ -326,25 +354,13 @@ def up_command(
     from cloudmodal.infra import automation
 
     with user_errors():
-        cfg, recorded = _config(
-            cloud,
-            name=name,
-            region=region,
-            project=project,
-            control_plane_cidrs=control_plane_cidr,
-            control_plane_port=control_plane_port,
-            with_control_host=with_control_host,
-            ssh_public_key=ssh_public_key,
-            admin_cidrs=admin_cidr,
-            blob_expiry_days=blob_expiry_days,
-        )
-        t, command = _prepare(cfg, recorded, backend, secrets_provider)
+        t, command = opts.prepare()
         if not yes:
             with _pulumi_output(f"Previewing {_where(t)}…") as show:
                 changes = automation.preview(t, on_output=show, command=command)
             _print_changes(changes, f"Preview of {_where(t)}")
             if _has_changes(changes):
-                _confirm(False, f"Apply these changes to {cfg.cloud}?")
+                _confirm(False, f"Apply these changes to {t.cfg.cloud}?")
         with _pulumi_output(f"Updating {_where(t)}…") as show:
             out = automation.up(t, on_output=show, command=command)
         _write(t, out)
@@ -356,12 +372,12 @@ def up_command(
 
 @app.command("destroy")
 def destroy_command(
-    cloud: str = typer.Option(..., "--cloud", "-c", help=CLOUD_HELP),
-    name: str | None = typer.Option(None, "--name", help="Prefix of resource names and the Pulumi project."),
+    cloud: CloudOpt,
+    name: NameOpt = None,
     region: str | None = typer.Option(None, "--region", help="The cloud's region (default: what `up` used)."),
     project: str | None = typer.Option(None, "--project", help="GCP project id (default: what `up` used)."),
-    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
-    secrets_provider: str | None = typer.Option(None, "--secrets-provider", help=SECRETS_HELP),
+    backend: BackendOpt = None,
+    secrets_provider: SecretsProviderOpt = None,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Delete every resource of the cloud's stack: the bucket with its volumes and blobs, the identity, the
@@ -389,10 +405,10 @@ def destroy_command(
 
 @app.command("outputs")
 def outputs_command(
-    cloud: str = typer.Option(..., "--cloud", "-c", help=CLOUD_HELP),
+    cloud: CloudOpt,
     name: str | None = typer.Option(None, "--name", help="The Pulumi project (default: what `up` used)."),
-    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
-    secrets_provider: str | None = typer.Option(None, "--secrets-provider", help=SECRETS_HELP),
+    backend: BackendOpt = None,
+    secrets_provider: SecretsProviderOpt = None,
     as_json: bool = typer.Option(False, "--json", help="As a JSON object on stdout."),
     write: bool = typer.Option(
         False,

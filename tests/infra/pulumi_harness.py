@@ -126,6 +126,32 @@ def run_program(cfg: InfraConfig, calls: dict[str, dict[str, Any]] | None = None
     return Run(mocks.resources, exported)
 
 
+def program_fixtures(
+    plain: InfraConfig, hosted: InfraConfig, calls: dict[str, dict[str, Any]] | None = None
+) -> Any:
+    """The module-scoped fixtures ``plain`` and ``hosted``: the records of a program run with each config. A test
+    module binds them to names of its own (``plain_run, hosted_run = program_fixtures(...)``) so pytest finds
+    them."""
+
+    @pytest.fixture(scope="module", name="plain")
+    def plain_run() -> Run:
+        return run_program(plain, calls)
+
+    @pytest.fixture(scope="module", name="hosted")
+    def hosted_run() -> Run:
+        return run_program(hosted, calls)
+
+    return plain_run, hosted_run
+
+
+def spoil(run: Run, type_: str, change: Any) -> Run:
+    """A copy of ``run`` with ``change`` applied to the inputs of every resource of ``type_``."""
+    bad = run.bad_copy()
+    for r in bad.of_type(type_):
+        change(r.inputs)
+    return bad
+
+
 # --- checkers shared by the clouds ----------------------------------------------------------------------------
 
 

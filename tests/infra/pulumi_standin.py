@@ -65,6 +65,23 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _record(st: dict[str, Any], kind: str, changes: dict[str, int]) -> None:
+    """Add a succeeded ``kind`` (update, destroy) with ``changes`` to the stack's history."""
+    start = _now()
+    st["history"].append(
+        {
+            "kind": kind,
+            "startTime": start,
+            "endTime": _now(),
+            "message": "",
+            "environment": {},
+            "config": {},
+            "result": "succeeded",
+            "resourceChanges": changes,
+        }
+    )
+
+
 def _opt(args: list[str], name: str) -> str | None:
     for i, a in enumerate(args):
         if a == name and i + 1 < len(args):
@@ -236,19 +253,7 @@ def main(argv: list[str]) -> None:
         print("Updating (stand-in):")
         print(f"    + {RESOURCES} resources")
         st.update(deployed=True, outputs=doc["outputs"], secret=doc.get("secret", []))
-        start = _now()
-        st["history"].append(
-            {
-                "kind": "update",
-                "startTime": start,
-                "endTime": _now(),
-                "message": "",
-                "environment": {},
-                "config": {},
-                "result": "succeeded",
-                "resourceChanges": changes,
-            }
-        )
+        _record(st, "update", changes)
         save()
         _events(args, changes)
         return
@@ -257,18 +262,7 @@ def main(argv: list[str]) -> None:
         changes = {"delete": RESOURCES} if st["deployed"] else {}
         print("Destroying (stand-in):")
         st.update(deployed=False, outputs={}, secret=[])
-        st["history"].append(
-            {
-                "kind": "destroy",
-                "startTime": _now(),
-                "endTime": _now(),
-                "message": "",
-                "environment": {},
-                "config": {},
-                "result": "succeeded",
-                "resourceChanges": changes,
-            }
-        )
+        _record(st, "destroy", changes)
         save()
         _events(args, changes)
         return

@@ -17,9 +17,17 @@ from cloudmodal.infra.common import (
     OUT_WORKER_IDENTITY,
     InfraConfig,
 )
-from tests.infra.pulumi_harness import Ingress, Run, check_ingress, check_tagged, run_program
+from tests.infra.pulumi_harness import (
+    Ingress,
+    Run,
+    check_ingress,
+    check_tagged,
+    program_fixtures,
+    run_program,
+    spoil,
+)
 
-CALLS = {
+CALLS: dict[str, dict[str, Any]] = {
     "aws:index/getAvailabilityZones:getAvailabilityZones": {
         "names": ["us-east-1a", "us-east-1b"],
         "id": "zones",
@@ -41,14 +49,7 @@ HOSTED = InfraConfig(
 SG = "aws:ec2/securityGroup:SecurityGroup"
 
 
-@pytest.fixture(scope="module")
-def plain() -> Run:
-    return run_program(PLAIN, CALLS)
-
-
-@pytest.fixture(scope="module")
-def hosted() -> Run:
-    return run_program(HOSTED, CALLS)
+plain_run, hosted_run = program_fixtures(PLAIN, HOSTED, CALLS)
 
 
 # --- checkers (pure functions of the record) ----------------------------------------------------------------
@@ -174,15 +175,8 @@ def test_no_state_leaks_between_runs(plain: Run, hosted: Run) -> None:
 # --- negative controls: each checker fails on a spoiled record ----------------------------------------------
 
 
-def _spoil(run: Run, type_: str, change: Any) -> Run:
-    bad = run.bad_copy()
-    for r in bad.of_type(type_):
-        change(r.inputs)
-    return bad
-
-
 def test_bucket_check_fails_on_public_access_allowed(plain: Run) -> None:
-    bad = _spoil(
+    bad = spoil(
         plain,
         "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock",
         lambda i: i.update(blockPublicPolicy=False),
@@ -192,7 +186,7 @@ def test_bucket_check_fails_on_public_access_allowed(plain: Run) -> None:
 
 
 def test_bucket_check_fails_on_public_acl(plain: Run) -> None:
-    bad = _spoil(plain, "aws:s3/bucket:Bucket", lambda i: i.update(acl="public-read"))
+    bad = spoil(plain, "aws:s3/bucket:Bucket", lambda i: i.update(acl="public-read"))
     with pytest.raises(AssertionError, match="ACL"):
         check_bucket(bad, PLAIN)
 
@@ -205,7 +199,7 @@ def test_bucket_check_fails_without_encryption(plain: Run) -> None:
 
 
 def test_bucket_check_fails_without_versioning(plain: Run) -> None:
-    bad = _spoil(
+    bad = spoil(
         plain,
         "aws:s3/bucketVersioning:BucketVersioning",
         lambda i: i["versioningConfiguration"].update(status="Suspended"),
@@ -220,7 +214,7 @@ def test_bucket_check_fails_when_current_blobs_expire(plain: Run) -> None:
             if r.get("filter", {}).get("prefix") == "blobs/":
                 r["expiration"] = {"days": 7}
 
-    bad = _spoil(plain, "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", expire)
+    bad = spoil(plain, "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", expire)
     with pytest.raises(AssertionError, match="current blobs"):
         check_bucket(bad, PLAIN)
 
@@ -314,7 +308,7 @@ def test_policy_check_fails_on_s3_star(plain: Run) -> None:
 
 
 def test_policy_check_fails_on_attached_managed_policy(plain: Run) -> None:
-    bad = _spoil(
+    bad = spoil(
         plain,
         "aws:iam/role:Role",
         lambda i: i.update(managedPolicyArns=["arn:aws:iam::aws:policy/AdministratorAccess"]),
@@ -324,6 +318,6 @@ def test_policy_check_fails_on_attached_managed_policy(plain: Run) -> None:
 
 
 def test_tag_check_fails_on_an_untagged_resource(plain: Run) -> None:
-    bad = _spoil(plain, "aws:ec2/subnet:Subnet", lambda i: i["tags"].pop("cloudmodal-infra"))
+    bad = spoil(plain, "aws:ec2/subnet:Subnet", lambda i: i["tags"].pop("cloudmodal-infra"))
     with pytest.raises(AssertionError, match="cloudmodal-infra"):
         check_tagged(bad)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cloudmodal.infra.common import OUT_BUCKET_URL, OUT_CONTROL_PLANE_URL, OUT_STORAGE_ACCOUNT, InfraConfig
-from tests.infra.pulumi_harness import Ingress, Run, check_ingress, check_tagged, run_program
+from tests.infra.pulumi_harness import Ingress, Run, check_ingress, check_tagged, program_fixtures, spoil
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*has been deprecated in favor of:DeprecationWarning")
 
@@ -36,14 +36,7 @@ ROLE = "azure-native:authorization:RoleAssignment"
 BLOB_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
 
 
-@pytest.fixture(scope="module")
-def plain() -> Run:
-    return run_program(PLAIN, CALLS)
-
-
-@pytest.fixture(scope="module")
-def hosted() -> Run:
-    return run_program(HOSTED, CALLS)
+plain_run, hosted_run = program_fixtures(PLAIN, HOSTED, CALLS)
 
 
 def check_storage(run: Run, cfg: InfraConfig) -> None:
@@ -119,13 +112,6 @@ def test_outputs_and_host(plain: Run, hosted: Run) -> None:
     assert vm["osProfile"]["linuxConfiguration"]["disablePasswordAuthentication"] is True
 
 
-def _spoil(run: Run, type_: str, change: Any) -> Run:
-    bad = run.bad_copy()
-    for r in bad.of_type(type_):
-        change(r.inputs)
-    return bad
-
-
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -138,17 +124,17 @@ def _spoil(run: Run, type_: str, change: Any) -> Run:
 )
 def test_storage_check_fails_on_a_bad_account(plain: Run, change: Any, match: str) -> None:
     with pytest.raises(AssertionError, match=match):
-        check_storage(_spoil(plain, ACCOUNT, change), PLAIN)
+        check_storage(spoil(plain, ACCOUNT, change), PLAIN)
 
 
 def test_storage_check_fails_on_a_public_container(plain: Run) -> None:
-    bad = _spoil(plain, "azure-native:storage:BlobContainer", lambda i: i.update(publicAccess="Blob"))
+    bad = spoil(plain, "azure-native:storage:BlobContainer", lambda i: i.update(publicAccess="Blob"))
     with pytest.raises(AssertionError, match="container public access"):
         check_storage(bad, PLAIN)
 
 
 def test_storage_check_fails_without_versioning(plain: Run) -> None:
-    bad = _spoil(
+    bad = spoil(
         plain, "azure-native:storage:BlobServiceProperties", lambda i: i.update(isVersioningEnabled=False)
     )
     with pytest.raises(AssertionError, match="versioning"):
@@ -156,14 +142,14 @@ def test_storage_check_fails_without_versioning(plain: Run) -> None:
 
 
 def test_role_check_fails_at_subscription_scope(plain: Run) -> None:
-    bad = _spoil(plain, ROLE, lambda i: i.update(scope="/subscriptions/00000000-1111-2222-3333-444444444444"))
+    bad = spoil(plain, ROLE, lambda i: i.update(scope="/subscriptions/00000000-1111-2222-3333-444444444444"))
     with pytest.raises(AssertionError, match="scoped to /subscriptions"):
         check_roles(bad)
 
 
 def test_role_check_fails_on_owner(plain: Run) -> None:
     owner = "/providers/Microsoft.Authorization/roleDefinitions/8e3af657-a8ff-443c-a75c-2fe8c4bcb635"
-    bad = _spoil(plain, ROLE, lambda i: i.update(roleDefinitionId=owner))
+    bad = spoil(plain, ROLE, lambda i: i.update(roleDefinitionId=owner))
     with pytest.raises(AssertionError, match="8e3af657"):
         check_roles(bad)
 
@@ -175,14 +161,19 @@ def _add_rule(run: Run, nsg: str, rule: dict[str, Any]) -> Run:
     return bad
 
 
-def test_ingress_check_fails_on_ssh_from_internet(plain: Run) -> None:
-    rule = {
+def _allow_in(protocol: str, source: str, port: str) -> dict[str, Any]:
+    """An inbound allow rule, as an NSG's ``securityRules`` holds it."""
+    return {
         "direction": "Inbound",
         "access": "Allow",
-        "protocol": "Tcp",
-        "sourceAddressPrefix": "Internet",
-        "destinationPortRange": "22",
+        "protocol": protocol,
+        "sourceAddressPrefix": source,
+        "destinationPortRange": port,
     }
+
+
+def test_ingress_check_fails_on_ssh_from_internet(plain: Run) -> None:
+    rule = _allow_in("Tcp", "Internet", "22")
     with pytest.raises(AssertionError, match="no control host"):
         check_ingress(
             ingress_rules(_add_rule(plain, "cloudmodal-nodes", rule)), PLAIN, internal=["10.75.0.0/16"]
@@ -190,13 +181,7 @@ def test_ingress_check_fails_on_ssh_from_internet(plain: Run) -> None:
 
 
 def test_ingress_check_fails_on_every_port_to_the_control_host(hosted: Run) -> None:
-    rule = {
-        "direction": "Inbound",
-        "access": "Allow",
-        "protocol": "*",
-        "sourceAddressPrefix": "*",
-        "destinationPortRange": "*",
-    }
+    rule = _allow_in("*", "*", "*")
     with pytest.raises(AssertionError, match="more than the control plane's port"):
         check_ingress(
             ingress_rules(_add_rule(hosted, "cloudmodal-control", rule)), HOSTED, internal=["10.75.0.0/16"]
@@ -205,4 +190,4 @@ def test_ingress_check_fails_on_every_port_to_the_control_host(hosted: Run) -> N
 
 def test_tag_check_fails_on_an_untagged_nsg(plain: Run) -> None:
     with pytest.raises(AssertionError, match="cloudmodal-infra"):
-        check_tagged(_spoil(plain, NSG, lambda i: i.update(tags={})))
+        check_tagged(spoil(plain, NSG, lambda i: i.update(tags={})))

@@ -16,7 +16,7 @@ from cloudmodal.infra.common import (
     OUT_WORKER_IDENTITY,
     InfraConfig,
 )
-from tests.infra.pulumi_harness import Ingress, Run, check_ingress, check_tagged, run_program
+from tests.infra.pulumi_harness import Ingress, Run, check_ingress, check_tagged, program_fixtures, spoil
 
 # the SDKs' deprecated classes warn as their modules load
 pytestmark = pytest.mark.filterwarnings("ignore:.*has been deprecated in favor of:DeprecationWarning")
@@ -34,14 +34,7 @@ BUCKET = "gcp:storage/bucket:Bucket"
 FIREWALL = "gcp:compute/firewall:Firewall"
 
 
-@pytest.fixture(scope="module")
-def plain() -> Run:
-    return run_program(PLAIN)
-
-
-@pytest.fixture(scope="module")
-def hosted() -> Run:
-    return run_program(HOSTED)
+plain_run, hosted_run = program_fixtures(PLAIN, HOSTED)
 
 
 def check_bucket(run: Run, cfg: InfraConfig) -> None:
@@ -126,13 +119,6 @@ def test_outputs_and_host(plain: Run, hosted: Run) -> None:
     assert "gs://team-project-42-cloudmodal-store/blobs" in host["metadata"]["user-data"]
 
 
-def _spoil(run: Run, type_: str, change: Any) -> Run:
-    bad = run.bad_copy()
-    for r in bad.of_type(type_):
-        change(r.inputs)
-    return bad
-
-
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -145,11 +131,11 @@ def _spoil(run: Run, type_: str, change: Any) -> Run:
 )
 def test_bucket_check_fails_on_a_bad_bucket(plain: Run, change: Any, match: str) -> None:
     with pytest.raises(AssertionError, match=match):
-        check_bucket(_spoil(plain, BUCKET, change), PLAIN)
+        check_bucket(spoil(plain, BUCKET, change), PLAIN)
 
 
 def test_bucket_check_fails_on_all_users(plain: Run) -> None:
-    bad = _spoil(plain, "gcp:storage/bucketIAMMember:BucketIAMMember", lambda i: i.update(member="allUsers"))
+    bad = spoil(plain, "gcp:storage/bucketIAMMember:BucketIAMMember", lambda i: i.update(member="allUsers"))
     with pytest.raises(AssertionError, match="public"):
         check_bucket(bad, PLAIN)
 
@@ -167,7 +153,7 @@ def test_identity_check_fails_on_a_project_role(plain: Run) -> None:
 
 
 def test_identity_check_fails_on_a_wider_bucket_role(plain: Run) -> None:
-    bad = _spoil(
+    bad = spoil(
         plain, "gcp:storage/bucketIAMMember:BucketIAMMember", lambda i: i.update(role="roles/storage.admin")
     )
     with pytest.raises(AssertionError):
@@ -175,7 +161,7 @@ def test_identity_check_fails_on_a_wider_bucket_role(plain: Run) -> None:
 
 
 def test_ingress_check_fails_on_ssh_from_the_world(plain: Run) -> None:
-    bad = _spoil(
+    bad = spoil(
         plain,
         FIREWALL,
         lambda i: (
@@ -187,7 +173,7 @@ def test_ingress_check_fails_on_ssh_from_the_world(plain: Run) -> None:
 
 
 def test_ingress_check_fails_on_the_port_open_to_every_instance(hosted: Run) -> None:
-    bad = _spoil(
+    bad = spoil(
         hosted,
         FIREWALL,
         lambda i: i.pop("targetTags", None) if i["name"].endswith("-control-plane") else None,
@@ -197,7 +183,7 @@ def test_ingress_check_fails_on_the_port_open_to_every_instance(hosted: Run) -> 
 
 
 def test_ingress_check_fails_on_all_protocols_from_outside(plain: Run) -> None:
-    bad = _spoil(
+    bad = spoil(
         plain,
         FIREWALL,
         lambda i: i.update(sourceRanges=["192.0.2.0/24"]) if i["name"].endswith("internal") else None,
@@ -208,4 +194,4 @@ def test_ingress_check_fails_on_all_protocols_from_outside(plain: Run) -> None:
 
 def test_tag_check_fails_on_an_unlabelled_bucket(plain: Run) -> None:
     with pytest.raises(AssertionError, match="cloudmodal-infra"):
-        check_tagged(_spoil(plain, BUCKET, lambda i: i.update(labels={})))
+        check_tagged(spoil(plain, BUCKET, lambda i: i.update(labels={})))
