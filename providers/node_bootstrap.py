@@ -28,10 +28,12 @@ The app's own packages named by ``Image.add_local_python_source`` (found on this
 ``source_path`` first) follow cloudmodal's tarball on stdin, are unpacked to ``~/.cloudmodal/src/<sha256>`` and
 put on ``PYTHONPATH`` after cloudmodal.
 
-Secrets: the worker's environment (its token) is read by bash's ``read`` builtin from stdin and handed to the
-worker with ``export`` (a builtin) in the subshell that ``exec``s it. It is never on a command line (local or
-on the node), in a file, in shell history (non-interactive shells keep none) or in a log; the output shown in
-:attr:`BootstrapState.detail` has every secret value replaced by ``***``.
+Secrets: the worker's environment is read by bash's ``read`` builtin from stdin and handed to the worker with
+``export`` (a builtin) in the subshell that ``exec``s it; its token alone goes on the worker's own stdin as one
+JSON line (``CLOUDMODAL_CREDENTIALS=stdin``, as on the local provider), so that ``/proc/<pid>/environ`` never
+holds it. It is never on a command line (local or on the node), in a file, in shell history (non-interactive
+shells keep none) or in a log; the output shown in :attr:`BootstrapState.detail` has every secret value
+replaced by ``***``.
 
 Shipping cloudmodal: the control plane may be a dev checkout whose version is on no index, so the node
 gets the very files this process imports — the ``cloudmodal`` package and the directories mapped into it

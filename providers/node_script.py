@@ -80,6 +80,14 @@ def bootstrap_script(
     detached_step = f"""\
   (
 {prepare}
+    # The token goes on the worker's stdin (one JSON line, written by the builtin printf), not in its
+    # environment, where /proc/<pid>/environ would keep showing it to the user's code after the worker drops it.
+    unset CLOUDMODAL_TOKEN
+    if [ -n "${{wenv[CLOUDMODAL_TOKEN]:-}}" ]; then
+      export CLOUDMODAL_CREDENTIALS=stdin
+      exec setsid "$venv/bin/python" {shlex.join(argv)} \
+        < <(printf '{{"CLOUDMODAL_TOKEN": "%s"}}\n' "${{wenv[CLOUDMODAL_TOKEN]}}") >>"$log" 2>&1
+    fi
     exec setsid "$venv/bin/python" {shlex.join(argv)} </dev/null >>"$log" 2>&1
   ) &
   local pid=$!

@@ -41,6 +41,8 @@ LIST_COLUMNS = (
     Column("Function", keep=1),
     Column("State", keep=2),
     Column("Provider", keep=3),
+    Column("Instance", keep=5),
+    Column("Region", keep=6),
     Column("Started", keep=4),
 )
 
@@ -232,7 +234,7 @@ def list_containers(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     wide: bool = typer.Option(False, "--wide", help=WIDE_HELP),
 ) -> None:
-    """Running containers (workers), newest first."""
+    """Running containers (workers), newest first: a cloud worker with its node's instance and region."""
     with user_errors():
         rows = list_rows(app_id)
     if as_json:
@@ -241,7 +243,16 @@ def list_containers(
     print_table(
         LIST_COLUMNS,
         [
-            [r["id"], r["app_name"], r["function_name"], r["state"], r["provider"], _ts(r["started_at"])]
+            [
+                r["id"],
+                r["app_name"],
+                r["function_name"],
+                r["state"],
+                r["provider"],
+                r.get("instance_id") or "-",
+                r.get("region") or "-",
+                _ts(r["started_at"]),
+            ]
             for r in rows
         ],
         wide=wide,

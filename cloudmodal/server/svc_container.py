@@ -111,7 +111,9 @@ class Containers:
 
     # -- reads --------------------------------------------------------------------------------------------
     def list_running(self, who: Identity, app_id: str | None) -> list[dict[str, Any]]:
-        """The live workers (containers) ``who`` may see, of ``app_id`` if given, newest first."""
+        """The live workers (containers) ``who`` may see, of ``app_id`` if given, newest first; a cloud worker's
+        with its node (``instance_id``: the cloud's, ``region``, ``zone``, ``instance_type``; empty or None for
+        a local one)."""
         q = (
             select(
                 W.c.id,
@@ -121,6 +123,8 @@ class Containers:
                 W.c.started_at,
                 W.c.ready_at,
                 W.c.provider,
+                W.c.instance_id,
+                W.c.offer,
                 W.c.host,
                 W.c.gpu,
                 A.c.name.label("app_name"),
@@ -133,7 +137,14 @@ class Containers:
             q = q.where(W.c.app_id == app_id)
         with self.cp.db.read() as conn:
             rows = [dict(r._mapping) for r in conn.execute(q.order_by(W.c.started_at.desc()).limit(1000))]
-        return [r for r in rows if may_use_app(who, r["app_name"])]
+        out = []
+        for r in rows:
+            if not may_use_app(who, r["app_name"]):
+                continue
+            offer = r.pop("offer") or {}  # where a cloud worker runs: its node's region, zone and type
+            r.update({k: offer.get(k) for k in ("region", "zone", "instance_type")})
+            out.append(r)
+        return out
 
     def container(self, who: Identity, worker_id: str) -> dict[str, Any]:
         """A live worker's row with its app's name, if ``who`` may use its app (else 404 / 403)."""

@@ -13,8 +13,10 @@ set-up, so it is in the function's container as the user's code is: the same int
 ``bin`` first on ``PATH``), the same working directory, the function's environment and secrets
 (``os.environ`` of the worker, from which :func:`cloudmodal.worker.runtime.take_token` removed the
 control-plane token — it is dropped here again by name in case), and the volumes mounted in the worker's
-mount namespace (:mod:`cloudmodal.worker.volumes`). The token itself is in this process's memory only, which a
-child cannot read.
+mount namespace (:mod:`cloudmodal.worker.volumes`). A child can also read its parent's *initial* environment
+(``/proc/$PPID/environ``: the block the worker was started with, which ``unsetenv`` does not change); a cloud
+node's bootstrap starts the worker with the token in it, so :func:`scrub_initial_environ` blanks that entry
+there before the first session. The token is then in this process's memory only.
 
 **PTY.** A session asked with ``pty`` gets a pseudo-terminal (``os.openpty``) of the client's size, as its
 controlling terminal in a session of its own (a small shim sets ``TIOCSCTTY`` and execs the command), so job
@@ -73,6 +75,41 @@ except OSError as e:
     sys.stderr.write(f"{argv[0]}: {e.strerror}\n")
     os._exit(127 if isinstance(e, FileNotFoundError) else 126)
 """
+
+
+def scrub_initial_environ(names: tuple[str, ...] = DROP_ENV) -> int:
+    """Blank the ``NAME=VALUE`` entries of ``names`` in this process's initial environment block: what
+    ``/proc/<pid>/environ`` shows to other processes (this worker's children among them) for its whole life,
+    whatever ``os.environ`` holds now. The number of entries blanked; 0 where there is nothing to do or no
+    ``/proc`` to do it with.
+
+    The block is the one the kernel copied at ``execve``; nothing points into it once ``unsetenv`` removed the
+    variable (:func:`cloudmodal.worker.runtime.take_token`), and ``os.environ`` holds copies. It is written
+    through ``/proc/self/mem``, so an address that is not this process's (a kernel without the fields) fails
+    with an error instead of a crash."""
+    wanted = {n.encode() for n in names}
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        # after the ")" come fields 3...; env_start and env_end are fields 50 and 51 (proc(5), Linux 3.5+)
+        start, end = int(fields[47]), int(fields[48])
+        with open("/proc/self/environ", "rb") as f:
+            block = f.read()
+    except (OSError, IndexError, ValueError):
+        return 0
+    if not start or end - start != len(block):
+        return 0
+    blanked = 0
+    offset = 0
+    with contextlib.suppress(OSError), open("/proc/self/mem", "r+b", buffering=0) as mem:
+        for entry in block.split(b"\0"):
+            name, eq, _ = entry.partition(b"=")
+            if eq and name in wanted:
+                mem.seek(start + offset)
+                mem.write(b"\0" * len(entry))
+                blanked += 1
+            offset += len(entry) + 1
+    return blanked
 
 
 def default_shell() -> str:
@@ -363,6 +400,7 @@ class ExecHost:
 def start_exec_host(worker: Any) -> ExecHost:
     """Start ``worker``'s exec host (:class:`cloudmodal.worker.runtime.Worker`, set up: its volumes mounted and
     its environment final). Its threads are daemons; they end with the worker."""
+    scrub_initial_environ()  # before any session: a child could read it in /proc/$PPID/environ
     host = ExecHost(worker.t, worker.base, worker.draining)
     host.start_threads()
     return host

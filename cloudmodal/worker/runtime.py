@@ -723,6 +723,12 @@ def take_token(environ: Any = None, stdin: Any = None) -> str | None:
     token, via, path = s.token, s.credentials, s.token_file
     for name in (TOKEN_ENV, CREDENTIALS_ENV, TOKEN_FILE_ENV):
         env.pop(name, None)
+    if environ is None and token:
+        # Given in the environment (a custom launcher): /proc/<pid>/environ would keep showing it to the user's
+        # code and what it starts for this process's whole life, whatever os.environ holds now.
+        from cloudmodal.worker.exec_host import scrub_initial_environ
+
+        scrub_initial_environ()
     if via == "stdin":
         stream = sys.stdin if stdin is None else stdin
         line = stream.readline() if stream is not None else ""

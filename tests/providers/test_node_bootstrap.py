@@ -52,10 +52,13 @@ fake_sshd = _load_fake("sshd")
 TOKEN = "cm-wtok-7f3a9c1e5b2d4a6f8e0c"  # the scoped worker token the tests look for everywhere
 
 # A worker stand-in: calls home like the real worker (same route shape and headers), every 0.2 s.
+# The token comes as the real worker takes it: one JSON line on stdin (CLOUDMODAL_CREDENTIALS=stdin).
 CALL_HOME = (
-    "import os, time, httpx\n"
+    "import json, os, sys, time, httpx\n"
     "url, wid = os.environ['CLOUDMODAL_SERVER_URL'], os.environ['CLOUDMODAL_WORKER_ID']\n"
-    "h = {'authorization': 'Bearer ' + os.environ.pop('CLOUDMODAL_TOKEN'), 'user-agent': 'cloudmodal-client'}\n"
+    "assert os.environ['CLOUDMODAL_CREDENTIALS'] == 'stdin' and 'CLOUDMODAL_TOKEN' not in os.environ\n"
+    "tok = json.loads(sys.stdin.readline())['CLOUDMODAL_TOKEN']\n"
+    "h = {'authorization': 'Bearer ' + tok, 'user-agent': 'cloudmodal-client'}\n"
     "while True:\n"
     "    try:\n"
     "        httpx.post(f'{url}/v1/workers/{wid}/heartbeat', headers=h, content=b'', timeout=2)\n"
@@ -269,6 +272,9 @@ def test_real_worker_calls_home_through_the_reverse_tunnel_with_its_token(
     pkg = node.home / ".cloudmodal" / "pkg" / sha
     assert f"PYTHONPATH={pkg}".encode() in environ
     assert f"PEM_KEY={pem}".encode() in environ and b"SPACED= a = b " in environ
+    # the token is not in its environment (user code could read /proc/self/environ), only on its stdin
+    assert not any(TOKEN.encode() in e or e.startswith(b"CLOUDMODAL_TOKEN=") for e in environ)
+    assert b"CLOUDMODAL_CREDENTIALS=stdin" in environ
     assert (pkg / "cloudmodal" / "providers" / "nodes.py").is_file()
     assert os.getsid(state.worker_pid) == state.worker_pid
     assert (node.home / "marker-real").read_text() == "real\n"
@@ -344,7 +350,10 @@ def test_failing_run_commands_reports_failed_with_the_output_tail(
 def test_worker_that_dies_at_once_reports_its_log_with_the_token_scrubbed(
     make_bootstrap: Callable[..., NodeBootstrap],
 ) -> None:
-    leak = ("-c", "import os, sys; print('token is', os.environ['CLOUDMODAL_TOKEN']); sys.exit(3)")
+    leak = (
+        "-c",
+        "import json, sys; print('token is', json.loads(sys.stdin.readline())['CLOUDMODAL_TOKEN']); sys.exit(3)",
+    )
     b = make_bootstrap("wk-dies-1", image("dies"), argv=leak)
     b.start()
     state, _ = run_to_end(b)

@@ -44,3 +44,24 @@ def test_none_and_malformed() -> None:
         take_token({"CLOUDMODAL_CREDENTIALS": "stdin"}, io.StringIO("[1]\n"))
     with pytest.raises(RuntimeError, match="Unknown CLOUDMODAL_CREDENTIALS"):
         take_token({"CLOUDMODAL_CREDENTIALS": "fd:3"}, io.StringIO())
+
+
+def test_a_token_given_in_the_environment_leaves_the_process_environ_block(tmp_path):
+    """What /proc/<pid>/environ shows (the block copied at exec) loses the token once the worker took it, so
+    the user's code and what it starts cannot read it there; the other variables stay."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "from pathlib import Path\n"
+        "from cloudmodal.worker.runtime import take_token\n"
+        "before = Path('/proc/self/environ').read_bytes()\n"
+        "token = take_token()\n"
+        "after = Path('/proc/self/environ').read_bytes()\n"
+        "print(token, b'cm_secret_value' in before, b'cm_secret_value' in after, b'KEEP_ME=1' in after)\n"
+    )
+    env = {**os.environ, "CLOUDMODAL_TOKEN": "cm_secret_value", "KEEP_ME": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    # before: the control (the probe sees the token where it was); after: gone, the rest kept
+    assert out.stdout.split() == ["cm_secret_value", "True", "False", "True"]
