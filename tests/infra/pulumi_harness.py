@@ -12,6 +12,7 @@ Pulumi's runtime state is global to the process (its settings and the root stack
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import importlib
 import inspect
@@ -109,21 +110,30 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
 def run_program(cfg: InfraConfig, calls: dict[str, dict[str, Any]] | None = None) -> Run:
     """Run ``cfg``'s program under fresh mocks; the resources it declared and the outputs it exported."""
-    mocks = RecordingMocks(calls or {})
-    pulumi.runtime.settings.reset_options()  # a new root stack: outputs of an earlier run must not leak in
-    pulumi.runtime.set_mocks(mocks, project="cloudmodal-test", stack="test", preview=False)
-    program = program_for(cfg.cloud)
-    exported: dict[str, Any] = {}
+    # Pulumi's mocks run on the thread's current event loop and read asyncio's own loop internals: give them a
+    # plain asyncio loop of their own (an earlier test in the same process may have left none, or installed
+    # uvicorn's uvloop policy, whose loops Pulumi cannot drive)
+    loop = asyncio.SelectorEventLoop()
+    asyncio.set_event_loop(loop)
+    try:
+        mocks = RecordingMocks(calls or {})
+        pulumi.runtime.settings.reset_options()  # a new root stack: outputs of an earlier run must not leak in
+        pulumi.runtime.set_mocks(mocks, project="cloudmodal-test", stack="test", preview=False)
+        program = program_for(cfg.cloud)
+        exported: dict[str, Any] = {}
 
-    @pulumi.runtime.test
-    def go() -> Any:
-        program(cfg)
-        stack = pulumi.runtime.get_root_resource()
-        outputs = dict(stack.outputs)  # type: ignore
-        return pulumi.Output.all(**outputs).apply(exported.update)
+        @pulumi.runtime.test
+        def go() -> Any:
+            program(cfg)
+            stack = pulumi.runtime.get_root_resource()
+            outputs = dict(stack.outputs)  # type: ignore
+            return pulumi.Output.all(**outputs).apply(exported.update)
 
-    go()
-    return Run(mocks.resources, exported)
+        go()
+        return Run(mocks.resources, exported)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def program_fixtures(
