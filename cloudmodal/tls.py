@@ -100,10 +100,10 @@ def cert_fingerprint(path: str | os.PathLike[str]) -> str:
 
 
 def env_fingerprint() -> str | None:
-    """``CLOUDMODAL_TLS_FINGERPRINT``, normalized (None when unset)."""
-    from cloudmodal.settings import settings
-
-    raw = getattr(settings(), "tls_fingerprint", None)
+    """``CLOUDMODAL_TLS_FINGERPRINT`` (the setting ``tls_fingerprint``), normalized; None when unset or empty.
+    Read from the environment directly: a sandbox host or a standby interpreter must not pay the settings'
+    import (pydantic, ~180 ms) for it."""
+    raw = os.environ.get("CLOUDMODAL_TLS_FINGERPRINT", "").strip()
     return normalize_fingerprint(raw) if raw else None
 
 
