@@ -65,6 +65,10 @@ def _check_cloud(cloud: str) -> str:
     c = cloud.strip().lower()
     if c not in CLOUDS:
         raise InvalidError(f"unknown cloud {cloud!r}: use one of {', '.join(CLOUDS)} (--cloud aws)")
+    if c == "lambda":  # nothing for Pulumi to make there: say what to do, before asking for the CLI
+        from cloudmodal.infra.lambda_cloud import GUIDANCE
+
+        raise InvalidError(GUIDANCE)
     return c
 
 

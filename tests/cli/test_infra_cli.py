@@ -94,6 +94,12 @@ def test_unknown_cloud_lists_the_clouds(sb: Sandbox) -> None:
     assert sb.ops() == ["preview"]
 
 
+def test_lambda_says_what_to_use_instead_without_asking_pulumi(sb: Sandbox) -> None:
+    r = sb.run("up", "--cloud", "lambda", "--yes", code=2)
+    assert "Lambda Cloud has no buckets" in r.stderr and "--cloud aws|gcp|azure" in r.stderr
+    assert sb.commands() == []
+
+
 def test_bad_options_are_refused_before_pulumi(sb: Sandbox) -> None:
     r = sb.run("up", "--cloud", "gcp", "--yes", code=2)
     assert "GCP needs a project" in r.stderr
