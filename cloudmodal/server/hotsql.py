@@ -222,7 +222,11 @@ class SqliteHotConnection:
         with self.lock:
             if self._conn is None:
                 conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                except sqlite3.DatabaseError as e:
+                    conn.close()
+                    raise sqlite3.DatabaseError(f"{e} ({self.path} begins {_head(self.path)})") from e
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=30000")
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # see db.Checkpointer
@@ -244,3 +248,12 @@ class SqliteHotConnection:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def _head(path: str) -> str:
+    """The first bytes of ``path``, for an error that says the file is not a database (what overwrote it)."""
+    try:
+        with open(path, "rb") as f:
+            return repr(f.read(64))
+    except OSError as e:
+        return f"<unreadable: {e}>"
