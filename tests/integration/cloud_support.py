@@ -197,3 +197,33 @@ def cloud_plane(tmp_path: Path, clouds: dict[str, Any]) -> Iterator[ServerHandle
 
 def events(handle: ServerHandle, app_id: str, *kinds: str) -> list[dict[str, Any]]:
     return [e for e in handle.cp.activity.events(app_id, limit=10_000) if not kinds or e["kind"] in kinds]
+
+
+@contextmanager
+def cloud_sandbox(base: Path) -> Iterator[dict[str, Any]]:
+    """For a test module: HOME for SkyPilot (it writes ~/.sky), the catalog and the stand-in node under ``base``."""
+    import pytest
+
+    from tests.fakes.sshd import stand_in_node
+
+    with pytest.MonkeyPatch.context() as mp, stand_in_node(base / "node") as node:
+        mp.setenv("HOME", str(base / "home"))
+        catalog = write_catalog(base / "catalog")
+        mp.setenv("CLOUDMODAL_CATALOG_DIR", str(catalog))
+        yield {"catalog": catalog, "ssh_config": node_ssh_config(base, node.port), "base": base, "node": node}
+
+
+@contextmanager
+def moto_ec2() -> Iterator[Any]:
+    """moto's EC2 server for ``REGION``, with this process's AWS environment pointing at it (and nothing of the
+    developer's profile)."""
+    import pytest
+
+    from tests.fakes.moto_ec2 import MotoEc2
+
+    with MotoEc2.start(regions=[REGION]) as fake, pytest.MonkeyPatch.context() as mp:
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+            mp.delenv(key, raising=False)
+        for key, value in fake.env().items():
+            mp.setenv(key, value)
+        yield fake

@@ -20,19 +20,19 @@ from cloud_support import (
     FakeImds,
     cloud_plane,
     cloud_provider,
+    cloud_sandbox,
     events,
+    moto_ec2,
     moto_instances,
-    node_ssh_config,
     tags_of,
     wait_for,
-    write_catalog,
 )
 from sqlalchemy import text
 
 from cloudmodal.client.session import run_app
 from cloudmodal.providers.nodes import TAG_APP, TAG_CONTROL_PLANE, TAG_FUNCTION, TAG_WORKER
 from cloudmodal.server import models
-from tests.fakes.sshd import sshd_missing, stand_in_node
+from tests.fakes.sshd import sshd_missing
 
 pytestmark = pytest.mark.skipif(bool(sshd_missing()), reason=sshd_missing() or "")
 
@@ -41,22 +41,13 @@ pytestmark = pytest.mark.skipif(bool(sshd_missing()), reason=sshd_missing() or "
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """HOME for SkyPilot (it writes ~/.sky), the catalog, and the stand-in node, for the module."""
     base = tmp_path_factory.mktemp("clouds")
-    with pytest.MonkeyPatch.context() as mp, stand_in_node(base / "node") as node:
-        mp.setenv("HOME", str(base / "home"))
-        catalog = write_catalog(base / "catalog")
-        mp.setenv("CLOUDMODAL_CATALOG_DIR", str(catalog))
-        yield {"catalog": catalog, "ssh_config": node_ssh_config(base, node.port), "base": base, "node": node}
+    with cloud_sandbox(base) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
 def moto(sandbox: dict[str, Any]) -> Iterator[Any]:
-    from tests.fakes.moto_ec2 import MotoEc2
-
-    with MotoEc2.start(regions=[REGION]) as fake, pytest.MonkeyPatch.context() as mp:
-        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
-            mp.delenv(key, raising=False)
-        for key, value in fake.env().items():
-            mp.setenv(key, value)
+    with moto_ec2() as fake:
         yield fake
 
 

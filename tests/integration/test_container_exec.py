@@ -16,7 +16,6 @@ import importlib
 import json
 import os
 import re
-import select
 import subprocess
 import sys
 import termios
@@ -28,6 +27,7 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
+from exec_support import assert_cat_echoes, read_until
 from sqlalchemy import select as sql_select
 from support import start_server, use_server
 
@@ -193,45 +193,11 @@ def test_exec_runs_where_the_function_runs(plane: Plane) -> None:
 
 
 def test_stdin_streams_and_eof_ends_it(plane: Plane) -> None:
-    p = subprocess.Popen(
+    assert_cat_echoes(
         [sys.executable, "-m", "cloudmodal.cli.container_cmd", "exec", "--no-pty", plane.wid, "cat"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=plane.env(),
+        plane.env(),
+        "through the container",
     )
-    assert p.stdin is not None and p.stdout is not None
-    try:
-        for i in range(3):
-            line = f"line {i} through the container\n".encode()
-            p.stdin.write(line)
-            p.stdin.flush()
-            assert p.stdout.readline() == line  # echoed before the next line is written
-        p.stdin.close()  # EOF: cat exits 0
-        assert p.wait(60) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-
-
-def _read_until(fd: int, pattern: bytes, timeout: float = 60.0) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while pattern not in seen:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"{pattern!r} not seen; got {seen[-500:]!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    assert pattern in seen, seen[-500:]
-    return seen
 
 
 @pytest.mark.parametrize("how", ["shell APP.FUNCTION", "container exec ID"])
@@ -249,7 +215,7 @@ def test_interactive_shell_on_a_pty(plane: Plane, how: str) -> None:
         # typed once the command line has put its terminal in raw mode (a user types at the shell's prompt)
         eventually("the local terminal in raw mode", lambda: not termios.tcgetattr(master)[3] & termios.ECHO)
         os.write(master, b"echo PWD=$PWD; tty; echo TERM=$TERM\n")
-        seen = _read_until(master, b"TERM=xterm")
+        seen = read_until(master, b"TERM=xterm")
         assert f"PWD={plane.where['cwd']}".encode() in seen
         assert re.search(rb"/dev/pts/\d+", seen), seen  # a real terminal inside the container
         os.write(master, b"exit 3\n")

@@ -26,11 +26,9 @@ import importlib
 import json
 import os
 import re
-import select
 import subprocess
 import sys
 import termios
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ from cloud_support import (
     wait_for,
     write_catalog,
 )
+from exec_support import assert_cat_echoes, read_until
 from sqlalchemy import select as sql_select
 
 import cloudmodal
@@ -245,42 +244,11 @@ def test_the_same_check_in_a_local_shell_finds_the_token(cloud_node: Node) -> No
 
 
 def test_stdin_streams_to_the_node(cloud_node: Node) -> None:
-    p = subprocess.Popen(
+    assert_cat_echoes(
         [sys.executable, "-m", "cloudmodal.cli.main", "container", "exec", "--no-pty", cloud_node.wid, "cat"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cloud_node.env(),
+        cloud_node.env(),
+        "to the node",
     )
-    assert p.stdin is not None and p.stdout is not None
-    try:
-        for i in range(3):
-            line = f"line {i} to the node\n".encode()
-            p.stdin.write(line)
-            p.stdin.flush()
-            assert p.stdout.readline() == line  # echoed before the next line is written
-        p.stdin.close()  # EOF: cat exits 0
-        assert p.wait(60) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-
-
-def _read_until(fd: int, pattern: bytes, timeout: float = 60.0) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while pattern not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if ready:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    assert pattern in seen, seen[-500:]
-    return seen
 
 
 def test_shell_on_a_pty_on_the_node(cloud_node: Node) -> None:
@@ -301,7 +269,7 @@ def test_shell_on_a_pty_on_the_node(cloud_node: Node) -> None:
             lambda: not termios.tcgetattr(master)[3] & termios.ECHO, 60, "the local terminal in raw mode"
         )
         os.write(master, b"tty; echo ID=$CLOUDMODAL_WORKER_ID; echo TERM=$TERM\n")
-        seen = _read_until(master, b"TERM=xterm")
+        seen = read_until(master, b"TERM=xterm")
         assert re.search(rb"/dev/pts/\d+", seen), seen  # a real terminal inside the container
         assert f"ID={cloud_node.wid}".encode() in seen
         os.write(master, b"exit 3\n")

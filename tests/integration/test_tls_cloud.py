@@ -30,7 +30,13 @@ from typing import Any
 import httpx
 import pytest
 import tls_cloud_app
-from cloud_support import REGION, cloud_provider, node_ssh_config, wait_for, write_catalog
+from cloud_support import (
+    REGION,
+    cloud_provider,
+    cloud_sandbox,
+    moto_ec2,
+    wait_for,
+)
 from sqlalchemy import select
 from support import client_env
 
@@ -40,7 +46,7 @@ from cloudmodal.providers.local import LocalProvider
 from cloudmodal.providers.nodes import worker_key
 from cloudmodal.server import models
 from cloudmodal.server.app import ServerHandle, default_settings
-from tests.fakes.sshd import sshd_missing, stand_in_node
+from tests.fakes.sshd import sshd_missing
 
 pytestmark = pytest.mark.skipif(bool(sshd_missing()), reason=sshd_missing() or "")
 
@@ -52,22 +58,13 @@ RECONNECT_S = 600.0  # the workers' patience with an unreachable control plane: 
 def clouds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """HOME for SkyPilot, the catalog and the stand-in node, for the module."""
     base = tmp_path_factory.mktemp("tlsclouds")
-    with pytest.MonkeyPatch.context() as mp, stand_in_node(base / "node") as node:
-        mp.setenv("HOME", str(base / "home"))
-        catalog = write_catalog(base / "catalog")
-        mp.setenv("CLOUDMODAL_CATALOG_DIR", str(catalog))
-        yield {"catalog": catalog, "ssh_config": node_ssh_config(base, node.port), "base": base, "node": node}
+    with cloud_sandbox(base) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
 def moto(clouds: dict[str, Any]) -> Iterator[Any]:
-    from tests.fakes.moto_ec2 import MotoEc2
-
-    with MotoEc2.start(regions=[REGION]) as fake, pytest.MonkeyPatch.context() as mp:
-        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
-            mp.delenv(key, raising=False)
-        for key, value in fake.env().items():
-            mp.setenv(key, value)
+    with moto_ec2() as fake:
         yield fake
 
 
