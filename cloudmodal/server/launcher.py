@@ -89,9 +89,9 @@ class Launcher(ReconcilerBase):
             return
         if self._local_tier(spec.gpu) is not None:
             return
-        if self._cloud_choices(spec, "", self.clock(), ignore_blocks=True, limit=1):
+        if self.cloud_choices(spec, "", self.clock(), ignore_blocks=True, limit=1):
             return
-        raise NoProviderError(_no_gpu_message(spec.gpu, self.local))
+        raise NoProviderError(no_gpu_message(spec.gpu, self.local))
 
     def _runs_here(self, fn: Any, spec: FunctionSpec) -> bool:
         """Whether the pool's workers start on this machine (CPU work, a GPU this machine has, CPU fallback,
@@ -127,7 +127,7 @@ class Launcher(ReconcilerBase):
         """Every offer the enabled clouds sell (what a class block covers)."""
         return [o for prov in self.clouds for o in self._table(prov).offers]
 
-    def _cloud_choices(
+    def cloud_choices(
         self,
         spec: FunctionSpec,
         fid: str,
@@ -210,14 +210,14 @@ class Launcher(ReconcilerBase):
         if spot_only:
             if not spec.gpu or cpu_fallback:
                 return []
-            return self._cloud_choices(spec, fid, now, spot_only=True, locality=locality)
+            return self.cloud_choices(spec, fid, now, spot_only=True, locality=locality)
         if not spec.gpu or cpu_fallback:
             return [_Choice(self.provider, None)]
         out: list[_Choice] = []
         tier = self._local_tier(spec.gpu)
         if tier is not None:
             out.append(_Choice(self.local, tier, tier_index=spec.gpu.index(tier)))
-        return out + self._cloud_choices(spec, fid, now, force_on_demand=force_on_demand, locality=locality)
+        return out + self.cloud_choices(spec, fid, now, force_on_demand=force_on_demand, locality=locality)
 
     def _data_locality(
         self, spec: FunctionSpec, app_id: str, fid: str, worker_id: str
@@ -426,7 +426,7 @@ class Launcher(ReconcilerBase):
                                 app_id=app_id,
                                 function_id=fid,
                                 worker_id=worker_id,
-                                offer=_offer_dict(choice),
+                                offer=offer_dict(choice),
                                 reason=reason,
                             )
                         elif err is not None:
@@ -563,7 +563,7 @@ class Launcher(ReconcilerBase):
             function_id=fid,
             worker_id=worker_id,
             instance_id=handle.instance_id,
-            offer=_offer_dict(choice),
+            offer=offer_dict(choice),
             price_per_hour=handle.price_per_hour,
         )
 
@@ -634,7 +634,7 @@ class Launcher(ReconcilerBase):
                     price_per_hour=handle.price_per_hour,
                     market=handle.market,
                     gpu=str(choice.tier) if choice.tier else None,
-                    offer=_offer_dict(choice),
+                    offer=offer_dict(choice),
                     handle=handle.to_wire(),
                     launched_at=launched_at,
                 )
@@ -645,7 +645,7 @@ class Launcher(ReconcilerBase):
             app_id=app_id,
             function_id=fid,
             worker_id=worker_id,
-            offer=_offer_dict(choice),
+            offer=offer_dict(choice),
             market=handle.market,
             price_per_hour=handle.price_per_hour,
             launched_at=launched_at,
@@ -706,7 +706,7 @@ def _choice_key(c: _Choice) -> Any:
     return c.key if c.key is not None else (c.provider.name, str(c.tier))
 
 
-def _offer_dict(choice: _Choice) -> dict[str, Any] | None:
+def offer_dict(choice: _Choice) -> dict[str, Any] | None:
     o = choice.offer
     if o is None:
         return {"cloud": choice.provider.name, "gpu": str(choice.tier) if choice.tier else None}
@@ -741,7 +741,7 @@ def _locality_notes(locality: DataLocality, choices: list[_Choice]) -> list[str]
     return notes
 
 
-def _no_gpu_message(tiers: tuple[GpuTier, ...], provider: Any) -> str:
+def no_gpu_message(tiers: tuple[GpuTier, ...], provider: Any) -> str:
     want = ", ".join(str(t) for t in tiers)
     have = ""
     inv = getattr(provider, "gpu_inventory", None)

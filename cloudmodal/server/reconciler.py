@@ -489,7 +489,7 @@ class Reconciler(Launcher, Health, Estimates):
         spot: list[_Choice] = []
 
         def spot_price() -> float | None:
-            best = next((c for c in self._cloud_choices(spec, fid, now) if c.market == SPOT), None)
+            best = next((c for c in self.cloud_choices(spec, fid, now) if c.market == SPOT), None)
             if best is None:
                 return None
             spot.append(best)
