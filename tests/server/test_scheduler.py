@@ -403,15 +403,23 @@ def test_two_deploys_at_once_on_postgresql_do_not_collide(new_postgres_database:
 
         t = threading.Thread(target=second)
         t.start()
-        with cp.db.engine.connect() as probe:  # deploy 2 is waiting on a lock
-            for _ in range(600):
+        # autocommit: PostgreSQL keeps one pg_stat_activity snapshot for a whole transaction, so a probe in
+        # one transaction would never see a wait that began after its first look
+        with cp.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as probe:
+            blocker = first.execute(text("SELECT pg_backend_pid()")).scalar()
+            waiting = 0
+            for _ in range(1200):  # deploy 2 waits on deploy 1's lock
                 waiting = probe.execute(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND :blocker = ANY(pg_blocking_pids(pid))"
+                    ),
+                    {"blocker": blocker},
                 ).scalar()
-                if waiting:
+                if waiting or not t.is_alive():
                     break
                 threading.Event().wait(0.05)
-            assert waiting, "deploy 2 never waited on deploy 1"
+            assert waiting, f"deploy 2 never waited on deploy 1: {outcome}"
         tx.commit()
         first.close()
         t.join(60)
