@@ -157,7 +157,8 @@ def run_in_container(
         finally:
             link.close()
 
-    wake_r, wake_w = os.pipe()  # SIGWINCH -> the stdin pump sends the new size
+    wake_r, wake_w = os.pipe()  # SIGWINCH -> the stdin pump sends the new size; at the end, it stops
+    ended = threading.Event()
 
     def pump_in() -> None:
         link = _Link(worker_id)
@@ -165,6 +166,8 @@ def run_in_container(
         try:
             while True:
                 ready, _, _ = select.select(watching, [], [])
+                if ended.is_set():
+                    return  # not another read of stdin: what is typed now is the caller's, not the command's
                 if wake_r in ready:
                     os.read(wake_r, 64)
                     r, c = _terminal_size(stdout_fd)
@@ -186,6 +189,7 @@ def run_in_container(
         threading.Thread(target=pump_out, args=(1, stdout_fd), daemon=True, name="exec-stdout"),
         threading.Thread(target=pump_out, args=(2, stderr_fd), daemon=True, name="exec-stderr"),
     ]
+    inp = threading.Thread(target=pump_in, daemon=True, name="exec-stdin")
     try:
         if raw:
             import termios
@@ -197,7 +201,7 @@ def run_in_container(
             old_winch = signal.signal(signal.SIGWINCH, lambda *_: os.write(wake_w, b"w"))
         for t in outs:
             t.start()
-        threading.Thread(target=pump_in, daemon=True, name="exec-stdin").start()
+        inp.start()
         while True:
             try:
                 for t in outs:
@@ -220,6 +224,14 @@ def run_in_container(
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
         if old_winch is not None:
             signal.signal(signal.SIGWINCH, old_winch)
+        ended.set()
+        os.write(wake_w, b"q")
+        if inp.ident is not None:
+            inp.join(5)  # it waits on select, which the byte just ended; a call in flight is a short one
+        # one still in a call keeps its pipe: a descriptor closed is reused by the next open in this process
+        if not inp.is_alive():
+            os.close(wake_r)
+            os.close(wake_w)
         ctl.close()
     code = r["returncode"]
     if r.get("message") and code not in (0, None):

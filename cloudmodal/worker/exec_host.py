@@ -143,6 +143,9 @@ class Session:
         self.pty = bool(spec.get("pty"))
         self.proc: subprocess.Popen[bytes] | None = None
         self.master = -1
+        # master's closing and the command thread's ioctls on it take turns: a number closed is reused by
+        # the next open in this process (its connection to the control plane, say)
+        self.master_lock = threading.Lock()
         self.inbox: queue.Queue[bytes | None] = queue.Queue()  # stdin bytes; None: end of stdin
         self.started = threading.Event()
         self.exited = threading.Event()  # the process has exited: its stdin writer stops
@@ -156,8 +159,10 @@ class Session:
             self.inbox.put(None)
         elif op == "resize" and self.pty:
             rows, cols = json.loads(data)
-            if self.started.wait(5) and self.master >= 0:
-                set_winsize(self.master, int(rows), int(cols))
+            if self.started.wait(5):
+                with self.master_lock:
+                    if self.master >= 0:
+                        set_winsize(self.master, int(rows), int(cols))
         elif op == "signal":
             self.signal(int(data))
         elif op == "close":
@@ -167,8 +172,8 @@ class Session:
         if not self.started.wait(5) or self.proc is None:
             return
         group = self.proc.pid
-        if self.pty and self.master >= 0:
-            with contextlib.suppress(OSError):
+        with self.master_lock, contextlib.suppress(OSError):
+            if self.pty and self.master >= 0:
                 group = os.tcgetpgrp(self.master)  # the terminal's foreground job, as a keyboard's ^C
         with contextlib.suppress(OSError):
             os.killpg(group, sig)
@@ -218,13 +223,12 @@ class Session:
         except OSError as e:
             emit(self.id, "F", f"Could not start {argv[0]!r} in the container: {e}".encode())
             emit(self.id, "X", b"127")
-            if self.master >= 0:
-                os.close(self.master)
+            self._close_master()
             return
         self.started.set()
         emit(self.id, "P", str(self.proc.pid).encode())
         if self.pty:
-            readers = [self._reader(self.master, "O", close=False)]
+            readers = [self._reader(self.master, "O")]
             out_fd = self.master
         else:
             assert (
@@ -235,7 +239,11 @@ class Session:
                 self._reader(self.proc.stderr.fileno(), "R"),
             ]
             out_fd = self.proc.stdin.fileno()
-        threading.Thread(target=self._writer, args=(out_fd,), name=f"exec-in-{self.id}", daemon=True).start()
+        # the writer and readers each use a duplicate of their descriptor and close it when they end: this
+        # thread closes the originals below, and one of them may still be running then
+        threading.Thread(
+            target=self._writer, args=(os.dup(out_fd),), name=f"exec-in-{self.id}", daemon=True
+        ).start()
         code = self.proc.wait()
         self.exited.set()
         with contextlib.suppress(OSError):
@@ -244,8 +252,7 @@ class Session:
             t.join(5)  # a process that left its group and kept the terminal does not hold the exit
         self.inbox.put(None)
         if self.pty:
-            with contextlib.suppress(OSError):
-                os.close(self.master)
+            self._close_master()
         else:
             for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
                 with contextlib.suppress(OSError):
@@ -253,42 +260,59 @@ class Session:
                         f.close()
         emit(self.id, "X", str(128 - code if code < 0 else code).encode())
 
-    def _reader(self, fd: int, kind: str, close: bool = True) -> threading.Thread:
+    def _close_master(self) -> None:
+        with self.master_lock:
+            if self.master >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self.master)
+                self.master = -1
+
+    def _reader(self, fd: int, kind: str) -> threading.Thread:
+        own = os.dup(fd)
+
         def read() -> None:
-            while True:
-                try:
-                    data = os.read(fd, READ)
-                except OSError:  # EIO: the PTY's last other end closed
-                    break
-                if not data:
-                    break
-                self.host.emit(self.id, kind, data)
+            try:
+                while True:
+                    try:
+                        data = os.read(own, READ)
+                    except OSError:  # EIO: the PTY's last other end closed
+                        break
+                    if not data:
+                        break
+                    self.host.emit(self.id, kind, data)
+            finally:
+                os.close(own)
 
         t = threading.Thread(target=read, name=f"exec-out-{self.id}", daemon=True)
         t.start()
         return t
 
     def _writer(self, fd: int) -> None:
-        while True:
-            data = self.inbox.get()
-            if self.exited.is_set():
-                return
-            if data is None:
-                if self.pty:
+        """Feed the inbox to ``fd`` (this thread's own descriptor, closed when it ends: without a PTY that is
+        the end of the process's stdin)."""
+        try:
+            while True:
+                data = self.inbox.get()
+                if self.exited.is_set():
+                    return
+                if data is None:
+                    if self.pty:
+                        with contextlib.suppress(OSError):
+                            os.write(fd, b"\x04")  # end of input on a terminal: ^D at the start of a line
+                        continue
                     with contextlib.suppress(OSError):
-                        os.write(fd, b"\x04")  # end of input on a terminal: ^D at the start of a line
-                    continue
-                with contextlib.suppress(OSError):
-                    assert self.proc is not None and self.proc.stdin is not None
-                    self.proc.stdin.close()
-                return
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            except OSError:
-                return  # the process closed its stdin, or exited
+                        assert self.proc is not None and self.proc.stdin is not None
+                        self.proc.stdin.close()
+                    return
+                try:
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                except OSError:
+                    return  # the process closed its stdin, or exited
+        finally:
+            os.close(fd)
 
 
 class ExecHost:
