@@ -104,6 +104,10 @@ class Transport:
         self._channels_lock = threading.Lock()
         self._headers = headers
         self.http = self._new_client()
+        # requests in flight, so that close() never closes a connection another thread is reading (below)
+        self._busy = 0
+        self._closed = False
+        self._busy_lock = threading.Lock()
 
     def _new_client(self) -> httpx.Client:
         return httpx.Client(
@@ -136,12 +140,34 @@ class Transport:
         return True
 
     def close(self) -> None:
+        """Close every channel and the HTTP connections. A request in flight on another thread keeps its
+        connection: the last one to return closes the client. Closing a socket under a thread that waits on
+        it would leave that thread's TLS layer holding the bare descriptor number, which the next file this
+        process opens reuses; a reply arriving then is read from that file, and OpenSSL's alert for the
+        garbage is written into it."""
         with self._channels_lock:
             every = [ch for channels in self._channels for ch in channels.values()]
             self._channels.clear()
         for ch in every:
             ch.close()
-        self.http.close()
+        with self._busy_lock:
+            self._closed = True
+            idle = self._busy == 0
+        if idle:
+            self.http.close()
+
+    def _enter(self) -> None:
+        with self._busy_lock:
+            if self._closed:
+                raise exc.ConnectionError(f"The connection to the control plane at {self.url} was closed.")
+            self._busy += 1
+
+    def _leave(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+            last = self._closed and self._busy == 0
+        if last:
+            self.http.close()
 
     def request(
         self,
@@ -165,6 +191,7 @@ class Transport:
         patience = _Patience(self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout, self)
         refreshed = False
         while True:
+            self._enter()
             try:
                 resp = self.http.request(method, path, content=content, params=params, headers=headers)
             except (httpx.TransportError, RuntimeError) as e:
@@ -176,6 +203,8 @@ class Transport:
                     raise _unreachable(self.url, e) from e
                 patience.wait()
                 continue
+            finally:
+                self._leave()  # the response is read whole: its connection is back in the pool
             if resp.status_code == 503 and not patience.expired():
                 patience.wait()
                 continue
