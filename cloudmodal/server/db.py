@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import Connection, Engine
 
 from cloudmodal.server import migrations, models
-from cloudmodal.server.hotsql import HotStatements, SqliteHotConnection
+from cloudmodal.server.hotsql import HotStatements, SqliteHotConnection, file_head
 
 log = logging.getLogger("cloudmodal.server")
 
@@ -349,7 +349,11 @@ def _private_sqlite_files(database: str | None) -> None:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as e:  # "file is not a database": say what the file begins with instead
+        path = next((row[2] for row in cur.execute("PRAGMA database_list") if row[1] == "main"), "")
+        raise sqlite3.DatabaseError(f"{e} ({path} begins {file_head(path)})") from e
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's thread does it, off the write path

@@ -226,7 +226,7 @@ class SqliteHotConnection:
                     conn.execute("PRAGMA journal_mode=WAL")
                 except sqlite3.DatabaseError as e:
                     conn.close()
-                    raise sqlite3.DatabaseError(f"{e} ({self.path} begins {_head(self.path)})") from e
+                    raise sqlite3.DatabaseError(f"{e} ({self.path} begins {file_head(self.path)})") from e
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=30000")
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # see db.Checkpointer
@@ -250,7 +250,7 @@ class SqliteHotConnection:
                 self._conn = None
 
 
-def _head(path: str) -> str:
+def file_head(path: str) -> str:
     """The first bytes of ``path``, for an error that says the file is not a database (what overwrote it)."""
     try:
         with open(path, "rb") as f:
