@@ -375,23 +375,27 @@ class ForkedProcess:
         self.pid = pid
         self.zygote = zygote
         self.returncode: int | None = None
+        # poll() runs on several threads (the provider's janitor, describe, terminate): the pidfd is closed
+        # once, and never selected on after it is (its number is reused by the next open in this process)
+        self._lock = threading.Lock()
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
         except OSError:
             self._pidfd = None
 
     def poll(self) -> int | None:
-        if self.returncode is not None:
-            return self.returncode
-        rc = self.zygote.exits.get(self.pid)
-        if rc is None and self._gone() and not self.zygote.alive():
-            rc = self.LOST_RC
-        if rc is not None:
-            self.returncode = rc
-            if self._pidfd is not None:
-                os.close(self._pidfd)
-                self._pidfd = None
-        return rc
+        with self._lock:
+            if self.returncode is not None:
+                return self.returncode
+            rc = self.zygote.exits.get(self.pid)
+            if rc is None and self._gone() and not self.zygote.alive():
+                rc = self.LOST_RC
+            if rc is not None:
+                self.returncode = rc
+                fd, self._pidfd = self._pidfd, None
+                if fd is not None:
+                    os.close(fd)
+            return rc
 
     def _gone(self) -> bool:
         if self._pidfd is None:
@@ -530,6 +534,8 @@ class Zygote:
 
     def stop(self) -> None:
         if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # the read loop's recv returns, before the close
             with contextlib.suppress(OSError):
                 self.sock.close()
         if self.proc is not None and self.proc.poll() is None:
