@@ -41,7 +41,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
+def until(cond: Callable[[], bool], timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -154,7 +154,14 @@ def test_a_restarted_server_revokes_the_owner_tokens_of_earlier_starts(home: dic
         assert until(lambda: (state / "server.json").exists(), timeout=60), "the control plane did not start"
         first = server_info(home)
         url = str(first["url"])
-        assert until(lambda: httpx.get(url + "/healthz").status_code == 200)
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(url + "/healthz", timeout=10).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert until(healthy, timeout=60)
     finally:
         proc.kill()  # no chance to clean up: server.json stays
         proc.wait()

@@ -28,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.ports import reserved_port
+
 FAKE_ADDRESS = "54.0.0.10"  # what the "cloud" reports as the node's public IP
+START_TRIES = 5  # sshd started on another port when its port was in use after all
 
 
 def sshd_path() -> str | None:
@@ -45,12 +48,6 @@ def sshd_missing() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed: apt-get install -y openssh-client"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -115,8 +112,61 @@ def stand_in_node(directory: Path, *, fake_address: str = FAKE_ADDRESS) -> Itera
     authorized.chmod(0o600)
     with contextlib.suppress(OSError):
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
-    port = _free_port()
     config = directory / "sshd_config"
+    ssh_config = directory / "ssh_config"
+    known_hosts = directory / "known_hosts"
+    log_path = directory / "sshd.log"
+    log_path.write_bytes(b"")  # this start's output only (every try's, appended)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for _ in range(START_TRIES):
+            # a reserved port (tests/ports.py): nothing else on the machine is handed it before sshd binds it
+            port = reserved_port()
+            _write_configs(config, ssh_config, port, directory, authorized, home, fake_address)
+            subprocess.run([sshd, "-t", "-f", str(config)], check=True)
+            start = log_path.stat().st_size if log_path.exists() else 0
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
+                )
+            if _listening(proc, port, log_path, start):
+                break
+        else:
+            raise RuntimeError(f"sshd found its port in use {START_TRIES} times: {_tail(log_path)}")
+        yield StandInNode(
+            host="127.0.0.1",
+            port=port,
+            user=getpass.getuser(),
+            key_path=directory / "client_key",
+            public_key=public_key,
+            ssh_config=ssh_config,
+            fake_address=fake_address,
+            home=home,
+            known_hosts=known_hosts,
+            log_path=log_path,
+            proc=proc,
+        )
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _kill_processes_under(home)
+
+
+def _write_configs(
+    config: Path,
+    ssh_config: Path,
+    port: int,
+    directory: Path,
+    authorized: Path,
+    home: Path,
+    fake_address: str,
+) -> None:
+    """sshd's config (listening on 127.0.0.1:``port``) and the clients' ssh_config mapping the fake address."""
     config.write_text(
         "\n".join(
             [
@@ -141,47 +191,28 @@ def stand_in_node(directory: Path, *, fake_address: str = FAKE_ADDRESS) -> Itera
             ]
         )
     )
-    ssh_config = directory / "ssh_config"
     ssh_config.write_text(f"Host 54.* {fake_address}\n  HostName 127.0.0.1\n  Port {port}\n")
-    known_hosts = directory / "known_hosts"
-    log_path = directory / "sshd.log"
-    subprocess.run([sshd, "-t", "-f", str(config)], check=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    node = StandInNode(
-        host="127.0.0.1",
-        port=port,
-        user=getpass.getuser(),
-        key_path=directory / "client_key",
-        public_key=public_key,
-        ssh_config=ssh_config,
-        fake_address=fake_address,
-        home=home,
-        known_hosts=known_hosts,
-        log_path=log_path,
-        proc=proc,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sshd exited with {proc.returncode}: {node.log()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"sshd did not listen on 127.0.0.1:{port} within 10 s: {node.log()[-2000:]}"
-                )
-            time.sleep(0.05)
-        yield node
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        _kill_processes_under(home)
+
+
+def _tail(log_path: Path) -> str:
+    return log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+
+
+def _listening(proc: subprocess.Popen[bytes], port: int, log_path: Path, start: int) -> bool:
+    """True once sshd accepts connections on ``port``; False if it exited because the port was in use (its
+    output from byte ``start`` of the log says so); raises if it exited otherwise or never listens."""
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            said = log_path.read_bytes()[start:].decode(errors="replace")
+            if "Address already in use" in said:
+                return False
+            raise RuntimeError(f"sshd exited with {proc.returncode}: {said[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sshd did not listen on 127.0.0.1:{port} within 60 s: {_tail(log_path)}")
+        time.sleep(0.05)
 
 
 def _kill_processes_under(home: Path) -> None:

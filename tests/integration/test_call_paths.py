@@ -84,7 +84,7 @@ def test_spawn_get_gather_from_id(app):
 
 
 def test_get_timeout_raises_builtin_timeout_error(app):
-    fc = basic.sleepy.spawn(1.5)
+    fc = basic.nap.spawn(1.5)
     with pytest.raises(TimeoutError) as info:
         fc.get(timeout=0.1)
     assert type(info.value) is TimeoutError  # the builtin, as in Modal

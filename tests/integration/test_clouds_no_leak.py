@@ -12,7 +12,6 @@ from __future__ import annotations
 import getpass
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,12 +28,7 @@ from cloudmodal.client.session import deploy
 from cloudmodal.providers.nodes import TAG_CONTROL_PLANE, TAG_WORKER
 from cloudmodal.server import models
 from cloudmodal.server.db import Database
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import reserved_port
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def _env(aws: Any, tmp_path: Path, name: str) -> dict[str, str]:
     catalog = tmp_path / "catalog"
     if not catalog.exists():
         write_catalog(catalog)
-    dead = _free_port()
+    dead = reserved_port()  # never bound; no bind(0) elsewhere is handed it either (tests/ports.py)
     ssh_config = tmp_path / "ssh_config"
     ssh_config.write_text(f"Host *\n    HostName 127.0.0.1\n    Port {dead}\n    ConnectTimeout 2\n")
     env = {k: v for k, v in os.environ.items() if k not in ("CLOUDMODAL_SERVER_URL", "CLOUDMODAL_TOKEN")}
@@ -201,7 +195,9 @@ def test_a_restarted_control_plane_terminates_the_node_it_never_recorded(
 ) -> None:
     database_url = f"sqlite:///{tmp_path / 'cp.db'}"
     env = _env(aws, tmp_path, "cp")
-    port = _free_port()
+    # the port is free while the control plane is down: a reserved one (tests/ports.py), which nothing else
+    # on the machine is handed out meanwhile, so the restart binds it again
+    port = reserved_port()
     proc = _start(env, port, database_url)
     try:
         inst = _deploy_and_wait_for_instance(aws, port, _member_token(env), monkeypatch)
@@ -228,7 +224,7 @@ def test_a_standby_taking_over_terminates_the_node_the_leader_never_recorded(
     env_a, env_b = _env(aws, tmp_path, "a"), _env(aws, tmp_path, "b")
     shared = str(tmp_path / "blobs")  # control planes sharing a database share its blob store
     env_a["CLOUDMODAL_BLOB_DIR"] = env_b["CLOUDMODAL_BLOB_DIR"] = shared
-    port_a, port_b = _free_port(), _free_port()
+    port_a, port_b = reserved_port(), reserved_port()  # b's is bound only once a serves (tests/ports.py)
     a = _start(env_a, port_a, database_url)
     b = None
     try:
@@ -275,7 +271,7 @@ def test_a_restarted_control_plane_adopts_the_worker_that_registered(
     import cloudmodal
 
     database_url = f"sqlite:///{tmp_path / 'cp.db'}"
-    port = _free_port()
+    port = reserved_port()  # bound after the node starts, and again after the kill (tests/ports.py)
     with stand_in_node(tmp_path / "node") as node:
         env = _stand_in_env(_env(aws, tmp_path, "cp"), node, tmp_path)
         proc = _start(env, port, database_url)

@@ -169,7 +169,7 @@ def test_queue_semantics(control_plane: ServerHandle) -> None:
     # iterate() with item_poll_timeout sees an item put while it waits.
     q.put(1, partition="it")
     seen: list[object] = []
-    it = threading.Thread(target=lambda: seen.extend(q.iterate(partition="it", item_poll_timeout=3)))
+    it = threading.Thread(target=lambda: seen.extend(q.iterate(partition="it", item_poll_timeout=15)))
     it.start()
     _wait_for(lambda: seen == [1], "iterate to yield the first item")
     q.put(2, partition="it")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from sqlalchemy import text
 from cloudmodal.client import session as session_mod
 from cloudmodal.client.session import run_app
 from cloudmodal.exception import WorkerCrashedError
+from tests.ports import reserved_port
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +83,6 @@ def test_input_that_always_crashes_its_worker_ends_as_a_clear_error(app):
     assert basic.square.remote(2) == 4  # and everything else keeps working
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(home: Path, port: int, database_url: str) -> subprocess.Popen:
     env = dict(
         os.environ,
@@ -115,17 +109,21 @@ def _start_server(home: Path, port: int, database_url: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.time() + 30
+    deadline = time.monotonic() + 60
     import httpx
 
-    while time.time() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"server did not start: {proc.stdout.read().decode() if proc.stdout else ''}")
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    raise AssertionError(
+        f"server did not start (exit {proc.returncode}): {proc.stdout.read().decode() if proc.stdout else ''}"
+    )
 
 
 def _member_token(home: Path) -> str:
@@ -159,31 +157,46 @@ def test_restart_the_control_plane_mid_map(tmp_path, backend, request, monkeypat
         if backend == "sqlite"
         else request.getfixturevalue("postgres_database")
     )
-    port = _free_port()
+    # the port is free while the control plane is down: a reserved one (tests/ports.py), which nothing else
+    # on the machine is handed out meanwhile, so the restart binds it again
+    port = reserved_port()
     proc = _start_server(tmp_path, port, db)
     monkeypatch.setenv("CLOUDMODAL_SERVER_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("CLOUDMODAL_TOKEN", _member_token(tmp_path))
     session_mod.disconnect()
     results: list[int] = []
     restarted = threading.Event()
+    map_ended = threading.Event()
+    chaos_errors: list[BaseException] = []  # what went wrong in the thread, asserted on after it is joined
 
     def chaos() -> None:
         nonlocal proc
-        while len(results) < 200:
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)  # the control plane dies hard; workers live on and retry
-        proc.wait()
-        time.sleep(1.0)
-        proc = _start_server(tmp_path, port, db)
-        restarted.set()
+        try:
+            while len(results) < 200:
+                if map_ended.is_set():
+                    return  # the map failed (or ended) before the kill: the main thread reports it
+                time.sleep(0.01)
+            os.killpg(proc.pid, signal.SIGKILL)  # the control plane dies hard; workers live on and retry
+            proc.wait()
+            time.sleep(1.0)
+            proc = _start_server(tmp_path, port, db)
+            restarted.set()
+        except BaseException as e:
+            chaos_errors.append(e)
 
     try:
         with run_app(basic.app, show_logs=False):
             t = threading.Thread(target=chaos)
             t.start()
-            for r in basic.slow_identity.map(range(1000)):
-                results.append(r)
-            t.join()
+            try:
+                for r in basic.slow_identity.map(range(1000)):
+                    results.append(r)
+            finally:
+                # a failed restart leaves the map to fail (or hang until its patience ends): the restart's
+                # error is the one to see, raised here over the map's
+                map_ended.set()
+                t.join()
+                assert not chaos_errors, f"killing or restarting the control plane failed: {chaos_errors!r}"
         assert restarted.is_set()
         assert results == list(range(1000))
     finally:

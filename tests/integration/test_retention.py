@@ -88,7 +88,7 @@ def test_prune_removes_finished_calls_blobs_and_logs_and_keeps_what_is_live(plan
         assert any("log line: retention" in r[0] for r in _rows(plane, select(L.c.text)))
         running_src = {r[0] for r in _rows(plane, select(F.c.source_blob).where(F.c.state == "active"))}
 
-        sleeper = basic.sleepy.spawn(1.5)  # still running (or queued) during the pass below
+        sleeper = basic.nap.spawn(1.5)  # still running (or queued) during the pass below
         report = prune(plane.cp, now=time.time() + YEAR)
         assert sleeper.get(timeout=60) == "woke"
 
@@ -108,7 +108,7 @@ def test_the_reconciler_prunes_on_its_own(tmp_path: Path) -> None:
     handle = start_server(
         tmp_path,
         f"sqlite:///{tmp_path / 'cloudmodal.db'}",
-        retention_calls_ephemeral_s=1.0,
+        retention_calls_ephemeral_s=5.0,  # long enough to read the rows after the call returns
         retention_interval_s=0.2,
     )
     try:

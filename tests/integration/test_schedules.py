@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from support import client_env
 
 from cloudmodal.functions import FunctionCall
 from cloudmodal.server import models
+from tests.ports import reserved_port
 
 APP_FILE = Path(__file__).parent / "apps" / "schedule_app.py"
 PERIOD_S = 2.0
@@ -44,12 +44,6 @@ def _until(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
             return got
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -193,7 +187,9 @@ def test_a_schedule_fires_once_per_tick_across_a_sigkill_and_restart(
         if backend == "sqlite"
         else request.getfixturevalue("new_postgres_database")()
     )
-    home, port, blobs = tmp_path / "home", _free_port(), tmp_path / "blobs"
+    # the port is free for seconds while the control plane is down: a reserved one (tests/ports.py), which
+    # nothing else on the machine is handed out meanwhile, so the restart binds it again
+    home, port, blobs = tmp_path / "home", reserved_port(), tmp_path / "blobs"
     procs = [_start(home, port, db, blobs)]
     with _cleanup(procs, [port], [home]), client_env(f"http://127.0.0.1:{port}", _member_token(home)):
         app_id = _deploy("schedule-restart")["app_id"]
@@ -217,7 +213,7 @@ def test_two_control_planes_on_one_postgres_database_fire_each_tick_once(
 ) -> None:
     db = new_postgres_database()
     blobs = tmp_path / "blobs"  # control planes sharing a database share its blob store
-    ports = [_free_port(), _free_port()]
+    ports = [reserved_port(), reserved_port()]  # b's is bound only once a leads (tests/ports.py)
     a = _start(tmp_path / "a", ports[0], db, blobs)
     procs = [a]
     with _cleanup(procs, ports, [tmp_path / "a", tmp_path / "b"]):

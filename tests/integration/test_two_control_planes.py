@@ -72,7 +72,7 @@ def test_one_reconciles_and_the_other_takes_over(database_url: str, tmp_path: Pa
         def leaders() -> list[str]:
             with b.cp.db.read() as conn:
                 E = models.events  # noqa: N806
-                q = E.select().where(E.c.kind == "control_plane.leader")
+                q = E.select().where(E.c.kind == "control_plane.leader").order_by(E.c.id)
                 return [r.message for r in conn.execute(q)]
 
         # the new leader writes its event just after it takes the lock: wait for it rather than race it

@@ -6,10 +6,14 @@ control plane does not hold, proxy auth, and a worker killed in the middle of a 
 Streaming is shown without timers: the handler sends its first part and then waits for a file the test
 creates only after it has read that part, so a proxy that held the response back would never finish."""
 
+import gc
 import hashlib
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,23 +27,20 @@ from support import start_server, use_server
 
 from cloudmodal.server import models
 from cloudmodal.server.app import ServerHandle
+from tests.ports import reserved_port
 
 W = models.workers
 F = models.functions
 E = models.events
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerHandle, Path, Any]]:
     marks = tmp_path_factory.mktemp("marks")
     os.environ["WEB_TEST_DIR"] = str(marks)  # the workers inherit it (local provider)
-    os.environ["WEB_TEST_PORT"] = str(_free_port())
+    # the @web_server's port, bound by a worker's http.server only at the first request to it (much later):
+    # a reserved port, which nothing else on the machine is handed out meanwhile (tests/ports.py)
+    os.environ["WEB_TEST_PORT"] = str(reserved_port())
     os.environ["CLOUDMODAL_WEB_DOMAIN"] = "apps.example.test"  # host routing, read when the server starts
     state = tmp_path_factory.mktemp("cp")
     handle = start_server(state, f"sqlite:///{state / 'cloudmodal.db'}")
@@ -207,42 +208,87 @@ def test_a_websocket_echo(web: tuple[ServerHandle, Path, Any]) -> None:
         assert ws.recv(timeout=60) == big[::-1]
 
 
-def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+def _reset_peak_rss(pid: int | str = "self") -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
 
 
-def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _peak_rss(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+# A control plane of its own, in a process that does nothing else, with the web app deployed: what its peak
+# RSS shows is the control plane's alone (not this pytest process's other threads, nor its garbage).
+UPLOAD_SERVER = """
+import json, sys
+from pathlib import Path
+sys.path[:0] = [{support!r}, {apps!r}]
+from support import start_server, use_server
+state = Path(sys.argv[1])
+handle = start_server(state, f"sqlite:///{{state / 'cp.db'}}")
+with use_server(handle):
+    import web_app
+    from cloudmodal.client.session import deploy
+    deploy(web_app.app)
+print(json.dumps({{"url": handle.url}}), flush=True)
+sys.stdin.read()
+handle.stop()
+"""
 
 
 def test_a_100_mb_upload_does_not_grow_the_control_plane_by_its_size(
-    client: httpx.Client,
+    web: tuple[ServerHandle, Path, Any], tmp_path: Path
 ) -> None:
-    """The control plane runs in this process: its peak resident memory during the upload stays far below
-    the upload's size (the body crosses in windows of 1 MiB). The negative control shows the measurement
-    sees 100 MB when something does hold it."""
+    """A control plane in a process of its own (the same app deployed to it): its peak resident memory
+    during the upload stays far below the upload's size (the body crosses in windows of 1 MiB). The
+    negative control shows the measurement sees 100 MB when something does hold it."""
     size, part = 100 << 20, os.urandom(1 << 20)
     expected = hashlib.sha256()
     for _ in range(size // len(part)):
         expected.update(part)
-    client.get("/web/web-test/api/pid")  # a worker is up: its start is not part of the measurement
 
     def body() -> Iterator[bytes]:
         for _ in range(size // len(part)):
             yield part
 
-    _reset_peak_rss()
-    base = _peak_rss()
-    r = client.post("/web/web-test/api/upload", content=body())
-    grew = _peak_rss() - base
-    assert r.status_code == 200, r.text
-    assert r.json() == {"bytes": size, "sha256": expected.hexdigest()}
-    assert grew < 40 << 20, f"peak RSS grew by {grew >> 20} MiB during a 100 MiB upload"
+    here = Path(__file__).parent
+    script = UPLOAD_SERVER.format(support=str(here), apps=str(here / "apps"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k not in ("CLOUDMODAL_SERVER_URL", "CLOUDMODAL_TOKEN")}
+        | {"WEB_TEST_PORT": str(reserved_port())},  # a port of its own (its static_files never starts)
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, f"the upload control plane exited with {proc.wait()} before it served"
+        url = json.loads(line)["url"]
+        with httpx.Client(base_url=url, timeout=120) as c:
+            # a worker is up: its start is not part of the measurement
+            assert c.get("/web/web-test/api/pid").status_code == 200
+            _reset_peak_rss(proc.pid)
+            base = _peak_rss(proc.pid)
+            r = c.post("/web/web-test/api/upload", content=body())
+            grew = _peak_rss(proc.pid) - base
+        assert r.status_code == 200, r.text
+        assert r.json() == {"bytes": size, "sha256": expected.hexdigest()}
+        assert grew < 40 << 20, f"peak RSS grew by {grew >> 20} MiB during a 100 MiB upload"
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
-    _reset_peak_rss()  # negative control: holding the body would have shown
+    gc.collect()  # negative control: holding the body would have shown
+    _reset_peak_rss()
     base = _peak_rss()
     held = b"".join(body())
     assert _peak_rss() - base >= 90 << 20

@@ -6,6 +6,7 @@ within its own transactions."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,7 +177,12 @@ def test_deleting_an_object_while_it_is_written_leaves_no_rows(cp: ControlPlane)
 
     def writer(i: int, did: str, qid: str, under_way: threading.Event) -> None:
         try:
-            for j in range(1000):
+            # until the deletion shows (bounded by time, not a count: a deleter waiting for SQLite's write
+            # lock behind four writers may take many of their rounds to get it)
+            deadline = time.monotonic() + 120
+            j = -1
+            while time.monotonic() < deadline:
+                j += 1
                 svc.queue_put(qid, f"p{i}", [b"x"] * 20, 3600, request_id=uuid.uuid4().hex)
                 svc.queue_get(qid, f"p{i}", 5, request_id=uuid.uuid4().hex)
                 svc.dict_put(did, [(b"k%d-%d-%d" % (i, j, n), b"v") for n in range(20)], skip_if_exists=False)

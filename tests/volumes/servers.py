@@ -16,6 +16,9 @@ Checked here (moto 5.2.6, gcp-storage-emulator 2026.7.19, Azurite 3.x):
 - gcp-storage-emulator answers a plain ``PUT /bucket/object`` without an ``ETag``, which obstore's GCS client
   (Rust object_store) refuses: GCS goes through google-cloud-storage (JSON API), which works against it.
 - Azurite takes seconds to act on SIGTERM: it is killed (its data directory is throwaway).
+
+A server's port is picked before the server (seconds of imports later) binds it: it is a
+:func:`tests.ports.reserved_port`, which nothing else on the machine is handed out meanwhile.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.ports import reserved_port
+
 # Azurite's fixed development account (published in Azure's documentation; not a secret).
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -40,13 +45,7 @@ AZURITE_INSTALL_HINT = (
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, deadline_s: float = 30.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, deadline_s: float = 90.0) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -104,7 +103,7 @@ _LOGS: dict[int, Path] = {}  # server pid → its output file
 
 
 def start_s3() -> Server:
-    port = free_port()
+    port = reserved_port()  # bound by the server once it has started (seconds): tests/ports.py
     proc = _popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)])
     wait_for_port(port, proc, "moto_server")
     env = {
@@ -132,7 +131,7 @@ def start_gcs() -> Server:
     exe = VENV_BIN / "gcp-storage-emulator"
     if not exe.exists():
         raise FileNotFoundError("gcp-storage-emulator is not installed: pip install gcp-storage-emulator")
-    port = free_port()
+    port = reserved_port()  # bound by the server once it has started (seconds): tests/ports.py
     proc = _popen([str(exe), "start", "-H", "127.0.0.1", "--port", str(port), "--in-memory", "-q"])
     wait_for_port(port, proc, "gcp-storage-emulator")
     env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GOOGLE_CLOUD_PROJECT": "test"}
@@ -155,7 +154,7 @@ def start_azurite(data_dir: Path) -> Server:
     exe = shutil.which("azurite-blob")
     if exe is None:
         raise FileNotFoundError(AZURITE_INSTALL_HINT)
-    port = free_port()
+    port = reserved_port()  # bound by the server once it has started (seconds): tests/ports.py
     proc = _popen(
         [exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(data_dir), "--silent",
          "--skipApiVersionCheck", "--loose", "--disableTelemetry"]

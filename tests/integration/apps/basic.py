@@ -98,6 +98,14 @@ def sleepy(seconds: float) -> str:
     return "woke"
 
 
+@app.function(timeout=60)
+def nap(seconds: float) -> str:
+    """sleepy without its short timeout: for a call that must still be running a moment later and then
+    finish (on a busy machine a stall would push sleepy past its 2 s)."""
+    time.sleep(seconds)
+    return "woke"
+
+
 @app.function(timeout=2)
 async def async_sleepy(seconds: float) -> str:
     await asyncio.sleep(seconds)

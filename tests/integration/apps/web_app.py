@@ -148,16 +148,20 @@ def flask_app():  # type: ignore[no-untyped-def]
 
 
 @app.function()
-@cloudmodal.web_server(PORT, startup_timeout=20)
+@cloudmodal.web_server(PORT, startup_timeout=60)
 def static_files() -> None:
+    """``PORT`` is bound only now, long after the test picked it: the test picks it with
+    tests/ports.py's ``reserved_port`` (a port nothing else on the machine is handed out meanwhile). Its
+    errors (a port in use after all) go to ``MARKS/http-server.log``."""
     (MARKS / "static").mkdir(exist_ok=True)
     (MARKS / "static" / "index.html").write_text("<h1>served by http.server</h1>")
-    subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(PORT), "--bind", "127.0.0.1"],
-        cwd=MARKS / "static",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(MARKS / "http-server.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(PORT), "--bind", "127.0.0.1"],
+            cwd=MARKS / "static",
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
 
 
 @app.cls()
