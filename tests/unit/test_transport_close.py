@@ -4,15 +4,19 @@ that thread's TLS layer a descriptor number the next open reuses)."""
 
 from __future__ import annotations
 
+import os
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
 from cloudmodal import exception as exc
+from cloudmodal import tls
 from cloudmodal.client.transport import Transport
 
 
@@ -35,18 +39,30 @@ class _Slow(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server() -> Iterator[tuple[str, type[_Slow]]]:
+class _Quiet(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client gone mid-answer (the old close() of the negative control) is not this test's news
+
+
+def _serve(context: ssl.SSLContext | None = None) -> Iterator[tuple[str, type[_Slow]]]:
     handler = type("Handler", (_Slow,), {"entered": threading.Event(), "release": threading.Event()})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = _Quiet(("127.0.0.1", 0), handler)
+    if context is not None:
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
+    scheme = "https" if context is not None else "http"
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
+        yield f"{scheme}://127.0.0.1:{httpd.server_address[1]}", handler
     finally:
         handler.release.set()
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, type[_Slow]]]:
+    yield from _serve()
 
 
 def test_a_request_in_flight_outlives_close_and_closes_the_client(server: tuple[str, type[_Slow]]) -> None:
@@ -80,3 +96,48 @@ def test_close_with_nothing_in_flight_closes_at_once(server: tuple[str, type[_Sl
     assert t.get("/fast") == {"path": "/fast"}
     t.close()
     assert t.http.is_closed
+
+
+def test_files_opened_after_close_are_never_written_by_a_tls_reply(tmp_path: Path) -> None:
+    """The failure this guards against, end to end: over TLS, close() while a request waits for its answer,
+    then open files (one of them would get the socket's number) and let the answer come. The files are
+    untouched and the request is answered. With the old close() the first file's bytes 5.. became a TLS
+    record (OpenSSL reading the file as the connection, then writing to it): an SQLite database that began
+    ``SQLit\\x17\\x03\\x03...`` was "not a database"."""
+    cert = tls.self_signed(tmp_path / "state", "127.0.0.1")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert.cert_path, cert.key_path)
+    serving = _serve(ctx)
+    url, handler = next(serving)
+    try:
+        t = Transport(url, "tok", reconnect_timeout=1.0, fingerprint=cert.fingerprint)
+        assert t.get("/fast") == {"path": "/fast"}
+        got: dict[str, Any] = {}
+
+        def slow() -> None:
+            try:
+                got["answer"] = t.get("/slow")
+            except Exception as e:
+                got["error"] = e
+
+        th = threading.Thread(target=slow)
+        th.start()
+        assert handler.entered.wait(60)
+        t.close()
+        original = b"SQLite format 3\x00" + bytes(4080)
+        victims = []
+        for i in range(16):
+            path = tmp_path / f"victim-{i}.db"
+            path.write_bytes(original)
+            victims.append((path, os.open(path, os.O_RDWR)))
+        try:
+            handler.release.set()
+            th.join(60)
+        finally:
+            for _, fd in victims:
+                os.close(fd)
+        written = {p.name: p.read_bytes()[:24] for p, _ in victims if p.read_bytes() != original}
+        assert written == {}
+        assert got == {"answer": {"path": "/slow"}}
+    finally:
+        next(serving, None)
