@@ -199,17 +199,20 @@ def _tail(log_path: Path) -> str:
 
 
 def _listening(proc: subprocess.Popen[bytes], port: int, log_path: Path, start: int) -> bool:
-    """True once sshd accepts connections on ``port``; False if it exited because the port was in use (its
-    output from byte ``start`` of the log says so); raises if it exited otherwise or never listens."""
+    """True once this sshd listens on ``port`` (it says so in its output from byte ``start`` of the log: a
+    connection alone could reach whoever else holds the port) and accepts a connection there; False if it
+    exited because the port was in use; raises if it exited otherwise or never listens."""
     deadline = time.monotonic() + 60
     while True:
+        said = log_path.read_bytes()[start:].decode(errors="replace")
         if proc.poll() is not None:
-            said = log_path.read_bytes()[start:].decode(errors="replace")
+            said = log_path.read_bytes()[start:].decode(errors="replace")  # all it wrote before it exited
             if "Address already in use" in said:
                 return False
             raise RuntimeError(f"sshd exited with {proc.returncode}: {said[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
+        if f"Server listening on 127.0.0.1 port {port}." in said:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
         if time.monotonic() > deadline:
             raise RuntimeError(f"sshd did not listen on 127.0.0.1:{port} within 60 s: {_tail(log_path)}")
         time.sleep(0.05)

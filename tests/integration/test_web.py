@@ -275,6 +275,7 @@ def test_a_100_mb_upload_does_not_grow_the_control_plane_by_its_size(
             base = _peak_rss(proc.pid)
             r = c.post("/web/web-test/api/upload", content=body())
             grew = _peak_rss(proc.pid) - base
+        print(f"the control plane's peak RSS grew by {grew / (1 << 20):.1f} MiB during the upload")
         assert r.status_code == 200, r.text
         assert r.json() == {"bytes": size, "sha256": expected.hexdigest()}
         assert grew < 40 << 20, f"peak RSS grew by {grew >> 20} MiB during a 100 MiB upload"

@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from cloudmodal.worker.runtime import TERM_GRACE_S
+from tests.ports import reserved_port
 
 HANG_GUARD_S = 120.0  # far under the 600 s of patience the worker is given, far over its grace
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens on it once closed
+    return reserved_port()  # nothing listens on it (nor takes it: not an ephemeral port)
 
 
 def _catches_sigterm(pid: int) -> bool:

@@ -43,7 +43,7 @@ def make_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[C
         assert p.live_workers() == [], "a worker process outlived its test"
 
 
-def _wait_for_file(path: Path, timeout: float = 15.0) -> str:
+def _wait_for_file(path: Path, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():

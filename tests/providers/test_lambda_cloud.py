@@ -451,11 +451,9 @@ def test_signals_without_catalog(
 
 
 def test_unreachable_endpoint(make_driver: Callable[..., LambdaNodes]) -> None:
-    import socket
+    from tests.ports import reserved_port
 
-    with socket.socket() as s:  # a port nothing listens on once closed
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = reserved_port()  # nothing listens on it (nor takes it: not an ephemeral port)
     d = make_driver(api_endpoint=f"http://127.0.0.1:{port}/api/v1")
     ok, msg = d.check()
     assert not ok and "could not be checked" in msg

@@ -34,6 +34,7 @@ import cloudmodal
 from cloudmodal.providers.node_bootstrap import BootstrapState, NodeBootstrap
 from cloudmodal.providers.node_package import build_tarball, package_roots, package_tarball
 from cloudmodal.providers.node_ssh import SshTarget
+from tests.ports import reserved_port
 
 
 def _load_fake(name: str) -> Any:
@@ -156,9 +157,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing binds until the test does (or, for a port that must refuse, at all): tests.ports."""
+    return reserved_port()
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from cloudmodal.worker.preemption import start_watcher, watcher_from_env
+from tests.ports import reserved_port
 
 INTERVAL = 0.05
 
@@ -199,9 +199,7 @@ def test_azure_preempt_event_for_this_vm_fires_with_not_before(metadata: tuple[s
 
 
 def test_unreachable_metadata_never_crashes_and_stops(metadata: tuple[str, Metadata]) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{reserved_port()}"  # nobody listens on it (nor takes it: not ephemeral)
     for source in ("aws", "gcp", "azure"):
         calls = Calls()
         w = start_watcher(source, dead, calls, interval_s=INTERVAL, timeout_s=0.5)
