@@ -169,12 +169,20 @@ def test_queue_semantics(control_plane: ServerHandle) -> None:
     # iterate() with item_poll_timeout sees an item put while it waits.
     q.put(1, partition="it")
     seen: list[object] = []
-    it = threading.Thread(target=lambda: seen.extend(q.iterate(partition="it", item_poll_timeout=15)))
+
+    def consume() -> None:
+        for item in q.iterate(partition="it", item_poll_timeout=15):  # a wait far longer than the put's
+            seen.append(item)
+            if item == 2:
+                return
+
+    it = threading.Thread(target=consume)
     it.start()
     _wait_for(lambda: seen == [1], "iterate to yield the first item")
     q.put(2, partition="it")
     _wait_for(lambda: seen == [1, 2], "iterate to yield the item put while it waited")
-    q.clear(partition="it")  # iterate ends once nothing more comes within item_poll_timeout
+    # and iterate ends once nothing comes within item_poll_timeout
+    assert list(q.iterate(partition="nothing", item_poll_timeout=0.5)) == []
 
     async def aio() -> None:
         await q.put_many.aio([1, 2, 3], partition="aio")
@@ -184,7 +192,8 @@ def test_queue_semantics(control_plane: ServerHandle) -> None:
         await q.clear.aio(partition="aio")
 
     asyncio.run(aio())
-    it.join(30)
+    it.join(60)
+    assert not it.is_alive()
 
 
 def test_queue_full_partition_blocks_then_fits(control_plane: ServerHandle) -> None:
