@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,3 +119,15 @@ def function_with_workers(cp: ControlPlane, app_id: str, name: str, workers: lis
         cp.workers.add_worker(wid, app_id, fid)
         cp.workers.worker_ready(wid)
     return fid
+
+
+def stop_child(proc: subprocess.Popen[Any], timeout: float = 60.0) -> None:
+    """End a control plane run in a child process that stops when its stdin closes (killed if it does not
+    within ``timeout``)."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
-from support import start_server
+from support import start_server, stop_child
 from websockets.sync.client import connect as ws_connect
 
 from cloudmodal.server.app import ServerHandle
@@ -459,10 +459,4 @@ def test_concurrent_large_bodies_do_not_multiply_memory(tmp_path: Path) -> None:
         assert grown * 1024 < 2 * budget + 96 * MiB, f"VmHWM grew by {grown} KiB"
         assert httpx.get(url + "/healthz", timeout=10).status_code == 200
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc, timeout=30)

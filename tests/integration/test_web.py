@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
-from support import start_server, use_server
+from support import start_server, stop_child, use_server
 
 from cloudmodal.server import models
 from cloudmodal.server.app import ServerHandle
@@ -280,13 +280,7 @@ def test_a_100_mb_upload_does_not_grow_the_control_plane_by_its_size(
         assert r.json() == {"bytes": size, "sha256": expected.hexdigest()}
         assert grew < 40 << 20, f"peak RSS grew by {grew >> 20} MiB during a 100 MiB upload"
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
 
     gc.collect()  # negative control: holding the body would have shown
     _reset_peak_rss()
