@@ -4,6 +4,7 @@ that thread's TLS layer a descriptor number the next open reuses)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 import threading
@@ -44,6 +45,7 @@ class _Quiet(ThreadingHTTPServer):
         pass  # a client gone mid-answer (the old close() of the negative control) is not this test's news
 
 
+@contextlib.contextmanager
 def _serve(context: ssl.SSLContext | None = None) -> Iterator[tuple[str, type[_Slow]]]:
     handler = type("Handler", (_Slow,), {"entered": threading.Event(), "release": threading.Event()})
     httpd = _Quiet(("127.0.0.1", 0), handler)
@@ -62,24 +64,32 @@ def _serve(context: ssl.SSLContext | None = None) -> Iterator[tuple[str, type[_S
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[_Slow]]]:
-    yield from _serve()
+    with _serve() as served:
+        yield served
+
+
+def _slow_request(t: Transport, handler: type[_Slow]) -> tuple[threading.Thread, dict[str, Any]]:
+    """``GET /slow`` on a thread of its own, returned once the server holds it; its answer or error lands in
+    the dict (the error is what the old close() gave it: a connection closed under it)."""
+    got: dict[str, Any] = {}
+
+    def slow() -> None:
+        try:
+            got["answer"] = t.get("/slow")
+        except Exception as e:
+            got["error"] = e
+
+    th = threading.Thread(target=slow)
+    th.start()
+    assert handler.entered.wait(60)
+    return th, got
 
 
 def test_a_request_in_flight_outlives_close_and_closes_the_client(server: tuple[str, type[_Slow]]) -> None:
     url, handler = server
     t = Transport(url, "tok", reconnect_timeout=1.0)
     assert t.get("/fast") == {"path": "/fast"}
-    got: dict[str, Any] = {}
-
-    def slow() -> None:
-        try:
-            got["answer"] = t.get("/slow")
-        except Exception as e:  # what the old close() gave it: a connection closed under it
-            got["error"] = e
-
-    th = threading.Thread(target=slow)
-    th.start()
-    assert handler.entered.wait(60)
+    th, got = _slow_request(t, handler)
     t.close()
     assert not t.http.is_closed  # the request in flight holds it open
     with pytest.raises(exc.ConnectionError, match="was closed"):
@@ -107,22 +117,10 @@ def test_files_opened_after_close_are_never_written_by_a_tls_reply(tmp_path: Pat
     cert = tls.self_signed(tmp_path / "state", "127.0.0.1")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert.cert_path, cert.key_path)
-    serving = _serve(ctx)
-    url, handler = next(serving)
-    try:
+    with _serve(ctx) as (url, handler):
         t = Transport(url, "tok", reconnect_timeout=1.0, fingerprint=cert.fingerprint)
         assert t.get("/fast") == {"path": "/fast"}
-        got: dict[str, Any] = {}
-
-        def slow() -> None:
-            try:
-                got["answer"] = t.get("/slow")
-            except Exception as e:
-                got["error"] = e
-
-        th = threading.Thread(target=slow)
-        th.start()
-        assert handler.entered.wait(60)
+        th, got = _slow_request(t, handler)
         t.close()
         original = b"SQLite format 3\x00" + bytes(4080)
         victims = []
@@ -139,5 +137,3 @@ def test_files_opened_after_close_are_never_written_by_a_tls_reply(tmp_path: Pat
         written = {p.name: p.read_bytes()[:24] for p, _ in victims if p.read_bytes() != original}
         assert written == {}
         assert got == {"answer": {"path": "/slow"}}
-    finally:
-        next(serving, None)
