@@ -39,7 +39,7 @@ BACKEND_SCHEMES = ("file", "s3", "gs", "azblob", "https", "http")
 PULUMI_CLOUD_SCHEMES = ("https", "http")  # a Pulumi Cloud (or self-hosted) service keeps its own secrets
 PASSPHRASE_ENVS = ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE")
 STATE_DIR = "state"  # <home>/infra/state: the default file backend
-WORK_DIR = "work"  # <home>/infra/work/<name>-<cloud>: Pulumi.yaml and the stack's settings file
+WORK_DIR = "work"  # <home>/infra/<WORK_DIR>/<name>-<cloud> holds Pulumi.yaml and the stack's settings file
 PASSPHRASE_FILE = "passphrase"
 OUTPUT_TAIL_LINES = 25  # of a failed command's output, in the error
 
